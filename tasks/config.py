@@ -1,0 +1,225 @@
+"""One typed configuration for every flow, task and command.
+
+Precedence, lowest first: the defaults below (the runbook's values), the JSON Prefect Variable
+``pr-preview-config`` (when a Prefect API is reachable), ``PR_PREVIEW_<FIELD>`` environment
+variables, and the fields a flow run was given explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+VARIABLE_NAME = "pr-preview-config"
+ENV_PREFIX = "PR_PREVIEW_"
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field and its source."""
+
+
+class PreviewConfig(BaseModel):
+    """Everything a preview needs to know about the AWS account, the app and the timings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- AWS placement (runbook §1, §10)
+    region: str = Field("ap-northeast-1", min_length=1, description="AWS region of the previews.")
+    ami_id: str | None = Field(
+        None, pattern=r"^ami-[0-9a-f]+$", description="Exact AMI; wins over ami_name."
+    )
+    ami_name: str = Field(
+        "al2023-ami-2023.*-x86_64",
+        min_length=1,
+        description="AMI name pattern (EC2 wildcard); the newest match is used.",
+    )
+    ami_owners: list[str] = Field(
+        default_factory=lambda: ["amazon"], description="Owners searched for ami_name."
+    )
+    instance_type: str = Field("t3.small", min_length=1)
+    subnet_id: str | None = Field(
+        None, pattern=r"^subnet-[0-9a-f]+$", description="Subnet; default subnet when unset."
+    )
+    security_group_ids: list[str] = Field(
+        default_factory=list, description="Security groups of the preview (the runbook's api-sg)."
+    )
+    instance_profile: str = Field("ec2-pr-preview-ssm", min_length=1)
+    purpose_tag: str = Field("pr-preview-singleton", min_length=1)
+    aws_credentials_block: str | None = Field(
+        None, description="Name of a prefect-aws AwsCredentials block; boto3's chain when unset."
+    )
+
+    # --- The app (runbook §3, §5)
+    image: str | None = Field(
+        None, description="Image repository, e.g. ghcr.io/owner/repo; ghcr.io/<repo> when unset."
+    )
+    app_port: int = Field(8000, ge=1, le=65535)
+    app_dir: str = Field("/srv/app", pattern=r"^/")
+    app_service: str = Field("api", min_length=1, description="Compose service of the app.")
+    compose_version: str = Field("v2.24.6", pattern=r"^v\d+\.\d+\.\d+$")
+    ghcr_username: str | None = Field(
+        None, description="User for docker login ghcr.io; the image owner when unset."
+    )
+    ghcr_token_parameter: str = Field("/pr-preview/ghcr-token", pattern=r"^/")
+    database_url_parameter: str = Field("/pr-preview/database-url", pattern=r"^/")
+    database: Literal["external", "ephemeral"] = Field(
+        "external", description="external: DATABASE_URL from Parameter Store; ephemeral: a db: service."
+    )
+    db_security_group_id: str | None = Field(
+        None, pattern=r"^sg-[0-9a-f]+$", description="The runbook's db-sg, checked by preflight."
+    )
+    db_sg_open_public_ip: bool = Field(
+        False, description="Runbook §2.5: add the preview's public IP/32 to db-sg on 5432."
+    )
+    migration_command: str = Field("alembic upgrade head", min_length=1)
+    probe_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/docs"], min_length=1)
+
+    # --- Lifetimes and capacity
+    ttl_hours: float = Field(24.0, gt=0, le=24 * 14)
+    failure_ttl_hours: float = Field(1.0, gt=0, le=24 * 14)
+    max_previews: int = Field(1, ge=1, le=1000)
+
+    # --- Retries and timings (tests and the demo shrink these)
+    task_retries: int = Field(3, ge=0, le=20)
+    retry_delay_seconds: float = Field(2.0, ge=0)
+    poll_seconds: float = Field(5.0, gt=0)
+    terminate_timeout_seconds: float = Field(600.0, gt=0)
+    ready_timeout_seconds: float = Field(600.0, gt=0)
+    migrate_timeout_seconds: float = Field(300.0, gt=0)
+    probe_timeout_seconds: float = Field(120.0, gt=0)
+    image_wait_seconds: float = Field(1200.0, ge=0)
+
+    # --- GitHub
+    github_token_secret_block: str = Field("github-token", min_length=1)
+    github_deployments: bool = True
+    allowed_fork_repos: list[str] = Field(default_factory=list)
+    prefect_ui_url: str | None = None
+
+    @field_validator("security_group_ids")
+    @classmethod
+    def _security_group_ids(cls, value: list[str]) -> list[str]:
+        for group in value:
+            if not group.startswith("sg-"):
+                raise ValueError(f"{group!r} is not a security group id (sg-...)")
+        return value
+
+    @field_validator("probe_paths")
+    @classmethod
+    def _probe_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"probe path {path!r} must start with /")
+        return value
+
+    def image_for(self, repo: str) -> str:
+        """The image repository of ``repo`` (GHCR names are lower case)."""
+        return (self.image or f"ghcr.io/{repo}").lower()
+
+    def registry_username(self, repo: str) -> str:
+        return self.ghcr_username or self.image_for(repo).split("/")[1]
+
+
+def _is_list_field(name: str) -> bool:
+    annotation = PreviewConfig.model_fields[name].annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(get_origin(arg) is list for arg in get_args(annotation))
+    return get_origin(annotation) is list
+
+
+def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The fields set as ``PR_PREVIEW_<FIELD>``; lists are comma-separated."""
+    values: dict[str, Any] = {}
+    for name in PreviewConfig.model_fields:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None or raw.strip() == "":
+            continue
+        if _is_list_field(name):
+            values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+        else:
+            values[name] = raw.strip()
+    return values
+
+
+def _prefect_api_reachable(env: Mapping[str, str]) -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        return True
+    return bool(env.get("PREFECT_API_URL"))
+
+
+def config_from_variable() -> dict[str, Any]:
+    """The JSON object stored in the Prefect Variable ``pr-preview-config``, if any."""
+    from prefect.variables import Variable
+
+    try:
+        value = Variable.get(VARIABLE_NAME, default=None)
+    except Exception as exc:  # an unreachable API is not a configuration error
+        logger.warning("Prefect Variable %s not read: %s", VARIABLE_NAME, exc)
+        return {}
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"Prefect Variable {VARIABLE_NAME} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"Prefect Variable {VARIABLE_NAME} must hold a JSON object")
+    return value
+
+
+def load_config(
+    overrides: PreviewConfig | Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    use_variable: bool | None = None,
+) -> PreviewConfig:
+    """Merge defaults, the Prefect Variable, the environment and ``overrides`` into one config.
+
+    Of a ``PreviewConfig`` given as an override only the fields set explicitly count, so a flow
+    parameter ``{"ttl_hours": 2}`` changes the TTL and nothing else.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if use_variable is None:
+        use_variable = _prefect_api_reachable(env)
+    if use_variable:
+        layers.append((f"Prefect Variable {VARIABLE_NAME}", config_from_variable()))
+    layers.append(("environment", config_from_env(env)))
+    if isinstance(overrides, PreviewConfig):
+        layers.append(("flow parameters", overrides.model_dump(exclude_unset=True)))
+    elif overrides:
+        layers.append(("flow parameters", dict(overrides)))
+
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for origin, values in layers:
+        merged.update(values)
+        source.update(dict.fromkeys(values, origin))
+    try:
+        config = PreviewConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    # Keep "explicitly set" meaning "set by someone", so the config can be layered again.
+    config.model_fields_set.intersection_update(merged)
+    return config
+
+
+def _describe(exc: ValidationError, source: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        origin = source.get(field, "defaults")
+        if origin == "environment":
+            origin = f"{ENV_PREFIX}{field.upper()}"
+        problems.append(f"{field} (from {origin}): {error['msg']}")
+    return "invalid pr-preview configuration: " + "; ".join(problems)

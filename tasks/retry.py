@@ -1,0 +1,56 @@
+"""Which failures are worth another attempt, as one predicate for every Prefect task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+
+TRANSIENT_AWS_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "InsufficientInstanceCapacity",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+    }
+)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for throttling, capacity and 5xx answers and dropped connections; never otherwise."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code in TRANSIENT_AWS_CODES or (500 <= int(status or 0) < 600 and code != "DryRunOperation")
+    if isinstance(exc, ConnectionError | ReadTimeoutError):
+        return True
+    transient = getattr(exc, "transient", None)
+    return bool(transient)
+
+
+def exception_of(state: Any) -> BaseException | None:
+    """The exception a failed Prefect state carries, if it carries one."""
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # a result that cannot be read is the exception itself
+        return exc
+    return result if isinstance(result, BaseException) else None
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` for every step: retry transient failures only."""
+    return is_transient(exception_of(state))
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
