@@ -1,0 +1,1 @@
+"""Fakes that behave like the services pr-preview talks to."""
