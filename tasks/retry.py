@@ -26,7 +26,9 @@ def is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code in TRANSIENT_AWS_CODES or (500 <= int(status or 0) < 600 and code != "DryRunOperation")
+        return code in TRANSIENT_AWS_CODES or (
+            500 <= int(status or 0) < 600 and code != "DryRunOperation"
+        )
     if isinstance(exc, ConnectionError | ReadTimeoutError):
         return True
     transient = getattr(exc, "transient", None)
@@ -54,3 +56,10 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
+
+
+def with_config_retries(step: Any, config: Any) -> Any:
+    """The Prefect task ``step`` with the retry count and delay of ``config``."""
+    return step.with_options(
+        retries=config.task_retries, retry_delay_seconds=config.retry_delay_seconds
+    )

@@ -1,0 +1,220 @@
+"""Launch (runbook §2.4, §3): one tagged, TTL-bound instance per pull request and sha."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from tasks.config import PreviewConfig
+from tasks.instances import (
+    TAG_NAME,
+    TAG_PR,
+    TAG_PURPOSE,
+    TAG_REPO,
+    TAG_SHA,
+    TAG_SHUTDOWN_AT,
+    TAG_UPDATED_AT,
+    find_previews,
+    format_time,
+)
+from tasks.preflight import resolve_ami, run_instances_params
+from tasks.retry import retry_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+EXTERNAL_DATABASE_ENV = 'printf \'DATABASE_URL=%s\\n\' "$(param {parameter})" > "$APP_DIR/app.env"'
+# The ephemeral database of runbook §11: a postgres service beside the app, gone with the instance.
+EPHEMERAL_DATABASE_ENV = """DB_PASSWORD="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')"
+printf 'POSTGRES_PASSWORD=%s\\n' "$DB_PASSWORD" > "$APP_DIR/db.env"
+printf 'DATABASE_URL=postgresql+asyncpg://app:%s@db:5432/app\\n' "$DB_PASSWORD" > "$APP_DIR/app.env"
+chmod 600 "$APP_DIR/db.env\""""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    repo: str
+    pr_number: int
+    sha: str
+
+    @property
+    def name(self) -> str:
+        return f"pr-{self.pr_number}-preview"
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    instance_id: str
+    sha: str
+    shutdown_at: datetime
+    reused: bool
+    ami_id: str
+
+
+def client_token(spec: LaunchSpec, attempt_key: str = "") -> str:
+    """Idempotency token of one launch: the same repo/PR/sha within one run launches once.
+
+    ``attempt_key`` (the flow-run id) keeps a later run for the same sha from being answered with
+    an instance an earlier run already terminated.
+    """
+    digest = hashlib.sha256(f"{spec.repo}#{spec.pr_number}@{spec.sha}/{attempt_key}".encode())
+    return f"pr-preview-{digest.hexdigest()[:48]}"
+
+
+def preview_tags(
+    config: PreviewConfig, spec: LaunchSpec, now: datetime, ttl_hours: float
+) -> dict[str, str]:
+    return {
+        TAG_PURPOSE: config.purpose_tag,
+        TAG_REPO: spec.repo,
+        TAG_PR: str(spec.pr_number),
+        TAG_SHA: spec.sha,
+        TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=ttl_hours)),
+        TAG_UPDATED_AT: format_time(now),
+        TAG_NAME: spec.name,
+    }
+
+
+def compose_file(config: PreviewConfig) -> str:
+    """The compose file of the instance; the app port is bound to loopback only (runbook §1)."""
+    port = config.app_port
+    service = [
+        "services:",
+        f"  {config.app_service}:",
+        "    image: ${APP_IMAGE}",
+        "    env_file: [app.env]",
+        f'    ports: ["127.0.0.1:{port}:{port}"]',
+        "    restart: unless-stopped",
+    ]
+    if config.database == "ephemeral":
+        service += ["    depends_on: [db]"]
+        service += [
+            "  db:",
+            "    image: postgres:16-alpine",
+            "    env_file: [db.env]",
+            "    environment: {POSTGRES_USER: app, POSTGRES_DB: app}",
+            "    volumes: [pgdata:/var/lib/postgresql/data]",
+            "    restart: unless-stopped",
+            "volumes:",
+            "  pgdata: {}",
+        ]
+    return "\n".join(service)
+
+
+def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
+    """The bootstrap script of runbook §3 for this preview; it holds names, never secrets."""
+    image = config.image_for(spec.repo)
+    if config.database == "external":
+        database_env = EXTERNAL_DATABASE_ENV.format(
+            parameter=shlex.quote(config.database_url_parameter)
+        )
+    else:
+        database_env = EPHEMERAL_DATABASE_ENV
+    values = {
+        "repo": spec.repo,
+        "pr_number": str(spec.pr_number),
+        "sha": spec.sha,
+        "app_dir": shlex.quote(config.app_dir),
+        "app_service": shlex.quote(config.app_service),
+        "ttl_minutes": str(max(1, round(config.ttl_hours * 60))),
+        "compose_version": config.compose_version,
+        "region": shlex.quote(config.region),
+        "ghcr_token_parameter": shlex.quote(config.ghcr_token_parameter),
+        "database_env": database_env,
+        "compose_file": compose_file(config),
+        "image": image,
+        "registry": shlex.quote(image.split("/", 1)[0]),
+        "registry_username": shlex.quote(config.registry_username(spec.repo)),
+    }
+    script = files("tasks").joinpath("templates/user_data.sh").read_text()
+    for key, value in values.items():
+        script = script.replace("{{" + key + "}}", value)
+    return script
+
+
+def launch_instance(
+    ec2: EC2Client,
+    config: PreviewConfig,
+    spec: LaunchSpec,
+    *,
+    ami_id: str | None = None,
+    subnet_id: str | None = None,
+    attempt_key: str = "",
+    now: datetime | None = None,
+) -> LaunchResult:
+    """Launch the preview of ``spec``, or return the live instance that already serves it."""
+    existing = find_previews(
+        ec2,
+        config.purpose_tag,
+        repo=spec.repo,
+        pr_number=spec.pr_number,
+        sha=spec.sha,
+        states=("pending", "running"),
+    )
+    if existing:
+        found = existing[-1]
+        return LaunchResult(
+            instance_id=found.instance_id,
+            sha=spec.sha,
+            shutdown_at=found.shutdown_at or datetime.now(UTC),
+            reused=True,
+            ami_id=ami_id or "",
+        )
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    image_id = ami_id or resolve_ami(ec2, config)["ImageId"]
+    tags = preview_tags(config, spec, now, config.ttl_hours)
+    params = run_instances_params(
+        config,
+        ami_id=image_id,
+        subnet_id=subnet_id or config.subnet_id,
+        tags=tags,
+        user_data=render_user_data(config, spec),
+        client_token=client_token(spec, attempt_key),
+    )
+    instance = ec2.run_instances(**params)["Instances"][0]
+    return LaunchResult(
+        instance_id=instance["InstanceId"],
+        sha=spec.sha,
+        shutdown_at=now + timedelta(hours=config.ttl_hours),
+        reused=False,
+        ami_id=image_id,
+    )
+
+
+@task(
+    name="launch",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def launch(
+    ec2: EC2Client,
+    config: PreviewConfig,
+    spec: LaunchSpec,
+    ami_id: str | None = None,
+    subnet_id: str | None = None,
+    attempt_key: str = "",
+) -> LaunchResult:
+    result = launch_instance(
+        ec2, config, spec, ami_id=ami_id, subnet_id=subnet_id, attempt_key=attempt_key
+    )
+    verb = "reused" if result.reused else "launched"
+    get_run_logger().info(
+        "%s %s for %s#%d at %s (shutdown-at %s)",
+        verb,
+        result.instance_id,
+        spec.repo,
+        spec.pr_number,
+        spec.sha[:7],
+        format_time(result.shutdown_at),
+    )
+    return result

@@ -1,0 +1,447 @@
+"""Preflight (runbook §2.3): prove the account can host a preview before anything is launched.
+
+Every check is recorded as pass, warn or fail with a detail a person can act on; a refused
+permission names the action that was refused (runbook §7, ``UnauthorizedOperation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import unquote
+
+from botocore.exceptions import ClientError
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.retry import error_code, is_transient, retry_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+Status = Literal["pass", "warn", "fail"]
+T = TypeVar("T")
+
+DENIED_CODES = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+POSTGRES_SCHEMES = (
+    "postgres",
+    "postgresql",
+    "postgresql+asyncpg",
+    "postgresql+psycopg2",
+    "postgresql+psycopg",
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class PreflightReport:
+    checks: list[Check] = field(default_factory=list)
+    ami_id: str | None = None
+    subnet_id: str | None = None
+    vpc_id: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(check.status != "fail" for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if check.status == "fail"]
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    def markdown(self) -> str:
+        icon = {"pass": "✅", "warn": "⚠️", "fail": "❌"}
+        verdict = "passed" if self.passed else "failed: nothing was launched"
+        lines = [
+            f"## Preflight {verdict}",
+            "",
+            "| check | result | detail |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {c.name} | {icon[c.status]} {c.status} | {c.detail.replace('|', '/')} |"
+            for c in self.checks
+        ]
+        return "\n".join(lines)
+
+
+class PreflightFailed(RuntimeError):
+    """The account cannot host a preview; the message lists every failed check."""
+
+    def __init__(self, report: PreflightReport) -> None:
+        self.report = report
+        reasons = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
+        super().__init__(f"preflight failed — {reasons}")
+
+
+class _CheckFailed(Exception):
+    pass
+
+
+def _aws(action: str, call: Callable[[], T]) -> T:
+    """Run one AWS call for a check; a refusal becomes a failed check naming ``action``."""
+    try:
+        return call()
+    except ClientError as exc:
+        if is_transient(exc):
+            raise
+        code = error_code(exc)
+        if code in DENIED_CODES:
+            raise _CheckFailed(
+                f"{code}: the role may not call {action} — grant it (runbook §7)"
+            ) from exc
+        raise
+
+
+def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> dict[str, Any]:
+    """The configured AMI, or the newest available image whose name matches ``ami_name``."""
+    if config.ami_id:
+        try:
+            images = ec2.describe_images(ImageIds=[config.ami_id])["Images"]
+        except ClientError as exc:
+            if error_code(exc).startswith("InvalidAMIID"):
+                images = []
+            else:
+                raise
+        if not images:
+            raise _CheckFailed(f"AMI {config.ami_id} does not exist in {config.region}")
+        return images[0]
+    images = ec2.describe_images(
+        Owners=config.ami_owners,
+        Filters=[
+            {"Name": "name", "Values": [config.ami_name]},
+            {"Name": "state", "Values": ["available"]},
+        ],
+    )["Images"]
+    if not images:
+        raise _CheckFailed(
+            f"no available AMI named {config.ami_name!r} owned by {','.join(config.ami_owners)}"
+            f" in {config.region}"
+        )
+    return max(images, key=lambda image: (image.get("CreationDate", ""), image.get("Name", "")))
+
+
+def parse_database_url(value: str) -> tuple[str, int]:
+    """Host and port of a PostgreSQL URL, or ValueError saying what to fix — never the value.
+
+    Unencoded ``/ ? # @ :`` in the password are the runbook's ``invalid integer value … "port"``
+    trap (§5): they make the URL split in the wrong place.
+    """
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ValueError("it has no scheme:// prefix")
+    if scheme.lower() not in POSTGRES_SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not a PostgreSQL scheme")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if authority.count("@") > 1:
+        raise ValueError("the password holds an unencoded '@' — URL-encode it (@ → %40)")
+    userinfo, _, hostport = authority.rpartition("@")
+    if userinfo and ":" not in userinfo:
+        raise ValueError("user without password — expected user:password@host")
+    host, colon, port_text = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    if not host:
+        raise ValueError(
+            "no host after '@' — an unencoded '/', '?' or '#' in the password cuts the URL short;"
+            " URL-encode the password (/ → %2F)"
+        )
+    if colon and not port_text.isdigit():
+        raise ValueError(
+            "the port is not an integer — URL-encode the password (/ → %2F, : → %3A), runbook §5"
+        )
+    port = int(port_text) if port_text else 5432
+    if not 0 < port < 65536:
+        raise ValueError("the port is out of range")
+    password = userinfo.split(":", 1)[1] if userinfo else ""
+    if unquote(password) != password and "%" not in password:
+        raise ValueError("the password is not URL-encoded")
+    return host, port
+
+
+def run_instances_params(
+    config: PreviewConfig,
+    *,
+    ami_id: str,
+    subnet_id: str | None,
+    tags: dict[str, str] | None = None,
+    user_data: str = "#!/bin/bash\ntrue\n",
+    client_token: str | None = None,
+) -> dict[str, Any]:
+    """The RunInstances request of a preview, shared by the DryRun and the real launch."""
+    params: dict[str, Any] = {
+        "ImageId": ami_id,
+        "InstanceType": config.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": user_data,
+        "IamInstanceProfile": {"Name": config.instance_profile},
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        "InstanceInitiatedShutdownBehavior": "terminate",
+    }
+    if subnet_id:
+        params["SubnetId"] = subnet_id
+    if config.security_group_ids:
+        params["SecurityGroupIds"] = list(config.security_group_ids)
+    if tags:
+        tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
+        params["TagSpecifications"] = [
+            {"ResourceType": "instance", "Tags": tag_list},
+            {"ResourceType": "volume", "Tags": tag_list},
+        ]
+    if client_token:
+        params["ClientToken"] = client_token
+    return params
+
+
+def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport:
+    """Every check of runbook §2.3 plus the database path; never raises for a failed check."""
+    report = PreflightReport()
+    ec2 = clients.ec2
+
+    def check(name: str, body: Callable[[], tuple[Status, str]]) -> bool:
+        try:
+            status, detail = body()
+        except _CheckFailed as exc:
+            status, detail = "fail", str(exc)
+        report.add(name, status, detail)
+        return status != "fail"
+
+    def ami() -> tuple[Status, str]:
+        image = _aws("ec2:DescribeImages", lambda: resolve_ami(ec2, config))
+        report.ami_id = image["ImageId"]
+        types = _aws(
+            "ec2:DescribeInstanceTypes",
+            lambda: ec2.describe_instance_types(InstanceTypes=[config.instance_type])[  # type: ignore[list-item]
+                "InstanceTypes"
+            ],
+        )
+        supported = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else []
+        arch = image.get("Architecture", "?")
+        if arch not in supported:
+            raise _CheckFailed(
+                f"{image['ImageId']} is {arch} but {config.instance_type} runs"
+                f" {', '.join(supported) or 'nothing known'}"
+            )
+        return "pass", f"{image['ImageId']} ({image.get('Name', '?')}, {arch})"
+
+    def subnet() -> tuple[Status, str]:
+        if config.subnet_id:
+            try:
+                subnets = _aws(
+                    "ec2:DescribeSubnets",
+                    lambda: ec2.describe_subnets(SubnetIds=[config.subnet_id or ""])["Subnets"],
+                )
+            except ClientError as exc:
+                if error_code(exc) == "InvalidSubnetID.NotFound":
+                    raise _CheckFailed(f"subnet {config.subnet_id} does not exist") from exc
+                raise
+        else:
+            subnets = _aws(
+                "ec2:DescribeSubnets",
+                lambda: ec2.describe_subnets(
+                    Filters=[{"Name": "default-for-az", "Values": ["true"]}]
+                )["Subnets"],
+            )
+            if not subnets:
+                raise _CheckFailed("subnet_id is not set and the region has no default subnet")
+        chosen = sorted(subnets, key=lambda s: s["AvailabilityZone"])[0]
+        report.subnet_id, report.vpc_id = chosen["SubnetId"], chosen["VpcId"]
+        origin = "" if config.subnet_id else "default subnet, "
+        return (
+            "pass",
+            f"{chosen['SubnetId']} ({origin}{chosen['VpcId']}, {chosen['AvailabilityZone']})",
+        )
+
+    def security_groups() -> tuple[Status, str]:
+        if not config.security_group_ids:
+            return "warn", "none set: the VPC's default security group will be used"
+        try:
+            groups = _aws(
+                "ec2:DescribeSecurityGroups",
+                lambda: ec2.describe_security_groups(GroupIds=config.security_group_ids)[
+                    "SecurityGroups"
+                ],
+            )
+        except ClientError as exc:
+            if error_code(exc) == "InvalidGroup.NotFound":
+                raise _CheckFailed(
+                    f"security group not found: {exc.response['Error']['Message']}"
+                ) from exc
+            raise
+        found = {group["GroupId"]: group for group in groups}
+        missing = [gid for gid in config.security_group_ids if gid not in found]
+        if missing:
+            raise _CheckFailed(f"security group(s) {', '.join(missing)} do not exist")
+        foreign = [gid for gid, g in found.items() if report.vpc_id and g["VpcId"] != report.vpc_id]
+        if foreign:
+            raise _CheckFailed(
+                f"security group(s) {', '.join(foreign)} are not in the subnet's VPC"
+                f" {report.vpc_id}"
+            )
+        return "pass", ", ".join(f"{gid} ({g.get('GroupName', '?')})" for gid, g in found.items())
+
+    def instance_profile() -> tuple[Status, str]:
+        try:
+            profile = _aws(
+                "iam:GetInstanceProfile",
+                lambda: clients.iam.get_instance_profile(
+                    InstanceProfileName=config.instance_profile
+                ),
+            )["InstanceProfile"]
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchEntity":
+                raise _CheckFailed(
+                    f"instance profile {config.instance_profile} does not exist — create it with"
+                    " AmazonSSMManagedInstanceCore (see deployments/iam/)"
+                ) from exc
+            raise
+        roles = ", ".join(role["RoleName"] for role in profile.get("Roles", [])) or "no role!"
+        status: Status = "pass" if profile.get("Roles") else "fail"
+        return status, f"{config.instance_profile} (role: {roles})"
+
+    def dry_run() -> tuple[Status, str]:
+        if not report.ami_id:
+            raise _CheckFailed("skipped: no AMI")
+        params = run_instances_params(
+            config,
+            ami_id=report.ami_id,
+            subnet_id=report.subnet_id,
+            tags={"Purpose": config.purpose_tag},
+        )
+        try:
+            ec2.run_instances(DryRun=True, **params)
+        except ClientError as exc:
+            code = error_code(exc)
+            if code == "DryRunOperation":
+                return (
+                    "pass",
+                    "DryRunOperation: ec2:RunInstances, ec2:CreateTags and iam:PassRole allowed",
+                )
+            if code in DENIED_CODES:
+                raise _CheckFailed(
+                    f"{code}: ec2:RunInstances refused (it needs ec2:RunInstances, ec2:CreateTags"
+                    f" and iam:PassRole on {config.instance_profile}) — runbook §7"
+                ) from exc
+            if is_transient(exc):
+                raise
+            raise _CheckFailed(f"{code}: {exc.response['Error'].get('Message', '')}") from exc
+        raise _CheckFailed("the DryRun launch did not answer DryRunOperation")
+
+    check("ami", ami)
+    check("subnet", subnet)
+    check("security groups", security_groups)
+    check("instance profile", instance_profile)
+    check("run-instances dry run", dry_run)
+    if config.db_security_group_id:
+        check("db-sg ingress", lambda: _db_security_group(ec2, config))
+    check("ghcr token parameter", lambda: _parameter_exists(clients, config.ghcr_token_parameter))
+    if config.database == "external":
+        check("database url", lambda: _database_url(clients, config))
+    return report
+
+
+def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, str]:
+    group_id = config.db_security_group_id or ""
+    try:
+        group = _aws(
+            "ec2:DescribeSecurityGroups",
+            lambda: ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0],
+        )
+    except ClientError as exc:
+        if error_code(exc) == "InvalidGroup.NotFound":
+            raise _CheckFailed(f"db security group {group_id} does not exist") from exc
+        raise
+    admits_api, open_to_world = False, False
+    for rule in group.get("IpPermissions", []):
+        protocol = rule.get("IpProtocol")
+        covers = protocol == "-1" or (
+            protocol == "tcp" and rule.get("FromPort", 0) <= 5432 <= rule.get("ToPort", 0)
+        )
+        if not covers:
+            continue
+        sources = {pair.get("GroupId") for pair in rule.get("UserIdGroupPairs", [])}
+        admits_api = admits_api or bool(sources & set(config.security_group_ids))
+        open_to_world = (
+            open_to_world
+            or any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+            or any(r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
+        )
+    if not admits_api:
+        raise _CheckFailed(
+            f"{group_id} does not admit {', '.join(config.security_group_ids) or 'the preview'}"
+            " on 5432: the app will time out on the DB — add an inbound rule referencing api-sg"
+            " (runbook §5, §7)"
+        )
+    if open_to_world:
+        return (
+            "warn",
+            f"security finding: {group_id} admits 0.0.0.0/0 on 5432 — remove it (runbook §1)",
+        )
+    return "pass", f"{group_id} admits {', '.join(config.security_group_ids)} on 5432"
+
+
+def _parameter_exists(clients: AwsClients, name: str) -> tuple[Status, str]:
+    found = _aws(
+        "ssm:DescribeParameters",
+        lambda: clients.ssm.describe_parameters(
+            ParameterFilters=[{"Key": "Name", "Values": [name]}]
+        )["Parameters"],
+    )
+    if not found:
+        raise _CheckFailed(f"Parameter Store has no {name} — put it as a SecureString")
+    return "pass", f"{name} ({found[0].get('Type', '?')})"
+
+
+def _database_url(clients: AwsClients, config: PreviewConfig) -> tuple[Status, str]:
+    name = config.database_url_parameter
+    try:
+        value = _aws(
+            "ssm:GetParameter",
+            lambda: clients.ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"],
+        )
+    except ClientError as exc:
+        if error_code(exc) == "ParameterNotFound":
+            raise _CheckFailed(
+                f"Parameter Store has no {name} — put the DATABASE_URL there"
+            ) from exc
+        raise
+    try:
+        host, port = parse_database_url(value)
+    except ValueError as exc:
+        raise _CheckFailed(f"the DATABASE_URL in {name} does not parse: {exc}") from None
+    return "pass", f"{name} parses (host {host}, port {port})"
+
+
+@task(
+    name="preflight",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def preflight(
+    clients: AwsClients, config: PreviewConfig, key: str | None = None
+) -> PreflightReport:
+    """Run every check, publish the report as a markdown artifact, raise if any check failed."""
+    report = run_preflight(clients, config)
+    create_markdown_artifact(
+        markdown=report.markdown(), key=key, description="pr-preview preflight report"
+    )
+    logger = get_run_logger()
+    for item in report.checks:
+        logger.info("preflight %-22s %s  %s", item.name, item.status, item.detail)
+    if not report.passed:
+        raise PreflightFailed(report)
+    return report

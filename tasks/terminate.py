@@ -1,0 +1,135 @@
+"""Terminate (runbook §2.4): the PR's previous instances, and room for a new one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from tasks.config import PreviewConfig
+from tasks.instances import Preview, find_previews, terminate_in_batches, wait_terminated
+from tasks.retry import retry_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+
+@dataclass
+class Terminated:
+    """What a terminate step removed, and why."""
+
+    instance_ids: list[str] = field(default_factory=list)
+    already_gone: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class TerminateFailed(RuntimeError):
+    pass
+
+
+def terminate_previews(
+    ec2: EC2Client,
+    previews: Sequence[Preview],
+    *,
+    reason: str,
+    timeout_seconds: float,
+    poll_seconds: float,
+) -> Terminated:
+    """Terminate ``previews`` in batches and wait until they are gone."""
+    ids = [preview.instance_id for preview in previews]
+    result = terminate_in_batches(ec2, ids)
+    if result.failed:
+        first = next(iter(result.failed.values()))
+        raise TerminateFailed(f"could not terminate {', '.join(result.failed)}: {first}")
+    if result.terminated:
+        wait_terminated(
+            ec2, result.terminated, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds
+        )
+    return Terminated(
+        instance_ids=result.terminated,
+        already_gone=result.already_gone,
+        reasons=dict.fromkeys(result.terminated, reason),
+    )
+
+
+def terminate_outdated(
+    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, keep_sha: str | None
+) -> Terminated:
+    """The PR's live instances at any other sha than ``keep_sha`` (all of them when None)."""
+    stale = [
+        preview
+        for preview in find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
+        if keep_sha is None or preview.sha != keep_sha
+    ]
+    return terminate_previews(
+        ec2,
+        stale,
+        reason=f"replaced by {keep_sha[:7]}" if keep_sha else "pull request closed",
+        timeout_seconds=config.terminate_timeout_seconds,
+        poll_seconds=config.poll_seconds,
+    )
+
+
+def capacity_victims(
+    previews: Sequence[Preview], repo: str, pr_number: int, max_previews: int
+) -> list[Preview]:
+    """The least recently updated other previews to remove so one more fits in ``max_previews``.
+
+    Previews tagged ``pr-preview:keep=true`` are pinned by an operator: never evicted, not
+    counted.
+    """
+    others = [
+        preview
+        for preview in previews
+        if not preview.keep and (preview.repo, preview.pr_number) != (repo, pr_number)
+    ]
+    excess = len(others) - (max_previews - 1)
+    if excess <= 0:
+        return []
+    return sorted(others, key=lambda preview: (preview.updated_at, preview.instance_id))[:excess]
+
+
+def make_room(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
+    victims = capacity_victims(
+        find_previews(ec2, config.purpose_tag), repo, pr_number, config.max_previews
+    )
+    return terminate_previews(
+        ec2,
+        victims,
+        reason=f"evicted: max_previews={config.max_previews}",
+        timeout_seconds=config.terminate_timeout_seconds,
+        poll_seconds=config.poll_seconds,
+    )
+
+
+def _log(result: Terminated) -> None:
+    logger = get_run_logger()
+    for instance_id in result.instance_ids:
+        logger.info("terminated %s (%s)", instance_id, result.reasons[instance_id])
+    for instance_id in result.already_gone:
+        logger.info("%s was already gone", instance_id)
+
+
+@task(
+    name="terminate",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def terminate(
+    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, keep_sha: str | None
+) -> Terminated:
+    """Terminate this PR's instances at older shas, then evict for capacity (runbook §2.4)."""
+    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha)
+    if keep_sha is not None:
+        evicted = make_room(ec2, config, repo, pr_number)
+        result.instance_ids += evicted.instance_ids
+        result.already_gone += evicted.already_gone
+        result.reasons.update(evicted.reasons)
+    _log(result)
+    return result
