@@ -11,11 +11,11 @@ import pytest
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from moto import mock_aws  # noqa: E402
+from moto import mock_aws
 
-from deployments.demo_account import DemoAccount, create_demo_account  # noqa: E402
-from tasks.aws import AwsClients, build_clients  # noqa: E402
-from tasks.config import PreviewConfig, load_config  # noqa: E402
+from deployments.demo_account import DemoAccount, create_demo_account
+from tasks.aws import AwsClients, build_clients
+from tasks.config import PreviewConfig, load_config
 
 REGION = "ap-northeast-1"
 CANARY_GHCR_TOKEN = "ghp_CANARYghcrToken1234567890abcdefABCD"
@@ -46,9 +46,7 @@ def aws() -> Iterator[AwsClients]:
 
 @pytest.fixture
 def account(aws: AwsClients) -> DemoAccount:
-    return create_demo_account(
-        aws, ghcr_token=CANARY_GHCR_TOKEN, database_url=CANARY_DATABASE_URL
-    )
+    return create_demo_account(aws, ghcr_token=CANARY_GHCR_TOKEN, database_url=CANARY_DATABASE_URL)
 
 
 @pytest.fixture

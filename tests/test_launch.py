@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.instances import parse_time
+from tasks.launch import LaunchSpec, client_token, launch_instance, render_user_data
+from tests.conftest import CANARIES
+from tests.helpers import live, tags, user_data
+
+SPEC = LaunchSpec("octo-org/app", 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d")
+
+
+def test_launch_tags_instance_and_volume_and_hardens_it(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    result = launch_instance(aws.ec2, config, SPEC, now=now)
+    instance = aws.ec2.describe_instances(InstanceIds=[result.instance_id])["Reservations"][0][
+        "Instances"
+    ][0]
+    expected = {
+        "Purpose": "pr-preview-singleton",
+        "Repo": "octo-org/app",
+        "PR": "42",
+        "Sha": SPEC.sha,
+        "shutdown-at": "2026-11-29T12:00:00Z",
+        "Name": "pr-42-preview",
+    }
+    assert expected.items() <= tags(instance).items()
+    assert parse_time(tags(instance)["shutdown-at"]) == now + timedelta(hours=24)
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert instance["IamInstanceProfile"]["Arn"].endswith("/ec2-pr-preview-ssm")
+    assert instance["SubnetId"] == config.subnet_id
+    assert [g["GroupId"] for g in instance["SecurityGroups"]] == config.security_group_ids
+    behaviour = aws.ec2.describe_instance_attribute(
+        InstanceId=result.instance_id, Attribute="instanceInitiatedShutdownBehavior"
+    )
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    volume_ids = [m["Ebs"]["VolumeId"] for m in instance["BlockDeviceMappings"]]
+    volumes = aws.ec2.describe_volumes(VolumeIds=volume_ids)["Volumes"]
+    assert volumes and all(expected.items() <= tags(v).items() for v in volumes)
+
+
+def test_user_data_reads_secrets_at_boot_and_holds_none(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    result = launch_instance(aws.ec2, config, SPEC)
+    script = user_data(aws, result.instance_id)
+    assert not [canary for canary in CANARIES if canary in script]
+    assert "--with-decryption --name" in script
+    assert config.ghcr_token_parameter in script and config.database_url_parameter in script
+    assert "docker login ghcr.io -u octo-org --password-stdin" in script
+    assert f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}" in script
+    assert "releases/download/v2.24.6/docker-compose-linux-" in script
+    assert f"/repos/octo-org/app/tarball/{SPEC.sha}" in script
+    assert "shutdown -h +1440" in script
+    assert '"127.0.0.1:8000:8000"' in script
+    assert "{{" not in script
+
+
+def test_ephemeral_database_adds_a_db_service(config: PreviewConfig) -> None:
+    config.database = "ephemeral"
+    script = render_user_data(config, SPEC)
+    assert "  db:\n    image: postgres:16-alpine" in script
+    assert "@db:5432/app" in script
+    assert config.database_url_parameter not in script
+
+
+def test_same_preview_twice_is_one_instance(aws: AwsClients, config: PreviewConfig) -> None:
+    first = launch_instance(aws.ec2, config, SPEC, attempt_key="run-1")
+    second = launch_instance(aws.ec2, config, SPEC, attempt_key="run-2")
+    assert (first.reused, second.reused) == (False, True)
+    assert second.instance_id == first.instance_id
+    assert [i["InstanceId"] for i in live(aws)] == [first.instance_id]
+
+
+def test_client_token_is_stable_per_run_and_fits_aws() -> None:
+    assert client_token(SPEC, "run-1") == client_token(SPEC, "run-1")
+    assert client_token(SPEC, "run-1") != client_token(SPEC, "run-2")
+    assert len(client_token(SPEC, "x" * 200)) <= 64
