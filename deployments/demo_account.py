@@ -98,7 +98,9 @@ def create_demo_account(
         PolicyDocument=json.dumps(READ_PARAMETERS_POLICY),
     )
     iam.create_instance_profile(InstanceProfileName=instance_profile)
-    iam.add_role_to_instance_profile(InstanceProfileName=instance_profile, RoleName=instance_profile)
+    iam.add_role_to_instance_profile(
+        InstanceProfileName=instance_profile, RoleName=instance_profile
+    )
     ghcr_parameter, database_parameter = "/pr-preview/ghcr-token", "/pr-preview/database-url"
     ssm.put_parameter(Name=ghcr_parameter, Value=ghcr_token, Type="SecureString", Overwrite=True)
     ssm.put_parameter(

@@ -1,0 +1,336 @@
+"""The self-hosted path: a signed GitHub webhook receiver that emits Prefect events.
+
+Open-source Prefect has no inbound webhook endpoint, so this small ASGI app takes GitHub's
+deliveries, checks `X-Hub-Signature-256`, maps a handled `pull_request` delivery to the event
+of `deployments.events` and posts it to `POST {PREFECT_API_URL}/events`. The event id is the
+delivery GUID, so the server drops redeliveries. Bad input gets a 4xx, never a 500; a Prefect
+API that does not take the event gets a 502, so GitHub shows the failure and can redeliver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from deployments.events import MalformedDelivery, event_from_delivery
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+GITHUB_MAX_BODY_BYTES = 25 * 1024 * 1024
+SECRET_ENV = "GITHUB_WEBHOOK_SECRET"
+LOGGER_NAME = "pr_preview.receiver"
+
+
+class EmitFailed(RuntimeError):
+    """The Prefect API did not take the event (answer 502 so GitHub can redeliver)."""
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.outcome, self.detail = status, outcome, detail
+
+
+def signature_header(secret: str, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value GitHub sends for this body: `sha256=<hex>`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
+    """True when `header` is GitHub's HMAC-SHA256 of the raw body under `secret`.
+
+    A missing header, another algorithm (`sha1=…`) or a bad digest are all False;
+    the comparison is constant-time.
+    """
+    if not header:
+        return False
+    algorithm, sep, digest = header.partition("=")
+    if algorithm.strip().lower() != "sha256" or not sep:
+        return False
+    expected = signature_header(secret, body).removeprefix("sha256=")
+    return hmac.compare_digest(expected.encode(), digest.strip().lower().encode("utf-8", "replace"))
+
+
+def resolve_secret(env: Mapping[str, str], block_name: str | None = None) -> str | None:
+    """The webhook secret: `GITHUB_WEBHOOK_SECRET`, else the named Prefect Secret block, else None.
+
+    Called once at start-up (never per delivery); the value is never logged.
+    """
+    value = env.get(SECRET_ENV)
+    if value:
+        return value
+    if not block_name:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        block = Secret.load(block_name)
+    except ValueError as exc:
+        raise ValueError(
+            f"Prefect Secret block {block_name!r} not found: create it or set {SECRET_ENV}"
+        ) from exc
+    if not isinstance(block, Secret):
+        raise TypeError("resolve_secret is synchronous: call it outside the event loop")
+    secret = block.get()
+    if not isinstance(secret, str) or not secret:
+        raise ValueError(f"Prefect Secret block {block_name!r} must hold a non-empty string")
+    return secret
+
+
+class PrefectEventsAPI:
+    """Posts events to a Prefect server's `POST /events`; one client per app, made on first use."""
+
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        self.url = api_url.rstrip("/") + "/events"
+        self._transport = transport
+        self._timeout = timeout_seconds
+        self._client: httpx.AsyncClient | None = None
+
+    async def __call__(self, event: dict[str, Any]) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+        try:
+            response = await self._client.post(self.url, json=[event])
+        except httpx.HTTPError as exc:
+            raise EmitFailed(f"Prefect API unreachable: {type(exc).__name__}") from exc
+        if not response.is_success:
+            raise EmitFailed(f"Prefect API answered {response.status_code}")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+@dataclass
+class _DeliveryLog:
+    """The fields of the one log line written per delivery."""
+
+    delivery: str = "-"
+    event: str = "-"
+    action: str = "-"
+    pr: str = "-"
+    outcome: str = "-"
+    status: int = 0
+    detail: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+    def write(self, logger: logging.Logger) -> None:
+        level = logging.WARNING if self.status >= 400 else logging.INFO
+        logger.log(
+            level,
+            "delivery=%s event=%s action=%s pr=%s outcome=%s status=%d ms=%.1f%s",
+            self.delivery,
+            self.event,
+            self.action,
+            self.pr,
+            self.outcome,
+            self.status,
+            (time.perf_counter() - self.started) * 1000,
+            f" detail={self.detail!r}" if self.detail else "",
+        )
+
+
+def create_app(
+    secret: str | None,
+    emit: Emit | None = None,
+    *,
+    prefect_api_url: str | None = None,
+    max_body_bytes: int = GITHUB_MAX_BODY_BYTES,
+    insecure_no_signature: bool = False,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The receiver app: `POST /webhook` for GitHub, `GET /healthz` for probes.
+
+    Events go to `emit` when given (tests, benchmarks), else to `{prefect_api_url}/events`
+    through an httpx client on `http_transport`. Without a secret the app is refused unless
+    `insecure_no_signature` says that unsigned deliveries are meant (a local demo).
+    """
+    if not secret and not insecure_no_signature:
+        raise ValueError(
+            f"no webhook secret: set {SECRET_ENV} (or a Prefect Secret block), "
+            "or pass --insecure-no-signature for a local demo"
+        )
+    if max_body_bytes <= 0:
+        raise ValueError("max_body_bytes must be positive")
+    events_api: PrefectEventsAPI | None = None
+    if emit is None:
+        if not prefect_api_url:
+            raise ValueError("give either emit or prefect_api_url (e.g. http://127.0.0.1:4200/api)")
+        events_api = PrefectEventsAPI(prefect_api_url, transport=http_transport)
+        emit = events_api
+    logger = logging.getLogger(LOGGER_NAME)
+    if not secret:
+        logger.warning("receiver accepts UNSIGNED deliveries (--insecure-no-signature)")
+
+    async def webhook(request: Request) -> Response:
+        log = _DeliveryLog(
+            delivery=request.headers.get("x-github-delivery", "-"),
+            event=request.headers.get("x-github-event", "-"),
+        )
+        try:
+            status, body = await _handle(request, log, secret, emit, max_body_bytes)
+        except _Reject as reject:
+            log.outcome, log.detail = reject.outcome, reject.detail
+            status, body = reject.status, {"outcome": reject.outcome, "detail": reject.detail}
+        except Exception:
+            log.outcome, log.status = "error", 500
+            logger.exception("delivery=%s unexpected error", log.delivery)
+            log.write(logger)
+            return JSONResponse({"outcome": "error"}, status_code=500)
+        log.status = status
+        log.write(logger)
+        return JSONResponse(body, status_code=status)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if events_api is not None:
+            await events_api.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/webhook", webhook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def _handle(
+    request: Request, log: _DeliveryLog, secret: str | None, emit: Emit, max_body_bytes: int
+) -> tuple[int, dict[str, Any]]:
+    raw = await _read_body(request, max_body_bytes)
+    if secret and not verify_signature(secret, raw, request.headers.get("x-hub-signature-256")):
+        raise _Reject(401, "bad-signature", "missing or invalid X-Hub-Signature-256")
+    event_name = request.headers.get("x-github-event")
+    if not event_name:
+        raise _Reject(400, "malformed", "missing X-GitHub-Event")
+    payload = _parse(raw, request.headers.get("content-type", ""))
+    action = payload.get("action")
+    log.action = action if isinstance(action, str) else "-"
+    log.pr = _pr_label(payload)
+
+    if event_name == "ping":
+        log.outcome = "pong"
+        return 200, {"outcome": "pong", "zen": payload.get("zen")}
+    try:
+        event = event_from_delivery(
+            event_name, request.headers.get("x-github-delivery", ""), payload
+        )
+    except MalformedDelivery as exc:
+        raise _Reject(400, "malformed", str(exc)) from exc
+    if event is None:
+        log.outcome = "ignored"
+        return 202, {"outcome": "ignored"}
+    try:
+        await emit(event)
+    except Exception as exc:
+        raise _Reject(502, "emit-failed", str(exc) or type(exc).__name__) from exc
+    log.outcome = "emitted"
+    return 200, {"outcome": "emitted", "event": event["event"], "id": event["id"]}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused past `limit` bytes whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise _Reject(400, "malformed", "invalid Content-Length") from None
+        if size > limit:
+            raise _Reject(413, "too-large", f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _Reject(413, "too-large", f"body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _Reject(400, "disconnected", "client went away mid-body") from None
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes, content_type: str) -> dict[str, Any]:
+    """The JSON object of a delivery, sent as application/json or as GitHub's form encoding."""
+    try:
+        if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+            form = parse_qs(raw.decode("utf-8"), strict_parsing=True)
+            text: str | bytes = form["payload"][0]
+        else:
+            text = raw
+        payload = json.loads(text)
+    except (ValueError, KeyError, RecursionError):
+        raise _Reject(400, "malformed", "body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise _Reject(400, "malformed", "body is not a JSON object")
+    return payload
+
+
+def _pr_label(payload: dict[str, Any]) -> str:
+    pr = payload.get("pull_request")
+    repo = payload.get("repository")
+    number = pr.get("number") if isinstance(pr, dict) else None
+    name = repo.get("full_name") if isinstance(repo, dict) else None
+    if number is None:
+        return "-"
+    return f"{name or '?'}#{number}"
+
+
+def serve(
+    host: str,
+    port: int,
+    *,
+    secret: str | None,
+    insecure_no_signature: bool = False,
+    prefect_api_url: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the receiver with uvicorn until interrupted (`pr-preview receiver`).
+
+    Without `prefect_api_url` the Prefect setting `PREFECT_API_URL` is used.
+    """
+    import uvicorn
+
+    if not prefect_api_url:
+        from prefect.settings import PREFECT_API_URL
+
+        prefect_api_url = PREFECT_API_URL.value()
+        if not prefect_api_url:
+            raise ValueError("set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    app = create_app(
+        secret, prefect_api_url=prefect_api_url, insecure_no_signature=insecure_no_signature
+    )
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(log_level.upper())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

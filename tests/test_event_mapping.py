@@ -1,0 +1,381 @@
+"""One mapping, both paths: GitHub's documented deliveries → the Prefect event the triggers want.
+
+`event_from_delivery` (self-hosted receiver) and the Prefect Cloud webhook template must give
+the same event name, resource, related resources and payload for every documented payload.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.events import (
+    HANDLED_ACTIONS,
+    ROUTES,
+    MalformedDelivery,
+    event_from_delivery,
+    event_id,
+)
+
+PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
+TEMPLATE = Path(__file__).parents[1] / "deployments" / "prefect-webhook-template.json.j2"
+DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+HANDLED_NAMES = {f"github.pull_request.{action}" for action in HANDLED_ACTIONS}
+
+
+def load(file_name: str) -> tuple[str, dict[str, Any]]:
+    """(X-GitHub-Event, body) of a documented delivery: the event is the name before the dot."""
+    return file_name.split(".")[0], json.loads((PAYLOADS / file_name).read_text())
+
+
+def all_payload_files() -> list[str]:
+    return sorted(p.name for p in PAYLOADS.glob("*.json"))
+
+
+def variant(file_name: str, edit: Any) -> tuple[str, dict[str, Any]]:
+    event, body = load(file_name)
+    body = copy.deepcopy(body)
+    edit(body)
+    return event, body
+
+
+def merged(body: dict[str, Any]) -> None:
+    body["pull_request"].update(merged=True, merged_at="2019-05-15T15:21:18Z")
+
+
+def fork_head(body: dict[str, Any]) -> None:
+    body["pull_request"]["head"]["repo"]["full_name"] = "forker/Hello-World"
+    body["pull_request"]["head"]["repo"]["fork"] = True
+
+
+def deleted_fork(body: dict[str, Any]) -> None:
+    body["pull_request"]["head"]["repo"] = None
+
+
+def no_sender(body: dict[str, Any]) -> None:
+    del body["sender"]
+
+
+def quoted_title(body: dict[str, Any]) -> None:
+    body["pull_request"]["title"] = "Fix \"quotes\", <tags> & {{ braces }}\n'end'"
+
+
+VARIANTS = {
+    "closed-merged": ("pull_request.closed.json", merged),
+    "opened-fork": ("pull_request.opened.json", fork_head),
+    "synchronize-deleted-fork": ("pull_request.synchronize.json", deleted_fork),
+    "reopened-no-sender": ("pull_request.reopened.json", no_sender),
+    "opened-quoted-title": ("pull_request.opened.json", quoted_title),
+}
+
+
+def every_delivery() -> list[Any]:
+    cases = [pytest.param(*load(name), id=name) for name in all_payload_files()]
+    cases += [pytest.param(*variant(*spec), id=key) for key, spec in VARIANTS.items()]
+    return cases
+
+
+# -- the Python mapping ----------------------------------------------------------------------
+
+
+def test_routing_table_covers_exactly_the_handled_pull_request_actions() -> None:
+    assert dict(ROUTES) == {
+        ("pull_request", "closed"): "github.pull_request.closed",
+        ("pull_request", "opened"): "github.pull_request.opened",
+        ("pull_request", "reopened"): "github.pull_request.reopened",
+        ("pull_request", "synchronize"): "github.pull_request.synchronize",
+    }
+
+
+def test_opened_maps_to_the_full_event() -> None:
+    assert event_from_delivery(*_with_delivery(load("pull_request.opened.json"))) == {
+        "id": DELIVERY,
+        "occurred": "2019-05-15T15:20:33+00:00",
+        "event": "github.pull_request.opened",
+        "resource": {
+            "prefect.resource.id": "github.pr.Codertocat/Hello-World/2",
+            "prefect.resource.name": "Codertocat/Hello-World#2",
+        },
+        "related": [
+            {
+                "prefect.resource.id": "github.repo.Codertocat/Hello-World",
+                "prefect.resource.role": "repository",
+                "prefect.resource.name": "Codertocat/Hello-World",
+            },
+            {
+                "prefect.resource.id": "github.user.Codertocat",
+                "prefect.resource.role": "sender",
+                "prefect.resource.name": "Codertocat",
+            },
+        ],
+        "payload": {
+            "repo": "Codertocat/Hello-World",
+            "pr_number": 2,
+            "head_sha": "ec26c3e57ca3a959ca5aad62de7213c562f8c821",
+            "action": "opened",
+            "merged": False,
+            "head_repo": "Codertocat/Hello-World",
+            "fork": False,
+            "sender": "Codertocat",
+            "title": "Update the README with new information.",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("file_name", "action"),
+    [
+        ("pull_request.opened.json", "opened"),
+        ("pull_request.opened.with-null-body.json", "opened"),
+        ("pull_request.opened.with-organization.json", "opened"),
+        ("pull_request.synchronize.json", "synchronize"),
+        ("pull_request.reopened.json", "reopened"),
+        ("pull_request.closed.json", "closed"),
+        ("pull_request.closed.with-organization.json", "closed"),
+    ],
+)
+def test_documented_pull_request_deliveries_map_to_their_action(
+    file_name: str, action: str
+) -> None:
+    event = event_from_delivery(*_with_delivery(load(file_name)))
+
+    assert event is not None
+    assert event["event"] == f"github.pull_request.{action}"
+    assert event["resource"]["prefect.resource.id"] == "github.pr.Codertocat/Hello-World/2"
+    payload = event["payload"]
+    assert payload["action"] == action
+    assert payload["pr_number"] == 2 and isinstance(payload["pr_number"], int)
+    assert payload["head_sha"] == "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
+    assert payload["fork"] is False
+
+
+def test_closed_unmerged_and_merged() -> None:
+    unmerged = event_from_delivery(*_with_delivery(load("pull_request.closed.json")))
+    was_merged = event_from_delivery(*_with_delivery(variant("pull_request.closed.json", merged)))
+
+    assert unmerged is not None and was_merged is not None
+    assert unmerged["payload"]["merged"] is False
+    assert was_merged["payload"]["merged"] is True
+    assert unmerged["event"] == was_merged["event"] == "github.pull_request.closed"
+
+
+def test_a_fork_head_is_marked() -> None:
+    event = event_from_delivery(*_with_delivery(variant("pull_request.opened.json", fork_head)))
+
+    assert event is not None
+    assert event["payload"]["fork"] is True
+    assert event["payload"]["head_repo"] == "forker/Hello-World"
+    assert event["payload"]["repo"] == "Codertocat/Hello-World"
+    assert event["resource"]["prefect.resource.id"] == "github.pr.Codertocat/Hello-World/2"
+
+
+def test_a_deleted_fork_has_no_head_repo_and_counts_as_a_fork() -> None:
+    event = event_from_delivery(
+        *_with_delivery(variant("pull_request.synchronize.json", deleted_fork))
+    )
+
+    assert event is not None
+    assert event["payload"]["head_repo"] is None
+    assert event["payload"]["fork"] is True
+
+
+def test_null_pr_body_is_fine() -> None:
+    event = event_from_delivery(*_with_delivery(load("pull_request.opened.with-null-body.json")))
+
+    assert event is not None
+    assert event["payload"]["title"] == "Update the README with new information."
+
+
+@pytest.mark.parametrize(
+    "file_name", ["ping.json", "push.json", "pull_request.labeled.json"], ids=str
+)
+def test_unhandled_deliveries_make_no_event(file_name: str) -> None:
+    assert event_from_delivery(*_with_delivery(load(file_name))) is None
+
+
+def test_an_unknown_event_with_a_handled_action_makes_no_event() -> None:
+    _, body = load("pull_request.opened.json")
+    assert event_from_delivery("pull_request_review", DELIVERY, body) is None
+
+
+def _drop_pr(body: dict[str, Any]) -> None:
+    del body["pull_request"]
+
+
+def _drop_number(body: dict[str, Any]) -> None:
+    del body["pull_request"]["number"]
+
+
+def _string_number(body: dict[str, Any]) -> None:
+    body["pull_request"]["number"] = "2"
+
+
+def _bool_number(body: dict[str, Any]) -> None:
+    body["pull_request"]["number"] = True
+
+
+def _drop_sha(body: dict[str, Any]) -> None:
+    del body["pull_request"]["head"]["sha"]
+
+
+def _empty_sha(body: dict[str, Any]) -> None:
+    body["pull_request"]["head"]["sha"] = ""
+
+
+def _null_base_repo(body: dict[str, Any]) -> None:
+    body["pull_request"]["base"]["repo"] = None
+
+
+def _drop_base_name(body: dict[str, Any]) -> None:
+    del body["pull_request"]["base"]["repo"]["full_name"]
+
+
+def _head_not_object(body: dict[str, Any]) -> None:
+    body["pull_request"]["head"] = "main"
+
+
+MALFORMED = [
+    _drop_pr,
+    _drop_number,
+    _string_number,
+    _bool_number,
+    _drop_sha,
+    _empty_sha,
+    _null_base_repo,
+    _drop_base_name,
+    _head_not_object,
+]
+
+
+@pytest.mark.parametrize("edit", MALFORMED, ids=lambda f: f.__name__.strip("_"))
+def test_a_handled_delivery_missing_a_field_is_malformed(edit: Any) -> None:
+    event, body = variant("pull_request.opened.json", edit)
+    with pytest.raises(MalformedDelivery):
+        event_from_delivery(event, DELIVERY, body)
+
+
+def test_a_payload_that_is_not_an_object_is_malformed() -> None:
+    with pytest.raises(MalformedDelivery):
+        event_from_delivery("pull_request", DELIVERY, [])  # type: ignore[arg-type]
+
+
+def test_the_delivery_guid_is_the_event_id() -> None:
+    assert event_id(DELIVERY) == DELIVERY
+    assert event_id(DELIVERY.upper()) == DELIVERY
+
+
+def test_a_delivery_id_that_is_not_a_uuid_gets_a_stable_uuid() -> None:
+    derived = event_id("delivery-42")
+
+    assert uuid.UUID(derived).version == 5
+    assert event_id("delivery-42") == derived
+    assert event_id("delivery-43") != derived
+
+
+def test_a_missing_delivery_id_is_malformed() -> None:
+    _, body = load("pull_request.opened.json")
+    with pytest.raises(MalformedDelivery):
+        event_from_delivery("pull_request", "", body)
+
+
+def test_occurred_is_now_when_github_gives_no_updated_at() -> None:
+    event, body = variant("pull_request.opened.json", lambda b: b["pull_request"].pop("updated_at"))
+    mapped = event_from_delivery(event, DELIVERY, body)
+
+    assert mapped is not None
+    age = datetime.now(UTC) - datetime.fromisoformat(mapped["occurred"])
+    assert timedelta(0) <= age < timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(("event_name", "body"), every_delivery())
+def test_every_event_is_one_the_prefect_events_api_accepts(
+    event_name: str, body: dict[str, Any]
+) -> None:
+    from prefect.server.events.schemas.events import Event
+
+    mapped = event_from_delivery(event_name, DELIVERY, body)
+    if mapped is not None:
+        Event.model_validate(mapped)
+
+
+# -- the Prefect Cloud webhook template ------------------------------------------------------
+
+
+def render_template(event_name: str, body: Any, delivery: str = DELIVERY) -> dict[str, Any]:
+    """Render the template as Prefect does user templates (sandboxed Jinja, chainable
+    undefined) with Cloud's context: method, case-insensitive headers and the parsed body."""
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    headers = httpx.Headers(
+        {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": event_name,
+            "X-GitHub-Delivery": delivery,
+            "X-Hub-Signature-256": "sha256=not-checked-by-cloud",
+        }
+    )
+    rendered = render_user_template_sync(
+        TEMPLATE.read_text(), {"method": "POST", "headers": headers, "body": body}
+    )
+    return json.loads(rendered)
+
+
+def test_the_template_passes_prefects_template_validation() -> None:
+    from prefect.server.utilities.user_templates import validate_user_template
+
+    validate_user_template(TEMPLATE.read_text())
+
+
+@pytest.mark.parametrize(("event_name", "body"), every_delivery())
+def test_the_cloud_template_makes_the_same_event_as_the_receiver(
+    event_name: str, body: dict[str, Any]
+) -> None:
+    from prefect.events import Event
+
+    rendered = render_template(event_name, body)
+    mapped = event_from_delivery(event_name, DELIVERY, body)
+
+    Event.model_validate(rendered)  # Cloud fills in what the template leaves out
+    if mapped is None:
+        assert rendered["event"].startswith("github.ignored.")
+        assert not any(rendered["event"].startswith(name) for name in HANDLED_NAMES)
+        return
+    for key in ("event", "resource", "related", "payload"):
+        assert rendered[key] == mapped[key], key
+    assert rendered["id"] == mapped["id"]
+    assert datetime.fromisoformat(rendered["occurred"]) == datetime.fromisoformat(
+        mapped["occurred"]
+    )
+
+
+@pytest.mark.parametrize("edit", MALFORMED, ids=lambda f: f.__name__.strip("_"))
+def test_the_cloud_template_flags_what_the_receiver_refuses(edit: Any) -> None:
+    event_name, body = variant("pull_request.opened.json", edit)
+    rendered = render_template(event_name, body)
+
+    assert rendered["event"] == "github.pull_request.malformed"
+    assert "payload" not in rendered  # Cloud then keeps its debugging payload: headers, body
+
+
+def test_the_cloud_template_leaves_the_id_to_cloud_when_the_delivery_is_not_a_guid() -> None:
+    rendered = render_template(*load("pull_request.opened.json"), delivery="delivery-42")
+
+    assert "id" not in rendered
+
+
+def test_the_cloud_template_copes_with_a_body_that_is_not_json() -> None:
+    rendered = render_template("pull_request", "payload=%7B%7D")
+
+    assert rendered["event"] == "github.ignored.pull_request"
+
+
+def _with_delivery(delivery: tuple[str, dict[str, Any]]) -> tuple[str, str, dict[str, Any]]:
+    event_name, body = delivery
+    return event_name, DELIVERY, body

@@ -1,0 +1,557 @@
+"""The self-hosted receiver: signed GitHub deliveries in, Prefect events out.
+
+A fake Prefect events API (httpx.MockTransport) answers like the real one — 204, duplicate
+ids dropped — and records the exact bodies posted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+with warnings.catch_warnings():  # starlette 1.x nudges towards httpx2; httpx is what we have
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from deployments.events import event_from_delivery
+from deployments.receiver import (
+    LOGGER_NAME,
+    create_app,
+    resolve_secret,
+    signature_header,
+    verify_signature,
+)
+
+PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
+SECRET = "It's-a-Secret-to-Everybody-CANARY-7f3a"
+PREFECT_API = "http://prefect.test/api"
+
+
+def payload_bytes(file_name: str) -> bytes:
+    return (PAYLOADS / file_name).read_bytes()
+
+
+class FakePrefectEvents:
+    """`POST /api/events` as the Prefect server answers it: 204, duplicate ids dropped."""
+
+    def __init__(self) -> None:
+        self.posts: list[list[dict[str, Any]]] = []
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.fail_with: int | Exception | None = None
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if isinstance(self.fail_with, Exception):
+            raise self.fail_with
+        if self.fail_with is not None:
+            return httpx.Response(self.fail_with, json={"detail": "boom"})
+        if request.method != "POST" or request.url.path != "/api/events":
+            return httpx.Response(404, json={"detail": "Not Found"})
+        events = json.loads(request.content)
+        if not isinstance(events, list) or not all("id" in e for e in events):
+            return httpx.Response(422, json={"detail": "invalid events"})
+        self.posts.append(events)
+        for event in events:
+            self.stored.setdefault(event["id"], event)
+        return httpx.Response(204)
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+    @property
+    def posted(self) -> list[dict[str, Any]]:
+        return [event for post in self.posts for event in post]
+
+
+@pytest.fixture
+def prefect() -> FakePrefectEvents:
+    return FakePrefectEvents()
+
+
+@pytest.fixture
+def client(prefect: FakePrefectEvents) -> Iterator[TestClient]:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def deliver(
+    client: TestClient,
+    event_name: str | None,
+    body: bytes,
+    *,
+    delivery: str | None = None,
+    secret: str | None = SECRET,
+    signature: str | bytes | None = None,
+    content_type: str = "application/json",
+) -> httpx.Response:
+    """POST a delivery the way GitHub does: headers, raw body, HMAC over the raw body."""
+    headers: dict[str, Any] = {
+        "Content-Type": content_type,
+        "User-Agent": "GitHub-Hookshot/044aadd",
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-GitHub-Hook-ID": "292430182",
+    }
+    if event_name is not None:
+        headers["X-GitHub-Event"] = event_name
+    if signature is not None:
+        headers["X-Hub-Signature-256"] = signature
+    elif secret is not None:
+        headers["X-Hub-Signature-256"] = signature_header(secret, body)
+    return client.post("/webhook", content=body, headers=headers)
+
+
+# -- signatures ------------------------------------------------------------------------------
+
+
+def test_a_signed_opened_delivery_posts_exactly_the_mapped_event(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    body = payload_bytes("pull_request.opened.json")
+    delivery = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+
+    response = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "outcome": "emitted",
+        "event": "github.pull_request.opened",
+        "id": delivery,
+    }
+    assert prefect.posts == [[event_from_delivery("pull_request", delivery, json.loads(body))]]
+
+
+def test_a_signature_with_the_wrong_secret_is_refused(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    body = payload_bytes("pull_request.opened.json")
+
+    response = deliver(client, "pull_request", body, secret="not-the-secret")
+
+    assert response.status_code == 401
+    assert prefect.posts == []
+
+
+def test_a_missing_signature_is_refused(client: TestClient, prefect: FakePrefectEvents) -> None:
+    response = deliver(
+        client, "pull_request", payload_bytes("pull_request.opened.json"), secret=None
+    )
+
+    assert response.status_code == 401
+    assert prefect.posts == []
+
+
+def test_a_valid_sha1_signature_is_refused(client: TestClient, prefect: FakePrefectEvents) -> None:
+    body = payload_bytes("pull_request.opened.json")
+    sha1 = "sha1=" + hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
+
+    response = deliver(client, "pull_request", body, signature=sha1)
+
+    assert response.status_code == 401
+    assert prefect.posts == []
+
+
+def test_a_signature_over_another_body_is_refused(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    body = payload_bytes("pull_request.opened.json")
+    tampered = body.replace(b'"opened"', b'"closed"', 1)
+
+    response = deliver(client, "pull_request", tampered, signature=signature_header(SECRET, body))
+
+    assert response.status_code == 401
+    assert prefect.posts == []
+
+
+@pytest.mark.parametrize(
+    "signature",
+    ["sha256", "sha256=", "sha256=zz", "=abc", "SHA256", b"sha256=\xff\xfe", "sha512=00"],
+    ids=repr,
+)
+def test_a_garbled_signature_is_a_401_not_a_500(client: TestClient, signature: str | bytes) -> None:
+    response = deliver(
+        client, "pull_request", payload_bytes("pull_request.opened.json"), signature=signature
+    )
+
+    assert response.status_code == 401
+
+
+def test_verify_signature_is_a_pure_function_over_raw_bytes() -> None:
+    body = b'{"zen": "Keep it logically awesome."}'
+    good = signature_header("s3cret", body)
+
+    assert good == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert verify_signature("s3cret", body, good)
+    assert verify_signature("s3cret", body, good.upper().replace("SHA256=", "sha256="))
+    assert not verify_signature("s3cret", body + b" ", good)
+    assert not verify_signature("s3cret", body, None)
+    assert not verify_signature("s3cret", body, "")
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def test_ping_is_answered_with_zen(client: TestClient, prefect: FakePrefectEvents) -> None:
+    response = deliver(client, "ping", payload_bytes("ping.json"))
+
+    assert response.status_code == 200
+    assert response.json()["zen"] == "Anything added dilutes everything else."
+    assert prefect.posts == []
+
+
+def test_other_events_are_accepted_and_ignored(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    response = deliver(client, "push", payload_bytes("push.json"))
+
+    assert response.status_code == 202
+    assert response.json() == {"outcome": "ignored"}
+    assert prefect.posts == []
+
+
+def test_unhandled_pull_request_actions_are_accepted_and_ignored(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    response = deliver(client, "pull_request", payload_bytes("pull_request.labeled.json"))
+
+    assert response.status_code == 202
+    assert prefect.posts == []
+
+
+@pytest.mark.parametrize(
+    ("file_name", "event_name"),
+    [
+        ("pull_request.opened.json", "github.pull_request.opened"),
+        ("pull_request.opened.with-null-body.json", "github.pull_request.opened"),
+        ("pull_request.synchronize.json", "github.pull_request.synchronize"),
+        ("pull_request.reopened.json", "github.pull_request.reopened"),
+        ("pull_request.closed.json", "github.pull_request.closed"),
+        ("pull_request.closed.with-organization.json", "github.pull_request.closed"),
+    ],
+)
+def test_handled_actions_are_emitted(
+    client: TestClient, prefect: FakePrefectEvents, file_name: str, event_name: str
+) -> None:
+    response = deliver(client, "pull_request", payload_bytes(file_name))
+
+    assert response.status_code == 200
+    [event] = prefect.posted
+    assert event["event"] == event_name
+    assert event["resource"]["prefect.resource.id"] == "github.pr.Codertocat/Hello-World/2"
+
+
+def test_a_merged_close_and_a_fork_head_reach_the_payload(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    closed = json.loads(payload_bytes("pull_request.closed.json"))
+    closed["pull_request"]["merged"] = True
+    opened = json.loads(payload_bytes("pull_request.opened.json"))
+    opened["pull_request"]["head"]["repo"]["full_name"] = "forker/Hello-World"
+
+    assert deliver(client, "pull_request", json.dumps(closed).encode()).status_code == 200
+    assert deliver(client, "pull_request", json.dumps(opened).encode()).status_code == 200
+
+    merged_event, fork_event = prefect.posted
+    assert merged_event["payload"]["merged"] is True
+    assert (fork_event["payload"]["fork"], fork_event["payload"]["head_repo"]) == (
+        True,
+        "forker/Hello-World",
+    )
+
+
+def test_a_form_encoded_delivery_is_read_like_json(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    raw = payload_bytes("pull_request.synchronize.json")
+    body = urlencode({"payload": raw.decode()}).encode()
+    delivery = str(uuid.uuid4())
+
+    response = deliver(
+        client,
+        "pull_request",
+        body,
+        delivery=delivery,
+        content_type="application/x-www-form-urlencoded",
+    )
+
+    assert response.status_code == 200
+    assert prefect.posted == [event_from_delivery("pull_request", delivery, json.loads(raw))]
+
+
+def test_a_redelivery_posts_the_same_event_id_and_the_server_keeps_one(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    body = payload_bytes("pull_request.opened.json")
+    delivery = str(uuid.uuid4())
+
+    first = deliver(client, "pull_request", body, delivery=delivery)
+    again = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert first.status_code == again.status_code == 200
+    assert [e["id"] for e in prefect.posted] == [delivery, delivery]
+    assert list(prefect.stored) == [delivery]
+
+
+def test_a_delivery_id_that_is_not_a_guid_still_collapses(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    body = payload_bytes("pull_request.opened.json")
+
+    deliver(client, "pull_request", body, delivery="not-a-guid")
+    deliver(client, "pull_request", body, delivery="not-a-guid")
+
+    ids = {e["id"] for e in prefect.posted}
+    assert len(ids) == 1 and uuid.UUID(ids.pop()).version == 5
+
+
+# -- bad input: 4xx, never 500 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"null", b"[]", b'"opened"', b"\xff\xfe{}", b"[" * 100_000],
+    ids=["empty", "truncated", "null", "list", "string", "not-utf8", "deeply-nested"],
+)
+def test_a_body_that_is_not_a_json_object_is_a_400(
+    client: TestClient, prefect: FakePrefectEvents, body: bytes
+) -> None:
+    response = deliver(client, "pull_request", body)
+
+    assert response.status_code == 400
+    assert prefect.posts == []
+
+
+def test_a_bad_form_body_is_a_400(client: TestClient) -> None:
+    response = deliver(
+        client, "pull_request", b"nopayload=1", content_type="application/x-www-form-urlencoded"
+    )
+
+    assert response.status_code == 400
+
+
+def test_a_handled_action_missing_fields_is_a_400(
+    client: TestClient, prefect: FakePrefectEvents
+) -> None:
+    payload = json.loads(payload_bytes("pull_request.opened.json"))
+    del payload["pull_request"]["head"]["sha"]
+
+    response = deliver(client, "pull_request", json.dumps(payload).encode())
+
+    assert response.status_code == 400
+    assert "head" in response.json()["detail"]
+    assert prefect.posts == []
+
+
+def test_a_delivery_without_an_event_header_is_a_400(client: TestClient) -> None:
+    response = deliver(client, None, payload_bytes("pull_request.opened.json"))
+
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"action": "opened"},
+        {"action": "opened", "pull_request": None},
+        {"action": "opened", "pull_request": {"number": "2"}},
+        {"action": 5, "pull_request": []},
+        {"action": "closed", "pull_request": {"number": 1, "head": {}, "base": {"repo": 1}}},
+    ],
+    ids=repr,
+)
+def test_odd_pull_request_payloads_never_make_a_500(
+    client: TestClient, payload: dict[str, Any]
+) -> None:
+    response = deliver(client, "pull_request", json.dumps(payload).encode())
+
+    assert 400 <= response.status_code < 500 or response.status_code == 202
+
+
+def test_an_oversize_body_is_refused_by_its_content_length(prefect: FakePrefectEvents) -> None:
+    app = create_app(
+        SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport, max_body_bytes=1024
+    )
+    with TestClient(app) as small:
+        response = deliver(small, "pull_request", payload_bytes("pull_request.opened.json"))
+
+    assert response.status_code == 413
+    assert prefect.posts == []
+
+
+def test_an_oversize_body_without_a_content_length_is_cut_off(prefect: FakePrefectEvents) -> None:
+    app = create_app(
+        SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport, max_body_bytes=1024
+    )
+    body = payload_bytes("pull_request.opened.json")
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 512):
+            yield body[start : start + 512]
+
+    with TestClient(app) as small:
+        response = small.post(
+            "/webhook",
+            content=chunks(),
+            headers={
+                "X-GitHub-Event": "pull_request",
+                "X-GitHub-Delivery": str(uuid.uuid4()),
+                "X-Hub-Signature-256": signature_header(SECRET, body),
+            },
+        )
+
+    assert response.status_code == 413
+    assert prefect.posts == []
+
+
+def test_a_body_at_the_limit_is_taken(prefect: FakePrefectEvents) -> None:
+    body = payload_bytes("pull_request.opened.json")
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        max_body_bytes=len(body),
+    )
+    with TestClient(app) as exact:
+        assert deliver(exact, "pull_request", body).status_code == 200
+
+
+# -- the Prefect API -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("connection refused"), httpx.ReadTimeout("slow"), 500, 503, 422],
+    ids=["down", "timeout", "500", "503", "422"],
+)
+def test_a_failing_prefect_api_is_a_502_so_github_can_redeliver(
+    client: TestClient, prefect: FakePrefectEvents, failure: int | Exception
+) -> None:
+    prefect.fail_with = failure
+
+    response = deliver(client, "pull_request", payload_bytes("pull_request.opened.json"))
+
+    assert response.status_code == 502
+    assert response.json()["outcome"] == "emit-failed"
+
+
+def test_an_emit_callable_replaces_the_prefect_api() -> None:
+    emitted: list[dict[str, Any]] = []
+
+    async def emit(event: dict[str, Any]) -> None:
+        emitted.append(event)
+
+    with TestClient(create_app(SECRET, emit)) as app_client:
+        response = deliver(app_client, "pull_request", payload_bytes("pull_request.reopened.json"))
+
+    assert response.status_code == 200
+    assert [e["event"] for e in emitted] == ["github.pull_request.reopened"]
+
+
+# -- building and running --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_no_app_without_a_secret(secret: str | None) -> None:
+    with pytest.raises(ValueError, match="insecure-no-signature"):
+        create_app(secret, prefect_api_url=PREFECT_API)
+
+
+def test_no_app_without_somewhere_to_emit() -> None:
+    with pytest.raises(ValueError, match="prefect_api_url"):
+        create_app(SECRET)
+
+
+def test_insecure_mode_takes_unsigned_deliveries(prefect: FakePrefectEvents) -> None:
+    app = create_app(
+        None,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        insecure_no_signature=True,
+    )
+    with TestClient(app) as insecure:
+        response = deliver(
+            insecure, "pull_request", payload_bytes("pull_request.opened.json"), secret=None
+        )
+
+    assert response.status_code == 200
+    assert len(prefect.posted) == 1
+
+
+def test_a_configured_secret_is_enforced_even_in_insecure_mode(prefect: FakePrefectEvents) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, insecure_no_signature=True)
+    with TestClient(app) as both:
+        response = deliver(
+            both, "pull_request", payload_bytes("pull_request.opened.json"), secret=None
+        )
+
+    assert response.status_code == 401
+
+
+def test_healthz_and_methods(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/webhook").status_code == 405
+
+
+def test_resolve_secret_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.blocks.system import Secret
+    from pydantic import SecretStr
+
+    def load(name: str) -> Secret[str]:
+        assert name == "github-webhook-secret"
+        return Secret(value=SecretStr("from-the-block"))
+
+    monkeypatch.setattr(Secret, "load", staticmethod(load))
+
+    assert resolve_secret({"GITHUB_WEBHOOK_SECRET": "from-env"}, "github-webhook-secret") == (
+        "from-env"
+    )
+    assert resolve_secret({}, "github-webhook-secret") == "from-the-block"
+    assert resolve_secret({"GITHUB_WEBHOOK_SECRET": ""}, None) is None
+    assert resolve_secret({}) is None
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def test_one_log_line_per_delivery_and_never_the_secret(
+    client: TestClient, prefect: FakePrefectEvents, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    opened = payload_bytes("pull_request.opened.json")
+    delivery = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+
+    deliver(client, "pull_request", opened, delivery=delivery)
+    deliver(client, "pull_request", opened, secret="wrong")
+    deliver(client, "ping", payload_bytes("ping.json"))
+    deliver(client, "push", payload_bytes("push.json"))
+    deliver(client, "pull_request", b"{")
+    prefect.fail_with = 503
+    deliver(client, "pull_request", opened)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
+    assert len(lines) == 6
+    assert lines[0].startswith(
+        f"delivery={delivery} event=pull_request action=opened "
+        "pr=Codertocat/Hello-World#2 outcome=emitted status=200"
+    )
+    assert [line.split(" outcome=")[1].split()[0] for line in lines] == [
+        "emitted",
+        "bad-signature",
+        "pong",
+        "ignored",
+        "malformed",
+        "emit-failed",
+    ]
+    everything = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+    assert SECRET not in everything
