@@ -39,7 +39,10 @@ def build_clients(config: PreviewConfig) -> AwsClients:
     if config.aws_credentials_block:
         from prefect_aws import AwsCredentials
 
-        credentials = AwsCredentials.load(config.aws_credentials_block, _sync=True)
+        # _sync: a plain object even when called from inside a running event loop.
+        credentials: Any = AwsCredentials.load(  # type: ignore[call-arg]
+            config.aws_credentials_block, _sync=True
+        )
         session = credentials.get_boto3_session()
         params = credentials.aws_client_parameters.get_params_override()
     else:

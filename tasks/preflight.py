@@ -23,6 +23,7 @@ from tasks.retry import error_code, is_transient, retry_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ec2.type_defs import ImageTypeDef
 
 Status = Literal["pass", "warn", "fail"]
 T = TypeVar("T")
@@ -106,7 +107,7 @@ def _aws(action: str, call: Callable[[], T]) -> T:
         raise
 
 
-def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> dict[str, Any]:
+def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
     """The configured AMI, or the newest available image whose name matches ``ami_name``."""
     if config.ami_id:
         try:

@@ -1,0 +1,242 @@
+"""The one sticky PR comment (runbook §2 step 7, §6.2): rendered, masked, created once, edited.
+
+The bot finds its own comment again through a hidden marker, so every state of a preview edits
+the same comment. Without a GitHub token the body is published as a Prefect markdown artifact
+and logged, and the run goes on: the comment is a report, not a step the preview depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+from urllib.parse import quote, unquote
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.github import GitHub, GitHubAuthError, GitHubPermissionError
+from tasks.instances import format_time
+
+logger = logging.getLogger(__name__)
+
+MASK = "****"
+MAX_DIAGNOSIS_CHARS = 6000
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+(?P<at>@)")
+_GITHUB_TOKEN = re.compile(r"\b(?:gh[opsur]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})\b")
+
+
+class PreviewState(StrEnum):
+    LAUNCHING = "launching"
+    READY = "ready"
+    UPDATED = "updated"
+    FAILED = "failed"
+    TORN_DOWN = "torn_down"
+    EXPIRED = "expired"
+    REFUSED = "refused"
+
+
+_HEADLINES = {
+    PreviewState.LAUNCHING: "⏳ Preview launching",
+    PreviewState.READY: "✅ Preview ready",
+    PreviewState.UPDATED: "🔁 Preview updated",
+    PreviewState.FAILED: "❌ Preview failed",
+    PreviewState.TORN_DOWN: "🧹 Preview torn down",
+    PreviewState.EXPIRED: "⌛ Preview expired",
+    PreviewState.REFUSED: "🚫 Preview refused",
+}
+
+
+@dataclass(frozen=True)
+class CommentState:
+    """Everything the comment shows at one moment of a preview's life."""
+
+    state: PreviewState
+    repo: str
+    pr_number: int
+    sha: str | None = None
+    instance_id: str | None = None
+    region: str | None = None
+    expires_at: datetime | str | None = None
+    app_port: int = 8000
+    diagnosis: str | None = None
+    flow_run_url: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class CommentResult:
+    action: Literal["created", "updated", "skipped"]
+    comment_id: int | None
+    body: str
+
+
+def marker(repo: str, pr_number: int) -> str:
+    """The hidden line that identifies our comment on this PR."""
+    return f"<!-- pr-preview:{repo}#{int(pr_number)} -->"
+
+
+def tunnel_command(instance_id: str, region: str, app_port: int = 8000) -> str:
+    """Runbook §6.2 for this instance: the app port forwarded to the same local port."""
+    parameters = json.dumps(
+        {"portNumber": [str(app_port)], "localPortNumber": [str(app_port)]}, separators=(",", ":")
+    )
+    return (
+        f"aws ssm start-session --target {instance_id} "
+        f"--document-name AWS-StartPortForwardingSession "
+        f"--parameters '{parameters}' --region {region}"
+    )
+
+
+def flow_run_url(prefect_ui_url: str | None, flow_run_id: object | None) -> str | None:
+    """The Prefect UI page of a flow run, when the UI URL is configured."""
+    if not prefect_ui_url or not flow_run_id:
+        return None
+    return f"{prefect_ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def mask_secrets(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every given secret (raw and URL-encoded forms), URL passwords and GitHub
+    tokens replaced by ``****``, so a diagnosis copied from an instance cannot leak them."""
+    variants: set[str] = set()
+    for secret in secrets:
+        if not secret or len(secret) < 4:
+            continue
+        variants.update({secret, unquote(secret), quote(secret, safe=""), quote(secret)})
+    for value in sorted(variants, key=len, reverse=True):
+        if len(value) >= 4:
+            text = text.replace(value, MASK)
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", text)
+    return _GITHUB_TOKEN.sub(MASK, text)
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run inside ``text``."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _expires(value: datetime | str | None) -> str | None:
+    if value is None:
+        return None
+    return format_time(value) if isinstance(value, datetime) else str(value)
+
+
+def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> str:
+    """The Markdown body for ``status``, marker first, secrets masked."""
+    state = PreviewState(status.state)
+    lines = [marker(status.repo, status.pr_number), f"### {_HEADLINES[state]}", ""]
+    if status.detail:
+        lines += [status.detail, ""]
+
+    rows = []
+    if status.sha:
+        rows.append(("Commit", f"`{status.sha}`"))
+    if status.instance_id:
+        rows.append(("Instance", f"`{status.instance_id}`"))
+    if status.region:
+        rows.append(("Region", f"`{status.region}`"))
+    expires = _expires(status.expires_at)
+    if expires and state not in (PreviewState.TORN_DOWN, PreviewState.EXPIRED):
+        rows.append(("Expires at", f"{expires} (the instance terminates itself)"))
+    if rows:
+        lines += ["| | |", "| --- | --- |"]
+        lines += [f"| {name} | {value} |" for name, value in rows]
+        lines.append("")
+
+    live = state in (PreviewState.READY, PreviewState.UPDATED, PreviewState.LAUNCHING)
+    if live and status.instance_id and status.region:
+        command = tunnel_command(status.instance_id, status.region, status.app_port)
+        docs = f"http://127.0.0.1:{status.app_port}/docs"
+        when = "Once ready, open" if state is PreviewState.LAUNCHING else "Open"
+        lines += [f"{when} a tunnel (AWS CLI v2 and session-manager-plugin):", ""]
+        lines += ["```bash", command, "```", "", f"then browse {docs}", ""]
+
+    if state is PreviewState.FAILED:
+        diagnosis = (status.diagnosis or "no diagnosis was collected").strip()
+        if len(diagnosis) > MAX_DIAGNOSIS_CHARS:
+            diagnosis = "…\n" + diagnosis[-MAX_DIAGNOSIS_CHARS:]
+        fence = _fence(diagnosis)
+        lines += ["<details open><summary>Diagnosis</summary>", "", fence, diagnosis, fence]
+        lines += ["", "</details>", ""]
+
+    if status.flow_run_url:
+        lines += [f"[Prefect flow run]({status.flow_run_url})", ""]
+    return mask_secrets("\n".join(lines).rstrip() + "\n", secrets)
+
+
+def find_comment(github: GitHub, repo: str, pr_number: int) -> tuple[int, str] | None:
+    """Our comment's id and body, searched across every page; the oldest wins."""
+    tag = marker(repo, pr_number)
+    for comment in github.list_issue_comments(repo, pr_number):
+        body = comment.get("body") or ""
+        if tag in body:
+            return int(comment["id"]), body
+    return None
+
+
+def upsert_comment(github: GitHub, repo: str, number: int, body: str) -> CommentResult:
+    """Edit our comment if it exists, else create it; ``skipped`` without a token."""
+    tag = marker(repo, number)
+    if tag not in body:
+        body = f"{tag}\n{body}"
+    if not github.enabled:
+        return CommentResult("skipped", None, body)
+    existing = find_comment(github, repo, number)
+    if existing is None:
+        created = github.create_issue_comment(repo, number, body)
+        return CommentResult("created", int(created["id"]), body)
+    comment_id, _ = existing
+    github.update_issue_comment(repo, comment_id, body)
+    return CommentResult("updated", comment_id, body)
+
+
+def artifact_key(pr_number: int) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"pr-{int(pr_number)}-comment"
+
+
+@task(name="comment", retries=0, cache_policy=NO_CACHE)
+def post_comment(
+    github: GitHub, status: CommentState, secrets: Iterable[str | None] = ()
+) -> CommentResult:
+    """Render and publish the sticky comment; never fails for want of a GitHub token.
+
+    The client retries GitHub's transient answers itself, so this task has no retries. A token
+    that may not comment is reported and the body published to Prefect instead.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    log = _run_logger()
+    body = render_comment(status, secrets)
+    if github.enabled:
+        try:
+            result = upsert_comment(github, status.repo, status.pr_number, body)
+        except (GitHubAuthError, GitHubPermissionError) as exc:
+            log.error("PR comment not posted: %s", exc)
+        else:
+            log.info("PR comment %s (id %s)", result.action, result.comment_id)
+            return result
+    create_markdown_artifact(
+        markdown=body,
+        key=artifact_key(status.pr_number),
+        description=f"The pr-preview comment for {status.repo}#{status.pr_number}",
+    )
+    log.info("PR comment (not posted to GitHub):\n%s", body)
+    return CommentResult("skipped", None, body)
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run's logger (shown in the Prefect UI), or the module's when called as ``.fn``."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger

@@ -1,0 +1,90 @@
+"""What the preview must not run: closed PRs, fork PRs not allow-listed, superseded pushes.
+
+Pure functions over the pull request as the REST API (or the webhook) returns it, so the flow
+can decide before anything is launched and the tests can feed real payloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Verdict = Literal["ok", "refused_fork", "closed", "superseded"]
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The verdict and a sentence for the log and the PR comment."""
+
+    verdict: Verdict
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+
+def _full_name(side: Mapping[str, Any] | None) -> str | None:
+    repo = (side or {}).get("repo")
+    if not isinstance(repo, Mapping):
+        return None
+    name = repo.get("full_name")
+    return str(name) if name else None
+
+
+def is_fork(pull: Mapping[str, Any]) -> bool:
+    """Head repository differs from the base one; a deleted head repository counts as a fork."""
+    head = _full_name(pull.get("head"))
+    base = _full_name(pull.get("base"))
+    return head is None or base is None or head.lower() != base.lower()
+
+
+def check_pull(
+    pull: Mapping[str, Any],
+    expected_repo: str,
+    head_sha: str,
+    allowed_fork_repos: Iterable[str] = (),
+) -> GuardResult:
+    """Whether a run for ``head_sha`` of this PR may launch a preview.
+
+    Checked in this order: closed (never launched), fork (refused unless the fork itself or the
+    base repository is in ``allowed_fork_repos`` — listing the base repository admits every
+    fork), superseded (a newer push exists; its own run will do the work).
+    """
+    number = pull.get("number")
+    base = _full_name(pull.get("base"))
+    if base is not None and base.lower() != expected_repo.lower():
+        raise ValueError(f"pull request #{number} belongs to {base}, not {expected_repo}")
+
+    state = pull.get("state")
+    if state != "open" or pull.get("merged"):
+        what = "merged" if pull.get("merged") else (state or "in an unknown state")
+        return GuardResult("closed", f"pull request #{number} is {what}; no preview is launched")
+
+    if is_fork(pull):
+        head = _full_name(pull.get("head"))
+        allowed = {name.lower() for name in allowed_fork_repos}
+        if expected_repo.lower() in allowed or (head is not None and head.lower() in allowed):
+            pass
+        elif head is None:
+            return GuardResult(
+                "refused_fork",
+                f"pull request #{number} comes from a fork that has been deleted; previews of "
+                f"forks run only for repositories in allowed_fork_repos",
+            )
+        else:
+            return GuardResult(
+                "refused_fork",
+                f"pull request #{number} comes from the fork {head}; previews run code from "
+                f"forks only when {head} (or {expected_repo}) is in allowed_fork_repos",
+            )
+
+    current = str((pull.get("head") or {}).get("sha") or "")
+    if current and current != head_sha:
+        return GuardResult(
+            "superseded",
+            f"pull request #{number} now points at {current[:12]}, not {head_sha[:12]}; "
+            "the run for the newer push takes over",
+        )
+    return GuardResult("ok", f"pull request #{number} at {head_sha[:12]} may be previewed")
