@@ -1,4 +1,13 @@
-"""The preview of one pull request: the runbook's workflow (§2) as a Prefect flow."""
+"""The preview of one pull request: the runbook's workflow (§2) as a Prefect flow.
+
+0. guards: closed, fork, superseded          (before anything costs money)
+1. preflight ∥ build-image check             (§2.3, §2.1)
+2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot)
+3. terminate the old instance, make room, launch (§2.4, §3)
+4. wait-ready → migrate → probe               (§2.4, §2.6)
+5. tell the pull request                      (§2.7)
+A failure after launch diagnoses the instance (§7, §9) and leaves it on the short TTL.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +20,31 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from flows.common import check_inputs, emit_instance_event
-from tasks.aws import build_clients
+from flows.locks import FLEET_LOCK, hold, pr_lock_name
+from flows.reporting import PullRequestReport
+from tasks.aws import AwsClients, build_clients
+from tasks.check_image import check_image
+from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
-from tasks.instances import format_time
+from tasks.diagnose import diagnose_task
+from tasks.github import github_from_config
+from tasks.guards import guard
+from tasks.instances import find_previews, format_time
 from tasks.launch import LaunchSpec, launch
+from tasks.migrate import migrate_task
 from tasks.preflight import preflight
+from tasks.probe import ProbeResult, probe_task
 from tasks.retry import with_config_retries
-from tasks.terminate import terminate
+from tasks.secrets import read_secrets
+from tasks.terminate import terminate, terminate_instance
+from tasks.update import preview_health_task, shorten_ttl_task, update_in_place_task
+from tasks.wait_ready import wait_ready_task
+
+
+class PreviewFailed(RuntimeError):
+    """The preview did not become ready; the message carries the diagnosis."""
+
+    diagnosis: str = ""
 
 
 @dataclass
@@ -26,25 +53,28 @@ class PreviewResult:
     pr_number: int
     sha: str
     status: str
+    path: str = ""
     instance_id: str | None = None
     shutdown_at: datetime | None = None
     region: str = ""
     replaced: list[str] = field(default_factory=list)
+    probe: str = ""
+    reason: str = ""
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
-        return "\n".join(
-            [
-                f"## Preview of {self.repo}#{self.pr_number}: {self.status}",
-                "",
-                "| | |",
-                "| --- | --- |",
-                f"| sha | `{self.sha}` |",
-                f"| instance | `{self.instance_id or '—'}` ({self.region}) |",
-                f"| expires at | {expires} |",
-                f"| replaced | {', '.join(self.replaced) or '—'} |",
-            ]
-        )
+        rows = [
+            ("status", self.status),
+            ("path", self.path or "—"),
+            ("sha", f"`{self.sha}`"),
+            ("instance", f"`{self.instance_id or '—'}` ({self.region})"),
+            ("expires at", expires),
+            ("replaced", ", ".join(self.replaced) or "—"),
+            ("probe", self.probe or "—"),
+            ("reason", self.reason or "—"),
+        ]
+        lines = [f"## Preview of {self.repo}#{self.pr_number}", "", "| | |", "| --- | --- |"]
+        return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 
 
 @flow(name="pr-preview", flow_run_name="pr-{pr_number}-{head_sha:.7}")
@@ -53,51 +83,185 @@ def pr_preview(
     pr_number: int,
     head_sha: str,
     action: str = "synchronize",
+    head_repo: str | None = None,
     config: PreviewConfig | None = None,
 ) -> PreviewResult:
-    """Give pull request ``repo#pr_number`` a preview of ``head_sha`` on its own EC2 instance."""
+    """Give pull request ``repo#pr_number`` a working preview of ``head_sha``."""
     check_inputs(repo, pr_number, head_sha)
     settings = load_config(config)
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
     if action == "closed":
-        logger.info("%s#%d is closed: nothing is launched", repo, pr_number)
+        result.reason = "the pull request is closed: nothing is launched"
+        logger.info(result.reason)
         return result
-    clients = build_clients(settings)
 
-    # 1. Preflight: AMI, subnet, security groups, instance profile, DryRun (runbook §2.3).
-    report = with_config_retries(preflight, settings)(
+    clients = build_clients(settings)
+    github = github_from_config(settings)
+    secrets = read_secrets(clients.ssm, settings)
+    report = PullRequestReport(
+        github,
+        settings,
+        repo,
+        pr_number,
+        head_sha,
+        run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
+        secrets=secrets.values,
+    )
+
+    with hold(pr_lock_name(repo, pr_number)):
+        # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
+        verdict = guard(
+            github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
+        )
+        if not verdict.ok:
+            result.status, result.reason = verdict.verdict, verdict.reason
+            logger.info("not launching: %s", verdict.reason)
+            if verdict.verdict == "refused_fork":
+                report.tell(PreviewState.REFUSED, detail=verdict.reason)
+            return _published(result)
+
+        report.tell(PreviewState.LAUNCHING)
+        try:
+            _deploy(clients, settings, result, secrets.ghcr_token)
+        except Exception as exc:
+            result.status = "failed"
+            diagnosis = getattr(exc, "diagnosis", None) or str(exc)
+            report.tell(
+                PreviewState.FAILED,
+                instance_id=result.instance_id,
+                expires_at=result.shutdown_at,
+                diagnosis=diagnosis,
+            )
+            if result.instance_id:
+                emit_instance_event(
+                    "failed", result.instance_id, repo, pr_number, sha=head_sha, reason=str(exc)
+                )
+            _published(result)
+            raise
+
+        # 5. Tell the pull request where its preview is.
+        state = PreviewState.UPDATED if result.path == "in-place" else PreviewState.READY
+        report.tell(state, instance_id=result.instance_id, expires_at=result.shutdown_at)
+        emit_instance_event(
+            "ready", result.instance_id or "", repo, pr_number, sha=head_sha, path=result.path
+        )
+        return _published(result)
+
+
+def _deploy(
+    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, ghcr_token: str | None
+) -> None:
+    """Steps 1–4; fills ``result`` as it goes so a failure still says what exists."""
+    repo, pr_number, sha = result.repo, result.pr_number, result.sha
+    logger = get_run_logger()
+
+    # 1. Preflight and the build-image check, side by side.
+    checked = with_config_retries(preflight, settings).submit(
         clients, settings, key=f"pr-{pr_number}-preflight"
     )
+    image = check_image.submit(settings, repo, pr_number, sha, ghcr_token)
+    account = checked.result()
+    image.result()
 
-    # 2. Terminate this PR's instances at older shas, and evict beyond max_previews (§2.4).
-    replaced = with_config_retries(terminate, settings)(
-        clients.ec2, settings, repo, pr_number, keep_sha=head_sha
-    )
-    result.replaced = replaced.instance_ids
+    # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
+    current = [
+        preview
+        for preview in find_previews(
+            clients.ec2, settings.purpose_tag, repo=repo, pr_number=pr_number, states=("running",)
+        )
+        if preview.sha != sha
+    ]
+    if len(current) == 1:
+        instance_id = current[0].instance_id
+        health = with_config_retries(preview_health_task, settings)(clients, settings, instance_id)
+        if health.healthy:
+            try:
+                updated = update_in_place_task(clients, settings, instance_id, repo, sha)
+                result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
+                _migrate_and_probe(clients, settings, result)
+                result.status, result.path = "ready", "in-place"
+                return
+            except Exception as exc:
+                logger.warning("in-place update of %s failed (%s): relaunching", instance_id, exc)
+        else:
+            logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
-    # 3. Launch with the TTL tag, IMDSv2 and the bootstrap user data (§2.4, §3).
-    launched = with_config_retries(launch, settings)(
-        clients.ec2,
-        settings,
-        LaunchSpec(repo, pr_number, head_sha),
-        ami_id=report.ami_id,
-        subnet_id=report.subnet_id,
-        attempt_key=str(flow_run.get_id() or ""),
-    )
+    # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
+    with hold(FLEET_LOCK):
+        replaced = with_config_retries(terminate, settings)(
+            clients.ec2, settings, repo, pr_number, keep_sha=sha
+        )
+        result.replaced = replaced.instance_ids
+        launched = with_config_retries(launch, settings)(
+            clients.ec2,
+            settings,
+            LaunchSpec(repo, pr_number, sha),
+            ami_id=account.ami_id,
+            subnet_id=account.subnet_id,
+            attempt_key=str(flow_run.get_id() or ""),
+        )
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
-    result.status = "reused" if launched.reused else "launched"
+    result.path = "reused" if launched.reused else "launched"
     if not launched.reused:
         emit_instance_event(
             "launched",
             launched.instance_id,
             repo,
             pr_number,
-            sha=head_sha,
+            sha=sha,
             shutdown_at=format_time(launched.shutdown_at),
         )
 
+    # 4. Ready only when the app answers inside the instance and the migrations ran.
+    try:
+        with_config_retries(wait_ready_task, settings)(clients, settings, launched.instance_id)
+        _migrate_and_probe(clients, settings, result)
+    except Exception as exc:
+        raise _failed_after_launch(clients, settings, result, exc) from exc
+    result.status = "ready"
+
+
+def _failed_after_launch(
+    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, error: Exception
+) -> PreviewFailed:
+    """Keep the instance for debugging on the short TTL, say why it failed (runbook §7, §9)."""
+    logger = get_run_logger()
+    instance_id = result.instance_id or ""
+    summary = str(error)
+    try:
+        diagnosis = diagnose_task(
+            clients,
+            settings,
+            instance_id,
+            error=str(error),
+            artifact_key=f"pr-{result.pr_number}-diagnosis",
+        )
+        summary = diagnosis.summary()
+    except Exception as exc:
+        logger.warning("no diagnosis of %s: %s", instance_id, exc)
+    try:
+        change = with_config_retries(shorten_ttl_task, settings)(clients, settings, instance_id)
+        result.shutdown_at = change.after
+    except Exception as exc:
+        # The short TTL could not be set: do not leave a long-lived instance behind.
+        logger.error("shutdown-at of %s not shortened (%s): terminating it", instance_id, exc)
+        with_config_retries(terminate_instance, settings)(clients.ec2, settings, instance_id)
+        result.shutdown_at = None
+    failure = PreviewFailed(f"{type(error).__name__}: {error} — {summary}")
+    failure.diagnosis = summary
+    return failure
+
+
+def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: PreviewResult) -> None:
+    instance_id = result.instance_id or ""
+    with_config_retries(migrate_task, settings)(clients, settings, instance_id)
+    answer: ProbeResult = with_config_retries(probe_task, settings)(clients, settings, instance_id)
+    result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
+
+
+def _published(result: PreviewResult) -> PreviewResult:
     create_markdown_artifact(
-        markdown=result.markdown(), key=f"pr-{pr_number}-preview", description="pr-preview"
+        markdown=result.markdown(), key=f"pr-{result.pr_number}-preview", description="pr-preview"
     )
     return result

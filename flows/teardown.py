@@ -6,10 +6,15 @@ from dataclasses import dataclass, field
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from flows.common import check_inputs, emit_instance_event
+from flows.locks import hold, pr_lock_name
+from flows.reporting import PullRequestReport
 from tasks.aws import build_clients
+from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
+from tasks.github import github_from_config
 from tasks.retry import with_config_retries
 from tasks.teardown import teardown
 
@@ -28,12 +33,28 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     check_inputs(repo, pr_number)
     settings = load_config(config)
     clients = build_clients(settings)
+    report = PullRequestReport(
+        github_from_config(settings),
+        settings,
+        repo,
+        pr_number,
+        sha=None,
+        run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
+    )
 
-    # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
-    removed = with_config_retries(teardown, settings)(clients.ec2, settings, repo, pr_number)
-    for instance_id in removed.instance_ids:
-        emit_instance_event(
-            "terminated", instance_id, repo, pr_number, reason="pull request closed"
+    # Waits only for a run of this same PR, never for another PR's preview.
+    with hold(pr_lock_name(repo, pr_number)):
+        # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
+        removed = with_config_retries(teardown, settings)(clients.ec2, settings, repo, pr_number)
+        for instance_id in removed.instance_ids:
+            emit_instance_event(
+                "terminated", instance_id, repo, pr_number, reason="pull request closed"
+            )
+
+        # 2. Tell the pull request: the comment says torn down, the deployment goes inactive.
+        report.tell(
+            PreviewState.TORN_DOWN,
+            instance_id=", ".join(removed.instance_ids) or None,
         )
 
     result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)

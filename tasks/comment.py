@@ -44,7 +44,7 @@ class PreviewState(StrEnum):
 _HEADLINES = {
     PreviewState.LAUNCHING: "⏳ Preview launching",
     PreviewState.READY: "✅ Preview ready",
-    PreviewState.UPDATED: "🔁 Preview updated",
+    PreviewState.UPDATED: "🔁 Preview updated in place",
     PreviewState.FAILED: "❌ Preview failed",
     PreviewState.TORN_DOWN: "🧹 Preview torn down",
     PreviewState.EXPIRED: "⌛ Preview expired",

@@ -71,7 +71,8 @@ class PreviewConfig(BaseModel):
     ghcr_token_parameter: str = Field("/pr-preview/ghcr-token", pattern=r"^/")
     database_url_parameter: str = Field("/pr-preview/database-url", pattern=r"^/")
     database: Literal["external", "ephemeral"] = Field(
-        "external", description="external: DATABASE_URL from Parameter Store; ephemeral: a db: service."
+        "external",
+        description="external: DATABASE_URL from Parameter Store; ephemeral: a db: service.",
     )
     db_security_group_id: str | None = Field(
         None, pattern=r"^sg-[0-9a-f]+$", description="The runbook's db-sg, checked by preflight."

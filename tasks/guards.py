@@ -10,6 +10,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.github import GitHub
+
 Verdict = Literal["ok", "refused_fork", "closed", "superseded"]
 
 
@@ -88,3 +93,34 @@ def check_pull(
             "the run for the newer push takes over",
         )
     return GuardResult("ok", f"pull request #{number} at {head_sha[:12]} may be previewed")
+
+
+def check_event(
+    repo: str, head_repo: str | None, allowed_fork_repos: Iterable[str] = ()
+) -> GuardResult:
+    """The fork guard from the webhook's own fields, for runs without a GitHub token."""
+    allowed = {name.lower() for name in allowed_fork_repos}
+    if head_repo and head_repo.lower() != repo.lower():
+        if repo.lower() in allowed or head_repo.lower() in allowed:
+            return GuardResult("ok", f"fork {head_repo} is allow-listed")
+        return GuardResult(
+            "refused_fork",
+            f"the pull request comes from the fork {head_repo}; previews run code from forks "
+            f"only when {head_repo} (or {repo}) is in allowed_fork_repos",
+        )
+    return GuardResult("ok", "no GitHub token: only the fork guard of the event was applied")
+
+
+@task(name="guard", retries=0, cache_policy=NO_CACHE)
+def guard(
+    github: GitHub,
+    repo: str,
+    pr_number: int,
+    head_sha: str,
+    head_repo: str | None = None,
+    allowed_fork_repos: Iterable[str] = (),
+) -> GuardResult:
+    """Read the pull request as it is now and decide whether this run may launch."""
+    if not github.enabled:
+        return check_event(repo, head_repo, allowed_fork_repos)
+    return check_pull(github.get_pull(repo, pr_number), repo, head_sha, allowed_fork_repos)

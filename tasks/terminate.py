@@ -133,3 +133,20 @@ def terminate(
         result.reasons.update(evicted.reasons)
     _log(result)
     return result
+
+
+@task(
+    name="terminate-instance",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> Terminated:
+    """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
+    result = terminate_in_batches(ec2, [instance_id])
+    if result.failed:
+        raise TerminateFailed(f"could not terminate {instance_id}: {result.failed[instance_id]}")
+    return Terminated(
+        result.terminated, result.already_gone, dict.fromkeys(result.terminated, "failed")
+    )

@@ -14,8 +14,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from moto import mock_aws
 
 from deployments.demo_account import DemoAccount, create_demo_account
+from deployments.local_http import serve_handler
+from deployments.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
+from tests.fakes.registry import FakeRegistry
 
 REGION = "ap-northeast-1"
 CANARY_GHCR_TOKEN = "ghp_CANARYghcrToken1234567890abcdefABCD"
@@ -28,7 +31,12 @@ CANARIES = (CANARY_GHCR_TOKEN, CANARY_DB_PASSWORD, "Canary/DbPassw0rd")
 def _aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake credentials, our region, no endpoint override and no PR_PREVIEW_* from the shell."""
     for name in list(os.environ):
-        if name.startswith("PR_PREVIEW_") or name == "AWS_ENDPOINT_URL":
+        if name.startswith("PR_PREVIEW_") or name in (
+            "AWS_ENDPOINT_URL",
+            "GITHUB_TOKEN",
+            "GITHUB_API_URL",
+            "GITHUB_WEBHOOK_SECRET",
+        ):
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -59,6 +67,10 @@ def config(account: DemoAccount) -> PreviewConfig:
             "retry_delay_seconds": 0,
             "poll_seconds": 0.01,
             "image": "ghcr.io/octo-org/app",
+            "ready_timeout_seconds": 5,
+            "migrate_timeout_seconds": 2,
+            "probe_timeout_seconds": 2,
+            "image_wait_seconds": 0,
         },
         env={},
         use_variable=False,
@@ -75,3 +87,19 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture
+def scripted_ssm() -> Iterator[ScriptedInstances]:
+    """What instances "print" over SSM, scripted per command; unscripted ones act like moto."""
+    with ScriptedInstances().patched() as fake:
+        yield fake
+
+
+@pytest.fixture
+def registry() -> Iterator[FakeRegistry]:
+    """A fake OCI registry on 127.0.0.1 (plain http, as docker speaks to a local registry)."""
+    fake = FakeRegistry(scheme="http")
+    with serve_handler(fake.handle) as url:
+        fake.host = url.removeprefix("http://")
+        yield fake

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -10,23 +11,38 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
 from prefect.states import State
 
+from deployments.scripted_instance import BOOTSTRAP_CHECK, HEALTH, Reply, ScriptedInstances
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tests.conftest import CANARIES
+from tasks.instances import parse_time
+from tests.conftest import CANARIES, CANARY_GHCR_TOKEN
 from tests.fakes.aws_faults import aws_faults
+from tests.fakes.registry import FakeRegistry
 from tests.helpers import live, state_of, tags
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "healthy_world")
 
 REPO = "octo-org/app"
 SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
 SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
 
 
+@pytest.fixture
+def healthy_world(
+    config: PreviewConfig, registry: FakeRegistry, scripted_ssm: ScriptedInstances
+) -> None:
+    """Every image is pushed and every instance boots and answers."""
+    config.image = f"{registry.host}/octo-org/app"
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    for sha in (SHA1, SHA2):
+        registry.push("octo-org/app", sha, private=True)
+    scripted_ssm.healthy()
+
+
 def run_record(state: State[Any]) -> tuple[str, list[str], list[str]]:
-    """Name, log messages and artifact bodies of the flow run behind ``state``."""
+    """Name, log messages and artifact bodies (oldest first) of the flow run behind ``state``."""
     run_id: UUID = state.state_details.flow_run_id  # type: ignore[assignment]
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
@@ -35,6 +51,7 @@ def run_record(state: State[Any]) -> tuple[str, list[str], list[str]]:
             flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
             artifact_filter=ArtifactFilter(),
         )
+    artifacts = sorted(artifacts, key=lambda artifact: artifact.created or 0)  # type: ignore[arg-type, return-value]
     return run.name, [log.message for log in logs], [str(a.data) for a in artifacts]
 
 
@@ -43,30 +60,75 @@ def assert_no_secret(*texts: str) -> None:
     assert not leaked
 
 
-def test_open_sync_rerun_and_close(aws: AwsClients, config: PreviewConfig) -> None:
+def test_open_rerun_push_in_place_and_close(aws: AwsClients, config: PreviewConfig) -> None:
     opened = pr_preview(REPO, 42, SHA1, action="opened", config=config, return_state=True)
     first = opened.result()
-    assert first.status == "launched"
+    assert (first.status, first.path) == ("ready", "launched")
+    assert first.probe.startswith("/healthz → 200")
     name, logs, artifacts = run_record(opened)
     assert name == "pr-42-1a2b3c4"
-    assert any(first.instance_id in body for body in artifacts)
+    assert any(first.instance_id in body and "Preview ready" in body for body in artifacts)
     assert any("Preflight passed" in body for body in artifacts)
     assert_no_secret(*logs, *artifacts)
 
     again = pr_preview(REPO, 42, SHA1, action="opened", config=config)
-    assert (again.status, again.instance_id) == ("reused", first.instance_id)
+    assert (again.path, again.instance_id) == ("reused", first.instance_id)
     assert [i["InstanceId"] for i in live(aws)] == [first.instance_id]
 
-    pushed = pr_preview(REPO, 42, SHA2, action="synchronize", config=config)
+    pushed = pr_preview(REPO, 42, SHA2, action="synchronize", config=config, return_state=True)
+    updated = pushed.result()
+    assert (updated.path, updated.instance_id) == ("in-place", first.instance_id)
+    [current] = live(aws)  # no new instance: the push was deployed on the running one
+    assert current["InstanceId"] == first.instance_id
+    assert tags(current)["Sha"] == SHA2
+    assert any("Preview updated in place" in body for body in run_record(pushed)[2])
+
+    closed = pr_teardown(REPO, 42, config=config, return_state=True)
+    assert closed.result().terminated == [first.instance_id]
+    assert run_record(closed)[0] == "pr-42-teardown"
+    assert live(aws) == []
+
+
+def test_push_to_an_unhealthy_preview_relaunches(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    first = pr_preview(REPO, 43, SHA1, action="opened", config=config)
+    scripted_ssm.on(
+        HEALTH, Reply(stdout="unhealthy: api exited\n", exit_code=1), instance_id=first.instance_id
+    )
+    pushed = pr_preview(REPO, 43, SHA2, config=config)
+    assert pushed.path == "launched"
     assert pushed.replaced == [first.instance_id]
     assert state_of(aws, first.instance_id or "") == "terminated"
     [current] = live(aws)
-    assert tags(current)["Sha"] == SHA2
+    assert (current["InstanceId"], tags(current)["Sha"]) == (pushed.instance_id, SHA2)
 
-    closed = pr_teardown(REPO, 42, config=config, return_state=True)
-    assert closed.result().terminated == [current["InstanceId"]]
-    assert run_record(closed)[0] == "pr-42-teardown"
-    assert live(aws) == []
+
+def test_failed_preview_keeps_instance_on_short_ttl_with_diagnosis(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    scripted_ssm.on(
+        BOOTSTRAP_CHECK,
+        Reply(
+            stdout="bootstrap-failed\nghcr-login\n",
+            stderr="Error response from daemon: Get https://ghcr.io/v2/: unauthorized\n",
+        ),
+    )
+    scripted_ssm.on(
+        r"cloud-init-output",
+        Reply(stdout='Error response from daemon: Get "https://ghcr.io/v2/": unauthorized\n'),
+    )
+    state = pr_preview(REPO, 44, SHA1, config=config, return_state=True)
+    assert state.is_failed()
+    _, logs, artifacts = run_record(state)
+    [instance] = live(aws)  # kept for debugging ...
+    expires = parse_time(tags(instance)["shutdown-at"])
+    assert expires is not None
+    assert expires <= datetime.now(UTC) + timedelta(hours=config.failure_ttl_hours, minutes=1)
+    *_, comment = (body for body in artifacts if "pr-preview:octo-org/app#44" in body)
+    assert "Preview failed" in comment and "read:packages" in comment
+    assert any(body.startswith("## Diagnosis") for body in artifacts)
+    assert_no_secret(*logs, *artifacts)
 
 
 def test_throttled_launch_is_retried(aws: AwsClients, config: PreviewConfig) -> None:

@@ -1,0 +1,160 @@
+"""Run the database migrations in a one-off container of the app image (runbook §2.4, §3).
+
+``docker compose run --rm`` of the app service gives the container the same image
+(``APP_IMAGE`` in ``.env``), the same ``env_file`` (``app.env``, the DATABASE_URL the instance
+read from Parameter Store) and the same network as the app. The database may not accept
+connections yet, so a failure is retried with jittered exponential backoff until
+``migrate_timeout_seconds``; a failure that no wait can fix (the URL does not parse, the image
+lacks alembic) stops at once.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_result,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.retry import retry_transient
+from tasks.ssm import CommandResult, CommandTimeout, run_command
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+# Output that says waiting will not help: stop retrying and let the diagnosis speak.
+PERMANENT_FAILURES = re.compile(
+    r"invalid integer value .* for connection option \"port\""
+    r"|Port could not be cast to integer"
+    r"|password authentication failed"
+    r"|No such service"
+    r"|no configuration file provided"
+    r"|executable file not found"
+    r"|No module named '?alembic"
+    r"|alembic\.util\.exc\.CommandError"
+    r"|Can't locate revision",
+    re.IGNORECASE,
+)
+OUTPUT_TAIL = 4000
+
+
+class MigrationFailed(Exception):
+    """The migrations did not run; ``output`` is the tail of what the last attempt printed."""
+
+    def __init__(self, message: str, *, attempts: int, output: str) -> None:
+        self.attempts = attempts
+        self.output = output
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    instance_id: str
+    attempts: int
+    seconds: float
+    output: str
+
+
+def migrate_commands(config: PreviewConfig) -> list[str]:
+    compose = shlex.quote(f"{config.app_dir}/docker-compose.yml")
+    return [
+        "set -eu",
+        f"cd {shlex.quote(config.app_dir)}",
+        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)}"
+        f" {config.migration_command}",
+    ]
+
+
+def migrate(
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    timeout_seconds: float | None = None,
+    backoff_max_seconds: float | None = None,
+) -> MigrateResult:
+    """Run ``config.migration_command`` until it succeeds, at most ``migrate_timeout_seconds``.
+
+    Backoff starts at ``poll_seconds`` and grows to ``backoff_max_seconds`` (default: six
+    polls), jittered, so a database that is still starting is not hammered.
+    """
+    timeout = config.migrate_timeout_seconds if timeout_seconds is None else timeout_seconds
+    backoff_max = backoff_max_seconds or config.poll_seconds * 6
+    commands = migrate_commands(config)
+    started = time.monotonic()
+    attempts = 0
+    last_output = ""
+
+    def attempt() -> CommandResult | None:
+        nonlocal attempts, last_output
+        attempts += 1
+        remaining = max(0.0, timeout - (time.monotonic() - started))
+        try:
+            result = run_command(
+                ssm,
+                instance_id,
+                commands,
+                timeout_seconds=remaining,
+                poll_seconds=min(config.poll_seconds, 1.0),
+                comment="pr-preview migrate",
+            )
+        except CommandTimeout as exc:
+            last_output = str(exc)
+            return None
+        last_output = result.output[-OUTPUT_TAIL:]
+        if not result.ok and PERMANENT_FAILURES.search(result.output):
+            raise MigrationFailed(
+                f"migration failed on {instance_id} (exit {result.exit_code}); retrying cannot"
+                " fix it",
+                attempts=attempts,
+                output=last_output,
+            )
+        return result
+
+    def give_up(state: RetryCallState) -> CommandResult:
+        raise MigrationFailed(
+            f"migration did not succeed on {instance_id} within {timeout:g}s ({attempts} attempts)",
+            attempts=attempts,
+            output=last_output,
+        )
+
+    result = Retrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_random_exponential(multiplier=config.poll_seconds, max=backoff_max),
+        retry=retry_if_result(lambda result: result is None or not result.ok),
+        retry_error_callback=give_up,
+    )(attempt)
+    assert result is not None
+    return MigrateResult(instance_id, attempts, time.monotonic() - started, last_output)
+
+
+@task(
+    name="migrate",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def migrate_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> MigrateResult:
+    """Prefect wrapper; ``MigrationFailed`` is final (the backoff already waited)."""
+    result = migrate(clients.ssm, instance_id, config)
+    get_run_logger().info(
+        "migrations ran on %s after %d attempt(s) in %.1fs",
+        instance_id,
+        result.attempts,
+        result.seconds,
+    )
+    return result

@@ -1,0 +1,178 @@
+"""Probe the app from inside the instance (runbook §0, §2.6): nothing listens on the internet.
+
+``curl`` on the instance asks each of ``probe_paths`` in order — ``/healthz`` first, ``/docs``
+when the app has no health route — and the first 2xx/3xx answer makes the preview healthy.
+Until then it looks again every ``poll_seconds`` up to ``probe_timeout_seconds``. Every answer
+is recorded: path, status code (0 when nothing answered), latency as curl measured it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.retry import retry_transient
+from tasks.ssm import CommandTimeout, poll_wait, run_command
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+CURL_MAX_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    path: str
+    status_code: int  # 0: no HTTP answer (refused, timed out)
+    latency_seconds: float | None
+    error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return 200 <= self.status_code < 400
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    instance_id: str
+    path: str
+    status_code: int
+    latency_seconds: float | None
+    attempts: int
+    answers: list[ProbeAnswer] = field(default_factory=list)
+
+
+class ProbeFailed(Exception):
+    """No probe path answered healthy before the deadline; ``answers`` has every try."""
+
+    def __init__(self, message: str, answers: list[ProbeAnswer]) -> None:
+        self.answers = answers
+        super().__init__(message)
+
+
+def probe_command(port: int, path: str) -> list[str]:
+    url = shlex.quote(f"http://127.0.0.1:{port}{path}")
+    return [
+        f"curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
+        f" -w '%{{http_code}} %{{time_total}}' {url}"
+    ]
+
+
+def parse_answer(path: str, stdout: str, stderr: str) -> ProbeAnswer:
+    """curl's ``-w '%{http_code} %{time_total}'``; anything else is no answer."""
+    words = stdout.strip().split()
+    error = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    try:
+        code = int(words[0])
+        latency: float | None = float(words[1])
+    except (IndexError, ValueError):
+        return ProbeAnswer(path, 0, None, error or f"unexpected curl output {stdout.strip()!r}")
+    return ProbeAnswer(path, code, latency if code else None, error)
+
+
+def probe_once(
+    ssm: SSMClient, instance_id: str, config: PreviewConfig, *, command_timeout: float
+) -> list[ProbeAnswer]:
+    """Each path in order until one answers healthy."""
+    answers: list[ProbeAnswer] = []
+    for path in config.probe_paths:
+        try:
+            result = run_command(
+                ssm,
+                instance_id,
+                probe_command(config.app_port, path),
+                timeout_seconds=command_timeout,
+                poll_seconds=min(config.poll_seconds, 1.0),
+                comment=f"pr-preview probe {path}"[:100],
+            )
+        except CommandTimeout as exc:
+            answers.append(ProbeAnswer(path, 0, None, str(exc)))
+            continue
+        answer = parse_answer(path, result.stdout, result.stderr)
+        answers.append(answer)
+        if answer.healthy:
+            break
+    return answers
+
+
+def probe(
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    timeout_seconds: float | None = None,
+    command_timeout_seconds: float = CURL_MAX_SECONDS + 20,
+) -> ProbeResult:
+    """Look until a probe path answers 2xx/3xx, at most ``probe_timeout_seconds``."""
+    timeout = config.probe_timeout_seconds if timeout_seconds is None else timeout_seconds
+    started = time.monotonic()
+    answers: list[ProbeAnswer] = []
+    attempts = 0
+
+    def attempt() -> ProbeAnswer | None:
+        nonlocal attempts
+        attempts += 1
+        remaining = max(0.0, timeout - (time.monotonic() - started))
+        found = probe_once(
+            ssm, instance_id, config, command_timeout=min(command_timeout_seconds, remaining)
+        )
+        answers.extend(found)
+        return found[-1] if found and found[-1].healthy else None
+
+    def give_up(state: RetryCallState) -> ProbeAnswer:
+        last = answers[-len(config.probe_paths) :]
+        seen = "; ".join(
+            f"{answer.path} → {answer.status_code or answer.error or 'no answer'}"
+            for answer in last
+        )
+        raise ProbeFailed(
+            f"no probe path answered healthy on {instance_id} within {timeout:g}s"
+            f" ({attempts} attempts; last: {seen})",
+            answers,
+        )
+
+    healthy = Retrying(
+        stop=stop_after_delay(timeout),
+        wait=poll_wait(config.poll_seconds, timeout),
+        retry=retry_if_result(lambda answer: answer is None),
+        retry_error_callback=give_up,
+    )(attempt)
+    assert healthy is not None
+    return ProbeResult(
+        instance_id=instance_id,
+        path=healthy.path,
+        status_code=healthy.status_code,
+        latency_seconds=healthy.latency_seconds,
+        attempts=attempts,
+        answers=answers,
+    )
+
+
+@task(
+    name="probe",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def probe_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> ProbeResult:
+    """Prefect wrapper; ``ProbeFailed`` is final (the deadline already passed)."""
+    result = probe(clients.ssm, instance_id, config)
+    get_run_logger().info(
+        "%s answered %d on %s in %s after %d attempt(s)",
+        result.path,
+        result.status_code,
+        instance_id,
+        f"{result.latency_seconds * 1000:.0f} ms" if result.latency_seconds is not None else "?",
+        result.attempts,
+    )
+    return result

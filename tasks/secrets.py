@@ -1,0 +1,40 @@
+"""The run's view of the preview secrets: read from Parameter Store, used, masked everywhere.
+
+Read by a plain function (never returned from a Prefect task, whose results may be persisted)
+and held in an object whose repr shows nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tasks.config import PreviewConfig
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+
+@dataclass(frozen=True)
+class RunSecrets:
+    ghcr_token: str | None = field(default=None, repr=False)
+    database_url: str | None = field(default=None, repr=False)
+
+    @property
+    def values(self) -> list[str]:
+        """Every value to mask in text the run publishes."""
+        return [value for value in (self.ghcr_token, self.database_url) if value]
+
+
+def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
+    """Best effort: a parameter that cannot be read is None (preflight reports why)."""
+
+    def read(name: str) -> str | None:
+        try:
+            return ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+        except (ClientError, BotoCoreError, KeyError):
+            return None
+
+    return RunSecrets(read(config.ghcr_token_parameter), read(config.database_url_parameter))

@@ -1,0 +1,308 @@
+"""Change a running preview instead of replacing it: the in-place update on ``synchronize``
+and the failure policy's short TTL.
+
+An update costs seconds where a relaunch costs an EC2 boot: point ``APP_IMAGE`` in
+``{app_dir}/.env`` at the new sha, ``docker compose pull`` and ``up -d`` — then the flow
+migrates and probes as after a launch. Once the new containers run, the instance's tags say so:
+``Sha``, ``updated-at`` and a fresh ``shutdown-at`` (the on-instance shutdown timer is moved
+with it). Relaunching is the flow's call when :func:`preview_health` says unhealthy or an
+update step fails.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.diagnose import mask_secrets
+from tasks.instances import (
+    TAG_SHA,
+    TAG_SHUTDOWN_AT,
+    TAG_UPDATED_AT,
+    Preview,
+    format_time,
+    parse_time,
+)
+from tasks.retry import error_code, retry_transient
+from tasks.ssm import CommandTimeout, run_command
+from tasks.wait_ready import BOOTSTRAP_DONE, PORT_CHECK_TIMEOUT_SECONDS
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ssm import SSMClient
+
+SHA = re.compile(r"^[0-9a-f]{7,40}$")
+OUTPUT_TAIL = 4000
+HEALTH_MARKER = "# pr-preview-health"
+
+
+class UpdateFailed(Exception):
+    """The in-place update did not complete; relaunch. ``output`` is masked."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        self.output = output
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    instance_id: str
+    previous_sha: str | None
+    sha: str
+    image: str
+    shutdown_at: datetime
+    updated_at: datetime
+    seconds: float
+    path: str = "in-place"
+
+
+@dataclass(frozen=True)
+class Health:
+    instance_id: str
+    healthy: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class TtlChange:
+    instance_id: str
+    before: datetime | None
+    after: datetime
+    changed: bool
+
+
+def describe_preview(ec2: EC2Client, instance_id: str) -> Preview | None:
+    """The instance as a ``Preview``, or None when EC2 no longer knows it."""
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except ClientError as exc:
+        if error_code(exc) in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
+            return None
+        raise
+    instances = [instance for r in reservations for instance in r["Instances"]]
+    return Preview.from_instance(instances[0]) if instances else None
+
+
+def preview_health(
+    ec2: EC2Client,
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    timeout_seconds: float = 30.0,
+) -> Health:
+    """Is this preview worth updating in place? Running, bootstrapped, app port open.
+    One SSM command; an instance that does not answer is unhealthy, not an error."""
+    preview = describe_preview(ec2, instance_id)
+    if preview is None:
+        return Health(instance_id, False, "instance not found")
+    if preview.state != "running":
+        return Health(instance_id, False, f"instance is {preview.state}")
+    commands = [
+        HEALTH_MARKER,
+        f"test -f {BOOTSTRAP_DONE} || {{ echo 'bootstrap not done'; exit 1; }}",
+        f"timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c"
+        f" 'echo > /dev/tcp/127.0.0.1/{config.app_port}' 2>/dev/null"
+        f" || {{ echo 'app port {config.app_port} closed'; exit 1; }}",
+        "echo healthy",
+    ]
+    try:
+        result = run_command(
+            ssm,
+            instance_id,
+            commands,
+            timeout_seconds=timeout_seconds,
+            poll_seconds=min(config.poll_seconds, 1.0),
+            comment="pr-preview health",
+        )
+    except CommandTimeout:
+        return Health(instance_id, False, "SSM command timed out")
+    except ClientError as exc:
+        if error_code(exc) == "InvalidInstanceId":
+            return Health(instance_id, False, "SSM agent not reachable")
+        raise
+    if result.ok and "healthy" in result.stdout.split():
+        return Health(instance_id, True, "healthy")
+    reason = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.status
+    return Health(instance_id, False, reason)
+
+
+def deploy_commands(config: PreviewConfig, repo: str, image_ref: str) -> list[str]:
+    """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated; it goes
+    from Parameter Store straight into ``docker login``), pull, recreate, move the timer."""
+    image = config.image_for(repo)
+    registry = image.split("/", 1)[0]
+    app_dir = shlex.quote(config.app_dir)
+    line = shlex.quote(f"APP_IMAGE={image_ref}")
+    ttl_minutes = max(1, round(config.ttl_hours * 60))
+    return [
+        "set -euo pipefail",
+        'export HOME="${HOME:-/root}"',
+        f"cd {app_dir}",
+        f"{{ grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}; }} > .env.next",
+        "mv .env.next .env",
+        f"aws ssm get-parameter --region {shlex.quote(config.region)} --with-decryption"
+        f" --name {shlex.quote(config.ghcr_token_parameter)} --query Parameter.Value"
+        f" --output text | docker login {shlex.quote(registry)}"
+        f" -u {shlex.quote(config.registry_username(repo))} --password-stdin",
+        f"docker compose pull {shlex.quote(config.app_service)}",
+        "docker compose up -d",
+        f"shutdown -h +{ttl_minutes} 'pr-preview TTL reached' || true",
+        f"echo updated to {shlex.quote(image_ref)}",
+    ]
+
+
+def move_tags(
+    ec2: EC2Client, instance_id: str, *, sha: str, ttl_hours: float, now: datetime
+) -> tuple[datetime, datetime]:
+    """``Sha`` → ``sha``, ``updated-at`` → now, ``shutdown-at`` → now + ``ttl_hours``."""
+    shutdown_at = now + timedelta(hours=ttl_hours)
+    ec2.create_tags(
+        Resources=[instance_id],
+        Tags=[
+            {"Key": TAG_SHA, "Value": sha},
+            {"Key": TAG_UPDATED_AT, "Value": format_time(now)},
+            {"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)},
+        ],
+    )
+    return shutdown_at, now
+
+
+def update_in_place(
+    ec2: EC2Client,
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    repo: str,
+    sha: str,
+    now: datetime | None = None,
+    timeout_seconds: float | None = None,
+) -> UpdateResult:
+    """Deploy ``sha`` on the running preview ``instance_id`` and move its tags.
+
+    ``timeout_seconds`` bounds login, pull and recreate (default ``ready_timeout_seconds``).
+    ``UpdateFailed`` when the instance is gone or not running or a step fails: relaunch then.
+    """
+    if not SHA.match(sha):
+        raise ValueError(f"{sha!r} is not a git sha")
+    started = time.monotonic()
+    preview = describe_preview(ec2, instance_id)
+    if preview is None or preview.state != "running":
+        state = preview.state if preview else "gone"
+        raise UpdateFailed(f"{instance_id} is {state}: cannot update in place")
+    image_ref = f"{config.image_for(repo)}:{sha}"
+    timeout = config.ready_timeout_seconds if timeout_seconds is None else timeout_seconds
+    try:
+        result = run_command(
+            ssm,
+            instance_id,
+            deploy_commands(config, repo, image_ref),
+            timeout_seconds=timeout,
+            poll_seconds=min(config.poll_seconds, 1.0),
+            comment=f"pr-preview update to {sha[:12]}",
+        )
+    except CommandTimeout as exc:
+        raise UpdateFailed(
+            f"update of {instance_id} timed out after {math.ceil(timeout)}s"
+        ) from exc
+    if not result.ok:
+        raise UpdateFailed(
+            f"update of {instance_id} to {sha[:12]} failed (exit {result.exit_code})",
+            mask_secrets(result.output[-OUTPUT_TAIL:]),
+        )
+    shutdown_at, updated_at = move_tags(
+        ec2, instance_id, sha=sha, ttl_hours=config.ttl_hours, now=now or datetime.now(UTC)
+    )
+    return UpdateResult(
+        instance_id=instance_id,
+        previous_sha=preview.sha,
+        sha=sha,
+        image=image_ref,
+        shutdown_at=shutdown_at,
+        updated_at=updated_at,
+        seconds=time.monotonic() - started,
+    )
+
+
+def shorten_ttl(
+    ec2: EC2Client, instance_id: str, hours: float, *, now: datetime | None = None
+) -> TtlChange:
+    """The failure policy: ``shutdown-at`` becomes now + ``hours`` unless it is already sooner.
+    An unparsable tag is replaced (the short TTL is the safe value)."""
+    now = now or datetime.now(UTC)
+    target = (now + timedelta(hours=hours)).replace(microsecond=0)
+    preview = describe_preview(ec2, instance_id)
+    before = preview.shutdown_at if preview else None
+    if before is not None and before <= target:
+        return TtlChange(instance_id, before, before, False)
+    ec2.create_tags(
+        Resources=[instance_id], Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(target)}]
+    )
+    return TtlChange(instance_id, before, parse_time(format_time(target)) or target, True)
+
+
+@task(
+    name="preview_health",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def preview_health_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> Health:
+    health = preview_health(clients.ec2, clients.ssm, instance_id, config)
+    get_run_logger().info("%s: %s", instance_id, health.reason)
+    return health
+
+
+@task(
+    name="update_in_place",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def update_in_place_task(
+    clients: AwsClients, config: PreviewConfig, instance_id: str, repo: str, sha: str
+) -> UpdateResult:
+    """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
+    result = update_in_place(clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha)
+    get_run_logger().info(
+        "%s updated in place %s → %s in %.1fs (shutdown-at %s)",
+        instance_id,
+        (result.previous_sha or "?")[:7],
+        sha[:7],
+        result.seconds,
+        format_time(result.shutdown_at),
+    )
+    return result
+
+
+@task(
+    name="shorten_ttl",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def shorten_ttl_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> TtlChange:
+    change = shorten_ttl(clients.ec2, instance_id, config.failure_ttl_hours)
+    get_run_logger().info(
+        "%s shutdown-at %s%s",
+        instance_id,
+        format_time(change.after),
+        "" if change.changed else " (already sooner)",
+    )
+    return change

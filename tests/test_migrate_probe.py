@@ -1,0 +1,147 @@
+"""migrate and probe over SSM against a scripted instance."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.migrate import MigrationFailed, migrate
+from tasks.probe import ProbeFailed, probe
+from tests.fakes.ssm import (
+    MIGRATE,
+    PROBE,
+    Reply,
+    ScriptedInstances,
+    module_scoped_account,
+    plain_instances,
+    probe_answer,
+)
+
+DB_NOT_READY = Reply(
+    stderr=(
+        "sqlalchemy.exc.OperationalError: (psycopg2.OperationalError) connection to server at"
+        ' "172.31.39.125", port 5432 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+    ),
+    exit_code=1,
+)
+MIGRATED = Reply(
+    stdout="INFO  [alembic.runtime.migration] Running upgrade  -> 1a2b3c, create users\n"
+)
+
+aws, account, config = module_scoped_account()
+
+
+@pytest.fixture
+def scripted_ssm() -> Iterator[ScriptedInstances]:
+    with ScriptedInstances().patched() as fake:
+        yield fake
+
+
+@pytest.fixture
+def instance(aws: AwsClients, scripted_ssm: ScriptedInstances) -> str:
+    (instance_id,) = plain_instances(aws.ec2)
+    scripted_ssm.healthy(instance_id=instance_id)
+    return instance_id
+
+
+def test_migrate_fails_twice_then_passes(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(MIGRATE, DB_NOT_READY, DB_NOT_READY, MIGRATED)
+
+    result = migrate(aws.ssm, instance, config)
+
+    assert result.attempts == 3
+    assert "Running upgrade" in result.output
+    (command,) = set(scripted_ssm.commands(instance, MIGRATE))
+    assert (
+        "docker compose -f /srv/app/docker-compose.yml run --rm -T api alembic upgrade head"
+        in command
+    )
+
+
+def test_migrate_gives_up_at_its_timeout(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(MIGRATE, DB_NOT_READY)
+
+    with pytest.raises(MigrationFailed) as raised:
+        migrate(aws.ssm, instance, config, timeout_seconds=0.2)
+
+    assert raised.value.attempts >= 2
+    assert "Connection refused" in raised.value.output
+
+
+def test_migrate_stops_at_once_when_waiting_cannot_help(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(
+        MIGRATE,
+        Reply(
+            stderr='psycopg2.ProgrammingError: invalid integer value "****" for connection'
+            ' option "port"\n',
+            exit_code=1,
+        ),
+    )
+
+    with pytest.raises(MigrationFailed) as raised:
+        migrate(aws.ssm, instance, config)
+
+    assert raised.value.attempts == 1
+
+
+def test_probe_falls_back_from_healthz_to_docs(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(PROBE + "healthz", probe_answer(404, 0.002))
+    scripted_ssm.on(PROBE + "docs", probe_answer(200, 0.031))
+
+    result = probe(aws.ssm, instance, config)
+
+    assert (result.path, result.status_code, result.latency_seconds) == ("/docs", 200, 0.031)
+    assert [(answer.path, answer.status_code) for answer in result.answers] == [
+        ("/healthz", 404),
+        ("/docs", 200),
+    ]
+    assert result.attempts == 1
+
+
+def test_probe_uses_healthz_when_it_answers(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    result = probe(aws.ssm, instance, config)
+
+    assert (result.path, result.status_code) == ("/healthz", 200)
+    assert scripted_ssm.count(PROBE + "docs", instance) == 0
+    (command,) = scripted_ssm.commands(instance, PROBE)
+    assert "http://127.0.0.1:8000/healthz" in command
+
+
+def test_probe_retries_until_the_app_answers(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(PROBE + "healthz", probe_answer(0), probe_answer(0), probe_answer(200))
+    scripted_ssm.on(PROBE + "docs", probe_answer(0))
+
+    result = probe(aws.ssm, instance, config)
+
+    assert result.attempts == 3
+    assert result.answers[0].error.startswith("curl: (7)")
+    assert result.answers[0].latency_seconds is None
+
+
+def test_probe_fails_at_its_deadline_with_every_answer(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(PROBE + "healthz", probe_answer(404))
+    scripted_ssm.on(PROBE + "docs", probe_answer(502))
+
+    with pytest.raises(ProbeFailed) as raised:
+        probe(aws.ssm, instance, config, timeout_seconds=0.1)
+
+    assert {answer.status_code for answer in raised.value.answers} == {404, 502}
+    assert "/docs → 502" in str(raised.value)

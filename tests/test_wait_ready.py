@@ -1,0 +1,191 @@
+"""wait_ready stage by stage on moto, the instance scripted through SSM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.wait_ready import (
+    STAGES,
+    BootstrapFailed,
+    InstanceNotRunning,
+    ReadyTimeout,
+    StageTimeouts,
+    wait_ready,
+)
+from tests.fakes.ssm import (
+    AGENT_PING,
+    BOOTSTRAP_CHECK,
+    BOOTSTRAP_DONE,
+    BOOTSTRAP_PENDING,
+    PORT_CHECK,
+    PORT_CLOSED,
+    PORT_OPEN,
+    ScriptedInstances,
+    after_calls,
+    bootstrap_failed,
+    module_scoped_account,
+    plain_instances,
+)
+
+SHORT = 0.15
+
+aws, account, config = module_scoped_account()
+
+
+@pytest.fixture
+def scripted_ssm() -> Iterator[ScriptedInstances]:
+    with ScriptedInstances().patched() as fake:
+        yield fake
+
+
+@pytest.fixture
+def instance(aws: AwsClients, scripted_ssm: ScriptedInstances) -> str:
+    (instance_id,) = plain_instances(aws.ec2)
+    scripted_ssm.healthy(instance_id=instance_id)
+    return instance_id
+
+
+def timeouts(config: PreviewConfig, **short: float) -> StageTimeouts:
+    return StageTimeouts.from_config(config, **short)
+
+
+def test_ready_after_the_bootstrap_marker_appears(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.respond(
+        BOOTSTRAP_CHECK, after_calls(3, before=BOOTSTRAP_PENDING, then=BOOTSTRAP_DONE)
+    )
+    scripted_ssm.respond(PORT_CHECK, after_calls(2, before=PORT_CLOSED, then=PORT_OPEN))
+
+    result = wait_ready(aws.ec2, aws.ssm, instance, config)
+
+    assert [stage.stage for stage in result.stages] == list(STAGES)
+    polls = {stage.stage: stage.polls for stage in result.stages}
+    assert polls["bootstrap"] == 4
+    assert polls["app-port"] == 3
+    assert scripted_ssm.count(AGENT_PING, instance) == 1
+
+
+def test_instance_that_stays_stopped_times_out_in_the_running_stage(
+    aws: AwsClients, config: PreviewConfig, instance: str
+):
+    aws.ec2.stop_instances(InstanceIds=[instance])
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(
+            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, instance_running=SHORT)
+        )
+
+    assert raised.value.stage == "instance-running"
+    assert "stopped" in str(raised.value)
+
+
+def test_terminated_instance_fails_the_running_stage_at_once(
+    aws: AwsClients, config: PreviewConfig, instance: str
+):
+    aws.ec2.terminate_instances(InstanceIds=[instance])
+
+    with pytest.raises(InstanceNotRunning) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, config)
+    assert raised.value.stage == "instance-running"
+
+
+def test_agent_that_never_registers_times_out_in_the_agent_stage(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.agent_offline(instance)
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, ssm_agent=SHORT))
+
+    assert raised.value.stage == "ssm-agent"
+    assert scripted_ssm.commands(instance) == []  # AWS refused every SendCommand
+
+
+def test_agent_that_registers_late_is_waited_for(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    refusals = iter(range(3))
+    scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
+
+    result = wait_ready(aws.ec2, aws.ssm, instance, config)
+
+    assert result.stages[1].stage == "ssm-agent" and result.stages[1].polls == 4
+
+
+def test_agent_check_is_a_seam(aws: AwsClients, config: PreviewConfig, instance: str):
+    asked: list[str] = []
+
+    def never(
+        ssm: object, instance_id: str, *, timeout_seconds: float, poll_seconds: float
+    ) -> bool:
+        asked.append(instance_id)
+        return False
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(
+            aws.ec2,
+            aws.ssm,
+            instance,
+            config,
+            timeouts=timeouts(config, ssm_agent=SHORT),
+            agent_check=never,
+        )
+    assert raised.value.stage == "ssm-agent"
+    assert asked and set(asked) == {instance}
+
+
+def test_bootstrap_that_never_finishes_times_out_in_the_bootstrap_stage(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING)
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=SHORT))
+
+    assert raised.value.stage == "bootstrap"
+    assert "no marker" in str(raised.value)
+    assert scripted_ssm.count(BOOTSTRAP_CHECK, instance) > 3
+
+
+def test_bootstrap_failed_marker_fails_fast_with_its_step(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING, bootstrap_failed("ghcr-login"))
+
+    with pytest.raises(BootstrapFailed) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, config)
+
+    assert raised.value.stage == "bootstrap"
+    assert raised.value.step == "ghcr-login"
+    assert str(raised.value) == "bootstrap failed at step: ghcr-login"
+    assert scripted_ssm.count(BOOTSTRAP_CHECK, instance) == 2
+
+
+def test_closed_app_port_times_out_in_the_port_stage(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(PORT_CHECK, PORT_CLOSED)
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, app_port=SHORT))
+
+    assert raised.value.stage == "app-port"
+    assert "127.0.0.1:8000" in str(raised.value)
+
+
+def test_the_overall_ready_timeout_bounds_every_stage(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING)
+    impatient = config.model_copy(update={"ready_timeout_seconds": SHORT})
+
+    with pytest.raises(ReadyTimeout) as raised:
+        wait_ready(aws.ec2, aws.ssm, instance, impatient)
+
+    assert raised.value.stage == "bootstrap"
+    assert raised.value.timeout_seconds <= SHORT
