@@ -1,13 +1,15 @@
-"""`make demo`: a pull request's preview lifecycle on moto, with no AWS account and no network.
+"""`make demo`: a pull request's preview lifecycle, started by webhooks, with nothing real.
 
-Starts moto as a local server, creates the account the runbook describes (api-sg, db-sg, the
-SSM instance profile, the Parameter Store entries), then runs the flows a pull request triggers:
-opened, a push (synchronize), closed. Every AWS call goes to moto through AWS_ENDPOINT_URL.
+Everything runs on this machine: moto stands in for AWS (with a scripted instance that boots,
+migrates and answers its probe over SSM), a tiny OCI registry holds the app image, a local
+Prefect server runs the deployments of prefect.yaml with a process worker, and the signed
+webhook receiver turns GitHub deliveries into Prefect events — which start the flow runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -18,10 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO = "octo-org/hello-api"
 PR_NUMBER = 42
 FIRST_SHA = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
 SECOND_SHA = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
+WEBHOOK_SECRET = "demo-webhook-secret"
 
 
 def say(text: str = "") -> None:
@@ -31,6 +36,10 @@ def say(text: str = "") -> None:
 def banner(text: str) -> None:
     say()
     say(f"━━ {text} " + "━" * max(0, 74 - len(text)))
+
+
+def indent(text: str, prefix: str = "   │ ") -> str:
+    return "\n".join(prefix + line for line in text.strip().splitlines())
 
 
 @contextmanager
@@ -48,90 +57,159 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
-def isolate_environment(home: Path, endpoint: str) -> None:
-    """Point boto3 at moto with throwaway credentials; keep Prefect's state in ``home``."""
+class DemoRegistry:
+    """An anonymous OCI registry that knows the tags CI "pushed" (plain http on 127.0.0.1)."""
+
+    def __init__(self) -> None:
+        self.tags: set[tuple[str, str]] = set()
+
+    def push(self, name: str, tag: str) -> None:
+        self.tags.add((name, tag))
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v2/":
+            return httpx.Response(200)
+        name, found, ref = path.removeprefix("/v2/").partition("/manifests/")
+        if not found:
+            return httpx.Response(404)
+        if (name, ref) not in self.tags:
+            return httpx.Response(404, json={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
+        digest = "sha256:" + hashlib.sha256(f"{name}:{ref}".encode()).hexdigest()
+        media = "application/vnd.oci.image.manifest.v1+json"
+        return httpx.Response(200, headers={"Docker-Content-Digest": digest, "Content-Type": media})
+
+
+def point_at_moto(endpoint: str) -> None:
+    """boto3 in this process and in every flow run the worker starts talks to moto."""
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="demo",
         AWS_SECRET_ACCESS_KEY="demo",
         AWS_DEFAULT_REGION="ap-northeast-1",
-        PREFECT_HOME=str(home),
         DO_NOT_TRACK="1",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_LEVEL=os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
     )
-    for name in ("AWS_PROFILE", "PREFECT_API_URL"):
+    for name in ("AWS_PROFILE", "PREFECT_API_URL", "GITHUB_TOKEN", "GITHUB_API_URL"):
         os.environ.pop(name, None)
 
 
 def describe_fleet(clients: Any, purpose: str) -> None:
     from tasks.instances import find_previews
 
-    previews = find_previews(
-        clients.ec2, purpose, states=("pending", "running", "shutting-down", "terminated")
-    )
+    states = ("pending", "running", "shutting-down", "terminated")
+    previews = find_previews(clients.ec2, purpose, states=states)
     if not previews:
         say("   (no preview instances)")
     for preview in previews:
         say(
-            f"   {preview.instance_id}  {preview.state:<11} PR #{preview.pr_number}"
+            f"   EC2 {preview.instance_id}  {preview.state:<11} PR #{preview.pr_number}"
             f"  sha {str(preview.sha)[:7]}  shutdown-at {preview.tags.get('shutdown-at')}"
         )
 
 
+def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> None:
+    for run in runs:
+        if run["id"] in seen:
+            continue
+        seen.add(run["id"])
+        seconds = run.get("total_run_time") or 0
+        say(f"   flow run {run['name']:<18} {run['state_name']:<10} {seconds:5.1f} s")
+
+
 def run(keep: bool) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pr-preview-demo-") as tmp, moto_server() as endpoint:
-        isolate_environment(Path(tmp), endpoint)
+    with tempfile.TemporaryDirectory(prefix="pr-preview-demo-") as tmp, moto_server() as aws:
+        point_at_moto(aws)
         # Imported after the environment is set: Prefect reads its settings at import.
         from deployments.demo_account import create_demo_account
-        from flows.preview import pr_preview
-        from flows.teardown import pr_teardown
+        from deployments.local_http import serve_asgi, serve_handler
+        from deployments.local_stack import prefect_stack, pull_request_payload, signed_delivery
+        from deployments.receiver import create_app
+        from deployments.scripted_instance import ScriptedInstances
         from tasks.aws import build_clients
-        from tasks.config import load_config
+        from tasks.config import VARIABLE_NAME, load_config
 
-        banner("1. An AWS account like the runbook's, on moto")
-        say(f"   moto listening on {endpoint} (AWS_ENDPOINT_URL)")
-        base = load_config({"region": "ap-northeast-1"}, use_variable=False)
-        clients = build_clients(base)
+        banner("1. AWS, as the runbook describes it — on moto")
+        clients = build_clients(load_config({"region": "ap-northeast-1"}, use_variable=False))
         account = create_demo_account(clients)
-        say(f"   subnet {account.subnet_id} in default VPC {account.vpc_id}")
+        say(f"   moto on {aws} (AWS_ENDPOINT_URL); subnet {account.subnet_id}")
         say(f"   api-sg {account.api_sg_id}; db-sg {account.db_sg_id} admits api-sg on 5432")
-        say(f"   instance profile {account.instance_profile}")
-        say(f"   SecureStrings {account.ghcr_token_parameter}, {account.database_url_parameter}")
-        config = load_config(
-            {**account.config_values(), "retry_delay_seconds": 0.2, "poll_seconds": 0.2},
-            use_variable=False,
-        )
+        say(f"   instance profile {account.instance_profile}; SecureStrings in Parameter Store")
 
-        banner(f"2. PR #{PR_NUMBER} opened at {FIRST_SHA[:7]} → pr_preview")
-        say("   (the first flow run starts a temporary local Prefect server: ~10 s)")
-        opened = pr_preview(REPO, PR_NUMBER, FIRST_SHA, action="opened", config=config)
-        say(f"   {opened.status}: {opened.instance_id}, expires {opened.shutdown_at}")
-        describe_fleet(clients, config.purpose_tag)
+        registry = DemoRegistry()
+        instances = ScriptedInstances().healthy()
+        with (
+            instances.patched(),
+            serve_handler(registry.handle) as registry_url,
+            prefect_stack(Path(tmp) / "prefect") as stack,
+        ):
+            image = f"{registry_url.removeprefix('http://')}/{REPO}"
+            banner("2. A local Prefect server, the deployments of prefect.yaml, a worker")
+            say(f"   Prefect UI {stack.ui_url}")
+            stack.set_variable(
+                VARIABLE_NAME,
+                {
+                    **account.config_values(),
+                    "image": image,
+                    "poll_seconds": 0.2,
+                    "retry_delay_seconds": 0.5,
+                    "image_wait_seconds": 60,
+                    "ready_timeout_seconds": 60,
+                    "prefect_ui_url": stack.ui_url,
+                },
+            )
+            say(f"   Prefect Variable {VARIABLE_NAME}: the account above, image {image}")
+            stack.deploy()
+            say("   deployed pr-preview, pr-teardown (event triggers) and ttl-sweeper (cron)")
+            stack.start_worker(Path(tmp) / "worker.log")
+            say("   process worker polling work pool pr-preview every second")
+            app = create_app(WEBHOOK_SECRET, prefect_api_url=stack.api_url)
+            with serve_asgi(app) as receiver:
+                say(f"   webhook receiver {receiver}/webhook (X-Hub-Signature-256 checked)")
+                seen: set[str] = set()
 
-        banner(f"3. A push to PR #{PR_NUMBER}: {SECOND_SHA[:7]} → pr_preview (synchronize)")
-        pushed = pr_preview(REPO, PR_NUMBER, SECOND_SHA, action="synchronize", config=config)
-        say(
-            f"   {pushed.status}: {pushed.instance_id};"
-            f" replaced {', '.join(pushed.replaced) or '—'}"
-        )
-        describe_fleet(clients, config.purpose_tag)
+                def deliver(action: str, sha: str) -> None:
+                    payload = pull_request_payload(action, REPO, PR_NUMBER, sha)
+                    answer = signed_delivery(receiver, WEBHOOK_SECRET, "pull_request", payload)
+                    say(f"   GitHub → receiver: pull_request.{action} → HTTP {answer.status_code}")
 
-        banner(f"4. PR #{PR_NUMBER} closed → pr_teardown")
-        closed = pr_teardown(REPO, PR_NUMBER, config=config)
-        say(f"   terminated: {', '.join(closed.terminated) or 'nothing'}")
-        describe_fleet(clients, config.purpose_tag)
+                banner(f"3. PR #{PR_NUMBER} opened at {FIRST_SHA[:7]}")
+                registry.push(REPO.lower(), FIRST_SHA)
+                deliver("opened", FIRST_SHA)
+                show_runs(stack.wait_for_runs("pr-preview/pr-preview", 1), seen)
+                describe_fleet(clients, "pr-preview-singleton")
 
-        banner("Done")
-        say(f"   lifecycle demo finished in {time.monotonic() - started:.1f} s")
-        if keep:
-            say("   --keep: moto stays up until you press Ctrl+C")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+                banner(f"4. A push to PR #{PR_NUMBER}: {SECOND_SHA[:7]} (synchronize)")
+                registry.push(REPO.lower(), SECOND_SHA)
+                deliver("synchronize", SECOND_SHA)
+                show_runs(stack.wait_for_runs("pr-preview/pr-preview", 2), seen)
+                describe_fleet(clients, "pr-preview-singleton")
+                say("   same instance, new sha: deployed in place, no new EC2 boot")
+
+                banner(f"5. PR #{PR_NUMBER} closed")
+                deliver("closed", SECOND_SHA)
+                show_runs(stack.wait_for_runs("pr-teardown/pr-teardown", 1), seen)
+                describe_fleet(clients, "pr-preview-singleton")
+
+                banner("6. The PR comment at each state (no GitHub token: Prefect artifacts)")
+                for body in stack.artifacts(f"pr-{PR_NUMBER}-comment"):
+                    say(indent(body))
+                    say()
+
+                banner("Done")
+                say(f"   demo finished in {time.monotonic() - started:.0f} s")
+                if keep:
+                    say(f"   the stack stays up: open {stack.ui_url} — Ctrl+C stops it")
+                    say(f"   export PREFECT_API_URL={stack.api_url} AWS_ENDPOINT_URL={aws}")
+                    say(
+                        "   prefect deployment run 'pr-preview/pr-preview'"
+                        f" -p repo={REPO} -p pr_number={PR_NUMBER} -p head_sha={FIRST_SHA}"
+                    )
+                    try:
+                        while True:
+                            time.sleep(3600)
+                    except KeyboardInterrupt:
+                        pass
     return 0
 
 

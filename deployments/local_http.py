@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -52,13 +52,20 @@ def asgi_app(handler: Handler) -> Callable[..., Any]:
 @contextmanager
 def serve_handler(handler: Handler, host: str = "127.0.0.1") -> Iterator[str]:
     """Run ``handler`` as an HTTP server until the block ends; yields its base URL."""
+    with serve_asgi(asgi_app(handler), host=host, lifespan="off") as url:
+        yield url
+
+
+@contextmanager
+def serve_asgi(
+    app: Any, host: str = "127.0.0.1", lifespan: Literal["auto", "on", "off"] = "auto"
+) -> Iterator[str]:
+    """Run an ASGI ``app`` with uvicorn in a thread until the block ends; yields its base URL."""
     import uvicorn
 
-    config = uvicorn.Config(
-        asgi_app(handler), host=host, port=0, log_level="warning", lifespan="off"
-    )
+    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="local-http", daemon=True)
+    thread = threading.Thread(target=server.run, name="local-asgi", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:

@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_run_logger
 
 FLEET_LOCK = "pr-preview:fleet"
 
@@ -38,5 +39,10 @@ def ensure_lock(name: str) -> None:
 def hold(name: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold lock ``name`` for the block, creating it first if it is missing."""
     ensure_lock(name)
+    logger = get_run_logger()
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
-        yield
+        logger.info("lock %s acquired", name)
+        try:
+            yield
+        finally:
+            logger.info("lock %s released", name)

@@ -1,0 +1,261 @@
+"""A whole pr-preview installation on one machine, for the demo and the end-to-end tests.
+
+A Prefect server (SQLite, 127.0.0.1, its own PREFECT_HOME), the three deployments of
+prefect.yaml with their triggers, a process worker that polls every second, and the signed
+webhook receiver — the self-hosted path of DESIGN.md, with nothing in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+WORK_POOL = "pr-preview"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
+    """The environment of every Prefect process of the stack."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="true",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
+    env.update(extra)
+    return env
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then a second signal, then SIGKILL: the process worker ignores a lone SIGTERM."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout / 2)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.kill()
+    process.wait(timeout=timeout)
+
+
+@dataclass
+class PrefectStack:
+    home: Path
+    api_url: str
+    env: dict[str, str]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+    def prefect(self, *args: str, timeout: float = 180) -> str:
+        """Run the ``prefect`` CLI against this server from the project directory."""
+        completed = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=PROJECT_DIR,
+            env={**self.env, "PWD": str(PROJECT_DIR)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(
+                f"prefect {' '.join(args)} failed:\n{completed.stdout[-2000:]}"
+                f"\n{completed.stderr[-2000:]}"
+            )
+        return completed.stdout
+
+    def deploy(self) -> None:
+        """Create the process work pool and every deployment (and trigger) of prefect.yaml."""
+        pools = self.prefect("work-pool", "ls")
+        if WORK_POOL not in pools:
+            self.prefect("work-pool", "create", WORK_POOL, "--type", "process")
+        self.prefect("--no-prompt", "deploy", "--all")
+
+    def start_worker(self, log: Path) -> subprocess.Popen[bytes]:
+        handle = log.open("ab")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL],
+            cwd=PROJECT_DIR,
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(worker)
+        return worker
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, timeout=30)
+
+    def set_variable(self, name: str, value: Any) -> None:
+        with self.client() as http:
+            found = http.get(f"/variables/name/{name}")
+            if found.status_code == 200:
+                http.patch(f"/variables/name/{name}", json={"value": value}).raise_for_status()
+            else:
+                http.post("/variables/", json={"name": name, "value": value}).raise_for_status()
+
+    def flow_runs(self, deployment: str) -> list[dict[str, Any]]:
+        """Every run of deployment ``flow-name/deployment-name``, oldest first."""
+        flow_name, deployment_name = deployment.split("/")
+        with self.client() as http:
+            found = http.get(f"/deployments/name/{flow_name}/{deployment_name}")
+            found.raise_for_status()
+            runs = http.post(
+                "/flow_runs/filter",
+                json={
+                    "deployments": {"id": {"any_": [found.json()["id"]]}},
+                    "sort": "EXPECTED_START_TIME_ASC",
+                },
+            )
+            runs.raise_for_status()
+            return list(runs.json())
+
+    def wait_for_runs(
+        self, deployment: str, count: int, *, timeout: float = 120
+    ) -> list[dict[str, Any]]:
+        """Block until ``deployment`` has ``count`` runs in a final state; return them all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.flow_runs(deployment)
+            done = [run for run in runs if run["state_type"] in TERMINAL_STATES]
+            if len(done) >= count:
+                return runs
+            if time.monotonic() > deadline:
+                states = [(run["name"], run["state_type"]) for run in runs]
+                raise TimeoutError(f"{deployment}: {len(done)}/{count} runs finished: {states}")
+            time.sleep(0.5)
+
+    def artifacts(self, key: str) -> list[str]:
+        """Every version of artifact ``key``, oldest first."""
+        with self.client() as http:
+            found = http.post(
+                "/artifacts/filter",
+                json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC"},
+            )
+            found.raise_for_status()
+            return [str(item["data"]) for item in reversed(found.json())]
+
+
+@contextmanager
+def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[PrefectStack]:
+    """A Prefect server on a free port, stopped (with every process started on it) at the end."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = quiet_env(home, {**extra_env, "PREFECT_API_URL": api_url})
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "server.log").open("ab")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=PROJECT_DIR,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack = PrefectStack(home, api_url, env, [server])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+            time.sleep(0.3)
+        yield stack
+    finally:
+        for process in reversed(stack.processes):
+            stop_process(process)
+
+
+def signed_delivery(
+    receiver_url: str,
+    secret: str,
+    event: str,
+    payload: Mapping[str, Any],
+    *,
+    delivery_id: str | None = None,
+) -> httpx.Response:
+    """POST one webhook delivery the way GitHub sends it."""
+    from deployments.receiver import signature_header
+
+    body = json.dumps(payload).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "GitHub-Hookshot/local",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
+        "X-Hub-Signature-256": signature_header(secret, body),
+    }
+    return httpx.post(f"{receiver_url}/webhook", content=body, headers=headers, timeout=30)
+
+
+def pull_request_payload(
+    action: str,
+    repo: str,
+    number: int,
+    head_sha: str,
+    *,
+    head_repo: str | None = None,
+    merged: bool = False,
+) -> dict[str, Any]:
+    """A ``pull_request`` delivery with the fields GitHub sends that the mapping reads."""
+    owner = repo.split("/")[0]
+    head_repo = head_repo or repo
+    return {
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number,
+            "state": "closed" if action == "closed" else "open",
+            "title": f"Preview me (#{number})",
+            "merged": merged,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "head": {"sha": head_sha, "ref": "feature", "repo": {"full_name": head_repo}},
+            "base": {"sha": "0" * 40, "ref": "main", "repo": {"full_name": repo}},
+            "user": {"login": owner},
+        },
+        "repository": {"full_name": repo, "name": repo.split("/")[1], "owner": {"login": owner}},
+        "sender": {"login": owner},
+    }
