@@ -20,8 +20,11 @@ FLEET_LOCK = "pr-preview:fleet"
 
 
 def pr_lock_name(repo: str, pr_number: int) -> str:
-    """The lock of one pull request (``/`` is not allowed in a limit's name)."""
-    return f"pr-preview:{repo.replace('/', ':')}#{pr_number}"
+    """The lock of one pull request.
+
+    ``/`` is not allowed in a limit's name and ``#`` would end the URL path of a lookup by name.
+    """
+    return f"pr-preview:{repo.replace('/', ':')}:{pr_number}"
 
 
 def ensure_lock(name: str) -> None:

@@ -37,7 +37,12 @@ from tasks.probe import ProbeResult, probe_task
 from tasks.retry import with_config_retries
 from tasks.secrets import read_secrets
 from tasks.terminate import terminate, terminate_instance
-from tasks.update import preview_health_task, shorten_ttl_task, update_in_place_task
+from tasks.update import (
+    confirm_ttl_task,
+    preview_health_task,
+    shorten_ttl_task,
+    update_in_place_task,
+)
 from tasks.wait_ready import wait_ready_task
 
 
@@ -109,7 +114,7 @@ def pr_preview(
         secrets=secrets.values,
     )
 
-    with hold(pr_lock_name(repo, pr_number)):
+    with github, hold(pr_lock_name(repo, pr_number)):
         # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
         verdict = guard(
             github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
@@ -258,6 +263,10 @@ def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: Pre
     with_config_retries(migrate_task, settings)(clients, settings, instance_id)
     answer: ProbeResult = with_config_retries(probe_task, settings)(clients, settings, instance_id)
     result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
+    # Ready: only now does the preview get its full TTL (it ran on the short one until here).
+    result.shutdown_at = with_config_retries(confirm_ttl_task, settings)(
+        clients, settings, instance_id
+    )
 
 
 def _published(result: PreviewResult) -> PreviewResult:

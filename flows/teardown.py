@@ -33,8 +33,9 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     check_inputs(repo, pr_number)
     settings = load_config(config)
     clients = build_clients(settings)
+    github = github_from_config(settings)
     report = PullRequestReport(
-        github_from_config(settings),
+        github,
         settings,
         repo,
         pr_number,
@@ -43,7 +44,7 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     )
 
     # Waits only for a run of this same PR, never for another PR's preview.
-    with hold(pr_lock_name(repo, pr_number)):
+    with github, hold(pr_lock_name(repo, pr_number)):
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         removed = with_config_retries(teardown, settings)(clients.ec2, settings, repo, pr_number)
         for instance_id in removed.instance_ids:

@@ -69,6 +69,11 @@ def client_token(spec: LaunchSpec, attempt_key: str = "") -> str:
     return f"pr-preview-{digest.hexdigest()[:48]}"
 
 
+def timer_minutes(hours: float) -> int:
+    """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
+    return max(1, round(hours * 60))
+
+
 def preview_tags(
     config: PreviewConfig, spec: LaunchSpec, now: datetime, ttl_hours: float
 ) -> dict[str, str]:
@@ -124,7 +129,7 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
         "sha": spec.sha,
         "app_dir": shlex.quote(config.app_dir),
         "app_service": shlex.quote(config.app_service),
-        "ttl_minutes": str(max(1, round(config.ttl_hours * 60))),
+        "ttl_minutes": str(timer_minutes(config.failure_ttl_hours)),
         "compose_version": config.compose_version,
         "region": shlex.quote(config.region),
         "ghcr_token_parameter": shlex.quote(config.ghcr_token_parameter),
@@ -170,7 +175,9 @@ def launch_instance(
         )
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     image_id = ami_id or resolve_ami(ec2, config)["ImageId"]
-    tags = preview_tags(config, spec, now, config.ttl_hours)
+    # Provisional: the short TTL until the preview is ready (confirm_ttl), so a run that dies
+    # half-way never leaves a long-lived instance behind.
+    tags = preview_tags(config, spec, now, config.failure_ttl_hours)
     params = run_instances_params(
         config,
         ami_id=image_id,
@@ -183,7 +190,7 @@ def launch_instance(
     return LaunchResult(
         instance_id=instance["InstanceId"],
         sha=spec.sha,
-        shutdown_at=now + timedelta(hours=config.ttl_hours),
+        shutdown_at=now + timedelta(hours=config.failure_ttl_hours),
         reused=False,
         ami_id=image_id,
     )

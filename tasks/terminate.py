@@ -38,14 +38,18 @@ def terminate_previews(
     reason: str,
     timeout_seconds: float,
     poll_seconds: float,
+    wait: bool = True,
 ) -> Terminated:
-    """Terminate ``previews`` in batches and wait until they are gone."""
+    """Terminate ``previews`` in batches and, with ``wait``, until they are ``terminated``.
+
+    Not waiting is safe for capacity: a ``shutting-down`` instance no longer counts as live.
+    """
     ids = [preview.instance_id for preview in previews]
     result = terminate_in_batches(ec2, ids)
     if result.failed:
         first = next(iter(result.failed.values()))
         raise TerminateFailed(f"could not terminate {', '.join(result.failed)}: {first}")
-    if result.terminated:
+    if result.terminated and wait:
         wait_terminated(
             ec2, result.terminated, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds
         )
@@ -57,7 +61,13 @@ def terminate_previews(
 
 
 def terminate_outdated(
-    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, keep_sha: str | None
+    ec2: EC2Client,
+    config: PreviewConfig,
+    repo: str,
+    pr_number: int,
+    keep_sha: str | None,
+    *,
+    wait: bool = True,
 ) -> Terminated:
     """The PR's live instances at any other sha than ``keep_sha`` (all of them when None)."""
     stale = [
@@ -71,6 +81,7 @@ def terminate_outdated(
         reason=f"replaced by {keep_sha[:7]}" if keep_sha else "pull request closed",
         timeout_seconds=config.terminate_timeout_seconds,
         poll_seconds=config.poll_seconds,
+        wait=wait,
     )
 
 
@@ -93,7 +104,9 @@ def capacity_victims(
     return sorted(others, key=lambda preview: (preview.updated_at, preview.instance_id))[:excess]
 
 
-def make_room(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
+def make_room(
+    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, *, wait: bool = True
+) -> Terminated:
     victims = capacity_victims(
         find_previews(ec2, config.purpose_tag), repo, pr_number, config.max_previews
     )
@@ -103,6 +116,7 @@ def make_room(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) 
         reason=f"evicted: max_previews={config.max_previews}",
         timeout_seconds=config.terminate_timeout_seconds,
         poll_seconds=config.poll_seconds,
+        wait=wait,
     )
 
 
@@ -124,10 +138,14 @@ def _log(result: Terminated) -> None:
 def terminate(
     ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, keep_sha: str | None
 ) -> Terminated:
-    """Terminate this PR's instances at older shas, then evict for capacity (runbook §2.4)."""
-    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha)
+    """Terminate this PR's instances at older shas, then evict for capacity (runbook §2.4).
+
+    Unlike the runbook it does not wait for ``terminated``: ``TerminateInstances`` frees the
+    slot at once, and waiting would put ~30 s of shutdown on the way to every new preview.
+    """
+    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha, wait=False)
     if keep_sha is not None:
-        evicted = make_room(ec2, config, repo, pr_number)
+        evicted = make_room(ec2, config, repo, pr_number, wait=False)
         result.instance_ids += evicted.instance_ids
         result.already_gone += evicted.already_gone
         result.reasons.update(evicted.reasons)

@@ -35,6 +35,7 @@ from tasks.instances import (
     format_time,
     parse_time,
 )
+from tasks.launch import timer_minutes
 from tasks.retry import error_code, retry_transient
 from tasks.ssm import CommandTimeout, run_command
 from tasks.wait_ready import BOOTSTRAP_DONE, PORT_CHECK_TIMEOUT_SECONDS
@@ -146,7 +147,7 @@ def deploy_commands(config: PreviewConfig, repo: str, image_ref: str) -> list[st
     registry = image.split("/", 1)[0]
     app_dir = shlex.quote(config.app_dir)
     line = shlex.quote(f"APP_IMAGE={image_ref}")
-    ttl_minutes = max(1, round(config.ttl_hours * 60))
+    ttl_minutes = timer_minutes(config.failure_ttl_hours)  # provisional until confirm_ttl
     return [
         "set -euo pipefail",
         'export HOME="${HOME:-/root}"',
@@ -224,7 +225,11 @@ def update_in_place(
             mask_secrets(result.output[-OUTPUT_TAIL:]),
         )
     shutdown_at, updated_at = move_tags(
-        ec2, instance_id, sha=sha, ttl_hours=config.ttl_hours, now=now or datetime.now(UTC)
+        ec2,
+        instance_id,
+        sha=sha,
+        ttl_hours=config.failure_ttl_hours,
+        now=now or datetime.now(UTC),
     )
     return UpdateResult(
         instance_id=instance_id,
@@ -235,6 +240,52 @@ def update_in_place(
         updated_at=updated_at,
         seconds=time.monotonic() - started,
     )
+
+
+def confirm_ttl(
+    ec2: EC2Client,
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    now: datetime | None = None,
+) -> datetime:
+    """A ready preview gets its full TTL: the on-instance timer first, then ``shutdown-at``.
+
+    Until then it runs on the short TTL it was launched or updated with, so a run that dies
+    between launch and ready leaves nothing the sweeper keeps for long.
+    """
+    minutes = timer_minutes(config.ttl_hours)
+    result = run_command(
+        ssm,
+        instance_id,
+        [f"shutdown -h +{minutes} 'pr-preview TTL reached'"],
+        timeout_seconds=60,
+        poll_seconds=min(config.poll_seconds, 1.0),
+        comment="pr-preview confirm TTL",
+    )
+    if not result.ok:
+        raise UpdateFailed(f"could not move the shutdown timer of {instance_id}", result.output)
+    shutdown_at = ((now or datetime.now(UTC)) + timedelta(hours=config.ttl_hours)).replace(
+        microsecond=0
+    )
+    ec2.create_tags(
+        Resources=[instance_id], Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}]
+    )
+    return shutdown_at
+
+
+@task(
+    name="confirm_ttl",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def confirm_ttl_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> datetime:
+    shutdown_at = confirm_ttl(clients.ec2, clients.ssm, instance_id, config)
+    get_run_logger().info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
+    return shutdown_at
 
 
 def shorten_ttl(

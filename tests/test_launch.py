@@ -25,11 +25,11 @@ def test_launch_tags_instance_and_volume_and_hardens_it(
         "Repo": "octo-org/app",
         "PR": "42",
         "Sha": SPEC.sha,
-        "shutdown-at": "2026-11-29T12:00:00Z",
+        "shutdown-at": "2026-11-28T13:00:00Z",  # provisional: failure_ttl_hours until ready
         "Name": "pr-42-preview",
     }
     assert expected.items() <= tags(instance).items()
-    assert parse_time(tags(instance)["shutdown-at"]) == now + timedelta(hours=24)
+    assert parse_time(tags(instance)["shutdown-at"]) == now + timedelta(hours=1)
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
     assert instance["IamInstanceProfile"]["Arn"].endswith("/ec2-pr-preview-ssm")
     assert instance["SubnetId"] == config.subnet_id
@@ -55,7 +55,7 @@ def test_user_data_reads_secrets_at_boot_and_holds_none(
     assert f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}" in script
     assert "releases/download/v2.24.6/docker-compose-linux-" in script
     assert f"/repos/octo-org/app/tarball/{SPEC.sha}" in script
-    assert "shutdown -h +1440" in script
+    assert "shutdown -h +60 " in script  # the short TTL until the preview is confirmed ready
     assert '"127.0.0.1:8000:8000"' in script
     assert "{{" not in script
 

@@ -60,10 +60,16 @@ def assert_no_secret(*texts: str) -> None:
     assert not leaked
 
 
-def test_open_rerun_push_in_place_and_close(aws: AwsClients, config: PreviewConfig) -> None:
+def test_open_rerun_push_in_place_and_close(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
     opened = pr_preview(REPO, 42, SHA1, action="opened", config=config, return_state=True)
     first = opened.result()
     assert (first.status, first.path) == ("ready", "launched")
+    [instance] = live(aws)
+    expires = parse_time(tags(instance)["shutdown-at"])
+    assert expires is not None and expires > datetime.now(UTC) + timedelta(hours=23)
+    assert scripted_ssm.count(r"shutdown -h \+1440 ", first.instance_id) == 1  # timer moved too
     assert first.probe.startswith("/healthz → 200")
     name, logs, artifacts = run_record(opened)
     assert name == "pr-42-1a2b3c4"

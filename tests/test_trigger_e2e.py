@@ -112,7 +112,7 @@ def lock_intervals(stack: PrefectStack, run_ids: list[str]) -> list[tuple[dateti
                 for log in logs
                 if (
                     match := re.match(
-                        r"lock pr-preview:\S+#\d+ (acquired|released)", log["message"]
+                        r"lock pr-preview:\S+:\d+ (acquired|released)", log["message"]
                     )
                 )
             }

@@ -80,7 +80,8 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     tags = tags_of(aws, instance)
     assert tags[TAG_SHA] == NEW_SHA
     assert tags[TAG_UPDATED_AT] == "2026-11-28T12:00:00Z"
-    assert tags[TAG_SHUTDOWN_AT] == format_time(NOW + timedelta(hours=config.ttl_hours))
+    # provisional until the flow confirms the preview ready
+    assert tags[TAG_SHUTDOWN_AT] == format_time(NOW + timedelta(hours=config.failure_ttl_hours))
     assert all_instances(aws) == before  # no new instance
     (script,) = scripted_ssm.commands(instance, DEPLOY)
     assert f"echo APP_IMAGE=ghcr.io/octo-org/app:{NEW_SHA}; }} > .env.next" in script
