@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.github import GitHub, GitHubAuthError, GitHubPermissionError
+from tasks.github import GitHub, GitHubError
 from tasks.instances import format_time
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ def post_comment(
     """Render and publish the sticky comment; never fails for want of a GitHub token.
 
     The client retries GitHub's transient answers itself, so this task has no retries. A token
-    that may not comment is reported and the body published to Prefect instead.
+    that may not comment, or a GitHub still down after those retries, is reported and the body
+    published to Prefect instead.
     """
     from prefect.artifacts import create_markdown_artifact
 
@@ -217,7 +218,7 @@ def post_comment(
     if github.enabled:
         try:
             result = upsert_comment(github, status.repo, status.pr_number, body)
-        except (GitHubAuthError, GitHubPermissionError) as exc:
+        except GitHubError as exc:  # after the client's own retries: report, don't fail
             log.error("PR comment not posted: %s", exc)
         else:
             log.info("PR comment %s (id %s)", result.action, result.comment_id)

@@ -436,8 +436,9 @@ def report_deployment(
 
     Creates the deployment of ``sha`` when ``deployment_id`` is None and returns its id, so the
     flow posts later states to the same one. ``inactive`` without an id marks every deployment
-    of the environment inactive (teardown). A token that may not write deployments is logged
-    and ignored: the deployment is a view of the preview, not part of it.
+    of the environment inactive (teardown). A token that may not write deployments, or a GitHub
+    still failing after the client's retries, is logged and ignored: the deployment is a view of
+    the preview, not part of it.
     """
     if not github.enabled:
         return None
@@ -459,6 +460,6 @@ def report_deployment(
             log_url=log_url,
             description=description,
         )
-    except GitHubPermissionError as exc:
+    except GitHubError as exc:  # after the client's own retries: a view, never fatal
         logger.warning("GitHub deployment status not posted: %s", exc)
     return deployment_id

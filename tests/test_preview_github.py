@@ -1,0 +1,348 @@
+"""The flows as the pull request sees them: one sticky comment, the deployment, the guards.
+
+A fake GitHub serves on a real local port (the flows build their own client from
+GITHUB_API_URL and GITHUB_TOKEN); the tests assert on what it received and on the comment it
+ends up holding, and on the instances moto holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
+
+from deployments.local_http import serve_handler
+from deployments.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
+from flows.preview import pr_preview
+from flows.teardown import pr_teardown
+from tasks.aws import AwsClients
+from tasks.comment import marker
+from tasks.config import PreviewConfig
+from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.fakes.github import FakeGitHub
+from tests.fakes.registry import FakeRegistry
+from tests.helpers import live, tags
+
+pytestmark = pytest.mark.usefixtures("prefect_server", "healthy_world")
+
+REPO = "octo-org/app"
+FORK = "outsider/app"
+SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
+SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
+PAYLOAD = Path(__file__).parent / "data" / "github-payloads" / "pull_request.opened.json"
+
+
+@pytest.fixture
+def healthy_world(
+    config: PreviewConfig, registry: FakeRegistry, scripted_ssm: ScriptedInstances
+) -> None:
+    """Every image is pushed and every instance boots and answers."""
+    config.image = f"{registry.host}/octo-org/app"
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    for sha in (SHA1, SHA2):
+        registry.push("octo-org/app", sha, private=True)
+    scripted_ssm.healthy()
+
+
+class Served:
+    """One local HTTP server for the module; each test points it at its own fake GitHub."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.fake = FakeGitHub()
+        self.before: list[Any] = []  # hooks run on each request before the fake answers
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            for hook in self.before:
+                hook(request)
+            self.times.append(time.monotonic())
+            return self.fake.handle(request)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    target = Served()
+    with serve_handler(target.handle) as url:
+        target.url = url
+        yield target
+
+
+@pytest.fixture
+def github(served: Served, monkeypatch: pytest.MonkeyPatch) -> FakeGitHub:
+    """A fresh fake GitHub holding no pull requests yet; the flows' token is ``good-token``."""
+    served.fake = FakeGitHub(base_url=served.url)
+    served.before, served.times = [], []
+    monkeypatch.setenv("GITHUB_API_URL", served.url)
+    monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+    return served.fake
+
+
+def pull(
+    number: int, sha: str = SHA1, *, head_repo: str = REPO, state: str = "open"
+) -> dict[str, Any]:
+    """A pull request as the REST API returns it, built from the recorded webhook payload."""
+    data = copy.deepcopy(json.loads(PAYLOAD.read_text())["pull_request"])
+    data.update(number=number, state=state, merged=False)
+    data["head"]["sha"] = sha
+    data["head"]["repo"]["full_name"] = head_repo
+    data["base"]["repo"]["full_name"] = REPO
+    return data
+
+
+def bot_comments(github: FakeGitHub, number: int) -> list[str]:
+    return [body for body in github.comment_bodies(REPO, number) if marker(REPO, number) in body]
+
+
+def posted_bodies(github: FakeGitHub, number: int) -> list[tuple[str, str]]:
+    """(method, first line after the marker) of every comment write, in order."""
+    writes = [
+        r
+        for r in github.requests
+        if (r.method == "POST" and r.path.endswith(f"/issues/{number}/comments"))
+        or (r.method == "PATCH" and "/issues/comments/" in r.path)
+    ]
+    return [(r.method, r.body["body"].splitlines()[1]) for r in writes]
+
+
+def statuses(github: FakeGitHub, environment: str) -> list[tuple[str, list[str]]]:
+    """(sha, states posted) of every deployment to ``environment``, oldest first."""
+    return [
+        (d["sha"], [s["state"] for s in github.statuses[d["id"]]])
+        for d in github.deployments.get(REPO.lower(), [])
+        if d["environment"] == environment
+    ]
+
+
+def tunnel(instance_id: str) -> str:
+    return (
+        f"aws ssm start-session --target {instance_id} "
+        "--document-name AWS-StartPortForwardingSession "
+        """--parameters '{"portNumber":["8000"],"localPortNumber":["8000"]}' """
+        f"--region {REGION}"
+    )
+
+
+def assert_no_secret_sent(github: FakeGitHub, *texts: str) -> None:
+    sent = [
+        json.dumps(r.body) + json.dumps(r.headers) + json.dumps(r.params) for r in github.requests
+    ]
+    stored = [c["body"] for comments in github.comments.values() for c in comments]
+    leaked = [c for c in CANARIES for text in (*sent, *stored, *texts) if c in text]
+    assert not leaked
+
+
+def artifact(state: Any, key: str) -> str:
+    """The body of artifact ``key`` of the flow run behind ``state``."""
+    run_id: UUID = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
+            artifact_filter=ArtifactFilter(key={"any_": [key]}),
+        )
+    *_, latest = sorted(found, key=lambda a: a.created or 0)  # type: ignore[arg-type, return-value]
+    return str(latest.data)
+
+
+def test_open_push_close_keep_one_comment_and_one_environment(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub
+) -> None:
+    github.add_pull(REPO, pull(42, SHA1))
+    for n in range(130):  # our comment lands on the second page
+        github.add_comment(REPO, 42, f"review remark {n}")
+    config.prefect_ui_url = "https://prefect.example.com/"
+
+    opened = pr_preview(REPO, 42, SHA1, action="opened", config=config, return_state=True)
+    first = opened.result()
+    [instance] = live(aws)
+    instance_id = instance["InstanceId"]
+    assert (first.status, first.instance_id) == ("ready", instance_id)
+    assert posted_bodies(github, 42) == [
+        ("POST", "### ⏳ Preview launching"),
+        ("PATCH", "### ✅ Preview ready"),
+    ]
+    [body] = bot_comments(github, 42)
+    assert f"| Commit | `{SHA1}` |" in body
+    assert f"| Instance | `{instance_id}` |" in body
+    assert f"| Region | `{REGION}` |" in body
+    assert f"| Expires at | {tags(instance)['shutdown-at']} " in body
+    assert f"```bash\n{tunnel(instance_id)}\n```" in body
+    run_id = opened.state_details.flow_run_id
+    assert f"(https://prefect.example.com/runs/flow-run/{run_id})" in body
+    assert statuses(github, "pr-42") == [(SHA1, ["in_progress", "success"])]
+    [deployment] = github.deployments[REPO]
+    assert {s["log_url"] for s in github.statuses[deployment["id"]]} == {
+        f"https://prefect.example.com/runs/flow-run/{run_id}"
+    }
+    assert github.sent("GET", "/issues/42/comments")[-1].params.get("page") == "2"
+
+    github.pulls[(REPO, 42)] = pull(42, SHA2)
+    pushed = pr_preview(REPO, 42, SHA2, action="synchronize", config=config, return_state=True)
+    assert pushed.result().path == "in-place"
+    assert len(github.sent("POST", "/issues/42/comments")) == 1  # never a second comment
+    assert posted_bodies(github, 42)[2:] == [
+        ("PATCH", "### ⏳ Preview launching"),
+        ("PATCH", "### 🔁 Preview updated in place"),
+    ]
+    [body] = bot_comments(github, 42)
+    assert f"| Commit | `{SHA2}` |" in body and f"`{instance_id}`" in body
+    assert tunnel(instance_id) in body
+    assert len(github.comment_bodies(REPO, 42)) == 131
+    assert statuses(github, "pr-42")[-1] == (SHA2, ["in_progress", "success"])
+
+    closed = pr_teardown(REPO, 42, config=config, return_state=True)
+    assert closed.result().terminated == [instance_id]
+    assert live(aws) == []
+    [body] = bot_comments(github, 42)
+    assert body.splitlines()[1] == "### 🧹 Preview torn down"
+    assert "start-session" not in body and "Expires at" not in body
+    assert all(states[-1] == "inactive" for _, states in statuses(github, "pr-42"))
+    assert len(github.sent("POST", "/issues/42/comments")) == 1
+    assert_no_secret_sent(github)
+
+
+def test_fork_is_refused_with_a_comment_unless_allow_listed(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, registry: FakeRegistry
+) -> None:
+    github.add_pull(REPO, pull(50, SHA1, head_repo=FORK))
+
+    refused = pr_preview(REPO, 50, SHA1, action="opened", head_repo=FORK, config=config)
+    assert refused.status == "refused_fork"
+    assert live(aws) == [] and registry.manifest_requests() == []
+    [body] = bot_comments(github, 50)
+    assert body.splitlines()[1] == "### 🚫 Preview refused"
+    assert f"comes from the fork {FORK}" in body and "allowed_fork_repos" in body
+    assert github.deployments == {}
+
+    config.allowed_fork_repos = [FORK]
+    config.github_deployments = False
+    allowed = pr_preview(REPO, 50, SHA1, action="opened", head_repo=FORK, config=config)
+    assert allowed.status == "ready"
+    assert [i["InstanceId"] for i in live(aws)] == [allowed.instance_id]
+    [body] = bot_comments(github, 50)
+    assert body.splitlines()[1] == "### ✅ Preview ready"
+    assert len(github.sent("POST", "/issues/50/comments")) == 1
+    assert github.sent(path_contains="/deployments") == []  # off by config
+    assert_no_secret_sent(github)
+
+
+def test_superseded_and_closed_runs_launch_nothing(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, registry: FakeRegistry
+) -> None:
+    github.add_pull(REPO, pull(51, SHA2))  # a newer push landed after this run's webhook
+    github.add_pull(REPO, pull(52, SHA1, state="closed"))
+
+    stale = pr_preview(REPO, 51, SHA1, config=config, return_state=True)
+    assert stale.is_completed() and stale.result().status == "superseded"
+    closed = pr_preview(REPO, 52, SHA1, action="synchronize", config=config)
+    assert closed.status == "closed"
+    skipped = pr_preview(REPO, 52, SHA1, action="closed", config=config)
+    assert skipped.status == "skipped"
+
+    assert live(aws) == [] and registry.manifest_requests() == []
+    assert github.sent("POST") == [] and github.sent("PATCH") == []
+    assert github.deployments == {}
+
+
+def test_rate_limit_mid_run_is_waited_out(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, served: Served
+) -> None:
+    github.add_pull(REPO, pull(53, SHA1))
+    github.now = time.time()
+    limited: list[float] = []
+
+    def limit_first_edit(request: httpx.Request) -> None:
+        if request.method == "PATCH" and not limited:
+            github.rate_limit(reset_in=1)
+            limited.append(time.monotonic())
+
+    served.before.append(limit_first_edit)
+    result = pr_preview(REPO, 53, SHA1, action="opened", config=config)
+    assert result.status == "ready"
+    patches = [i for i, r in enumerate(github.requests) if r.method == "PATCH"]
+    assert len(patches) == 2  # the 403 and its retry, after the reset
+    assert served.times[patches[1]] - served.times[patches[0]] >= 1.0
+    [body] = bot_comments(github, 53)
+    assert body.splitlines()[1] == "### ✅ Preview ready" and result.instance_id in body
+    assert statuses(github, "pr-53") == [(SHA1, ["in_progress", "success"])]
+
+
+def test_without_a_token_the_comment_is_an_artifact(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GITHUB_TOKEN")
+    state = pr_preview(REPO, 54, SHA1, action="opened", config=config, return_state=True)
+    result = state.result()
+    assert state.is_completed() and result.status == "ready"
+    body = artifact(state, "pr-54-comment")
+    assert body.startswith(marker(REPO, 54)) and body.splitlines()[1] == "### ✅ Preview ready"
+    assert tunnel(result.instance_id or "") in body
+    assert github.requests == []
+    assert_no_secret_sent(github, body)
+
+
+def test_failed_preview_comments_the_diagnosis_and_fails_the_deployment(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, scripted_ssm: ScriptedInstances
+) -> None:
+    github.add_pull(REPO, pull(55, SHA1))
+    scripted_ssm.on(
+        BOOTSTRAP_CHECK,
+        Reply(
+            stdout="bootstrap-failed\nghcr-login\n",
+            stderr=f"login with {CANARY_GHCR_TOKEN}: unauthorized\n",
+        ),
+    )
+    scripted_ssm.on(
+        r"cloud-init-output",
+        Reply(
+            stdout='Error response from daemon: Get "https://ghcr.io/v2/": unauthorized\n'
+            f"DATABASE_URL={CANARY_DATABASE_URL}\n"
+        ),
+    )
+    state = pr_preview(REPO, 55, SHA1, config=config, return_state=True)
+    assert state.is_failed()
+    [instance] = live(aws)  # kept on the short TTL for debugging
+    [body] = bot_comments(github, 55)
+    assert body.splitlines()[1] == "### ❌ Preview failed"
+    assert "<summary>Diagnosis</summary>" in body and "read:packages" in body
+    assert f"`{instance['InstanceId']}`" in body
+    assert f"| Expires at | {tags(instance)['shutdown-at']} " in body
+    assert statuses(github, "pr-55") == [(SHA1, ["in_progress", "failure"])]
+    assert_no_secret_sent(github)
+
+
+def test_github_rate_limited_beyond_patience_does_not_fail_the_preview(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, served: Served
+) -> None:
+    github.add_pull(REPO, pull(56, SHA1))
+    github.now = time.time()
+    limited: list[str] = []
+
+    def limit_for_an_hour_once_ready(request: httpx.Request) -> None:
+        ready = request.method == "PATCH" or (
+            request.url.path.endswith("/statuses") and b"in_progress" not in request.content
+        )
+        if ready and request.method not in limited:
+            github.rate_limit(reset_in=3600)  # longer than the client may wait
+            limited.append(request.method)
+
+    served.before.append(limit_for_an_hour_once_ready)
+    state = pr_preview(REPO, 56, SHA1, action="opened", config=config, return_state=True)
+    assert state.is_completed() and state.result().status == "ready"
+    assert limited == ["PATCH", "POST"]
+    body = artifact(state, "pr-56-comment")  # the ready comment, kept where people can read it
+    assert body.splitlines()[1] == "### ✅ Preview ready"
+    assert tunnel(state.result().instance_id or "") in body
+    assert statuses(github, "pr-56") == [(SHA1, ["in_progress"])]
