@@ -12,7 +12,7 @@ A failure after launch diagnoses the instance (§7, §9) and leaves it on the sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -36,7 +36,7 @@ from tasks.preflight import preflight
 from tasks.probe import ProbeResult, probe_task
 from tasks.retry import with_config_retries
 from tasks.secrets import read_secrets
-from tasks.terminate import terminate, terminate_instance
+from tasks.terminate import NoRoom, terminate, terminate_instance
 from tasks.update import (
     confirm_ttl_task,
     preview_health_task,
@@ -129,6 +129,11 @@ def pr_preview(
         report.tell(PreviewState.LAUNCHING)
         try:
             _deploy(clients, settings, result, secrets.ghcr_token)
+        except NoRoom as exc:
+            result.status, result.reason = "no-room", str(exc)
+            logger.info("not launching: %s", exc)
+            report.tell(PreviewState.REFUSED, detail=f"No room for this preview: {exc}.")
+            return _published(result)
         except Exception as exc:
             result.status = "failed"
             diagnosis = getattr(exc, "diagnosis", None) or str(exc)
@@ -160,6 +165,8 @@ def _deploy(
     """Steps 1–4; fills ``result`` as it goes so a failure still says what exists."""
     repo, pr_number, sha = result.repo, result.pr_number, result.sha
     logger = get_run_logger()
+    # The run's scheduled start is when its event arrived: that orders previews by recency.
+    requested_at = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).replace(microsecond=0)
 
     # 1. Preflight and the build-image check, side by side.
     checked = with_config_retries(preflight, settings).submit(
@@ -195,13 +202,13 @@ def _deploy(
     # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
     with hold(FLEET_LOCK):
         replaced = with_config_retries(terminate, settings)(
-            clients.ec2, settings, repo, pr_number, keep_sha=sha
+            clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
         result.replaced = replaced.instance_ids
         launched = with_config_retries(launch, settings)(
             clients.ec2,
             settings,
-            LaunchSpec(repo, pr_number, sha),
+            LaunchSpec(repo, pr_number, sha, requested_at),
             ami_id=account.ami_id,
             subnet_id=account.subnet_id,
             attempt_key=str(flow_run.get_id() or ""),

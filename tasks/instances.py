@@ -82,6 +82,10 @@ class Preview:
         return parse_time(self.tags.get(TAG_UPDATED_AT)) or self.launch_time
 
     @property
+    def name(self) -> str:
+        return f"{self.repo}#{self.pr_number} {self.instance_id}"
+
+    @property
     def keep(self) -> bool:
         return self.tags.get(TAG_KEEP, "").lower() == "true"
 

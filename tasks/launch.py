@@ -44,6 +44,7 @@ class LaunchSpec:
     repo: str
     pr_number: int
     sha: str
+    requested_at: datetime | None = None  # when the event arrived: the preview's recency
 
     @property
     def name(self) -> str:
@@ -83,7 +84,7 @@ def preview_tags(
         TAG_PR: str(spec.pr_number),
         TAG_SHA: spec.sha,
         TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=ttl_hours)),
-        TAG_UPDATED_AT: format_time(now),
+        TAG_UPDATED_AT: format_time(spec.requested_at or now),
         TAG_NAME: spec.name,
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prefect import task
@@ -85,13 +86,23 @@ def terminate_outdated(
     )
 
 
+class NoRoom(RuntimeError):
+    """Every live preview is newer than this request: it is the one that does not fit."""
+
+
 def capacity_victims(
-    previews: Sequence[Preview], repo: str, pr_number: int, max_previews: int
+    previews: Sequence[Preview],
+    repo: str,
+    pr_number: int,
+    max_previews: int,
+    requested_at: datetime | None = None,
 ) -> list[Preview]:
     """The least recently updated other previews to remove so one more fits in ``max_previews``.
 
-    Previews tagged ``pr-preview:keep=true`` are pinned by an operator: never evicted, not
-    counted.
+    Recency is ``updated-at``: when the event behind a preview was received. A request older
+    than every preview it would evict gets ``NoRoom`` instead, so when runs finish out of
+    order the most recent requests are the ones that stay. Previews tagged
+    ``pr-preview:keep=true`` are pinned by an operator: never evicted, not counted.
     """
     others = [
         preview
@@ -101,14 +112,30 @@ def capacity_victims(
     excess = len(others) - (max_previews - 1)
     if excess <= 0:
         return []
-    return sorted(others, key=lambda preview: (preview.updated_at, preview.instance_id))[:excess]
+    victims = sorted(others, key=lambda preview: (preview.updated_at, preview.instance_id))[:excess]
+    if requested_at is not None and all(v.updated_at > requested_at for v in victims):
+        raise NoRoom(
+            f"max_previews={max_previews} and every live preview is more recent than this"
+            f" request ({', '.join(v.name for v in victims)})"
+        )
+    return victims
 
 
 def make_room(
-    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, *, wait: bool = True
+    ec2: EC2Client,
+    config: PreviewConfig,
+    repo: str,
+    pr_number: int,
+    *,
+    wait: bool = True,
+    requested_at: datetime | None = None,
 ) -> Terminated:
     victims = capacity_victims(
-        find_previews(ec2, config.purpose_tag), repo, pr_number, config.max_previews
+        find_previews(ec2, config.purpose_tag),
+        repo,
+        pr_number,
+        config.max_previews,
+        requested_at,
     )
     return terminate_previews(
         ec2,
@@ -136,7 +163,12 @@ def _log(result: Terminated) -> None:
     cache_policy=NO_CACHE,
 )
 def terminate(
-    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, keep_sha: str | None
+    ec2: EC2Client,
+    config: PreviewConfig,
+    repo: str,
+    pr_number: int,
+    keep_sha: str | None,
+    requested_at: datetime | None = None,
 ) -> Terminated:
     """Terminate this PR's instances at older shas, then evict for capacity (runbook §2.4).
 
@@ -145,7 +177,7 @@ def terminate(
     """
     result = terminate_outdated(ec2, config, repo, pr_number, keep_sha, wait=False)
     if keep_sha is not None:
-        evicted = make_room(ec2, config, repo, pr_number, wait=False)
+        evicted = make_room(ec2, config, repo, pr_number, wait=False, requested_at=requested_at)
         result.instance_ids += evicted.instance_ids
         result.already_gone += evicted.already_gone
         result.reasons.update(evicted.reasons)

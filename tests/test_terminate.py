@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import find_previews, terminate_in_batches
 from tasks.launch import LaunchSpec, launch_instance
 from tasks.teardown import teardown_pr
-from tasks.terminate import capacity_victims, make_room, terminate_outdated
+from tasks.terminate import NoRoom, capacity_victims, make_room, terminate_outdated
 from tests.fakes.aws_faults import AwsFaults, attach
 from tests.helpers import live, state_of, tags
 
@@ -124,3 +126,21 @@ def test_a_failed_batch_does_not_stop_the_others(aws: AwsClients) -> None:
     assert sorted(result.failed) == sorted(ids[:2])
     assert sorted(result.terminated) == sorted(ids[2:])
     assert {i["InstanceId"] for i in live(aws)} == set(ids[:2])
+
+
+def test_an_older_request_does_not_evict_newer_previews(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    config.max_previews = 2
+    now = datetime.now(UTC).replace(microsecond=0)
+    for pr, minutes in ((1, 10), (2, 5)):
+        launch_instance(
+            aws.ec2,
+            config,
+            LaunchSpec(REPO, pr, f"{pr}" * 7, requested_at=now - timedelta(minutes=minutes)),
+        )
+    previews = find_previews(aws.ec2, config.purpose_tag)
+    with pytest.raises(NoRoom, match="max_previews=2"):
+        capacity_victims(previews, REPO, 3, 2, requested_at=now - timedelta(minutes=20))
+    [victim] = capacity_victims(previews, REPO, 3, 2, requested_at=now - timedelta(minutes=7))
+    assert victim.pr_number == 1
