@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from flows.common import check_inputs, emit_instance_event
 from flows.locks import FLEET_LOCK, hold, pr_lock_name
@@ -124,7 +126,7 @@ def pr_preview(
             logger.info("not launching: %s", verdict.reason)
             if verdict.verdict == "refused_fork":
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
-            return _published(result)
+            return _ended_as(verdict.verdict, result)
 
         report.tell(PreviewState.LAUNCHING)
         try:
@@ -133,7 +135,7 @@ def pr_preview(
             result.status, result.reason = "no-room", str(exc)
             logger.info("not launching: %s", exc)
             report.tell(PreviewState.REFUSED, detail=f"No room for this preview: {exc}.")
-            return _published(result)
+            return _ended_as("no-room", result)
         except Exception as exc:
             result.status = "failed"
             diagnosis = getattr(exc, "diagnosis", None) or str(exc)
@@ -274,6 +276,19 @@ def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: Pre
     result.shutdown_at = with_config_retries(confirm_ttl_task, settings)(
         clients, settings, instance_id
     )
+
+
+def _ended_as(name: str, result: PreviewResult) -> PreviewResult:
+    """A run that rightly launched nothing: Completed, named after why (Superseded, Closed…).
+
+    Prefect unwraps a returned state: a caller gets ``result``, the UI shows the name.
+    """
+    state: State[PreviewResult] = Completed(
+        name=name.replace("_", " ").replace("-", " ").title(),
+        message=result.reason,
+        data=_published(result),
+    )
+    return cast(PreviewResult, state)
 
 
 def _published(result: PreviewResult) -> PreviewResult:
