@@ -168,7 +168,7 @@ def _deploy(
     repo, pr_number, sha = result.repo, result.pr_number, result.sha
     logger = get_run_logger()
     # The run's scheduled start is when its event arrived: that orders previews by recency.
-    requested_at = (flow_run.get_scheduled_start_time() or datetime.now(UTC)).replace(microsecond=0)
+    requested_at = flow_run.get_scheduled_start_time() or datetime.now(UTC)
 
     # 1. Preflight and the build-image check, side by side.
     checked = with_config_retries(preflight, settings).submit(

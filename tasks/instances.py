@@ -33,9 +33,12 @@ LIVE_STATES = ("pending", "running", "stopping", "stopped")
 TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS
 
 
-def format_time(moment: datetime) -> str:
-    """UTC ISO-8601 to the second, as the ``shutdown-at`` tag holds it."""
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def format_time(moment: datetime, *, precise: bool = False) -> str:
+    """UTC ISO-8601, to the second as ``shutdown-at`` holds it, or to the millisecond."""
+    moment = moment.astimezone(UTC)
+    if precise:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -84,7 +84,8 @@ def preview_tags(
         TAG_PR: str(spec.pr_number),
         TAG_SHA: spec.sha,
         TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=ttl_hours)),
-        TAG_UPDATED_AT: format_time(spec.requested_at or now),
+        # To the millisecond: it orders previews requested within the same second.
+        TAG_UPDATED_AT: format_time(spec.requested_at or now, precise=True),
         TAG_NAME: spec.name,
     }
 

@@ -18,6 +18,7 @@ from deployments.local_http import serve_handler
 from deployments.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
+from tests.fakes.installation import installation  # noqa: F401  (a shared fixture)
 from tests.fakes.registry import FakeRegistry
 
 REGION = "ap-northeast-1"
@@ -67,9 +68,9 @@ def config(account: DemoAccount) -> PreviewConfig:
             "retry_delay_seconds": 0,
             "poll_seconds": 0.01,
             "image": "ghcr.io/octo-org/app",
-            "ready_timeout_seconds": 5,
-            "migrate_timeout_seconds": 2,
-            "probe_timeout_seconds": 2,
+            "ready_timeout_seconds": 30,
+            "migrate_timeout_seconds": 10,
+            "probe_timeout_seconds": 10,
             "image_wait_seconds": 0,
         },
         env={},

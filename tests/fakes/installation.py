@@ -1,0 +1,146 @@
+"""A whole self-hosted installation for the end-to-end tests: Prefect server, deployments,
+worker, receiver, moto as a server with a scripted instance, a registry and GitHub.
+
+Session-scoped and shared: tests use their own PR numbers and set the configuration they need
+through the Prefect Variable, which every flow run reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.demo_account import DEMO_GHCR_TOKEN, DemoAccount, create_demo_account
+from deployments.local_http import serve_asgi, serve_handler
+from deployments.local_stack import (
+    PrefectStack,
+    prefect_stack,
+    pull_request_payload,
+    signed_delivery,
+)
+from deployments.receiver import create_app
+from deployments.scripted_instance import ScriptedInstances
+from tasks.aws import AwsClients, build_clients
+from tasks.config import VARIABLE_NAME, PreviewConfig
+from tests.fakes.github import FakeGitHub
+from tests.fakes.registry import FakeRegistry
+from tests.helpers import live, tags
+
+REPO = "octo-org/hello-api"
+SECRET = "e2e-webhook-secret"
+TOKEN = "good-token"
+
+
+@dataclass
+class Installation:
+    stack: PrefectStack
+    receiver: str
+    aws: AwsClients
+    account: DemoAccount
+    registry: FakeRegistry
+    github: FakeGitHub
+
+    def configure(self, **overrides: Any) -> None:
+        """The Prefect Variable every flow run reads: the account, fast timings, overrides."""
+        self.stack.set_variable(
+            VARIABLE_NAME,
+            {
+                **self.account.config_values(),
+                "image": f"{self.registry.host}/{REPO}",
+                "poll_seconds": 0.1,
+                "retry_delay_seconds": 0.2,
+                "image_wait_seconds": 30,
+                "ready_timeout_seconds": 30,
+                **overrides,
+            },
+        )
+
+    def deliver(self, action: str, pr: int, sha: str, **kwargs: Any) -> httpx.Response:
+        """What GitHub does on a PR event: the PR (and CI's image) change, a delivery is sent."""
+        payload = pull_request_payload(action, REPO, pr, sha, **kwargs)
+        self.registry.push(REPO, sha)
+        self.github.add_pull(REPO, payload["pull_request"])
+        return signed_delivery(self.receiver, SECRET, "pull_request", payload)
+
+    def live_for(self, pr: int) -> list[dict[str, Any]]:
+        return [i for i in live(self.aws) if tags(i).get("PR") == str(pr)]
+
+    def runs_for(self, deployment: str, pr: int) -> list[dict[str, Any]]:
+        return [
+            run
+            for run in self.stack.flow_runs(deployment)
+            if run["parameters"].get("pr_number") == pr
+        ]
+
+    def logs(self, run_id: str) -> list[dict[str, Any]]:
+        with self.stack.client() as http:
+            found = http.post(
+                "/logs/filter",
+                json={"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"},
+            )
+            found.raise_for_status()
+            return list(found.json())
+
+    def lock_intervals(self, run_ids: list[str]) -> list[tuple[datetime, datetime]]:
+        """When each run held its PR lock, read from the runs' own logs."""
+        pattern = re.compile(r"lock pr-preview:\S+:\d+ (acquired|released)")
+        intervals = []
+        for run_id in run_ids:
+            held = {
+                match.group(1): datetime.fromisoformat(log["timestamp"])
+                for log in self.logs(run_id)
+                if (match := pattern.match(log["message"]))
+            }
+            if held:
+                intervals.append((held["acquired"], held["released"]))
+        return sorted(intervals)
+
+
+@pytest.fixture(scope="session")
+def installation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    from moto.server import ThreadedMotoServer
+
+    saved = dict(os.environ)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    github = FakeGitHub(tokens={TOKEN: FakeGitHub().tokens["good-token"]})
+    registry = FakeRegistry(scheme="http", users={"octo-org": DEMO_GHCR_TOKEN})
+    try:
+        with (
+            ScriptedInstances().healthy().patched(),
+            serve_handler(registry.handle) as registry_url,
+            serve_handler(github.handle) as github_url,
+        ):
+            registry.host = registry_url.removeprefix("http://")
+            github.base_url = github_url
+            os.environ.update(
+                AWS_ENDPOINT_URL=f"http://{host}:{port}",
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="ap-northeast-1",
+                GITHUB_TOKEN=TOKEN,
+                GITHUB_API_URL=github_url,
+            )
+            os.environ.pop("PREFECT_API_URL", None)
+            aws = build_clients(PreviewConfig(region="ap-northeast-1"))
+            account = create_demo_account(aws)
+            with prefect_stack(tmp_path_factory.mktemp("prefect")) as stack:
+                stack.deploy()
+                stack.start_worker(Path(stack.home) / "worker.log")
+                with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
+                    found = Installation(stack, receiver, aws, account, registry, github)
+                    found.configure()
+                    yield found
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
