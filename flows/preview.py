@@ -191,7 +191,9 @@ def _deploy(
         health = with_config_retries(preview_health_task, settings)(clients, settings, instance_id)
         if health.healthy:
             try:
-                updated = update_in_place_task(clients, settings, instance_id, repo, sha)
+                updated = with_config_retries(update_in_place_task, settings)(
+                    clients, settings, instance_id, repo, sha
+                )
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
                 _migrate_and_probe(clients, settings, result)
                 result.status, result.path = "ready", "in-place"
