@@ -28,6 +28,7 @@ from tasks.aws import AwsClients, build_clients
 from tasks.check_image import check_image
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
+from tasks.db_access import open_db_access_task
 from tasks.diagnose import diagnose_task
 from tasks.github import github_from_config
 from tasks.guards import guard
@@ -232,6 +233,10 @@ def _deploy(
     # 4. Ready only when the app answers inside the instance and the migrations ran.
     try:
         with_config_retries(wait_ready_task, settings)(clients, settings, launched.instance_id)
+        # Optional (runbook §2.5, off by default): the public IP/32 on db-sg before migrating.
+        with_config_retries(open_db_access_task, settings)(
+            clients.ec2, settings, launched.instance_id
+        )
         _migrate_and_probe(clients, settings, result)
     except Exception as exc:
         raise _failed_after_launch(clients, settings, result, exc) from exc

@@ -14,6 +14,7 @@ from flows.reporting import PullRequestReport
 from tasks.aws import build_clients
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
+from tasks.db_access import close_db_access_task
 from tasks.github import github_from_config
 from tasks.retry import with_config_retries
 from tasks.teardown import teardown
@@ -47,6 +48,9 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     with github, hold(pr_lock_name(repo, pr_number)):
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         removed = with_config_retries(teardown, settings)(clients.ec2, settings, repo, pr_number)
+        with_config_retries(close_db_access_task, settings)(
+            clients.ec2, settings, removed.instance_ids
+        )
         for instance_id in removed.instance_ids:
             emit_instance_event(
                 "terminated", instance_id, repo, pr_number, reason="pull request closed"

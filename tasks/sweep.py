@@ -9,17 +9,24 @@ is reported as such and the instance is judged by its age, never by a guessed da
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from botocore.exceptions import ClientError
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from tasks.db_access import (
+    DB_RULE_MARKER,
+    DbRule,
+    db_rule_description,
+    db_rules,
+    leftover_db_rules,
+    revoke_db_rules,
+)
 from tasks.instances import (
     TAG_SHUTDOWN_AT,
     TERMINATE_BATCH,
@@ -29,7 +36,7 @@ from tasks.instances import (
     format_time,
     terminate_in_batches,
 )
-from tasks.retry import error_code, retry_transient
+from tasks.retry import retry_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -44,11 +51,6 @@ PullKey = tuple[str, int]
 ARTIFACT_KEY = "ttl-sweep"
 TERMINATED_EVENT = "pr-preview.terminated"
 PR_ROLE = "pull-request"
-DB_PORT = 5432
-# Launch code that opens db-sg for a preview (runbook §2.5) must describe the rule this way,
-# so the sweeper can tell its leftovers from rules a person added.
-DB_RULE_MARKER = "pr-preview"
-_RULE_GONE = ("InvalidPermission.NotFound", "InvalidSecurityGroupRuleId.NotFound")
 
 
 class PullRequests(Protocol):
@@ -103,11 +105,6 @@ class StickyExpiry:
 
 
 EmitEvent = Callable[..., object]
-
-
-def db_rule_description(instance_id: str) -> str:
-    """The Description of the temporary db-sg ``/32`` rule opened for ``instance_id``."""
-    return f"{DB_RULE_MARKER} {instance_id}"
 
 
 @dataclass(frozen=True)
@@ -207,64 +204,6 @@ def look_up_pull_states(github: PullRequests, keys: Iterable[PullKey]) -> dict[P
 
 def ids_to_terminate(decisions: Iterable[Decision]) -> list[str]:
     return [decision.instance_id for decision in decisions if decision.action == "terminate"]
-
-
-# --- db-sg leftovers (runbook §2.5)
-
-
-@dataclass(frozen=True)
-class DbRule:
-    rule_id: str
-    cidr: str
-    description: str
-
-    @property
-    def instance_id(self) -> str | None:
-        """The instance named in the rule's Description marker."""
-        parts = self.description.split()
-        if len(parts) == 2 and parts[0] == DB_RULE_MARKER:
-            return parts[1]
-        return None
-
-
-def db_rules(ec2: EC2Client, group_id: str, *, port: int = DB_PORT) -> list[DbRule]:
-    """db-sg's inbound IPv4 ``/32`` rules on ``port`` that carry our Description marker."""
-    paginator = ec2.get_paginator("describe_security_group_rules")
-    pages = paginator.paginate(Filters=[{"Name": "group-id", "Values": [group_id]}])
-    found = []
-    for page in pages:
-        for rule in page["SecurityGroupRules"]:
-            cidr = rule.get("CidrIpv4", "")
-            description = rule.get("Description", "")
-            if (
-                not rule.get("IsEgress")
-                and rule.get("IpProtocol") == "tcp"
-                and rule.get("FromPort") == port
-                and rule.get("ToPort") == port
-                and cidr.endswith("/32")
-                and description.split(" ")[0] == DB_RULE_MARKER
-            ):
-                found.append(DbRule(rule["SecurityGroupRuleId"], cidr, description))
-    return found
-
-
-def leftover_db_rules(rules: Iterable[DbRule], live: Iterable[Preview]) -> list[DbRule]:
-    """Rules that belong to no live preview: neither its public IP nor its instance id."""
-    live = list(live)
-    cidrs = {f"{preview.public_ip}/32" for preview in live if preview.public_ip}
-    ids = {preview.instance_id for preview in live}
-    return [rule for rule in rules if rule.cidr not in cidrs and rule.instance_id not in ids]
-
-
-def revoke_db_rules(ec2: EC2Client, group_id: str, rules: Sequence[DbRule]) -> list[DbRule]:
-    """Revoke ``rules`` one by one; a rule already gone counts as revoked."""
-    for rule in rules:
-        try:
-            ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=[rule.rule_id])
-        except ClientError as exc:
-            if error_code(exc) not in _RULE_GONE:
-                raise
-    return list(rules)
 
 
 # --- The report

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
 from prefect.states import State
 
+from deployments.demo_account import DemoAccount
 from deployments.scripted_instance import BOOTSTRAP_CHECK, HEALTH, Reply, ScriptedInstances
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
@@ -189,3 +190,24 @@ def test_bad_parameters_change_nothing(
     with pytest.raises(ValueError, match=message):
         state.result()
     assert live(aws) == []
+
+
+def test_optional_db_sg_rule_is_opened_and_revoked(
+    aws: AwsClients, account: DemoAccount, config: PreviewConfig
+) -> None:
+    config.db_sg_open_public_ip = True
+    ready = pr_preview(REPO, 45, SHA1, config=config)
+    [instance] = live(aws)
+    rules = aws.ec2.describe_security_group_rules(
+        Filters=[{"Name": "group-id", "Values": [account.db_sg_id]}]
+    )["SecurityGroupRules"]
+    [opened] = [r for r in rules if r.get("Description") == f"pr-preview {ready.instance_id}"]
+    assert opened["CidrIpv4"] == f"{instance['PublicIpAddress']}/32"
+    assert (opened["FromPort"], opened["ToPort"]) == (5432, 5432)
+
+    pr_teardown(REPO, 45, config=config)
+    rules = aws.ec2.describe_security_group_rules(
+        Filters=[{"Name": "group-id", "Values": [account.db_sg_id]}]
+    )["SecurityGroupRules"]
+    assert not [r for r in rules if "pr-preview" in r.get("Description", "")]
+    assert any(r.get("ReferencedGroupInfo") for r in rules)  # the api-sg rule stays

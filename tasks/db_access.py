@@ -1,0 +1,153 @@
+"""The optional database path of runbook §2.5: the preview's public IP/32 on db-sg, 5432.
+
+Off by default (``db_sg_open_public_ip``): the runbook recommends db-sg admitting api-sg
+instead. When on, each rule is described ``pr-preview <instance-id>`` so teardown and the
+sweeper can tell their own rules from rules a person added.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import PreviewConfig
+from tasks.instances import Preview
+from tasks.retry import error_code, retry_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+logger = logging.getLogger(__name__)
+
+DB_PORT = 5432
+DB_RULE_MARKER = "pr-preview"
+_RULE_GONE = ("InvalidPermission.NotFound", "InvalidSecurityGroupRuleId.NotFound")
+
+
+def db_rule_description(instance_id: str) -> str:
+    """The Description of the temporary db-sg ``/32`` rule opened for ``instance_id``."""
+    return f"{DB_RULE_MARKER} {instance_id}"
+
+
+@dataclass(frozen=True)
+class DbRule:
+    rule_id: str
+    cidr: str
+    description: str
+
+    @property
+    def instance_id(self) -> str | None:
+        """The instance named in the rule's Description marker."""
+        parts = self.description.split()
+        if len(parts) == 2 and parts[0] == DB_RULE_MARKER:
+            return parts[1]
+        return None
+
+
+def db_rules(ec2: EC2Client, group_id: str, *, port: int = DB_PORT) -> list[DbRule]:
+    """db-sg's inbound IPv4 ``/32`` rules on ``port`` that carry our Description marker."""
+    paginator = ec2.get_paginator("describe_security_group_rules")
+    pages = paginator.paginate(Filters=[{"Name": "group-id", "Values": [group_id]}])
+    found = []
+    for page in pages:
+        for rule in page["SecurityGroupRules"]:
+            cidr = rule.get("CidrIpv4", "")
+            description = rule.get("Description", "")
+            if (
+                not rule.get("IsEgress")
+                and rule.get("IpProtocol") == "tcp"
+                and rule.get("FromPort") == port
+                and rule.get("ToPort") == port
+                and cidr.endswith("/32")
+                and description.split(" ")[0] == DB_RULE_MARKER
+            ):
+                found.append(DbRule(rule["SecurityGroupRuleId"], cidr, description))
+    return found
+
+
+def leftover_db_rules(rules: Iterable[DbRule], live: Iterable[Preview]) -> list[DbRule]:
+    """Rules that belong to no live preview: neither its public IP nor its instance id."""
+    live = list(live)
+    cidrs = {f"{preview.public_ip}/32" for preview in live if preview.public_ip}
+    ids = {preview.instance_id for preview in live}
+    return [rule for rule in rules if rule.cidr not in cidrs and rule.instance_id not in ids]
+
+
+def revoke_db_rules(ec2: EC2Client, group_id: str, rules: Sequence[DbRule]) -> list[DbRule]:
+    """Revoke ``rules`` one by one; a rule already gone counts as revoked."""
+    for rule in rules:
+        try:
+            ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=[rule.rule_id])
+        except ClientError as exc:
+            if error_code(exc) not in _RULE_GONE:
+                raise
+    return list(rules)
+
+
+def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
+    """Admit the instance's public IP/32 on db-sg 5432; the CIDR, or None when off or no IP."""
+    if not (config.db_sg_open_public_ip and config.db_security_group_id):
+        return None
+    reservation = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
+    public_ip = reservation["Instances"][0].get("PublicIpAddress")
+    if not public_ip:
+        logger.warning("%s has no public IP: db-sg not opened (runbook §2.5)", instance_id)
+        return None
+    cidr = f"{public_ip}/32"
+    try:
+        ec2.authorize_security_group_ingress(
+            GroupId=config.db_security_group_id,
+            IpPermissions=[
+                {
+                    "IpProtocol": "tcp",
+                    "FromPort": DB_PORT,
+                    "ToPort": DB_PORT,
+                    "IpRanges": [{"CidrIp": cidr, "Description": db_rule_description(instance_id)}],
+                }
+            ],
+        )
+    except ClientError as exc:
+        if error_code(exc) != "InvalidPermission.Duplicate":
+            raise
+    return cidr
+
+
+def close_db_access(
+    ec2: EC2Client, config: PreviewConfig, instance_ids: Iterable[str]
+) -> list[DbRule]:
+    """Revoke the db-sg rules opened for ``instance_ids`` (teardown)."""
+    if not (config.db_sg_open_public_ip and config.db_security_group_id):
+        return []
+    ids = set(instance_ids)
+    mine = [rule for rule in db_rules(ec2, config.db_security_group_id) if rule.instance_id in ids]
+    return revoke_db_rules(ec2, config.db_security_group_id, mine)
+
+
+@task(
+    name="open-db-access",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def open_db_access_task(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
+    return open_db_access(ec2, config, instance_id)
+
+
+@task(
+    name="close-db-access",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def close_db_access_task(
+    ec2: EC2Client, config: PreviewConfig, instance_ids: list[str]
+) -> list[DbRule]:
+    return close_db_access(ec2, config, instance_ids)
