@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
-from urllib.parse import quote, unquote
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.diagnose import mask_secrets as _mask
 from tasks.github import GitHub, GitHubError
 from tasks.instances import format_time
 
@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 MASK = "****"
 MAX_DIAGNOSIS_CHARS = 6000
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+(?P<at>@)")
-_GITHUB_TOKEN = re.compile(r"\b(?:gh[opsur]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})\b")
 
 
 class PreviewState(StrEnum):
@@ -101,18 +99,9 @@ def flow_run_url(prefect_ui_url: str | None, flow_run_id: object | None) -> str 
 
 
 def mask_secrets(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with every given secret (raw and URL-encoded forms), URL passwords and GitHub
-    tokens replaced by ``****``, so a diagnosis copied from an instance cannot leak them."""
-    variants: set[str] = set()
-    for secret in secrets:
-        if not secret or len(secret) < 4:
-            continue
-        variants.update({secret, unquote(secret), quote(secret, safe=""), quote(secret)})
-    for value in sorted(variants, key=len, reverse=True):
-        if len(value) >= 4:
-            text = text.replace(value, MASK)
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", text)
-    return _GITHUB_TOKEN.sub(MASK, text)
+    """``text`` with every given secret (in all its encodings), URL passwords and GitHub tokens
+    replaced by ``****``: the one masking of the diagnosis, shared so that both agree."""
+    return _mask(text, [secret for secret in secrets if secret])
 
 
 def _fence(text: str) -> str:
