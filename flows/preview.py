@@ -32,7 +32,7 @@ from tasks.db_access import open_db_access_task
 from tasks.diagnose import diagnose_task
 from tasks.github import github_from_config
 from tasks.guards import guard
-from tasks.instances import find_previews, format_time
+from tasks.instances import format_time
 from tasks.launch import LaunchSpec, launch
 from tasks.migrate import migrate_task
 from tasks.preflight import preflight
@@ -42,6 +42,7 @@ from tasks.secrets import read_secrets
 from tasks.terminate import NoRoom, terminate, terminate_instance
 from tasks.update import (
     confirm_ttl_task,
+    in_place_candidate,
     preview_health_task,
     shorten_ttl_task,
     update_in_place_task,
@@ -180,15 +181,11 @@ def _deploy(
     image.result()
 
     # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
-    current = [
-        preview
-        for preview in find_previews(
-            clients.ec2, settings.purpose_tag, repo=repo, pr_number=pr_number, states=("running",)
-        )
-        if preview.sha != sha
-    ]
-    if len(current) == 1:
-        instance_id = current[0].instance_id
+    replaced: list[str] = []
+    instance_id = with_config_retries(in_place_candidate, settings)(
+        clients.ec2, settings, repo, pr_number, sha
+    )
+    if instance_id:
         health = with_config_retries(preview_health_task, settings)(clients, settings, instance_id)
         if health.healthy:
             try:
@@ -201,15 +198,20 @@ def _deploy(
                 return
             except Exception as exc:
                 logger.warning("in-place update of %s failed (%s): relaunching", instance_id, exc)
+                # Its tags may already name the new sha: launch must not take it over.
+                with_config_retries(terminate_instance, settings)(
+                    clients.ec2, settings, instance_id
+                )
+                replaced.append(instance_id)
         else:
             logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
     # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
     with hold(FLEET_LOCK):
-        replaced = with_config_retries(terminate, settings)(
+        terminated = with_config_retries(terminate, settings)(
             clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
-        result.replaced = replaced.instance_ids
+        result.replaced = replaced + terminated.instance_ids
         launched = with_config_retries(launch, settings)(
             clients.ec2,
             settings,

@@ -32,6 +32,7 @@ from tasks.instances import (
     TAG_SHUTDOWN_AT,
     TAG_UPDATED_AT,
     Preview,
+    find_previews,
     format_time,
     parse_time,
 )
@@ -316,6 +317,27 @@ def preview_health_task(clients: AwsClients, config: PreviewConfig, instance_id:
     health = preview_health(clients.ec2, clients.ssm, instance_id, config)
     get_run_logger().info("%s: %s", instance_id, health.reason)
     return health
+
+
+@task(
+    name="in_place_candidate",
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def in_place_candidate(
+    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, sha: str
+) -> str | None:
+    """The PR's one running instance at another sha, which a push may update in place."""
+    running = [
+        preview
+        for preview in find_previews(
+            ec2, config.purpose_tag, repo=repo, pr_number=pr_number, states=("running",)
+        )
+        if preview.sha != sha
+    ]
+    return running[0].instance_id if len(running) == 1 else None
 
 
 @task(

@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFil
 from prefect.states import State
 
 from deployments.demo_account import DemoAccount
-from deployments.scripted_instance import BOOTSTRAP_CHECK, HEALTH, Reply, ScriptedInstances
+from deployments.scripted_instance import BOOTSTRAP_CHECK, HEALTH, MIGRATE, Reply, ScriptedInstances
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from tasks.aws import AwsClients
@@ -211,3 +211,22 @@ def test_optional_db_sg_rule_is_opened_and_revoked(
     )["SecurityGroupRules"]
     assert not [r for r in rules if "pr-preview" in r.get("Description", "")]
     assert any(r.get("ReferencedGroupInfo") for r in rules)  # the api-sg rule stays
+
+
+def test_failed_in_place_update_relaunches_on_a_fresh_instance(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    first = pr_preview(REPO, 46, SHA1, action="opened", config=config)
+    config.migrate_timeout_seconds = 0.3
+    scripted_ssm.on(
+        MIGRATE,
+        Reply(stderr="sqlalchemy.exc.OperationalError: connection timed out\n", exit_code=1),
+        instance_id=first.instance_id,
+    )
+    pushed = pr_preview(REPO, 46, SHA2, config=config)
+    assert (pushed.status, pushed.path) == ("ready", "launched")
+    assert pushed.replaced == [first.instance_id]
+    assert state_of(aws, first.instance_id or "") == "terminated"
+    [current] = live(aws)
+    assert current["InstanceId"] == pushed.instance_id != first.instance_id
+    assert tags(current)["Sha"] == SHA2
