@@ -43,7 +43,14 @@ def hold(name: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold lock ``name`` for the block, creating it first if it is missing."""
     ensure_lock(name)
     logger = get_run_logger()
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+    with concurrency(
+        name,
+        occupy=1,
+        timeout_seconds=timeout_seconds,
+        strict=True,
+        # A slow renewal on a busy server must not kill the run; the lease outlives it.
+        raise_on_lease_renewal_failure=False,
+    ):
         logger.info("lock %s acquired", name)
         try:
             yield

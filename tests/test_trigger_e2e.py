@@ -54,12 +54,15 @@ def test_a_bad_signature_starts_nothing(installation: Installation) -> None:
 
 
 def test_two_rapid_pushes_for_one_pr_do_not_overlap(installation: Installation) -> None:
+    installation.wait_idle()
     before = len(installation.stack.flow_runs("pr-preview/pr-preview"))
     assert installation.deliver("synchronize", 9, SHAS[2]).status_code == 200
     assert installation.deliver("synchronize", 9, SHAS[3]).status_code == 200
     runs = installation.stack.wait_for_runs("pr-preview/pr-preview", before + 2, timeout=180)
     mine = [run for run in runs if run["parameters"].get("pr_number") == 9]
-    assert [run["state_type"] for run in mine] == ["COMPLETED", "COMPLETED"]
+    assert [run["state_type"] for run in mine] == ["COMPLETED", "COMPLETED"], installation.outcomes(
+        mine
+    )
     (_, first_end), (second_start, _) = installation.lock_intervals([run["id"] for run in mine])
     assert first_end <= second_start, "two runs for one PR held its lock at the same time"
     assert len(installation.live_for(9)) == 1

@@ -57,8 +57,9 @@ class Installation:
                 "image": f"{self.registry.host}/{REPO}",
                 "poll_seconds": 0.1,
                 "retry_delay_seconds": 0.2,
-                "image_wait_seconds": 30,
-                "ready_timeout_seconds": 30,
+                # Generous: on a loaded 2-core machine twenty runs share the CPU.
+                "image_wait_seconds": 120,
+                "ready_timeout_seconds": 120,
                 **overrides,
             },
         )
@@ -69,6 +70,15 @@ class Installation:
         self.registry.push(REPO, sha)
         self.github.add_pull(REPO, payload["pull_request"])
         return signed_delivery(self.receiver, SECRET, "pull_request", payload)
+
+    def wait_idle(self, deployment: str = "pr-preview/pr-preview", timeout: float = 300) -> None:
+        """Until no run of ``deployment`` is still scheduled, pending or running."""
+        runs = self.stack.flow_runs(deployment)
+        self.stack.wait_for_runs(deployment, len(runs), timeout=timeout)
+
+    def outcomes(self, runs: list[dict[str, Any]]) -> list[str]:
+        """State name and message of each run, for assertion messages."""
+        return [f"{run['name']}: {run['state_name']} {run['state']['message']}" for run in runs]
 
     def live_for(self, pr: int) -> list[dict[str, Any]]:
         return [i for i in live(self.aws) if tags(i).get("PR") == str(pr)]
