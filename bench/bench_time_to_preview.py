@@ -131,7 +131,8 @@ class Scenario:
         return terminate + boot + ready + after_ready
 
     def needs_terminate(self, path: str) -> bool:
-        return self.other_preview or (self.own_preview and path == "runbook")
+        """Only the runbook waits for the old instance to be terminated before launching."""
+        return path == "runbook" and (self.other_preview or self.own_preview)
 
 
 SCENARIOS = (
@@ -340,8 +341,9 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
             migrate(ssm, instance_id, config)
             probe(ssm, instance_id, config)
             return "in-place"
-    terminate_outdated(ec2, config, REPO, PR, keep_sha=scenario.sha)
-    make_room(ec2, config, REPO, PR)
+    # As the flow's terminate step: TerminateInstances frees the slot; no wait for terminated.
+    terminate_outdated(ec2, config, REPO, PR, keep_sha=scenario.sha, wait=False)
+    make_room(ec2, config, REPO, PR, wait=False)
     launched = launch_instance(
         ec2,
         config,
