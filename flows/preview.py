@@ -120,9 +120,13 @@ def pr_preview(
 
     with github, hold(pr_lock_name(repo, pr_number)):
         # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
-        verdict = guard(
-            github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
-        )
+        try:
+            verdict = guard(
+                github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
+            )
+        except Exception as exc:
+            report.tell(PreviewState.FAILED, diagnosis=f"could not read the pull request: {exc}")
+            raise
         if not verdict.ok:
             result.status, result.reason = verdict.verdict, verdict.reason
             logger.info("not launching: %s", verdict.reason)

@@ -35,6 +35,7 @@ from tasks.sweep import (
     revoke_leftover_db_rules,
     terminate_expired,
 )
+from tasks.terminate import TerminateFailed
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -101,7 +102,12 @@ def sweep(
 
     # 3. Terminate in batches of 1,000 (runbook §9's terminate-instances).
     if report.to_terminate and not dry_run:
-        result = _step(terminate_expired, config)(ec2, report.to_terminate, batch_size)
+        try:
+            result = _step(terminate_expired, config)(ec2, report.to_terminate, batch_size)
+        except TerminateFailed as exc:  # still throttled after the task's retries
+            if exc.result is None:
+                raise
+            result = exc.result
         report.terminated, report.already_gone = result.terminated, result.already_gone
         report.failed, report.terminate_calls = result.failed, result.calls
         errors: dict[str, list[str]] = {}
@@ -110,6 +116,9 @@ def sweep(
         for error, ids in errors.items():
             log.error("terminating %d previews failed (%s…): %s", len(ids), ids[0], error)
 
+    # 5. pr-preview.terminated per instance; the PR's sticky comment says "expired".
+    if report.terminated:
+        _step(announce, config)(report, emit, github)
     # 4. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
     if config.db_sg_open_public_ip and config.db_security_group_id:
         report.revoked_rules = _step(revoke_leftover_db_rules, config)(
@@ -123,9 +132,6 @@ def sweep(
                 rule.description,
             )
 
-    # 5. pr-preview.terminated per instance; the PR's sticky comment says "expired".
-    if report.terminated:
-        _step(announce, config)(report, emit, github)
     return report
 
 

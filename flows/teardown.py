@@ -47,10 +47,17 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     # Waits only for a run of this same PR, never for another PR's preview.
     with github, hold(pr_lock_name(repo, pr_number)):
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
-        removed = with_config_retries(teardown, settings)(clients.ec2, settings, repo, pr_number)
-        with_config_retries(close_db_access_task, settings)(
-            clients.ec2, settings, removed.instance_ids
-        )
+        try:
+            removed = with_config_retries(teardown, settings)(
+                clients.ec2, settings, repo, pr_number
+            )
+        except Exception as exc:
+            report.tell(
+                PreviewState.FAILED,
+                diagnosis=f"teardown failed: {exc}; the TTL sweeper removes the preview at its"
+                " shutdown-at",
+            )
+            raise
         for instance_id in removed.instance_ids:
             emit_instance_event(
                 "terminated", instance_id, repo, pr_number, reason="pull request closed"
@@ -60,6 +67,10 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
         report.tell(
             PreviewState.TORN_DOWN,
             instance_id=", ".join(removed.instance_ids) or None,
+        )
+        # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
+        with_config_retries(close_db_access_task, settings)(
+            clients.ec2, settings, removed.instance_ids
         )
 
     result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from tasks.retry import is_transient
+
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
@@ -159,6 +161,11 @@ class TerminateResult:
     already_gone: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     calls: int = 0
+    retryable: list[str] = field(default_factory=list)  # failed with throttling or a 5xx
+
+    @property
+    def only_transient_failures(self) -> bool:
+        return bool(self.failed) and set(self.failed) <= set(self.retryable)
 
     def merge(self, other: TerminateResult) -> None:
         self.terminated += other.terminated
@@ -218,6 +225,8 @@ def terminate_in_batches(
         except ClientError as exc:
             logger.error("terminating %d instances failed: %s", len(batch), exc)
             total.failed.update(dict.fromkeys(batch, str(exc)))
+            if is_transient(exc):
+                total.retryable += batch
             total.calls += 1
     return total
 

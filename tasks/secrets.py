@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from tasks.config import PreviewConfig
+from tasks.retry import is_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
@@ -31,9 +33,18 @@ class RunSecrets:
 def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
     """Best effort: a parameter that cannot be read is None (preflight reports why)."""
 
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(config.task_retries + 1),
+        wait=wait_fixed(config.retry_delay_seconds),
+        reraise=True,
+    )
+
     def read(name: str) -> str | None:
         try:
-            return ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+            return retrying(
+                lambda: ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+            )
         except (ClientError, BotoCoreError, KeyError):
             return None
 

@@ -399,8 +399,16 @@ def look_up_pull_requests(github: PullRequests, keys: list[PullKey]) -> dict[Pul
 def terminate_expired(
     ec2: EC2Client, ids: list[str], batch_size: int = TERMINATE_BATCH
 ) -> TerminateResult:
-    """Terminate in batches of 1,000; a failed batch is recorded and the others still run."""
-    return terminate_in_batches(ec2, ids, batch_size=batch_size)
+    """Terminate in batches of 1,000; a failed batch is recorded and the others still run.
+    Batches refused only by throttling or a 5xx fail the task so that its retries run."""
+    from tasks.terminate import TerminateFailed
+
+    result = terminate_in_batches(ec2, ids, batch_size=batch_size)
+    if result.retryable:
+        raise TerminateFailed(
+            f"terminating {len(result.retryable)} previews was throttled", result, transient=True
+        )
+    return result
 
 
 @task(

@@ -12,7 +12,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.config import PreviewConfig
-from tasks.instances import Preview, find_previews, terminate_in_batches, wait_terminated
+from tasks.instances import (
+    Preview,
+    TerminateResult,
+    find_previews,
+    terminate_in_batches,
+    wait_terminated,
+)
 from tasks.retry import retry_transient
 
 if TYPE_CHECKING:
@@ -29,7 +35,14 @@ class Terminated:
 
 
 class TerminateFailed(RuntimeError):
-    pass
+    """Some instances are still there; ``transient`` when only throttling/5xx stopped them."""
+
+    def __init__(
+        self, message: str, result: TerminateResult | None = None, *, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.transient = transient
 
 
 def terminate_previews(
@@ -49,7 +62,11 @@ def terminate_previews(
     result = terminate_in_batches(ec2, ids)
     if result.failed:
         first = next(iter(result.failed.values()))
-        raise TerminateFailed(f"could not terminate {', '.join(result.failed)}: {first}")
+        raise TerminateFailed(
+            f"could not terminate {', '.join(result.failed)}: {first}",
+            result,
+            transient=result.only_transient_failures,
+        )
     if result.terminated and wait:
         wait_terminated(
             ec2, result.terminated, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds
@@ -196,7 +213,11 @@ def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) 
     """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
     result = terminate_in_batches(ec2, [instance_id])
     if result.failed:
-        raise TerminateFailed(f"could not terminate {instance_id}: {result.failed[instance_id]}")
+        raise TerminateFailed(
+            f"could not terminate {instance_id}: {result.failed[instance_id]}",
+            result,
+            transient=result.only_transient_failures,
+        )
     return Terminated(
         result.terminated, result.already_gone, dict.fromkeys(result.terminated, "failed")
     )

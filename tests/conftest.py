@@ -18,6 +18,10 @@ from deployments.local_http import serve_handler
 from deployments.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
+from tests.fakes.fault_matrix_report import (  # noqa: F401  (hooks that print the matrix)
+    pytest_runtest_logreport,
+    pytest_terminal_summary,
+)
 from tests.fakes.installation import installation  # noqa: F401  (a shared fixture)
 from tests.fakes.registry import FakeRegistry
 

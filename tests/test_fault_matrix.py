@@ -1,0 +1,629 @@
+"""The fault-injection matrix (issue 8): every call the flows make, failed once and for good.
+
+One clean run of each flow is recorded first — every AWS ``service.Operation`` the flow's own
+boto3 sessions attempted (``aws_faults().calls``) and every HTTP call to GitHub and the registry
+by route — and that recording *is* the list of calls, so a call added later joins the matrix by
+itself. Each (flow, call) then runs twice more: with a transient fault (throttling or 5xx twice,
+then success) and with a permanent one (every attempt fails). After each run an invariant
+checker looks at moto's state, the fake GitHub and the run's Prefect logs and artifacts:
+
+- ``tags``:      no live instance without Purpose, PR and shutdown-at tags;
+- ``capacity``:  never more than ``max_previews`` live previews;
+- ``short-ttl``: a failed preview leaves its instance on the short TTL, or terminated;
+- ``comment``:   the PR comment's last state tells the truth: a failed preview says failed; after
+  a teardown it follows the instances (torn down when gone, failed while they live after a
+  failed run); after a sweep it says expired exactly when the expired preview is gone. A
+  permanent fault on a comment route itself exempts the run (nothing can be written);
+- ``secrets``:   no canary in user data, logs, artifacts, comments or requests to GitHub;
+- ``converges``: a completed run did its job (one ready preview at the sha, PR torn down,
+  expired preview gone);
+- ``recovers``:  a transient fault ends in a completed run.
+
+The matrix is printed as a table at the end of the session by ``tests/fakes/fault_matrix_report``
+(rows travel in the reports' ``user_properties``, so this works under xdist); any broken
+invariant fails the test of its (flow, fault). Run alone with ``pytest -m fault_matrix``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.states import State
+
+from deployments.demo_account import create_demo_account
+from deployments.local_http import serve_handler
+from deployments.scripted_instance import ScriptedInstances
+from flows.preview import PreviewResult, pr_preview
+from flows.sweeper import ttl_sweeper
+from flows.teardown import pr_teardown
+from tasks.aws import AwsClients, build_clients
+from tasks.comment import CommentState, PreviewState, marker, render_comment
+from tasks.config import PreviewConfig, load_config
+from tasks.db_access import db_rules, open_db_access, revoke_db_rules
+from tasks.instances import format_time, parse_time
+from tasks.launch import LaunchSpec, launch_instance
+from tasks.preflight import resolve_ami
+from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.fakes.aws_faults import AwsFaults, aws_faults
+from tests.fakes.fault_matrix_report import PROPERTY
+from tests.fakes.github import FakeGitHub
+from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes
+from tests.fakes.registry import FakeRegistry
+from tests.helpers import instances, live, tags, user_data
+
+pytestmark = [pytest.mark.fault_matrix, pytest.mark.usefixtures("prefect_server")]
+
+RecordProperty = Callable[[str, object], None]
+
+REPO = "octo-org/app"
+PR = 42
+SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
+SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
+PAYLOAD = Path(__file__).parent / "data" / "github-payloads" / "pull_request.opened.json"
+SLACK = timedelta(minutes=5)
+TRANSIENT_TIMES = 2
+
+# The throttling answer of each service (code, HTTP status) as AWS gives it.
+THROTTLING = {
+    "ec2": ("RequestLimitExceeded", 503),
+    "ssm": ("ThrottlingException", 400),
+    "iam": ("Throttling", 400),
+}
+UNAVAILABLE = ("ServiceUnavailable", 503)
+# GitHub sends Retry-After with many 5xx and rate limits; 0 keeps the client's retries instant.
+GITHUB_FAULT_HEADERS = {"Retry-After": "0"}
+COMMENT_ROUTES = frozenset(
+    {
+        "GET github /repos/{repo}/issues/{n}/comments",
+        "POST github /repos/{repo}/issues/{n}/comments",
+        "PATCH github /repos/{repo}/issues/comments/{id}",
+    }
+)
+READY, UPDATED = "### ✅ Preview ready", "### 🔁 Preview updated in place"
+TORN_DOWN, EXPIRED = "### 🧹 Preview torn down", "### ⌛ Preview expired"
+INVARIANTS = ("tags", "capacity", "short-ttl", "comment", "secrets", "converges", "recovers")
+
+
+# --- the world every case runs in: one moto, one served GitHub and registry per module
+
+
+@dataclass
+class World:
+    clients: AwsClients
+    config: PreviewConfig
+    ami_id: str
+    registry: FakeRegistry
+    github_routes: FaultyRoutes
+    registry_routes: FaultyRoutes
+    github_url: str
+    github: FakeGitHub = field(default_factory=FakeGitHub)
+
+    def reset(self) -> None:
+        """Terminate every instance and forget it, forget GitHub, clear every fault and count.
+
+        moto lists terminated instances forever; dropping them keeps every describe (and
+        every SSM command, which moto runs on all instances) as cheap as in a fresh account.
+        """
+        ids = [i["InstanceId"] for i in live(self.clients)]
+        if ids:
+            self.clients.ec2.terminate_instances(InstanceIds=ids)
+        ec2_backends[DEFAULT_ACCOUNT_ID][REGION].reservations.clear()
+        group = self.config.db_security_group_id or ""
+        revoke_db_rules(self.clients.ec2, group, db_rules(self.clients.ec2, group))
+        self.github = FakeGitHub(base_url=self.github_url)
+        self.github_routes.reset()
+        self.registry_routes.reset()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        stack.enter_context(mock_aws())
+        stack.enter_context(ScriptedInstances().patched()).healthy()
+        clients = build_clients(PreviewConfig.model_validate({"region": REGION}))
+        account = create_demo_account(
+            clients, ghcr_token=CANARY_GHCR_TOKEN, database_url=CANARY_DATABASE_URL
+        )
+
+        registry = FakeRegistry(scheme="http")
+        registry_routes = FaultyRoutes("registry", REGISTRY_ROUTES, lambda: registry.handle)
+        registry.host = stack.enter_context(serve_handler(registry_routes)).removeprefix("http://")
+        registry.users["octo-org"] = CANARY_GHCR_TOKEN
+        for sha in (SHA1, SHA2):
+            registry.push("octo-org/app", sha, private=True)
+
+        holder: list[World] = []
+        github_routes = FaultyRoutes("github", GITHUB_ROUTES, lambda: holder[0].github.handle)
+        github_url = stack.enter_context(serve_handler(github_routes))
+
+        config = load_config(
+            {
+                **account.config_values(),
+                "region": REGION,
+                "image": f"{registry.host}/octo-org/app",
+                # Runbook §2.5's optional path, so its db-sg calls are in the matrix too.
+                "db_sg_open_public_ip": True,
+                "max_previews": 2,
+                "task_retries": 3,
+                "retry_delay_seconds": 0,
+                "poll_seconds": 0.01,
+                "ready_timeout_seconds": 2,
+                "migrate_timeout_seconds": 1,
+                "probe_timeout_seconds": 1,
+                "image_wait_seconds": 1,
+            },
+            env={},
+            use_variable=False,
+        )
+        ami_id = resolve_ami(clients.ec2, config)["ImageId"]
+        holder.append(
+            World(
+                clients,
+                config,
+                ami_id,
+                registry,
+                github_routes,
+                registry_routes,
+                github_url,
+            )
+        )
+        yield holder[0]
+
+
+@pytest.fixture
+def github_env(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flows build their GitHub client from these, as in production."""
+    monkeypatch.setenv("GITHUB_API_URL", world.github_url)
+    monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+
+
+# --- arranging each flow's starting point (plain calls, no faults)
+
+
+def pull(number: int, sha: str, *, state: str = "open") -> dict[str, Any]:
+    data = copy.deepcopy(json.loads(PAYLOAD.read_text())["pull_request"])
+    data.update(number=number, state=state, merged=False)
+    data["head"]["sha"] = sha
+    data["head"]["repo"]["full_name"] = REPO
+    data["base"]["repo"]["full_name"] = REPO
+    return data
+
+
+def seed_preview(world: World, pr: int, sha: str, *, expires_in: timedelta, age: timedelta) -> str:
+    """A preview instance of ``pr`` at ``sha``, updated ``age`` ago, expiring ``expires_in``."""
+    launched = launch_instance(
+        world.clients.ec2,
+        world.config,
+        LaunchSpec(REPO, pr, sha),
+        ami_id=world.ami_id,
+        subnet_id=world.config.subnet_id,
+        attempt_key=uuid.uuid4().hex,
+    )
+    now = datetime.now(UTC)
+    world.clients.ec2.create_tags(
+        Resources=[launched.instance_id],
+        Tags=[
+            {"Key": "shutdown-at", "Value": format_time(now + expires_in)},
+            {"Key": "updated-at", "Value": format_time(now - age)},
+        ],
+    )
+    open_db_access(world.clients.ec2, world.config, launched.instance_id)
+    return launched.instance_id
+
+
+def seed_ready_comment(world: World, pr: int, sha: str, instance_id: str) -> None:
+    body = render_comment(
+        CommentState(
+            PreviewState.READY,
+            REPO,
+            pr,
+            sha=sha,
+            instance_id=instance_id,
+            region=REGION,
+            expires_at=datetime.now(UTC) + timedelta(hours=world.config.ttl_hours),
+        )
+    )
+    world.github.add_comment(REPO, pr, body, user=world.github.bot_login)
+
+
+def seed_deployment(world: World, pr: int, sha: str) -> None:
+    deployment_id = 900 + pr
+    world.github.deployments.setdefault(REPO, []).append(
+        {"id": deployment_id, "sha": sha, "ref": sha, "environment": f"pr-{pr}"}
+    )
+    world.github.statuses[deployment_id] = [{"id": 1, "state": "success"}]
+
+
+@dataclass
+class Flow:
+    """One flow's starting point, its run, and what "done" means for it."""
+
+    name: str
+    kind: str  # preview | teardown | sweeper
+    head_sha: str | None
+    seed: Callable[[World], dict[str, str]]
+    run: Callable[[World], State[Any]]
+
+
+def seed_opened(world: World) -> dict[str, str]:
+    # Two other previews fill max_previews=2: opening PR 42 evicts the least recently updated.
+    old = seed_preview(world, 7, SHA1, expires_in=timedelta(hours=20), age=timedelta(hours=3))
+    newer = seed_preview(world, 8, SHA1, expires_in=timedelta(hours=22), age=timedelta(hours=1))
+    world.github.add_pull(REPO, pull(PR, SHA1))
+    return {"evicted": old, "kept": newer}
+
+
+def seed_synchronize(world: World) -> dict[str, str]:
+    current = seed_preview(world, PR, SHA1, expires_in=timedelta(hours=23), age=timedelta(hours=1))
+    world.github.add_pull(REPO, pull(PR, SHA2))
+    seed_ready_comment(world, PR, SHA1, current)
+    seed_deployment(world, PR, SHA1)
+    return {"current": current}
+
+
+def seed_teardown(world: World) -> dict[str, str]:
+    current = seed_preview(world, PR, SHA1, expires_in=timedelta(hours=23), age=timedelta(hours=1))
+    world.github.add_pull(REPO, pull(PR, SHA1, state="closed"))
+    seed_ready_comment(world, PR, SHA1, current)
+    seed_deployment(world, PR, SHA1)
+    return {"current": current}
+
+
+def seed_sweeper(world: World) -> dict[str, str]:
+    expired = seed_preview(world, PR, SHA1, expires_in=-timedelta(hours=1), age=timedelta(hours=2))
+    open_pr = seed_preview(world, 43, SHA2, expires_in=timedelta(hours=20), age=timedelta(hours=1))
+    world.github.add_pull(REPO, pull(PR, SHA1))
+    world.github.add_pull(REPO, pull(43, SHA2))
+    seed_ready_comment(world, PR, SHA1, expired)
+    seed_ready_comment(world, 43, SHA2, open_pr)
+    return {"expired": expired, "kept": open_pr}
+
+
+FLOWS = {
+    flow.name: flow
+    for flow in (
+        Flow(
+            "preview-opened",
+            "preview",
+            SHA1,
+            seed_opened,
+            lambda w: pr_preview(
+                REPO, PR, SHA1, action="opened", config=w.config, return_state=True
+            ),
+        ),
+        Flow(
+            "preview-synchronize",
+            "preview",
+            SHA2,
+            seed_synchronize,
+            lambda w: pr_preview(
+                REPO, PR, SHA2, action="synchronize", config=w.config, return_state=True
+            ),
+        ),
+        Flow(
+            "teardown",
+            "teardown",
+            None,
+            seed_teardown,
+            lambda w: pr_teardown(REPO, PR, config=w.config, return_state=True),
+        ),
+        Flow(
+            "sweeper",
+            "sweeper",
+            None,
+            seed_sweeper,
+            lambda w: ttl_sweeper(config=w.config, return_state=True),
+        ),
+    )
+}
+
+
+# --- one case: arrange, inject, run, check
+
+
+@dataclass
+class Case:
+    flow: str
+    call: str
+    fault: str  # clean | transient | permanent
+    outcome: str = ""
+    detail: str = ""
+    injected: int = 0
+    seconds: float = 0.0
+    broken: dict[str, str] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """Plain values only: the row travels from an xdist worker to the controller."""
+        return {
+            "flow": self.flow,
+            "call": self.call,
+            "fault": self.fault,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "injected": self.injected,
+            "seconds": round(self.seconds, 2),
+            "broken": dict(self.broken),
+        }
+
+
+def aws_fault(call: str, fault: str, faults: AwsFaults) -> None:
+    service = call.split(".", 1)[0]
+    code, status = THROTTLING.get(service, UNAVAILABLE)
+    faults.fail(call, code, status=status, times=TRANSIENT_TIMES if fault == "transient" else None)
+
+
+def run_case(world: World, flow: Flow, call: str = "", fault: str = "clean") -> Case:
+    world.reset()
+    seeded = flow.seed(world)
+    before = {i["InstanceId"] for i in instances(world.clients)}
+    case = Case(flow.name, call or "(clean run)", fault)
+    times = TRANSIENT_TIMES if fault == "transient" else None
+    if call.startswith(("GET ", "POST ", "PATCH ", "HEAD ", "PUT ", "DELETE ")):
+        routes = world.github_routes if " github " in call else world.registry_routes
+        headers = GITHUB_FAULT_HEADERS if routes is world.github_routes else {}
+        routes.fail(call, 503, times=times, headers=headers)
+    started = time.monotonic()
+    # No heartbeat thread: joining it costs up to 1 s per run, and these runs last seconds.
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), aws_faults() as faults:
+        if call and "." in call.split(" ")[0]:
+            aws_fault(call, fault, faults)
+        state = flow.run(world)
+    case.seconds = time.monotonic() - started
+    case.injected = (
+        faults.injected[call]
+        + world.github_routes.injected[call]
+        + world.registry_routes.injected[call]
+    )
+    case.calls = sorted({*faults.calls, *world.github_routes.calls, *world.registry_routes.calls})
+    case.outcome = "failed" if state.is_failed() or state.is_crashed() else "completed"
+    result = state.result(raise_on_failure=False)
+    if flow.kind == "preview" and not isinstance(result, BaseException):
+        case.detail = f" ({result.path or result.status})"
+    check(world, flow, case, result, seeded, before, run_texts(state))
+    return case
+
+
+# --- the invariants
+
+
+def bot_headline(github: FakeGitHub, pr: int) -> str | None:
+    bodies = [b for b in github.comment_bodies(REPO, pr) if marker(REPO, pr) in b]
+    return bodies[-1].splitlines()[1] if bodies else None
+
+
+def run_texts(state: State[Any]) -> list[str]:
+    """Log messages and artifact bodies of the flow run behind ``state``."""
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run_id]}))
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
+            artifact_filter=ArtifactFilter(),
+        )
+    return [log.message for log in logs] + [str(a.data) for a in artifacts]
+
+
+def check(
+    world: World,
+    flow: Flow,
+    case: Case,
+    result: Any,
+    seeded: dict[str, str],
+    before: set[str],
+    run_output: list[str],
+) -> None:
+    """Record in ``case.broken`` every invariant the world breaks after the run."""
+    config, broken = world.config, case.broken
+    now = datetime.now(UTC)
+    failed = case.outcome == "failed"
+    alive = live(world.clients)
+    previews = [i for i in alive if tags(i).get("Purpose") == config.purpose_tag]
+    ours = [i for i in previews if tags(i).get("PR") == str(PR)]
+    new_ids = [i["InstanceId"] for i in instances(world.clients) if i["InstanceId"] not in before]
+
+    untagged = [
+        i["InstanceId"]
+        for i in alive
+        if not {"Purpose", "PR", "shutdown-at"} <= set(tags(i))
+        or parse_time(tags(i)["shutdown-at"]) is None
+    ]
+    if untagged:
+        broken["tags"] = f"live without Purpose/PR/shutdown-at: {untagged}"
+
+    if len(previews) > config.max_previews:
+        broken["capacity"] = f"{len(previews)} live > max_previews={config.max_previews}"
+
+    if flow.kind == "preview" and failed:
+        limit = now + timedelta(hours=config.failure_ttl_hours) + SLACK
+        touched = [
+            i for i in ours if i["InstanceId"] in new_ids or tags(i).get("Sha") == flow.head_sha
+        ]
+        long_lived = [
+            f"{i['InstanceId']} shutdown-at {tags(i).get('shutdown-at')}"
+            for i in touched
+            if (parse_time(tags(i).get("shutdown-at")) or now + timedelta(days=999)) > limit
+        ]
+        if long_lived:
+            broken["short-ttl"] = f"failed run left {long_lived}"
+
+    headline = bot_headline(world.github, PR)
+    comment_unwritable = case.fault == "permanent" and case.call in COMMENT_ROUTES
+    if not comment_unwritable:
+        problem = comment_problem(flow, failed, headline, ours, seeded)
+        if problem:
+            broken["comment"] = problem
+
+    texts = list(run_output)
+    texts += [user_data(world.clients, iid) for iid in new_ids]
+    texts += [
+        json.dumps(r.body) + json.dumps(r.headers) + json.dumps(r.params)
+        for r in world.github.requests
+    ]
+    texts += [c["body"] for comments in world.github.comments.values() for c in comments]
+    leaked = sorted({canary for canary in CANARIES for text in texts if canary in text})
+    if leaked:
+        broken["secrets"] = f"canary {leaked[0][:12]}… leaked"
+
+    if not failed:
+        problem = convergence_problem(world, flow, result, ours, seeded, now)
+        if problem:
+            broken["converges"] = problem
+
+    if case.fault == "transient" and failed:
+        broken["recovers"] = f"failed: {str(result)[:160]}"
+
+
+def comment_problem(
+    flow: Flow, failed: bool, headline: str | None, ours: list[dict[str, Any]], seeded: Any
+) -> str | None:
+    """What the comment claims that the run's outcome or the world contradicts, if anything."""
+    shown = headline or "no comment"
+    says_failed = headline is not None and "failed" in headline
+    if flow.kind == "preview":
+        if failed and not says_failed:
+            return f"run failed, comment says {shown!r}"
+        if not failed and headline not in (READY, UPDATED):
+            return f"run completed, comment says {shown!r}"
+    if flow.kind == "teardown":
+        # The PR is closed: the comment must follow the instances, and say failed while they live.
+        if ours and headline == TORN_DOWN:
+            return f"{len(ours)} still live, comment says {shown!r}"
+        if ours and failed and not says_failed:
+            return f"run failed with {len(ours)} still live, comment says {shown!r}"
+        if not ours and headline not in (TORN_DOWN,) and not says_failed:
+            return f"preview gone, comment says {shown!r}"
+    if flow.kind == "sweeper":
+        gone = not any(i["InstanceId"] == seeded["expired"] for i in ours)
+        if gone and headline != EXPIRED:
+            return f"expired preview terminated, comment says {shown!r}"
+        if not gone and headline == EXPIRED:
+            return "comment says expired, preview still live"
+    return None
+
+
+def convergence_problem(
+    world: World,
+    flow: Flow,
+    result: Any,
+    ours: list[dict[str, Any]],
+    seeded: dict[str, str],
+    now: datetime,
+) -> str | None:
+    config = world.config
+    ids = [i["InstanceId"] for i in ours]
+    if flow.kind in ("teardown", "sweeper"):
+        live_ids = {i["InstanceId"] for i in live(world.clients)}
+        rules = db_rules(world.clients.ec2, config.db_security_group_id or "")
+        orphans = [r.description for r in rules if r.instance_id not in live_ids]
+        if orphans:
+            return f"completed but db-sg rules of gone instances left: {orphans}"
+    if flow.kind == "preview":
+        if result.status != "ready":
+            return f"completed with status {result.status}"
+        if len(ours) != 1 or tags(ours[0]).get("Sha") != flow.head_sha:
+            return f"live for PR: {[(i['InstanceId'], tags(i).get('Sha')) for i in ours]}"
+        expires = parse_time(tags(ours[0]).get("shutdown-at"))
+        if expires is None or expires < now + timedelta(hours=config.ttl_hours) - SLACK:
+            return f"ready preview on shutdown-at {tags(ours[0]).get('shutdown-at')}"
+    if flow.kind == "teardown" and ours:
+        return f"completed but {ids} still live"
+    if flow.kind == "sweeper":
+        live_ids = {i["InstanceId"] for i in live(world.clients)}
+        if seeded["expired"] in live_ids:
+            return f"completed but expired {seeded['expired']} still live"
+        if seeded["kept"] not in live_ids:
+            return f"unexpired {seeded['kept']} was terminated"
+    return None
+
+
+# --- the recording and the tests
+
+
+RECORDED: dict[str, Case] = {}
+
+
+def recorded(world: World, flow: Flow) -> Case:
+    """One clean run of ``flow``; its calls are the matrix's rows (Prefect API calls aside)."""
+    if flow.name not in RECORDED:
+        RECORDED[flow.name] = run_case(world, flow)
+    return RECORDED[flow.name]
+
+
+def per_flow(*faults: str) -> list[Any]:
+    """Parameters grouped by flow: one xdist worker runs a flow's recording and its matrix."""
+    return [
+        pytest.param(name, *fault, marks=pytest.mark.xdist_group(f"fault-matrix-{name}"))
+        for name in FLOWS
+        for fault in ([(f,) for f in faults] or [()])
+    ]
+
+
+@pytest.mark.parametrize("flow_name", per_flow())
+def test_clean_run_is_recorded(
+    world: World, github_env: None, record_property: RecordProperty, flow_name: str
+) -> None:
+    clean = recorded(world, FLOWS[flow_name])
+    record_property(PROPERTY, clean.row())
+    assert clean.outcome == "completed" and not clean.broken, clean.broken
+    assert any("." in call for call in clean.calls), "no AWS call recorded"
+    assert any(" github " in call for call in clean.calls), "no GitHub call recorded"
+
+
+@pytest.mark.parametrize(("flow_name", "fault"), per_flow("transient", "permanent"))
+def test_fault_matrix(
+    world: World, github_env: None, record_property: RecordProperty, flow_name: str, fault: str
+) -> None:
+    flow = FLOWS[flow_name]
+    broken = []
+    for call in recorded(world, flow).calls:
+        case = run_case(world, flow, call, fault)
+        record_property(PROPERTY, case.row())
+        if not case.injected:
+            case.broken["injected"] = "the fault was never hit"
+        broken += [f"{call}: {name}: {why}" for name, why in case.broken.items()]
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.xdist_group("fault-matrix-teardown")
+def test_the_checker_sees_every_broken_invariant(world: World) -> None:
+    """The checker is not vacuous: a world that breaks each invariant is reported for each."""
+    flow = FLOWS["preview-synchronize"]
+    world.reset()
+    seeded = flow.seed(world)
+    before = {i["InstanceId"] for i in instances(world.clients)}
+    # What a broken run could leave: an untagged instance whose user data holds a secret, the
+    # run's preview on the full TTL beside the old one, two more previews, a ✅ comment.
+    world.clients.ec2.run_instances(
+        ImageId=world.ami_id, MinCount=1, MaxCount=1, UserData=f"token={CANARY_GHCR_TOKEN}"
+    )
+    seed_preview(world, PR, SHA2, expires_in=timedelta(hours=23), age=timedelta(0))
+    seed_preview(world, 9, SHA1, expires_in=timedelta(hours=23), age=timedelta(0))
+
+    failed = Case(flow.name, "ec2.Example", "transient", outcome="failed")
+    check(world, flow, failed, RuntimeError("x"), seeded, before, ["log line"])
+    assert set(failed.broken) == set(INVARIANTS) - {"converges"}, failed.broken
+
+    completed = Case(flow.name, "ec2.Example", "permanent", outcome="completed")
+    ready = PreviewResult(REPO, PR, SHA2, status="ready")
+    check(world, flow, completed, ready, seeded, before, [f"DATABASE_URL={CANARY_DATABASE_URL}"])
+    assert set(completed.broken) == {"tags", "capacity", "secrets", "converges"}, completed.broken
