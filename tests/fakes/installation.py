@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,19 +100,29 @@ class Installation:
             found.raise_for_status()
             return list(found.json())
 
-    def lock_intervals(self, run_ids: list[str]) -> list[tuple[datetime, datetime]]:
-        """When each run held its PR lock, read from the runs' own logs."""
+    def lock_intervals(
+        self, run_ids: list[str], *, timeout: float = 60
+    ) -> list[tuple[datetime, datetime]]:
+        """When each run held its PR lock, read from the runs' own logs.
+
+        A run's last logs reach the server shortly after its final state, so this waits until
+        every run's acquire and release lines are there.
+        """
         pattern = re.compile(r"lock pr-preview:\S+:\d+ (acquired|released)")
-        intervals = []
-        for run_id in run_ids:
-            held = {
-                match.group(1): datetime.fromisoformat(log["timestamp"])
-                for log in self.logs(run_id)
-                if (match := pattern.match(log["message"]))
-            }
-            if held:
-                intervals.append((held["acquired"], held["released"]))
-        return sorted(intervals)
+        deadline = time.monotonic() + timeout
+        while True:
+            held = [
+                {
+                    match.group(1): datetime.fromisoformat(log["timestamp"])
+                    for log in self.logs(run_id)
+                    if (match := pattern.match(log["message"]))
+                }
+                for run_id in run_ids
+            ]
+            if all(len(times) == 2 for times in held) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return sorted((times["acquired"], times["released"]) for times in held)
 
 
 @pytest.fixture(scope="session")
