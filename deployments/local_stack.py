@@ -45,6 +45,10 @@ def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_WORKER_PREFETCH_SECONDS="1",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
+        # SQLite under a burst of runs: wait for the database rather than answer 503, which
+        # the worker would report as a crashed run.
+        PREFECT_SERVER_DATABASE_TIMEOUT="60",
+        PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30",
     )
     env.update(extra)
     return env
@@ -98,7 +102,9 @@ class PrefectStack:
         """Create the process work pool and every deployment (and trigger) of prefect.yaml."""
         pools = self.prefect("work-pool", "ls")
         if WORK_POOL not in pools:
+            # A few runs at a time: a push storm queues instead of starving a 2-core machine.
             self.prefect("work-pool", "create", WORK_POOL, "--type", "process")
+            self.prefect("work-pool", "set-concurrency-limit", WORK_POOL, "4")
         self.prefect("--no-prompt", "deploy", "--all")
 
     def start_worker(self, log: Path) -> subprocess.Popen[bytes]:
