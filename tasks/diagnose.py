@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.retry import retry_transient
+from tasks.secrets import read_secrets
 from tasks.ssm import CommandTimeout, send_shell, wait_command
 from tasks.wait_ready import BOOTSTRAP_CHECK, CLOUD_INIT_LOG, port_check
 
@@ -510,13 +511,7 @@ def diagnose(
 def parameter_secrets(ssm: SSMClient, config: PreviewConfig) -> list[str]:
     """The GHCR token and DATABASE_URL as Parameter Store holds them, so that exactly these
     values are masked too. Best effort: a parameter that cannot be read is skipped."""
-    values: list[str] = []
-    for name in (config.ghcr_token_parameter, config.database_url_parameter):
-        try:
-            values.append(ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"])
-        except (ClientError, BotoCoreError, KeyError) as exc:
-            logger.debug("parameter %s not read for masking: %s", name, type(exc).__name__)
-    return values
+    return read_secrets(ssm, config).values
 
 
 @task(
