@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pr-preview needs Python 3.11+"'
@@ -17,15 +17,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m deployments.demo $(if $(KEEP),--keep,)
+	$(BIN)/python -m local_stack.demo $(if $(KEEP),--keep,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
+# replays it.
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Everything that needs no Prefect server and no other process: seconds, not minutes.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not server" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done

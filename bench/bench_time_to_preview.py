@@ -76,9 +76,10 @@ import tasks.update  # noqa: E402
 import tasks.wait_ready  # noqa: E402
 from bench import latency_model as model  # noqa: E402
 from bench.latency_model import LatencyModel, World  # noqa: E402
-from deployments.demo_account import create_demo_account  # noqa: E402
-from deployments.local_http import serve_handler  # noqa: E402
-from deployments.scripted_instance import MIGRATE, ScriptedInstances  # noqa: E402
+from local_stack.account import create_demo_account  # noqa: E402
+from local_stack.registry import FakeRegistry  # noqa: E402
+from local_stack.scripted_instance import MIGRATE, ScriptedInstances  # noqa: E402
+from local_stack.serve import serve_handler  # noqa: E402
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.check_image import check_image  # noqa: E402
 from tasks.config import PreviewConfig, load_config  # noqa: E402
@@ -93,7 +94,6 @@ from tasks.ssm import run_command  # noqa: E402
 from tasks.terminate import make_room, terminate_outdated  # noqa: E402
 from tasks.update import preview_health, update_in_place  # noqa: E402
 from tasks.wait_ready import port_check, wait_ready  # noqa: E402
-from tests.fakes.registry import FakeRegistry  # noqa: E402
 
 REGION = "ap-northeast-1"
 REPO = "octo-org/app"

@@ -48,10 +48,10 @@ def main() -> int:
         DO_NOT_TRACK="1",
     )
     os.environ.pop("PREFECT_API_URL", None)
-    from deployments.demo_account import create_demo_account
-    from deployments.local_http import serve_asgi
-    from deployments.local_stack import prefect_stack, pull_request_payload, signed_delivery
     from deployments.receiver import create_app
+    from local_stack.account import create_demo_account
+    from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
+    from local_stack.serve import serve_asgi
     from tasks.aws import build_clients
     from tasks.config import VARIABLE_NAME, PreviewConfig
 

@@ -39,7 +39,7 @@ from moto import mock_aws  # noqa: E402
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.config import PreviewConfig  # noqa: E402
 from tasks.wait_ready import wait_ready  # noqa: E402
-from tests.fakes.ssm import (  # noqa: E402
+from tests.support.ssm import (  # noqa: E402
     AGENT_PING,
     BOOTSTRAP_CHECK,
     PORT_CHECK,

@@ -31,7 +31,7 @@ from typing import Any
 
 from botocore import handlers
 
-from deployments.scripted_instance import (
+from local_stack.scripted_instance import (
     AGENT_PING,
     BOOTSTRAP_CHECK,
     DEPLOY,

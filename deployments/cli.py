@@ -634,7 +634,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from deployments import demo
+    from local_stack import demo
 
     return demo.main(["--keep"] if args.keep else [])
 

@@ -1,4 +1,10 @@
-"""Shared fixtures: moto standing in for AWS, the runbook's account, one Prefect test server."""
+"""Every shared fixture: moto standing in for AWS, the runbook's account, a Prefect test server,
+the scripted instance, a fake registry, and the whole self-hosted installation.
+
+A test module that sets ``ONE_ACCOUNT_PER_MODULE = True`` gets one moto and one account for all
+its tests (each costs ~0.8 s on 2 cores): its tests launch their own instances and look only at
+those.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +13,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from moto import mock_aws
+
+from local_stack.account import DemoAccount, create_demo_account
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import ScriptedInstances
+from local_stack.serve import serve_handler
+from tasks.aws import AwsClients, build_clients
+from tasks.config import PreviewConfig, load_config
+from tests.support import CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.installation import Installation, running_installation
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from moto import mock_aws
+pytest_plugins = ["tests.plugins.fault_matrix_report"]
 
-from deployments.demo_account import DemoAccount, create_demo_account
-from deployments.local_http import serve_handler
-from deployments.scripted_instance import ScriptedInstances
-from tasks.aws import AwsClients, build_clients
-from tasks.config import PreviewConfig, load_config
-from tests.fakes.fault_matrix_report import (  # noqa: F401  (hooks that print the matrix)
-    pytest_runtest_logreport,
-    pytest_terminal_summary,
-)
-from tests.fakes.installation import installation  # noqa: F401  (a shared fixture)
-from tests.fakes.registry import FakeRegistry
+SERVER_FIXTURES = {"prefect_server", "installation", "e2e"}
 
-REGION = "ap-northeast-1"
-CANARY_GHCR_TOKEN = "ghp_CANARYghcrToken1234567890abcdefABCD"
-CANARY_DB_PASSWORD = "Canary%2FDbPassw0rd"
-CANARY_DATABASE_URL = f"postgresql+asyncpg://app:{CANARY_DB_PASSWORD}@172.31.39.125:5432/app"
-CANARIES = (CANARY_GHCR_TOKEN, CANARY_DB_PASSWORD, "Canary/DbPassw0rd")
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what needs a Prefect server or other processes, so `make test-fast` can leave it."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+def _shares_account(request: pytest.FixtureRequest) -> bool:
+    return bool(getattr(request.module, "ONE_ACCOUNT_PER_MODULE", False))
 
 
 @pytest.fixture(autouse=True)
@@ -50,21 +61,61 @@ def _aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
+@pytest.fixture(scope="module")
+def module_aws() -> Iterator[AwsClients]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        with mock_aws():
+            yield build_clients(PreviewConfig.model_validate({"region": REGION}))
+
+
+@pytest.fixture(scope="module")
+def module_account(module_aws: AwsClients) -> DemoAccount:
+    return create_demo_account(
+        module_aws, ghcr_token=CANARY_GHCR_TOKEN, database_url=CANARY_DATABASE_URL
+    )
+
+
+@pytest.fixture(scope="module")
+def module_config(module_account: DemoAccount) -> PreviewConfig:
+    return load_config(
+        {
+            **module_account.config_values(),
+            "region": REGION,
+            "retry_delay_seconds": 0,
+            "poll_seconds": 0.01,
+            "image": "ghcr.io/octo-org/app",
+        },
+        env={},
+        use_variable=False,
+    )
+
+
 @pytest.fixture
-def aws() -> Iterator[AwsClients]:
+def aws(request: pytest.FixtureRequest) -> Iterator[AwsClients]:
     """Fresh in-process moto and clients built the way a run builds them."""
+    if _shares_account(request):
+        yield request.getfixturevalue("module_aws")
+        return
     with mock_aws():
         yield build_clients(PreviewConfig(region=REGION))
 
 
 @pytest.fixture
-def account(aws: AwsClients) -> DemoAccount:
+def account(request: pytest.FixtureRequest, aws: AwsClients) -> DemoAccount:
+    if _shares_account(request):
+        found: DemoAccount = request.getfixturevalue("module_account")
+        return found
     return create_demo_account(aws, ghcr_token=CANARY_GHCR_TOKEN, database_url=CANARY_DATABASE_URL)
 
 
 @pytest.fixture
-def config(account: DemoAccount) -> PreviewConfig:
+def config(request: pytest.FixtureRequest, account: DemoAccount) -> PreviewConfig:
     """The account's config with timings shrunk so tests never sleep for long."""
+    if _shares_account(request):
+        shared: PreviewConfig = request.getfixturevalue("module_config")
+        return shared
     return load_config(
         {
             **account.config_values(),
@@ -108,3 +159,17 @@ def registry() -> Iterator[FakeRegistry]:
     with serve_handler(fake.handle) as url:
         fake.host = url.removeprefix("http://")
         yield fake
+
+
+@pytest.fixture(scope="session")
+def installation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    """The whole self-hosted installation, started once per test worker."""
+    with running_installation(tmp_path_factory.mktemp("installation")) as found:
+        yield found
+
+
+@pytest.fixture
+def e2e(installation: Installation) -> Installation:
+    """The installation, idle, with no live instance and the default configuration."""
+    installation.fresh()
+    return installation

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from local_stack.registry import FakeRegistry
 from tasks.check_image import (
     MANIFEST_TYPES,
     ImageNotFound,
@@ -17,8 +18,7 @@ from tasks.check_image import (
     wait_for_image,
 )
 from tasks.config import PreviewConfig
-from tests.conftest import CANARY_GHCR_TOKEN
-from tests.fakes.registry import FakeRegistry
+from tests.support import CANARY_GHCR_TOKEN
 
 IMAGE = "ghcr.io/octo-org/app"
 NAME = "octo-org/app"

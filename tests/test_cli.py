@@ -13,19 +13,19 @@ from typing import Any
 import pytest
 
 from deployments import cli
-from deployments.demo_account import DemoAccount
+from local_stack.account import DemoAccount
 from tasks.aws import AwsClients
 from tasks.comment import tunnel_command
 from tasks.config import ENV_PREFIX, PreviewConfig
 from tasks.instances import TAG_KEEP, TAG_SHUTDOWN_AT, format_time
 from tasks.launch import LaunchSpec, launch_instance
-from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
-from tests.fakes.ssm import PORT_CLOSED, Reply, ScriptedInstances, module_scoped_account
-from tests.helpers import state_of
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.moto_state import state_of
+from tests.support.ssm import PORT_CLOSED, Reply, ScriptedInstances
 
 # One moto and one demo account for the module: every test uses its own repo (or PR number),
 # and every command that lists is scoped with --repo, so tests never see each other's instances.
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 BUILD_CLIENTS = cli._clients
 
 SHA = "0123abcd4567ef890123abcd4567ef890123abcd"
@@ -60,8 +60,8 @@ def shared_clients(aws: AwsClients, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def ami(aws: AwsClients) -> str:
-    images = aws.ec2.describe_images(
+def ami(module_aws: AwsClients) -> str:
+    images = module_aws.ec2.describe_images(
         Owners=["amazon"], Filters=[{"Name": "name", "Values": ["al2023-ami-2023*-x86_64"]}]
     )["Images"]
     return str(images[0]["ImageId"])
@@ -547,7 +547,7 @@ def test_demo_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(argv)
         return 0
 
-    monkeypatch.setattr("deployments.demo.main", demo_main)
+    monkeypatch.setattr("local_stack.demo.main", demo_main)
 
     assert cli.main(["demo", "--keep"]) == 0
     assert calls == [["--keep"]]

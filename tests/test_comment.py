@@ -18,8 +18,8 @@ from tasks.comment import (
     upsert_comment,
 )
 from tasks.github import GitHub
-from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_DB_PASSWORD, CANARY_GHCR_TOKEN
 from tests.fakes.github import FakeGitHub
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_DB_PASSWORD, CANARY_GHCR_TOKEN
 
 REPO = "octo-org/app"
 SHA = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 import flows.preview
-from deployments.scripted_instance import ScriptedInstances
 from flows.preview import pr_preview
 from flows.sweeper import sweep
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import parse_time
-from tests.conftest import CANARY_GHCR_TOKEN
-from tests.fakes.registry import FakeRegistry
-from tests.helpers import live, tags
+from tests.support import CANARY_GHCR_TOKEN
+from tests.support.moto_state import live, tags
 
 pytestmark = [pytest.mark.crash, pytest.mark.usefixtures("prefect_server")]
 

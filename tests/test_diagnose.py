@@ -16,15 +16,14 @@ from tasks.diagnose import (
     mask_secrets,
     parameter_secrets,
 )
-from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
-from tests.fakes.ssm import (
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
+from tests.support.ssm import (
     BOOTSTRAP_CHECK,
     PORT_CHECK,
     PORT_CLOSED,
     Reply,
     ScriptedInstances,
     bootstrap_failed,
-    module_scoped_account,
     plain_instances,
 )
 
@@ -83,7 +82,7 @@ EXITED_PS = (
     " ago   Exited (1) 1 minute ago\n"
 )
 
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
 @pytest.mark.parametrize(

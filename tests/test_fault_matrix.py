@@ -46,12 +46,13 @@ from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFil
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
 
-from deployments.demo_account import create_demo_account
-from deployments.local_http import serve_handler
-from deployments.scripted_instance import ScriptedInstances
 from flows.preview import PreviewResult, pr_preview
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
+from local_stack.account import create_demo_account
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import ScriptedInstances
+from local_stack.serve import serve_handler
 from tasks.aws import AwsClients, build_clients
 from tasks.comment import CommentState, PreviewState, marker, render_comment
 from tasks.config import PreviewConfig, load_config
@@ -59,13 +60,12 @@ from tasks.db_access import db_rules, open_db_access, revoke_db_rules
 from tasks.instances import format_time, parse_time
 from tasks.launch import LaunchSpec, launch_instance
 from tasks.preflight import resolve_ami
-from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.fakes.aws_faults import AwsFaults, aws_faults
-from tests.fakes.fault_matrix_report import PROPERTY
 from tests.fakes.github import FakeGitHub
 from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes
-from tests.fakes.registry import FakeRegistry
-from tests.helpers import instances, live, tags, user_data
+from tests.plugins.fault_matrix_report import PROPERTY
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.moto_state import instances, live, tags, user_data
 
 pytestmark = [pytest.mark.fault_matrix, pytest.mark.usefixtures("prefect_server")]
 

@@ -6,8 +6,8 @@ from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import parse_time
 from tasks.launch import LaunchSpec, client_token, launch_instance, render_user_data
-from tests.conftest import CANARIES
-from tests.helpers import live, tags, user_data
+from tests.support import CANARIES
+from tests.support.moto_state import live, tags, user_data
 
 SPEC = LaunchSpec("octo-org/app", 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d")
 

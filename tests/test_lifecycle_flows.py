@@ -11,17 +11,17 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
 from prefect.states import State
 
-from deployments.demo_account import DemoAccount
-from deployments.scripted_instance import BOOTSTRAP_CHECK, HEALTH, MIGRATE, Reply, ScriptedInstances
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
+from local_stack.account import DemoAccount
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import BOOTSTRAP_CHECK, HEALTH, MIGRATE, Reply, ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import parse_time
-from tests.conftest import CANARIES, CANARY_GHCR_TOKEN
 from tests.fakes.aws_faults import aws_faults
-from tests.fakes.registry import FakeRegistry
-from tests.helpers import live, state_of, tags
+from tests.support import CANARIES, CANARY_GHCR_TOKEN
+from tests.support.moto_state import live, state_of, tags
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "healthy_world")
 

@@ -10,12 +10,11 @@ from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.migrate import MigrationFailed, migrate
 from tasks.probe import ProbeFailed, probe
-from tests.fakes.ssm import (
+from tests.support.ssm import (
     MIGRATE,
     PROBE,
     Reply,
     ScriptedInstances,
-    module_scoped_account,
     plain_instances,
     probe_answer,
 )
@@ -32,7 +31,7 @@ MIGRATED = Reply(
     stdout="INFO  [alembic.runtime.migration] Running upgrade  -> 1a2b3c, create users\n"
 )
 
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
 @pytest.fixture

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.demo_account import DemoAccount
+from local_stack.account import DemoAccount
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.preflight import parse_database_url, run_preflight
-from tests.conftest import CANARIES
 from tests.fakes.aws_faults import AwsFaults, attach
+from tests.support import CANARIES
 
 
 def statuses(report: object) -> dict[str, str]:

@@ -21,17 +21,17 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
 
-from deployments.local_http import serve_handler
-from deployments.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
+from local_stack.serve import serve_handler
 from tasks.aws import AwsClients
 from tasks.comment import marker
 from tasks.config import PreviewConfig
-from tests.conftest import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.fakes.github import FakeGitHub
-from tests.fakes.registry import FakeRegistry
-from tests.helpers import live, tags
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.moto_state import live, tags
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "healthy_world")
 

@@ -9,9 +9,9 @@ from botocore.exceptions import ClientError
 
 from tasks.aws import AwsClients
 from tasks.ssm import CommandTimeout, run_command
-from tests.fakes.ssm import Reply, ScriptedInstances, module_scoped_account, plain_instances
+from tests.support.ssm import Reply, ScriptedInstances, plain_instances
 
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
 @pytest.fixture

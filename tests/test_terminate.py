@@ -11,7 +11,7 @@ from tasks.launch import LaunchSpec, launch_instance
 from tasks.teardown import teardown_pr
 from tasks.terminate import NoRoom, capacity_victims, make_room, terminate_outdated
 from tests.fakes.aws_faults import AwsFaults, attach
-from tests.helpers import live, state_of, tags
+from tests.support.moto_state import live, state_of, tags
 
 REPO = "octo-org/app"
 

@@ -11,15 +11,15 @@ from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
 from tasks.update import UpdateFailed, preview_health, shorten_ttl, update_in_place
-from tests.conftest import CANARIES
-from tests.fakes.ssm import DEPLOY, HEALTH, Reply, ScriptedInstances, module_scoped_account
+from tests.support import CANARIES
+from tests.support.ssm import DEPLOY, HEALTH, Reply, ScriptedInstances
 
 OLD_SHA = "1111111111111111111111111111111111111111"
 NEW_SHA = "2222222222222222222222222222222222222222"
 LAUNCHED = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from tasks.wait_ready import (
     StageTimeouts,
     wait_ready,
 )
-from tests.fakes.ssm import (
+from tests.support.ssm import (
     AGENT_PING,
     BOOTSTRAP_CHECK,
     BOOTSTRAP_DONE,
@@ -27,13 +27,12 @@ from tests.fakes.ssm import (
     ScriptedInstances,
     after_calls,
     bootstrap_failed,
-    module_scoped_account,
     plain_instances,
 )
 
 SHORT = 0.15
 
-aws, account, config = module_scoped_account()
+ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
 @pytest.fixture

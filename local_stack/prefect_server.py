@@ -7,6 +7,8 @@ webhook receiver — the self-hosted path of DESIGN.md, with nothing in between.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import signal
@@ -25,6 +27,7 @@ import httpx
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WORK_POOL = "pr-preview"
+PR_SET_PDEATHSIG = 1
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -52,6 +55,12 @@ def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that started it dies (Linux)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -115,6 +124,7 @@ class PrefectStack:
             env=self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         self.processes.append(worker)
         return worker
@@ -196,6 +206,7 @@ def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[Pre
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
     )
     stack = PrefectStack(home, api_url, env, [server])
     try:

@@ -1,8 +1,10 @@
 """A whole self-hosted installation for the end-to-end tests: Prefect server, deployments,
-worker, receiver, moto as a server with a scripted instance, a registry and GitHub.
+worker, receiver, moto as a server (its own process) with a scripted instance, a registry and
+GitHub.
 
-Session-scoped and shared: tests use their own PR numbers and set the configuration they need
-through the Prefect Variable, which every flow run reads.
+Shared by the tests of one worker (``installation`` in conftest), each handed a clean slate by
+``fresh``: no run still going, no instance live, the default configuration. Tests use their own
+PR numbers and read back only their own runs.
 """
 
 from __future__ import annotations
@@ -11,33 +13,35 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from deployments.demo_account import DEMO_GHCR_TOKEN, DemoAccount, create_demo_account
-from deployments.local_http import serve_asgi, serve_handler
-from deployments.local_stack import (
+from deployments.receiver import create_app
+from local_stack.account import DEMO_GHCR_TOKEN, DemoAccount, create_demo_account
+from local_stack.moto_server import moto_process
+from local_stack.prefect_server import (
+    TERMINAL_STATES,
     PrefectStack,
     prefect_stack,
     pull_request_payload,
     signed_delivery,
 )
-from deployments.receiver import create_app
-from deployments.scripted_instance import ScriptedInstances
+from local_stack.registry import FakeRegistry
+from local_stack.serve import serve_asgi, serve_handler
 from tasks.aws import AwsClients, build_clients
 from tasks.config import VARIABLE_NAME, PreviewConfig
 from tests.fakes.github import FakeGitHub
-from tests.fakes.registry import FakeRegistry
-from tests.helpers import live, tags
+from tests.support.moto_state import live, tags
 
 REPO = "octo-org/hello-api"
 SECRET = "e2e-webhook-secret"
 TOKEN = "good-token"
+DEPLOYMENTS = ("pr-preview/pr-preview", "pr-teardown/pr-teardown")
 
 
 @dataclass
@@ -72,10 +76,35 @@ class Installation:
         self.github.add_pull(REPO, payload["pull_request"])
         return signed_delivery(self.receiver, SECRET, "pull_request", payload)
 
-    def wait_idle(self, deployment: str = "pr-preview/pr-preview", timeout: float = 300) -> None:
-        """Until no run of ``deployment`` is still scheduled, pending or running."""
-        runs = self.stack.flow_runs(deployment)
-        self.stack.wait_for_runs(deployment, len(runs), timeout=timeout)
+    def wait_idle(self, timeout: float = 300) -> None:
+        """Until no run of any deployment is still scheduled, pending or running."""
+        for deployment in DEPLOYMENTS:
+            runs = self.stack.flow_runs(deployment)
+            self.stack.wait_for_runs(deployment, len(runs), timeout=timeout)
+
+    def fresh(self) -> None:
+        """A clean slate for the next test: idle, no live instance, default configuration."""
+        self.wait_idle()
+        running = [i["InstanceId"] for i in live(self.aws)]
+        if running:
+            self.aws.ec2.terminate_instances(InstanceIds=running)
+        self.configure()
+
+    def wait_for_pr_runs(
+        self, deployment: str, pr: int, count: int, *, timeout: float = 120
+    ) -> list[dict[str, Any]]:
+        """Block until PR ``pr`` has ``count`` finished runs of ``deployment``; return its runs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            mine = self.runs_for(deployment, pr)
+            done = [run for run in mine if run["state_type"] in TERMINAL_STATES]
+            if len(done) >= count:
+                return mine
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{deployment} #{pr}: {len(done)}/{count} runs finished: {self.outcomes(mine)}"
+                )
+            time.sleep(0.5)
 
     def outcomes(self, runs: list[dict[str, Any]]) -> list[str]:
         """State name and message of each run, for assertion messages."""
@@ -125,26 +154,22 @@ class Installation:
         return sorted((times["acquired"], times["released"]) for times in held)
 
 
-@pytest.fixture(scope="session")
-def installation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
-    from moto.server import ThreadedMotoServer
-
+@contextmanager
+def running_installation(home: Path) -> Iterator[Installation]:
+    """Start every piece of the installation; stop all of them (and restore os.environ) after."""
     saved = dict(os.environ)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     github = FakeGitHub(tokens={TOKEN: FakeGitHub().tokens["good-token"]})
     registry = FakeRegistry(scheme="http", users={"octo-org": DEMO_GHCR_TOKEN})
     try:
         with (
-            ScriptedInstances().healthy().patched(),
+            moto_process(home / "moto.log") as moto_url,
             serve_handler(registry.handle) as registry_url,
             serve_handler(github.handle) as github_url,
         ):
             registry.host = registry_url.removeprefix("http://")
             github.base_url = github_url
             os.environ.update(
-                AWS_ENDPOINT_URL=f"http://{host}:{port}",
+                AWS_ENDPOINT_URL=moto_url,
                 AWS_ACCESS_KEY_ID="testing",
                 AWS_SECRET_ACCESS_KEY="testing",
                 AWS_DEFAULT_REGION="ap-northeast-1",
@@ -154,7 +179,7 @@ def installation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installat
             os.environ.pop("PREFECT_API_URL", None)
             aws = build_clients(PreviewConfig(region="ap-northeast-1"))
             account = create_demo_account(aws)
-            with prefect_stack(tmp_path_factory.mktemp("prefect")) as stack:
+            with prefect_stack(home / "prefect") as stack:
                 stack.deploy()
                 stack.start_worker(Path(stack.home) / "worker.log")
                 with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
@@ -162,6 +187,5 @@ def installation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installat
                     found.configure()
                     yield found
     finally:
-        server.stop()
         os.environ.clear()
         os.environ.update(saved)

@@ -9,7 +9,6 @@ webhook receiver turns GitHub deliveries into Prefect events — which start the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -19,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = "octo-org/hello-api"
 PR_NUMBER = 42
@@ -55,29 +52,6 @@ def moto_server() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
-
-
-class DemoRegistry:
-    """An anonymous OCI registry that knows the tags CI "pushed" (plain http on 127.0.0.1)."""
-
-    def __init__(self) -> None:
-        self.tags: set[tuple[str, str]] = set()
-
-    def push(self, name: str, tag: str) -> None:
-        self.tags.add((name, tag))
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path == "/v2/":
-            return httpx.Response(200)
-        name, found, ref = path.removeprefix("/v2/").partition("/manifests/")
-        if not found:
-            return httpx.Response(404)
-        if (name, ref) not in self.tags:
-            return httpx.Response(404, json={"errors": [{"code": "MANIFEST_UNKNOWN"}]})
-        digest = "sha256:" + hashlib.sha256(f"{name}:{ref}".encode()).hexdigest()
-        media = "application/vnd.oci.image.manifest.v1+json"
-        return httpx.Response(200, headers={"Docker-Content-Digest": digest, "Content-Type": media})
 
 
 def point_at_moto(endpoint: str) -> None:
@@ -121,11 +95,12 @@ def run(keep: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="pr-preview-demo-") as tmp, moto_server() as aws:
         point_at_moto(aws)
         # Imported after the environment is set: Prefect reads its settings at import.
-        from deployments.demo_account import create_demo_account
-        from deployments.local_http import serve_asgi, serve_handler
-        from deployments.local_stack import prefect_stack, pull_request_payload, signed_delivery
         from deployments.receiver import create_app
-        from deployments.scripted_instance import ScriptedInstances
+        from local_stack.account import create_demo_account
+        from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
+        from local_stack.registry import FakeRegistry
+        from local_stack.scripted_instance import ScriptedInstances
+        from local_stack.serve import serve_asgi, serve_handler
         from tasks.aws import build_clients
         from tasks.config import VARIABLE_NAME, load_config
 
@@ -136,14 +111,15 @@ def run(keep: bool) -> int:
         say(f"   api-sg {account.api_sg_id}; db-sg {account.db_sg_id} admits api-sg on 5432")
         say(f"   instance profile {account.instance_profile}; SecureStrings in Parameter Store")
 
-        registry = DemoRegistry()
+        registry = FakeRegistry(scheme="http")
         instances = ScriptedInstances().healthy()
         with (
             instances.patched(),
             serve_handler(registry.handle) as registry_url,
             prefect_stack(Path(tmp) / "prefect") as stack,
         ):
-            image = f"{registry_url.removeprefix('http://')}/{REPO}"
+            registry.host = registry_url.removeprefix("http://")
+            image = f"{registry.host}/{REPO}"
             banner("2. A local Prefect server, the deployments of prefect.yaml, a worker")
             say(f"   Prefect UI {stack.ui_url}")
             stack.set_variable(

@@ -2,13 +2,8 @@
 
 ``tests/test_fault_matrix.py`` attaches one row per run to its test report
 (``user_properties`` named ``fault_matrix``); reports travel from xdist workers to the
-controller, so this plugin sees every row wherever the test ran. Activate it from
-``tests/conftest.py`` (loaded by the controller too)::
-
-    from tests.fakes.fault_matrix_report import (  # noqa: F401
-        pytest_runtest_logreport,
-        pytest_terminal_summary,
-    )
+controller, so this plugin sees every row wherever the test ran. ``tests/conftest.py`` loads
+it through ``pytest_plugins``.
 """
 
 from __future__ import annotations
