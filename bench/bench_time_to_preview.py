@@ -83,17 +83,18 @@ from local_stack.serve import serve_handler  # noqa: E402
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.check_image import check_image  # noqa: E402
 from tasks.config import PreviewConfig, load_config  # noqa: E402
-from tasks.instances import batches, find_previews, terminate_in_batches  # noqa: E402
+from tasks.instances import batches, find_previews, terminate_in_batches, terminate_outdated  # noqa: E402
 from tasks.launch import LaunchSpec, launch_instance  # noqa: E402
-from tasks.migrate import migrate, migrate_commands  # noqa: E402
+from tasks.migrate import migrate_commands, run_migrations  # noqa: E402
+from tasks.on_instance import port_check  # noqa: E402
 from tasks.preflight import run_preflight  # noqa: E402
-from tasks.probe import probe, probe_command  # noqa: E402
+from tasks.probe import probe_app, probe_command  # noqa: E402
 from tasks.retry import error_code  # noqa: E402
 from tasks.secrets import read_secrets  # noqa: E402
 from tasks.ssm import run_command  # noqa: E402
-from tasks.terminate import make_room, terminate_outdated  # noqa: E402
-from tasks.update import preview_health, update_in_place  # noqa: E402
-from tasks.wait_ready import port_check, wait_ready  # noqa: E402
+from tasks.terminate import make_room  # noqa: E402
+from tasks.update import check_health, deploy_in_place  # noqa: E402
+from tasks.wait_ready import wait_until_ready  # noqa: E402
 
 REGION = "ap-northeast-1"
 REPO = "octo-org/app"
@@ -336,10 +337,10 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
     ]
     if len(current) == 1:
         instance_id = current[0].instance_id
-        if preview_health(ec2, ssm, instance_id, config).healthy:
-            update_in_place(ec2, ssm, instance_id, config, repo=REPO, sha=scenario.sha)
-            migrate(ssm, instance_id, config)
-            probe(ssm, instance_id, config)
+        if check_health(ec2, ssm, instance_id, config).healthy:
+            deploy_in_place(ec2, ssm, instance_id, config, repo=REPO, sha=scenario.sha)
+            run_migrations(ssm, instance_id, config)
+            probe_app(ssm, instance_id, config)
             return "in-place"
     # As the flow's terminate step: TerminateInstances frees the slot; no wait for terminated.
     terminate_outdated(ec2, config, REPO, PR, keep_sha=scenario.sha, wait=False)
@@ -351,9 +352,9 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
         ami_id=report.ami_id,
         subnet_id=report.subnet_id,
     )
-    wait_ready(ec2, ssm, launched.instance_id, config)
-    migrate(ssm, launched.instance_id, config)
-    probe(ssm, launched.instance_id, config)
+    wait_until_ready(ec2, ssm, launched.instance_id, config)
+    run_migrations(ssm, launched.instance_id, config)
+    probe_app(ssm, launched.instance_id, config)
     return "launched"
 
 

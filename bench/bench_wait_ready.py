@@ -38,7 +38,7 @@ from moto import mock_aws  # noqa: E402
 
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.config import PreviewConfig  # noqa: E402
-from tasks.wait_ready import wait_ready  # noqa: E402
+from tasks.wait_ready import wait_until_ready  # noqa: E402
 from tests.support.ssm import (  # noqa: E402
     AGENT_PING,
     BOOTSTRAP_CHECK,
@@ -91,7 +91,7 @@ def one_wait(
             ),
         )
         calls = count_calls(clients)
-        wait_ready(
+        wait_until_ready(
             clients.ec2,
             clients.ssm,
             instance,

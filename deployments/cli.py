@@ -330,7 +330,8 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tasks.instances import LIVE_STATES, find_previews
+    from tasks.instances import find_previews
+    from tasks.tags import LIVE_STATES
 
     config = _config(args)
     states = ALL_STATES if args.all_states else LIVE_STATES
@@ -388,7 +389,8 @@ def _collect(
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from tasks.diagnose import evidence_sections, mask_secrets
+    from tasks.diagnose import evidence_sections
+    from tasks.masking import mask_secrets
 
     config = _config(args)
     clients = _clients(config)
@@ -422,7 +424,7 @@ def instance_checks(
     evidence: Mapping[str, str], config: PreviewConfig, secrets: Sequence[str] = ()
 ) -> list[Check]:
     """Runbook §0 read from the §9 evidence: bootstrap, app up, DB TCP, DB connect."""
-    from tasks.diagnose import mask_secrets
+    from tasks.masking import mask_secrets
     from tasks.preflight import Check
 
     def text(name: str) -> str:
@@ -594,8 +596,9 @@ def _revoke_leftover_db_rules(clients: AwsClients, config: PreviewConfig) -> Non
     """The sweeper's step 4: db-sg ``/32`` rules (runbook §2.5) no live preview uses."""
     if not (config.db_sg_open_public_ip and config.db_security_group_id):
         return
+    from tasks.db_access import leftover_db_rules
     from tasks.instances import find_previews
-    from tasks.sweep import db_rules, leftover_db_rules, revoke_db_rules
+    from tasks.sweep import db_rules, revoke_db_rules
 
     group = config.db_security_group_id
     live = find_previews(clients.ec2, config.purpose_tag)

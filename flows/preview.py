@@ -21,33 +21,34 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from flows.common import check_inputs, emit_instance_event
-from flows.locks import FLEET_LOCK, hold, pr_lock_name
-from flows.reporting import PullRequestReport
 from tasks.aws import AwsClients, build_clients
 from tasks.check_image import check_image
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
-from tasks.db_access import open_db_access_task
-from tasks.diagnose import diagnose_task
+from tasks.db_access import open_db_access
+from tasks.diagnose import diagnose
+from tasks.events import emit_instance_event
 from tasks.github import github_from_config
 from tasks.guards import guard
-from tasks.instances import format_time
+from tasks.inputs import check_inputs
 from tasks.launch import LaunchSpec, launch
-from tasks.migrate import migrate_task
+from tasks.locks import FLEET_LOCK, hold, pr_lock_name
+from tasks.migrate import migrate
+from tasks.outcome import Outcome
 from tasks.preflight import preflight
-from tasks.probe import ProbeResult, probe_task
-from tasks.retry import with_config_retries
+from tasks.probe import ProbeResult, probe
+from tasks.report import PullRequestReport
 from tasks.secrets import read_secrets
+from tasks.tags import format_time
 from tasks.terminate import NoRoom, terminate, terminate_instance
 from tasks.update import (
-    confirm_ttl_task,
+    confirm_ttl,
     in_place_candidate,
-    preview_health_task,
-    shorten_ttl_task,
-    update_in_place_task,
+    preview_health,
+    shorten_ttl,
+    update_in_place,
 )
-from tasks.wait_ready import wait_ready_task
+from tasks.wait_ready import wait_ready
 
 
 class PreviewFailed(RuntimeError):
@@ -128,20 +129,22 @@ def pr_preview(
             report.tell(PreviewState.FAILED, diagnosis=f"could not read the pull request: {exc}")
             raise
         if not verdict.ok:
-            result.status, result.reason = verdict.verdict, verdict.reason
+            outcome = verdict.verdict
+            assert outcome is not None
+            result.status, result.reason = outcome, verdict.reason
             logger.info("not launching: %s", verdict.reason)
-            if verdict.verdict == "refused_fork":
+            if outcome is Outcome.REFUSED_FORK:
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
-            return _ended_as(verdict.verdict, result)
+            return _ended_as(outcome, result)
 
         report.tell(PreviewState.LAUNCHING)
         try:
             _deploy(clients, settings, result, secrets.ghcr_token)
         except NoRoom as exc:
-            result.status, result.reason = "no-room", str(exc)
+            result.status, result.reason = Outcome.NO_ROOM, str(exc)
             logger.info("not launching: %s", exc)
             report.tell(PreviewState.REFUSED, detail=f"No room for this preview: {exc}.")
-            return _ended_as("no-room", result)
+            return _ended_as(Outcome.NO_ROOM, result)
         except Exception as exc:
             result.status = "failed"
             diagnosis = getattr(exc, "diagnosis", None) or str(exc)
@@ -177,25 +180,19 @@ def _deploy(
     requested_at = flow_run.get_scheduled_start_time() or datetime.now(UTC)
 
     # 1. Preflight and the build-image check, side by side.
-    checked = with_config_retries(preflight, settings).submit(
-        clients, settings, key=f"pr-{pr_number}-preflight"
-    )
+    checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
     image = check_image.submit(settings, repo, pr_number, sha, ghcr_token)
     account = checked.result()
     image.result()
 
     # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
     replaced: list[str] = []
-    instance_id = with_config_retries(in_place_candidate, settings)(
-        clients.ec2, settings, repo, pr_number, sha
-    )
+    instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
     if instance_id:
-        health = with_config_retries(preview_health_task, settings)(clients, settings, instance_id)
+        health = preview_health(clients, settings, instance_id)
         if health.healthy:
             try:
-                updated = with_config_retries(update_in_place_task, settings)(
-                    clients, settings, instance_id, repo, sha
-                )
+                updated = update_in_place(clients, settings, instance_id, repo, sha)
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
                 _migrate_and_probe(clients, settings, result)
                 result.status, result.path = "ready", "in-place"
@@ -203,20 +200,18 @@ def _deploy(
             except Exception as exc:
                 logger.warning("in-place update of %s failed (%s): relaunching", instance_id, exc)
                 # Its tags may already name the new sha: launch must not take it over.
-                with_config_retries(terminate_instance, settings)(
-                    clients.ec2, settings, instance_id
-                )
+                terminate_instance(clients.ec2, settings, instance_id)
                 replaced.append(instance_id)
         else:
             logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
     # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
     with hold(FLEET_LOCK):
-        terminated = with_config_retries(terminate, settings)(
+        terminated = terminate(
             clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
         result.replaced = replaced + terminated.instance_ids
-        launched = with_config_retries(launch, settings)(
+        launched = launch(
             clients.ec2,
             settings,
             LaunchSpec(repo, pr_number, sha, requested_at),
@@ -238,11 +233,9 @@ def _deploy(
 
     # 4. Ready only when the app answers inside the instance and the migrations ran.
     try:
-        with_config_retries(wait_ready_task, settings)(clients, settings, launched.instance_id)
+        wait_ready(clients, settings, launched.instance_id)
         # Optional (runbook §2.5, off by default): the public IP/32 on db-sg before migrating.
-        with_config_retries(open_db_access_task, settings)(
-            clients.ec2, settings, launched.instance_id
-        )
+        open_db_access(clients.ec2, settings, launched.instance_id)
         _migrate_and_probe(clients, settings, result)
     except Exception as exc:
         raise _failed_after_launch(clients, settings, result, exc) from exc
@@ -257,7 +250,7 @@ def _failed_after_launch(
     instance_id = result.instance_id or ""
     summary = str(error)
     try:
-        diagnosis = diagnose_task(
+        diagnosis = diagnose(
             clients,
             settings,
             instance_id,
@@ -268,12 +261,12 @@ def _failed_after_launch(
     except Exception as exc:
         logger.warning("no diagnosis of %s: %s", instance_id, exc)
     try:
-        change = with_config_retries(shorten_ttl_task, settings)(clients, settings, instance_id)
+        change = shorten_ttl(clients, settings, instance_id)
         result.shutdown_at = change.after
     except Exception as exc:
         # The short TTL could not be set: do not leave a long-lived instance behind.
         logger.error("shutdown-at of %s not shortened (%s): terminating it", instance_id, exc)
-        with_config_retries(terminate_instance, settings)(clients.ec2, settings, instance_id)
+        terminate_instance(clients.ec2, settings, instance_id)
         result.shutdown_at = None
     failure = PreviewFailed(f"{type(error).__name__}: {error} — {summary}")
     failure.diagnosis = summary
@@ -282,22 +275,20 @@ def _failed_after_launch(
 
 def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: PreviewResult) -> None:
     instance_id = result.instance_id or ""
-    with_config_retries(migrate_task, settings)(clients, settings, instance_id)
-    answer: ProbeResult = with_config_retries(probe_task, settings)(clients, settings, instance_id)
+    migrate(clients, settings, instance_id)
+    answer: ProbeResult = probe(clients, settings, instance_id)
     result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
     # Ready: only now does the preview get its full TTL (it ran on the short one until here).
-    result.shutdown_at = with_config_retries(confirm_ttl_task, settings)(
-        clients, settings, instance_id
-    )
+    result.shutdown_at = confirm_ttl(clients, settings, instance_id)
 
 
-def _ended_as(name: str, result: PreviewResult) -> PreviewResult:
+def _ended_as(outcome: Outcome, result: PreviewResult) -> PreviewResult:
     """A run that rightly launched nothing: Completed, named after why (Superseded, Closed…).
 
     Prefect unwraps a returned state: a caller gets ``result``, the UI shows the name.
     """
     state: State[PreviewResult] = Completed(
-        name=name.replace("_", " ").replace("-", " ").title(),
+        name=outcome.state_name,
         message=result.reason,
         data=_published(result),
     )

@@ -8,15 +8,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.common import check_inputs, emit_instance_event
-from flows.locks import hold, pr_lock_name
-from flows.reporting import PullRequestReport
 from tasks.aws import build_clients
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
-from tasks.db_access import close_db_access_task
+from tasks.db_access import close_db_access
+from tasks.events import emit_instance_event
 from tasks.github import github_from_config
-from tasks.retry import with_config_retries
+from tasks.inputs import check_inputs
+from tasks.locks import hold, pr_lock_name
+from tasks.report import PullRequestReport
 from tasks.teardown import teardown
 
 
@@ -48,9 +48,7 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     with github, hold(pr_lock_name(repo, pr_number)):
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         try:
-            removed = with_config_retries(teardown, settings)(
-                clients.ec2, settings, repo, pr_number
-            )
+            removed = teardown(clients.ec2, settings, repo, pr_number)
         except Exception as exc:
             report.tell(
                 PreviewState.FAILED,
@@ -69,9 +67,7 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
             instance_id=", ".join(removed.instance_ids) or None,
         )
         # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
-        with_config_retries(close_db_access_task, settings)(
-            clients.ec2, settings, removed.instance_ids
-        )
+        close_db_access(clients.ec2, settings, removed.instance_ids)
 
     result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)
     create_markdown_artifact(

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from tenacity import RetryCallState, Retrying, retry_if_result
+
+from tasks.prefect_context import run_logger
+from tasks.step import step
 
 if TYPE_CHECKING:
     from tasks.config import PreviewConfig
@@ -335,7 +336,7 @@ def wait_for_image(
     )
 
 
-@task(name="check_image", retries=0, cache_policy=NO_CACHE)
+@step(retry=False)
 def check_image(
     config: PreviewConfig,
     repo: str,
@@ -349,7 +350,7 @@ def check_image(
     ``ghcr_token`` (from Parameter Store) is used for the registry token request only and is
     never logged.
     """
-    log = _run_logger()
+    log = run_logger(logger)
     image = config.image_for(repo)
     result = wait_for_image(
         image,
@@ -369,14 +370,3 @@ def check_image(
         result.waited_seconds,
     )
     return result
-
-
-def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The run's logger (shown in the Prefect UI), or the module's when called as ``.fn``."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger

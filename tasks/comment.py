@@ -7,7 +7,6 @@ and logged, and the run goes on: the comment is a report, not a step the preview
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable
@@ -16,16 +15,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.diagnose import mask_secrets as _mask
 from tasks.github import GitHub, GitHubError
-from tasks.instances import format_time
+from tasks.masking import mask_secrets
+from tasks.prefect_context import run_logger
+from tasks.step import step
+from tasks.tags import format_time
+from tasks.tunnel import tunnel_command
 
 logger = logging.getLogger(__name__)
 
-MASK = "****"
 MAX_DIAGNOSIS_CHARS = 6000
 
 
@@ -79,29 +77,11 @@ def marker(repo: str, pr_number: int) -> str:
     return f"<!-- pr-preview:{repo}#{int(pr_number)} -->"
 
 
-def tunnel_command(instance_id: str, region: str, app_port: int = 8000) -> str:
-    """Runbook §6.2 for this instance: the app port forwarded to the same local port."""
-    parameters = json.dumps(
-        {"portNumber": [str(app_port)], "localPortNumber": [str(app_port)]}, separators=(",", ":")
-    )
-    return (
-        f"aws ssm start-session --target {instance_id} "
-        f"--document-name AWS-StartPortForwardingSession "
-        f"--parameters '{parameters}' --region {region}"
-    )
-
-
 def flow_run_url(prefect_ui_url: str | None, flow_run_id: object | None) -> str | None:
     """The Prefect UI page of a flow run, when the UI URL is configured."""
     if not prefect_ui_url or not flow_run_id:
         return None
     return f"{prefect_ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
-
-
-def mask_secrets(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with every given secret (in all its encodings), URL passwords and GitHub tokens
-    replaced by ``****``: the one masking of the diagnosis, shared so that both agree."""
-    return _mask(text, [secret for secret in secrets if secret])
 
 
 def _fence(text: str) -> str:
@@ -190,7 +170,7 @@ def artifact_key(pr_number: int) -> str:
     return f"pr-{int(pr_number)}-comment"
 
 
-@task(name="comment", retries=0, cache_policy=NO_CACHE)
+@step(retry=False)
 def post_comment(
     github: GitHub, status: CommentState, secrets: Iterable[str | None] = ()
 ) -> CommentResult:
@@ -202,7 +182,7 @@ def post_comment(
     """
     from prefect.artifacts import create_markdown_artifact
 
-    log = _run_logger()
+    log = run_logger(logger)
     body = render_comment(status, secrets)
     if github.enabled:
         try:
@@ -219,14 +199,3 @@ def post_comment(
     )
     log.info("PR comment (not posted to GitHub):\n%s", body)
     return CommentResult("skipped", None, body)
-
-
-def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The run's logger (shown in the Prefect UI), or the module's when called as ``.fn``."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger

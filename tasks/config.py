@@ -16,6 +16,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.prefect_context import api_reachable
+
 VARIABLE_NAME = "pr-preview-config"
 ENV_PREFIX = "PR_PREVIEW_"
 
@@ -149,14 +151,6 @@ def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def _prefect_api_reachable(env: Mapping[str, str]) -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() or TaskRunContext.get():
-        return True
-    return bool(env.get("PREFECT_API_URL"))
-
-
 def config_from_variable() -> dict[str, Any]:
     """The JSON object stored in the Prefect Variable ``pr-preview-config``, if any."""
     from prefect.variables import Variable
@@ -192,7 +186,7 @@ def load_config(
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
     if use_variable is None:
-        use_variable = _prefect_api_reachable(env)
+        use_variable = api_reachable(env)
     if use_variable:
         layers.append((f"Prefect Variable {VARIABLE_NAME}", config_from_variable()))
     layers.append(("environment", config_from_env(env)))

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PreviewConfig
 from tasks.instances import Preview
-from tasks.retry import error_code, retry_transient
+from tasks.retry import error_code
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -90,6 +89,7 @@ def revoke_db_rules(ec2: EC2Client, group_id: str, rules: Sequence[DbRule]) -> l
     return list(rules)
 
 
+@step
 def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
     """Admit the instance's public IP/32 on db-sg 5432; the CIDR, or None when off or no IP."""
     if not (config.db_sg_open_public_ip and config.db_security_group_id):
@@ -118,36 +118,11 @@ def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> s
     return cidr
 
 
-def close_db_access(
-    ec2: EC2Client, config: PreviewConfig, instance_ids: Iterable[str]
-) -> list[DbRule]:
+@step
+def close_db_access(ec2: EC2Client, config: PreviewConfig, instance_ids: list[str]) -> list[DbRule]:
     """Revoke the db-sg rules opened for ``instance_ids`` (teardown)."""
     if not (config.db_sg_open_public_ip and config.db_security_group_id):
         return []
     ids = set(instance_ids)
     mine = [rule for rule in db_rules(ec2, config.db_security_group_id) if rule.instance_id in ids]
     return revoke_db_rules(ec2, config.db_security_group_id, mine)
-
-
-@task(
-    name="open-db-access",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def open_db_access_task(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
-    return open_db_access(ec2, config, instance_id)
-
-
-@task(
-    name="close-db-access",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def close_db_access_task(
-    ec2: EC2Client, config: PreviewConfig, instance_ids: list[str]
-) -> list[DbRule]:
-    return close_db_access(ec2, config, instance_ids)

@@ -15,95 +15,29 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import quote, unquote
 
 from botocore.exceptions import BotoCoreError, ClientError
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.retry import retry_transient
+from tasks.masking import mask_secrets
+from tasks.on_instance import BOOTSTRAP_CHECK, CLOUD_INIT_LOG, port_check
+from tasks.prefect_context import run_logger
 from tasks.secrets import read_secrets
 from tasks.ssm import CommandTimeout, send_shell, wait_command
-from tasks.wait_ready import BOOTSTRAP_CHECK, CLOUD_INIT_LOG, port_check
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
 
 logger = logging.getLogger(__name__)
 
-MASK = "****"
 EVIDENCE_LINES_PER_FINDING = 8
 LOG_BYTES = 20000  # StandardOutputContent keeps 24,000 characters; keep the end of a log
-
-# --- masking -------------------------------------------------------------------------------
-
-_MASKS: list[tuple[re.Pattern[str], str]] = [
-    # scheme://user:password@host — the password of any URL, DATABASE_URL above all
-    (
-        re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]+(@)", re.IGNORECASE),
-        rf"\1{MASK}\2",
-    ),
-    # GitHub tokens: classic, fine-grained, OAuth, app and refresh tokens
-    (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{20,}"), MASK),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MASK),
-    # key=value / key: value for secret-ish keys (libpq DSNs, env files, JSON)
-    (
-        re.compile(
-            r"(?i)(\b\w*(?:password|passwd|pwd|secret|token)\w*"
-            r"[\"']?\s*[=:]\s*[\"']?)(?!\*{4})[^\s\"',;&]+"
-        ),
-        rf"\1{MASK}",
-    ),
-    # a whole DATABASE_URL value that is not a URL at all
-    (re.compile(r"(DATABASE_URL=)(?![a-z][a-z0-9+.-]*://)\S+", re.IGNORECASE), rf"\1{MASK}"),
-    # a broken URL parse quotes a piece of the password back (runbook §5)
-    (
-        re.compile(
-            r"(invalid integer value\s*)([\"'“”„‘’]).*?([\"'“”‘’])(\s*for connection option)"
-        ),
-        rf"\1\2{MASK}\3\4",
-    ),
-    (re.compile(r"(Port could not be cast to integer value as\s*)(['\"]).*?\2"), rf"\1\2{MASK}\2"),
-    (re.compile(r"(invalid literal for int\(\) with base 10:\s*)(['\"]).*?\2"), rf"\1\2{MASK}\2"),
-]
-_FRAGMENT_SPLIT = re.compile(r"[/?#@:]")
-MIN_FRAGMENT = 6
-
-
-def secret_variants(values: Iterable[str]) -> list[str]:
-    """Each secret as given, URL-encoded and decoded, its password if it is a URL, and the
-    longer pieces a broken URL parse would quote back; longest first."""
-    found: set[str] = set()
-    for value in values:
-        if not value:
-            continue
-        # Of a URL only the password is secret: its host must stay readable in the evidence.
-        match = re.match(r"[a-z][a-z0-9+.-]*://[^:/@]*:(.+)@[^@]*$", value, re.IGNORECASE)
-        secret = match.group(1) if match else value
-        candidates = {value, secret, quote(secret, safe=""), unquote(secret)}
-        for candidate in [secret, unquote(secret)]:
-            candidates |= {
-                piece for piece in _FRAGMENT_SPLIT.split(candidate) if len(piece) >= MIN_FRAGMENT
-            }
-        found |= {candidate for candidate in candidates if len(candidate) >= 4}
-    return sorted(found, key=len, reverse=True)
-
-
-def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every secret-looking value and every given secret replaced by ``****``."""
-    for variant in secret_variants(secrets):
-        text = text.replace(variant, MASK)
-    for pattern, replacement in _MASKS:
-        text = pattern.sub(replacement, text)
-    return text
-
 
 # --- evidence ------------------------------------------------------------------------------
 
@@ -494,7 +428,7 @@ def diagnose_evidence(
     )
 
 
-def diagnose(
+def diagnose_instance(
     ssm: SSMClient,
     instance_id: str,
     config: PreviewConfig,
@@ -514,14 +448,8 @@ def parameter_secrets(ssm: SSMClient, config: PreviewConfig) -> list[str]:
     return read_secrets(ssm, config).values
 
 
-@task(
-    name="diagnose",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def diagnose_task(
+@step
+def diagnose(
     clients: AwsClients,
     config: PreviewConfig,
     instance_id: str,
@@ -530,11 +458,11 @@ def diagnose_task(
 ) -> Diagnosis:
     """Prefect wrapper: publishes the diagnosis as a markdown artifact and returns it."""
     secrets = parameter_secrets(clients.ssm, config)
-    diagnosis = diagnose(clients.ssm, instance_id, config, error=error, secrets=secrets)
+    diagnosis = diagnose_instance(clients.ssm, instance_id, config, error=error, secrets=secrets)
     create_markdown_artifact(
         markdown=diagnosis.markdown(),
         key=artifact_key,
         description=f"pr-preview diagnosis of {instance_id}",
     )
-    get_run_logger().warning("diagnosis of %s: %s", instance_id, diagnosis.key or "unknown")
+    run_logger(logger).warning("diagnosis of %s: %s", instance_id, diagnosis.key or "unknown")
     return diagnosis

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tasks.prefect_context import api_reachable
+
 if TYPE_CHECKING:
     from tasks.config import PreviewConfig
 
@@ -381,14 +383,6 @@ def deployment_environment(pr_number: int) -> str:
     return f"pr-{int(pr_number)}"
 
 
-def _prefect_api_reachable(env: Mapping[str, str]) -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() or TaskRunContext.get():
-        return True
-    return bool(env.get("PREFECT_API_URL"))
-
-
 def token_from_secret_block(name: str) -> str | None:
     """The token in Prefect Secret block ``name``; None when it cannot be read (not fatal)."""
     try:
@@ -409,7 +403,7 @@ def github_from_config(
 ) -> GitHub:
     """A client for this run: token from the Secret block, else GITHUB_TOKEN; GITHUB_API_URL."""
     token = None
-    if _prefect_api_reachable(env):
+    if api_reachable(env):
         token = token_from_secret_block(config.github_token_secret_block)
     if not token:
         token = env.get("GITHUB_TOKEN") or None

@@ -8,26 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from typing import Any
 
 from tasks.github import GitHub
-
-Verdict = Literal["ok", "refused_fork", "closed", "superseded"]
+from tasks.outcome import Outcome
+from tasks.step import step
 
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The verdict and a sentence for the log and the PR comment."""
+    """The verdict (None: go ahead) and a sentence for the log and the PR comment."""
 
-    verdict: Verdict
+    verdict: Outcome | None
     reason: str
 
     @property
     def ok(self) -> bool:
-        return self.verdict == "ok"
+        return self.verdict is None
 
 
 def _full_name(side: Mapping[str, Any] | None) -> str | None:
@@ -65,7 +62,9 @@ def check_pull(
     state = pull.get("state")
     if state != "open" or pull.get("merged"):
         what = "merged" if pull.get("merged") else (state or "in an unknown state")
-        return GuardResult("closed", f"pull request #{number} is {what}; no preview is launched")
+        return GuardResult(
+            Outcome.CLOSED, f"pull request #{number} is {what}; no preview is launched"
+        )
 
     if is_fork(pull):
         head = _full_name(pull.get("head"))
@@ -74,13 +73,13 @@ def check_pull(
             pass
         elif head is None:
             return GuardResult(
-                "refused_fork",
+                Outcome.REFUSED_FORK,
                 f"pull request #{number} comes from a fork that has been deleted; previews of "
                 f"forks run only for repositories in allowed_fork_repos",
             )
         else:
             return GuardResult(
-                "refused_fork",
+                Outcome.REFUSED_FORK,
                 f"pull request #{number} comes from the fork {head}; previews run code from "
                 f"forks only when {head} (or {expected_repo}) is in allowed_fork_repos",
             )
@@ -88,11 +87,11 @@ def check_pull(
     current = str((pull.get("head") or {}).get("sha") or "")
     if current and current != head_sha:
         return GuardResult(
-            "superseded",
+            Outcome.SUPERSEDED,
             f"pull request #{number} now points at {current[:12]}, not {head_sha[:12]}; "
             "the run for the newer push takes over",
         )
-    return GuardResult("ok", f"pull request #{number} at {head_sha[:12]} may be previewed")
+    return GuardResult(None, f"pull request #{number} at {head_sha[:12]} may be previewed")
 
 
 def check_event(
@@ -102,16 +101,16 @@ def check_event(
     allowed = {name.lower() for name in allowed_fork_repos}
     if head_repo and head_repo.lower() != repo.lower():
         if repo.lower() in allowed or head_repo.lower() in allowed:
-            return GuardResult("ok", f"fork {head_repo} is allow-listed")
+            return GuardResult(None, f"fork {head_repo} is allow-listed")
         return GuardResult(
-            "refused_fork",
+            Outcome.REFUSED_FORK,
             f"the pull request comes from the fork {head_repo}; previews run code from forks "
             f"only when {head_repo} (or {repo}) is in allowed_fork_repos",
         )
-    return GuardResult("ok", "no GitHub token: only the fork guard of the event was applied")
+    return GuardResult(None, "no GitHub token: only the fork guard of the event was applied")
 
 
-@task(name="guard", retries=0, cache_policy=NO_CACHE)
+@step(retry=False)
 def guard(
     github: GitHub,
     repo: str,

@@ -15,43 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from tasks.config import PreviewConfig
 from tasks.retry import is_transient
+from tasks.tags import (
+    LIVE_STATES,
+    TAG_KEEP,
+    TAG_PR,
+    TAG_PURPOSE,
+    TAG_REPO,
+    TAG_SHA,
+    TAG_SHUTDOWN_AT,
+    TAG_UPDATED_AT,
+    TERMINATE_BATCH,
+    parse_time,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 logger = logging.getLogger(__name__)
-
-TAG_PURPOSE = "Purpose"
-TAG_REPO = "Repo"
-TAG_PR = "PR"
-TAG_SHA = "Sha"
-TAG_SHUTDOWN_AT = "shutdown-at"
-TAG_UPDATED_AT = "updated-at"
-TAG_NAME = "Name"
-TAG_KEEP = "pr-preview:keep"
-
-LIVE_STATES = ("pending", "running", "stopping", "stopped")
-TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS
-
-
-def format_time(moment: datetime, *, precise: bool = False) -> str:
-    """UTC ISO-8601, to the second as ``shutdown-at`` holds it, or to the millisecond."""
-    moment = moment.astimezone(UTC)
-    if precise:
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """A tag's timestamp, or None when it is missing or unparsable (never guessed)."""
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -242,3 +224,81 @@ def wait_terminated(
             InstanceIds=batch,
             WaiterConfig={"Delay": max(1, math.ceil(poll_seconds)), "MaxAttempts": attempts},
         )
+
+
+@dataclass
+class Terminated:
+    """What a terminate step removed, and why."""
+
+    instance_ids: list[str] = field(default_factory=list)
+    already_gone: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class TerminateFailed(RuntimeError):
+    """Some instances are still there; ``transient`` when only throttling/5xx stopped them."""
+
+    def __init__(
+        self, message: str, result: TerminateResult | None = None, *, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.transient = transient
+
+
+def terminate_previews(
+    ec2: EC2Client,
+    previews: Sequence[Preview],
+    *,
+    reason: str,
+    timeout_seconds: float,
+    poll_seconds: float,
+    wait: bool = True,
+) -> Terminated:
+    """Terminate ``previews`` in batches and, with ``wait``, until they are ``terminated``.
+
+    Not waiting is safe for capacity: a ``shutting-down`` instance no longer counts as live.
+    """
+    ids = [preview.instance_id for preview in previews]
+    result = terminate_in_batches(ec2, ids)
+    if result.failed:
+        first = next(iter(result.failed.values()))
+        raise TerminateFailed(
+            f"could not terminate {', '.join(result.failed)}: {first}",
+            result,
+            transient=result.only_transient_failures,
+        )
+    if result.terminated and wait:
+        wait_terminated(
+            ec2, result.terminated, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds
+        )
+    return Terminated(
+        instance_ids=result.terminated,
+        already_gone=result.already_gone,
+        reasons=dict.fromkeys(result.terminated, reason),
+    )
+
+
+def terminate_outdated(
+    ec2: EC2Client,
+    config: PreviewConfig,
+    repo: str,
+    pr_number: int,
+    keep_sha: str | None,
+    *,
+    wait: bool = True,
+) -> Terminated:
+    """The PR's live instances at any other sha than ``keep_sha`` (all of them when None)."""
+    stale = [
+        preview
+        for preview in find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
+        if keep_sha is None or preview.sha != keep_sha
+    ]
+    return terminate_previews(
+        ec2,
+        stale,
+        reason=f"replaced by {keep_sha[:7]}" if keep_sha else "pull request closed",
+        timeout_seconds=config.terminate_timeout_seconds,
+        poll_seconds=config.poll_seconds,
+        wait=wait,
+    )

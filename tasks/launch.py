@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-
 from tasks.config import PreviewConfig
-from tasks.instances import (
+from tasks.instances import find_previews
+from tasks.on_instance import timer_minutes
+from tasks.prefect_context import run_logger
+from tasks.run_instances import resolve_ami, run_instances_params
+from tasks.step import step
+from tasks.tags import (
     TAG_NAME,
     TAG_PR,
     TAG_PURPOSE,
@@ -22,14 +24,13 @@ from tasks.instances import (
     TAG_SHA,
     TAG_SHUTDOWN_AT,
     TAG_UPDATED_AT,
-    find_previews,
     format_time,
 )
-from tasks.preflight import resolve_ami, run_instances_params
-from tasks.retry import retry_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+
+logger = logging.getLogger(__name__)
 
 EXTERNAL_DATABASE_ENV = 'printf \'DATABASE_URL=%s\\n\' "$(param {parameter})" > "$APP_DIR/app.env"'
 # The ephemeral database of runbook §11: a postgres service beside the app, gone with the instance.
@@ -68,11 +69,6 @@ def client_token(spec: LaunchSpec, attempt_key: str = "") -> str:
     """
     digest = hashlib.sha256(f"{spec.repo}#{spec.pr_number}@{spec.sha}/{attempt_key}".encode())
     return f"pr-preview-{digest.hexdigest()[:48]}"
-
-
-def timer_minutes(hours: float) -> int:
-    """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
-    return max(1, round(hours * 60))
 
 
 def preview_tags(
@@ -198,13 +194,7 @@ def launch_instance(
     )
 
 
-@task(
-    name="launch",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def launch(
     ec2: EC2Client,
     config: PreviewConfig,
@@ -217,7 +207,7 @@ def launch(
         ec2, config, spec, ami_id=ami_id, subnet_id=subnet_id, attempt_key=attempt_key
     )
     verb = "reused" if result.reused else "launched"
-    get_run_logger().info(
+    run_logger(logger).info(
         "%s %s for %s#%d at %s (shutdown-at %s)",
         verb,
         result.instance_id,

@@ -10,15 +10,13 @@ lacks alembic) stops at once.
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -29,11 +27,14 @@ from tenacity import (
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.retry import retry_transient
+from tasks.prefect_context import run_logger
 from tasks.ssm import CommandResult, CommandTimeout, run_command
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
+
+logger = logging.getLogger(__name__)
 
 # Output that says waiting will not help: stop retrying and let the diagnosis speak.
 PERMANENT_FAILURES = re.compile(
@@ -78,7 +79,7 @@ def migrate_commands(config: PreviewConfig) -> list[str]:
     ]
 
 
-def migrate(
+def run_migrations(
     ssm: SSMClient,
     instance_id: str,
     config: PreviewConfig,
@@ -141,17 +142,11 @@ def migrate(
     return MigrateResult(instance_id, attempts, time.monotonic() - started, last_output)
 
 
-@task(
-    name="migrate",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def migrate_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> MigrateResult:
+@step
+def migrate(clients: AwsClients, config: PreviewConfig, instance_id: str) -> MigrateResult:
     """Prefect wrapper; ``MigrationFailed`` is final (the backoff already waited)."""
-    result = migrate(clients.ssm, instance_id, config)
-    get_run_logger().info(
+    result = run_migrations(clients.ssm, instance_id, config)
+    run_logger(logger).info(
         "migrations ran on %s after %d attempt(s) in %.1fs",
         instance_id,
         result.attempts,

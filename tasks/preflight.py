@@ -6,24 +6,26 @@ permission names the action that was refused (runbook §7, ``UnauthorizedOperati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 from urllib.parse import unquote
 
 from botocore.exceptions import ClientError
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.retry import error_code, is_transient, retry_transient
+from tasks.prefect_context import run_logger
+from tasks.retry import error_code, is_transient
+from tasks.run_instances import AmiNotFound, resolve_ami, run_instances_params
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
-    from mypy_boto3_ec2.type_defs import ImageTypeDef
+
+logger = logging.getLogger(__name__)
 
 Status = Literal["pass", "warn", "fail"]
 T = TypeVar("T")
@@ -107,34 +109,6 @@ def _aws(action: str, call: Callable[[], T]) -> T:
         raise
 
 
-def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
-    """The configured AMI, or the newest available image whose name matches ``ami_name``."""
-    if config.ami_id:
-        try:
-            images = ec2.describe_images(ImageIds=[config.ami_id])["Images"]
-        except ClientError as exc:
-            if error_code(exc).startswith("InvalidAMIID"):
-                images = []
-            else:
-                raise
-        if not images:
-            raise _CheckFailed(f"AMI {config.ami_id} does not exist in {config.region}")
-        return images[0]
-    images = ec2.describe_images(
-        Owners=config.ami_owners,
-        Filters=[
-            {"Name": "name", "Values": [config.ami_name]},
-            {"Name": "state", "Values": ["available"]},
-        ],
-    )["Images"]
-    if not images:
-        raise _CheckFailed(
-            f"no available AMI named {config.ami_name!r} owned by {','.join(config.ami_owners)}"
-            f" in {config.region}"
-        )
-    return max(images, key=lambda image: (image.get("CreationDate", ""), image.get("Name", "")))
-
-
 def parse_database_url(value: str) -> tuple[str, int]:
     """Host and port of a PostgreSQL URL, or ValueError saying what to fix — never the value.
 
@@ -171,41 +145,6 @@ def parse_database_url(value: str) -> tuple[str, int]:
     return host, port
 
 
-def run_instances_params(
-    config: PreviewConfig,
-    *,
-    ami_id: str,
-    subnet_id: str | None,
-    tags: dict[str, str] | None = None,
-    user_data: str = "#!/bin/bash\ntrue\n",
-    client_token: str | None = None,
-) -> dict[str, Any]:
-    """The RunInstances request of a preview, shared by the DryRun and the real launch."""
-    params: dict[str, Any] = {
-        "ImageId": ami_id,
-        "InstanceType": config.instance_type,
-        "MinCount": 1,
-        "MaxCount": 1,
-        "UserData": user_data,
-        "IamInstanceProfile": {"Name": config.instance_profile},
-        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
-        "InstanceInitiatedShutdownBehavior": "terminate",
-    }
-    if subnet_id:
-        params["SubnetId"] = subnet_id
-    if config.security_group_ids:
-        params["SecurityGroupIds"] = list(config.security_group_ids)
-    if tags:
-        tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
-        params["TagSpecifications"] = [
-            {"ResourceType": "instance", "Tags": tag_list},
-            {"ResourceType": "volume", "Tags": tag_list},
-        ]
-    if client_token:
-        params["ClientToken"] = client_token
-    return params
-
-
 def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport:
     """Every check of runbook §2.3 plus the database path; never raises for a failed check."""
     report = PreflightReport()
@@ -214,7 +153,7 @@ def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport
     def check(name: str, body: Callable[[], tuple[Status, str]]) -> bool:
         try:
             status, detail = body()
-        except _CheckFailed as exc:
+        except (_CheckFailed, AmiNotFound) as exc:
             status, detail = "fail", str(exc)
         report.add(name, status, detail)
         return status != "fail"
@@ -425,13 +364,7 @@ def _database_url(clients: AwsClients, config: PreviewConfig) -> tuple[Status, s
     return "pass", f"{name} parses (host {host}, port {port})"
 
 
-@task(
-    name="preflight",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def preflight(
     clients: AwsClients, config: PreviewConfig, key: str | None = None
 ) -> PreflightReport:
@@ -440,9 +373,9 @@ def preflight(
     create_markdown_artifact(
         markdown=report.markdown(), key=key, description="pr-preview preflight report"
     )
-    logger = get_run_logger()
+    log = run_logger(logger)
     for item in report.checks:
-        logger.info("preflight %-22s %s  %s", item.name, item.status, item.detail)
+        log.info("preflight %-22s %s  %s", item.name, item.status, item.detail)
     if not report.passed:
         raise PreflightFailed(report)
     return report

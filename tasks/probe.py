@@ -8,23 +8,24 @@ is recorded: path, status code (0 when nothing answered), latency as curl measur
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.retry import retry_transient
+from tasks.prefect_context import run_logger
 from tasks.ssm import CommandTimeout, poll_wait, run_command
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
+
+logger = logging.getLogger(__name__)
 
 CURL_MAX_SECONDS = 10
 
@@ -104,7 +105,7 @@ def probe_once(
     return answers
 
 
-def probe(
+def probe_app(
     ssm: SSMClient,
     instance_id: str,
     config: PreviewConfig,
@@ -157,17 +158,11 @@ def probe(
     )
 
 
-@task(
-    name="probe",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def probe_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> ProbeResult:
+@step
+def probe(clients: AwsClients, config: PreviewConfig, instance_id: str) -> ProbeResult:
     """Prefect wrapper; ``ProbeFailed`` is final (the deadline already passed)."""
-    result = probe(clients.ssm, instance_id, config)
-    get_run_logger().info(
+    result = probe_app(clients.ssm, instance_id, config)
+    run_logger(logger).info(
         "%s answered %d on %s in %s after %d attempt(s)",
         result.path,
         result.status_code,

@@ -11,32 +11,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
-from tasks.db_access import (
-    DB_RULE_MARKER,
-    DbRule,
-    db_rule_description,
-    db_rules,
-    leftover_db_rules,
-    revoke_db_rules,
-)
+from tasks.config import PreviewConfig
+from tasks.db_access import DbRule, db_rules, leftover_db_rules, revoke_db_rules
+from tasks.events import instance_event
+from tasks.github import github_from_config
 from tasks.instances import (
-    TAG_SHUTDOWN_AT,
-    TERMINATE_BATCH,
     Preview,
+    TerminateFailed,
     TerminateResult,
     find_previews,
-    format_time,
     terminate_in_batches,
 )
-from tasks.retry import retry_transient
+from tasks.prefect_context import run_logger
+from tasks.step import step
+from tasks.tags import TAG_SHUTDOWN_AT, TERMINATE_BATCH, format_time
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -50,7 +43,6 @@ PullKey = tuple[str, int]
 
 ARTIFACT_KEY = "ttl-sweep"
 TERMINATED_EVENT = "pr-preview.terminated"
-PR_ROLE = "pull-request"
 
 
 class PullRequests(Protocol):
@@ -298,29 +290,14 @@ class SweepReport:
 
 
 def terminated_event(decision: Decision) -> dict[str, Any]:
-    """Keyword arguments of ``emit_event`` for one terminated preview (the shape of
-    ``flows.common.emit_instance_event``)."""
+    """Keyword arguments of ``emit_event`` for one terminated preview."""
     preview = decision.preview
-    related = []
     payload: dict[str, Any] = {"reason": decision.reason, "by": "ttl-sweeper", "sha": preview.sha}
     if decision.pull_key:
-        related.append(
-            {
-                "prefect.resource.id": f"github.pr.{preview.repo}/{preview.pr_number}",
-                "prefect.resource.role": PR_ROLE,
-                "prefect.resource.name": f"{preview.repo}#{preview.pr_number}",
-            }
+        return instance_event(
+            "terminated", preview.instance_id, preview.repo, preview.pr_number, **payload
         )
-        payload = {"repo": preview.repo, "pr_number": preview.pr_number, **payload}
-    return {
-        "event": TERMINATED_EVENT,
-        "resource": {
-            "prefect.resource.id": f"pr-preview.instance.{preview.instance_id}",
-            "prefect.resource.name": preview.instance_id,
-        },
-        "related": related,
-        "payload": payload,
-    }
+    return instance_event("terminated", preview.instance_id, **payload)
 
 
 def expired_pulls(report: SweepReport) -> dict[PullKey, Decision]:
@@ -337,8 +314,50 @@ def expired_pulls(report: SweepReport) -> dict[PullKey, Decision]:
     return gone
 
 
+# --- the steps
+
+
+@step
+def find_sweep_candidates(ec2: EC2Client, config: PreviewConfig) -> list[Preview]:
+    """Every live instance with our Purpose tag, across all pages."""
+    return find_previews(ec2, config.purpose_tag)
+
+
+@step(retry=False)
+def look_up_pull_requests(github: PullRequests, keys: list[PullKey]) -> dict[PullKey, str]:
+    """Whether each PR is still open; the GitHub client retries by itself."""
+    return look_up_pull_states(github, keys)
+
+
+@step
+def terminate_expired(
+    ec2: EC2Client, config: PreviewConfig, ids: list[str], batch_size: int = TERMINATE_BATCH
+) -> TerminateResult:
+    """Terminate in batches of 1,000; a failed batch is recorded and the others still run.
+    Batches refused only by throttling or a 5xx fail the task so that its retries run."""
+    result = terminate_in_batches(ec2, ids, batch_size=batch_size)
+    if result.retryable:
+        raise TerminateFailed(
+            f"terminating {len(result.retryable)} previews was throttled", result, transient=True
+        )
+    return result
+
+
+@step
+def revoke_leftover_db_rules(
+    ec2: EC2Client, config: PreviewConfig, live: list[Preview], dry_run: bool = False
+) -> list[DbRule]:
+    """Revoke db-sg's temporary ``/32`` rules on 5432 that no live preview uses any more."""
+    group_id = config.db_security_group_id
+    if not (config.db_sg_open_public_ip and group_id):
+        return []
+    leftovers = leftover_db_rules(db_rules(ec2, group_id), live)
+    return leftovers if dry_run else revoke_db_rules(ec2, group_id, leftovers)
+
+
+@step(retry=False)
 def announce_terminations(
-    report: SweepReport, *, emit: EmitEvent | None, github: PullRequests | None
+    report: SweepReport, emit: EmitEvent | None, github: PullRequests | None
 ) -> int:
     """Emit ``pr-preview.terminated`` per terminated instance and mark the PRs' sticky
     comments expired (when the GitHub client can). Returns the number of comments marked."""
@@ -369,90 +388,91 @@ def announce_terminations(
     return marked
 
 
-# --- Prefect tasks around the steps
-
-
-@task(
-    name="find-sweep-candidates",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def find_sweep_candidates(ec2: EC2Client, purpose: str) -> list[Preview]:
-    """Every live instance with our Purpose tag, across all pages."""
-    return find_previews(ec2, purpose)
-
-
-@task(name="look-up-pull-requests", cache_policy=NO_CACHE)
-def look_up_pull_requests(github: PullRequests, keys: list[PullKey]) -> dict[PullKey, str]:
-    return look_up_pull_states(github, keys)
-
-
-@task(
-    name="terminate-expired",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def terminate_expired(
-    ec2: EC2Client, ids: list[str], batch_size: int = TERMINATE_BATCH
-) -> TerminateResult:
-    """Terminate in batches of 1,000; a failed batch is recorded and the others still run.
-    Batches refused only by throttling or a 5xx fail the task so that its retries run."""
-    from tasks.terminate import TerminateFailed
-
-    result = terminate_in_batches(ec2, ids, batch_size=batch_size)
-    if result.retryable:
-        raise TerminateFailed(
-            f"terminating {len(result.retryable)} previews was throttled", result, transient=True
-        )
-    return result
-
-
-@task(
-    name="revoke-leftover-db-rules",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def revoke_leftover_db_rules(
-    ec2: EC2Client, group_id: str, live: list[Preview], dry_run: bool = False
-) -> list[DbRule]:
-    """Revoke db-sg's temporary ``/32`` rules on 5432 that no live preview uses any more."""
-    leftovers = leftover_db_rules(db_rules(ec2, group_id), live)
-    return leftovers if dry_run else revoke_db_rules(ec2, group_id, leftovers)
-
-
-@task(name="announce-terminations", cache_policy=NO_CACHE)
-def announce(report: SweepReport, emit: EmitEvent | None, github: PullRequests | None) -> int:
-    return announce_terminations(report, emit=emit, github=github)
-
-
-@task(name="publish-sweep-report", cache_policy=NO_CACHE)
+@step(retry=False)
 def publish_sweep_report(report: SweepReport, key: str = ARTIFACT_KEY) -> None:
     """The decisions as a table artifact; the log says the same in one line."""
     create_table_artifact(table=report.table(), key=key, description=report.summary())
-    get_run_logger().info(report.summary())
+    run_logger(logger).info(report.summary())
 
 
-__all__ = [
-    "ARTIFACT_KEY",
-    "DB_RULE_MARKER",
-    "TERMINATED_EVENT",
-    "DbRule",
-    "Decision",
-    "ExpiringComments",
-    "PullRequests",
-    "StickyExpiry",
-    "SweepReport",
-    "announce_terminations",
-    "db_rule_description",
-    "leftover_db_rules",
-    "look_up_pull_states",
-    "plan_sweep",
-    "pulls_to_look_up",
-    "terminated_event",
-]
+def github_or_none(config: PreviewConfig) -> PullRequests | None:
+    """The GitHub client when one is configured; without it the sweep goes by tags alone."""
+    try:
+        github = github_from_config(config)
+    except Exception as exc:  # no token must not stop the TTL sweep
+        run_logger(logger).warning("GitHub not configured (%s): sweeping by tags alone", exc)
+        return None
+    return StickyExpiry(github, config.region) if github.enabled else None
+
+
+def sweep(
+    ec2: EC2Client,
+    config: PreviewConfig,
+    *,
+    dry_run: bool = False,
+    github: PullRequests | None = None,
+    emit: EmitEvent | None = None,
+    now: datetime | None = None,
+    max_age_hours: float | None = None,
+    batch_size: int = TERMINATE_BATCH,
+) -> SweepReport:
+    """The sweep over explicit clients: list, decide, terminate, revoke, announce.
+
+    The ttl-sweeper flow and ``pr-preview cleanup`` both run it; inside a flow run every step
+    is a task run, outside one a plain call with the same retries.
+    """
+    now = now or datetime.now(UTC)
+    log = run_logger(logger)
+
+    # 1. Every live instance with our Purpose tag (runbook §9's describe-instances, paginated).
+    previews = find_sweep_candidates(ec2, config)
+
+    # 2. Decide by tags; ask GitHub only about PRs whose previews the tags would keep.
+    ttl, max_age = config.ttl_hours, max_age_hours
+    decisions = plan_sweep(previews, now, ttl_hours=ttl, max_age_hours=max_age)
+    lookups = pulls_to_look_up(decisions) if github is not None and github.enabled else []
+    if github is not None and lookups:
+        pr_states = look_up_pull_requests(github, lookups)
+        decisions = plan_sweep(
+            previews, now, ttl_hours=ttl, max_age_hours=max_age, pr_states=pr_states
+        )
+    report = SweepReport(dry_run=dry_run, now=now, decisions=decisions, pr_lookups=len(lookups))
+    for decision in decisions:
+        if decision.action == "terminate":
+            log.info(
+                "%s %s: %s",
+                "would terminate" if dry_run else "terminate",
+                decision.instance_id,
+                decision.reason,
+            )
+
+    # 3. Terminate in batches of 1,000 (runbook §9's terminate-instances).
+    if report.to_terminate and not dry_run:
+        try:
+            result = terminate_expired(ec2, config, report.to_terminate, batch_size)
+        except TerminateFailed as exc:  # still throttled after the task's retries
+            if exc.result is None:
+                raise
+            result = exc.result
+        report.terminated, report.already_gone = result.terminated, result.already_gone
+        report.failed, report.terminate_calls = result.failed, result.calls
+        errors: dict[str, list[str]] = {}
+        for iid, error in result.failed.items():
+            errors.setdefault(error, []).append(iid)
+        for error, ids in errors.items():
+            log.error("terminating %d previews failed (%s…): %s", len(ids), ids[0], error)
+
+    # 4. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
+    report.revoked_rules = revoke_leftover_db_rules(ec2, config, report.live, dry_run)
+    for rule in report.revoked_rules:
+        log.info(
+            "%s db-sg rule %s (%s)",
+            "would revoke" if dry_run else "revoked",
+            rule.cidr,
+            rule.description,
+        )
+
+    # 5. pr-preview.terminated per instance; the PR's sticky comment says "expired".
+    if report.terminated:
+        announce_terminations(report, emit, github)
+    return report

@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-
 from tasks.config import PreviewConfig
-from tasks.retry import retry_transient
-from tasks.terminate import Terminated, terminate_outdated
+from tasks.instances import Terminated, terminate_outdated
+from tasks.prefect_context import run_logger
+from tasks.step import step
+
+module_logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 
-def teardown_pr(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
-    """Terminate every live instance tagged with this repo and PR; nothing else is touched."""
-    return terminate_outdated(ec2, config, repo, pr_number, keep_sha=None)
-
-
-@task(
-    name="teardown",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def teardown(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
-    result = teardown_pr(ec2, config, repo, pr_number)
-    logger = get_run_logger()
+    """Terminate every live instance tagged with this repo and PR; nothing else is touched."""
+    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha=None)
+    logger = run_logger(module_logger)
     if result.instance_ids:
         logger.info("tore down %s for %s#%d", ", ".join(result.instance_ids), repo, pr_number)
     else:

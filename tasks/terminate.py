@@ -2,105 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from tasks.config import PreviewConfig
 from tasks.instances import (
     Preview,
-    TerminateResult,
+    Terminated,
+    TerminateFailed,
     find_previews,
     terminate_in_batches,
-    wait_terminated,
+    terminate_outdated,
+    terminate_previews,
 )
-from tasks.retry import retry_transient
+from tasks.prefect_context import run_logger
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 
-@dataclass
-class Terminated:
-    """What a terminate step removed, and why."""
-
-    instance_ids: list[str] = field(default_factory=list)
-    already_gone: list[str] = field(default_factory=list)
-    reasons: dict[str, str] = field(default_factory=dict)
-
-
-class TerminateFailed(RuntimeError):
-    """Some instances are still there; ``transient`` when only throttling/5xx stopped them."""
-
-    def __init__(
-        self, message: str, result: TerminateResult | None = None, *, transient: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.result = result
-        self.transient = transient
-
-
-def terminate_previews(
-    ec2: EC2Client,
-    previews: Sequence[Preview],
-    *,
-    reason: str,
-    timeout_seconds: float,
-    poll_seconds: float,
-    wait: bool = True,
-) -> Terminated:
-    """Terminate ``previews`` in batches and, with ``wait``, until they are ``terminated``.
-
-    Not waiting is safe for capacity: a ``shutting-down`` instance no longer counts as live.
-    """
-    ids = [preview.instance_id for preview in previews]
-    result = terminate_in_batches(ec2, ids)
-    if result.failed:
-        first = next(iter(result.failed.values()))
-        raise TerminateFailed(
-            f"could not terminate {', '.join(result.failed)}: {first}",
-            result,
-            transient=result.only_transient_failures,
-        )
-    if result.terminated and wait:
-        wait_terminated(
-            ec2, result.terminated, timeout_seconds=timeout_seconds, poll_seconds=poll_seconds
-        )
-    return Terminated(
-        instance_ids=result.terminated,
-        already_gone=result.already_gone,
-        reasons=dict.fromkeys(result.terminated, reason),
-    )
-
-
-def terminate_outdated(
-    ec2: EC2Client,
-    config: PreviewConfig,
-    repo: str,
-    pr_number: int,
-    keep_sha: str | None,
-    *,
-    wait: bool = True,
-) -> Terminated:
-    """The PR's live instances at any other sha than ``keep_sha`` (all of them when None)."""
-    stale = [
-        preview
-        for preview in find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
-        if keep_sha is None or preview.sha != keep_sha
-    ]
-    return terminate_previews(
-        ec2,
-        stale,
-        reason=f"replaced by {keep_sha[:7]}" if keep_sha else "pull request closed",
-        timeout_seconds=config.terminate_timeout_seconds,
-        poll_seconds=config.poll_seconds,
-        wait=wait,
-    )
+logger = logging.getLogger(__name__)
 
 
 class NoRoom(RuntimeError):
@@ -165,20 +89,14 @@ def make_room(
 
 
 def _log(result: Terminated) -> None:
-    logger = get_run_logger()
+    log = run_logger(logger)
     for instance_id in result.instance_ids:
-        logger.info("terminated %s (%s)", instance_id, result.reasons[instance_id])
+        log.info("terminated %s (%s)", instance_id, result.reasons[instance_id])
     for instance_id in result.already_gone:
-        logger.info("%s was already gone", instance_id)
+        log.info("%s was already gone", instance_id)
 
 
-@task(
-    name="terminate",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def terminate(
     ec2: EC2Client,
     config: PreviewConfig,
@@ -202,13 +120,7 @@ def terminate(
     return result
 
 
-@task(
-    name="terminate-instance",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> Terminated:
     """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
     result = terminate_in_batches(ec2, [instance_id])

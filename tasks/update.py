@@ -11,8 +11,8 @@ update step fails.
 
 from __future__ import annotations
 
+import logging
 import math
-import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -20,32 +20,25 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.diagnose import mask_secrets
-from tasks.instances import (
-    TAG_SHA,
-    TAG_SHUTDOWN_AT,
-    TAG_UPDATED_AT,
-    Preview,
-    find_previews,
-    format_time,
-    parse_time,
-)
-from tasks.launch import timer_minutes
-from tasks.retry import error_code, retry_transient
+from tasks.inputs import is_sha
+from tasks.instances import Preview, find_previews
+from tasks.masking import mask_secrets
+from tasks.on_instance import BOOTSTRAP_DONE, PORT_CHECK_TIMEOUT_SECONDS, timer_minutes
+from tasks.prefect_context import run_logger
+from tasks.retry import error_code
 from tasks.ssm import CommandTimeout, run_command
-from tasks.wait_ready import BOOTSTRAP_DONE, PORT_CHECK_TIMEOUT_SECONDS
+from tasks.step import step
+from tasks.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time, parse_time
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ssm import SSMClient
 
-SHA = re.compile(r"^[0-9a-f]{7,40}$")
+logger = logging.getLogger(__name__)
+
 OUTPUT_TAIL = 4000
 HEALTH_MARKER = "# pr-preview-health"
 
@@ -97,7 +90,7 @@ def describe_preview(ec2: EC2Client, instance_id: str) -> Preview | None:
     return Preview.from_instance(instances[0]) if instances else None
 
 
-def preview_health(
+def check_health(
     ec2: EC2Client,
     ssm: SSMClient,
     instance_id: str,
@@ -182,7 +175,7 @@ def move_tags(
     return shutdown_at, now
 
 
-def update_in_place(
+def deploy_in_place(
     ec2: EC2Client,
     ssm: SSMClient,
     instance_id: str,
@@ -198,7 +191,7 @@ def update_in_place(
     ``timeout_seconds`` bounds login, pull and recreate (default ``ready_timeout_seconds``).
     ``UpdateFailed`` when the instance is gone or not running or a step fails: relaunch then.
     """
-    if not SHA.match(sha):
+    if not is_sha(sha):
         raise ValueError(f"{sha!r} is not a git sha")
     started = time.monotonic()
     preview = describe_preview(ec2, instance_id)
@@ -243,7 +236,7 @@ def update_in_place(
     )
 
 
-def confirm_ttl(
+def confirm_full_ttl(
     ec2: EC2Client,
     ssm: SSMClient,
     instance_id: str,
@@ -276,20 +269,14 @@ def confirm_ttl(
     return shutdown_at
 
 
-@task(
-    name="confirm_ttl",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def confirm_ttl_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> datetime:
-    shutdown_at = confirm_ttl(clients.ec2, clients.ssm, instance_id, config)
-    get_run_logger().info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
+@step
+def confirm_ttl(clients: AwsClients, config: PreviewConfig, instance_id: str) -> datetime:
+    shutdown_at = confirm_full_ttl(clients.ec2, clients.ssm, instance_id, config)
+    run_logger(logger).info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
     return shutdown_at
 
 
-def shorten_ttl(
+def set_short_ttl(
     ec2: EC2Client, instance_id: str, hours: float, *, now: datetime | None = None
 ) -> TtlChange:
     """The failure policy: ``shutdown-at`` becomes now + ``hours`` unless it is already sooner.
@@ -306,26 +293,14 @@ def shorten_ttl(
     return TtlChange(instance_id, before, parse_time(format_time(target)) or target, True)
 
 
-@task(
-    name="preview_health",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def preview_health_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> Health:
-    health = preview_health(clients.ec2, clients.ssm, instance_id, config)
-    get_run_logger().info("%s: %s", instance_id, health.reason)
+@step
+def preview_health(clients: AwsClients, config: PreviewConfig, instance_id: str) -> Health:
+    health = check_health(clients.ec2, clients.ssm, instance_id, config)
+    run_logger(logger).info("%s: %s", instance_id, health.reason)
     return health
 
 
-@task(
-    name="in_place_candidate",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@step
 def in_place_candidate(
     ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, sha: str
 ) -> str | None:
@@ -340,19 +315,13 @@ def in_place_candidate(
     return running[0].instance_id if len(running) == 1 else None
 
 
-@task(
-    name="update_in_place",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def update_in_place_task(
+@step
+def update_in_place(
     clients: AwsClients, config: PreviewConfig, instance_id: str, repo: str, sha: str
 ) -> UpdateResult:
     """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
-    result = update_in_place(clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha)
-    get_run_logger().info(
+    result = deploy_in_place(clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha)
+    run_logger(logger).info(
         "%s updated in place %s → %s in %.1fs (shutdown-at %s)",
         instance_id,
         (result.previous_sha or "?")[:7],
@@ -363,16 +332,10 @@ def update_in_place_task(
     return result
 
 
-@task(
-    name="shorten_ttl",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def shorten_ttl_task(clients: AwsClients, config: PreviewConfig, instance_id: str) -> TtlChange:
-    change = shorten_ttl(clients.ec2, instance_id, config.failure_ttl_hours)
-    get_run_logger().info(
+@step
+def shorten_ttl(clients: AwsClients, config: PreviewConfig, instance_id: str) -> TtlChange:
+    change = set_short_ttl(clients.ec2, instance_id, config.failure_ttl_hours)
+    run_logger(logger).info(
         "%s shutdown-at %s%s",
         instance_id,
         format_time(change.after),

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from botocore.exceptions import ClientError, WaiterError
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.retry import error_code, retry_transient
+from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, FAILED_PREFIX, port_check
+from tasks.prefect_context import run_logger
+from tasks.retry import error_code
 from tasks.ssm import CommandResult, CommandTimeout, poll_wait, run_command
+from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -42,45 +42,6 @@ STAGE_AGENT = "ssm-agent"
 STAGE_BOOTSTRAP = "bootstrap"
 STAGE_APP_PORT = "app-port"
 STAGES = (STAGE_RUNNING, STAGE_AGENT, STAGE_BOOTSTRAP, STAGE_APP_PORT)
-
-STATE_DIR = "/var/lib/pr-preview"
-BOOTSTRAP_DONE = f"{STATE_DIR}/bootstrap-done"
-BOOTSTRAP_FAILED = f"{STATE_DIR}/bootstrap-failed"
-CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
-
-AGENT_PING = "echo pr-preview-agent-ok"
-FAILED_PREFIX = "bootstrap failed at step: "
-# First stdout line: bootstrap-done | bootstrap-failed | bootstrap-pending; a failure adds
-# "bootstrap failed at step: <the marker's content>". cloud-init finished without any marker
-# means the script never ran or died without its trap: waiting longer cannot help.
-BOOTSTRAP_CHECK = [
-    f"if [ -f {BOOTSTRAP_FAILED} ]; then",
-    "  echo bootstrap-failed",
-    f'  echo "{FAILED_PREFIX}$(head -c 2000 {BOOTSTRAP_FAILED})"',
-    f"elif [ -f {BOOTSTRAP_DONE} ]; then",
-    "  echo bootstrap-done",
-    "elif cloud-init status 2>/dev/null | grep -Eq 'status: (done|error)'; then",
-    "  echo bootstrap-failed",
-    f'  echo "{FAILED_PREFIX}cloud-init ($(cloud-init status 2>&1 | head -n 1), no pr-preview'
-    ' marker)"',
-    "else",
-    "  echo bootstrap-pending",
-    "fi",
-]
-PORT_CHECK_TIMEOUT_SECONDS = 3
-
-
-def port_check(port: int, host: str = "127.0.0.1") -> list[str]:
-    """Runbook §0's TCP check: exit 0 and ``APP PORT OPEN`` when the port accepts."""
-    return [
-        f"if timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c 'echo > /dev/tcp/{host}/{port}'"
-        " 2>/dev/null; then",
-        f'  echo "APP PORT OPEN {port}"',
-        "else",
-        f'  echo "APP PORT CLOSED {port}"',
-        "  exit 1",
-        "fi",
-    ]
 
 
 class ReadyError(Exception):
@@ -248,7 +209,7 @@ def _state_of(response: object) -> str:
         return "unknown"
 
 
-def wait_ready(
+def wait_until_ready(
     ec2: EC2Client,
     ssm: SSMClient,
     instance_id: str,
@@ -351,22 +312,16 @@ def wait_ready(
     return ReadyResult(instance_id, time.monotonic() - started, results)
 
 
-@task(
-    name="wait_ready",
-    retries=3,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
-def wait_ready_task(
+@step
+def wait_ready(
     clients: AwsClients,
     config: PreviewConfig,
     instance_id: str,
     timeouts: StageTimeouts | None = None,
 ) -> ReadyResult:
     """Prefect wrapper: a ``ReadyError`` is not retried (it is the world's answer)."""
-    result = wait_ready(clients.ec2, clients.ssm, instance_id, config, timeouts=timeouts)
-    get_run_logger().info(
+    result = wait_until_ready(clients.ec2, clients.ssm, instance_id, config, timeouts=timeouts)
+    run_logger(logger).info(
         "%s ready in %.1fs (%s)",
         instance_id,
         result.seconds,

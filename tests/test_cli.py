@@ -15,10 +15,10 @@ import pytest
 from deployments import cli
 from local_stack.account import DemoAccount
 from tasks.aws import AwsClients
-from tasks.comment import tunnel_command
 from tasks.config import ENV_PREFIX, PreviewConfig
-from tasks.instances import TAG_KEEP, TAG_SHUTDOWN_AT, format_time
 from tasks.launch import LaunchSpec, launch_instance
+from tasks.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time
+from tasks.tunnel import tunnel_command
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import state_of
 from tests.support.ssm import PORT_CLOSED, Reply, ScriptedInstances

@@ -17,12 +17,12 @@ import pytest
 
 import flows.preview
 from flows.preview import pr_preview
-from flows.sweeper import sweep
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.instances import parse_time
+from tasks.sweep import sweep
+from tasks.tags import parse_time
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
 
@@ -45,17 +45,8 @@ def dies_after(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def kill_after(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
-    """Make the flow die right after ``step`` (a task the flow calls) has done its work."""
-    if step == "guard":
-        monkeypatch.setattr(flows.preview, "guard", dies_after(flows.preview.guard))
-        return
-    configured = flows.preview.with_config_retries
-
-    def with_retries_then_die(task: Any, config: PreviewConfig) -> Any:
-        runnable = configured(task, config)
-        return dies_after(runnable) if task.name == step else runnable
-
-    monkeypatch.setattr(flows.preview, "with_config_retries", with_retries_then_die)
+    """Make the flow die right after ``step`` (a step the flow calls) has done its work."""
+    monkeypatch.setattr(flows.preview, step, dies_after(getattr(flows.preview, step)))
 
 
 @pytest.fixture(autouse=True)

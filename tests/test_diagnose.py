@@ -9,13 +9,12 @@ import pytest
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.diagnose import (
-    MASK,
-    diagnose,
     diagnose_evidence,
+    diagnose_instance,
     evidence_sections,
-    mask_secrets,
     parameter_secrets,
 )
+from tasks.masking import MASK, mask_secrets
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
 from tests.support.ssm import (
     BOOTSTRAP_CHECK,
@@ -262,7 +261,9 @@ def test_diagnose_collects_runbook_evidence_over_ssm(
     scripted_ssm.on(r"DB TCP", Reply(stdout="DB TCP NG 172.31.39.125:5432\n"))
     scripted_ssm.on(r"psycopg2", Reply(stdout=DB_TIMEOUT_CONNECT))
 
-    diagnosis = diagnose(aws.ssm, instance, config, secrets=parameter_secrets(aws.ssm, config))
+    diagnosis = diagnose_instance(
+        aws.ssm, instance, config, secrets=parameter_secrets(aws.ssm, config)
+    )
 
     assert diagnosis.key == "db-sg-missing-rule"
     assert "DB TCP NG 172.31.39.125:5432" in diagnosis.evidence_lines
@@ -283,7 +284,9 @@ def test_instance_without_ssm_is_diagnosed_as_unreachable(
     (instance,) = plain_instances(aws.ec2)
     scripted_ssm.agent_offline(instance)
 
-    diagnosis = diagnose(aws.ssm, instance, config, error="wait-ready stage 'ssm-agent' ...")
+    diagnosis = diagnose_instance(
+        aws.ssm, instance, config, error="wait-ready stage 'ssm-agent' ..."
+    )
 
     assert diagnosis.key == "ssm-unreachable"
 

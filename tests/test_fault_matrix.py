@@ -57,9 +57,9 @@ from tasks.aws import AwsClients, build_clients
 from tasks.comment import CommentState, PreviewState, marker, render_comment
 from tasks.config import PreviewConfig, load_config
 from tasks.db_access import db_rules, open_db_access, revoke_db_rules
-from tasks.instances import format_time, parse_time
 from tasks.launch import LaunchSpec, launch_instance
-from tasks.preflight import resolve_ami
+from tasks.run_instances import resolve_ami
+from tasks.tags import format_time, parse_time
 from tests.fakes.aws_faults import AwsFaults, aws_faults
 from tests.fakes.github import FakeGitHub
 from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes

@@ -4,8 +4,8 @@ from datetime import UTC, datetime, timedelta
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.instances import parse_time
 from tasks.launch import LaunchSpec, client_token, launch_instance, render_user_data
+from tasks.tags import parse_time
 from tests.support import CANARIES
 from tests.support.moto_state import live, tags, user_data
 

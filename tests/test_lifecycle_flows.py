@@ -18,7 +18,7 @@ from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import BOOTSTRAP_CHECK, HEALTH, MIGRATE, Reply, ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.instances import parse_time
+from tasks.tags import parse_time
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, state_of, tags

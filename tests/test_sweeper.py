@@ -12,18 +12,14 @@ from typing import Any, cast
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from flows.sweeper import github_or_none, sweep, ttl_sweeper
+from flows.sweeper import ttl_sweeper
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.db_access import DB_RULE_MARKER, db_rule_description
 from tasks.github import GitHub
-from tasks.instances import TAG_KEEP, Preview, format_time
-from tasks.sweep import (
-    DB_RULE_MARKER,
-    TERMINATED_EVENT,
-    StickyExpiry,
-    db_rule_description,
-    plan_sweep,
-)
+from tasks.instances import Preview
+from tasks.sweep import TERMINATED_EVENT, StickyExpiry, github_or_none, plan_sweep, sweep
+from tasks.tags import TAG_KEEP, format_time
 from tests.fakes.github import FakeGitHub
 
 AMI = "ami-0123456789abcdef0"
@@ -310,6 +306,7 @@ def test_a_failed_terminate_batch_does_not_stop_the_others(
     now = datetime.now(UTC)
     ids = run(ec2, 5, **preview_tags(1, now - timedelta(hours=1)))
     ec2.meta.events.register_first("before-call.ec2.TerminateInstances", internal_error_once())
+    config.task_retries = 0  # the batch stays failed: no step retry behind it
 
     report = sweep(ec2, config, now=now, batch_size=2)
 
@@ -321,6 +318,22 @@ def test_a_failed_terminate_batch_does_not_stop_the_others(
     assert {after[iid] for iid in ids if iid not in first_batch} <= set(GONE)
     assert report.terminate_calls == 3
     assert report.outcome(report.decisions[0]).startswith("failed:")
+
+
+def test_outside_a_flow_run_the_sweep_retries_a_throttled_batch_as_configured(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    """``pr-preview cleanup`` runs the sweep with no flow run: its steps retry all the same."""
+    ec2 = aws.ec2
+    now = datetime.now(UTC)
+    ids = run(ec2, 5, **preview_tags(1, now - timedelta(hours=1)))
+    ec2.meta.events.register_first("before-call.ec2.TerminateInstances", internal_error_once())
+    config.task_retries = 1
+
+    report = sweep(ec2, config, now=now, batch_size=2)
+
+    assert report.failed == {}
+    assert set(states(ec2, ids).values()) <= set(GONE)
 
 
 def test_instances_already_gone_are_tolerated(aws: AwsClients, config: PreviewConfig) -> None:

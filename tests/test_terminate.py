@@ -6,10 +6,10 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.instances import find_previews, terminate_in_batches
+from tasks.instances import find_previews, terminate_in_batches, terminate_outdated
 from tasks.launch import LaunchSpec, launch_instance
-from tasks.teardown import teardown_pr
-from tasks.terminate import NoRoom, capacity_victims, make_room, terminate_outdated
+from tasks.teardown import teardown
+from tasks.terminate import NoRoom, capacity_victims, make_room
 from tests.fakes.aws_faults import AwsFaults, attach
 from tests.support.moto_state import live, state_of, tags
 
@@ -67,7 +67,7 @@ def test_teardown_leaves_other_prs_and_untagged_instances(
     other_repo = launch_instance(
         aws.ec2, config, LaunchSpec("octo-org/other", 42, "aaaaaaa")
     ).instance_id
-    result = teardown_pr(aws.ec2, config, REPO, 42)
+    result = teardown(aws.ec2, config, REPO, 42)
     assert result.instance_ids == [mine]
     assert {i["InstanceId"] for i in live(aws)} == {other_pr, untagged, other_repo}
 
@@ -93,7 +93,7 @@ def test_more_than_a_hundred_previews_are_all_found(aws: AwsClients, config: Pre
     found = find_previews(aws.ec2, config.purpose_tag)
     assert len(found) == 130
     assert {p.pr_number for p in found} == set(range(1, 131))
-    removed = teardown_pr(aws.ec2, config, REPO, 77)
+    removed = teardown(aws.ec2, config, REPO, 77)
     assert len(removed.instance_ids) == 1 and tags(live(aws)[0])["Purpose"]
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.instances import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
-from tasks.update import UpdateFailed, preview_health, shorten_ttl, update_in_place
+from tasks.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
+from tasks.update import UpdateFailed, check_health, deploy_in_place, set_short_ttl
 from tests.support import CANARIES
 from tests.support.ssm import DEPLOY, HEALTH, Reply, ScriptedInstances
 
@@ -71,7 +71,7 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     scripted_ssm.on(DEPLOY, Reply(stdout=f"updated to ghcr.io/octo-org/app:{NEW_SHA}\n"))
     before = all_instances(aws)
 
-    result = update_in_place(
+    result = deploy_in_place(
         aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, now=NOW
     )
 
@@ -105,7 +105,7 @@ def test_failed_update_keeps_the_old_tags(
     )
 
     with pytest.raises(UpdateFailed) as raised:
-        update_in_place(
+        deploy_in_place(
             aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, now=NOW
         )
 
@@ -120,13 +120,13 @@ def test_update_refuses_an_instance_that_is_not_running(
     aws.ec2.stop_instances(InstanceIds=[instance])
 
     with pytest.raises(UpdateFailed, match="stopped"):
-        update_in_place(aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA)
+        deploy_in_place(aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA)
     assert scripted_ssm.commands(instance) == []
 
 
 def test_update_rejects_what_is_not_a_sha(aws: AwsClients, config: PreviewConfig):
     with pytest.raises(ValueError):
-        update_in_place(aws.ec2, aws.ssm, "i-0", config, repo="octo-org/app", sha="main; rm -rf /")
+        deploy_in_place(aws.ec2, aws.ssm, "i-0", config, repo="octo-org/app", sha="main; rm -rf /")
 
 
 def test_health_says_healthy_only_when_bootstrapped_and_listening(
@@ -139,7 +139,7 @@ def test_health_says_healthy_only_when_bootstrapped_and_listening(
     aws.ec2.stop_instances(InstanceIds=[stopped])
 
     answers = {
-        instance: preview_health(aws.ec2, aws.ssm, instance, config)
+        instance: check_health(aws.ec2, aws.ssm, instance, config)
         for instance in (healthy, closed, offline, stopped)
     }
 
@@ -152,7 +152,7 @@ def test_health_says_healthy_only_when_bootstrapped_and_listening(
 
 
 def test_health_of_a_missing_instance(aws: AwsClients, config: PreviewConfig):
-    answer = preview_health(aws.ec2, aws.ssm, "i-0123456789abcdef0", config)
+    answer = check_health(aws.ec2, aws.ssm, "i-0123456789abcdef0", config)
 
     assert (answer.healthy, answer.reason) == (False, "instance not found")
 
@@ -160,7 +160,7 @@ def test_health_of_a_missing_instance(aws: AwsClients, config: PreviewConfig):
 def test_shorten_ttl_moves_shutdown_at_to_the_failure_ttl(aws: AwsClients):
     instance = launch_preview(aws, format_time(NOW + timedelta(hours=24)))
 
-    change = shorten_ttl(aws.ec2, instance, 1.0, now=NOW)
+    change = set_short_ttl(aws.ec2, instance, 1.0, now=NOW)
 
     assert change.changed
     assert tags_of(aws, instance)[TAG_SHUTDOWN_AT] == "2026-11-28T13:00:00Z"
@@ -171,7 +171,7 @@ def test_shorten_ttl_never_makes_it_later(aws: AwsClients):
     soon = format_time(NOW + timedelta(minutes=10))
     instance = launch_preview(aws, soon)
 
-    change = shorten_ttl(aws.ec2, instance, 1.0, now=NOW)
+    change = set_short_ttl(aws.ec2, instance, 1.0, now=NOW)
 
     assert not change.changed
     assert tags_of(aws, instance)[TAG_SHUTDOWN_AT] == soon
@@ -181,6 +181,6 @@ def test_shorten_ttl_never_makes_it_later(aws: AwsClients):
 def test_shorten_ttl_sets_a_missing_or_unreadable_tag(aws: AwsClients, tag: str | None):
     instance = launch_preview(aws, tag)
 
-    shorten_ttl(aws.ec2, instance, 1.0, now=NOW)
+    set_short_ttl(aws.ec2, instance, 1.0, now=NOW)
 
     assert tags_of(aws, instance)[TAG_SHUTDOWN_AT] == "2026-11-28T13:00:00Z"

@@ -14,7 +14,7 @@ from tasks.wait_ready import (
     InstanceNotRunning,
     ReadyTimeout,
     StageTimeouts,
-    wait_ready,
+    wait_until_ready,
 )
 from tests.support.ssm import (
     AGENT_PING,
@@ -60,7 +60,7 @@ def test_ready_after_the_bootstrap_marker_appears(
     )
     scripted_ssm.respond(PORT_CHECK, after_calls(2, before=PORT_CLOSED, then=PORT_OPEN))
 
-    result = wait_ready(aws.ec2, aws.ssm, instance, config)
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, config)
 
     assert [stage.stage for stage in result.stages] == list(STAGES)
     polls = {stage.stage: stage.polls for stage in result.stages}
@@ -75,7 +75,7 @@ def test_instance_that_stays_stopped_times_out_in_the_running_stage(
     aws.ec2.stop_instances(InstanceIds=[instance])
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(
+        wait_until_ready(
             aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, instance_running=SHORT)
         )
 
@@ -89,7 +89,7 @@ def test_terminated_instance_fails_the_running_stage_at_once(
     aws.ec2.terminate_instances(InstanceIds=[instance])
 
     with pytest.raises(InstanceNotRunning) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, config)
+        wait_until_ready(aws.ec2, aws.ssm, instance, config)
     assert raised.value.stage == "instance-running"
 
 
@@ -99,7 +99,9 @@ def test_agent_that_never_registers_times_out_in_the_agent_stage(
     scripted_ssm.agent_offline(instance)
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, ssm_agent=SHORT))
+        wait_until_ready(
+            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, ssm_agent=SHORT)
+        )
 
     assert raised.value.stage == "ssm-agent"
     assert scripted_ssm.commands(instance) == []  # AWS refused every SendCommand
@@ -111,7 +113,7 @@ def test_agent_that_registers_late_is_waited_for(
     refusals = iter(range(3))
     scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
 
-    result = wait_ready(aws.ec2, aws.ssm, instance, config)
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, config)
 
     assert result.stages[1].stage == "ssm-agent" and result.stages[1].polls == 4
 
@@ -126,7 +128,7 @@ def test_agent_check_is_a_seam(aws: AwsClients, config: PreviewConfig, instance:
         return False
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(
+        wait_until_ready(
             aws.ec2,
             aws.ssm,
             instance,
@@ -144,7 +146,9 @@ def test_bootstrap_that_never_finishes_times_out_in_the_bootstrap_stage(
     scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING)
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=SHORT))
+        wait_until_ready(
+            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=SHORT)
+        )
 
     assert raised.value.stage == "bootstrap"
     assert "no marker" in str(raised.value)
@@ -157,7 +161,7 @@ def test_bootstrap_failed_marker_fails_fast_with_its_step(
     scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING, bootstrap_failed("ghcr-login"))
 
     with pytest.raises(BootstrapFailed) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, config)
+        wait_until_ready(aws.ec2, aws.ssm, instance, config)
 
     assert raised.value.stage == "bootstrap"
     assert raised.value.step == "ghcr-login"
@@ -171,7 +175,9 @@ def test_closed_app_port_times_out_in_the_port_stage(
     scripted_ssm.on(PORT_CHECK, PORT_CLOSED)
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, app_port=SHORT))
+        wait_until_ready(
+            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, app_port=SHORT)
+        )
 
     assert raised.value.stage == "app-port"
     assert "127.0.0.1:8000" in str(raised.value)
@@ -184,7 +190,7 @@ def test_the_overall_ready_timeout_bounds_every_stage(
     impatient = config.model_copy(update={"ready_timeout_seconds": SHORT})
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_ready(aws.ec2, aws.ssm, instance, impatient)
+        wait_until_ready(aws.ec2, aws.ssm, instance, impatient)
 
     assert raised.value.stage == "bootstrap"
     assert raised.value.timeout_seconds <= SHORT

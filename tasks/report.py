@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.comment import CommentState, PreviewState, post_comment
 from tasks.config import PreviewConfig
 from tasks.github import DeploymentState, GitHub, report_deployment
+from tasks.step import step
 
 DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
     PreviewState.LAUNCHING: "in_progress",
@@ -22,7 +20,7 @@ DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
 }
 
 
-@task(name="deployment-status", retries=0, cache_policy=NO_CACHE)
+@step(retry=False)
 def deployment_status(
     github: GitHub,
     repo: str,

@@ -1,0 +1,36 @@
+"""What a repository name, a pull request number and a commit sha may look like.
+
+Every value from a webhook, a flow parameter or the command line is checked here before it
+reaches a tag filter, a URL path, a shell or a file name: whole-string matches (``$`` would let a
+trailing newline through), and no ``.`` or ``..`` segment.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}")
+
+
+def is_repo(value: str) -> bool:
+    """``owner/name`` with GitHub's characters, neither segment ``.`` or ``..``."""
+    parts = value.split("/")
+    return len(parts) == 2 and all(
+        _SEGMENT.fullmatch(part) and part not in (".", "..") for part in parts
+    )
+
+
+def is_sha(value: str) -> bool:
+    """7 to 40 lowercase hex digits."""
+    return SHA_PATTERN.fullmatch(value) is not None
+
+
+def check_inputs(repo: str, pr_number: int, head_sha: str | None = None) -> None:
+    """Refuse bad flow parameters before any AWS call, saying what was expected."""
+    if not isinstance(repo, str) or not is_repo(repo):
+        raise ValueError(f"repo must be 'owner/name', got {repo!r}")
+    if isinstance(pr_number, bool) or not isinstance(pr_number, int) or pr_number < 1:
+        raise ValueError(f"pr_number must be a positive integer, got {pr_number!r}")
+    if head_sha is not None and (not isinstance(head_sha, str) or not is_sha(head_sha)):
+        raise ValueError(f"head_sha must be 7-40 lowercase hex digits, got {head_sha!r}")

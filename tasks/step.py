@@ -1,0 +1,96 @@
+"""One way to declare a step: ``@step`` over a plain function.
+
+A step is a Prefect task named after its function (``wait_ready`` → task ``wait-ready``), never
+cached, retried only on transient errors (``tasks.retry.is_transient``) — as often and as far
+apart as the ``PreviewConfig`` among its arguments says, read at call time. So call sites read
+``migrate(clients, settings, instance_id)`` and no decorator or call site repeats a retry count.
+
+Outside a flow run (the operator CLI, a plain test) a step is the plain function under the same
+retry policy, so ``pr-preview cleanup`` and the sweeper flow retry alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+
+from tasks.config import PreviewConfig
+from tasks.retry import is_transient, retry_transient
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Step(Generic[P, R]):
+    """A plain function run as a Prefect task with the configured retry policy."""
+
+    def __init__(self, fn: Callable[P, R], *, retry: bool) -> None:
+        self.fn = fn
+        self.retry = retry
+        self.name = fn.__name__.replace("_", "-")
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+        self.__wrapped__ = fn
+        self.task: Task[P, R] = task(
+            name=self.name,
+            cache_policy=NO_CACHE,
+            retries=0,
+            retry_condition_fn=retry_transient if retry else None,
+        )(fn)
+
+    def policy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
+        """(retries, delay in seconds) from the ``PreviewConfig`` argument; none without one."""
+        if not self.retry:
+            return 0, 0.0
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, PreviewConfig):
+                return value.task_retries, value.retry_delay_seconds
+        return 0, 0.0
+
+    def configured(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task[P, R]:
+        retries, delay = self.policy(args, kwargs)
+        return self.task.with_options(retries=retries, retry_delay_seconds=delay)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if FlowRunContext.get() is not None:
+            return self.configured(args, kwargs)(*args, **kwargs)
+        retries, delay = self.policy(args, kwargs)
+        for attempt in range(retries + 1):
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == retries or not is_transient(exc):
+                    raise
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[R]:
+        """Run beside the flow (a thread of the task runner); needs a flow run."""
+        return self.configured(args, kwargs).submit(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<step {self.name}>"
+
+
+@overload
+def step(fn: Callable[P, R], /) -> Step[P, R]: ...
+
+
+@overload
+def step(*, retry: bool = True) -> Callable[[Callable[P, R]], Step[P, R]]: ...
+
+
+def step(
+    fn: Callable[P, R] | None = None, /, *, retry: bool = True
+) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
+    """Declare a step. ``retry=False`` for a step whose client already retries by itself
+    (GitHub, the registry's backoff): one retry layer per call."""
+    if fn is not None:
+        return Step(fn, retry=retry)
+    return lambda inner: Step(inner, retry=retry)

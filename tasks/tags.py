@@ -1,0 +1,36 @@
+"""The tags that are a preview's state (runbook §2.4, DESIGN.md) and how their times are written."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+TAG_PURPOSE = "Purpose"
+TAG_REPO = "Repo"
+TAG_PR = "PR"
+TAG_SHA = "Sha"
+TAG_SHUTDOWN_AT = "shutdown-at"
+TAG_UPDATED_AT = "updated-at"
+TAG_NAME = "Name"
+TAG_KEEP = "pr-preview:keep"
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS
+
+
+def format_time(moment: datetime, *, precise: bool = False) -> str:
+    """UTC ISO-8601, to the second as ``shutdown-at`` holds it, or to the millisecond."""
+    moment = moment.astimezone(UTC)
+    if precise:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """A tag's timestamp, or None when it is missing or unparsable (never guessed)."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
