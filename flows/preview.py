@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
+from prefect.utilities.timeout import timeout
 
 from tasks.aws import AwsClients, build_clients
 from tasks.check_image import check_image
@@ -32,12 +33,13 @@ from tasks.github import github_from_config
 from tasks.guards import guard
 from tasks.inputs import check_inputs
 from tasks.launch import LaunchSpec, launch
-from tasks.locks import FLEET_LOCK, hold, pr_lock_name
+from tasks.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
 from tasks.migrate import migrate
 from tasks.outcome import Outcome
 from tasks.preflight import preflight
 from tasks.probe import ProbeResult, probe
 from tasks.report import PullRequestReport
+from tasks.run_end import state_hook
 from tasks.secrets import read_secrets
 from tasks.tags import format_time
 from tasks.terminate import NoRoom, terminate, terminate_instance
@@ -87,7 +89,16 @@ class PreviewResult:
         return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 
 
-@flow(name="pr-preview", flow_run_name="pr-{pr_number}-{head_sha:.7}")
+class RunTimedOut(TimeoutError):
+    """The run took longer than its configured stages allow (``preview_timeout_seconds``)."""
+
+
+@flow(
+    name="pr-preview",
+    flow_run_name="pr-{pr_number}-{head_sha:.7}",
+    on_crashed=[state_hook],
+    on_cancellation=[state_hook],
+)
 def pr_preview(
     repo: str,
     pr_number: int,
@@ -99,6 +110,19 @@ def pr_preview(
     """Give pull request ``repo#pr_number`` a working preview of ``head_sha``."""
     check_inputs(repo, pr_number, head_sha)
     settings = load_config(config)
+    budget = settings.preview_timeout_seconds()
+    with timeout(budget, timeout_exc_type=RunTimedOut):
+        return _preview(repo, pr_number, head_sha, action, head_repo, settings)
+
+
+def _preview(
+    repo: str,
+    pr_number: int,
+    head_sha: str,
+    action: str,
+    head_repo: str | None,
+    settings: PreviewConfig,
+) -> PreviewResult:
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
     if action == "closed":
@@ -119,7 +143,11 @@ def pr_preview(
         secrets=secrets.values,
     )
 
-    with github, hold(pr_lock_name(repo, pr_number)):
+    lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
+    with (
+        github,
+        hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait),
+    ):
         # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
         try:
             verdict = guard(
@@ -206,7 +234,8 @@ def _deploy(
             logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
     # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
-    with hold(FLEET_LOCK):
+    lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
+    with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
         terminated = terminate(
             clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
@@ -248,6 +277,11 @@ def _failed_after_launch(
     """Keep the instance for debugging on the short TTL, say why it failed (runbook §7, §9)."""
     logger = get_run_logger()
     instance_id = result.instance_id or ""
+    if isinstance(error, LockLost):
+        # Another run may own the PR now: change nothing. The launch tagged the short TTL.
+        failure = PreviewFailed(str(error))
+        failure.diagnosis = str(error)
+        return failure
     summary = str(error)
     try:
         diagnosis = diagnose(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.events import emit_event
+from prefect.utilities.timeout import timeout
 
 from tasks.aws import build_clients
 from tasks.config import PreviewConfig, load_config
@@ -28,9 +29,10 @@ def ttl_sweeper(dry_run: bool = False, config: PreviewConfig | None = None) -> S
     """Terminate previews past their TTL, with a closed PR, or too old to judge; report all."""
     settings = load_config(config)
     clients = build_clients(settings)
-    report = sweep(
-        clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
-    )
+    with timeout(settings.sweep_timeout_seconds()):
+        report = sweep(
+            clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
+        )
     publish_sweep_report(report)
     if report.failed:
         raise SweepIncomplete(

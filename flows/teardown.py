@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.utilities.timeout import timeout
 
 from tasks.aws import build_clients
 from tasks.comment import PreviewState, flow_run_url
@@ -15,8 +16,9 @@ from tasks.db_access import close_db_access
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
 from tasks.inputs import check_inputs
-from tasks.locks import hold, pr_lock_name
+from tasks.locks import delete_lock, hold, pr_lock_name
 from tasks.report import PullRequestReport
+from tasks.run_end import state_hook
 from tasks.teardown import teardown
 
 
@@ -28,11 +30,25 @@ class TeardownResult:
     already_gone: list[str] = field(default_factory=list)
 
 
-@flow(name="pr-teardown", flow_run_name="pr-{pr_number}-teardown")
+class RunTimedOut(TimeoutError):
+    """The teardown took longer than its lock wait and terminate timeout allow."""
+
+
+@flow(
+    name="pr-teardown",
+    flow_run_name="pr-{pr_number}-teardown",
+    on_crashed=[state_hook],
+    on_cancellation=[state_hook],
+)
 def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) -> TeardownResult:
     """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay."""
     check_inputs(repo, pr_number)
     settings = load_config(config)
+    with timeout(settings.teardown_timeout_seconds(), timeout_exc_type=RunTimedOut):
+        return _teardown(repo, pr_number, settings)
+
+
+def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings)
     report = PullRequestReport(
@@ -45,7 +61,9 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     )
 
     # Waits only for a run of this same PR, never for another PR's preview.
-    with github, hold(pr_lock_name(repo, pr_number)):
+    lock = pr_lock_name(repo, pr_number)
+    lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
+    with github, hold(lock, lease_seconds=lease, timeout_seconds=wait):
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         try:
             removed = teardown(clients.ec2, settings, repo, pr_number)
@@ -69,6 +87,8 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
         # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
         close_db_access(clients.ec2, settings, removed.instance_ids)
 
+    # 4. A closed PR needs no lock any more (a reopened one creates it again).
+    delete_lock(lock)
     result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)
     create_markdown_artifact(
         markdown=(

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 REPO = "octo-org/hello-api"
@@ -189,10 +191,21 @@ def run(keep: bool) -> int:
     return 0
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the demo as Ctrl+C does: every process it started is stopped."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
     args = parser.parse_args(argv)
+    stop_on_signals()
     return run(keep=args.keep)
 
 

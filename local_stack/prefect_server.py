@@ -7,6 +7,7 @@ webhook receiver — the self-hosted path of DESIGN.md, with nothing in between.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -52,30 +53,40 @@ def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
         # the worker would report as a crashed run.
         PREFECT_SERVER_DATABASE_TIMEOUT="60",
         PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30",
+        # A killed run's lock frees within its lease plus this loop (15 s by default).
+        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="5",
     )
     env.update(extra)
     return env
 
 
 def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGTERM when the process that started it dies (Linux)."""
+    """``preexec_fn``: the child leads a process group of its own (so stopping it takes its
+    children, the worker's flow runs, along) and gets SIGTERM when its parent dies (Linux)."""
+    os.setpgid(0, 0)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM, then a second signal, then SIGKILL: the process worker ignores a lone SIGTERM."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        if process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=timeout / 2)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    process.kill()
-    process.wait(timeout=timeout)
+    """SIGTERM, then a second signal, then SIGKILL (the process worker ignores a lone SIGTERM);
+    then whatever is left of its process group."""
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if process.poll() is not None:
+                return
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=timeout / 2)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        process.kill()
+        process.wait(timeout=timeout)
+    finally:
+        # Started with die_with_parent: the group's id is the process's own.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass

@@ -35,6 +35,8 @@ class PreviewState(StrEnum):
     TORN_DOWN = "torn_down"
     EXPIRED = "expired"
     REFUSED = "refused"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
 
 
 _HEADLINES = {
@@ -45,6 +47,8 @@ _HEADLINES = {
     PreviewState.TORN_DOWN: "🧹 Preview torn down",
     PreviewState.EXPIRED: "⌛ Preview expired",
     PreviewState.REFUSED: "🚫 Preview refused",
+    PreviewState.CRASHED: "💥 Preview run crashed",
+    PreviewState.CANCELLED: "⏹ Preview run cancelled",
 }
 
 

@@ -24,6 +24,9 @@ ENV_PREFIX = "PR_PREVIEW_"
 logger = logging.getLogger(__name__)
 
 
+RUN_MARGIN_SECONDS = 300.0
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field and its source."""
 
@@ -99,6 +102,15 @@ class PreviewConfig(BaseModel):
     migrate_timeout_seconds: float = Field(300.0, gt=0)
     probe_timeout_seconds: float = Field(120.0, gt=0)
     image_wait_seconds: float = Field(1200.0, ge=0)
+    lock_lease_seconds: float = Field(
+        60.0,
+        ge=60,
+        le=86400,
+        description="Lease of a run's PR and fleet locks: how long a killed run blocks its PR.",
+    )
+    lock_wait_seconds: float = Field(
+        1800.0, gt=0, description="How long a run waits for its PR's lock (and the fleet's)."
+    )
 
     # --- GitHub
     github_token_secret_block: str = Field("github-token", min_length=1)
@@ -121,6 +133,24 @@ class PreviewConfig(BaseModel):
             if not path.startswith("/"):
                 raise ValueError(f"probe path {path!r} must start with /")
         return value
+
+    def preview_timeout_seconds(self) -> float:
+        """The longest a preview run may take: both lock waits and every stage's own timeout,
+        plus a margin for the steps that have none (preflight, launch, comments)."""
+        stages = (
+            self.image_wait_seconds
+            + self.terminate_timeout_seconds
+            + self.ready_timeout_seconds
+            + self.migrate_timeout_seconds
+            + self.probe_timeout_seconds
+        )
+        return 2 * self.lock_wait_seconds + stages + RUN_MARGIN_SECONDS
+
+    def teardown_timeout_seconds(self) -> float:
+        return self.lock_wait_seconds + self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
+
+    def sweep_timeout_seconds(self) -> float:
+        return self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
 
     def image_for(self, repo: str) -> str:
         """The image repository of ``repo`` (GHCR names are lower case)."""

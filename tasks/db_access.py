@@ -89,7 +89,7 @@ def revoke_db_rules(ec2: EC2Client, group_id: str, rules: Sequence[DbRule]) -> l
     return list(rules)
 
 
-@step
+@step(needs_lock=True)
 def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
     """Admit the instance's public IP/32 on db-sg 5432; the CIDR, or None when off or no IP."""
     if not (config.db_sg_open_public_ip and config.db_security_group_id):
@@ -118,7 +118,7 @@ def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> s
     return cidr
 
 
-@step
+@step(needs_lock=True)
 def close_db_access(ec2: EC2Client, config: PreviewConfig, instance_ids: list[str]) -> list[DbRule]:
     """Revoke the db-sg rules opened for ``instance_ids`` (teardown)."""
     if not (config.db_sg_open_public_ip and config.db_security_group_id):

@@ -414,6 +414,19 @@ def github_from_config(
     return github
 
 
+def latest_deployment_id(github: GitHub, repo: str, pr_number: int, sha: str) -> int | None:
+    """The newest deployment of ``sha`` to the PR's environment, if a run created one."""
+    if not github.enabled:
+        return None
+    try:
+        for deployment in github.list_deployments(repo, deployment_environment(pr_number)):
+            if deployment.get("sha") == sha:
+                return int(deployment["id"])
+    except GitHubError as exc:
+        logger.warning("GitHub deployments not read: %s", exc)
+    return None
+
+
 def report_deployment(
     github: GitHub,
     repo: str,

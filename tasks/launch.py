@@ -194,7 +194,7 @@ def launch_instance(
     )
 
 
-@step
+@step(needs_lock=True)
 def launch(
     ec2: EC2Client,
     config: PreviewConfig,

@@ -142,7 +142,7 @@ def run_migrations(
     return MigrateResult(instance_id, attempts, time.monotonic() - started, last_output)
 
 
-@step
+@step(needs_lock=True)
 def migrate(clients: AwsClients, config: PreviewConfig, instance_id: str) -> MigrateResult:
     """Prefect wrapper; ``MigrationFailed`` is final (the backoff already waited)."""
     result = run_migrations(clients.ssm, instance_id, config)

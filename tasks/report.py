@@ -17,6 +17,8 @@ DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
     PreviewState.FAILED: "failure",
     PreviewState.TORN_DOWN: "inactive",
     PreviewState.EXPIRED: "inactive",
+    PreviewState.CRASHED: "error",
+    PreviewState.CANCELLED: "inactive",
 }
 
 

@@ -21,6 +21,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
 from tasks.config import PreviewConfig
+from tasks.locks import check_locks
 from tasks.retry import is_transient, retry_transient
 
 P = ParamSpec("P")
@@ -30,9 +31,10 @@ R = TypeVar("R")
 class Step(Generic[P, R]):
     """A plain function run as a Prefect task with the configured retry policy."""
 
-    def __init__(self, fn: Callable[P, R], *, retry: bool) -> None:
+    def __init__(self, fn: Callable[P, R], *, retry: bool, needs_lock: bool) -> None:
         self.fn = fn
         self.retry = retry
+        self.needs_lock = needs_lock
         self.name = fn.__name__.replace("_", "-")
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
@@ -58,6 +60,8 @@ class Step(Generic[P, R]):
         return self.task.with_options(retries=retries, retry_delay_seconds=delay)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.needs_lock:
+            check_locks()
         if FlowRunContext.get() is not None:
             return self.configured(args, kwargs)(*args, **kwargs)
         retries, delay = self.policy(args, kwargs)
@@ -72,6 +76,8 @@ class Step(Generic[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[R]:
         """Run beside the flow (a thread of the task runner); needs a flow run."""
+        if self.needs_lock:
+            check_locks()
         return self.configured(args, kwargs).submit(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -83,14 +89,17 @@ def step(fn: Callable[P, R], /) -> Step[P, R]: ...
 
 
 @overload
-def step(*, retry: bool = True) -> Callable[[Callable[P, R]], Step[P, R]]: ...
+def step(
+    *, retry: bool = True, needs_lock: bool = False
+) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
 
 def step(
-    fn: Callable[P, R] | None = None, /, *, retry: bool = True
+    fn: Callable[P, R] | None = None, /, *, retry: bool = True, needs_lock: bool = False
 ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
     """Declare a step. ``retry=False`` for a step whose client already retries by itself
-    (GitHub, the registry's backoff): one retry layer per call."""
+    (GitHub, the registry's backoff): one retry layer per call. ``needs_lock=True`` for a step
+    that changes the world: it refuses to start once a lock the run holds has been lost."""
     if fn is not None:
-        return Step(fn, retry=retry)
-    return lambda inner: Step(inner, retry=retry)
+        return Step(fn, retry=retry, needs_lock=needs_lock)
+    return lambda inner: Step(inner, retry=retry, needs_lock=needs_lock)

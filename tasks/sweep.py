@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from tasks.config import PreviewConfig
 from tasks.db_access import DbRule, db_rules, leftover_db_rules, revoke_db_rules
 from tasks.events import instance_event
-from tasks.github import github_from_config
+from tasks.github import github_from_config, report_deployment
 from tasks.instances import (
     Preview,
     TerminateFailed,
@@ -93,7 +93,10 @@ class StickyExpiry:
             region=self.region,
             detail=f"The TTL sweeper terminated the preview: {reason}.",
         )
-        return upsert_comment(self.github, repo, number, render_comment(status))
+        comment = upsert_comment(self.github, repo, number, render_comment(status))
+        # The PR's environment stops showing an active deployment of a preview that is gone.
+        report_deployment(self.github, repo, number, sha or "", "inactive")
+        return comment
 
 
 EmitEvent = Callable[..., object]

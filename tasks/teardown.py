@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 
-@step
+@step(needs_lock=True)
 def teardown(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
     """Terminate every live instance tagged with this repo and PR; nothing else is touched."""
     result = terminate_outdated(ec2, config, repo, pr_number, keep_sha=None)

@@ -96,7 +96,7 @@ def _log(result: Terminated) -> None:
         log.info("%s was already gone", instance_id)
 
 
-@step
+@step(needs_lock=True)
 def terminate(
     ec2: EC2Client,
     config: PreviewConfig,
@@ -120,7 +120,7 @@ def terminate(
     return result
 
 
-@step
+@step(needs_lock=True)
 def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> Terminated:
     """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
     result = terminate_in_batches(ec2, [instance_id])

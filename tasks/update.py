@@ -269,7 +269,7 @@ def confirm_full_ttl(
     return shutdown_at
 
 
-@step
+@step(needs_lock=True)
 def confirm_ttl(clients: AwsClients, config: PreviewConfig, instance_id: str) -> datetime:
     shutdown_at = confirm_full_ttl(clients.ec2, clients.ssm, instance_id, config)
     run_logger(logger).info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
@@ -315,7 +315,7 @@ def in_place_candidate(
     return running[0].instance_id if len(running) == 1 else None
 
 
-@step
+@step(needs_lock=True)
 def update_in_place(
     clients: AwsClients, config: PreviewConfig, instance_id: str, repo: str, sha: str
 ) -> UpdateResult:
