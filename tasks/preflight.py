@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 from urllib.parse import unquote
 
 from botocore.exceptions import ClientError
@@ -18,19 +18,21 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.prefect_context import run_logger
-from tasks.retry import error_code, is_transient
+from tasks.retry import ACCESS_DENIED_CODES, error_code, is_transient
 from tasks.run_instances import AmiNotFound, resolve_ami, run_instances_params
 from tasks.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_iam import IAMClient
+    from mypy_boto3_ssm import SSMClient
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["pass", "warn", "fail"]
 T = TypeVar("T")
+P = ParamSpec("P")
 
-DENIED_CODES = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
 POSTGRES_SCHEMES = (
     "postgres",
     "postgresql",
@@ -102,7 +104,7 @@ def _aws(action: str, call: Callable[[], T]) -> T:
         if is_transient(exc):
             raise
         code = error_code(exc)
-        if code in DENIED_CODES:
+        if code in ACCESS_DENIED_CODES:
             raise _CheckFailed(
                 f"{code}: the role may not call {action} — grant it (runbook §7)"
             ) from exc
@@ -146,153 +148,175 @@ def parse_database_url(value: str) -> tuple[str, int]:
 
 
 def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport:
-    """Every check of runbook §2.3 plus the database path; never raises for a failed check."""
+    """Every check of runbook §2.3 plus the database path, in order; never raises for a failed
+    check. The AMI and subnet checks record what they found on the report for the later ones."""
     report = PreflightReport()
-    ec2 = clients.ec2
-
-    def check(name: str, body: Callable[[], tuple[Status, str]]) -> bool:
-        try:
-            status, detail = body()
-        except (_CheckFailed, AmiNotFound) as exc:
-            status, detail = "fail", str(exc)
-        report.add(name, status, detail)
-        return status != "fail"
-
-    def ami() -> tuple[Status, str]:
-        image = _aws("ec2:DescribeImages", lambda: resolve_ami(ec2, config))
-        report.ami_id = image["ImageId"]
-        types = _aws(
-            "ec2:DescribeInstanceTypes",
-            lambda: ec2.describe_instance_types(InstanceTypes=[config.instance_type])[  # type: ignore[list-item]
-                "InstanceTypes"
-            ],
-        )
-        supported = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else []
-        arch = image.get("Architecture", "?")
-        if arch not in supported:
-            raise _CheckFailed(
-                f"{image['ImageId']} is {arch} but {config.instance_type} runs"
-                f" {', '.join(supported) or 'nothing known'}"
-            )
-        return "pass", f"{image['ImageId']} ({image.get('Name', '?')}, {arch})"
-
-    def subnet() -> tuple[Status, str]:
-        if config.subnet_id:
-            try:
-                subnets = _aws(
-                    "ec2:DescribeSubnets",
-                    lambda: ec2.describe_subnets(SubnetIds=[config.subnet_id or ""])["Subnets"],
-                )
-            except ClientError as exc:
-                if error_code(exc) == "InvalidSubnetID.NotFound":
-                    raise _CheckFailed(f"subnet {config.subnet_id} does not exist") from exc
-                raise
-        else:
-            subnets = _aws(
-                "ec2:DescribeSubnets",
-                lambda: ec2.describe_subnets(
-                    Filters=[{"Name": "default-for-az", "Values": ["true"]}]
-                )["Subnets"],
-            )
-            if not subnets:
-                raise _CheckFailed("subnet_id is not set and the region has no default subnet")
-        chosen = sorted(subnets, key=lambda s: s["AvailabilityZone"])[0]
-        report.subnet_id, report.vpc_id = chosen["SubnetId"], chosen["VpcId"]
-        origin = "" if config.subnet_id else "default subnet, "
-        return (
-            "pass",
-            f"{chosen['SubnetId']} ({origin}{chosen['VpcId']}, {chosen['AvailabilityZone']})",
-        )
-
-    def security_groups() -> tuple[Status, str]:
-        if not config.security_group_ids:
-            return "warn", "none set: the VPC's default security group will be used"
-        try:
-            groups = _aws(
-                "ec2:DescribeSecurityGroups",
-                lambda: ec2.describe_security_groups(GroupIds=config.security_group_ids)[
-                    "SecurityGroups"
-                ],
-            )
-        except ClientError as exc:
-            if error_code(exc) == "InvalidGroup.NotFound":
-                raise _CheckFailed(
-                    f"security group not found: {exc.response['Error']['Message']}"
-                ) from exc
-            raise
-        found = {group["GroupId"]: group for group in groups}
-        missing = [gid for gid in config.security_group_ids if gid not in found]
-        if missing:
-            raise _CheckFailed(f"security group(s) {', '.join(missing)} do not exist")
-        foreign = [gid for gid, g in found.items() if report.vpc_id and g["VpcId"] != report.vpc_id]
-        if foreign:
-            raise _CheckFailed(
-                f"security group(s) {', '.join(foreign)} are not in the subnet's VPC"
-                f" {report.vpc_id}"
-            )
-        return "pass", ", ".join(f"{gid} ({g.get('GroupName', '?')})" for gid, g in found.items())
-
-    def instance_profile() -> tuple[Status, str]:
-        try:
-            profile = _aws(
-                "iam:GetInstanceProfile",
-                lambda: clients.iam.get_instance_profile(
-                    InstanceProfileName=config.instance_profile
-                ),
-            )["InstanceProfile"]
-        except ClientError as exc:
-            if error_code(exc) == "NoSuchEntity":
-                raise _CheckFailed(
-                    f"instance profile {config.instance_profile} does not exist — create it with"
-                    " AmazonSSMManagedInstanceCore (see deployments/iam/)"
-                ) from exc
-            raise
-        roles = ", ".join(role["RoleName"] for role in profile.get("Roles", [])) or "no role!"
-        status: Status = "pass" if profile.get("Roles") else "fail"
-        return status, f"{config.instance_profile} (role: {roles})"
-
-    def dry_run() -> tuple[Status, str]:
-        if not report.ami_id:
-            raise _CheckFailed("skipped: no AMI")
-        params = run_instances_params(
-            config,
-            ami_id=report.ami_id,
-            subnet_id=report.subnet_id,
-            tags={"Purpose": config.purpose_tag},
-        )
-        try:
-            ec2.run_instances(DryRun=True, **params)
-        except ClientError as exc:
-            code = error_code(exc)
-            if code == "DryRunOperation":
-                return (
-                    "pass",
-                    "DryRunOperation: ec2:RunInstances, ec2:CreateTags and iam:PassRole allowed",
-                )
-            if code in DENIED_CODES:
-                raise _CheckFailed(
-                    f"{code}: ec2:RunInstances refused (it needs ec2:RunInstances, ec2:CreateTags"
-                    f" and iam:PassRole on {config.instance_profile}) — runbook §7"
-                ) from exc
-            if is_transient(exc):
-                raise
-            raise _CheckFailed(f"{code}: {exc.response['Error'].get('Message', '')}") from exc
-        raise _CheckFailed("the DryRun launch did not answer DryRunOperation")
-
-    check("ami", ami)
-    check("subnet", subnet)
-    check("security groups", security_groups)
-    check("instance profile", instance_profile)
-    check("run-instances dry run", dry_run)
+    ec2, ssm = clients.ec2, clients.ssm
+    _check(report, "ami", _ami, ec2, config, report)
+    _check(report, "subnet", _subnet, ec2, config, report)
+    _check(report, "security groups", _security_groups, ec2, config, report.vpc_id)
+    _check(report, "instance profile", _instance_profile, clients.iam, config)
+    _check(report, "run-instances dry run", _dry_run, ec2, config, report.ami_id, report.subnet_id)
     if config.db_security_group_id:
-        check("db-sg ingress", lambda: _db_security_group(ec2, config))
-    check("ghcr token parameter", lambda: _parameter_exists(clients, config.ghcr_token_parameter))
+        _check(report, "db-sg ingress", _db_security_group, ec2, config)
+    _check(report, "ghcr token parameter", _parameter_exists, ssm, config.ghcr_token_parameter)
     if config.database == "external":
-        check("database url", lambda: _database_url(clients, config))
+        _check(report, "database url", _database_url, ssm, config)
     return report
 
 
+def _check(
+    report: PreflightReport,
+    name: str,
+    check: Callable[P, tuple[Status, str]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> None:
+    """Record ``check``'s verdict under ``name``; a check that raises what it found failed."""
+    try:
+        status, detail = check(*args, **kwargs)
+    except (_CheckFailed, AmiNotFound) as exc:
+        status, detail = "fail", str(exc)
+    report.add(name, status, detail)
+
+
+def _ami(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
+    """The AMI resolves (its id goes on the report even if its architecture is wrong) and runs on
+    the instance type."""
+    image = _aws("ec2:DescribeImages", lambda: resolve_ami(ec2, config))
+    report.ami_id = image["ImageId"]
+    types = _aws(
+        "ec2:DescribeInstanceTypes",
+        lambda: ec2.describe_instance_types(InstanceTypes=[config.instance_type])[  # type: ignore[list-item]
+            "InstanceTypes"
+        ],
+    )
+    supported = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else []
+    arch = image.get("Architecture", "?")
+    if arch not in supported:
+        raise _CheckFailed(
+            f"{image['ImageId']} is {arch} but {config.instance_type} runs"
+            f" {', '.join(supported) or 'nothing known'}"
+        )
+    return "pass", f"{image['ImageId']} ({image.get('Name', '?')}, {arch})"
+
+
+def _subnet(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
+    """The configured subnet exists, or the region has a default one; it and its VPC go on the
+    report."""
+    if config.subnet_id:
+        try:
+            subnets = _aws(
+                "ec2:DescribeSubnets",
+                lambda: ec2.describe_subnets(SubnetIds=[config.subnet_id or ""])["Subnets"],
+            )
+        except ClientError as exc:
+            if error_code(exc) == "InvalidSubnetID.NotFound":
+                raise _CheckFailed(f"subnet {config.subnet_id} does not exist") from exc
+            raise
+    else:
+        subnets = _aws(
+            "ec2:DescribeSubnets",
+            lambda: ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])[
+                "Subnets"
+            ],
+        )
+        if not subnets:
+            raise _CheckFailed("subnet_id is not set and the region has no default subnet")
+    chosen = sorted(subnets, key=lambda s: s["AvailabilityZone"])[0]
+    report.subnet_id, report.vpc_id = chosen["SubnetId"], chosen["VpcId"]
+    origin = "" if config.subnet_id else "default subnet, "
+    return (
+        "pass",
+        f"{chosen['SubnetId']} ({origin}{chosen['VpcId']}, {chosen['AvailabilityZone']})",
+    )
+
+
+def _security_groups(
+    ec2: EC2Client, config: PreviewConfig, vpc_id: str | None
+) -> tuple[Status, str]:
+    """The configured security groups exist and are in the subnet's VPC (``vpc_id``, if known)."""
+    if not config.security_group_ids:
+        return "warn", "none set: the VPC's default security group will be used"
+    try:
+        groups = _aws(
+            "ec2:DescribeSecurityGroups",
+            lambda: ec2.describe_security_groups(GroupIds=config.security_group_ids)[
+                "SecurityGroups"
+            ],
+        )
+    except ClientError as exc:
+        if error_code(exc) == "InvalidGroup.NotFound":
+            raise _CheckFailed(
+                f"security group not found: {exc.response['Error']['Message']}"
+            ) from exc
+        raise
+    found = {group["GroupId"]: group for group in groups}
+    missing = [gid for gid in config.security_group_ids if gid not in found]
+    if missing:
+        raise _CheckFailed(f"security group(s) {', '.join(missing)} do not exist")
+    foreign = [gid for gid, g in found.items() if vpc_id and g["VpcId"] != vpc_id]
+    if foreign:
+        raise _CheckFailed(
+            f"security group(s) {', '.join(foreign)} are not in the subnet's VPC {vpc_id}"
+        )
+    return "pass", ", ".join(f"{gid} ({g.get('GroupName', '?')})" for gid, g in found.items())
+
+
+def _instance_profile(iam: IAMClient, config: PreviewConfig) -> tuple[Status, str]:
+    """The instance profile exists and holds a role."""
+    try:
+        profile = _aws(
+            "iam:GetInstanceProfile",
+            lambda: iam.get_instance_profile(InstanceProfileName=config.instance_profile),
+        )["InstanceProfile"]
+    except ClientError as exc:
+        if error_code(exc) == "NoSuchEntity":
+            raise _CheckFailed(
+                f"instance profile {config.instance_profile} does not exist — create it with"
+                " AmazonSSMManagedInstanceCore (see deployments/iam/)"
+            ) from exc
+        raise
+    roles = ", ".join(role["RoleName"] for role in profile.get("Roles", [])) or "no role!"
+    status: Status = "pass" if profile.get("Roles") else "fail"
+    return status, f"{config.instance_profile} (role: {roles})"
+
+
+def _dry_run(
+    ec2: EC2Client, config: PreviewConfig, ami_id: str | None, subnet_id: str | None
+) -> tuple[Status, str]:
+    """The real launch request, on the AMI and subnet found by the checks before, as a DryRun."""
+    if not ami_id:
+        raise _CheckFailed("skipped: no AMI")
+    params = run_instances_params(
+        config,
+        ami_id=ami_id,
+        subnet_id=subnet_id,
+        tags={"Purpose": config.purpose_tag},
+    )
+    try:
+        ec2.run_instances(DryRun=True, **params)
+    except ClientError as exc:
+        code = error_code(exc)
+        if code == "DryRunOperation":
+            return (
+                "pass",
+                "DryRunOperation: ec2:RunInstances, ec2:CreateTags and iam:PassRole allowed",
+            )
+        if code in ACCESS_DENIED_CODES:
+            raise _CheckFailed(
+                f"{code}: ec2:RunInstances refused (it needs ec2:RunInstances, ec2:CreateTags"
+                f" and iam:PassRole on {config.instance_profile}) — runbook §7"
+            ) from exc
+        if is_transient(exc):
+            raise
+        raise _CheckFailed(f"{code}: {exc.response['Error'].get('Message', '')}") from exc
+    raise _CheckFailed("the DryRun launch did not answer DryRunOperation")
+
+
 def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, str]:
+    """db-sg admits the preview's security groups on 5432, and not the whole internet."""
     group_id = config.db_security_group_id or ""
     try:
         group = _aws(
@@ -332,24 +356,26 @@ def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, s
     return "pass", f"{group_id} admits {', '.join(config.security_group_ids)} on 5432"
 
 
-def _parameter_exists(clients: AwsClients, name: str) -> tuple[Status, str]:
+def _parameter_exists(ssm: SSMClient, name: str) -> tuple[Status, str]:
+    """Parameter Store holds ``name``."""
     found = _aws(
         "ssm:DescribeParameters",
-        lambda: clients.ssm.describe_parameters(
-            ParameterFilters=[{"Key": "Name", "Values": [name]}]
-        )["Parameters"],
+        lambda: ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Values": [name]}])[
+            "Parameters"
+        ],
     )
     if not found:
         raise _CheckFailed(f"Parameter Store has no {name} — put it as a SecureString")
     return "pass", f"{name} ({found[0].get('Type', '?')})"
 
 
-def _database_url(clients: AwsClients, config: PreviewConfig) -> tuple[Status, str]:
+def _database_url(ssm: SSMClient, config: PreviewConfig) -> tuple[Status, str]:
+    """The DATABASE_URL parameter exists and parses (its value is never reported)."""
     name = config.database_url_parameter
     try:
         value = _aws(
             "ssm:GetParameter",
-            lambda: clients.ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"],
+            lambda: ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"],
         )
     except ClientError as exc:
         if error_code(exc) == "ParameterNotFound":

@@ -52,6 +52,10 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return is_transient(exception_of(state))
 
 
+# AWS's answers to a call the credentials are not allowed to make (runbook §7).
+ACCESS_DENIED_CODES = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shlex
 import stat
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -156,7 +157,9 @@ def test_tunnel_print_gives_the_exact_command_for_the_prs_instance(
     )
 
     assert code == 0, err
-    assert shlex.split(out) == cli.tunnel_argv(instance, REGION, 8000, 18000, "gym-preview")
+    assert shlex.split(out) == cli.tunnel_argv(
+        instance, REGION, app_port=8000, local_port=18000, profile="gym-preview"
+    )
     assert '{"portNumber":["8000"],"localPortNumber":["18000"]}' in shlex.split(out)
     assert out.rstrip().endswith(f"--region {REGION} --profile gym-preview")
 
@@ -219,7 +222,7 @@ def test_tunnel_checks_the_aws_cli_v2_and_the_plugin_first(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("PATH", fake_tools(tmp_path, **tools))
-    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("must not start a session"))
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("must not start a session"))
 
     code, out, err = run(capsys, "tunnel", "9998")  # no preview: the tools are checked first
 
@@ -239,12 +242,14 @@ def test_tunnel_starts_the_session_with_the_aws_cli_on_path(
     instance = launch(aws, config, ami, "octo-org/session", 104)
     monkeypatch.setenv("PATH", fake_tools(tmp_path))
     started: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: started.append((path, argv)))
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append((path, argv)))
 
     code, _, err = run(capsys, "tunnel", "104", "--local-port", "8001")
 
     assert code == 0
-    assert started == [(str(tmp_path / "aws"), cli.tunnel_argv(instance, REGION, 8000, 8001))]
+    assert started == [
+        (str(tmp_path / "aws"), cli.tunnel_argv(instance, REGION, app_port=8000, local_port=8001))
+    ]
     assert "Open http://127.0.0.1:8001/docs" in err
 
 
@@ -551,6 +556,20 @@ def test_demo_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert cli.main(["demo", "--keep"]) == 0
     assert calls == [["--keep"]]
+
+
+def test_demo_without_a_checkout_says_where_it_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "local_stack", None)  # as after a plain `pip install .`
+
+    code, out, err = run(capsys, "demo")
+
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        "pr-preview: error: the demo runs from a checkout of the repository, with `make demo`"
+    )
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_errors_are_one_line_and_debug_adds_the_traceback(

@@ -1,0 +1,215 @@
+"""`pr-preview`: the runbook's day-to-day commands (§0, §6, §8, §9) as one console command.
+
+    pr-preview tunnel 42          open PR 42's preview on http://127.0.0.1:8000 (SSM, §6.2)
+    pr-preview list               the previews: PR, sha, instance, state, launched, expires in
+    pr-preview logs 42            the §9 evidence of PR 42's instance, collected over SSM, masked
+    pr-preview doctor [--pr 42]   preflight, and the §0 checks on PR 42's instance with a diagnosis
+    pr-preview cleanup --expired  §9's manual clean-up through the TTL sweeper's own code
+    pr-preview receiver | demo    the signed-webhook receiver; the moto demo
+
+The configuration is the flows': ``PR_PREVIEW_*`` environment variables, and the Prefect
+Variable ``pr-preview-config`` when ``PREFECT_API_URL`` is set. Every failure is one line
+``pr-preview: error: <what to do>`` (exit 2; ``doctor`` exits 1 when a check fails); ``--debug``
+adds the traceback. Importing this package has no side effects and loads no AWS or Prefect code:
+each command imports what it needs, so ``pr-preview --help`` is instant.
+
+This module is the parser and ``main``; each command is a module of its own (``tunnel``,
+``previews`` for ``list``, ``logs``, ``doctor``, ``cleanup``, ``receiver``, ``demo``) and
+``common`` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from deployments.cli.cleanup import cmd_cleanup
+from deployments.cli.common import (
+    EXIT_ERROR,
+    EXIT_WRONG,
+    PROG,
+    CliError,
+    _aws_profile,
+    _one_line,
+    _port,
+    _positive,
+    _pr_number,
+    _repo,
+    build_clients,
+    describe_error,
+    find_one_running,
+)
+from deployments.cli.demo import cmd_demo
+from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
+from deployments.cli.logs import cmd_logs
+from deployments.cli.previews import cmd_list
+from deployments.cli.receiver import cmd_receiver
+from deployments.cli.tunnel import check_session_tools, cmd_tunnel, tunnel_argv
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_WRONG",
+    "PROG",
+    "CliError",
+    "build_parser",
+    "check_session_tools",
+    "describe_error",
+    "find_one_running",
+    "instance_checks",
+    "main",
+    "render_diagnosis",
+    "tunnel_argv",
+]
+
+# How every command gets its AWS clients (``common._clients`` reads this name when called):
+# replace it here to give all commands other clients.
+_clients = build_clients
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are our one-line errors instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def _common_options() -> _Parser:
+    """Options every command takes, before or after its name."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--region", default=argparse.SUPPRESS, help="AWS region (default: the config's region)"
+    )
+    common.add_argument(
+        "--profile",
+        default=argparse.SUPPRESS,
+        help="AWS profile, e.g. an SSO profile (default: boto3's chain, AWS_PROFILE)",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(
+        prog=PROG,
+        description="Operate PR previews: open a tunnel, list, read logs, diagnose, clean up.",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def repo_option(sub: Any) -> None:
+        sub.add_argument("--repo", type=_repo, help="owner/name (the Repo tag)")
+
+    tunnel = command(
+        "tunnel", "Forward a local port to a PR's preview over SSM (runbook §6).", cmd_tunnel
+    )
+    tunnel.add_argument("pr", type=_pr_number, help="pull request number")
+    repo_option(tunnel)
+    tunnel.add_argument("--local-port", type=_port, help="local port (default: the app port, 8000)")
+    tunnel.add_argument(
+        "--print", action="store_true", help="print the aws command instead of running it"
+    )
+
+    listing = command("list", "List the previews.", cmd_list)
+    repo_option(listing)
+    listing.add_argument(
+        "--all-states", action="store_true", help="include shutting-down and terminated ones"
+    )
+
+    logs = command("logs", "Print the runbook §9 evidence of a PR's instance.", cmd_logs)
+    logs.add_argument("pr", type=_pr_number, help="pull request number")
+    repo_option(logs)
+    logs.add_argument(
+        "--tail",
+        type=_positive,
+        default=200,
+        help="last lines per section (default 200; the api log is collected to 200 lines)",
+    )
+
+    doctor = command(
+        "doctor",
+        "Preflight the account and, with --pr, check the PR's instance (exit 1 if wrong).",
+        cmd_doctor,
+    )
+    doctor.add_argument("--pr", type=_pr_number, help="also check this PR's instance")
+    repo_option(doctor)
+
+    cleanup = command(
+        "cleanup", "Terminate previews through the TTL sweeper's code (runbook §9).", cmd_cleanup
+    )
+    which = cleanup.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pr", type=_pr_number, help="every preview of this PR")
+    which.add_argument(
+        "--expired", action="store_true", help="previews past shutdown-at (the sweeper's rule)"
+    )
+    which.add_argument(
+        "--all", action="store_true", help="every preview not tagged pr-preview:keep=true"
+    )
+    repo_option(cleanup)
+    cleanup.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would go")
+
+    receiver = command("receiver", "Run the signed GitHub webhook receiver.", cmd_receiver)
+    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--port", type=_port, default=8080)
+    receiver.add_argument(
+        "--insecure-no-signature",
+        action="store_true",
+        help="accept unsigned deliveries (local demo only)",
+    )
+    receiver.add_argument("--prefect-api-url", help="default: the PREFECT_API_URL setting")
+    receiver.add_argument(
+        "--secret-block", help="Prefect Secret block with the webhook secret (if no env var)"
+    )
+
+    demo = command("demo", "Run the lifecycle demo on moto (make demo).", cmd_demo)
+    demo.add_argument("--keep", action="store_true", help="leave the stack up at the end")
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    if debug:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        for name in ("tasks", "flows", "deployments"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``pr-preview`` console script."""
+    arguments = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in arguments
+    try:
+        args = build_parser().parse_args(arguments)
+        for name, default in (("region", None), ("profile", None), ("debug", False)):
+            if not hasattr(args, name):
+                setattr(args, name, default)
+        debug = args.debug
+        _configure_logging(debug)
+        with _aws_profile(args.profile):
+            return int(args.handler(args))
+    except CliError as exc:
+        if debug and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(describe_error(exc))}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,24 @@
+"""``pr-preview logs``: the runbook §9 evidence of a PR's instance, collected over SSM, masked."""
+
+from __future__ import annotations
+
+import argparse
+
+from deployments.cli.common import _clients, _collect, _config, find_one_running
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from tasks.diagnose import evidence_sections
+    from tasks.masking import mask_secrets
+
+    config = _config(args)
+    clients = _clients(config)
+    preview = find_one_running(clients.ec2, config, args.pr, args.repo)
+    evidence, secrets = _collect(clients, config, preview)
+    titles = {section.name: section.title for section in evidence_sections(config)}
+    for name, text in evidence.items():
+        lines = mask_secrets(text, secrets).rstrip().splitlines()
+        print(f"==> {name}: {titles.get(name, name)} <==")
+        print("\n".join(lines[-args.tail :]) if lines else "(no output)")
+        print()
+    return 0

@@ -1,0 +1,33 @@
+"""``pr-preview receiver``: the signed GitHub webhook receiver (``deployments.receiver``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deployments.cli.common import CliError
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from deployments.receiver import SECRET_ENV, resolve_secret, serve
+
+    try:
+        secret = resolve_secret(os.environ, args.secret_block)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from exc
+    if not secret and not args.insecure_no_signature:
+        raise CliError(
+            f"no webhook secret: set {SECRET_ENV} or --secret-block NAME (a Prefect Secret"
+            " block), or pass --insecure-no-signature for a local demo"
+        )
+    try:
+        serve(
+            args.host,
+            args.port,
+            secret=secret,
+            insecure_no_signature=args.insecure_no_signature,
+            prefect_api_url=args.prefect_api_url,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
