@@ -60,10 +60,3 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
-
-
-def with_config_retries(step: Any, config: Any) -> Any:
-    """The Prefect task ``step`` with the retry count and delay of ``config``."""
-    return step.with_options(
-        retries=config.task_retries, retry_delay_seconds=config.retry_delay_seconds
-    )

@@ -14,6 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
 import flows.preview
 from flows.preview import pr_preview
@@ -58,6 +61,17 @@ def world(config: PreviewConfig, registry: FakeRegistry, scripted_ssm: ScriptedI
     scripted_ssm.healthy()
 
 
+def latest_comment(pr_number: int) -> str:
+    """The newest version of the PR's comment artifact (how a run without a token tells it)."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"pr-{pr_number}-comment"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return str(found[0].data) if found else ""
+
+
 def assert_the_next_sweep_removes_the_debris(
     aws: AwsClients, config: PreviewConfig, instances: ScriptedInstances
 ) -> None:
@@ -97,6 +111,13 @@ def test_a_new_preview_killed_after_each_step(
             pr_preview(REPO, 5, NEW, action="opened", config=config)
     left = [i["InstanceId"] for i in live(aws)]
     assert_the_next_sweep_removes_the_debris(aws, config, scripted_ssm)
+    # The on_crashed hook told the PR (no token here: the comment is the run's artifact).
+    told = latest_comment(5)
+    assert "💥 Preview run crashed" in told and "⏳" not in told
+    for instance_id in left:
+        assert instance_id in told and "expires at" in told
+    if not left:
+        assert "It left no instance running." in told
 
     again = pr_preview(REPO, 5, NEW, config=config)
     assert again.status == "ready"

@@ -20,20 +20,18 @@ def test_twenty_pushes_in_ten_seconds_leave_one_preview_at_the_newest_sha(
 ) -> None:
     e2e.configure(max_previews=1)
     pr, shas = 50, [f"{n:02x}" * 20 for n in range(1, 21)]
-    started = time.monotonic()
     for index, sha in enumerate(shas):
         answer = e2e.deliver("opened" if index == 0 else "synchronize", pr, sha)
         assert answer.status_code == 200
         time.sleep(0.2)
-    delivered_in = time.monotonic() - started
 
     mine = e2e.wait_for_pr_runs("pr-preview/pr-preview", pr, 20, timeout=400)
     assert len(mine) == 20
     by_sha = {run["parameters"]["head_sha"]: run for run in mine}
     newest = by_sha[shas[-1]]
-    assert delivered_in < 10
     assert newest["state_name"] == "Completed", e2e.outcomes(mine)
-    # Every older run either ended superseded or finished before the next push was read.
+    # A storm, not a queue: most pushes were overtaken before their run read the PR. Every
+    # older run either ended superseded or finished before the next push was read.
     names = [by_sha[sha]["state_name"] for sha in shas[:-1]]
     assert set(names) <= {"Superseded", "Completed"}, e2e.outcomes(mine)
     assert names.count("Superseded") >= 10, names
@@ -57,6 +55,11 @@ def test_ten_prs_opened_at_once_keep_the_three_most_recent(e2e: Installation) ->
     for pr in prs:
         assert e2e.deliver("opened", pr, f"{pr:02d}" * 20).status_code == 200
         time.sleep(0.2)
-    runs = [run for pr in prs for run in e2e.wait_for_pr_runs("pr-preview/pr-preview", pr, 1)]
+    # Four runs at a time, serialised on the fleet lock: the last may start minutes later.
+    runs = [
+        run
+        for pr in prs
+        for run in e2e.wait_for_pr_runs("pr-preview/pr-preview", pr, 1, timeout=400)
+    ]
     live_prs = sorted(int(tags(i)["PR"]) for pr in prs for i in e2e.live_for(pr))
     assert live_prs == prs[-3:], e2e.outcomes(runs)
