@@ -20,9 +20,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
-from prefect.utilities.timeout import timeout
 
 from tasks.aws import AwsClients, build_clients
+from tasks.budget import grace, run_budget
 from tasks.check_image import check_image
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
@@ -89,10 +89,6 @@ class PreviewResult:
         return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 
 
-class RunTimedOut(TimeoutError):
-    """The run took longer than its configured stages allow (``preview_timeout_seconds``)."""
-
-
 @flow(
     name="pr-preview",
     flow_run_name="pr-{pr_number}-{head_sha:.7}",
@@ -110,8 +106,7 @@ def pr_preview(
     """Give pull request ``repo#pr_number`` a working preview of ``head_sha``."""
     check_inputs(repo, pr_number, head_sha)
     settings = load_config(config)
-    budget = settings.preview_timeout_seconds()
-    with timeout(budget, timeout_exc_type=RunTimedOut):
+    with run_budget(settings.preview_timeout_seconds()):
         return _preview(repo, pr_number, head_sha, action, head_repo, settings)
 
 
@@ -154,7 +149,10 @@ def _preview(
                 github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
             )
         except Exception as exc:
-            report.tell(PreviewState.FAILED, diagnosis=f"could not read the pull request: {exc}")
+            with grace():
+                report.tell(
+                    PreviewState.FAILED, diagnosis=f"could not read the pull request: {exc}"
+                )
             raise
         if not verdict.ok:
             outcome = verdict.verdict
@@ -176,12 +174,13 @@ def _preview(
         except Exception as exc:
             result.status = "failed"
             diagnosis = getattr(exc, "diagnosis", None) or str(exc)
-            report.tell(
-                PreviewState.FAILED,
-                instance_id=result.instance_id,
-                expires_at=result.shutdown_at,
-                diagnosis=diagnosis,
-            )
+            with grace():
+                report.tell(
+                    PreviewState.FAILED,
+                    instance_id=result.instance_id,
+                    expires_at=result.shutdown_at,
+                    diagnosis=diagnosis,
+                )
             if result.instance_id:
                 emit_instance_event(
                     "failed", result.instance_id, repo, pr_number, sha=head_sha, reason=str(exc)
@@ -267,7 +266,8 @@ def _deploy(
         open_db_access(clients.ec2, settings, launched.instance_id)
         _migrate_and_probe(clients, settings, result)
     except Exception as exc:
-        raise _failed_after_launch(clients, settings, result, exc) from exc
+        with grace():
+            raise _failed_after_launch(clients, settings, result, exc) from exc
     result.status = "ready"
 
 

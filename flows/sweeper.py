@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.events import emit_event
-from prefect.utilities.timeout import timeout
 
 from tasks.aws import build_clients
+from tasks.budget import run_budget
 from tasks.config import PreviewConfig, load_config
 from tasks.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
 
@@ -29,7 +29,7 @@ def ttl_sweeper(dry_run: bool = False, config: PreviewConfig | None = None) -> S
     """Terminate previews past their TTL, with a closed PR, or too old to judge; report all."""
     settings = load_config(config)
     clients = build_clients(settings)
-    with timeout(settings.sweep_timeout_seconds()):
+    with run_budget(settings.sweep_timeout_seconds()):
         report = sweep(
             clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
         )

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from prefect.utilities.timeout import timeout
 
 from tasks.aws import build_clients
+from tasks.budget import grace, run_budget
 from tasks.comment import PreviewState, flow_run_url
 from tasks.config import PreviewConfig, load_config
 from tasks.db_access import close_db_access
@@ -30,10 +30,6 @@ class TeardownResult:
     already_gone: list[str] = field(default_factory=list)
 
 
-class RunTimedOut(TimeoutError):
-    """The teardown took longer than its lock wait and terminate timeout allow."""
-
-
 @flow(
     name="pr-teardown",
     flow_run_name="pr-{pr_number}-teardown",
@@ -44,7 +40,7 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay."""
     check_inputs(repo, pr_number)
     settings = load_config(config)
-    with timeout(settings.teardown_timeout_seconds(), timeout_exc_type=RunTimedOut):
+    with run_budget(settings.teardown_timeout_seconds()):
         return _teardown(repo, pr_number, settings)
 
 
@@ -68,11 +64,12 @@ def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownRes
         try:
             removed = teardown(clients.ec2, settings, repo, pr_number)
         except Exception as exc:
-            report.tell(
-                PreviewState.FAILED,
-                diagnosis=f"teardown failed: {exc}; the TTL sweeper removes the preview at its"
-                " shutdown-at",
-            )
+            with grace():
+                report.tell(
+                    PreviewState.FAILED,
+                    diagnosis=f"teardown failed: {exc}; the TTL sweeper removes the preview at"
+                    " its shutdown-at",
+                )
             raise
         for instance_id in removed.instance_ids:
             emit_instance_event(

@@ -173,6 +173,11 @@ def _acquire(name: str, lease_seconds: float, timeout_seconds: float | None) -> 
             return UUID(str(body["lease_id"]))
 
 
+def _renew(lease_id: UUID, lease_seconds: float) -> None:
+    with get_client(sync_client=True) as client:
+        client.renew_concurrency_lease(lease_id, lease_seconds)
+
+
 def _release(lease_id: UUID) -> None:
     with get_client(sync_client=True) as client, suppress(ObjectNotFound):
         client.release_concurrency_slots_with_lease(lease_id)
@@ -187,11 +192,7 @@ def hold(
     lease_id = _acquire(name, lease_seconds, timeout_seconds)
     log = run_logger(logger)
 
-    def renew() -> None:
-        with get_client(sync_client=True) as client:
-            client.renew_concurrency_lease(lease_id, lease_seconds)
-
-    lock = HeldLock(name, lease_id, lease_seconds, renew)
+    lock = HeldLock(name, lease_id, lease_seconds, lambda: _renew(lease_id, lease_seconds))
     lock.start()
     token = _held.set((*_held.get(), lock))
     log.info("lock %s acquired", name)

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
+from tasks.budget import check_budget, remaining
 from tasks.config import PreviewConfig
 from tasks.locks import check_locks
 from tasks.retry import is_transient, retry_transient
@@ -57,13 +58,28 @@ class Step(Generic[P, R]):
 
     def configured(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task[P, R]:
         retries, delay = self.policy(args, kwargs)
-        return self.task.with_options(retries=retries, retry_delay_seconds=delay)
+        left = remaining()
+        return self.task.with_options(
+            retries=retries,
+            retry_delay_seconds=delay,
+            timeout_seconds=max(left, 1.0) if left is not None else None,
+        )
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def _preconditions(self) -> None:
+        check_budget(self.name)
         if self.needs_lock:
             check_locks()
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        self._preconditions()
         if FlowRunContext.get() is not None:
-            return self.configured(args, kwargs)(*args, **kwargs)
+            try:
+                return self.configured(args, kwargs)(*args, **kwargs)
+            except TimeoutError as exc:
+                left = remaining()
+                if left is not None and left <= 0:  # the run's budget, not the step's own
+                    check_budget(self.name)
+                raise exc
         retries, delay = self.policy(args, kwargs)
         for attempt in range(retries + 1):
             try:
@@ -76,8 +92,7 @@ class Step(Generic[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[R]:
         """Run beside the flow (a thread of the task runner); needs a flow run."""
-        if self.needs_lock:
-            check_locks()
+        self._preconditions()
         return self.configured(args, kwargs).submit(*args, **kwargs)
 
     def __repr__(self) -> str:

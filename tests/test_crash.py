@@ -9,21 +9,33 @@ the lock to its lease expiry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
 from prefect.client.schemas.sorting import ArtifactSort
+from prefect.exceptions import ObjectNotFound
 
 import flows.preview
+import tasks.locks
+import tasks.run_end
+from flows.crash_report import pr_crash_report
 from flows.preview import pr_preview
+from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
-from local_stack.scripted_instance import ScriptedInstances
+from local_stack.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.locks import pr_lock_name
 from tasks.sweep import sweep
 from tasks.tags import parse_time
 from tests.support import CANARY_GHCR_TOKEN
@@ -146,3 +158,87 @@ def test_a_push_killed_during_the_in_place_update(
     [instance] = live(aws)
     assert tags(instance)["Sha"] == NEW
     assert instance["InstanceId"] in (first.instance_id, again.instance_id)
+
+
+def test_a_run_that_loses_its_lock_fails_before_its_next_change(
+    aws: AwsClients, config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease cannot be renewed (the server lost it): the run must not launch anything."""
+
+    def refused(lease_id: object, lease_seconds: float) -> None:
+        raise RuntimeError("404: lease not found")
+
+    monkeypatch.setattr(tasks.locks, "_renew", refused)
+    monkeypatch.setattr(tasks.locks, "RENEWALS_PER_LEASE", 6000)  # renew every 10 ms
+    guarded = flows.preview.guard
+
+    def slow_guard(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1)  # holding the PR lock: long enough for three failed renewals
+        return guarded(*args, **kwargs)
+
+    monkeypatch.setattr(flows.preview, "guard", slow_guard)
+
+    with pytest.raises(Exception, match="is no longer held: its lease could not be renewed"):
+        pr_preview(REPO, 11, NEW, action="opened", config=config)
+
+    assert live(aws) == []
+    told = latest_comment(11)
+    assert "❌ Preview failed" in told and "no longer held" in told
+
+
+def test_a_run_past_its_time_budget_fails_like_any_failed_run(
+    aws: AwsClients,
+    config: PreviewConfig,
+    scripted_ssm: ScriptedInstances,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bootstrap never finishes; the run's budget ends before wait-ready gives up."""
+    scripted_ssm.on(BOOTSTRAP_CHECK, Reply(stdout="bootstrap-pending\n"))
+    # Long enough to launch on a loaded machine, well short of wait-ready's own 30 s.
+    monkeypatch.setattr(PreviewConfig, "preview_timeout_seconds", lambda self: 12.0)
+    started = time.monotonic()
+
+    with pytest.raises(Exception, match="RunTimedOut: the run used up its 12 s budget"):
+        pr_preview(REPO, 12, NEW, action="opened", config=config)
+
+    assert time.monotonic() - started < config.ready_timeout_seconds
+    [instance] = live(aws)
+    expires = parse_time(tags(instance)["shutdown-at"])
+    assert expires is not None
+    assert expires <= datetime.now(UTC) + timedelta(hours=config.failure_ttl_hours, minutes=1)
+    told = latest_comment(12)
+    assert "❌ Preview failed" in told and instance["InstanceId"] in told
+
+
+def test_teardown_deletes_the_prs_lock(aws: AwsClients, config: PreviewConfig) -> None:
+    assert pr_preview(REPO, 13, NEW, action="opened", config=config).status == "ready"
+    pr_teardown(REPO, 13, config=config)
+    with get_client(sync_client=True) as client, pytest.raises(ObjectNotFound):
+        client.read_global_concurrency_limit_by_name(pr_lock_name(REPO, 13))
+    assert live(aws) == []
+
+
+def test_the_crash_report_flow_tells_the_pr_when_no_hook_ran(
+    aws: AwsClients, config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-side path: a worker that runs no hooks (ECS, Kubernetes) still gets the PR
+    told, by the pr-crash-report deployment its automation starts."""
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.run_end, "report_run_end", lambda *a, **k: None)  # no hook
+        kill_after(patch, "launch")
+        with pytest.raises(Killed):
+            pr_preview(REPO, 14, NEW, action="opened", config=config)
+    assert "⏳ Preview launching" in latest_comment(14)
+    with get_client(sync_client=True) as client:
+        [crashed] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"pr-14-{NEW[:7]}"])),
+            limit=1,
+        )
+    assert crashed.state is not None and crashed.state.type.value == "CRASHED"
+
+    said = pr_crash_report(str(crashed.id))
+
+    [instance] = live(aws)
+    told = latest_comment(14)
+    assert said.startswith(f"told {REPO}#14")
+    assert "💥 Preview run crashed" in told and instance["InstanceId"] in told

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -427,7 +426,10 @@ def test_sticky_comment_marked_expired_through_the_real_client(
     fake.add_comment(REPO, 7, "<!-- pr-preview:octo-org/app#7 -->\n### ✅ Preview ready", "bot")
     [closed] = run(ec2, 1, **preview_tags(7, now + timedelta(hours=3)))
     [still_open] = run(ec2, 1, **preview_tags(8, now + timedelta(hours=3)))
-    github = StickyExpiry(GitHub("good-token", transport=fake.transport), config.region)
+    client = GitHub("good-token", transport=fake.transport)
+    deployment = client.create_deployment(REPO, "a" * 40, "pr-7")
+    client.create_deployment_status(REPO, deployment["id"], "success")
+    github = StickyExpiry(client, config.region)
 
     report = sweep(ec2, config, github=github, now=now)
 
@@ -437,16 +439,15 @@ def test_sticky_comment_marked_expired_through_the_real_client(
     assert "Preview expired" in body and closed in body and "closed on GitHub" in body
     assert len(fake.sent("GET", "/pulls/7")) == 1 and len(fake.sent("GET", "/pulls/8")) == 1
     assert fake.comment_bodies(REPO, 8) == []
+    # The PR page no longer shows an active deployment of a preview that is gone.
+    assert [s["state"] for s in fake.statuses[deployment["id"]]] == ["success", "inactive"]
 
 
-def test_without_tasks_github_the_sweep_goes_by_tags(
+def test_without_a_token_the_sweep_goes_by_tags(
     config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "tasks.github", None)
-    assert github_or_none(config) is None
-    monkeypatch.delitem(sys.modules, "tasks.github")
     monkeypatch.delenv("GITHUB_TOKEN", raising=False)
-    assert github_or_none(config) is None  # importable, but no token
+    assert github_or_none(config) is None
 
 
 @pytest.mark.e2e
