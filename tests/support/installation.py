@@ -23,7 +23,7 @@ import httpx
 
 from deployments.receiver import create_app
 from local_stack.account import DEMO_GHCR_TOKEN, DemoAccount, create_demo_account
-from local_stack.moto_server import moto_process
+from local_stack.moto_server import MotoProcess, moto_process
 from local_stack.prefect_server import (
     TERMINAL_STATES,
     PrefectStack,
@@ -52,6 +52,7 @@ class Installation:
     account: DemoAccount
     registry: FakeRegistry
     github: FakeGitHub
+    moto: MotoProcess
 
     def configure(self, **overrides: Any) -> None:
         """The Prefect Variable every flow run reads: the account, fast timings, overrides."""
@@ -84,6 +85,7 @@ class Installation:
 
     def fresh(self) -> None:
         """A clean slate for the next test: idle, no live instance, default configuration."""
+        self.moto.slow(None)
         self.wait_idle()
         running = [i["InstanceId"] for i in live(self.aws)]
         if running:
@@ -162,14 +164,14 @@ def running_installation(home: Path) -> Iterator[Installation]:
     registry = FakeRegistry(scheme="http", users={"octo-org": DEMO_GHCR_TOKEN})
     try:
         with (
-            moto_process(home / "moto.log") as moto_url,
+            moto_process(home / "moto.log") as moto,
             serve_handler(registry.handle) as registry_url,
             serve_handler(github.handle) as github_url,
         ):
             registry.host = registry_url.removeprefix("http://")
             github.base_url = github_url
             os.environ.update(
-                AWS_ENDPOINT_URL=moto_url,
+                AWS_ENDPOINT_URL=moto.url,
                 AWS_ACCESS_KEY_ID="testing",
                 AWS_SECRET_ACCESS_KEY="testing",
                 AWS_DEFAULT_REGION="ap-northeast-1",
@@ -183,7 +185,7 @@ def running_installation(home: Path) -> Iterator[Installation]:
                 stack.deploy()
                 stack.start_worker(Path(stack.home) / "worker.log")
                 with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
-                    found = Installation(stack, receiver, aws, account, registry, github)
+                    found = Installation(stack, receiver, aws, account, registry, github, moto)
                     found.configure()
                     yield found
     finally:
