@@ -138,7 +138,10 @@ def run(keep: bool) -> int:
             )
             say(f"   Prefect Variable {VARIABLE_NAME}: the account above, image {image}")
             stack.deploy()
-            say("   deployed pr-preview, pr-teardown (event triggers) and ttl-sweeper (cron)")
+            say(
+                "   deployed pr-preview, pr-teardown (GitHub event triggers), pr-crash-report"
+                " (Crashed runs) and ttl-sweeper (cron)"
+            )
             stack.start_worker(Path(tmp) / "worker.log")
             say("   process worker polling work pool pr-preview every second")
             app = create_app(WEBHOOK_SECRET, prefect_api_url=stack.api_url)
