@@ -1,6 +1,6 @@
 """The preview of one pull request: the runbook's workflow (§2) as a Prefect flow.
 
-0. guards: closed, fork, superseded          (before anything costs money)
+0. guards: not allowed, closed, fork, superseded (before anything costs money)
 1. preflight ∥ build-image check             (§2.3, §2.1)
 2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot)
 3. terminate the old instance, make room, launch (§2.4, §3)
@@ -120,6 +120,11 @@ def _preview(
 ) -> PreviewResult:
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
+    if not settings.serves(repo):
+        # Before any client exists: no instance, no secret, no comment for a stranger's repo.
+        result.status, result.reason = Outcome.NOT_ALLOWED, settings.not_served(repo)
+        logger.warning("not launching: %s", result.reason)
+        return _ended_as(Outcome.NOT_ALLOWED, result)
     if action == "closed":
         result.reason = "the pull request is closed: nothing is launched"
         logger.info(result.reason)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from tasks.aws import build_clients
 from tasks.budget import grace, run_budget
@@ -17,6 +20,7 @@ from tasks.events import emit_instance_event
 from tasks.github import github_from_config
 from tasks.inputs import check_inputs
 from tasks.locks import delete_lock, hold, pr_lock_name
+from tasks.outcome import Outcome
 from tasks.report import PullRequestReport
 from tasks.run_end import state_hook
 from tasks.teardown import teardown
@@ -40,6 +44,15 @@ def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) 
     """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay."""
     check_inputs(repo, pr_number)
     settings = load_config(config)
+    if not settings.serves(repo):
+        reason = settings.not_served(repo)
+        get_run_logger().warning("not tearing down: %s", reason)
+        state: State[TeardownResult] = Completed(
+            name=Outcome.NOT_ALLOWED.state_name,
+            message=reason,
+            data=TeardownResult(repo, pr_number),
+        )
+        return cast(TeardownResult, state)
     with run_budget(settings.teardown_timeout_seconds()):
         return _teardown(repo, pr_number, settings)
 

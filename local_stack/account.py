@@ -53,7 +53,12 @@ class DemoAccount:
             "instance_profile": self.instance_profile,
             "ghcr_token_parameter": self.ghcr_token_parameter,
             "database_url_parameter": self.database_url_parameter,
+            # The demo's repositories; pr-preview serves no repository that is not listed.
+            "allowed_repos": [f"{DEMO_OWNER}/*"],
         }
+
+
+DEMO_OWNER = "octo-org"
 
 
 def create_demo_account(

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.inputs import is_repo_pattern, repo_allowed
 from tasks.prefect_context import api_reachable
 
 VARIABLE_NAME = "pr-preview-config"
@@ -112,6 +113,12 @@ class PreviewConfig(BaseModel):
         1800.0, gt=0, description="How long a run waits for its PR's lock (and the fleet's)."
     )
 
+    # --- Who is served
+    allowed_repos: list[str] = Field(
+        default_factory=list,
+        description="Repositories served: 'owner/name' or 'owner/*'; none when empty.",
+    )
+
     # --- GitHub
     github_token_secret_block: str = Field("github-token", min_length=1)
     github_deployments: bool = True
@@ -125,6 +132,26 @@ class PreviewConfig(BaseModel):
             if not group.startswith("sg-"):
                 raise ValueError(f"{group!r} is not a security group id (sg-...)")
         return value
+
+    @field_validator("allowed_repos", "allowed_fork_repos")
+    @classmethod
+    def _repo_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not is_repo_pattern(pattern):
+                raise ValueError(f"{pattern!r} is not 'owner/name' or 'owner/*'")
+        return value
+
+    def serves(self, repo: str) -> bool:
+        return repo_allowed(repo, self.allowed_repos)
+
+    def not_served(self, repo: str) -> str:
+        """Why ``repo`` gets no preview, and how to change that."""
+        listed = ", ".join(self.allowed_repos) or "nothing"
+        return (
+            f"{repo} is not in allowed_repos ({listed}): pr-preview runs only the images of"
+            " repositories it is told to serve. Add it (or 'owner/*') to allowed_repos —"
+            " PR_PREVIEW_ALLOWED_REPOS or the pr-preview-config Variable — to preview it"
+        )
 
     @field_validator("probe_paths")
     @classmethod

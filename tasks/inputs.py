@@ -8,6 +8,7 @@ trailing newline through), and no ``.`` or ``..`` segment.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}")
@@ -34,3 +35,20 @@ def check_inputs(repo: str, pr_number: int, head_sha: str | None = None) -> None
         raise ValueError(f"pr_number must be a positive integer, got {pr_number!r}")
     if head_sha is not None and (not isinstance(head_sha, str) or not is_sha(head_sha)):
         raise ValueError(f"head_sha must be 7-40 lowercase hex digits, got {head_sha!r}")
+
+
+def is_repo_pattern(value: str) -> bool:
+    """``owner/name`` or ``owner/*``."""
+    owner, slash, name = value.partition("/")
+    return bool(slash) and (is_repo(value) or (name == "*" and is_repo(f"{owner}/x")))
+
+
+def repo_allowed(repo: str, patterns: Iterable[str]) -> bool:
+    """Whether ``repo`` matches one of ``patterns``: case-insensitive, whole segments
+    (``acme/*`` admits ``acme/shop``; ``acme/shop`` does not admit ``acme/shop-evil``)."""
+    owner, _, name = repo.lower().partition("/")
+    for pattern in patterns:
+        want_owner, _, want_name = pattern.lower().partition("/")
+        if want_owner == owner and want_name in ("*", name):
+            return True
+    return False

@@ -31,6 +31,8 @@ def test_launch_tags_instance_and_volume_and_hardens_it(
     assert expected.items() <= tags(instance).items()
     assert parse_time(tags(instance)["shutdown-at"]) == now + timedelta(hours=1)
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    # Hop limit 1: a container on the instance cannot reach the role's credentials.
+    assert instance["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
     assert instance["IamInstanceProfile"]["Arn"].endswith("/ec2-pr-preview-ssm")
     assert instance["SubnetId"] == config.subnet_id
     assert [g["GroupId"] for g in instance["SecurityGroups"]] == config.security_group_ids

@@ -346,3 +346,27 @@ def test_github_rate_limited_beyond_patience_does_not_fail_the_preview(
     assert body.splitlines()[1] == "### ✅ Preview ready"
     assert tunnel(state.result().instance_id or "") in body
     assert statuses(github, "pr-56") == [(SHA1, ["in_progress"])]
+
+
+def test_a_repository_not_allowed_gets_nothing_and_is_told_nothing(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, registry: FakeRegistry
+) -> None:
+    stranger = "evil-user/anything"
+    github.add_pull(stranger, pull(60, SHA1, head_repo=stranger))
+    sent_before = len(github.requests)
+
+    state = pr_preview(stranger, 60, SHA1, action="opened", config=config, return_state=True)
+
+    assert state.is_completed() and state.name == "Not Allowed"
+    assert "allowed_repos" in (state.message or "") and "octo-org/*" in (state.message or "")
+    assert state.result().status == "not_allowed"
+    assert live(aws) == [] and registry.manifest_requests() == []
+    assert len(github.requests) == sent_before  # no comment, no deployment, not even a read
+
+    config.allowed_repos = []
+    nothing = pr_preview(REPO, 61, SHA1, action="opened", config=config, return_state=True)
+    assert nothing.name == "Not Allowed" and "to allowed_repos" in (nothing.message or "")
+    assert live(aws) == []
+
+    teardown = pr_teardown(stranger, 60, config=config, return_state=True)
+    assert teardown.name == "Not Allowed" and teardown.result().terminated == []
