@@ -18,6 +18,7 @@ from tasks.config import PreviewConfig, load_config
 from tasks.db_access import close_db_access
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
+from tasks.guards import confirm_closed
 from tasks.inputs import check_inputs
 from tasks.locks import delete_lock, hold, pr_lock_name
 from tasks.outcome import Outcome
@@ -73,6 +74,16 @@ def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownRes
     lock = pr_lock_name(repo, pr_number)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with github, hold(lock, lease_seconds=lease, timeout_seconds=wait):
+        # 0. Only a pull request that GitHub says is closed (a forged event changes nothing).
+        closed = confirm_closed(github, repo, pr_number)
+        if not closed.ok:
+            get_run_logger().warning("not tearing down: %s", closed.reason)
+            state: State[TeardownResult] = Completed(
+                name=Outcome.STILL_OPEN.state_name,
+                message=closed.reason,
+                data=TeardownResult(repo, pr_number),
+            )
+            return cast(TeardownResult, state)
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         try:
             removed = teardown(clients.ec2, settings, repo, pr_number)

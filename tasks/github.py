@@ -85,6 +85,14 @@ class _Call:
     permission: str = READ_PERMISSION
 
 
+@dataclass(frozen=True)
+class Identity:
+    """The GitHub user the token acts as; comments are ours only when this user wrote them."""
+
+    id: int
+    login: str
+
+
 class GitHub:
     """GitHub REST v3 over one ``httpx.Client`` (GitHub Enterprise through ``base_url``)."""
 
@@ -116,6 +124,7 @@ class GitHub:
         self._client = httpx.Client(
             base_url=self.base_url, headers=headers, transport=transport, timeout=timeout
         )
+        self._identity: Identity | None = None
 
     @property
     def enabled(self) -> bool:
@@ -133,6 +142,19 @@ class GitHub:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- who we are
+
+    def identity(self) -> Identity | None:
+        """The token's own user (``GET /user``), read once per client; None when GitHub will not
+        say (a token without that permission): the caller then cannot tell its own comments."""
+        if self._identity is None and self.enabled:
+            try:
+                user = self._request("GET", "/user", call=_Call()).json()
+                self._identity = Identity(int(user["id"]), str(user["login"]))
+            except (GitHubError, KeyError, TypeError, ValueError) as exc:
+                logger.warning("GitHub did not say who this token is: %s", exc)
+        return self._identity
 
     # --- pull requests
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.github import GitHub
+from tasks.github import GitHub, GitHubError
 from tasks.outcome import Outcome
 from tasks.step import step
 
@@ -123,3 +123,23 @@ def guard(
     if not github.enabled:
         return check_event(repo, head_repo, allowed_fork_repos)
     return check_pull(github.get_pull(repo, pr_number), repo, head_sha, allowed_fork_repos)
+
+
+@step(retry=False)
+def confirm_closed(github: GitHub, repo: str, pr_number: int) -> GuardResult:
+    """Before a teardown: is the pull request really closed? A ``closed`` event for an open PR
+    is stale or forged, and must not take a live preview down. Without a token the event is
+    all there is to go by."""
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the closed event is taken as it is")
+    try:
+        state = github.pull_state(repo, pr_number)
+    except GitHubError as exc:  # after the client's retries: the event goes, as without a token
+        return GuardResult(None, f"GitHub could not confirm the PR is closed ({exc}); tearing down")
+    if state == "open":
+        return GuardResult(
+            Outcome.STILL_OPEN,
+            f"pull request #{pr_number} is open on GitHub: the closed event is stale or forged;"
+            " nothing was torn down",
+        )
+    return GuardResult(None, f"pull request #{pr_number} is closed")

@@ -13,6 +13,7 @@ class Outcome(StrEnum):
     SUPERSEDED = "superseded"
     NO_ROOM = "no_room"
     NOT_ALLOWED = "not_allowed"
+    STILL_OPEN = "still_open"
 
     @property
     def state_name(self) -> str:

@@ -202,6 +202,13 @@ def test_open_push_close_keep_one_comment_and_one_environment(
     assert len(github.comment_bodies(REPO, 42)) == 131
     assert statuses(github, "pr-42")[-1] == (SHA2, ["in_progress", "success"])
 
+    # A closed event while GitHub says the PR is open (stale or forged): nothing goes.
+    forged = pr_teardown(REPO, 42, config=config, return_state=True)
+    assert forged.name == "Still Open" and "stale or forged" in (forged.message or "")
+    assert [i["InstanceId"] for i in live(aws)] == [instance_id]
+    assert bot_comments(github, 42) == [body]
+
+    github.pulls[(REPO, 42)] = pull(42, SHA2, state="closed")
     closed = pr_teardown(REPO, 42, config=config, return_state=True)
     assert closed.result().terminated == [instance_id]
     assert live(aws) == []
@@ -370,3 +377,20 @@ def test_a_repository_not_allowed_gets_nothing_and_is_told_nothing(
 
     teardown = pr_teardown(stranger, 60, config=config, return_state=True)
     assert teardown.name == "Not Allowed" and teardown.result().terminated == []
+
+
+def test_another_users_comment_with_our_marker_is_never_edited(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub, registry: FakeRegistry
+) -> None:
+    """Anyone can paste the hidden marker; only the token's own comment is the status."""
+    github.add_pull(REPO, pull(62, SHA1))
+    planted = f"{marker(REPO, 62)}\nI am the preview status now"
+    theirs = github.add_comment(REPO, 62, planted, user="mallory")
+
+    assert pr_preview(REPO, 62, SHA1, action="opened", config=config).status == "ready"
+
+    [untouched] = [c for c in github.comments[(REPO, 62)] if c["id"] == theirs]
+    assert untouched["body"] == planted
+    [ours] = bot_comments(github, 62)[1:]
+    assert ours.splitlines()[1] == "### ✅ Preview ready"
+    assert not [r for r in github.sent("PATCH") if r.path.endswith(f"/comments/{theirs}")]

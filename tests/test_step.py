@@ -132,4 +132,5 @@ def test_outcomes_name_the_completed_state() -> None:
         "Superseded",
         "No Room",
         "Not Allowed",
+        "Still Open",
     ]

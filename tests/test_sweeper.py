@@ -423,7 +423,9 @@ def test_sticky_comment_marked_expired_through_the_real_client(
     fake = FakeGitHub()
     fake.add_pull(REPO, {"number": 7, "state": "closed", "head": {"sha": "a" * 40}})
     fake.add_pull(REPO, {"number": 8, "state": "open", "head": {"sha": "b" * 40}})
-    fake.add_comment(REPO, 7, "<!-- pr-preview:octo-org/app#7 -->\n### ✅ Preview ready", "bot")
+    fake.add_comment(
+        REPO, 7, "<!-- pr-preview:octo-org/app#7 -->\n### ✅ Preview ready", fake.bot_login
+    )
     [closed] = run(ec2, 1, **preview_tags(7, now + timedelta(hours=3)))
     [still_open] = run(ec2, 1, **preview_tags(8, now + timedelta(hours=3)))
     client = GitHub("good-token", transport=fake.transport)

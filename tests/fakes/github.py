@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+BOT_ID = 41898282
 ALL_PERMISSIONS = frozenset({"pull_requests:read", "issues:write", "deployments:write"})
 
 
@@ -64,9 +66,14 @@ class FakeGitHub:
     def add_comment(self, repo: str, number: int, body: str, user: str = "someone") -> int:
         comment_id = self._id()
         self.comments.setdefault((repo.lower(), number), []).append(
-            {"id": comment_id, "body": body, "user": {"login": user}}
+            {"id": comment_id, "body": body, "user": self.user(user)}
         )
         return comment_id
+
+    def user(self, login: str) -> dict[str, Any]:
+        """A user as GitHub shows it in a comment; ids are stable per login."""
+        user_id = BOT_ID if login == self.bot_login else 10_000 + zlib.crc32(login.encode())
+        return {"login": login, "id": user_id, "type": "Bot" if login.endswith("[bot]") else "User"}
 
     def inject(
         self,
@@ -145,6 +152,7 @@ class FakeGitHub:
     def _routes(self) -> list[tuple[str, str, Any]]:
         repo = r"/repos/([^/]+/[^/]+)"
         return [
+            (r"/user", "GET", self._get_user),
             (repo + r"/pulls/(\d+)", "GET", self._get_pull),
             (repo + r"/issues/(\d+)/comments", "GET", self._list_comments),
             (repo + r"/issues/(\d+)/comments", "POST", self._create_comment),
@@ -160,6 +168,11 @@ class FakeGitHub:
 
     def _known_repo(self, repo: str) -> bool:
         return any(key[0] == repo.lower() for key in self.pulls)
+
+    def _get_user(
+        self, request: httpx.Request, granted: frozenset[str], body: Any
+    ) -> httpx.Response:
+        return httpx.Response(200, json=self.user(self.bot_login))
 
     def _get_pull(
         self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, number: str
@@ -185,7 +198,7 @@ class FakeGitHub:
             return _error(404, "Not Found")
         if "issues:write" not in granted:
             return _error(403, "Resource not accessible by personal access token")
-        comment = {"id": self._id(), "body": body["body"], "user": {"login": self.bot_login}}
+        comment = {"id": self._id(), "body": body["body"], "user": self.user(self.bot_login)}
         self.comments[key].append(comment)
         return httpx.Response(201, json=comment)
 

@@ -20,6 +20,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 # (path regex, normalised pattern), first match wins; an unknown path is named as it is.
 GITHUB_ROUTES = (
+    (r"/user", "/user"),
     (r"/repos/[^/]+/[^/]+/pulls/\d+", "/repos/{repo}/pulls/{n}"),
     (r"/repos/[^/]+/[^/]+/issues/\d+/comments", "/repos/{repo}/issues/{n}/comments"),
     (r"/repos/[^/]+/[^/]+/issues/comments/\d+", "/repos/{repo}/issues/comments/{id}"),
