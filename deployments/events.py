@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from tasks.inputs import is_repo, is_sha
+
 HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed"})
 
 ROUTES: Mapping[tuple[str, str], str] = {
@@ -67,6 +69,15 @@ def event_from_delivery(event_name: str, delivery_id: str, payload: dict[str, An
     base = _field(pr, "base", dict, "pull_request")
     repo = _field(_field(base, "repo", dict, "pull_request.base"), "full_name", str, "base.repo")
     head_repo = _optional_str(head.get("repo"), "full_name")  # None: the fork was deleted
+    # What the flows would refuse anyway is refused here, before it becomes an event.
+    if not is_repo(repo):
+        raise MalformedDelivery(f"base.repo.full_name {repo[:100]!r} is not owner/name")
+    if number < 1:
+        raise MalformedDelivery(f"pull_request.number {number} is not a positive integer")
+    if not is_sha(head_sha):
+        raise MalformedDelivery("pull_request.head.sha is not 7-40 lowercase hex digits")
+    if head_repo is not None and not is_repo(head_repo):
+        raise MalformedDelivery("pull_request.head.repo.full_name is not owner/name")
     sender = _optional_str(payload.get("sender"), "login")
     title = pr.get("title") if isinstance(pr.get("title"), str) else None
 

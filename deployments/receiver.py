@@ -9,10 +9,12 @@ API that does not take the event gets a 502, so GitHub shows the failure and can
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -30,7 +32,8 @@ from deployments.events import MalformedDelivery, event_from_delivery
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
-GITHUB_MAX_BODY_BYTES = 25 * 1024 * 1024
+GITHUB_MAX_BODY_BYTES = 25 * 1024 * 1024  # GitHub's own cap on a delivery
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # pull_request deliveries are tens of KB
 SECRET_ENV = "GITHUB_WEBHOOK_SECRET"
 LOGGER_NAME = "pr_preview.receiver"
 
@@ -91,6 +94,18 @@ def resolve_secret(env: Mapping[str, str], block_name: str | None = None) -> str
     return secret
 
 
+def prefect_auth_headers(env: Mapping[str, str]) -> dict[str, str]:
+    """The credentials Prefect's own client sends: ``PREFECT_API_KEY`` as a Bearer token
+    (Prefect Cloud), else ``PREFECT_API_AUTH_STRING`` as Basic auth (a self-hosted server
+    started with ``PREFECT_SERVER_API_AUTH_STRING``)."""
+    if env.get("PREFECT_API_KEY"):
+        return {"Authorization": f"Bearer {env['PREFECT_API_KEY']}"}
+    if env.get("PREFECT_API_AUTH_STRING"):
+        encoded = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        return {"Authorization": f"Basic {encoded}"}
+    return {}
+
+
 class PrefectEventsAPI:
     """Posts events to a Prefect server's `POST /events`; one client per app, made on first use."""
 
@@ -100,15 +115,19 @@ class PrefectEventsAPI:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_seconds: float = 5.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = api_url.rstrip("/") + "/events"
+        self._headers = dict(headers or {})
         self._transport = transport
         self._timeout = timeout_seconds
         self._client: httpx.AsyncClient | None = None
 
     async def __call__(self, event: dict[str, Any]) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+            self._client = httpx.AsyncClient(
+                transport=self._transport, timeout=self._timeout, headers=self._headers
+            )
         try:
             response = await self._client.post(self.url, json=[event])
         except httpx.HTTPError as exc:
@@ -156,9 +175,10 @@ def create_app(
     emit: Emit | None = None,
     *,
     prefect_api_url: str | None = None,
-    max_body_bytes: int = GITHUB_MAX_BODY_BYTES,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     insecure_no_signature: bool = False,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Starlette:
     """The receiver app: `POST /webhook` for GitHub, `GET /healthz` for probes.
 
@@ -177,7 +197,11 @@ def create_app(
     if emit is None:
         if not prefect_api_url:
             raise ValueError("give either emit or prefect_api_url (e.g. http://127.0.0.1:4200/api)")
-        events_api = PrefectEventsAPI(prefect_api_url, transport=http_transport)
+        events_api = PrefectEventsAPI(
+            prefect_api_url,
+            transport=http_transport,
+            headers=prefect_auth_headers(os.environ if env is None else env),
+        )
         emit = events_api
     logger = logging.getLogger(LOGGER_NAME)
     if not secret:

@@ -47,6 +47,7 @@ class FakePrefectEvents:
 
     def __init__(self) -> None:
         self.posts: list[list[dict[str, Any]]] = []
+        self.authorizations: list[str | None] = []
         self.stored: dict[str, dict[str, Any]] = {}
         self.fail_with: int | Exception | None = None
 
@@ -57,6 +58,7 @@ class FakePrefectEvents:
             return httpx.Response(self.fail_with, json={"detail": "boom"})
         if request.method != "POST" or request.url.path != "/api/events":
             return httpx.Response(404, json={"detail": "Not Found"})
+        self.authorizations.append(request.headers.get("authorization"))
         events = json.loads(request.content)
         if not isinstance(events, list) or not all("id" in e for e in events):
             return httpx.Response(422, json={"detail": "invalid events"})
@@ -555,3 +557,59 @@ def test_one_log_line_per_delivery_and_never_the_secret(
     ]
     everything = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
     assert SECRET not in everything
+
+
+# -- what the receiver refuses at the edge, and how it reaches Prefect --------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("head", "sha"), "main; rm -rf /"),
+        (("head", "sha"), "abcdef1\n"),
+        (("base", "repo", "full_name"), "../.."),
+        (("number",), 0),
+    ],
+)
+def test_a_signed_delivery_the_flows_would_refuse_gets_400_and_no_event(
+    client: TestClient, prefect: FakePrefectEvents, where: tuple[str, ...], value: object
+) -> None:
+    payload = json.loads(payload_bytes("pull_request.opened.json"))
+    target = payload["pull_request"]
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+
+    response = deliver(client, "pull_request", json.dumps(payload).encode())
+
+    assert response.status_code == 400
+    assert prefect.posts == []
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PREFECT_API_KEY": "pnu_cloudkey"}, "Bearer pnu_cloudkey"),
+        ({"PREFECT_API_AUTH_STRING": "admin:pass"}, "Basic YWRtaW46cGFzcw=="),
+        ({}, None),
+    ],
+)
+def test_events_reach_prefect_with_the_credentials_prefects_client_would_send(
+    prefect: FakePrefectEvents, env: dict[str, str], expected: str | None
+) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport, env=env)
+    with TestClient(app) as client:
+        response = deliver(client, "pull_request", payload_bytes("pull_request.opened.json"))
+
+    assert response.status_code == 200
+    assert prefect.authorizations == [expected]
+
+
+def test_the_default_body_cap_is_one_mebibyte(prefect: FakePrefectEvents) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    padded = json.loads(payload_bytes("pull_request.opened.json"))
+    padded["pull_request"]["body"] = "x" * (1024 * 1024)
+    with TestClient(app) as client:
+        response = deliver(client, "pull_request", json.dumps(padded).encode())
+    assert response.status_code == 413
+    assert prefect.posts == []
