@@ -3,12 +3,15 @@
 Open-source Prefect has no inbound webhook endpoint, so this small ASGI app takes GitHub's
 deliveries, checks `X-Hub-Signature-256`, maps a handled `pull_request` delivery to the event
 of `deployments.events` and posts it to `POST {PREFECT_API_URL}/events`. The event id is the
-delivery GUID, so the server drops redeliveries. Bad input gets a 4xx, never a 500; a Prefect
-API that does not take the event gets a 502, so GitHub shows the failure and can redeliver.
+delivery GUID, so the server drops redeliveries. Bad input gets a 4xx, never a 500. With a
+spool (the default of `pr-preview receiver`) an accepted delivery is on disk before GitHub
+hears 2xx and reaches Prefect when Prefect answers again; without one, a Prefect API that does
+not take the event gets a 502, so GitHub shows the failure and it can be redelivered by hand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,8 +20,9 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -29,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deployments.events import MalformedDelivery, event_from_delivery
+from deployments.spool import Spool
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -179,12 +184,19 @@ def create_app(
     insecure_no_signature: bool = False,
     http_transport: httpx.AsyncBaseTransport | None = None,
     env: Mapping[str, str] | None = None,
+    spool_path: Path | None = None,
+    retry_seconds: float = 5.0,
 ) -> Starlette:
     """The receiver app: `POST /webhook` for GitHub, `GET /healthz` for probes.
 
     Events go to `emit` when given (tests, benchmarks), else to `{prefect_api_url}/events`
     through an httpx client on `http_transport`. Without a secret the app is refused unless
     `insecure_no_signature` says that unsigned deliveries are meant (a local demo).
+
+    With `spool_path`, an accepted delivery is written to the spool (`deployments.spool`)
+    before it is answered, and posted from there in arrival order, now or — while Prefect is
+    down — every `retry_seconds` and after a restart: 200 when Prefect took it at once, 202
+    when it waits in the spool. Without one, a Prefect that does not take the event is a 502.
     """
     if not secret and not insecure_no_signature:
         raise ValueError(
@@ -206,6 +218,8 @@ def create_app(
     logger = logging.getLogger(LOGGER_NAME)
     if not secret:
         logger.warning("receiver accepts UNSIGNED deliveries (--insecure-no-signature)")
+    spool = Spool(spool_path) if spool_path is not None else None
+    deliver = _Courier(emit, spool, logger)
 
     async def webhook(request: Request) -> Response:
         log = _DeliveryLog(
@@ -213,7 +227,7 @@ def create_app(
             event=request.headers.get("x-github-event", "-"),
         )
         try:
-            status, body = await _handle(request, log, secret, emit, max_body_bytes)
+            status, body = await _handle(request, log, secret, deliver, max_body_bytes)
         except _Reject as reject:
             log.outcome, log.detail = reject.outcome, reject.detail
             status, body = reject.status, {"outcome": reject.outcome, "detail": reject.detail}
@@ -231,9 +245,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        if events_api is not None:
-            await events_api.aclose()
+        retrying = asyncio.create_task(deliver.keep_draining(retry_seconds)) if spool else None
+        try:
+            yield
+        finally:
+            if retrying is not None:
+                retrying.cancel()
+                with suppress(asyncio.CancelledError):
+                    await retrying
+            if spool is not None:
+                spool.close()
+            if events_api is not None:
+                await events_api.aclose()
 
     return Starlette(
         routes=[
@@ -244,8 +267,56 @@ def create_app(
     )
 
 
+class _Courier:
+    """Takes each event to Prefect: straight through, or through the spool when there is one."""
+
+    def __init__(self, emit: Emit, spool: Spool | None, logger: logging.Logger) -> None:
+        self.emit, self.spool, self.logger = emit, spool, logger
+        self._draining = asyncio.Lock()
+
+    async def __call__(self, event: dict[str, Any]) -> str:
+        if self.spool is None:
+            try:
+                await self.emit(event)
+            except Exception as exc:
+                raise _Reject(502, "emit-failed", str(exc) or type(exc).__name__) from exc
+            return "emitted"
+        try:
+            await asyncio.to_thread(self.spool.put, event)  # on disk before we answer
+        except Exception as exc:
+            raise _Reject(503, "spool-failed", f"could not keep the delivery: {exc}") from exc
+        await self.drain()
+        posted = await asyncio.to_thread(self.spool.posted, str(event["id"]))
+        return "emitted" if posted else "spooled"
+
+    async def drain(self) -> int:
+        """Post pending events in arrival order; stop at the first that Prefect refuses."""
+        assert self.spool is not None
+        posted = 0
+        async with self._draining:
+            while batch := await asyncio.to_thread(self.spool.pending):
+                for item in batch:
+                    try:
+                        await self.emit(item.event)
+                    except Exception as exc:
+                        self.logger.warning(
+                            "Prefect did not take spooled event %s (%s): kept for a retry",
+                            item.event["id"],
+                            exc,
+                        )
+                        return posted
+                    await asyncio.to_thread(self.spool.mark_posted, item.seq)
+                    posted += 1
+        return posted
+
+    async def keep_draining(self, every: float) -> None:
+        while True:
+            await self.drain()
+            await asyncio.sleep(every)
+
+
 async def _handle(
-    request: Request, log: _DeliveryLog, secret: str | None, emit: Emit, max_body_bytes: int
+    request: Request, log: _DeliveryLog, secret: str | None, deliver: _Courier, max_body_bytes: int
 ) -> tuple[int, dict[str, Any]]:
     raw = await _read_body(request, max_body_bytes)
     if secret and not verify_signature(secret, raw, request.headers.get("x-hub-signature-256")):
@@ -270,12 +341,13 @@ async def _handle(
     if event is None:
         log.outcome = "ignored"
         return 202, {"outcome": "ignored"}
-    try:
-        await emit(event)
-    except Exception as exc:
-        raise _Reject(502, "emit-failed", str(exc) or type(exc).__name__) from exc
-    log.outcome = "emitted"
-    return 200, {"outcome": "emitted", "event": event["event"], "id": event["id"]}
+    outcome = await deliver(event)
+    log.outcome = outcome
+    return (200 if outcome == "emitted" else 202), {
+        "outcome": outcome,
+        "event": event["event"],
+        "id": event["id"],
+    }
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -335,6 +407,7 @@ def serve(
     insecure_no_signature: bool = False,
     prefect_api_url: str | None = None,
     log_level: str = "info",
+    spool_path: Path | None = None,
 ) -> None:
     """Run the receiver with uvicorn until interrupted (`pr-preview receiver`).
 
@@ -349,7 +422,10 @@ def serve(
         if not prefect_api_url:
             raise ValueError("set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     app = create_app(
-        secret, prefect_api_url=prefect_api_url, insecure_no_signature=insecure_no_signature
+        secret,
+        prefect_api_url=prefect_api_url,
+        insecure_no_signature=insecure_no_signature,
+        spool_path=spool_path,
     )
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers:
@@ -357,4 +433,7 @@ def serve(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(log_level.upper())
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # A client that trickles its request is cut off; GitHub sends a delivery at once.
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=10
+    )

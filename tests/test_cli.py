@@ -541,8 +541,18 @@ def test_receiver_refuses_to_start_without_a_secret(
 
     assert code == 0
     assert served == [
-        {"secret": "s3cret", "insecure_no_signature": False, "prefect_api_url": "http://x/api"}
+        {
+            "secret": "s3cret",
+            "insecure_no_signature": False,
+            "prefect_api_url": "http://x/api",
+            "spool_path": Path("~/.local/state/pr-preview/receiver-spool.sqlite3").expanduser(),
+        }
     ]
+    served.clear()
+    monkeypatch.setenv("PR_PREVIEW_RECEIVER_SPOOL", "/tmp/spool.sqlite3")
+    assert run(capsys, "receiver", "--prefect-api-url", "http://x/api")[0] == 0
+    assert run(capsys, "receiver", "--prefect-api-url", "http://x/api", "--no-spool")[0] == 0
+    assert [kwargs["spool_path"] for kwargs in served] == [Path("/tmp/spool.sqlite3"), None]
 
 
 def test_demo_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -613,3 +614,78 @@ def test_the_default_body_cap_is_one_mebibyte(prefect: FakePrefectEvents) -> Non
         response = deliver(client, "pull_request", json.dumps(padded).encode())
     assert response.status_code == 413
     assert prefect.posts == []
+
+
+# -- the spool: nothing lost while Prefect is down ----------------------------------------------
+
+
+def opened(number: int) -> bytes:
+    payload = json.loads(payload_bytes("pull_request.opened.json"))
+    payload["pull_request"]["number"] = payload["number"] = number
+    return json.dumps(payload).encode()
+
+
+def test_deliveries_wait_in_the_spool_and_reach_prefect_in_order_once(
+    prefect: FakePrefectEvents, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool.sqlite3"
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        spool_path=spool,
+        retry_seconds=3600,  # this test drains by delivering, not by the timer
+    )
+    prefect.fail_with = 503
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    with TestClient(app) as client:
+        answers = [
+            deliver(client, "pull_request", opened(n), delivery=d)
+            for n, d in zip((1, 2, 3), ids, strict=True)
+        ]
+        again = deliver(client, "pull_request", opened(2), delivery=ids[1])  # a redelivery
+        assert [a.status_code for a in answers] == [202, 202, 202] and again.status_code == 202
+        assert {a.json()["outcome"] for a in answers} == {"spooled"}
+        assert prefect.posted == []
+
+        prefect.fail_with = None
+        fourth = deliver(client, "pull_request", opened(4))
+
+    assert fourth.status_code == 200 and fourth.json()["outcome"] == "emitted"
+    numbers = [event["payload"]["pr_number"] for event in prefect.posted]
+    assert numbers == [1, 2, 3, 4]  # arrival order, the redelivery kept once
+    assert [event["id"] for event in prefect.posted[:3]] == ids
+
+
+def test_the_spool_survives_a_restart_and_drains_when_prefect_answers(
+    prefect: FakePrefectEvents, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool.sqlite3"
+
+    def app() -> Any:
+        return create_app(
+            SECRET,
+            prefect_api_url=PREFECT_API,
+            http_transport=prefect.transport,
+            spool_path=spool,
+            retry_seconds=0.05,
+        )
+
+    prefect.fail_with = 503
+    with TestClient(app()) as client:
+        assert deliver(client, "pull_request", opened(7)).status_code == 202
+    assert prefect.posted == [] and oct(spool.stat().st_mode & 0o777) == "0o600"
+
+    prefect.fail_with = None
+    with TestClient(app()):  # a new receiver process on the same spool
+        deadline = time.monotonic() + 5
+        while not prefect.posted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [event["payload"]["pr_number"] for event in prefect.posted] == [7]
+
+
+def test_without_a_spool_a_prefect_outage_is_a_502(prefect: FakePrefectEvents) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    prefect.fail_with = 503
+    with TestClient(app) as client:
+        assert deliver(client, "pull_request", opened(8)).status_code == 502

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from deployments.cli.demo import cmd_demo
 from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
 from deployments.cli.logs import cmd_logs
 from deployments.cli.previews import cmd_list
-from deployments.cli.receiver import cmd_receiver
+from deployments.cli.receiver import DEFAULT_SPOOL, cmd_receiver
 from deployments.cli.tunnel import check_session_tools, cmd_tunnel, tunnel_argv
 
 __all__ = [
@@ -169,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept unsigned deliveries (local demo only)",
     )
     receiver.add_argument("--prefect-api-url", help="default: the PREFECT_API_URL setting")
+    receiver.add_argument(
+        "--spool",
+        default=os.environ.get("PR_PREVIEW_RECEIVER_SPOOL", DEFAULT_SPOOL),
+        help="SQLite file that keeps accepted deliveries until Prefect takes them"
+        f" (default: $PR_PREVIEW_RECEIVER_SPOOL or {DEFAULT_SPOOL})",
+    )
+    receiver.add_argument(
+        "--no-spool",
+        action="store_true",
+        help="answer 502 while Prefect is down instead of keeping deliveries",
+    )
     receiver.add_argument(
         "--secret-block", help="Prefect Secret block with the webhook secret (if no env var)"
     )

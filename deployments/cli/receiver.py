@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from deployments.cli.common import CliError
+
+DEFAULT_SPOOL = "~/.local/state/pr-preview/receiver-spool.sqlite3"
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
@@ -27,6 +30,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
             secret=secret,
             insecure_no_signature=args.insecure_no_signature,
             prefect_api_url=args.prefect_api_url,
+            spool_path=None if args.no_spool else Path(args.spool).expanduser(),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
