@@ -6,7 +6,7 @@ flow or a lost webhook left behind, and touches nothing without our Purpose tag 
 ``pr-preview:keep=true``.
 
 1. list every preview   2. decide by tags (and GitHub)   3. terminate in batches
-4. revoke leftover db-sg rules   5. announce: events, "expired" comments   6. report
+4. announce: events, "expired" comments   5. revoke leftover db-sg rules   6. report
 """
 
 from __future__ import annotations

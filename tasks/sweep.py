@@ -465,7 +465,11 @@ def sweep(
         for error, ids in errors.items():
             log.error("terminating %d previews failed (%s…): %s", len(ids), ids[0], error)
 
-    # 4. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
+    # 4. pr-preview.terminated per instance; the PR's sticky comment says "expired" — before
+    #    the db-sg clean-up, which must not keep the PR from hearing its preview is gone.
+    if report.terminated:
+        announce_terminations(report, emit, github)
+    # 5. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
     report.revoked_rules = revoke_leftover_db_rules(ec2, config, report.live, dry_run)
     for rule in report.revoked_rules:
         log.info(
@@ -475,7 +479,4 @@ def sweep(
             rule.description,
         )
 
-    # 5. pr-preview.terminated per instance; the PR's sticky comment says "expired".
-    if report.terminated:
-        announce_terminations(report, emit, github)
     return report
