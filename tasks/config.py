@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import types
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
@@ -26,6 +28,27 @@ logger = logging.getLogger(__name__)
 
 
 RUN_MARGIN_SECONDS = 300.0
+
+# What may reach the instance's root shell (user data, SSM scripts). Every pattern is matched
+# against the whole value (``fullmatch``: ``$`` would let a trailing newline through); the
+# script builders quote each value at the point of use as well.
+REGION_PATTERN = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
+# The image reference grammar of docker/distribution (lower case), repository only: a registry
+# host[:port], then path components. No tag and no digest: the sha is appended as the tag.
+_HOST_COMPONENT = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_REGISTRY = rf"{_HOST_COMPONENT}(?:\.{_HOST_COMPONENT})*(?::[0-9]{{1,5}})?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = re.compile(rf"(?P<registry>{_REGISTRY})(?:/{_PATH_COMPONENT})+")
+IMAGE_MAX_LENGTH = 255
+SERVICE_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}")
+ABSOLUTE_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
+PARAMETER_PREFIX = "/pr-preview/"  # what the shipped IAM policies let the instance read
+COMPOSE_VERSION_PATTERN = re.compile(r"v\d+\.\d+\.\d+")
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# A URL path: RFC 3986 path characters without the sub-delimiters a shell treats specially
+# (!$&'()*;), and %-escapes.
+PROBE_PATH_PATTERN = re.compile(r"/(?:[A-Za-z0-9._~:@+,=/-]|%[0-9A-Fa-f]{2})*")
+COMMAND_MAX_LENGTH = 1000
 
 
 class ConfigError(ValueError):
@@ -159,6 +182,99 @@ class PreviewConfig(BaseModel):
         for path in value:
             if not path.startswith("/"):
                 raise ValueError(f"probe path {path!r} must start with /")
+            if not PROBE_PATH_PATTERN.fullmatch(path):
+                raise ValueError(
+                    f"probe path {path!r} may hold URL path characters only"
+                    " (letters, digits, -._~:@+,=/ and %XX)"
+                )
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not REGION_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not an AWS region name (e.g. ap-northeast-1)")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(value) > IMAGE_MAX_LENGTH:
+            raise ValueError(f"an image reference is at most {IMAGE_MAX_LENGTH} characters")
+        if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+            raise ValueError(
+                f"{value!r} has a tag or digest; give the repository only (the sha is the tag)"
+            )
+        # Matched in lower case: image_for lower-cases the repository as GHCR names are.
+        found = IMAGE_PATTERN.fullmatch(value.lower())
+        if found is None:
+            raise ValueError(
+                f"{value!r} is not an image repository: registry host[:port] then lower-case"
+                " path components (e.g. ghcr.io/owner/app)"
+            )
+        registry = found.group("registry")
+        if registry != "localhost" and "." not in registry and ":" not in registry:
+            raise ValueError(
+                f"{value!r} does not start with a registry host (e.g. ghcr.io/{value})"
+            )
+        return value
+
+    @field_validator("app_service")
+    @classmethod
+    def _app_service(cls, value: str) -> str:
+        if not SERVICE_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a compose service name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+            )
+        return value
+
+    @field_validator("app_dir")
+    @classmethod
+    def _app_dir(cls, value: str) -> str:
+        return _absolute_path(value)
+
+    @field_validator("ghcr_token_parameter", "database_url_parameter")
+    @classmethod
+    def _parameter_name(cls, value: str) -> str:
+        _absolute_path(value)
+        if not value.startswith(PARAMETER_PREFIX):
+            raise ValueError(
+                f"{value!r} is not under {PARAMETER_PREFIX} (the only parameters the instance"
+                " role may read)"
+            )
+        return value
+
+    @field_validator("compose_version")
+    @classmethod
+    def _compose_version(cls, value: str) -> str:
+        if not COMPOSE_VERSION_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Compose release (vX.Y.Z)")
+        return value
+
+    @field_validator("ghcr_username")
+    @classmethod
+    def _ghcr_username(cls, value: str | None) -> str | None:
+        if value is not None and not USERNAME_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a registry user name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+        return value
+
+    @field_validator("migration_command")
+    @classmethod
+    def _migration_command(cls, value: str) -> str:
+        """A command by design, run in the app container as its arguments: split like a shell
+        splits words (``tasks.migrate``), so it must parse, and it must be one line."""
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise ValueError("the migration command must be one line without control characters")
+        if len(value) > COMMAND_MAX_LENGTH:
+            raise ValueError(f"the migration command is at most {COMMAND_MAX_LENGTH} characters")
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"the migration command does not parse: {exc}") from None
+        if not words:
+            raise ValueError("the migration command is empty")
         return value
 
     def preview_timeout_seconds(self) -> float:
@@ -185,6 +301,17 @@ class PreviewConfig(BaseModel):
 
     def registry_username(self, repo: str) -> str:
         return self.ghcr_username or self.image_for(repo).split("/")[1]
+
+
+def _absolute_path(value: str) -> str:
+    if not ABSOLUTE_PATH_PATTERN.fullmatch(value) or any(
+        part in (".", "..") for part in value.split("/")[1:]
+    ):
+        raise ValueError(
+            f"{value!r} is not an absolute path of letters, digits and ._- segments"
+            " (no spaces, quotes, '.' or '..')"
+        )
+    return value
 
 
 def _is_list_field(name: str) -> bool:

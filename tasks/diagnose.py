@@ -25,7 +25,13 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.masking import mask_secrets
-from tasks.on_instance import BOOTSTRAP_CHECK, CLOUD_INIT_LOG, port_check
+from tasks.on_instance import (
+    BOOTSTRAP_CHECK,
+    CLOUD_INIT_LOG,
+    TCP_CHECK_DIRECTIVE,
+    port_check,
+    tcp_check,
+)
 from tasks.prefect_context import run_logger
 from tasks.secrets import read_secrets
 from tasks.ssm import CommandTimeout, send_shell, wait_command
@@ -42,16 +48,22 @@ LOG_BYTES = 20000  # StandardOutputContent keeps 24,000 characters; keep the end
 # --- evidence ------------------------------------------------------------------------------
 
 # Runbook §5's TCP check against the host:port of DATABASE_URL, read on the instance; only
-# the host and port are printed. The last '@' ends the user info, as it does for libpq.
+# the host and port are printed. The last '@' ends the user info, as it does for libpq. The
+# host and port are data from app.env: they reach bash's /dev/tcp as arguments, never as script.
 DB_TCP_SCRIPT = (
-    "url=$(sed -n 's/^DATABASE_URL=//p' {app_dir}/app.env 2>/dev/null | head -n 1)",
+    "url=$(sed -n '/^DATABASE_URL=/{s///p;q;}' {app_dir}/app.env 2>/dev/null) || url=''",
     'if [ -z "$url" ]; then',
     '  echo "DB TCP SKIPPED: no DATABASE_URL in app.env"',
     "else",
     "  hostport=$(printf '%s' \"$url\" | sed -E 's#^[^:]*://##; s#^.*@##; s#[/?].*$##')",
-    "  host=${hostport%%:*}; port=5432",
-    '  case "$hostport" in *:*) port=${hostport##*:};; esac',
-    '  if timeout 3 bash -c "echo > /dev/tcp/$host/$port" 2>/dev/null; then',
+    "  host=${hostport%%:*}",
+    "  port=5432",
+    '  case "$hostport" in',
+    "    *:*) port=${hostport##*:} ;;",
+    "    *) ;;",
+    "  esac",
+    "  " + TCP_CHECK_DIRECTIVE,
+    "  if " + tcp_check('"$host"', '"$port"') + " 2>/dev/null; then",
     '    echo "DB TCP OK $host:$port"',
     "  else",
     '    echo "DB TCP NG $host:$port"',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -11,8 +12,9 @@ from importlib.resources import files
 from typing import TYPE_CHECKING
 
 from tasks.config import PreviewConfig
+from tasks.inputs import check_inputs
 from tasks.instances import find_previews
-from tasks.on_instance import timer_minutes
+from tasks.on_instance import STATE_DIR, timer_command, timer_minutes
 from tasks.prefect_context import run_logger
 from tasks.run_instances import resolve_ami, run_instances_params
 from tasks.step import step
@@ -32,12 +34,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EXTERNAL_DATABASE_ENV = 'printf \'DATABASE_URL=%s\\n\' "$(param {parameter})" > "$APP_DIR/app.env"'
+# DATABASE_URL from Parameter Store: assigned on its own line, so a failed read stops the
+# bootstrap at step "secrets" instead of booting the app with an empty URL.
+EXTERNAL_DATABASE_ENV = """database_url=$(param {{parameter}}) || fail "cannot read DATABASE_URL"
+[ -n "$database_url" ] || fail "the DATABASE_URL parameter is empty"
+printf 'DATABASE_URL=%s\\n' "$database_url" > "$APP_DIR/app.env"
+unset database_url"""
 # The ephemeral database of runbook §11: a postgres service beside the app, gone with the instance.
-EPHEMERAL_DATABASE_ENV = """DB_PASSWORD="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')"
+EPHEMERAL_DATABASE_ENV = """DB_PASSWORD=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')
 printf 'POSTGRES_PASSWORD=%s\\n' "$DB_PASSWORD" > "$APP_DIR/db.env"
 printf 'DATABASE_URL=postgresql+asyncpg://app:%s@db:5432/app\\n' "$DB_PASSWORD" > "$APP_DIR/app.env"
+unset DB_PASSWORD
 chmod 600 "$APP_DIR/db.env\""""
+
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 @dataclass(frozen=True)
@@ -113,34 +123,43 @@ def compose_file(config: PreviewConfig) -> str:
 
 
 def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
-    """The bootstrap script of runbook §3 for this preview; it holds names, never secrets."""
+    """The bootstrap script of runbook §3 for this preview; it holds names, never secrets.
+
+    Every value is shell-quoted where it is used (the config is validated at load as well),
+    and placeholders are filled in one pass, so a value never introduces another placeholder.
+    """
+    check_inputs(spec.repo, spec.pr_number, spec.sha)
     image = config.image_for(spec.repo)
+    q = shlex.quote
     if config.database == "external":
-        database_env = EXTERNAL_DATABASE_ENV.format(
-            parameter=shlex.quote(config.database_url_parameter)
+        database_env = EXTERNAL_DATABASE_ENV.replace(
+            "{{parameter}}", q(config.database_url_parameter)
         )
     else:
         database_env = EPHEMERAL_DATABASE_ENV
+    compose_release = "https://github.com/docker/compose/releases/download"
     values = {
+        # A comment line: check_inputs above admits no character that could end it.
         "repo": spec.repo,
         "pr_number": str(spec.pr_number),
         "sha": spec.sha,
-        "app_dir": shlex.quote(config.app_dir),
-        "app_service": shlex.quote(config.app_service),
-        "ttl_minutes": str(timer_minutes(config.failure_ttl_hours)),
-        "compose_version": config.compose_version,
-        "region": shlex.quote(config.region),
-        "ghcr_token_parameter": shlex.quote(config.ghcr_token_parameter),
+        "state_dir": q(STATE_DIR),
+        "app_dir": q(config.app_dir),
+        "app_service": q(config.app_service),
+        "shutdown_timer": timer_command(timer_minutes(config.failure_ttl_hours)),
+        "compose_url": q(f"{compose_release}/{config.compose_version}/docker-compose-linux-"),
+        "region": q(config.region),
+        "ghcr_token_parameter": q(config.ghcr_token_parameter),
         "database_env": database_env,
-        "compose_file": compose_file(config),
-        "image": image,
-        "registry": shlex.quote(image.split("/", 1)[0]),
-        "registry_username": shlex.quote(config.registry_username(spec.repo)),
+        "compose_file": q(compose_file(config)),
+        "app_image_line": q(f"APP_IMAGE={image}:{spec.sha}"),
+        "image_ref": q(f"{image}:{spec.sha}"),
+        "tarball_url": q(f"https://api.github.com/repos/{spec.repo}/tarball/{spec.sha}"),
+        "registry": q(image.split("/", 1)[0]),
+        "registry_username": q(config.registry_username(spec.repo)),
     }
-    script = files("tasks").joinpath("templates/user_data.sh").read_text()
-    for key, value in values.items():
-        script = script.replace("{{" + key + "}}", value)
-    return script
+    template = files("tasks").joinpath("templates/user_data.sh").read_text()
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 
 def launch_instance(

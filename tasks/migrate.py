@@ -70,12 +70,16 @@ class MigrateResult:
 
 
 def migrate_commands(config: PreviewConfig) -> list[str]:
+    """``migration_command`` becomes the container's arguments: split into words as a shell
+    would, each word quoted, so no shell — the instance's root shell or one in the container —
+    interprets it (``;``, ``$(...)`` or ``&&`` are plain arguments). A migration that needs a
+    shell says so: ``sh -c 'alembic upgrade head && python -m app.seed'``."""
     compose = shlex.quote(f"{config.app_dir}/docker-compose.yml")
+    argv = " ".join(shlex.quote(word) for word in shlex.split(config.migration_command))
     return [
         "set -eu",
         f"cd {shlex.quote(config.app_dir)}",
-        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)}"
-        f" {config.migration_command}",
+        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)} {argv}",
     ]
 
 

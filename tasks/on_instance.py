@@ -4,6 +4,8 @@ diagnose so that the user data and every check agree."""
 
 from __future__ import annotations
 
+import shlex
+
 STATE_DIR = "/var/lib/pr-preview"
 
 
@@ -28,15 +30,23 @@ FAILED_PREFIX = "bootstrap failed at step: "
 BOOTSTRAP_CHECK = [
     f"if [ -f {BOOTSTRAP_FAILED} ]; then",
     "  echo bootstrap-failed",
-    f'  echo "{FAILED_PREFIX}$(head -c 2000 {BOOTSTRAP_FAILED})"',
+    f"  marker=$(head -c 2000 {BOOTSTRAP_FAILED}) || marker='(marker unreadable)'",
+    f'  echo "{FAILED_PREFIX}$marker"',
     f"elif [ -f {BOOTSTRAP_DONE} ]; then",
     "  echo bootstrap-done",
-    "elif cloud-init status 2>/dev/null | grep -Eq 'status: (done|error)'; then",
-    "  echo bootstrap-failed",
-    f'  echo "{FAILED_PREFIX}cloud-init ($(cloud-init status 2>&1 | head -n 1), no pr-preview'
-    ' marker)"',
     "else",
-    "  echo bootstrap-pending",
+    "  # cloud-init status exits non-zero once cloud-init failed: its text is what counts.",
+    "  cloud_init=$(cloud-init status 2>&1) || true",
+    '  case "$cloud_init" in',
+    "    *'status: done'* | *'status: error'*)",
+    "      echo bootstrap-failed",
+    "      first_line=${cloud_init%%$'\\n'*}",
+    f'      echo "{FAILED_PREFIX}cloud-init ($first_line, no pr-preview marker)"',
+    "      ;;",
+    "    *)",
+    "      echo bootstrap-pending",
+    "      ;;",
+    "  esac",
     "fi",
 ]
 
@@ -44,14 +54,31 @@ BOOTSTRAP_CHECK = [
 PORT_CHECK_TIMEOUT_SECONDS = 3
 
 
+# Precedes each tcp_check: the single quotes are the point (shellcheck exempts `bash -c '...'`
+# but not `timeout 3 bash -c '...'`).
+TCP_CHECK_DIRECTIVE = "# shellcheck disable=SC2016 # $1 and $2 are the inner bash's arguments"
+
+
+def tcp_check(host: str, port: str) -> str:
+    """A command that exits 0 when ``host``:``port`` accepts a TCP connection (bash's
+    ``/dev/tcp``, no nc needed). ``host`` and ``port`` are shell words — quoted values or
+    ``"$var"`` — that reach the inner bash as arguments, never as part of its script.
+    Put :data:`TCP_CHECK_DIRECTIVE` on the line before the command that holds it."""
+    return (
+        f"timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c 'echo > \"/dev/tcp/$1/$2\"'"
+        f" tcp-check {host} {port}"
+    )
+
+
 def port_check(port: int, host: str = "127.0.0.1") -> list[str]:
     """Runbook §0's TCP check: exit 0 and ``APP PORT OPEN`` when the port accepts."""
+    shown = shlex.quote(str(port))
     return [
-        f"if timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c 'echo > /dev/tcp/{host}/{port}'"
-        " 2>/dev/null; then",
-        f'  echo "APP PORT OPEN {port}"',
+        TCP_CHECK_DIRECTIVE,
+        f"if {tcp_check(shlex.quote(host), shown)} 2>/dev/null; then",
+        f"  echo APP PORT OPEN {shown}",
         "else",
-        f'  echo "APP PORT CLOSED {port}"',
+        f"  echo APP PORT CLOSED {shown}",
         "  exit 1",
         "fi",
     ]
@@ -60,3 +87,8 @@ def port_check(port: int, host: str = "127.0.0.1") -> list[str]:
 def timer_minutes(hours: float) -> int:
     """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
     return max(1, round(hours * 60))
+
+
+def timer_command(minutes: int) -> str:
+    """Move the on-instance shutdown timer (poweroff = terminate) to ``minutes`` from now."""
+    return f"shutdown -h +{int(minutes)} 'pr-preview TTL reached'"

@@ -26,7 +26,13 @@ from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
 from tasks.instances import Preview, find_previews
 from tasks.masking import mask_secrets
-from tasks.on_instance import BOOTSTRAP_DONE, PORT_CHECK_TIMEOUT_SECONDS, timer_minutes
+from tasks.on_instance import (
+    BOOTSTRAP_DONE,
+    TCP_CHECK_DIRECTIVE,
+    tcp_check,
+    timer_command,
+    timer_minutes,
+)
 from tasks.prefect_context import run_logger
 from tasks.retry import error_code
 from tasks.ssm import CommandTimeout, run_command
@@ -105,14 +111,7 @@ def check_health(
         return Health(instance_id, False, "instance not found")
     if preview.state != "running":
         return Health(instance_id, False, f"instance is {preview.state}")
-    commands = [
-        HEALTH_MARKER,
-        f"test -f {BOOTSTRAP_DONE} || {{ echo 'bootstrap not done'; exit 1; }}",
-        f"timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c"
-        f" 'echo > /dev/tcp/127.0.0.1/{config.app_port}' 2>/dev/null"
-        f" || {{ echo 'app port {config.app_port} closed'; exit 1; }}",
-        "echo healthy",
-    ]
+    commands = health_commands(config)
     try:
         result = run_command(
             ssm,
@@ -132,6 +131,18 @@ def check_health(
         return Health(instance_id, True, "healthy")
     reason = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.status
     return Health(instance_id, False, reason)
+
+
+def health_commands(config: PreviewConfig) -> list[str]:
+    """Bootstrapped and the app port open; ``healthy`` on the last line when both hold."""
+    port = shlex.quote(str(config.app_port))
+    return [
+        HEALTH_MARKER,
+        f"test -f {BOOTSTRAP_DONE} || {{ echo 'bootstrap not done'; exit 1; }}",
+        TCP_CHECK_DIRECTIVE,
+        f"{tcp_check('127.0.0.1', port)} 2>/dev/null || {{ echo app port {port} closed; exit 1; }}",
+        "echo healthy",
+    ]
 
 
 def deploy_commands(config: PreviewConfig, repo: str, image_ref: str) -> list[str]:
@@ -154,7 +165,7 @@ def deploy_commands(config: PreviewConfig, repo: str, image_ref: str) -> list[st
         f" -u {shlex.quote(config.registry_username(repo))} --password-stdin",
         f"docker compose pull {shlex.quote(config.app_service)}",
         "docker compose up -d",
-        f"shutdown -h +{ttl_minutes} 'pr-preview TTL reached' || true",
+        f"{timer_command(ttl_minutes)} || true",
         f"echo updated to {shlex.quote(image_ref)}",
     ]
 
@@ -236,6 +247,11 @@ def deploy_in_place(
     )
 
 
+def ttl_commands(config: PreviewConfig) -> list[str]:
+    """The full TTL of a ready preview, on the instance."""
+    return [timer_command(timer_minutes(config.ttl_hours))]
+
+
 def confirm_full_ttl(
     ec2: EC2Client,
     ssm: SSMClient,
@@ -249,11 +265,10 @@ def confirm_full_ttl(
     Until then it runs on the short TTL it was launched or updated with, so a run that dies
     between launch and ready leaves nothing the sweeper keeps for long.
     """
-    minutes = timer_minutes(config.ttl_hours)
     result = run_command(
         ssm,
         instance_id,
-        [f"shutdown -h +{minutes} 'pr-preview TTL reached'"],
+        ttl_commands(config),
         timeout_seconds=60,
         poll_seconds=min(config.poll_seconds, 1.0),
         comment="pr-preview confirm TTL",

@@ -82,3 +82,100 @@ def test_prefect_variable_sits_below_the_environment(prefect_server: None) -> No
             load_config(env={}, use_variable=True)
     finally:
         Variable.unset("pr-preview-config")
+
+
+# Values that would reach the instance's root shell (user data, SSM scripts) unless refused.
+SHELL_BOUND_VALUES = [
+    ("image", "ghcr.io/x/y:$(touch /tmp/p)"),
+    ("image", "ghcr.io/octo-org/app:latest"),  # the sha is appended as the tag
+    ("image", "ghcr.io/octo-org/app@sha256:" + "0" * 64),
+    ("image", "octo-org/app"),  # no registry host: docker login would get "octo-org"
+    ("image", "ghcr.io/octo-org/app;reboot"),
+    ("image", "ghcr.io/octo-org/app\n"),
+    ("image", "ghcr.io/octo org/app"),
+    ("app_service", "api\nYAML\ntouch /tmp/p"),
+    ("app_service", "api;reboot"),
+    ("app_service", "-api"),
+    ("app_dir", "srv/app"),
+    ("app_dir", "/srv/my app"),
+    ("app_dir", "/srv/'app'"),
+    ("app_dir", "/srv/../etc"),
+    ("app_dir", "/srv/app$(id)"),
+    ("ghcr_token_parameter", "/pr-preview/ghcr token"),
+    ("ghcr_token_parameter", "/other/ghcr-token"),  # the instance role reads /pr-preview/* only
+    ("database_url_parameter", "/pr-preview/../database-url"),
+    ("database_url_parameter", "/pr-preview/db`id`"),
+    ("compose_version", "v2.24.6\n"),
+    ("compose_version", "v2.24.6/../x"),
+    ("region", "ap-northeast-1;reboot"),
+    ("region", "eu-west-1\n"),
+    ("region", "EU-WEST-1"),
+    ("ghcr_username", "octo bot"),
+    ("ghcr_username", "octo$(id)"),
+    ("migration_command", "alembic upgrade head\ntouch /tmp/p"),
+    ("migration_command", "alembic upgrade 'head"),  # does not split into words
+    ("migration_command", "   "),
+    ("probe_paths", ["/healthz'$(id)'"]),
+    ("probe_paths", ["/healthz other"]),
+    ("probe_paths", ["/healthz;reboot"]),
+    ("probe_paths", ["healthz"]),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), SHELL_BOUND_VALUES)
+def test_values_bound_for_a_shell_are_refused_at_load_naming_the_field(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({field: value}, env={}, use_variable=False)
+    assert f"{field} (from flow parameters)" in str(caught.value)
+
+
+def test_shell_bound_values_from_the_environment_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"image \(from PR_PREVIEW_IMAGE\)"):
+        load_config(env={"PR_PREVIEW_IMAGE": "ghcr.io/x/y:$(reboot)"}, use_variable=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image", "ghcr.io/octo-org/app"),
+        ("image", "ghcr.io/Octo-Org/App"),  # image_for lower-cases it, as GHCR names are
+        ("image", "127.0.0.1:5000/octo-org/app"),  # a local registry, as the tests run one
+        ("image", "localhost:5000/app"),
+        ("image", "registry.example.com/team/sub/app__x-y.z"),
+        ("app_service", "web.app_1"),
+        ("app_dir", "/srv/app-1.2/x_y"),
+        ("ghcr_token_parameter", "/pr-preview/team/ghcr-token"),
+        ("region", "us-gov-west-1"),
+        ("ghcr_username", "octo-bot"),
+        ("migration_command", "sh -c 'alembic upgrade head && python -m app.seed'"),
+        ("probe_paths", ["/healthz", "/api/v1/health%20check", "/"]),
+    ],
+)
+def test_ordinary_values_still_load(field: str, value: object) -> None:
+    config = load_config({field: value}, env={}, use_variable=False)
+    assert getattr(config, field) == value
+
+
+def test_flow_parameter_config_with_a_bad_image_is_refused() -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.preview import pr_preview
+
+    bad = {"image": "ghcr.io/x/y:$(touch /tmp/p)"}
+    parameters = {"repo": "octo-org/app", "pr_number": 1, "head_sha": "a" * 40, "config": bad}
+    # What Prefect does with a run's parameters before the flow starts ...
+    with pytest.raises(ParameterTypeError, match="image"):
+        pr_preview.validate_parameters(parameters)
+    # ... and what the flow does with whatever it was given, even a model built unvalidated.
+    with pytest.raises(ConfigError, match=r"image \(from flow parameters\)"):
+        load_config(bad, env={}, use_variable=False)
+    with pytest.raises(ConfigError, match=r"image \(from flow parameters\)"):
+        load_config(PreviewConfig.model_construct(**bad), env={}, use_variable=False)
+
+
+def test_assignment_is_validated_too() -> None:
+    config = load_config(env={}, use_variable=False)
+    with pytest.raises(ValueError, match="compose service name"):
+        config.app_service = "api\nYAML"

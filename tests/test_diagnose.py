@@ -297,3 +297,13 @@ def test_ephemeral_database_skips_the_db_host_check(config: PreviewConfig) -> No
     names = [section.name for section in evidence_sections(ephemeral)]
 
     assert "db-tcp" not in names and "db-connect" in names
+
+
+def test_db_tcp_check_gives_bash_the_host_and_port_as_arguments(config: PreviewConfig) -> None:
+    (section,) = [s for s in evidence_sections(config) if s.name == "db-tcp"]
+    script = "\n".join(section.commands)
+
+    assert """bash -c 'echo > "/dev/tcp/$1/$2"' tcp-check "$host" "$port\"""" in script
+    # No data is spliced into a script bash parses again.
+    for section in evidence_sections(config):
+        assert 'bash -c "' not in "\n".join(section.commands)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.launch import LaunchSpec, client_token, launch_instance, render_user_data
@@ -82,3 +84,47 @@ def test_client_token_is_stable_per_run_and_fits_aws() -> None:
     assert client_token(SPEC, "run-1") == client_token(SPEC, "run-1")
     assert client_token(SPEC, "run-1") != client_token(SPEC, "run-2")
     assert len(client_token(SPEC, "x" * 200)) <= 64
+
+
+def test_user_data_never_puts_the_token_on_a_command_line(config: PreviewConfig) -> None:
+    script = render_user_data(config, SPEC)
+    (curl,) = [line for line in script.splitlines() if "/tarball/" in line]
+
+    assert "curl -fsSL -H @- " in curl  # the header is read from stdin ...
+    assert '<<<"Authorization: Bearer $GHCR_TOKEN"' in script  # ... where ps cannot see it
+    assert "Authorization" not in curl
+
+
+def test_user_data_stops_at_secrets_when_a_read_fails(config: PreviewConfig) -> None:
+    script = render_user_data(config, SPEC)
+
+    assert '"$(param' not in script  # a read inside another command hides its failure
+    assert "database_url=$(param /pr-preview/database-url) || fail " in script
+    assert "GHCR_TOKEN=$(param /pr-preview/ghcr-token) || fail " in script
+    assert '[ -n "$database_url" ] || fail ' in script
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LaunchSpec("octo-org/app\ntouch /tmp/p", 42, SPEC.sha),
+        LaunchSpec("octo-org/app", 42, "1a2b3c4$(reboot)"),
+        LaunchSpec("octo-org/app", 0, SPEC.sha),
+    ],
+    ids=["repo", "sha", "pr"],
+)
+def test_user_data_refuses_a_spec_it_cannot_render_safely(
+    config: PreviewConfig, spec: LaunchSpec
+) -> None:
+    with pytest.raises(ValueError):
+        render_user_data(config, spec)
+
+
+def test_a_value_cannot_bring_in_another_placeholder(config: PreviewConfig) -> None:
+    tricky = PreviewConfig.model_construct(
+        **{**config.model_dump(), "app_service": "api{{database_env}}"}
+    )
+
+    script = render_user_data(tricky, SPEC)
+
+    assert "docker compose pull 'api{{database_env}}'" in script

@@ -8,8 +8,8 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.migrate import MigrationFailed, run_migrations
-from tasks.probe import ProbeFailed, probe_app
+from tasks.migrate import MigrationFailed, migrate_commands, run_migrations
+from tasks.probe import ProbeFailed, probe_app, probe_command
 from tests.support.ssm import (
     MIGRATE,
     PROBE,
@@ -144,3 +144,18 @@ def test_probe_fails_at_its_deadline_with_every_answer(
 
     assert {answer.status_code for answer in raised.value.answers} == {404, 502}
     assert "/docs → 502" in str(raised.value)
+
+
+def test_migration_command_is_quoted_word_by_word(config: PreviewConfig) -> None:
+    """A command by design, but the container's: no shell on the instance interprets it."""
+    risky = config.model_copy(update={"migration_command": "alembic upgrade head; reboot $(id)"})
+
+    *_, command = migrate_commands(risky)
+
+    assert command.endswith(" run --rm -T api alembic upgrade 'head;' reboot '$(id)'")
+
+
+def test_probe_url_is_one_quoted_word() -> None:
+    (command,) = probe_command(8000, "/health'$(id)'")
+
+    assert command.endswith(""" 'http://127.0.0.1:8000/health'"'"'$(id)'"'"''""")

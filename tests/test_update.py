@@ -10,7 +10,14 @@ import pytest
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
-from tasks.update import UpdateFailed, check_health, deploy_in_place, set_short_ttl
+from tasks.update import (
+    UpdateFailed,
+    check_health,
+    deploy_commands,
+    deploy_in_place,
+    health_commands,
+    set_short_ttl,
+)
 from tests.support import CANARIES
 from tests.support.ssm import DEPLOY, HEALTH, Reply, ScriptedInstances
 
@@ -184,3 +191,17 @@ def test_shorten_ttl_sets_a_missing_or_unreadable_tag(aws: AwsClients, tag: str 
     set_short_ttl(aws.ec2, instance, 1.0, now=NOW)
 
     assert tags_of(aws, instance)[TAG_SHUTDOWN_AT] == "2026-11-28T13:00:00Z"
+
+
+def test_health_check_gives_bash_the_port_as_an_argument(config: PreviewConfig) -> None:
+    script = "\n".join(health_commands(config))
+
+    assert """bash -c 'echo > "/dev/tcp/$1/$2"' tcp-check 127.0.0.1 8000""" in script
+    assert "/dev/tcp/127.0.0.1" not in script
+
+
+def test_deploy_quotes_what_it_was_given(config: PreviewConfig) -> None:
+    script = "\n".join(deploy_commands(config, "octo-org/app", "ghcr.io/octo-org/app:$(reboot)"))
+
+    assert "echo 'APP_IMAGE=ghcr.io/octo-org/app:$(reboot)'; }" in script
+    assert "echo updated to 'ghcr.io/octo-org/app:$(reboot)'" in script

@@ -8,6 +8,7 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.on_instance import port_check
 from tasks.wait_ready import (
     STAGES,
     BootstrapFailed,
@@ -194,3 +195,10 @@ def test_the_overall_ready_timeout_bounds_every_stage(
 
     assert raised.value.stage == "bootstrap"
     assert raised.value.timeout_seconds <= SHORT
+
+
+def test_port_check_gives_bash_the_host_and_port_as_arguments() -> None:
+    script = "\n".join(port_check(8000, host="x$(reboot)"))
+
+    assert """timeout 3 bash -c 'echo > "/dev/tcp/$1/$2"' tcp-check 'x$(reboot)' 8000""" in script
+    assert "/dev/tcp/x" not in script

@@ -1,18 +1,26 @@
 #!/bin/bash
 # pr-preview bootstrap: {{repo}}#{{pr_number}} at {{sha}} (runbook §3).
 # No secret is written here: the GHCR token and DATABASE_URL are read from Parameter Store at
-# boot with the instance profile, and only ever land in root-only files.
+# boot with the instance profile, and only ever land in root-only files. Every value rendered
+# into this script is shell-quoted by tasks/launch.py.
 set -euo pipefail
-STATE_DIR=/var/lib/pr-preview
+STATE_DIR={{state_dir}}
 APP_DIR={{app_dir}}
 mkdir -p "$STATE_DIR" "$APP_DIR"
 rm -f "$STATE_DIR/bootstrap-done" "$STATE_DIR/bootstrap-failed"
 step=start
-trap 'echo "$step" > "$STATE_DIR/bootstrap-failed"; echo "pr-preview bootstrap failed at step: $step" >&2' ERR
+
+# fail [why]: mark the bootstrap failed at $step (what wait-ready reports) and stop.
+fail() {
+  echo "$step" > "$STATE_DIR/bootstrap-failed"
+  echo "pr-preview bootstrap failed at step: $step${1:+ ($1)}" >&2
+  exit 1
+}
+trap 'fail "exit status $?"' ERR
 
 step=shutdown-timer
 # Second line of defence behind the shutdown-at tag: power off (= terminate) when the TTL ends.
-shutdown -h +{{ttl_minutes}} "pr-preview TTL reached" || true
+{{shutdown_timer}} || true
 
 step=docker
 if ! command -v docker >/dev/null 2>&1; then
@@ -21,15 +29,19 @@ fi
 systemctl enable --now docker
 usermod -aG docker ec2-user || true
 usermod -aG docker ssm-user || true
-for _ in $(seq 1 30); do [ -S /var/run/docker.sock ] && break || sleep 1; done
+for _ in $(seq 1 30); do
+  if [ -S /var/run/docker.sock ]; then break; fi
+  sleep 1
+done
 
 step=compose
 if ! docker compose version >/dev/null 2>&1; then
   # AL2023 has no docker-compose-plugin package: place the Compose v2 release binary (runbook §3).
   dnf -y install docker-compose-plugin 2>/dev/null || {
     mkdir -p /usr/local/lib/docker/cli-plugins
+    arch=$(uname -m)
     curl -fsSL -o /usr/local/lib/docker/cli-plugins/docker-compose \
-      "https://github.com/docker/compose/releases/download/{{compose_version}}/docker-compose-linux-$(uname -m)"
+      {{compose_url}}"$arch"
     chmod +x /usr/local/lib/docker/cli-plugins/docker-compose
   }
 fi
@@ -41,18 +53,19 @@ param() {
     --query Parameter.Value --output text
 }
 umask 077
-GHCR_TOKEN="$(param {{ghcr_token_parameter}})"
+# Assigned on their own line: inside another command a failed read would go unnoticed.
+GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token parameter"
+[ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
 {{database_env}}
 chmod 600 "$APP_DIR/app.env"
 
 step=compose-file
-cat > "$APP_DIR/docker-compose.yml" <<'YAML'
-{{compose_file}}
-YAML
-echo "APP_IMAGE={{image}}:{{sha}}" > "$APP_DIR/.env"
+# shellcheck disable=SC2016 # ${APP_IMAGE} in the compose file is compose's to expand, from .env
+printf '%s\n' {{compose_file}} > "$APP_DIR/docker-compose.yml"
+echo {{app_image_line}} > "$APP_DIR/.env"
 
 step=ghcr-login
-echo "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
+printf '%s\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
 
 step=pull
 cd "$APP_DIR"
@@ -60,10 +73,11 @@ if ! docker compose pull {{app_service}}; then
   # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3).
   step=tarball-build
   mkdir -p "$APP_DIR/build"
-  curl -fsSL -H "Authorization: Bearer $GHCR_TOKEN" \
-    "https://api.github.com/repos/{{repo}}/tarball/{{sha}}" \
+  # The header comes on stdin (-H @-): on curl's command line ps would show the token.
+  curl -fsSL -H @- {{tarball_url}} \
+    <<<"Authorization: Bearer $GHCR_TOKEN" \
     | tar -xz --strip-components=1 -C "$APP_DIR/build"
-  docker build -t "{{image}}:{{sha}}" "$APP_DIR/build"
+  docker build -t {{image_ref}} "$APP_DIR/build"
 fi
 unset GHCR_TOKEN
 

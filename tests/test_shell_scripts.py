@@ -1,0 +1,334 @@
+"""The shell the instance runs as root: the user data and every SSM script the steps send.
+
+shellcheck reads all of them (``-o check-extra-masked-returns``: a failure hidden inside another
+command is how an empty DATABASE_URL once booted), ``bash -n`` parses the user data, and the
+scripts run here against stub commands — docker, aws, curl, shutdown, ... — in a PATH that holds
+nothing else, to show that configuration and data reach commands as arguments, never as code.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import tasks.launch
+from tasks.config import PreviewConfig
+from tasks.diagnose import evidence_sections
+from tasks.launch import LaunchSpec, render_user_data
+from tasks.migrate import migrate_commands
+from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, port_check
+from tasks.probe import probe_command
+from tasks.update import deploy_commands, health_commands, ttl_commands
+
+SPEC = LaunchSpec("octo-org/app", 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d")
+TOKEN = "ghp_SandboxToken0123456789abcdefABCDEF"
+DATABASE_URL = "postgresql+asyncpg://app:pw@10.0.0.5:5432/app"
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+# SC2312 (check-extra-masked-returns) is an info-level finding: -S warning would drop it.
+SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc")
+
+# The real tools the scripts may use; everything else in the sandbox is a stub.
+REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
+REAL_TOOLS += ("touch", "tr", "uname")
+STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
+STUBS = {
+    "shutdown": STUB_LOG,
+    "systemctl": STUB_LOG,
+    "usermod": STUB_LOG,
+    "dnf": STUB_LOG,
+    "sleep": STUB_LOG,
+    "cloud-init": STUB_LOG + "echo 'status: running'\n",
+    # aws ssm get-parameter ... --name NAME: the file $SANDBOX/params/NAME, or ParameterNotFound
+    "aws": STUB_LOG
+    + 'while [ $# -gt 0 ]; do [ "$1" = --name ] && name=$2; shift; done\n'
+    + 'if [ -f "$SANDBOX/params$name" ]; then cat "$SANDBOX/params$name"; exit 0; fi\n'
+    + 'echo "An error occurred (ParameterNotFound) when calling GetParameter" >&2; exit 254\n',
+    "docker": STUB_LOG
+    + 'case "$1 ${2:-}" in\n'
+    + '  "login "*) cat > "$SANDBOX/login-stdin" ;;\n'
+    + '  "compose pull") exit "${PULL_EXIT:-0}" ;;\n'
+    + '  "build "*) exit "${BUILD_EXIT:-0}" ;;\n'
+    + "esac\n",
+    "curl": STUB_LOG + 'cat > "$SANDBOX/curl-stdin"\n',
+    "tar": STUB_LOG + "cat > /dev/null\n",
+}
+
+
+class Sandbox:
+    """A directory, a PATH of real tools and stubs, and what the stubs were called with."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        for tool in REAL_TOOLS:
+            found = shutil.which(tool)
+            assert found, f"{tool} is needed to run the scripts"
+            (self.bin / tool).symlink_to(found)
+        for name, body in STUBS.items():
+            stub = self.bin / name
+            stub.write_text("#!/bin/bash\n" + body)
+            stub.chmod(0o755)
+        self.params(ghcr_token=TOKEN, database_url=DATABASE_URL)
+
+    def params(self, *, ghcr_token: str | None, database_url: str | None) -> None:
+        folder = self.root / "params" / "pr-preview"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name, value in (("ghcr-token", ghcr_token), ("database-url", database_url)):
+            if value is not None:
+                (folder / name).write_text(value + "\n")
+
+    def run(self, script: str, **env: str) -> subprocess.CompletedProcess[str]:
+        path = self.root / "script.sh"
+        path.write_text(script)
+        return subprocess.run(
+            [str(self.bin / "bash"), str(path)],
+            cwd=self.root,
+            env={"PATH": str(self.bin), "SANDBOX": str(self.root), "HOME": str(self.root), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    @property
+    def calls(self) -> str:
+        log = self.root / "calls"
+        return log.read_text() if log.exists() else ""
+
+    def read(self, name: str) -> str:
+        path = self.root / name
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    monkeypatch.setattr(tasks.launch, "STATE_DIR", str(tmp_path / "state"))
+    return Sandbox(tmp_path)
+
+
+def sandbox_config(sandbox: Sandbox, **values: object) -> PreviewConfig:
+    return PreviewConfig.model_validate(
+        {"image": "ghcr.io/octo-org/app", "app_dir": str(sandbox.root / "app"), **values}
+    )
+
+
+# --- every script, through shellcheck and bash -n --------------------------------------------
+
+
+def configs() -> Iterator[tuple[str, PreviewConfig]]:
+    for database in ("external", "ephemeral"):
+        yield database, PreviewConfig(database=database, image="ghcr.io/octo-org/app")
+    # Valid but not plain: values that need quoting where they are used.
+    yield (
+        "quoted",
+        PreviewConfig(
+            image="127.0.0.1:5000/octo-org/app",
+            app_service="web.app_1",
+            migration_command="sh -c 'alembic upgrade head && python -m app.seed'",
+            probe_paths=["/health%20check", "/docs"],
+            ghcr_username="octo-bot",
+        ),
+    )
+
+
+def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
+    """Every script the steps send over SSM, by step and name."""
+    scripts = {
+        "wait-ready-agent": [AGENT_PING],
+        "wait-ready-bootstrap": list(BOOTSTRAP_CHECK),
+        "wait-ready-app-port": port_check(config.app_port),
+        "migrate": migrate_commands(config),
+        "update-health": health_commands(config),
+        "update-deploy": deploy_commands(config, SPEC.repo, f"{config.image_for(SPEC.repo)}:1a2b"),
+        "confirm-ttl": ttl_commands(config),
+    }
+    for index, path in enumerate(config.probe_paths):
+        scripts[f"probe-{index}"] = probe_command(config.app_port, path)
+    for section in evidence_sections(config):
+        scripts[f"diagnose-{section.name}"] = list(section.commands)
+    return scripts
+
+
+def all_scripts() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for label, config in configs():
+        found[f"user-data-{label}.sh"] = render_user_data(config, SPEC)
+        for name, commands in ssm_scripts(config).items():
+            found[f"{name}-{label}.sh"] = "\n".join(commands) + "\n"
+    return {
+        name: text if text.startswith("#!") else "#!/bin/bash\n" + text
+        for name, text in found.items()
+    }
+
+
+def test_shellcheck_finds_nothing_in_any_script(tmp_path: Path) -> None:
+    assert SHELLCHECK.exists(), f"no shellcheck next to {sys.executable}: pip install -e '.[dev]'"
+    paths = []
+    for name, text in all_scripts().items():
+        path = tmp_path / name
+        path.write_text(text)
+        paths.append(name)
+    found = subprocess.run(
+        [str(SHELLCHECK), *SHELLCHECK_ARGS, *paths],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print(found.stdout, found.stderr)
+    assert (found.returncode, found.stdout, found.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("name", sorted(all_scripts()))
+def test_every_script_parses(name: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_text(all_scripts()[name])
+    parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert parsed.returncode == 0, parsed.stderr
+
+
+# --- the user data, run --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database", ["external", "ephemeral"])
+def test_user_data_boots_in_the_sandbox(sandbox: Sandbox, database: str) -> None:
+    config = sandbox_config(sandbox, database=database)
+
+    ran = sandbox.run(render_user_data(config, SPEC))
+
+    assert ran.returncode == 0, ran.stderr
+    assert (sandbox.root / "state" / "bootstrap-done").exists()
+    app = sandbox.root / "app"
+    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+    compose = (app / "docker-compose.yml").read_text()
+    assert compose.startswith("services:\n  api:\n    image: ${APP_IMAGE}\n")
+    if database == "external":
+        assert (app / "app.env").read_text() == f"DATABASE_URL={DATABASE_URL}\n"
+    else:
+        assert "@db:5432/app" in (app / "app.env").read_text()
+    assert oct((app / "app.env").stat().st_mode & 0o777) == "0o600"
+    assert sandbox.read("login-stdin") == TOKEN + "\n"
+    assert "docker compose up -d" in sandbox.calls
+    assert TOKEN not in sandbox.calls  # on no command line
+
+
+@pytest.mark.parametrize(
+    ("ghcr_token", "database_url"),
+    [
+        (TOKEN, None),  # ParameterNotFound
+        (TOKEN, ""),
+        (None, DATABASE_URL),
+        ("", DATABASE_URL),
+    ],
+    ids=["database-url-missing", "database-url-empty", "token-missing", "token-empty"],
+)
+def test_a_failed_secret_read_fails_the_bootstrap_at_secrets(
+    sandbox: Sandbox, ghcr_token: str | None, database_url: str | None
+) -> None:
+    sandbox.params(ghcr_token=ghcr_token, database_url=database_url)
+
+    ran = sandbox.run(render_user_data(sandbox_config(sandbox), SPEC))
+
+    assert ran.returncode != 0
+    assert (sandbox.root / "state" / "bootstrap-failed").read_text() == "secrets\n"
+    assert not (sandbox.root / "state" / "bootstrap-done").exists()
+    assert "pr-preview bootstrap failed at step: secrets" in ran.stderr
+    assert "docker compose up" not in sandbox.calls
+    assert "docker login" not in sandbox.calls
+
+
+def test_a_failing_command_marks_its_step(sandbox: Sandbox) -> None:
+    """The pull fails (so the tarball fallback runs) and then the build: the ERR trap marks
+    the step it was at."""
+    ran = sandbox.run(
+        render_user_data(sandbox_config(sandbox), SPEC), PULL_EXIT="1", BUILD_EXIT="3"
+    )
+
+    assert ran.returncode != 0
+    assert (sandbox.root / "state" / "bootstrap-failed").read_text() == "tarball-build\n"
+    assert "pr-preview bootstrap failed at step: tarball-build (exit status 3)" in ran.stderr
+
+
+def test_tarball_fallback_gives_curl_the_token_on_stdin(sandbox: Sandbox) -> None:
+    ran = sandbox.run(render_user_data(sandbox_config(sandbox), SPEC), PULL_EXIT="1")
+
+    assert ran.returncode == 0, ran.stderr
+    (curl,) = [line for line in sandbox.calls.splitlines() if line.startswith("curl ")]
+    assert curl == f"curl -fsSL -H @- https://api.github.com/repos/octo-org/app/tarball/{SPEC.sha}"
+    assert sandbox.read("curl-stdin") == f"Authorization: Bearer {TOKEN}\n"
+    assert TOKEN not in sandbox.calls  # what ps would have shown
+    assert f"docker build -t ghcr.io/octo-org/app:{SPEC.sha}" in sandbox.calls
+
+
+def test_user_data_quotes_values_even_past_validation(sandbox: Sandbox) -> None:
+    """Validation refuses these at load; quoting at the point of use holds without it."""
+    payload = "$(touch pwned)"
+    config = PreviewConfig.model_construct(
+        **{
+            **sandbox_config(sandbox).model_dump(),
+            "image": f"ghcr.io/octo-org/app{payload}`touch pwned`",
+            "app_service": "api\nYAML\ntouch pwned\ncat <<'YAML'",
+            "region": "ap-northeast-1;touch pwned",
+            "ghcr_username": f"octo'{payload}'",
+        }
+    )
+
+    ran = sandbox.run(render_user_data(config, SPEC), PULL_EXIT="1")
+
+    assert not list(sandbox.root.rglob("pwned")), ran.stderr
+    assert ran.returncode == 0, ran.stderr
+    env = (sandbox.root / "app" / ".env").read_text()
+    assert env == f"APP_IMAGE=ghcr.io/octo-org/app{payload}`touch pwned`:{SPEC.sha}\n"
+    assert f"-u octo'{payload}' --password-stdin" in sandbox.calls
+
+
+# --- SSM scripts, run ----------------------------------------------------------------------
+
+
+def test_db_tcp_check_gives_host_and_port_to_bash_as_arguments(sandbox: Sandbox) -> None:
+    """The host and port come from app.env on the instance: data, never script text."""
+    config = sandbox_config(sandbox)
+    app = sandbox.root / "app"
+    app.mkdir()
+    (app / "app.env").write_text(
+        "DATABASE_URL=postgresql://app:pw@db$(touch${IFS}pwned):5432`touch${IFS}pwned2`/app\n"
+    )
+    (section,) = [s for s in evidence_sections(config) if s.name == "db-tcp"]
+
+    ran = sandbox.run("\n".join(section.commands))
+
+    assert not (sandbox.root / "pwned").exists()
+    assert not (sandbox.root / "pwned2").exists()
+    assert ran.stdout.startswith("DB TCP NG db$(touch${IFS}pwned):5432`touch${IFS}pwned2`")
+
+
+def test_port_check_gives_host_and_port_to_bash_as_arguments(sandbox: Sandbox) -> None:
+    ran = sandbox.run("\n".join(port_check(1, host="x$(touch${IFS}pwned)")))
+
+    assert not (sandbox.root / "pwned").exists()
+    assert (ran.returncode, ran.stdout) == (1, "APP PORT CLOSED 1\n")
+
+
+def test_migration_command_reaches_the_container_as_arguments(sandbox: Sandbox) -> None:
+    pwned = sandbox.root / "pwned"
+    config = sandbox_config(
+        sandbox, migration_command=f"alembic upgrade head; touch {pwned} $(touch {pwned})"
+    )
+    (sandbox.root / "app").mkdir()
+
+    ran = sandbox.run("\n".join(migrate_commands(config)))
+
+    assert ran.returncode == 0, ran.stderr
+    assert not pwned.exists()
+    compose = sandbox.root / "app" / "docker-compose.yml"
+    assert sandbox.calls == (
+        f"docker compose -f {compose} run --rm -T api alembic upgrade head; touch {pwned}"
+        f" $(touch {pwned})\n"
+    )
