@@ -146,9 +146,11 @@ def test_bootstrap_that_never_finishes_times_out_in_the_bootstrap_stage(
 ):
     scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING)
 
+    # A whole second (not SHORT): it polls every 10 ms, and on a loaded machine a poll over
+    # moto can take a tenth of a second; a few polls must fit whatever the load.
     with pytest.raises(ReadyTimeout) as raised:
         wait_until_ready(
-            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=SHORT)
+            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=1.0)
         )
 
     assert raised.value.stage == "bootstrap"
