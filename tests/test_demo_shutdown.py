@@ -1,0 +1,75 @@
+"""`make demo` stopped by SIGTERM or SIGHUP leaves nothing running, as Ctrl+C does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from local_stack.prefect_server import PROJECT_DIR
+
+pytestmark = pytest.mark.server
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_demo_and_every_process_it_started(signum: int) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "local_stack.demo", "--keep"],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert demo.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 120
+    for line in demo.stdout:  # until the worker is up: server, worker and moto are running
+        seen.append(line)
+        if "process worker polling" in line or time.monotonic() > deadline:
+            break
+    assert any("process worker polling" in line for line in seen), "".join(seen)
+    started = descendants(demo.pid)
+    assert len(started) >= 2, "the demo should have started a Prefect server and a worker"
+
+    demo.send_signal(signum)
+    demo.communicate(timeout=60)
+
+    assert demo.returncode == 128 + signum
+    time.sleep(1)
+    left = sorted(pid for pid in started if alive(pid))
+    assert left == [], f"still running after the demo stopped: {left}"
