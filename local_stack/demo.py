@@ -83,13 +83,18 @@ def describe_fleet(clients: Any, purpose: str) -> None:
         )
 
 
-def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> None:
+def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> list[str]:
+    """Print the runs not shown yet; return those that did not end Completed."""
+    failed = []
     for run in runs:
         if run["id"] in seen:
             continue
         seen.add(run["id"])
         seconds = run.get("total_run_time") or 0
         say(f"   flow run {run['name']:<18} {run['state_name']:<10} {seconds:5.1f} s")
+        if run["state_type"] != "COMPLETED":
+            failed.append(f"{run['name']}: {run['state_name']} — {run['state']['message']}")
+    return failed
 
 
 def run(keep: bool) -> int:
@@ -98,7 +103,7 @@ def run(keep: bool) -> int:
         point_at_moto(aws)
         # Imported after the environment is set: Prefect reads its settings at import.
         from deployments.receiver import create_app
-        from local_stack.account import create_demo_account
+        from local_stack.account import DEMO_GHCR_TOKEN, DEMO_OWNER, create_demo_account
         from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
         from local_stack.registry import FakeRegistry
         from local_stack.scripted_instance import ScriptedInstances
@@ -113,7 +118,8 @@ def run(keep: bool) -> int:
         say(f"   api-sg {account.api_sg_id}; db-sg {account.db_sg_id} admits api-sg on 5432")
         say(f"   instance profile {account.instance_profile}; SecureStrings in Parameter Store")
 
-        registry = FakeRegistry(scheme="http")
+        # CI "pushed" the image; the registry wants the GHCR token, as GHCR does.
+        registry = FakeRegistry(scheme="http", users={DEMO_OWNER: DEMO_GHCR_TOKEN})
         instances = ScriptedInstances().healthy()
         with (
             instances.patched(),
@@ -157,19 +163,20 @@ def run(keep: bool) -> int:
                 banner(f"3. PR #{PR_NUMBER} opened at {FIRST_SHA[:7]}")
                 registry.push(REPO.lower(), FIRST_SHA)
                 deliver("opened", FIRST_SHA)
-                show_runs(stack.wait_for_runs("pr-preview/pr-preview", 1), seen)
+                failed = show_runs(stack.wait_for_runs("pr-preview/pr-preview", 1), seen)
                 describe_fleet(clients, "pr-preview-singleton")
 
                 banner(f"4. A push to PR #{PR_NUMBER}: {SECOND_SHA[:7]} (synchronize)")
                 registry.push(REPO.lower(), SECOND_SHA)
                 deliver("synchronize", SECOND_SHA)
-                show_runs(stack.wait_for_runs("pr-preview/pr-preview", 2), seen)
+                failed += show_runs(stack.wait_for_runs("pr-preview/pr-preview", 2), seen)
                 describe_fleet(clients, "pr-preview-singleton")
-                say("   same instance, new sha: deployed in place, no new EC2 boot")
+                if not failed:
+                    say("   same instance, new sha: deployed in place, no new EC2 boot")
 
                 banner(f"5. PR #{PR_NUMBER} closed")
                 deliver("closed", SECOND_SHA)
-                show_runs(stack.wait_for_runs("pr-teardown/pr-teardown", 1), seen)
+                failed += show_runs(stack.wait_for_runs("pr-teardown/pr-teardown", 1), seen)
                 describe_fleet(clients, "pr-preview-singleton")
 
                 banner("6. The PR comment at each state (no GitHub token: Prefect artifacts)")
@@ -177,8 +184,10 @@ def run(keep: bool) -> int:
                     say(indent(body))
                     say()
 
-                banner("Done")
+                banner("Done" if not failed else "Failed")
                 say(f"   demo finished in {time.monotonic() - started:.0f} s")
+                for line in failed:
+                    say(f"   ✗ {line}")
                 if keep:
                     say(f"   the stack stays up: open {stack.ui_url} — Ctrl+C stops it")
                     say(f"   export PREFECT_API_URL={stack.api_url} AWS_ENDPOINT_URL={aws}")
@@ -191,7 +200,7 @@ def run(keep: bool) -> int:
                             time.sleep(3600)
                     except KeyboardInterrupt:
                         pass
-    return 0
+    return 1 if failed else 0
 
 
 def stop_on_signals() -> None:
