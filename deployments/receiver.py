@@ -186,6 +186,7 @@ def create_app(
     env: Mapping[str, str] | None = None,
     spool_path: Path | None = None,
     retry_seconds: float = 5.0,
+    read_timeout_seconds: float = 10.0,
 ) -> Starlette:
     """The receiver app: `POST /webhook` for GitHub, `GET /healthz` for probes.
 
@@ -227,7 +228,13 @@ def create_app(
             event=request.headers.get("x-github-event", "-"),
         )
         try:
-            status, body = await _handle(request, log, secret, deliver, max_body_bytes)
+            try:
+                async with asyncio.timeout(read_timeout_seconds):
+                    raw = await _read_body(request, max_body_bytes)
+            except TimeoutError as exc:  # a trickling client must not hold a worker
+                detail = f"the body did not arrive within {read_timeout_seconds:g} s"
+                raise _Reject(408, "too-slow", detail) from exc
+            status, body = await _handle(request, raw, log, secret, deliver)
         except _Reject as reject:
             log.outcome, log.detail = reject.outcome, reject.detail
             status, body = reject.status, {"outcome": reject.outcome, "detail": reject.detail}
@@ -316,9 +323,8 @@ class _Courier:
 
 
 async def _handle(
-    request: Request, log: _DeliveryLog, secret: str | None, deliver: _Courier, max_body_bytes: int
+    request: Request, raw: bytes, log: _DeliveryLog, secret: str | None, deliver: _Courier
 ) -> tuple[int, dict[str, Any]]:
-    raw = await _read_body(request, max_body_bytes)
     if secret and not verify_signature(secret, raw, request.headers.get("x-hub-signature-256")):
         raise _Reject(401, "bad-signature", "missing or invalid X-Hub-Signature-256")
     event_name = request.headers.get("x-github-event")

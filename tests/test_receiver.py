@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 import warnings
@@ -33,6 +34,7 @@ from deployments.receiver import (
     signature_header,
     verify_signature,
 )
+from local_stack.serve import serve_asgi
 
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
 SECRET = "It's-a-Secret-to-Everybody-CANARY-7f3a"
@@ -689,3 +691,49 @@ def test_without_a_spool_a_prefect_outage_is_a_502(prefect: FakePrefectEvents) -
     prefect.fail_with = 503
     with TestClient(app) as client:
         assert deliver(client, "pull_request", opened(8)).status_code == 502
+
+
+def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
+    prefect: FakePrefectEvents,
+) -> None:
+    """Against real uvicorn: twenty clients that send headers and then trickle their body."""
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        read_timeout_seconds=1.0,
+    )
+    body = payload_bytes("pull_request.opened.json")
+    with serve_asgi(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = []
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(
+                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
+            slow.append(sock)
+        started = time.monotonic()
+        good = httpx.post(
+            f"{url}/webhook",
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-GitHub-Event": "pull_request",
+                "X-GitHub-Delivery": str(uuid.uuid4()),
+                "X-Hub-Signature-256": signature_header(SECRET, body),
+            },
+            timeout=10,
+        )
+        good_took = time.monotonic() - started
+        answers = []
+        for sock in slow:
+            answers.append(sock.recv(200).decode(errors="replace"))
+            sock.close()
+    cut_off_after = time.monotonic() - started
+
+    assert good.status_code == 200 and good_took < 1.0
+    assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers[:2]
+    assert cut_off_after < 5
