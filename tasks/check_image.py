@@ -20,6 +20,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_result
 
 from tasks.prefect_context import run_logger
+from tasks.retry import Transient
 from tasks.step import step
 
 if TYPE_CHECKING:
@@ -41,13 +42,9 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 class RegistryError(Exception):
     """The registry answered something we cannot act on; the message says what."""
 
-    transient = False
 
-
-class RegistryUnavailable(RegistryError):
+class RegistryUnavailable(RegistryError, Transient):
     """5xx or a dropped connection: worth asking again."""
-
-    transient = True
 
 
 class RegistryAuthError(RegistryError):

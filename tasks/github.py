@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tasks.prefect_context import api_reachable
+from tasks.retry import Transient
 
 if TYPE_CHECKING:
     from tasks.config import PreviewConfig
@@ -44,17 +45,13 @@ READ_PERMISSION = "pull-requests: read (and access to the repository)"
 class GitHubError(Exception):
     """A GitHub call failed; the message names the call, the status and what to do."""
 
-    transient = False
-
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
 
-class GitHubUnavailable(GitHubError):
+class GitHubUnavailable(GitHubError, Transient):
     """5xx, a dropped connection or a rate limit that outlasted our patience: try again later."""
-
-    transient = True
 
 
 class GitHubRateLimited(GitHubUnavailable):
@@ -304,7 +301,7 @@ class GitHub:
                 if response.status_code < 400:
                     return response
                 failure = self._error(response, call)
-                if not failure.transient:
+                if not isinstance(failure, Transient):
                     raise failure
                 asked = self._rate_limit_wait(response)
                 delay = self._backoff(attempt) if asked is None else asked

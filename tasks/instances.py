@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from tasks.config import PreviewConfig
-from tasks.retry import is_transient
+from tasks.retry import Transient, is_transient
 from tasks.tags import (
     LIVE_STATES,
     TAG_KEEP,
@@ -236,14 +236,20 @@ class Terminated:
 
 
 class TerminateFailed(RuntimeError):
-    """Some instances are still there; ``transient`` when only throttling/5xx stopped them."""
+    """Some instances are still there; ``TerminateThrottled`` when only throttling or 5xx
+    answers stopped them (worth another attempt)."""
 
-    def __init__(
-        self, message: str, result: TerminateResult | None = None, *, transient: bool = False
-    ) -> None:
+    def __init__(self, message: str, result: TerminateResult | None = None) -> None:
         super().__init__(message)
         self.result = result
-        self.transient = transient
+
+    @staticmethod
+    def of(message: str, result: TerminateResult, *, transient: bool) -> TerminateFailed:
+        return (TerminateThrottled if transient else TerminateFailed)(message, result)
+
+
+class TerminateThrottled(TerminateFailed, Transient):
+    """Only throttling or 5xx answers stopped the termination."""
 
 
 def terminate_previews(
@@ -263,7 +269,7 @@ def terminate_previews(
     result = terminate_in_batches(ec2, ids)
     if result.failed:
         first = next(iter(result.failed.values()))
-        raise TerminateFailed(
+        raise TerminateFailed.of(
             f"could not terminate {', '.join(result.failed)}: {first}",
             result,
             transient=result.only_transient_failures,

@@ -21,6 +21,11 @@ TRANSIENT_AWS_CODES = frozenset(
 )
 
 
+class Transient(Exception):
+    """An error worth another attempt (a 5xx, a dropped connection, throttling): the one mark
+    that ``is_transient`` reads on our own exceptions."""
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """True for throttling, capacity and 5xx answers and dropped connections; never otherwise."""
     if isinstance(exc, ClientError):
@@ -31,8 +36,7 @@ def is_transient(exc: BaseException | None) -> bool:
         )
     if isinstance(exc, ConnectionError | ReadTimeoutError):
         return True
-    transient = getattr(exc, "transient", None)
-    return bool(transient)
+    return isinstance(exc, Transient)
 
 
 def exception_of(state: Any) -> BaseException | None:

@@ -24,6 +24,7 @@ from tasks.instances import (
     Preview,
     TerminateFailed,
     TerminateResult,
+    TerminateThrottled,
     find_previews,
     terminate_in_batches,
 )
@@ -340,8 +341,8 @@ def terminate_expired(
     Batches refused only by throttling or a 5xx fail the task so that its retries run."""
     result = terminate_in_batches(ec2, ids, batch_size=batch_size)
     if result.retryable:
-        raise TerminateFailed(
-            f"terminating {len(result.retryable)} previews was throttled", result, transient=True
+        raise TerminateThrottled(
+            f"terminating {len(result.retryable)} previews was throttled", result
         )
     return result
 

@@ -125,7 +125,7 @@ def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) 
     """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
     result = terminate_in_batches(ec2, [instance_id])
     if result.failed:
-        raise TerminateFailed(
+        raise TerminateFailed.of(
             f"could not terminate {instance_id}: {result.failed[instance_id]}",
             result,
             transient=result.only_transient_failures,
