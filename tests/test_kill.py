@@ -154,14 +154,21 @@ def test_a_killed_run_leaves_the_pr_truthful_and_the_next_run_converges(
         point.told = body.splitlines()[1]
         for instance_id in point.left:
             assert instance_id in body
-        states = [
-            status["state"]
-            for deployment in e2e.github.deployments.get(REPO.lower(), [])
-            if deployment["environment"] == f"pr-{point.pr}"
-            for status in e2e.github.statuses[deployment["id"]]
-        ]
-        assert states[-1] == "error", (point.name, states)
-        point.deployment = states[-1]
+
+        def deployment_states(point: KillPoint = point) -> list[str]:
+            return [
+                status["state"]
+                for deployment in e2e.github.deployments.get(REPO.lower(), [])
+                if deployment["environment"] == f"pr-{point.pr}"
+                for status in e2e.github.statuses[deployment["id"]]
+            ]
+
+        # The comment is posted first, the deployment status right after it.
+        try:
+            wait_until(lambda: deployment_states()[-1:] == ["error"], 30, "no error status")
+        except TimeoutError:
+            pytest.fail(f"{point.name}: deployment states {deployment_states()}")
+        point.deployment = deployment_states()[-1]
 
     # What the dead runs left carries the short TTL: the next sweep would remove it.
     config = PreviewConfig.model_validate(
