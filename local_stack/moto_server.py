@@ -1,14 +1,20 @@
-"""moto as an AWS endpoint in a process of its own, with the scripted instance behind SSM.
+"""moto as an AWS endpoint in a process of its own, with instances behind EC2 and SSM.
 
 moto keeps its state in module globals: a ``ThreadedMotoServer`` inside the test process shares
 it with every ``mock_aws()`` of the other tests on that worker, which reset it. In its own
 process the installation's account is nobody else's. ``python -m local_stack.moto_server``
 prints ``MOTO_URL <url>`` once it answers and serves until stdin closes or a signal arrives.
 
-Each line on stdin is a JSON command that holds one PR's run in a stage, so a test can kill the
-run there: ``{"slow": "bootstrap"|"migrate"|"launch", "pr": 42, "seconds": 60}`` (the instance's
-bootstrap check or migration stays InProgress that long; RunInstances for that PR answers that
-late, inside the fleet lock). ``{"slow": null}`` clears every brake.
+``--runtime real`` boots every instance for real (``local_stack/instance/``: user data in bash,
+SSM commands in bash, the app and its database as real processes); stdin then takes
+``{"bridge": "<address the instance dials>=<host address>"}`` and ``{"env": {...}, "pr": N}``.
+
+``--runtime scripted`` (the default) answers SSM from rules (``scripted_instance.py``), for the
+tests whose subject is orchestration under load. Each line on stdin is a JSON command that holds
+one PR's run in a stage, so a test can kill the run there:
+``{"slow": "bootstrap"|"migrate"|"launch", "pr": 42, "seconds": 60}`` (the instance's bootstrap
+check or migration stays InProgress that long; RunInstances for that PR answers that late,
+inside the fleet lock). ``{"slow": null}`` clears every brake.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,8 +61,7 @@ class Brakes:
         self._prs: dict[str, int | None] = {}
         self._lock = threading.Lock()
 
-    def apply(self, line: str) -> None:
-        command = json.loads(line)
+    def apply(self, command: dict[str, Any]) -> None:
         with self._lock:
             if command.get("slow") is None:
                 for stage in self.slow.values():
@@ -114,9 +119,10 @@ class Brakes:
         setattr(InstanceBackend, "run_instances", run_instances)  # noqa: B010  (a patch)
 
 
-def serve() -> int:
+def serve(runtime: str = "scripted", instances_root: Path | None = None) -> int:
     from moto.server import ThreadedMotoServer
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -128,42 +134,87 @@ def serve() -> int:
         signal.signal(signum, stop)
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    brakes = Brakes(endpoint)
-    brakes.patch_run_instances()
-    instances = ScriptedInstances().healthy()
-    instances.respond(BOOTSTRAP_CHECK, brakes.hold("bootstrap", BOOTSTRAP_DONE))
-    instances.respond(MIGRATE, brakes.hold("migrate", MIGRATED))
     try:
-        with instances.patched():
+        with instances(runtime, endpoint, instances_root) as apply:
             print(f"{READY_PREFIX}{endpoint}", flush=True)
             for line in sys.stdin:  # until the parent closes our stdin (or dies)
                 if line.strip():
-                    brakes.apply(line)
+                    apply(json.loads(line))
     finally:
         server.stop()
     return 0
+
+
+@contextmanager
+def instances(
+    runtime: str, endpoint: str, instances_root: Path | None
+) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """The instances behind moto; yields what applies a command read from stdin."""
+    if runtime == "real":
+        from local_stack.instance.relay import Bridge
+        from local_stack.instance.runtime import InstanceRuntime
+
+        assert instances_root is not None
+        port = int(endpoint.rsplit(":", 1)[1])
+        real = InstanceRuntime(
+            instances_root,
+            bridges=[Bridge("127.0.0.1", port, "127.0.0.1", port)],
+            env={
+                # What the instance profile gives the AWS CLI on an instance.
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "local-instance-role",
+                "AWS_SECRET_ACCESS_KEY": "local-instance-role",
+            },
+        )
+        with real.patched():
+            yield real.apply
+        return
+    brakes = Brakes(endpoint)
+    brakes.patch_run_instances()
+    scripted = ScriptedInstances().healthy()
+    scripted.respond(BOOTSTRAP_CHECK, brakes.hold("bootstrap", BOOTSTRAP_DONE))
+    scripted.respond(MIGRATE, brakes.hold("migrate", MIGRATED))
+    with scripted.patched():
+        yield brakes.apply
 
 
 @dataclass
 class MotoProcess:
     url: str
     process: subprocess.Popen[bytes]
+    instances_root: Path | None = None
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        self.process.stdin.flush()
 
     def slow(self, stage: str | None, pr: int = 0, seconds: float = 0) -> None:
         """Hold PR ``pr``'s run in ``stage`` for ``seconds`` (None: release every brake)."""
-        assert self.process.stdin is not None
-        line = {"slow": stage, "pr": pr, "seconds": seconds}
-        self.process.stdin.write((json.dumps(line) + "\n").encode())
-        self.process.stdin.flush()
+        self.send({"slow": stage, "pr": pr, "seconds": seconds})
+
+    def bridge(self, inside: str, host: str) -> None:
+        """Real instances booted from now on reach host ``host`` when they dial ``inside``."""
+        self.send({"bridge": f"{inside}={host}"})
+
+    def instance_env(self, env: dict[str, str], pr: int | None = None) -> None:
+        """Environment of real instances booted from now on (only PR ``pr``'s if given)."""
+        self.send({"env": env, "pr": pr})
 
 
 @contextmanager
-def moto_process(log: Path) -> Iterator[MotoProcess]:
-    """A moto server process with a healthy scripted instance."""
+def moto_process(
+    log: Path, *, runtime: str = "scripted", instances_root: Path | None = None
+) -> Iterator[MotoProcess]:
+    """A moto server process with scripted instances or, with ``runtime="real"``, instances
+    that boot for real in sandboxes under ``instances_root``."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "local_stack.moto_server", "--runtime", runtime]
+    if instances_root is not None:
+        argv += ["--instances-root", str(instances_root)]
     with log.open("ab") as errors:
         process = subprocess.Popen(
-            [sys.executable, "-m", "local_stack.moto_server"],
+            argv,
             cwd=PROJECT_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -175,7 +226,7 @@ def moto_process(log: Path) -> Iterator[MotoProcess]:
         line = process.stdout.readline().decode().strip()
         if not line.startswith(READY_PREFIX):
             raise RuntimeError(f"moto server did not start ({line!r}); see {log}")
-        yield MotoProcess(line.removeprefix(READY_PREFIX), process)
+        yield MotoProcess(line.removeprefix(READY_PREFIX), process, instances_root)
     finally:
         if process.stdin is not None:
             process.stdin.close()
@@ -183,10 +234,13 @@ def moto_process(log: Path) -> Iterator[MotoProcess]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None).parse_args(
-        argv
-    )
-    return serve()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runtime", choices=("scripted", "real"), default="scripted")
+    parser.add_argument("--instances-root", type=Path)
+    args = parser.parse_args(argv)
+    if args.runtime == "real" and args.instances_root is None:
+        parser.error("--runtime real needs --instances-root")
+    return serve(args.runtime, args.instances_root)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Every shared fixture: moto standing in for AWS, the runbook's account, a Prefect test server,
-the scripted instance, a fake registry, and the whole self-hosted installation.
+the scripted instance, instances that boot for real, a fake registry, and the whole self-hosted
+installation.
 
 A test module that sets ``ONE_ACCOUNT_PER_MODULE = True`` gets one moto and one account for all
 its tests (each costs ~0.8 s on 2 cores): its tests launch their own instances and look only at
@@ -16,6 +17,8 @@ import pytest
 from moto import mock_aws
 
 from local_stack.account import DemoAccount, create_demo_account
+from local_stack.instance.relay import Bridge
+from local_stack.instance.runtime import InstanceRuntime
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
@@ -29,7 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 pytest_plugins = ["tests.plugins.fault_matrix_report"]
 
-SERVER_FIXTURES = {"prefect_server", "installation", "e2e"}
+SERVER_FIXTURES = {"prefect_server", "installation", "e2e", "real_instances"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -159,6 +162,32 @@ def registry() -> Iterator[FakeRegistry]:
     with serve_handler(fake.handle) as url:
         fake.host = url.removeprefix("http://")
         yield fake
+
+
+@pytest.fixture
+def real_instances(aws: AwsClients, tmp_path: Path) -> Iterator[InstanceRuntime]:
+    """Instances that boot for real on this machine (local_stack/instance) behind the test's
+    moto. moto also answers over HTTP, so the AWS CLI on an instance reads the test's
+    Parameter Store."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    runtime = InstanceRuntime(
+        tmp_path / "instances",
+        bridges=[Bridge(host, port, host, port)],
+        env={
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        },
+    )
+    try:
+        with runtime.patched():
+            yield runtime
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,281 @@
+"""What a local instance cannot be, played honestly: dnf, systemctl, shutdown, cloud-init, aws.
+
+Each is a command in ``local_stack/instance/bin`` (first on the instance's PATH) that runs
+``python -m local_stack.instance.shims <name> <args>``. They keep their state in the instance's
+own writable paths, answer in the real tool's words and exit codes for the forms the project's
+scripts use, and refuse any other form loudly (exit 2), so a script that grows a new call fails
+in the tests instead of passing against a shim that nods.
+
+- ``dnf``/``yum``: ``install`` knows what AL2023 has (docker yes, docker-compose-plugin no);
+  ``PR_PREVIEW_DNF_SECONDS`` models its duration.
+- ``systemctl``: the docker unit only — ``enable --now`` creates ``/var/run/docker.sock``.
+- ``shutdown -h +N``: writes ``/run/pr-preview/shutdown-at``; the host terminates the instance
+  in moto when it is due (instance-initiated shutdown behaviour: terminate).
+- ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
+  instance's init keeps.
+- ``aws``: ``ssm get-parameter`` (a real call to the moto server at ``AWS_ENDPOINT_URL``), and
+  on the host ``ssm start-session`` with ``AWS-StartPortForwardingSession``: a relay into the
+  instance's port through ``$PR_PREVIEW_RUNTIME_ROOT/<instance>/sockets/in.sock``, standing in
+  for Session Manager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+STATUS_FILE = Path("/run/cloud-init/status.json")
+SHUTDOWN_FILE = Path("/run/pr-preview/shutdown-at")
+DOCKER_SOCKET = Path("/var/run/docker.sock")
+UNITS = Path("/var/lib/pr-preview-shim/units")
+# What AL2023's repositories answer for the packages the user data asks for.
+AL2023_PACKAGES = {"docker": "docker-25.0.8-1.amzn2023.0.1.x86_64"}
+
+
+def refuse(tool: str, argv: list[str]) -> int:
+    print(f"{tool} (local instance shim): unsupported arguments {argv!r}", file=sys.stderr)
+    return 2
+
+
+def dnf(argv: list[str]) -> int:
+    args = [a for a in argv if a not in ("-y", "-q", "--assumeyes", "--quiet")]
+    if not args or args[0] != "install":
+        return refuse("dnf", argv)
+    time.sleep(float(os.environ.get("PR_PREVIEW_DNF_SECONDS", "0") or 0))
+    missing = [name for name in args[1:] if name not in AL2023_PACKAGES]
+    if missing:
+        for name in missing:
+            print(f"No match for argument: {name}")
+        print(f"Error: Unable to find a match: {' '.join(missing)}", file=sys.stderr)
+        return 1
+    print("Dependencies resolved.")
+    for name in args[1:]:
+        print(f"Installed:\n  {AL2023_PACKAGES[name]}")
+    print("\nComplete!")
+    return 0
+
+
+def systemctl(argv: list[str]) -> int:
+    args = [a for a in argv if a != "--no-pager"]
+    units = [a.removesuffix(".service") for a in args if not a.startswith("-")][1:]
+    if not args or units != ["docker"]:
+        if units and units != ["docker"]:
+            print(f"Unit {units[0]}.service could not be found.", file=sys.stderr)
+            return 4 if args[0] == "status" else 5
+        return refuse("systemctl", argv)
+    verb = args[0]
+    UNITS.mkdir(parents=True, exist_ok=True)
+    active = UNITS / "docker.active"
+    if verb in ("enable", "start", "restart"):
+        if verb != "enable" or "--now" in args:
+            DOCKER_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+            DOCKER_SOCKET.unlink(missing_ok=True)
+            # A real socket file: the user data waits for `[ -S /var/run/docker.sock ]`.
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(DOCKER_SOCKET))
+            listener.close()
+            active.write_text(datetime.now(UTC).strftime("%a %Y-%m-%d %H:%M:%S UTC"))
+        if verb == "enable":
+            (UNITS / "docker.enabled").touch()
+            print(
+                "Created symlink /etc/systemd/system/multi-user.target.wants/docker.service"
+                " → /usr/lib/systemd/system/docker.service.",
+                file=sys.stderr,
+            )
+        return 0
+    if verb in ("status", "is-active"):
+        running = active.exists()
+        if verb == "is-active":
+            print("active" if running else "inactive")
+            return 0 if running else 3
+        enabled = "enabled" if (UNITS / "docker.enabled").exists() else "disabled"
+        state = f"active (running) since {active.read_text()}" if running else "inactive (dead)"
+        print("● docker.service - Docker Application Container Engine")
+        print(f"     Loaded: loaded (/usr/lib/systemd/system/docker.service; {enabled})")
+        print(f"     Active: {state}")
+        return 0 if running else 3
+    return refuse("systemctl", argv)
+
+
+def shutdown(argv: list[str]) -> int:
+    args = list(argv)
+    if args[:1] == ["-c"]:
+        SHUTDOWN_FILE.unlink(missing_ok=True)
+        return 0
+    if args[:1] not in (["-h"], ["-P"], ["--poweroff"]) or len(args) < 2:
+        return refuse("shutdown", argv)
+    when = args[1]
+    if when == "now":
+        minutes = 0
+    elif when.startswith("+") and when[1:].isdigit():
+        minutes = int(when[1:])
+    else:
+        return refuse("shutdown", argv)
+    due = datetime.now(UTC) + timedelta(minutes=minutes)
+    SHUTDOWN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SHUTDOWN_FILE.write_text(str(due.timestamp()))
+    print(
+        f"Shutdown scheduled for {due.strftime('%a %Y-%m-%d %H:%M:%S UTC')},"
+        " use 'shutdown -c' to cancel.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cloud_init(argv: list[str]) -> int:
+    if argv[:1] != ["status"]:
+        return refuse("cloud-init", argv)
+    while True:
+        try:
+            status = json.loads(STATUS_FILE.read_text())
+        except (OSError, ValueError):
+            status = {"status": "not started"}
+        if "--wait" not in argv or status["status"] not in ("running", "not started"):
+            break
+        time.sleep(0.5)
+    print(f"status: {status['status']}")
+    if "--long" in argv:
+        print("boot_status_code: enabled-by-generator")
+        if "last_update" in status:
+            print(f"last_update: {status['last_update']}")
+        print("detail:\nDataSourceEc2Local")
+        errors = status.get("errors", [])
+        print("errors:" + ("".join(f"\n\t- {e}" for e in errors) if errors else " []"))
+    return 1 if status["status"] == "error" else 0
+
+
+def aws(argv: list[str]) -> int:
+    if argv == ["--version"]:
+        print("aws-cli/2.22.0 Python/3.11 Linux (pr-preview local stack: a shim on boto3)")
+        return 0
+    options, positional = parse_options(argv)
+    if positional == ["ssm", "get-parameter"]:
+        return get_parameter(options)
+    if positional == ["ssm", "start-session"]:
+        return start_session(options)
+    return refuse("aws", argv)
+
+
+def parse_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    options: dict[str, str] = {}
+    positional: list[str] = []
+    flags = {"--with-decryption", "--no-with-decryption"}
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in flags:
+            options[arg] = "true"
+        elif arg.startswith("--"):
+            options[arg] = argv[index + 1] if index + 1 < len(argv) else ""
+            index += 1
+        else:
+            positional.append(arg)
+        index += 1
+    return options, positional
+
+
+def get_parameter(options: dict[str, str]) -> int:
+    import boto3
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    if options.get("--query") not in (None, "Parameter.Value") or options.get(
+        "--output", "text"
+    ) not in ("text", "json"):
+        return refuse("aws", [f"{k} {v}" for k, v in options.items()])
+    client = boto3.client("ssm", region_name=options.get("--region"))
+    try:
+        answer = client.get_parameter(
+            Name=options["--name"], WithDecryption="--with-decryption" in options
+        )
+    except ClientError as exc:
+        error = exc.response["Error"]
+        print(
+            f"\nAn error occurred ({error.get('Code')}) when calling the GetParameter operation:"
+            f" {error.get('Message')}",
+            file=sys.stderr,
+        )
+        return 254
+    except EndpointConnectionError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 255
+    value = answer["Parameter"]["Value"]
+    if options.get("--query") == "Parameter.Value":
+        print(value if options.get("--output", "text") == "text" else json.dumps(value))
+    else:
+        print(json.dumps({"Parameter": answer["Parameter"]}, default=str, indent=4))
+    return 0
+
+
+def start_session(options: dict[str, str]) -> int:
+    """Session Manager port forwarding, as a local relay into the instance's namespace."""
+    from local_stack.instance.relay import RelayLoop
+
+    target = options.get("--target", "")
+    if options.get("--document-name") != "AWS-StartPortForwardingSession":
+        return refuse("aws", ["start-session without AWS-StartPortForwardingSession"])
+    parameters = json.loads(options.get("--parameters", "{}"))
+    port = int(parameters["portNumber"][0])
+    local_port = int(parameters.get("localPortNumber", [str(port)])[0])
+    root = Path(os.environ.get("PR_PREVIEW_RUNTIME_ROOT", ""))
+    sock = (root / target / "sockets").resolve() / "in.sock"
+    if not target.startswith("i-") or "/" in target or not sock.exists():
+        print(
+            "\nAn error occurred (TargetNotConnected) when calling the StartSession operation:"
+            f" {target} is not connected.",
+            file=sys.stderr,
+        )
+        return 254
+    session = f"local-{int(time.time())}-{os.getpid():x}"
+    relays = RelayLoop("port-forwarding")
+    try:
+        relays.tcp_to_port_chooser("session", "127.0.0.1", local_port, sock, port)
+    except OSError as exc:
+        print(f"\nUnable to start port forwarding on 127.0.0.1:{local_port}: {exc}")
+        return 1
+    print(f"\nStarting session with SessionId: {session}")
+    print(f"Port {local_port} opened for sessionId {session}.")
+    print("Waiting for connections...\n", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while sock.exists():
+            time.sleep(0.5)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        relays.stop()
+    print(f"\n\nExiting session with sessionId: {session}.\n")
+    return 0
+
+
+def session_manager_plugin(argv: list[str]) -> int:
+    """Only present so `pr-preview tunnel` finds it: ``aws ssm start-session`` relays itself."""
+    print("1.2.707.0 (pr-preview local stack: port forwarding is a local relay)")
+    return 0
+
+
+TOOLS = {
+    "session-manager-plugin": session_manager_plugin,
+    "dnf": dnf,
+    "yum": dnf,
+    "systemctl": systemctl,
+    "shutdown": shutdown,
+    "cloud-init": cloud_init,
+    "aws": aws,
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in TOOLS:
+        print(f"usage: python -m local_stack.instance.shims {{{','.join(TOOLS)}}} ...")
+        return 2
+    return TOOLS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
