@@ -1,0 +1,1 @@
+"""hello-api: the sample app a pull request's preview runs."""
