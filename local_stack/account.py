@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from tasks.aws import AwsClients
 
 DEMO_GHCR_TOKEN = "ghp_demoToken0000000000000000000000000000"
-DEMO_DATABASE_URL = "postgresql+asyncpg://app:pa%2Fss-demo@172.31.39.125:5432/app"
+# URL-special characters on purpose: the runbook's DATABASE_URL carries it URL-encoded (§5).
+DEMO_DB_PASSWORD = "pa/ss@w:rd%demo"
+DEMO_DATABASE_URL = (
+    f"postgresql+asyncpg://app:{quote(DEMO_DB_PASSWORD, safe='')}@172.31.39.125:5432/app"
+)
 
 SSM_TRUST_POLICY = {
     "Version": "2012-10-17",

@@ -1,22 +1,25 @@
-"""`make demo`: a pull request's preview lifecycle, started by webhooks, with nothing real.
+"""`make demo`: a pull request's preview lifecycle, started by webhooks, on this machine.
 
-Everything runs on this machine: moto stands in for AWS (with a scripted instance that boots,
-migrates and answers its probe over SSM), a tiny OCI registry holds the app image, a local
-Prefect server runs the deployments of prefect.yaml with a process worker, and the signed
-webhook receiver turns GitHub deliveries into Prefect events — which start the flow runs.
+moto stands in for AWS's control plane, and every instance it launches boots for real in its
+own Linux namespaces (local_stack/instance): the user data runs in bash, pulls the app's image
+from a local OCI registry with the GHCR token from Parameter Store, starts the app (the sample
+FastAPI app, examples/hello-api) and migrates a real PostgreSQL with alembic; the probe reaches
+the real app. A local Prefect server runs the deployments of prefect.yaml with a process worker,
+and the signed webhook receiver turns GitHub deliveries into Prefect events — which start the
+flow runs. `pr-preview tunnel 42` then opens the PR's app as Session Manager would.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,21 +42,6 @@ def banner(text: str) -> None:
 
 def indent(text: str, prefix: str = "   │ ") -> str:
     return "\n".join(prefix + line for line in text.strip().splitlines())
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto as a real HTTP endpoint on 127.0.0.1, as a real AWS endpoint would be."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def point_at_moto(endpoint: str) -> None:
@@ -83,6 +71,85 @@ def describe_fleet(clients: Any, purpose: str) -> None:
         )
 
 
+class Tunnel:
+    """`pr-preview tunnel 42`, run as a reviewer would, on a free local port."""
+
+    def __init__(self, process: subprocess.Popen[str], url: str, banner: str) -> None:
+        self.process, self.url, self.banner = process, url, banner
+
+
+@contextmanager
+def open_tunnel(api_url: str, aws: str, moto: Any) -> Iterator[Tunnel]:
+    from local_stack.instance.sandbox import SHIMS
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{SHIMS}:{os.environ['PATH']}",
+        "PREFECT_API_URL": api_url,
+        "AWS_ENDPOINT_URL": aws,
+        "PR_PREVIEW_RUNTIME_ROOT": str(moto.instances_root),
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "tunnel",
+            str(PR_NUMBER),
+            "--local-port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for _ in range(6):
+            lines.append(process.stdout.readline().rstrip())
+            if "Waiting for connections" in lines[-1] or process.poll() is not None:
+                break
+        yield Tunnel(process, f"http://127.0.0.1:{port}", "\n".join(line for line in lines if line))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def show_app(tunnel: Tunnel, sha: str) -> list[str]:
+    """What a reviewer sees through the tunnel: the app's docs and its page with the sha."""
+    import httpx
+
+    if tunnel.banner:
+        say(f"   $ pr-preview tunnel {PR_NUMBER}")
+        say(indent(tunnel.banner))
+        tunnel.banner = ""
+    try:
+        docs = httpx.get(f"{tunnel.url}/docs", timeout=10)
+        page = httpx.get(f"{tunnel.url}/", timeout=10)
+        health = httpx.get(f"{tunnel.url}/healthz", timeout=10)
+    except httpx.HTTPError as exc:
+        return [f"the app is not reachable through the tunnel: {exc}"]
+    say(f"   GET /docs → {docs.status_code}; GET /healthz → {health.status_code} {health.text}")
+    say(f"   GET / → {page.status_code}: " + " ".join(page.text.split())[:160])
+    if page.status_code != 200 or sha not in page.text:
+        return [f"the app through the tunnel does not show {sha[:7]}"]
+    return []
+
+
 def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> list[str]:
     """Print the runs not shown yet; return those that did not end Completed."""
     failed = []
@@ -99,34 +166,57 @@ def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> list[str]:
 
 def run(keep: bool) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pr-preview-demo-") as tmp, moto_server() as aws:
+    from local_stack.moto_server import moto_process
+
+    with (
+        tempfile.TemporaryDirectory(prefix="pr-preview-demo-") as tmp,
+        moto_process(
+            Path(tmp) / "moto.log", runtime="real", instances_root=Path(tmp) / "instances"
+        ) as moto,
+        ExitStack() as stack_exit,
+    ):
+        aws = moto.url
         point_at_moto(aws)
         # Imported after the environment is set: Prefect reads its settings at import.
         from deployments.receiver import create_app
-        from local_stack.account import DEMO_GHCR_TOKEN, DEMO_OWNER, create_demo_account
+        from local_stack.account import (
+            DEMO_DB_PASSWORD,
+            DEMO_GHCR_TOKEN,
+            DEMO_OWNER,
+            create_demo_account,
+        )
+        from local_stack.instance.world import db_server, push_sample_app
         from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
         from local_stack.registry import FakeRegistry
-        from local_stack.scripted_instance import ScriptedInstances
         from local_stack.serve import serve_asgi, serve_handler
         from tasks.aws import build_clients
         from tasks.config import VARIABLE_NAME, load_config
 
-        banner("1. AWS, as the runbook describes it — on moto")
+        banner("1. AWS, as the runbook describes it — on moto; the db-server on PostgreSQL")
+        database = stack_exit.enter_context(
+            db_server(
+                Path(tmp) / "db-server", role="app", password=DEMO_DB_PASSWORD, database="app"
+            )
+        )
+        moto.bridge(*database.bridge)
         clients = build_clients(load_config({"region": "ap-northeast-1"}, use_variable=False))
-        account = create_demo_account(clients)
+        account = create_demo_account(clients, database_url=database.database_url)
         say(f"   moto on {aws} (AWS_ENDPOINT_URL); subnet {account.subnet_id}")
+        say(
+            f"   db-server: PostgreSQL on 127.0.0.1:{database.postgres.port}, seen by instances"
+            f" at {database.bridge[0]}; DATABASE_URL with its password URL-encoded"
+        )
         say(f"   api-sg {account.api_sg_id}; db-sg {account.db_sg_id} admits api-sg on 5432")
         say(f"   instance profile {account.instance_profile}; SecureStrings in Parameter Store")
 
         # CI "pushed" the image; the registry wants the GHCR token, as GHCR does.
         registry = FakeRegistry(scheme="http", users={DEMO_OWNER: DEMO_GHCR_TOKEN})
-        instances = ScriptedInstances().healthy()
         with (
-            instances.patched(),
             serve_handler(registry.handle) as registry_url,
             prefect_stack(Path(tmp) / "prefect") as stack,
         ):
             registry.host = registry_url.removeprefix("http://")
+            moto.bridge(registry.host, registry.host)
             image = f"{registry.host}/{REPO}"
             banner("2. A local Prefect server, the deployments of prefect.yaml, a worker")
             say(f"   Prefect UI {stack.ui_url}")
@@ -161,18 +251,27 @@ def run(keep: bool) -> int:
                     say(f"   GitHub → receiver: pull_request.{action} → HTTP {answer.status_code}")
 
                 banner(f"3. PR #{PR_NUMBER} opened at {FIRST_SHA[:7]}")
-                registry.push(REPO.lower(), FIRST_SHA)
+                push_sample_app(registry, REPO.lower(), FIRST_SHA, "v1", private=True)
                 deliver("opened", FIRST_SHA)
                 failed = show_runs(stack.wait_for_runs("pr-preview/pr-preview", 1), seen)
                 describe_fleet(clients, "pr-preview-singleton")
+                tunnel = stack_exit.enter_context(open_tunnel(stack.api_url, aws, moto))
+                failed += show_app(tunnel, FIRST_SHA)
 
                 banner(f"4. A push to PR #{PR_NUMBER}: {SECOND_SHA[:7]} (synchronize)")
-                registry.push(REPO.lower(), SECOND_SHA)
+                push_sample_app(registry, REPO.lower(), SECOND_SHA, "v2", private=True)
                 deliver("synchronize", SECOND_SHA)
                 failed += show_runs(stack.wait_for_runs("pr-preview/pr-preview", 2), seen)
                 describe_fleet(clients, "pr-preview-singleton")
                 if not failed:
                     say("   same instance, new sha: deployed in place, no new EC2 boot")
+                failed += show_app(tunnel, SECOND_SHA)
+                tables = database.postgres.execute(
+                    "select string_agg(tablename, ' ' order by tablename) from pg_tables"
+                    " where schemaname = 'public'",
+                    database="app",
+                )
+                say(f"   db-server tables after the migrations: {tables.strip()}")
 
                 banner(f"5. PR #{PR_NUMBER} closed")
                 deliver("closed", SECOND_SHA)
@@ -184,12 +283,19 @@ def run(keep: bool) -> int:
                     say(indent(body))
                     say()
 
+                from local_stack.instance.sandbox import SHIMS
+
                 banner("Done" if not failed else "Failed")
                 say(f"   demo finished in {time.monotonic() - started:.0f} s")
                 for line in failed:
                     say(f"   ✗ {line}")
                 if keep:
                     say(f"   the stack stays up: open {stack.ui_url} — Ctrl+C stops it")
+                    say(
+                        "   the PR is closed; the command below starts its preview again, and"
+                        f" `pr-preview tunnel {PR_NUMBER}` reaches it with"
+                        f" PATH={SHIMS}:$PATH PR_PREVIEW_RUNTIME_ROOT={moto.instances_root}"
+                    )
                     say(f"   export PREFECT_API_URL={stack.api_url} AWS_ENDPOINT_URL={aws}")
                     say(
                         "   prefect deployment run 'pr-preview/pr-preview'"

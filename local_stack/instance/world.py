@@ -1,0 +1,57 @@
+"""What a real local instance dials: the runbook's db-server and the app's images.
+
+The db-server is a real PostgreSQL (``local_stack.postgres``) with the app's role and database;
+instances reach it at the runbook's private address, ``172.31.39.125:5432``, relayed to the
+host port it really listens on. The app's images are versions of the sample app
+(``examples/hello-api/v1``, ``v2``) pushed to the fake registry with the commit they were built
+from in their environment, as a ``docker build --build-arg GIT_SHA=...`` would leave it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from local_stack.postgres import Postgres, postgres_server
+from local_stack.registry import FakeRegistry, image_config, sample_app_command
+
+DB_SERVER_IP = "172.31.39.125"
+DB_PORT = 5432
+SAMPLE_APP = "examples/hello-api"
+
+
+@dataclass(frozen=True)
+class DbServer:
+    postgres: Postgres
+    database_url: str  # as an instance uses it: the runbook's address, password URL-encoded
+
+    @property
+    def bridge(self) -> tuple[str, str]:
+        """(what the instance dials, where that is on the host)."""
+        return f"{DB_SERVER_IP}:{DB_PORT}", f"{self.postgres.host}:{self.postgres.port}"
+
+
+@contextmanager
+def db_server(home: Path, *, role: str, password: str, database: str) -> Iterator[DbServer]:
+    """A real PostgreSQL with ``role`` (LOGIN, ``password``) owning ``database``."""
+    with postgres_server(home) as postgres:
+        url = postgres.create_database(database, role, password)
+        yield DbServer(postgres, url.render(host=DB_SERVER_IP, port=DB_PORT))
+
+
+def push_sample_app(
+    registry: FakeRegistry, name: str, sha: str, version: str, *, private: bool = False
+) -> str:
+    """Publish ``name:sha`` as version ``version`` (``v1``, ``v2``) of the sample app."""
+    config = image_config(
+        sample_app_command(),
+        source=f"{SAMPLE_APP}/{version}",
+        env=["PYTHONUNBUFFERED=1", f"GIT_SHA={sha}", f"APP_VERSION={version}"],
+        labels={
+            "org.opencontainers.image.title": "hello-api",
+            "org.opencontainers.image.revision": sha,
+        },
+    )
+    return registry.push(name, sha, private=private, config=config)
