@@ -63,10 +63,14 @@ DB_TCP_SCRIPT = (
     "    *) ;;",
     "  esac",
     "  " + TCP_CHECK_DIRECTIVE,
-    "  if " + tcp_check('"$host"', '"$port"') + " 2>/dev/null; then",
+    # A refusal (nothing listens) and a timeout (a security group drops the packets) have
+    # different fixes: say which one it was.
+    "  if err=$(" + tcp_check('"$host"', '"$port"') + " 2>&1); then",
     '    echo "DB TCP OK $host:$port"',
+    "  elif [ $? = 124 ]; then",
+    '    echo "DB TCP NG $host:$port (timed out)"',
     "  else",
-    '    echo "DB TCP NG $host:$port"',
+    '    echo "DB TCP NG $host:$port (${err##*: })"',
     "  fi",
     "fi",
 )
@@ -271,7 +275,8 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     _sig(
         "db-sg-missing-rule",
-        r"DB TCP NG|timeout expired|Connection timed out.{0,80}5432|5432.{0,80}timed out"
+        r"DB TCP NG \S+(?: \(timed out\))?$|timeout expired|Connection timed out.{0,80}5432"
+        r"|5432.{0,80}timed out"
         r"|could not connect to server: Connection timed out",
         "The database does not answer on 5432 from the preview: db-sg lacks the api-sg rule"
         " (runbook §7: DB timeout).",
@@ -280,7 +285,8 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     _sig(
         "db-refused",
-        r"Connection refused.{0,120}5432|5432.{0,120}Connection refused",
+        r"Connection refused.{0,120}5432|5432.{0,120}Connection refused"
+        r"|DB TCP NG \S+ \(Connection refused\)",
         "The database host answers but nothing accepts on 5432 (PostgreSQL down or not listening"
         " on the private address).",
         "On db-server: `systemctl status postgresql`, `listen_addresses` and pg_hba.conf for the"
@@ -291,6 +297,15 @@ SIGNATURES: tuple[Signature, ...] = (
         r"password authentication failed|no pg_hba\.conf entry",
         "PostgreSQL refused the credentials in DATABASE_URL.",
         "Check the user and password in the DATABASE_URL parameter against the database.",
+    ),
+    _sig(
+        "migration-failed",
+        r"sqlalchemy\.exc\.(?:ProgrammingError|DataError|IntegrityError|NotSupportedError)"
+        r"|alembic\.util\.exc\.CommandError|Can't locate revision",
+        "A migration failed against the database: the database rejected a revision (or alembic"
+        " could not find one).",
+        "Read the error above, fix the revision in the PR and push; to see the whole traceback,"
+        " run `docker compose run --rm -T api alembic upgrade head` on the instance over SSM.",
     ),
     _sig(
         "disk-full",

@@ -27,6 +27,7 @@ from tenacity import (
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.masking import mask_secrets
 from tasks.prefect_context import run_logger
 from tasks.ssm import CommandResult, CommandTimeout, run_command
 from tasks.step import step
@@ -46,10 +47,15 @@ PERMANENT_FAILURES = re.compile(
     r"|executable file not found"
     r"|No module named '?alembic"
     r"|alembic\.util\.exc\.CommandError"
-    r"|Can't locate revision",
+    r"|Can't locate revision"
+    # SQLAlchemy's own parse of a DATABASE_URL whose password is not URL-encoded
+    r"|invalid literal for int\(\) with base 10"
+    # the database rejected a revision's SQL: the same revision fails the same way again
+    r"|sqlalchemy\.exc\.(?:ProgrammingError|DataError|IntegrityError|NotSupportedError)",
     re.IGNORECASE,
 )
 OUTPUT_TAIL = 4000
+MIGRATE_OUTPUT_BYTES = 20000  # under SSM's 24,000-character cut of stdout
 
 
 class MigrationFailed(Exception):
@@ -69,6 +75,14 @@ class MigrateResult:
     output: str
 
 
+def last_error(output: str) -> str:
+    """The line a person reads first in a failed migration's output: the exception at the end
+    of a traceback, else the last line; masked, as it goes into messages and comments."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(?:Error|Exception|Exit)\b.*:", line)]
+    return mask_secrets((errors or lines or [""])[-1])[:500]
+
+
 def migrate_commands(config: PreviewConfig) -> list[str]:
     """``migration_command`` becomes the container's arguments: split into words as a shell
     would, each word quoted, so no shell — the instance's root shell or one in the container —
@@ -79,7 +93,14 @@ def migrate_commands(config: PreviewConfig) -> list[str]:
     return [
         "set -eu",
         f"cd {shlex.quote(config.app_dir)}",
-        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)} {argv}",
+        # SSM returns only the first 24,000 characters of stdout and 8,000 of stderr, and a
+        # traceback's last line is the one that says what failed: print the end of both.
+        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
+        "status=0",
+        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)} {argv}"
+        ' >"$log" 2>&1 || status=$?',
+        f'tail -c {MIGRATE_OUTPUT_BYTES} "$log"',
+        'exit "$status"',
     ]
 
 
@@ -123,7 +144,7 @@ def run_migrations(
         if not result.ok and PERMANENT_FAILURES.search(result.output):
             raise MigrationFailed(
                 f"migration failed on {instance_id} (exit {result.exit_code}); retrying cannot"
-                " fix it",
+                f" fix it: {last_error(result.output)}",
                 attempts=attempts,
                 output=last_output,
             )
@@ -131,7 +152,8 @@ def run_migrations(
 
     def give_up(state: RetryCallState) -> CommandResult:
         raise MigrationFailed(
-            f"migration did not succeed on {instance_id} within {timeout:g}s ({attempts} attempts)",
+            f"migration did not succeed on {instance_id} within {timeout:g}s ({attempts} attempts)"
+            + (f": {last_error(last_output)}" if last_output.strip() else ""),
             attempts=attempts,
             output=last_output,
         )

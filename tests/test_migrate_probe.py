@@ -150,9 +150,11 @@ def test_migration_command_is_quoted_word_by_word(config: PreviewConfig) -> None
     """A command by design, but the container's: no shell on the instance interprets it."""
     risky = config.model_copy(update={"migration_command": "alembic upgrade head; reboot $(id)"})
 
-    *_, command = migrate_commands(risky)
+    [command] = [line for line in migrate_commands(risky) if " run --rm " in line]
 
-    assert command.endswith(" run --rm -T api alembic upgrade 'head;' reboot '$(id)'")
+    assert command.endswith(
+        " run --rm -T api alembic upgrade 'head;' reboot '$(id)' >\"$log\" 2>&1 || status=$?"
+    )
 
 
 def test_probe_url_is_one_quoted_word() -> None:

@@ -34,7 +34,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 
 # The real tools the scripts may use; everything else in the sandbox is a stub.
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
-REAL_TOOLS += ("touch", "tr", "uname")
+REAL_TOOLS += ("mktemp", "tail", "touch", "tr", "uname")
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {
     "shutdown": STUB_LOG,
