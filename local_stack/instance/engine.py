@@ -42,6 +42,8 @@ Environment read:
 - ``PR_PREVIEW_ENGINE_DELAYS``: JSON seconds per operation, slept on top of the real work to
   model a real host's latency: ``login``, ``pull`` (per image), ``build``, ``up`` (per container
   started), ``run``, ``down`` (default none).
+- ``PR_PREVIEW_ENGINE_SOURCES``: more directories (``:``-separated) an image's source label may
+  name, beside the project (a test's broken build of the app).
 - ``PR_PREVIEW_ENGINE_NO_COMPOSE``: ``1`` makes the Compose plugin missing, as on a fresh AL2023
   host (so does a file ``$PR_PREVIEW_ENGINE_ROOT/no-compose-plugin``); an executable
   ``docker-compose`` in a CLI plugin dir (``$DOCKER_CONFIG/cli-plugins``,
@@ -163,6 +165,7 @@ class Settings:
     delays: Mapping[str, float]
     compose_disabled: bool
     environ: Mapping[str, str]
+    source_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -177,6 +180,11 @@ class Settings:
             delays=parse_delays(environ.get("PR_PREVIEW_ENGINE_DELAYS", "")),
             compose_disabled=environ.get("PR_PREVIEW_ENGINE_NO_COMPOSE", "") == "1",
             environ=dict(environ),
+            source_roots=tuple(
+                Path(part).resolve()
+                for part in environ.get("PR_PREVIEW_ENGINE_SOURCES", "").split(":")
+                if part.startswith("/")
+            ),
         )
 
     def delay(self, operation: str) -> None:
@@ -1154,10 +1162,11 @@ def image_source(settings: Settings, image: Image, ref: Reference) -> Path:
             " from the project, and this image names none"
         )
     source = (settings.project_dir / relative).resolve()
-    if not source.is_relative_to(settings.project_dir) or not source.is_dir():
+    roots = (settings.project_dir, *settings.source_roots)
+    if not any(source.is_relative_to(root) for root in roots) or not source.is_dir():
         raise daemon_error(
             f"image {ref}: {SOURCE_LABEL}={relative!r} is not a directory inside"
-            f" {settings.project_dir}"
+            f" {' or '.join(str(root) for root in roots)}"
         )
     return source
 
@@ -1620,6 +1629,7 @@ def cmd_compose(settings: Settings, store: Store, args: Sequence[str]) -> int:
         "pull": compose_pull,
         "up": compose_up,
         "run": compose_run,
+        "exec": compose_exec,
         "ps": compose_ps,
         "logs": compose_logs,
         "down": compose_down,
@@ -1777,6 +1787,34 @@ def compose_run(settings: Settings, store: Store, project: Project, args: Sequen
         signal.signal(signum, forward)
     code = child.wait()
     return code if code >= 0 else 128 - code
+
+
+def compose_exec(settings: Settings, store: Store, project: Project, args: Sequence[str]) -> int:
+    """A command beside the service's running process (same env and source dir), in the
+    foreground, stdin passed through (``exec -T api python - <<'PY'``); needs it running."""
+    flags = {"-T": Flag("no_tty"), "--no-TTY": Flag("no_tty"), "-e": Flag("env", True)}
+    values, rest = parse_flags(args, flags, "docker compose exec", interspersed=False, usage_exit=1)
+    if len(rest) < 2:
+        raise EngineError(
+            '"docker compose exec" requires at least 2 arguments.\n'
+            "See 'docker compose exec --help'.",
+            1,
+        )
+    service = project.services.get(rest[0])
+    if service is None:
+        raise EngineError(f"no such service: {rest[0]}")
+    running = [c for c in store.containers(project.name) if c.service == service.name and c.running]
+    if not running:
+        raise EngineError(f'service "{service.name}" is not running', 1)
+    for pair in values.get("env") or []:
+        key, sep, value = pair.partition("=")
+        service.environment[key] = value if sep else None
+    image = ensure_image(settings, store, service, sys.stderr)
+    launch = launch_for(settings, store, project, service, image, rest[1:])
+    try:
+        return subprocess.run(launch.argv, cwd=launch.cwd, env=launch.env, check=False).returncode
+    except OSError as exc:
+        raise daemon_error(exec_error(launch.argv, exc)) from None
 
 
 def human_duration(seconds: float) -> str:

@@ -51,6 +51,11 @@ def build_filesystem(config: dict[str, Any]) -> None:
         run("mount", "--bind", source, target)
     for target, source in config["files"].items():
         run("mount", "--bind", source, target)
+    # A stock AL2023 image has no docker: hide the host's client (dnf installs ours).
+    for directory in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        client = Path(directory) / "docker"
+        if client.is_file() and not client.is_symlink():
+            run("mount", "--bind", "/dev/null", str(client))
     ours = {*keep, *config["writable"], *config["files"]}
     for mountpoint in mountpoints():
         if mountpoint in ours or mountpoint.startswith(("/proc", "/sys", "/dev")):

@@ -27,8 +27,19 @@ from local_stack.prefect_server import die_with_parent
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "bin"
+# What `dnf install` puts on an instance (AL2023's stock image has no docker).
+PACKAGES = Path(__file__).resolve().parent / "packages"
 # Where the scripts write on an instance; everything else is the host, read-only.
-WRITABLE = ("/var/lib", "/var/log", "/var/tmp", "/srv", "/run", "/root/.docker", "/usr/local/lib")
+WRITABLE = (
+    "/var/lib",
+    "/var/log",
+    "/var/tmp",
+    "/srv",
+    "/run",
+    "/root/.docker",
+    "/usr/local/bin",
+    "/usr/local/lib",
+)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NAMESPACES = ("--mount", "--net", "--pid", "--uts", "--ipc")
 

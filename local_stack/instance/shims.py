@@ -6,8 +6,10 @@ own writable paths, answer in the real tool's words and exit codes for the forms
 scripts use, and refuse any other form loudly (exit 2), so a script that grows a new call fails
 in the tests instead of passing against a shim that nods.
 
-- ``dnf``/``yum``: ``install`` knows what AL2023 has (docker yes, docker-compose-plugin no);
-  ``PR_PREVIEW_DNF_SECONDS`` models its duration.
+- ``dnf``/``yum``: ``install`` knows what AL2023 has (docker yes, docker-compose-plugin no) and
+  puts docker (the local engine, ``packages/docker``) in the instance's own /usr/local/bin;
+  ``PR_PREVIEW_DNF_SECONDS`` models its duration, ``PR_PREVIEW_DNF_OFFLINE=1`` its repository
+  being out of reach.
 - ``systemctl``: the docker unit only — ``enable --now`` creates ``/var/run/docker.sock``.
 - ``shutdown -h +N``: writes ``/run/pr-preview/shutdown-at``; the host terminates the instance
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -48,6 +51,18 @@ def dnf(argv: list[str]) -> int:
     if not args or args[0] != "install":
         return refuse("dnf", argv)
     time.sleep(float(os.environ.get("PR_PREVIEW_DNF_SECONDS", "0") or 0))
+    if os.environ.get("PR_PREVIEW_DNF_OFFLINE") == "1":
+        print(
+            "Amazon Linux 2023 repository                    0.0  B/s |   0  B     00:00\n"
+            "Errors during downloading metadata for repository 'amazonlinux':\n"
+            "  - Curl error (6): Couldn't resolve host name for"
+            " https://al2023-repos-ap-northeast-1-de612dc2.s3.dualstack.ap-northeast-1.amazonaws.com"
+            "/core/mirrors/latest/x86_64/mirror.list [Could not resolve host]\n"
+            "Error: Failed to download metadata for repo 'amazonlinux': Cannot download repomd.xml:"
+            " Cannot download repodata/repomd.xml: All mirrors were tried",
+            file=sys.stderr,
+        )
+        return 1
     missing = [name for name in args[1:] if name not in AL2023_PACKAGES]
     if missing:
         for name in missing:
@@ -56,9 +71,21 @@ def dnf(argv: list[str]) -> int:
         return 1
     print("Dependencies resolved.")
     for name in args[1:]:
+        install(name)
         print(f"Installed:\n  {AL2023_PACKAGES[name]}")
     print("\nComplete!")
     return 0
+
+
+def install(package: str) -> None:
+    """Put the package's commands on the instance: /usr/local/bin is the instance's own."""
+    from local_stack.instance.sandbox import PACKAGES
+
+    for command in (PACKAGES / package,):
+        if command.exists():
+            target = Path("/usr/local/bin") / command.name
+            target.unlink(missing_ok=True)
+            target.symlink_to(command)
 
 
 def systemctl(argv: list[str]) -> int:
@@ -70,6 +97,12 @@ def systemctl(argv: list[str]) -> int:
             return 4 if args[0] == "status" else 5
         return refuse("systemctl", argv)
     verb = args[0]
+    if shutil.which("docker") is None:  # the unit comes with the package
+        print("Failed to enable unit: Unit file docker.service does not exist.", file=sys.stderr)
+        if verb in ("status", "is-active"):
+            print("Unit docker.service could not be found.", file=sys.stderr)
+            return 4
+        return 1
     UNITS.mkdir(parents=True, exist_ok=True)
     active = UNITS / "docker.active"
     if verb in ("enable", "start", "restart"):

@@ -1,0 +1,375 @@
+"""The runbook's failure table (§7), reproduced by breaking the real thing.
+
+Every preview here runs on a real local instance (``real_instances``): the user data runs in
+bash, pulls the sample app from the registry with the GHCR token from Parameter Store, starts it
+with its env file, migrates a real PostgreSQL with alembic, and the probe reaches the real app.
+Each test breaks one thing as it breaks in the field and checks that the run fails, that the
+instance is left on the short TTL, and that the diagnosis names the right row and fix, quoting
+the real error the instance produced.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from uuid import UUID
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
+from prefect.states import State
+
+from flows.preview import pr_preview
+from flows.teardown import pr_teardown
+from local_stack.instance.runtime import InstanceRuntime
+from local_stack.instance.world import (
+    DB_PORT,
+    DB_SERVER_IP,
+    SAMPLE_APP,
+    DbServer,
+    db_server,
+    push_sample_app,
+)
+from local_stack.postgres import Postgres
+from local_stack.registry import FakeRegistry, image_config, sample_app_command
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.diagnose import SIGNATURES, diagnose_instance
+from tasks.migrate import MigrationFailed, run_migrations
+from tasks.ssm import run_command
+from tasks.tags import parse_time
+from tests.support import CANARY_GHCR_TOKEN
+from tests.support.moto_state import live, tags
+from tests.test_instance_runtime import instance_processes, port_forwarding
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.xdist_group("real")]
+
+REPO = "octo-org/app"
+SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
+SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
+PASSWORD = "pa/ss@w:rd%db"  # URL-special on purpose (runbook §5)
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbServer]:
+    """The runbook's db-server: one real PostgreSQL for the module, a database per test."""
+    with db_server(
+        tmp_path_factory.mktemp("db-server"), role="admin", password=PASSWORD, database="admin"
+    ) as found:
+        yield found
+
+
+@dataclass
+class World:
+    aws: AwsClients
+    config: PreviewConfig
+    registry: FakeRegistry
+    runtime: InstanceRuntime
+    postgres: Postgres
+    database_url: str  # as the instance dials it, password URL-encoded
+    role: str
+    raw_url: str  # the same URL with the password as typed (the §7 mistake)
+
+    def set_ghcr_token(self, token: str) -> None:
+        self.aws.ssm.put_parameter(
+            Name=self.config.ghcr_token_parameter, Value=token, Type="SecureString", Overwrite=True
+        )
+
+    def set_database_url(self, url: str) -> None:
+        self.aws.ssm.put_parameter(
+            Name=self.config.database_url_parameter, Value=url, Type="SecureString", Overwrite=True
+        )
+
+
+@pytest.fixture
+def world(
+    request: pytest.FixtureRequest,
+    aws: AwsClients,
+    config: PreviewConfig,
+    registry: FakeRegistry,
+    real_instances: InstanceRuntime,
+    database: DbServer,
+) -> World:
+    """A healthy world: the app's v1 and v2 images, a database of its own for this test, the
+    encoded DATABASE_URL in Parameter Store; instances reach the registry and the db-server."""
+    role = "app_" + request.node.name.removeprefix("test_")[:40].lower().replace("-", "_")
+    role = "".join(c if c.isalnum() or c == "_" else "_" for c in role)
+    url = database.postgres.create_database(role, role, PASSWORD)
+    encoded = url.render(host=DB_SERVER_IP, port=DB_PORT)
+    raw = f"postgresql+asyncpg://{role}:{PASSWORD}@{DB_SERVER_IP}:{DB_PORT}/{role}"
+    assert quote(PASSWORD, safe="") in encoded
+    real_instances.apply({"bridge": "=".join(database.bridge)})
+    real_instances.apply({"bridge": f"{registry.host}={registry.host}"})
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    push_sample_app(registry, REPO, SHA1, "v1", private=True)
+    push_sample_app(registry, REPO, SHA2, "v2", private=True)
+    config.image = f"{registry.host}/{REPO}"
+    config.poll_seconds = 0.2
+    config.ready_timeout_seconds = 90
+    config.migrate_timeout_seconds = 90
+    config.probe_timeout_seconds = 30
+    found = World(aws, config, registry, real_instances, database.postgres, encoded, role, raw)
+    found.set_database_url(encoded)
+    return found
+
+
+def record(state: State[Any]) -> tuple[list[str], list[str]]:
+    """Log messages and artifact bodies of the flow run behind ``state``."""
+    run_id: UUID = state.state_details.flow_run_id  # type: ignore[assignment]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run_id]}))
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
+            artifact_filter=ArtifactFilter(),
+        )
+    return [log.message for log in logs], [str(a.data) for a in artifacts]
+
+
+@dataclass
+class Failure:
+    key: str
+    message: str
+    diagnosis: str  # the markdown artifact: cause, fix, evidence
+    instance: dict[str, Any]
+
+
+def failed_preview(world: World, sha: str = SHA1, pr: int = 7) -> Failure:
+    state = pr_preview(REPO, pr, sha, action="opened", config=world.config, return_state=True)
+    assert state.is_failed(), state.message
+    _, artifacts = record(state)
+    diagnosis = next((body for body in artifacts if body.startswith("## Diagnosis")), "")
+    keys = [sig.key for sig in SIGNATURES if f"**Cause:** {sig.cause}" in diagnosis]
+    [instance] = [i for i in live(world.aws) if tags(i).get("PR") == str(pr)]
+    return Failure(keys[0] if keys else "", str(state.message), diagnosis, instance)
+
+
+def assert_left_on_short_ttl(failure: Failure, config: PreviewConfig) -> None:
+    expires = parse_time(tags(failure.instance)["shutdown-at"])
+    launched = failure.instance["LaunchTime"]
+    assert expires is not None
+    assert (expires - launched).total_seconds() <= config.failure_ttl_hours * 3600 + 120
+
+
+def app_version(
+    tmp_path: Path, name: str, *, replace: dict[str, tuple[str, str]] | None = None
+) -> str:
+    """A copy of the sample app's v1 with files edited: a broken build of the app."""
+    target = tmp_path / name
+    shutil.copytree(PROJECT / SAMPLE_APP / "v1", target)
+    for relative, (old, new) in (replace or {}).items():
+        path = target / relative
+        text = path.read_text()
+        assert old in text, f"{relative} has no {old!r}"
+        path.write_text(text.replace(old, new))
+    target.chmod(0o755)
+    return str(target)
+
+
+def push_source(world: World, sha: str, source: str) -> None:
+    config = image_config(sample_app_command(), source=source, env=[f"GIT_SHA={sha}"])
+    world.registry.push(REPO, sha, private=True, config=config)
+
+
+# --- the healthy path, for real -----------------------------------------------------------
+
+
+def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instance(
+    world: World,
+) -> None:
+    opened = pr_preview(REPO, 42, SHA1, action="opened", config=world.config, return_state=True)
+    first = opened.result()
+    assert (first.status, first.path) == ("ready", "launched"), opened.message
+    assert first.probe.startswith("/healthz → 200")
+    with port_forwarding(world.runtime, first.instance_id) as url:
+        page = httpx.get(url, timeout=10).text
+        assert SHA1 in page and "v1" in page
+        assert httpx.get(f"{url}docs", timeout=10).status_code == 200
+    pushed = pr_preview(
+        REPO, 42, SHA2, action="synchronize", config=world.config, return_state=True
+    )
+    second = pushed.result()
+    assert (second.status, second.path, second.instance_id) == (
+        "ready",
+        "in-place",
+        first.instance_id,
+    )
+    with port_forwarding(world.runtime, first.instance_id) as url:
+        page = httpx.get(url, timeout=10).text
+        assert SHA2 in page and "v2" in page and "visits" in page
+    # v2's migration really ran against the db-server.
+    assert database_tables(world) == "alembic_version notes visits"
+    assert instance_processes(first.instance_id)
+    pr_teardown(REPO, 42, config=world.config)
+    assert not live(world.aws)
+    assert not instance_processes(first.instance_id)
+
+
+def database_tables(world: World) -> str:
+    return world.postgres.execute(
+        "select string_agg(tablename, ' ' order by tablename) from pg_tables"
+        " where schemaname = 'public'",
+        database=world.role,
+    ).strip()
+
+
+# --- §7, row by row ------------------------------------------------------------------------
+
+
+def test_an_unencoded_password_in_database_url(world: World) -> None:
+    """`invalid integer value ... for connection option "port"`: the password's symbols.
+
+    Preflight reads the parameter and refuses before anything is launched; an instance that
+    has such a URL anyway (its app.env edited by hand) fails to migrate with the driver's own
+    error, and the diagnosis names the row."""
+    world.set_database_url(world.raw_url)
+    refused = pr_preview(REPO, 6, SHA1, action="opened", config=world.config, return_state=True)
+    assert refused.is_failed()
+    assert "URL-encode the password" in str(refused.message)
+    assert not live(world.aws)
+
+    world.set_database_url(world.database_url)
+    ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
+    instance_id = ready.result().instance_id
+    edit = run_command(
+        world.aws.ssm,
+        instance_id,
+        [
+            f"printf 'DATABASE_URL=%s\\n' {shlex.quote(world.raw_url)}"
+            f" > {shlex.quote(world.config.app_dir)}/app.env"
+        ],
+        timeout_seconds=30,
+        poll_seconds=0.2,
+    )
+    assert edit.ok, edit
+    with pytest.raises(MigrationFailed) as failed:
+        run_migrations(world.aws.ssm, instance_id, world.config, timeout_seconds=5)
+    assert "invalid literal for int() with base 10" in str(failed.value)
+    diagnosis = diagnose_instance(world.aws.ssm, instance_id, world.config, error=failed.value)
+    assert diagnosis.key == "database-url-encoding", diagnosis.markdown()
+    assert "URL-encode the password" in diagnosis.fix
+    assert PASSWORD not in diagnosis.markdown()  # the secret is masked in the evidence
+
+
+def test_a_database_that_refuses_connections(world: World) -> None:
+    """Nothing listens where DATABASE_URL points: the driver's real refusal."""
+    world.set_database_url(world.database_url.replace(f":{DB_PORT}/", ":5439/"))
+    failure = failed_preview(world)
+    assert failure.key == "db-refused", failure.diagnosis
+    assert "Connect call failed" in failure.diagnosis or "refused" in failure.diagnosis
+    assert_left_on_short_ttl(failure, world.config)
+
+
+def test_a_wrong_ghcr_token(world: World) -> None:
+    """GHCR `unauthorized`: the registry's real 401, before launch and on an instance.
+
+    check-image uses the same token as the instance, so a wrong one stops the run before
+    anything is launched; an instance whose token is revoked under it (rotated while the
+    preview runs) fails to pull, and the diagnosis names the row."""
+    wrong = "ghp_wrongToken000000000000000000000000"
+    world.set_ghcr_token(wrong)
+    refused = pr_preview(REPO, 6, SHA1, action="opened", config=world.config, return_state=True)
+    assert refused.is_failed()
+    assert "(HTTP 401)" in str(refused.message) and "read:packages" in str(refused.message)
+    assert not live(world.aws)
+
+    world.set_ghcr_token(CANARY_GHCR_TOKEN)
+    ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
+    instance_id = ready.result().instance_id
+    world.registry.users["octo-org"] = "ghp_rotatedToken00000000000000000000000"  # revoked
+    compose = shlex.quote(f"{world.config.app_dir}/docker-compose.yml")
+    pull = run_command(
+        world.aws.ssm,
+        instance_id,
+        [f"docker compose -f {compose} pull api"],
+        timeout_seconds=60,
+        poll_seconds=0.2,
+    )
+    assert not pull.ok
+    assert ": unauthorized" in pull.output
+    diagnosis = diagnose_instance(world.aws.ssm, instance_id, world.config, error=pull.output)
+    assert diagnosis.key == "ghcr-unauthorized", diagnosis.markdown()
+    assert "read:packages" in diagnosis.cause
+
+
+def test_a_migration_that_fails(world: World, tmp_path: Path) -> None:
+    """A revision whose SQL the database rejects: alembic's real error, the run fails at
+    migrate and the instance stays for a look."""
+    broken = app_version(
+        tmp_path,
+        "broken-migration",
+        replace={
+            "migrations/versions/0001_notes.py": (
+                "op.create_table(",
+                'op.execute("ALTER TABLE no_such_table ADD COLUMN x int")\n    op.create_table(',
+            )
+        },
+    )
+    push_source(world, SHA1, broken)
+    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_SOURCES": str(tmp_path)}})
+    failure = failed_preview(world)
+    assert failure.key == "migration-failed", failure.diagnosis
+    assert "no_such_table" in failure.message + failure.diagnosis
+    assert 'relation "no_such_table" does not exist' in failure.message + failure.diagnosis
+    assert_left_on_short_ttl(failure, world.config)
+
+
+def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
+    """The container exits at once: the diagnosis quotes the real traceback."""
+    crashing = app_version(
+        tmp_path,
+        "crashing-app",
+        replace={
+            "hello_api/main.py": ("from fastapi", "import hello_api.missing_module\nfrom fastapi")
+        },
+    )
+    push_source(world, SHA1, crashing)
+    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_SOURCES": str(tmp_path)}})
+    world.config.migration_command = "true"
+    failure = failed_preview(world)
+    assert failure.key == "app-not-listening", failure.diagnosis
+    assert "ModuleNotFoundError: No module named 'hello_api.missing_module'" in failure.diagnosis
+    assert_left_on_short_ttl(failure, world.config)
+
+
+def test_the_compose_plugin_missing_and_its_download_failing(world: World) -> None:
+    """`No match for argument: docker-compose-plugin`: AL2023 has no package, and the release
+    download cannot reach GitHub from this instance."""
+    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_NO_COMPOSE": "1"}, "pr": 7})
+    failure = failed_preview(world)
+    assert failure.key == "compose-plugin-missing", failure.diagnosis
+    assert "No match for argument: docker-compose-plugin" in failure.diagnosis
+    assert "bootstrap failed at step: compose" in failure.diagnosis
+    assert_left_on_short_ttl(failure, world.config)
+
+
+def test_docker_missing_and_user_data_failing_at_a_named_step(world: World) -> None:
+    """`sh: docker: command not found` and `cloud-init ... scripts-user failed`: the package
+    repository is out of reach, `dnf install docker` fails, the user data stops at its
+    docker step, and the instance has no docker unit."""
+    world.runtime.apply({"env": {"PR_PREVIEW_DNF_OFFLINE": "1"}, "pr": 7})
+    failure = failed_preview(world)
+    assert failure.key == "docker-missing", failure.diagnosis
+    assert "docker: command not found" in failure.diagnosis
+    assert "bootstrap failed at step: docker" in failure.diagnosis
+    assert "Failed to download metadata for repo 'amazonlinux'" in failure.diagnosis
+    assert "Failed to run module scripts-user" in failure.diagnosis
+    assert_left_on_short_ttl(failure, world.config)
+
+
+def test_an_image_tag_that_was_never_pushed(world: World) -> None:
+    """The build has not pushed `:<sha>`: the registry's real `manifest unknown`, and no
+    instance is launched for an image that does not exist."""
+    missing = "c" * 40
+    world.config.image_wait_seconds = 0
+    state = pr_preview(REPO, 8, missing, action="opened", config=world.config, return_state=True)
+    assert state.is_failed()
+    assert missing in str(state.message)
+    assert "image" in str(state.message).lower()
+    assert not live(world.aws)
