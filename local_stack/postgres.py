@@ -283,6 +283,21 @@ def _run(command: list[str], run_as: str | None, stdin: str | None = None) -> No
         raise PostgresError(f"{name} exited with {done.returncode}: {done.stderr.strip()}")
 
 
+def prepare_host() -> None:
+    """Do now, on the host, what starting a server as root needs to write outside its data
+    dir: the system user and ``o+x`` on the way to the binaries. A local instance sees the
+    host read-only, so its ephemeral database cannot do it there."""
+    run_as = _server_user()
+    if run_as is None:
+        return
+    target = bin_dir().resolve()
+    for directory in (target, *target.parents):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            logger.info("granting o+x on %s so %s can reach %s", directory, run_as, target)
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 def _server_user() -> str | None:
     """The system user postgres runs as: ourselves (None) unless we are root."""
     if os.geteuid() != 0:

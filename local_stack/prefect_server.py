@@ -89,6 +89,22 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+class RetryBusy(httpx.HTTPTransport):
+    """429, 502 and 503 mean "busy" (SQLite locked under a push storm): wait and ask again,
+    as Prefect's client does (PREFECT_CLIENT_MAX_RETRIES)."""
+
+    BUSY = frozenset({429, 502, 503})
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(6):
+            response = super().handle_request(request)
+            if response.status_code not in self.BUSY or attempt == 5:
+                return response
+            response.close()
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+
 @dataclass
 class PrefectStack:
     home: Path
@@ -141,7 +157,8 @@ class PrefectStack:
         return worker
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, timeout=30)
+        """An API client that retries what a busy server answers (as Prefect's own does)."""
+        return httpx.Client(base_url=self.api_url, timeout=30, transport=RetryBusy())
 
     def set_variable(self, name: str, value: Any) -> None:
         with self.client() as http:

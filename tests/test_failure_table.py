@@ -46,9 +46,9 @@ from tasks.ssm import run_command
 from tasks.tags import parse_time
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
-from tests.test_instance_runtime import instance_processes, port_forwarding
+from tests.test_instance_runtime import instance_processes, port_forwarding, read, wait_for
 
-pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.xdist_group("real")]
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 REPO = "octo-org/app"
 SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
@@ -208,7 +208,32 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     assert instance_processes(first.instance_id)
     pr_teardown(REPO, 42, config=world.config)
     assert not live(world.aws)
-    assert not instance_processes(first.instance_id)
+    wait_for(lambda: not instance_processes(first.instance_id), timeout=10)
+
+
+def test_an_ephemeral_database_lives_and_dies_with_its_preview(world: World) -> None:
+    """`database: ephemeral` (runbook §11): a real PostgreSQL beside the app on the instance,
+    migrated there; closing the PR ends it with the instance, and the db-server is untouched."""
+    world.config.database = "ephemeral"
+    opened = pr_preview(REPO, 43, SHA2, action="opened", config=world.config, return_state=True)
+    result = opened.result()
+    assert result.status == "ready", opened.message
+    instance_id = result.instance_id
+    tables = run_command(
+        world.aws.ssm,
+        instance_id,
+        [f"cd {shlex.quote(world.config.app_dir)}", "docker compose ps -a"],
+        timeout_seconds=60,
+        poll_seconds=0.2,
+    )
+    assert "db-1" in tables.output and "Up " in tables.output, tables.output
+    postgres = [
+        pid for pid in instance_processes(instance_id) if b"postgres" in read(pid, "cmdline")
+    ]
+    assert postgres, "no PostgreSQL among the instance's processes"
+    assert database_tables(world) == ""  # the migrations ran on the instance's own database
+    pr_teardown(REPO, 43, config=world.config)
+    wait_for(lambda: not instance_processes(instance_id), timeout=10)
 
 
 def database_tables(world: World) -> str:

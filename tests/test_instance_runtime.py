@@ -242,19 +242,46 @@ def test_ssm_output_is_cut_like_aws_and_a_command_past_its_timeout_is_timed_out(
     assert timed_out["Status"] == "TimedOut"
 
 
+_NAMESPACES: dict[str, str] = {}
+
+
 def instance_processes(instance_id: str) -> list[int]:
-    """Host PIDs of every process of the instance (they carry its id in their environment)."""
+    """Host PIDs of every process in the instance's PID namespace (containers included, whose
+    environment is their own). The namespace is found through the instance's init, which
+    carries its id, and remembered, so this still answers once the instance is gone."""
+    if instance_id not in _NAMESPACES:
+        host = os.readlink("/proc/self/ns/pid")
+        for pid in pids():
+            try:
+                namespace = os.readlink(f"/proc/{pid}/ns/pid")
+            except OSError:
+                continue
+            tagged = f"PR_PREVIEW_INSTANCE_ID={instance_id}".encode()
+            if namespace != host and tagged in read(pid, "environ").split(b"\0"):
+                _NAMESPACES[instance_id] = namespace
+                break
+        else:
+            return []
+    namespace = _NAMESPACES[instance_id]
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in pids():
         try:
-            environ = (entry / "environ").read_bytes()
+            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                found.append(pid)
         except OSError:
             continue
-        if f"PR_PREVIEW_INSTANCE_ID={instance_id}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
     return found
+
+
+def pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def read(pid: int, name: str) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes()
+    except OSError:
+        return b""
 
 
 def test_terminating_an_instance_ends_every_process_it_had(

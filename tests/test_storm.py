@@ -12,7 +12,8 @@ import pytest
 from tests.support.installation import REPO, Installation
 from tests.support.moto_state import tags
 
-pytestmark = [pytest.mark.storm, pytest.mark.xdist_group("installation")]
+# An installation of its own: the storms and the kill test are the two longest groups.
+pytestmark = [pytest.mark.storm, pytest.mark.xdist_group("installation-storm")]
 
 
 def test_twenty_pushes_in_ten_seconds_leave_one_preview_at_the_newest_sha(

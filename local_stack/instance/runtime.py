@@ -32,6 +32,7 @@ from typing import Any
 
 from local_stack.instance.relay import Bridge, RelayLoop
 from local_stack.instance.sandbox import Sandbox, check_kernel
+from local_stack.postgres import prepare_host
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class InstanceRuntime:
 
     def __post_init__(self) -> None:
         check_kernel()
+        prepare_host()  # an instance's ephemeral PostgreSQL cannot create its user in there
         self.root.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are short (107 bytes): the relays' sockets live in /tmp/prp-*.
         self._sockets = Path(tempfile.mkdtemp(prefix="prp-"))
