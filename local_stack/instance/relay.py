@@ -166,5 +166,16 @@ class RelayLoop:
     def stop(self) -> None:
         for key in list(self._servers):
             self.close(key)
+
+        async def drain() -> None:
+            """End the connections still open, so no task dies pending with the loop."""
+            current = asyncio.current_task()
+            tasks = [task for task in asyncio.all_tasks() if task is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self._run(drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
