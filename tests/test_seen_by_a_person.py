@@ -216,6 +216,7 @@ def test_a_reviewer_sees_the_preview_and_its_run(
                 has=page.get_by_role("link", name=re.compile(rf"^{step}-\w+$"))
             )
             expect(row.locator(".state-badge")).to_have_text("Completed")
+            row.scroll_into_view_if_needed()  # the screenshot shows the rows asserted
         browser.screenshot(page, "4-prefect-task-runs")
 
         # The probe's own page: what it saw.
