@@ -112,9 +112,10 @@ def world(
     push_sample_app(registry, REPO, SHA2, "v2", private=True)
     config.image = f"{registry.host}/{REPO}"
     config.poll_seconds = 0.2
+    # Long enough for a loaded 2-core machine; short, as the broken worlds wait them out.
     config.ready_timeout_seconds = 90
-    config.migrate_timeout_seconds = 90
-    config.probe_timeout_seconds = 30
+    config.migrate_timeout_seconds = 20
+    config.probe_timeout_seconds = 15
     found = World(aws, config, registry, real_instances, database.postgres, encoded, role, raw)
     found.set_database_url(encoded)
     return found

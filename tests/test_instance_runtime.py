@@ -123,18 +123,15 @@ def test_the_host_is_read_only_and_the_scripts_paths_are_the_instances_own(
         aws,
         instance_id,
         "touch /etc/pr-preview-probe 2>&1 || echo etc-refused",
-        f"touch {PROJECT_FILE} 2>&1 || echo project-refused",
+        "touch /usr/share/pr-preview-probe 2>&1 || echo usr-refused",
         f"mkdir -p /srv/app && touch {marker} && echo srv-ok",
         "touch /var/log/x /var/lib/x /run/x && echo state-ok",
     )
     out = answer["StandardOutputContent"]
-    assert "etc-refused" in out and "project-refused" in out
+    assert "etc-refused" in out and "usr-refused" in out
     assert "Read-only file system" in out
     assert "srv-ok" in out and "state-ok" in out
     assert not Path(marker).exists()  # written inside the instance only
-
-
-PROJECT_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def test_each_instance_has_its_own_loopback_and_port_forwarding_reaches_it(
