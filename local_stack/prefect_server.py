@@ -55,6 +55,11 @@ def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
         PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30",
         # A killed run's lock frees within its lease plus this loop (15 s by default).
         PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="5",
+        # Writes nobody here reads, contending for SQLite's one writer during a push storm:
+        # a "database is locked" there lost an automation's run. Runs here are never late
+        # (the worker polls every second) and nothing pauses.
+        PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED="false",
     )
     env.update(extra)
     return env
