@@ -225,7 +225,12 @@ def moto_process(
         assert process.stdout is not None
         line = process.stdout.readline().decode().strip()
         if not line.startswith(READY_PREFIX):
-            raise RuntimeError(f"moto server did not start ({line!r}); see {log}")
+            process.wait(timeout=10)
+            # Its last words say why (e.g. a machine without namespaces: what to enable).
+            last = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"moto server did not start ({line!r}): {' | '.join(last)} (see {log})"
+            )
         yield MotoProcess(line.removeprefix(READY_PREFIX), process, instances_root)
     finally:
         if process.stdin is not None:
