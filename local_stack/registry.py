@@ -66,12 +66,15 @@ def image_config(
     }
 
 
-def sample_app_config(source: str, port: int = SAMPLE_APP_PORT) -> dict[str, Any]:
-    """The image config of one version of the sample app, e.g. ``examples/hello-api/v1``."""
+def sample_app_config(
+    source: str, port: int = SAMPLE_APP_PORT, env: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The image config of one version of the sample app, e.g. ``examples/hello-api/v1``;
+    ``env`` is what its build baked in (``GIT_SHA=...``)."""
     return image_config(
         sample_app_command(port),
         source=source,
-        env=["PYTHONUNBUFFERED=1"],
+        env=["PYTHONUNBUFFERED=1", *env],
         labels={"org.opencontainers.image.title": "hello-api"},
     )
 
@@ -187,10 +190,11 @@ class FakeRegistry:
         private: bool = False,
         after_polls: int = 0,
         port: int = SAMPLE_APP_PORT,
+        env: Sequence[str] = (),
     ) -> str:
         """Publish one version of the sample app: ``source`` is its tree relative to the
         project dir (``examples/hello-api/v1``), which the local engine runs with uvicorn."""
-        config = sample_app_config(source, port)
+        config = sample_app_config(source, port, env)
         return self.push(name, tag, private=private, after_polls=after_polls, config=config)
 
     def create(self, name: str, *, private: bool = False) -> None:

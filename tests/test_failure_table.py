@@ -37,7 +37,7 @@ from local_stack.instance.world import (
     push_sample_app,
 )
 from local_stack.postgres import Postgres
-from local_stack.registry import FakeRegistry, image_config, sample_app_command
+from local_stack.registry import FakeRegistry
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.diagnose import SIGNATURES, diagnose_instance
@@ -174,8 +174,7 @@ def app_version(
 
 
 def push_source(world: World, sha: str, source: str) -> None:
-    config = image_config(sample_app_command(), source=source, env=[f"GIT_SHA={sha}"])
-    world.registry.push(REPO, sha, private=True, config=config)
+    world.registry.push_app(REPO, sha, source, private=True, env=[f"GIT_SHA={sha}"])
 
 
 # --- the healthy path, for real -----------------------------------------------------------

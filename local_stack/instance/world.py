@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from local_stack.postgres import Postgres, postgres_server
-from local_stack.registry import FakeRegistry, image_config, sample_app_command
+from local_stack.registry import FakeRegistry
 
 DB_SERVER_IP = "172.31.39.125"
 DB_PORT = 5432
@@ -45,13 +45,5 @@ def push_sample_app(
     registry: FakeRegistry, name: str, sha: str, version: str, *, private: bool = False
 ) -> str:
     """Publish ``name:sha`` as version ``version`` (``v1``, ``v2``) of the sample app."""
-    config = image_config(
-        sample_app_command(),
-        source=f"{SAMPLE_APP}/{version}",
-        env=["PYTHONUNBUFFERED=1", f"GIT_SHA={sha}", f"APP_VERSION={version}"],
-        labels={
-            "org.opencontainers.image.title": "hello-api",
-            "org.opencontainers.image.revision": sha,
-        },
-    )
-    return registry.push(name, sha, private=private, config=config)
+    env = [f"GIT_SHA={sha}", f"APP_VERSION={version}"]
+    return registry.push_app(name, sha, f"{SAMPLE_APP}/{version}", private=private, env=env)
