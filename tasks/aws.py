@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+from botocore.loaders import Loader, create_loader
 
 from tasks.config import PreviewConfig
 
@@ -17,6 +19,16 @@ if TYPE_CHECKING:
 
 # Retries belong to the Prefect tasks (one retry layer per call), so botocore makes one attempt.
 SINGLE_ATTEMPT = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+
+
+@cache
+def service_models() -> Loader:
+    """One loader of botocore's service models for every session of the process.
+
+    Each new session otherwise parses EC2's multi-megabyte JSON model again: most of the CPU
+    of building a run's clients. The models are read-only data, so sharing them is safe.
+    """
+    return create_loader()
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ def build_clients(config: PreviewConfig) -> AwsClients:
         params = credentials.aws_client_parameters.get_params_override()
     else:
         session = boto3.session.Session()
+    session._session.register_component("data_loader", service_models())
     botocore_config = SINGLE_ATTEMPT
     if isinstance(params.get("config"), Config):
         botocore_config = params.pop("config").merge(SINGLE_ATTEMPT)

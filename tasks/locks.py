@@ -19,13 +19,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import TypeVar
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from tasks.prefect_context import run_logger
 
@@ -35,6 +37,12 @@ FLEET_LOCK = "pr-preview:fleet"
 RENEWALS_PER_LEASE = 4
 RENEWAL_ATTEMPTS = 3
 LOCKED = 423
+BUSY = 503
+# How long one lock call waits out a busy server before it gives up.
+BUSY_PATIENCE_SECONDS = 30.0
+BUSY_RETRY_AFTER = "0.05"
+
+T = TypeVar("T")
 
 
 class LockLost(RuntimeError):
@@ -53,24 +61,60 @@ def pr_lock_name(repo: str, pr_number: int) -> str:
     return f"pr-preview:{repo.replace('/', ':')}:{pr_number}"
 
 
+def _busy(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code == BUSY
+    return isinstance(exc, httpx.TransportError)
+
+
+def _ask_again_soon(response: httpx.Response) -> None:
+    """httpx response hook: a 503 without Retry-After gets a short one."""
+    if response.status_code == BUSY and "Retry-After" not in response.headers:
+        response.headers["Retry-After"] = BUSY_RETRY_AFTER
+
+
+def api_call(call: Callable[[SyncPrefectClient], T]) -> T:
+    """One Prefect API call of the lock protocol; a busy server is asked again within
+    a tenth of a second.
+
+    On SQLite the server answers 503 whenever another connection commits between a lock
+    call's read and its write ("database is locked": the limit's own events do it), and
+    Prefect's client would wait 2 s, then 4 s, before asking again — on nearly every acquire
+    and delete. Its client honours Retry-After, so the answer gets a short one; past the
+    client's own attempts, a busy server is asked again for ``BUSY_PATIENCE_SECONDS``.
+    """
+    hooks = {"event_hooks": {"response": [_ask_again_soon]}}
+    for attempt in Retrying(
+        stop=stop_after_delay(BUSY_PATIENCE_SECONDS),
+        wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2),
+        retry=retry_if_exception(_busy),
+        reraise=True,
+    ):
+        with attempt, get_client(httpx_settings=hooks, sync_client=True) as client:
+            return call(client)
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
 def ensure_lock(name: str) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        with suppress(ObjectAlreadyExists):  # another run created it in between
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    try:
+        api_call(lambda client: client.read_global_concurrency_limit_by_name(name))
+        return
+    except ObjectNotFound:
+        pass
+    with suppress(ObjectAlreadyExists):  # another run created it in between
+        api_call(
+            lambda client: client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1)
+            )
+        )
 
 
 def delete_lock(name: str) -> bool:
     """Remove a lock nobody needs any more (a closed PR's); False when it was already gone."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.delete_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            return False
+    try:
+        api_call(lambda client: client.delete_global_concurrency_limit_by_name(name))
+    except ObjectNotFound:
+        return False
     return True
 
 
@@ -146,41 +190,39 @@ def _acquire(name: str, lease_seconds: float, timeout_seconds: float | None) -> 
     """Wait for the slot (423 Locked while another run holds it) and take its lease."""
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     holder = _holder()
-    with get_client(sync_client=True) as client:
-        while True:
-            try:
-                response = client.increment_concurrency_slots_with_lease(
+    while True:
+        try:
+            response = api_call(
+                lambda client: client.increment_concurrency_slots_with_lease(
                     names=[name],
                     slots=1,
                     mode="concurrency",
                     lease_duration=lease_seconds,
                     holder=holder,
                 )
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != LOCKED:
-                    raise
-                wait = float(exc.response.headers.get("Retry-After") or 1.0)
-                if deadline is not None and time.monotonic() + wait > deadline:
-                    raise LockTimeout(
-                        f"lock {name} was not free within {timeout_seconds:g} s"
-                    ) from exc
-                time.sleep(min(max(wait, 0.2), 2.0))
-                continue
-            body = response.json()
-            if not body.get("limits"):  # deleted between ensure_lock and here (a teardown)
-                ensure_lock(name)
-                continue
-            return UUID(str(body["lease_id"]))
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != LOCKED:
+                raise
+            wait = float(exc.response.headers.get("Retry-After") or 1.0)
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise LockTimeout(f"lock {name} was not free within {timeout_seconds:g} s") from exc
+            time.sleep(min(max(wait, 0.2), 2.0))
+            continue
+        body = response.json()
+        if not body.get("limits"):  # deleted between ensure_lock and here (a teardown)
+            ensure_lock(name)
+            continue
+        return UUID(str(body["lease_id"]))
 
 
 def _renew(lease_id: UUID, lease_seconds: float) -> None:
-    with get_client(sync_client=True) as client:
-        client.renew_concurrency_lease(lease_id, lease_seconds)
+    api_call(lambda client: client.renew_concurrency_lease(lease_id, lease_seconds))
 
 
 def _release(lease_id: UUID) -> None:
-    with get_client(sync_client=True) as client, suppress(ObjectNotFound):
-        client.release_concurrency_slots_with_lease(lease_id)
+    with suppress(ObjectNotFound):
+        api_call(lambda client: client.release_concurrency_slots_with_lease(lease_id))
 
 
 @contextmanager

@@ -7,10 +7,14 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
+from prefect.server.api.server import SERVER_API_VERSION
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from local_stack.serve import serve_handler
 from tasks.locks import HeldLock, LockTimeout, delete_lock, hold
 
 
@@ -72,3 +76,33 @@ def test_deleting_a_lock_removes_the_limit_and_a_later_hold_creates_it_again() -
     assert delete_lock(name) is False
     with hold(name, lease_seconds=60, timeout_seconds=5):
         pass
+
+
+def test_a_busy_server_is_asked_again_with_a_short_retry_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite's "database is locked" reaches the lock calls as 503: each one is asked again
+    after the Retry-After the lock client gives it (not Prefect's 2 s, 4 s, … backoff), and
+    past the Prefect client's own attempts for up to BUSY_PATIENCE_SECONDS."""
+    seen: list[str] = []
+    busy_answers = 8  # more than the Prefect client's own six attempts
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/csrf-token"):  # a server without CSRF protection
+            return httpx.Response(404)
+        if request.method == "GET":  # the client's version check
+            return httpx.Response(200, json=SERVER_API_VERSION)
+        seen.append(f"{request.method} {request.url.path}")
+        if len(seen) <= busy_answers:
+            return httpx.Response(503, json={"exception_message": "Service Unavailable"})
+        return httpx.Response(204)
+
+    waits: list[float] = []
+    monkeypatch.setattr("prefect.client.base.time.sleep", waits.append)
+    monkeypatch.setattr("tasks.locks.time.sleep", waits.append)
+    with serve_handler(server) as url, temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+        assert delete_lock("pr-preview:o:r:9") is True
+    assert seen == ["DELETE /api/v2/concurrency_limits/pr-preview:o:r:9"] * (busy_answers + 1)
+    prefect_waits = [w for w in waits if w < 0.1]
+    assert len(prefect_waits) >= busy_answers - 2, waits
+    assert max(waits) < 2.0, waits
