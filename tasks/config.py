@@ -123,6 +123,12 @@ class PreviewConfig(BaseModel):
     poll_seconds: float = Field(5.0, gt=0)
     terminate_timeout_seconds: float = Field(600.0, gt=0)
     ready_timeout_seconds: float = Field(600.0, gt=0)
+    app_down_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="wait-ready gives up once the app's container has been down (exited or"
+        " restarting) this long with its port closed: an app that crashes on start.",
+    )
     migrate_timeout_seconds: float = Field(300.0, gt=0)
     probe_timeout_seconds: float = Field(120.0, gt=0)
     image_wait_seconds: float = Field(1200.0, ge=0)

@@ -92,6 +92,22 @@ def port_check(port: int, host: str = "127.0.0.1") -> list[str]:
     ]
 
 
+APP_STATE_PREFIX = "APP STATE "
+
+
+def app_state_check(app_dir: str, service: str) -> list[str]:
+    """``APP STATE <state> <exit code>`` of the app's container as compose reports it
+    (running, restarting, exited, created, …), or ``APP STATE unknown`` without one."""
+    compose = shlex.quote(f"{app_dir}/docker-compose.yml")
+    return [
+        "state=$(docker compose -f "
+        f"{compose} ps -a --format '{{{{.State}}}} {{{{.ExitCode}}}}' {shlex.quote(service)}"
+        " 2>/dev/null) || state=''",
+        "state=${state%%$'\\n'*}",
+        f'echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
+    ]
+
+
 def timer_minutes(hours: float) -> int:
     """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
     return max(1, round(hours * 60))

@@ -5,7 +5,10 @@
    ``DescribeInstanceInformation``, and a command that succeeds is the stronger proof anyway).
 3. ``bootstrap``: the user data wrote ``bootstrap-done``; ``bootstrap-failed`` fails at once
    with the step it names.
-4. ``app-port``: something accepts connections on the app port (``/dev/tcp``, no nc needed).
+4. ``app-port``: something accepts connections on the app port (``/dev/tcp``, no nc needed);
+   while it does not, compose says what the app's container is doing, and a container down
+   (exited, restarting) for ``app_down_seconds`` ends the wait: an app that crashes on start
+   will not open its port by waiting for it.
 
 Each stage has its own timeout and the whole wait is bounded by ``ready_timeout_seconds``;
 a timeout names its stage, so the failure message and the diagnosis start in the right place.
@@ -25,7 +28,14 @@ from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, FAILED_PREFIX, port_check
+from tasks.on_instance import (
+    AGENT_PING,
+    APP_STATE_PREFIX,
+    BOOTSTRAP_CHECK,
+    FAILED_PREFIX,
+    app_state_check,
+    port_check,
+)
 from tasks.prefect_context import run_logger
 from tasks.retry import error_code
 from tasks.ssm import CommandResult, CommandTimeout, poll_wait, run_command
@@ -68,6 +78,24 @@ class BootstrapFailed(ReadyError):
     def __init__(self, step: str) -> None:
         self.step = step
         super().__init__(STAGE_BOOTSTRAP, f"{FAILED_PREFIX}{step}", step)
+
+
+class AppDown(ReadyError):
+    """The app's container stayed down (exited or restarting) with its port closed."""
+
+    def __init__(self, state: str, seconds: float, port: int) -> None:
+        self.state = state
+        message = (
+            f"the app's container has been {state} for {seconds:.0f}s and nothing accepts"
+            f" connections on 127.0.0.1:{port}: the app exits on start (its logs are in the"
+            " diagnosis)"
+        )
+        super().__init__(STAGE_APP_PORT, message, state)
+
+
+# What compose calls a container that is not serving and not about to: a crash-looping
+# container with a restart policy shows "restarting", one without "exited".
+DOWN_STATES = frozenset({"exited", "dead", "restarting"})
 
 
 class InstanceNotRunning(ReadyError):
@@ -297,14 +325,39 @@ def wait_until_ready(
     stage_start = time.monotonic()
     limit = budget(STAGE_APP_PORT)
 
+    down_since: float | None = None
+
+    def container_state() -> str | None:
+        """``exited 1``, ``restarting 1``, ``running 0``…, or None when compose cannot say."""
+        try:
+            result = command(app_state_check(config.app_dir, config.app_service), limit, "app")
+        except CommandTimeout:
+            return None
+        for line in result.stdout.splitlines():
+            if line.startswith(APP_STATE_PREFIX):
+                state = line.removeprefix(APP_STATE_PREFIX).strip()
+                return None if state == "unknown" else state
+        return None
+
     def app_port() -> tuple[bool, str]:
+        nonlocal down_since
         try:
             result = command(port_check(config.app_port), limit, "app port")
         except CommandTimeout as exc:
             return False, str(exc)
         if result.ok:
             return True, ""
-        return False, f"nothing accepts connections on 127.0.0.1:{config.app_port}"
+        closed = f"nothing accepts connections on 127.0.0.1:{config.app_port}"
+        state = container_state()
+        if state is None or state.split()[0] not in DOWN_STATES:
+            down_since = None
+            return False, closed
+        now = time.monotonic()
+        down_since = now if down_since is None else down_since
+        if now - down_since >= config.app_down_seconds:
+            shown = f"{state.split()[0]} (exit code {state.split()[-1]})"
+            raise AppDown(shown, now - down_since, config.app_port)
+        return False, f"{closed}; the app's container is {state.split()[0]}"
 
     polls = _poll(STAGE_APP_PORT, app_port, timeout_seconds=limit, poll_seconds=poll)
     results.append(StageResult(STAGE_APP_PORT, time.monotonic() - stage_start, polls))

@@ -449,11 +449,15 @@ def test_ps_and_logs_show_the_real_process_and_its_log(engine: Engine, ghcr: Fak
     answer(port)
     compose = ["compose", "-f", str(engine.app_dir / "docker-compose.yml")]  # as diagnose asks
 
+    state = [*compose, "ps", "-a", "--format", "{{.State}} {{.ExitCode}}", "api"]
     running = engine.ok(*compose, "ps", "-a")
+    running_state = engine.ok(*state)
     logs = engine.ok(*compose, "logs", "--no-color", "--tail=200", "api")
     os.kill(engine.records()["app-api-1"]["pid"], signal.SIGKILL)
     time.sleep(0.5)
     exited = engine.ok(*compose, "ps", "-a")
+    exited_state = engine.ok(*state)
+    as_json = json.loads(engine.ok(*compose, "ps", "-a", "--format", "json", "api"))
     only_running = engine.ok(*compose, "ps")
 
     header, row = running.splitlines()
@@ -463,6 +467,8 @@ def test_ps_and_logs_show_the_real_process_and_its_log(engine: Engine, ghcr: Fak
     assert f"app-api-1  | INFO:     Uvicorn running on http://127.0.0.1:{port}" in logs
     assert "app-api-1  | INFO:     127.0.0.1:" in logs and '"GET / HTTP/1.1" 200' in logs
     assert "Exited (137)" in exited.splitlines()[1]
+    assert (running_state, exited_state) == ("running 0\n", "exited 137\n")
+    assert as_json["Service"] == "api" and as_json["State"] == "exited"
     assert len(only_running.splitlines()) == 1
     diagnosis = {s.key for s in SIGNATURES if s.pattern.search(exited)}
     assert "app-not-listening" in diagnosis

@@ -116,6 +116,7 @@ def world(
     config.ready_timeout_seconds = 90
     config.migrate_timeout_seconds = 20
     config.probe_timeout_seconds = 15
+    config.app_down_seconds = 3
     found = World(aws, config, registry, real_instances, database.postgres, encoded, role, raw)
     found.set_database_url(encoded)
     return found
@@ -359,6 +360,7 @@ def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
     world.config.migration_command = "true"
     failure = failed_preview(world)
     assert failure.key == "app-not-listening", failure.diagnosis
+    assert "the app's container has been exited (exit code 1)" in failure.message
     assert "ModuleNotFoundError: No module named 'hello_api.missing_module'" in failure.diagnosis
     assert_left_on_short_ttl(failure, world.config)
 

@@ -21,7 +21,7 @@ from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
 from tasks.launch import LaunchSpec, render_user_data
 from tasks.migrate import migrate_commands
-from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, port_check
+from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, app_state_check, port_check
 from tasks.probe import probe_command
 from tasks.update import deploy_commands, health_commands, ttl_commands
 
@@ -144,6 +144,7 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
         "wait-ready-agent": [AGENT_PING],
         "wait-ready-bootstrap": list(BOOTSTRAP_CHECK),
         "wait-ready-app-port": port_check(config.app_port),
+        "wait-ready-app-state": app_state_check(config.app_dir, config.app_service),
         "migrate": migrate_commands(config),
         "update-health": health_commands(config),
         "update-deploy": deploy_commands(config, SPEC.repo, f"{config.image_for(SPEC.repo)}:1a2b"),

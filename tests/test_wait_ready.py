@@ -11,6 +11,7 @@ from tasks.config import PreviewConfig
 from tasks.on_instance import port_check
 from tasks.wait_ready import (
     STAGES,
+    AppDown,
     BootstrapFailed,
     InstanceNotRunning,
     ReadyTimeout,
@@ -25,6 +26,7 @@ from tests.support.ssm import (
     PORT_CHECK,
     PORT_CLOSED,
     PORT_OPEN,
+    Reply,
     ScriptedInstances,
     after_calls,
     bootstrap_failed,
@@ -32,6 +34,7 @@ from tests.support.ssm import (
 )
 
 SHORT = 0.15
+APP_STATE = r"APP STATE"
 
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
@@ -184,6 +187,44 @@ def test_closed_app_port_times_out_in_the_port_stage(
 
     assert raised.value.stage == "app-port"
     assert "127.0.0.1:8000" in str(raised.value)
+
+
+@pytest.mark.parametrize("state", ["exited 1", "restarting 1"])
+def test_an_app_container_that_stays_down_ends_the_wait_without_the_timeout(
+    aws: AwsClients,
+    config: PreviewConfig,
+    scripted_ssm: ScriptedInstances,
+    instance: str,
+    state: str,
+):
+    scripted_ssm.on(PORT_CHECK, PORT_CLOSED)
+    scripted_ssm.on(APP_STATE, Reply(stdout=f"APP STATE {state}\n"))
+    quick = config.model_copy(update={"app_down_seconds": SHORT, "ready_timeout_seconds": 30})
+
+    with pytest.raises(AppDown) as raised:
+        wait_until_ready(aws.ec2, aws.ssm, instance, quick)
+
+    assert raised.value.stage == "app-port"
+    assert f"has been {state.split()[0]} (exit code 1)" in str(raised.value)
+    assert scripted_ssm.count(PORT_CHECK, instance) >= 2
+
+
+def test_a_container_that_comes_back_up_is_waited_for(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """Down once (the database was not up yet), then running and listening: ready."""
+    scripted_ssm.on(PORT_CHECK, PORT_CLOSED, PORT_CLOSED, PORT_CLOSED, PORT_OPEN)
+    scripted_ssm.on(
+        APP_STATE,
+        Reply(stdout="APP STATE restarting 1\n"),
+        Reply(stdout="APP STATE running 0\n"),
+    )
+    patient = config.model_copy(update={"app_down_seconds": 30.0})
+
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, patient)
+
+    assert result.stages[-1].stage == "app-port"
+    assert result.stages[-1].polls == 4
 
 
 def test_the_overall_ready_timeout_bounds_every_stage(

@@ -1862,8 +1862,15 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def compose_ps(settings: Settings, store: Store, project: Project, args: Sequence[str]) -> int:
-    flags = {"-a": Flag("all"), "--all": Flag("all"), "-q": Flag("quiet"), "--quiet": Flag("quiet")}
+    flags = {
+        "-a": Flag("all"),
+        "--all": Flag("all"),
+        "-q": Flag("quiet"),
+        "--quiet": Flag("quiet"),
+        "--format": Flag("format", True),
+    }
     values, selected = parse_flags(args, flags, "docker compose ps", usage_exit=1)
+    template = (values.get("format") or [None])[-1]
     rows = [["NAME", "IMAGE", "COMMAND", "SERVICE", "CREATED", "STATUS", "PORTS"]]
     for container in store.containers(project.name):
         if selected and container.service not in selected:
@@ -1885,6 +1892,19 @@ def compose_ps(settings: Settings, store: Store, project: Project, args: Sequenc
         else:
             status = f"Exited ({code}) {human_duration(since(finished))} ago"
             ports = ""
+        if template is not None:
+            summary = {
+                "ID": container.record["id"],
+                "Name": container.name,
+                "Image": str(container.record.get("image", "")),
+                "Service": container.service,
+                "State": state,
+                "Status": status,
+                "ExitCode": code or 0,
+                "Publishers": ports,
+            }
+            print(render_format(template, summary))
+            continue
         rows.append(
             [
                 container.name,
@@ -1896,9 +1916,29 @@ def compose_ps(settings: Settings, store: Store, project: Project, args: Sequenc
                 ports,
             ]
         )
-    if not values.get("quiet"):
+    if not values.get("quiet") and template is None:
         print(table(rows))
     return 0
+
+
+def render_format(template: str, summary: Mapping[str, Any]) -> str:
+    """``--format``: ``json`` (one object per line, compose v2.21+) or a Go template made of
+    ``{{.Field}}`` references and plain text; any other template is refused as compose would
+    fail to parse it."""
+    if template == "json":
+        return json.dumps(dict(summary), separators=(",", ":"))
+
+    def field(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in summary:
+            raise EngineError(
+                f'template: :1:2: executing "" at <.{name}>: can\'t evaluate field {name}', 1
+            )
+        return str(summary[name])
+
+    if re.sub(r"\{\{\s*\.(\w+)\s*\}\}", "", template).count("{{"):
+        raise EngineError(f"template: :1: unsupported template {template!r}", 1)
+    return re.sub(r"\{\{\s*\.(\w+)\s*\}\}", field, template)
 
 
 def compose_logs(settings: Settings, store: Store, project: Project, args: Sequence[str]) -> int:
