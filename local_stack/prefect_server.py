@@ -227,7 +227,7 @@ def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[Pre
         [
             sys.executable,
             "-m",
-            "prefect",
+            "local_stack.sqlite_server",
             "server",
             "start",
             "--host",
