@@ -74,6 +74,30 @@ class PreviewConfig(BaseModel):
         default_factory=lambda: ["amazon"], description="Owners searched for ami_name."
     )
     instance_type: str = Field("t3.small", min_length=1)
+    ami_strategy: Literal["stock", "baked"] = Field(
+        "stock",
+        description="stock: the AMI of ami_id/ami_name; baked: the newest image the"
+        " pr-preview-bake flow made (Docker, Compose and base layers on it), stock when none.",
+    )
+    baked_images_kept: int = Field(
+        2, ge=1, le=20, description="Baked images kept; older ones are deregistered."
+    )
+    warm_spares: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="Running, bootstrapped instances serving no PR that a new PR claims"
+        " instead of waiting for a launch (0: every new PR launches).",
+    )
+    spare_ttl_hours: float = Field(
+        24.0, gt=0, le=24 * 14, description="A spare's shutdown-at: it is rotated after this."
+    )
+    price_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="USD per instance-hour for the cost shown on PRs; the price table of"
+        " tasks/cost.py for instance_type when unset.",
+    )
     subnet_id: str | None = Field(
         None, pattern=r"^subnet-[0-9a-f]+$", description="Subnet; default subnet when unset."
     )

@@ -12,6 +12,11 @@ TAG_SHUTDOWN_AT = "shutdown-at"
 TAG_UPDATED_AT = "updated-at"
 TAG_NAME = "Name"
 TAG_KEEP = "pr-preview:keep"
+# A warm spare: running and bootstrapped, serving no PR (no Repo/PR/Sha until claimed).
+TAG_SPARE = "pr-preview:spare"
+# A baked image: the stock AMI it was built from and when.
+TAG_SOURCE_AMI = "pr-preview:source-ami"
+TAG_CREATED_AT = "created-at"
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS

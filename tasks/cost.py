@@ -1,0 +1,52 @@
+"""What a preview costs: instance-hours at the instance type's on-demand price.
+
+The table holds Linux on-demand prices in USD per hour for the instance types a preview is
+likely to use, in the regions the runbook and the AWS default use. Prices change: a team
+sets ``price_per_hour`` in the configuration to override the table (a Savings Plan, another
+region, another type), and the table says where its numbers come from.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from tasks.config import PreviewConfig
+
+PRICE_SOURCE = (
+    "AWS EC2 On-Demand pricing, Linux, shared tenancy (aws.amazon.com/ec2/pricing/on-demand),"
+    " as listed in 2025"
+)
+# (region, instance type) → USD per instance-hour.
+HOURLY_PRICES: dict[tuple[str, str], float] = {
+    ("ap-northeast-1", "t3.micro"): 0.0136,
+    ("ap-northeast-1", "t3.small"): 0.0272,
+    ("ap-northeast-1", "t3.medium"): 0.0544,
+    ("ap-northeast-1", "t3.large"): 0.1088,
+    ("ap-northeast-1", "t3.xlarge"): 0.2176,
+    ("us-east-1", "t3.micro"): 0.0104,
+    ("us-east-1", "t3.small"): 0.0208,
+    ("us-east-1", "t3.medium"): 0.0416,
+    ("us-east-1", "t3.large"): 0.0832,
+    ("us-east-1", "t3.xlarge"): 0.1664,
+}
+# EBS snapshot storage (standard tier), USD per GB-month: what a baked AMI costs while kept.
+SNAPSHOT_GB_MONTH = 0.05
+SNAPSHOT_SOURCE = "AWS EBS pricing, snapshots, standard tier (aws.amazon.com/ebs/pricing)"
+HOURS_PER_MONTH = 730  # AWS's own monthly convention
+
+
+def hourly_price(config: PreviewConfig) -> float | None:
+    """USD per hour of one preview instance, or None when neither the config nor the table
+    knows ``instance_type`` in ``region``."""
+    if config.price_per_hour is not None:
+        return config.price_per_hour
+    return HOURLY_PRICES.get((config.region, config.instance_type))
+
+
+def cost_between(price: float, start: datetime, end: datetime) -> float:
+    """USD for one instance running from ``start`` to ``end`` (per-second billing)."""
+    return max(0.0, (end - start).total_seconds()) / 3600 * price
+
+
+def format_usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.4f}"
