@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
+from tasks.cost import PreviewCost, format_usd
 from tasks.github import GitHub, GitHubError
 from tasks.masking import mask_secrets
 from tasks.prefect_context import run_logger
@@ -67,6 +68,7 @@ class CommentState:
     diagnosis: str | None = None
     flow_run_url: str | None = None
     detail: str | None = None
+    cost: PreviewCost | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,16 @@ def _expires(value: datetime | str | None) -> str | None:
     return format_time(value) if isinstance(value, datetime) else str(value)
 
 
+def cost_line(cost: PreviewCost) -> str:
+    """``Cost so far $0.03 · at expiry $0.65 (t3.small at $0.0272/h)``, or why it is unknown."""
+    if cost.so_far is None:
+        return f"Cost unknown ({cost.price_label})"
+    line = f"Cost so far {format_usd(cost.so_far)}"
+    if cost.at_expiry is not None:
+        line += f" · at expiry {format_usd(cost.at_expiry)}"
+    return f"{line} ({cost.price_label})"
+
+
 def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> str:
     """The Markdown body for ``status``, marker first, secrets masked."""
     state = PreviewState(status.state)
@@ -121,6 +133,8 @@ def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> 
         lines += ["| | |", "| --- | --- |"]
         lines += [f"| {name} | {value} |" for name, value in rows]
         lines.append("")
+    if status.cost and state in (PreviewState.READY, PreviewState.UPDATED):
+        lines += [cost_line(status.cost), ""]
 
     live = state in (PreviewState.READY, PreviewState.UPDATED, PreviewState.LAUNCHING)
     if live and status.instance_id and status.region:

@@ -8,7 +8,8 @@ region, another type), and the table says where its numbers come from.
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from tasks.config import PreviewConfig
 
@@ -50,3 +51,63 @@ def cost_between(price: float, start: datetime, end: datetime) -> float:
 
 def format_usd(amount: float) -> str:
     return f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.4f}"
+
+
+def format_price(price: float) -> str:
+    return f"${price:.4f}/h"
+
+
+def missing_price(instance_type: str, region: str) -> str:
+    return f"no price for {instance_type} in {region}; set price_per_hour"
+
+
+@dataclass(frozen=True)
+class PreviewCost:
+    """What one preview instance has cost by some moment, and what it will have cost when its
+    ``shutdown-at`` comes. Amounts are None when the price is unknown (``at_expiry`` also
+    without a ``shutdown-at``)."""
+
+    instance_type: str
+    region: str
+    price: float | None
+    overridden: bool
+    so_far: float | None
+    at_expiry: float | None
+
+    @property
+    def price_label(self) -> str:
+        """``t3.small at $0.0272/h``, or where the price is missing and what to set."""
+        if self.price is None:
+            return missing_price(self.instance_type, self.region)
+        label = f"{self.instance_type} at {format_price(self.price)}"
+        return f"{label} from price_per_hour" if self.overridden else label
+
+
+def preview_cost(
+    config: PreviewConfig, launched_at: datetime, expires_at: datetime | None, now: datetime
+) -> PreviewCost:
+    """The cost of a preview launched at ``launched_at`` (EC2's LaunchTime), as of ``now``.
+
+    A preview still running past its ``shutdown-at`` costs until it is gone: its cost at expiry
+    is never less than its cost so far.
+    """
+    price = hourly_price(config)
+    launched_at, now = _utc(launched_at), _utc(now)
+    so_far = at_expiry = None
+    if price is not None:
+        so_far = cost_between(price, launched_at, now)
+        if expires_at is not None:
+            at_expiry = cost_between(price, launched_at, max(_utc(expires_at), now))
+    return PreviewCost(
+        instance_type=config.instance_type,
+        region=config.region,
+        price=price,
+        overridden=config.price_per_hour is not None,
+        so_far=so_far,
+        at_expiry=at_expiry,
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    """EC2 and the tags speak UTC; a naive moment is read as UTC rather than refused."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from tasks.comment import CommentState, PreviewState, post_comment
 from tasks.config import PreviewConfig
+from tasks.cost import preview_cost
 from tasks.github import DeploymentState, GitHub, report_deployment
 from tasks.step import step
 
@@ -38,6 +40,10 @@ def deployment_status(
     )
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass
 class PullRequestReport:
     """Tells the pull request each state of the run, in one comment and one deployment."""
@@ -50,6 +56,7 @@ class PullRequestReport:
     run_url: str | None
     secrets: list[str] = field(default_factory=list, repr=False)
     deployment_id: int | None = None
+    clock: Callable[[], datetime] = field(default=_now, repr=False)
 
     def tell(
         self,
@@ -59,8 +66,16 @@ class PullRequestReport:
         expires_at: datetime | None = None,
         diagnosis: str | None = None,
         detail: str | None = None,
+        launched_at: datetime | None = None,
     ) -> str:
-        """Post the comment for ``state`` (a Prefect artifact without a token); return it."""
+        """Post the comment for ``state`` (a Prefect artifact without a token); return it.
+
+        ``launched_at`` (the instance's EC2 LaunchTime) lets a ready or updated comment say what
+        the preview has cost so far and will cost by ``expires_at``.
+        """
+        cost = None
+        if launched_at is not None:
+            cost = preview_cost(self.config, launched_at, expires_at, self.clock())
         comment = post_comment(
             self.github,
             CommentState(
@@ -75,6 +90,7 @@ class PullRequestReport:
                 diagnosis=diagnosis,
                 flow_run_url=self.run_url,
                 detail=detail,
+                cost=cost,
             ),
             secrets=self.secrets,
         )

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -17,8 +18,9 @@ from deployments import cli
 from local_stack.account import DemoAccount
 from tasks.aws import AwsClients
 from tasks.config import ENV_PREFIX, PreviewConfig
+from tasks.cost import HOURLY_PRICES, PRICE_SOURCE
 from tasks.launch import LaunchSpec, launch_instance
-from tasks.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time
+from tasks.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time, parse_time
 from tasks.tunnel import tunnel_command
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import state_of
@@ -83,9 +85,16 @@ def launch(
     *,
     sha: str = SHA,
     expires_in: timedelta = timedelta(hours=24),
+    launched_ago: timedelta = timedelta(0),
 ) -> str:
-    """A preview tagged as the flows tag it, its ``shutdown-at`` ``expires_in`` from now."""
-    instance = launch_instance(aws.ec2, config, LaunchSpec(repo, pr, sha), ami_id=ami).instance_id
+    """A preview tagged as the flows tag it, its ``shutdown-at`` ``expires_in`` from now; moto
+    gives it a LaunchTime ``launched_ago`` before now."""
+    import moto.ec2.models.instances as moto_instances
+
+    launched = (datetime.now(UTC) - launched_ago).replace(tzinfo=None)
+    with mock.patch.object(moto_instances, "utcnow", lambda: launched):
+        spec = LaunchSpec(repo, pr, sha)
+        instance = launch_instance(aws.ec2, config, spec, ami_id=ami).instance_id
     shutdown_at = format_time(datetime.now(UTC) + expires_in)
     aws.ec2.create_tags(Resources=[instance], Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": shutdown_at}])
     return instance
@@ -256,6 +265,55 @@ def test_tunnel_starts_the_session_with_the_aws_cli_on_path(
 # --- list -----------------------------------------------------------------------------------
 
 
+LIST_COLUMNS = (
+    "PR",
+    "REPO",
+    "SHA",
+    "INSTANCE",
+    "STATE",
+    "LAUNCHED",
+    "EXPIRES IN",
+    "COST SO FAR",
+    "AT EXPIRY",
+)
+
+
+def list_rows(out: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The table of ``pr-preview list`` as one dict per row, and the lines after it."""
+    table, footer = out.split("\n\n")
+    header, *rows = table.splitlines()
+    starts = [header.index(name) for name in LIST_COLUMNS]
+    assert starts == sorted(starts) and header.split() == " ".join(LIST_COLUMNS).split()
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    cells = [
+        {
+            name: row[start:end].strip()
+            for name, (start, end) in zip(LIST_COLUMNS, bounds, strict=True)
+        }
+        for row in rows
+    ]
+    return cells, footer.splitlines()
+
+
+def expected_costs(aws: AwsClients, instance_id: str, now: datetime) -> tuple[float, float | None]:
+    """USD so far and at expiry of ``instance_id`` from what moto holds: its LaunchTime, its
+    type and its ``shutdown-at`` tag."""
+    [reservation] = aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    instance = reservation["Instances"][0]
+    price = HOURLY_PRICES[(REGION, instance["InstanceType"])]
+    launched = instance["LaunchTime"]
+    tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+    shutdown_at = parse_time(tags.get(TAG_SHUTDOWN_AT))
+    so_far = (now - launched).total_seconds() / 3600 * price
+    if shutdown_at is None:
+        return so_far, None
+    return so_far, (max(shutdown_at, now) - launched).total_seconds() / 3600 * price
+
+
+def usd(amount: float | None) -> str:
+    return "-" if amount is None else f"${amount:.2f}"
+
+
 def test_list_shows_the_previews_sorted_by_pr(
     aws: AwsClients, config: PreviewConfig, ami: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -268,18 +326,27 @@ def test_list_shows_the_previews_sorted_by_pr(
     code, out, _ = run(capsys, "list", "--repo", repo)
 
     assert code == 0
-    header, *rows = out.splitlines()
-    assert header.split() == ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES", "IN"]
-    assert rows[0].split()[:5] == ["#3", repo, "0123abc", three, "running"]
-    assert rows[0].endswith(("expired 6h00m ago", "expired 5h59m ago"))
-    assert rows[1].split()[:5] == ["#12", repo, "feedfac", twelve, "running"]
-    assert rows[1].split()[-1] in ("23h59m", "1d00h")
+    rows, footer = list_rows(out)
+    first, second = ({k: row[k] for k in LIST_COLUMNS[:5]} for row in rows)
+    assert list(first.values()) == ["#3", repo, "0123abc", three, "running"]
+    assert rows[0]["EXPIRES IN"] in ("expired 6h00m ago", "expired 5h59m ago")
+    assert list(second.values()) == ["#12", repo, "feedfac", twelve, "running"]
+    assert rows[1]["EXPIRES IN"] in ("23h59m", "1d00h")
     assert gone not in out
-    assert rows[-1] == f"2 previews in {REGION} (Purpose=pr-preview-singleton, Repo={repo})."
+    assert footer[0] == f"2 previews in {REGION} (Purpose=pr-preview-singleton, Repo={repo})."
 
     code, out, _ = run(capsys, "list", "--repo", repo, "--all-states")
-    assert [row.split()[:5] for row in out.splitlines() if gone in row] == [
-        ["#7", repo, "0123abc", gone, "terminated"]
+    [terminated] = [row for row in list_rows(out)[0] if row["INSTANCE"] == gone]
+    assert [terminated[k] for k in LIST_COLUMNS] == [
+        "#7",
+        repo,
+        "0123abc",
+        gone,
+        "terminated",
+        terminated["LAUNCHED"],
+        "-",
+        "-",
+        "-",
     ]
 
     code, out, _ = run(capsys, "list", "--repo", "octo-org/nothing-here")
@@ -287,6 +354,76 @@ def test_list_shows_the_previews_sorted_by_pr(
         0,
         f"No previews in {REGION} (Purpose=pr-preview-singleton, Repo=octo-org/nothing-here).\n",
     )
+
+
+def test_list_shows_each_previews_cost_and_the_total(
+    aws: AwsClients, config: PreviewConfig, ami: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = "octo-org/costly"
+    hours = timedelta(hours=1)
+    fresh = launch(aws, config, ami, repo, 1, launched_ago=5 * hours, expires_in=19 * hours)
+    overdue = launch(aws, config, ami, repo, 2, launched_ago=30 * hours, expires_in=-6 * hours)
+    undated = launch(aws, config, ami, repo, 3, launched_ago=3 * hours)
+    aws.ec2.delete_tags(Resources=[undated], Tags=[{"Key": TAG_SHUTDOWN_AT}])
+    stopped = launch(aws, config, ami, repo, 4, launched_ago=hours)
+    aws.ec2.stop_instances(InstanceIds=[stopped])
+
+    code, out, _ = run(capsys, "list", "--repo", repo)
+    now = datetime.now(UTC)
+
+    assert code == 0
+    rows, footer = list_rows(out)
+    shown = {row["INSTANCE"]: (row["COST SO FAR"], row["AT EXPIRY"]) for row in rows}
+    costs = {i: expected_costs(aws, i, now) for i in (fresh, overdue, undated)}
+    expected = {i: (usd(so_far), usd(at_expiry)) for i, (so_far, at_expiry) in costs.items()}
+    assert shown == {**expected, stopped: ("-", "-")}
+    # 5 h of 24, 30 h past its shutdown-at, 3 h with no end: t3.small in Tokyo at $0.0272/h
+    assert expected == {
+        fresh: ("$0.14", "$0.65"),
+        overdue: ("$0.82", "$0.82"),
+        undated: ("$0.08", "-"),
+    }
+    so_far = usd(sum(cost[0] for cost in costs.values()))
+    at_expiry = usd(sum(cost[1] or 0.0 for cost in costs.values()))
+    assert (so_far, at_expiry) == ("$1.03", "$1.47")  # of the unrounded costs
+    assert footer == [
+        f"4 previews in {REGION} (Purpose=pr-preview-singleton, Repo={repo}).",
+        f"Total cost so far {so_far} · at expiry {at_expiry} (without the 1 with no shutdown-at).",
+        f"Priced as t3.small in {REGION} at $0.0272/h: {PRICE_SOURCE};"
+        " price_per_hour overrides it.",
+    ]
+
+
+def test_list_prices_by_price_per_hour_or_says_the_price_is_unknown(
+    aws: AwsClients,
+    config: PreviewConfig,
+    ami: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    repo = "octo-org/priced"
+    launch(aws, config, ami, repo, 1, launched_ago=timedelta(hours=2))
+
+    monkeypatch.setenv(f"{ENV_PREFIX}PRICE_PER_HOUR", "0.5")
+    code, out, _ = run(capsys, "list", "--repo", repo)
+    assert code == 0
+    [row], footer = list_rows(out)
+    assert (row["COST SO FAR"], row["AT EXPIRY"]) == ("$1.00", "$13.00")  # 2 h, then 26 h
+    assert footer[1:] == [
+        "Total cost so far $1.00 · at expiry $13.00.",
+        "Priced at $0.5000/h (price_per_hour).",
+    ]
+
+    repo = "octo-org/unpriced"
+    unpriced = config.model_copy(update={"instance_type": "c7i.large"})
+    launch(aws, unpriced, ami, repo, 1, launched_ago=timedelta(hours=2))
+    monkeypatch.delenv(f"{ENV_PREFIX}PRICE_PER_HOUR")
+    monkeypatch.setenv(f"{ENV_PREFIX}INSTANCE_TYPE", "c7i.large")
+    code, out, _ = run(capsys, "list", "--repo", repo)
+    assert code == 0
+    [row], footer = list_rows(out)
+    assert (row["COST SO FAR"], row["AT EXPIRY"]) == ("?", "?")
+    assert footer[1:] == [f"Cost unknown: no price for c7i.large in {REGION}; set price_per_hour."]
 
 
 # --- logs -----------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from tasks.aws import AwsClients
 from tasks.comment import (
     CommentResult,
     CommentState,
@@ -17,7 +20,12 @@ from tasks.comment import (
     render_comment,
     upsert_comment,
 )
+from tasks.config import PreviewConfig
+from tasks.cost import HOURLY_PRICES, preview_cost
 from tasks.github import GitHub
+from tasks.launch import LaunchSpec, launch_instance
+from tasks.report import PullRequestReport
+from tasks.tags import TAG_SHUTDOWN_AT, format_time, parse_time
 from tests.fakes.github import FakeGitHub
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_DB_PASSWORD, CANARY_GHCR_TOKEN
 
@@ -209,3 +217,119 @@ def test_token_without_permission_falls_back_to_the_artifact(
     assert result.action == "skipped"
     assert fake.comment_bodies(REPO, 42) == []
     assert "🧹" in _artifact_markdown("pr-42-comment")
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+LAUNCHED = datetime(2026, 11, 28, 15, 0, tzinfo=UTC)
+
+
+def test_ready_comment_shows_cost_so_far_and_at_expiry() -> None:
+    cost = preview_cost(
+        PreviewConfig(),
+        LAUNCHED,
+        expires_at=LAUNCHED + timedelta(hours=24),
+        now=LAUNCHED + timedelta(hours=2, minutes=30),
+    )
+    body = render_comment(status(PreviewState.READY, cost=cost))
+    line = "Cost so far $0.07 · at expiry $0.65 (t3.small at $0.0272/h)"
+    assert (
+        f"| Expires at | 2026-11-29T15:00:00Z (the instance terminates itself) |\n\n{line}\n"
+        in body
+    )
+
+
+def test_cost_is_told_only_while_the_preview_serves() -> None:
+    cost = preview_cost(PreviewConfig(), LAUNCHED, None, LAUNCHED + timedelta(hours=1))
+    updated = render_comment(status(PreviewState.UPDATED, cost=cost))
+    assert "\nCost so far $0.03 (t3.small at $0.0272/h)\n" in updated
+    for state in (PreviewState.LAUNCHING, PreviewState.FAILED, PreviewState.TORN_DOWN):
+        assert "Cost" not in render_comment(status(state, cost=cost))
+
+
+def test_unknown_price_points_at_price_per_hour() -> None:
+    config = PreviewConfig(region="eu-west-1", instance_type="t3.nano")
+    cost = preview_cost(config, LAUNCHED, LAUNCHED + timedelta(hours=24), LAUNCHED)
+    body = render_comment(status(PreviewState.READY, cost=cost))
+    assert "\nCost unknown (no price for t3.nano in eu-west-1; set price_per_hour)\n" in body
+    assert "$" not in body
+
+
+@contextmanager
+def moto_clock(monkeypatch: pytest.MonkeyPatch, moment: datetime) -> Iterator[None]:
+    """Instances run inside this block get ``moment`` as their LaunchTime in moto."""
+    import moto.ec2.models.instances as moto_instances
+
+    with monkeypatch.context() as patch:
+        patch.setattr(moto_instances, "utcnow", lambda: moment.replace(tzinfo=None))
+        yield
+
+
+def launched_preview(
+    aws: AwsClients, config: PreviewConfig, shutdown_at: datetime
+) -> dict[str, Any]:
+    """A preview on moto, confirmed until ``shutdown_at``: what moto holds of it."""
+    images = aws.ec2.describe_images(
+        Owners=["amazon"], Filters=[{"Name": "name", "Values": ["al2023-ami-2023*-x86_64"]}]
+    )["Images"]
+    spec = LaunchSpec(REPO, 42, SHA)
+    result = launch_instance(aws.ec2, config, spec, ami_id=images[0]["ImageId"])
+    aws.ec2.create_tags(
+        Resources=[result.instance_id],
+        Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
+    )
+    [reservation] = aws.ec2.describe_instances(InstanceIds=[result.instance_id])["Reservations"]
+    instance: dict[str, Any] = reservation["Instances"][0]
+    return instance
+
+
+@pytest.mark.parametrize("state", [PreviewState.READY, PreviewState.UPDATED])
+def test_tell_prices_the_instance_from_its_launch_time_on_moto(
+    state: PreviewState,
+    aws: AwsClients,
+    config: PreviewConfig,
+    fake: FakeGitHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    with moto_clock(monkeypatch, now - timedelta(hours=3)):
+        instance = launched_preview(aws, config, now + timedelta(hours=21))
+    launched = instance["LaunchTime"]
+    shutdown_at = parse_time({t["Key"]: t["Value"] for t in instance["Tags"]}[TAG_SHUTDOWN_AT])
+    assert shutdown_at is not None
+    price = HOURLY_PRICES[(config.region, instance["InstanceType"])]
+    so_far = (now - launched).total_seconds() / 3600 * price
+    at_expiry = (shutdown_at - launched).total_seconds() / 3600 * price
+    assert (round(so_far, 2), round(at_expiry, 2)) == (0.08, 0.65)  # 3 h and 24 h of t3.small
+
+    report = PullRequestReport(github(fake), config, REPO, 42, SHA, None, clock=lambda: now)
+    body = report.tell(
+        state, instance_id=instance["InstanceId"], expires_at=shutdown_at, launched_at=launched
+    )
+
+    line = (
+        f"Cost so far ${so_far:.2f} · at expiry ${at_expiry:.2f}"
+        f" ({instance['InstanceType']} at ${price:.4f}/h)"
+    )
+    assert f"\n{line}\n" in body
+    assert fake.comment_bodies(REPO, 42) == [body]
+
+
+def test_tell_says_the_price_is_unknown_for_a_type_missing_from_the_table(
+    aws: AwsClients, config: PreviewConfig, fake: FakeGitHub
+) -> None:
+    unpriced = config.model_copy(update={"instance_type": "c7i.large"})
+    now = datetime.now(UTC)
+    instance = launched_preview(aws, unpriced, now + timedelta(hours=24))
+    assert instance["InstanceType"] == "c7i.large"
+
+    report = PullRequestReport(github(fake), unpriced, REPO, 42, SHA, run_url=None)
+    body = report.tell(
+        PreviewState.READY,
+        instance_id=instance["InstanceId"],
+        expires_at=now + timedelta(hours=24),
+        launched_at=instance["LaunchTime"],
+    )
+
+    assert f"Cost unknown (no price for c7i.large in {config.region}; set price_per_hour)" in body
+    assert fake.comment_bodies(REPO, 42) == [body]

@@ -1,4 +1,4 @@
-"""``pr-preview list``: the previews, their PR, sha, instance, state, age and time left."""
+"""``pr-preview list``: the previews, their PR, sha, instance, state, age, time left and cost."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from typing import TYPE_CHECKING
 from deployments.cli.common import _clients, _config, _duration, _scope, _short, _table
 
 if TYPE_CHECKING:
+    from tasks.config import PreviewConfig
+    from tasks.cost import PreviewCost
     from tasks.instances import Preview
 
 ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
+# Billed by the instance-hour from LaunchTime on; a stopped or gone instance is not.
+BILLED_STATES = ("pending", "running")
 
 
 def _expires(preview: Preview, now: datetime) -> str:
@@ -25,7 +29,43 @@ def _expires(preview: Preview, now: datetime) -> str:
     return f"{text} (keep)" if preview.keep else text
 
 
+def _cost_cells(cost: PreviewCost | None) -> list[str]:
+    """COST SO FAR and AT EXPIRY: ``?`` for an unknown price, ``-`` where nothing applies."""
+    from tasks.cost import format_usd
+
+    if cost is None:
+        return ["-", "-"]
+    if cost.so_far is None:
+        return ["?", "?"]
+    at_expiry = format_usd(cost.at_expiry) if cost.at_expiry is not None else "-"
+    return [format_usd(cost.so_far), at_expiry]
+
+
+def _cost_lines(config: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
+    """The total of the billed previews' costs and the price it rests on."""
+    from tasks.cost import PRICE_SOURCE, format_price, format_usd, hourly_price, missing_price
+
+    price = hourly_price(config)
+    if price is None:
+        return [f"Cost unknown: {missing_price(config.instance_type, config.region)}."]
+    so_far = sum(cost.so_far or 0.0 for cost in costs)
+    at_expiry = sum(cost.at_expiry or 0.0 for cost in costs)
+    total = f"Total cost so far {format_usd(so_far)} · at expiry {format_usd(at_expiry)}"
+    undated = sum(cost.at_expiry is None for cost in costs)
+    if undated:
+        total += f" (without the {undated} with no shutdown-at)"
+    if config.price_per_hour is not None:
+        basis = f"Priced at {format_price(price)} (price_per_hour)."
+    else:
+        basis = (
+            f"Priced as {config.instance_type} in {config.region} at {format_price(price)}:"
+            f" {PRICE_SOURCE}; price_per_hour overrides it."
+        )
+    return [f"{total}.", basis]
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    from tasks.cost import preview_cost
     from tasks.instances import find_previews
     from tasks.tags import LIVE_STATES
 
@@ -42,6 +82,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     previews.sort(
         key=lambda p: (p.pr_number is None, p.pr_number or 0, p.repo or "", p.launch_time)
     )
+    costs = {
+        p.instance_id: preview_cost(config, p.launch_time, p.shutdown_at, now)
+        for p in previews
+        if p.state in BILLED_STATES
+    }
     rows = [
         [
             f"#{p.pr_number}" if p.pr_number is not None else "-",
@@ -51,9 +96,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             p.state,
             f"{_duration(now - p.launch_time)} ago",
             _expires(p, now) if p.state in LIVE_STATES else "-",
+            *_cost_cells(costs.get(p.instance_id)),
         ]
         for p in previews
     ]
-    print(_table(["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"], rows))
+    header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"]
+    print(_table([*header, "COST SO FAR", "AT EXPIRY"], rows))
     print(f"\n{len(previews)} preview{'s' if len(previews) != 1 else ''} {where}.")
+    for line in _cost_lines(config, list(costs.values())):
+        print(line)
     return 0
