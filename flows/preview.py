@@ -3,7 +3,7 @@
 0. guards: not allowed, closed, fork, superseded (before anything costs money)
 1. preflight ∥ build-image check             (§2.3, §2.1)
 2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot)
-3. terminate the old instance, make room, launch (§2.4, §3)
+3. terminate the old instance, make room, claim a warm spare or launch (§2.4, §3)
 4. wait-ready → migrate → probe               (§2.4, §2.6)
 5. tell the pull request                      (§2.7)
 A failure after launch diagnoses the instance (§7, §9) and leaves it on the short TTL.
@@ -41,6 +41,7 @@ from tasks.probe import ProbeResult, probe
 from tasks.report import PullRequestReport
 from tasks.run_end import state_hook
 from tasks.secrets import read_secrets
+from tasks.spares import claim
 from tasks.tags import format_time
 from tasks.terminate import NoRoom, terminate, terminate_instance
 from tasks.update import (
@@ -237,21 +238,28 @@ def _deploy(
         else:
             logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
-    # 3. Terminate this PR's old instance, evict beyond max_previews, launch — one at a time.
+    # 3. Terminate this PR's old instance, evict beyond max_previews, then claim a warm spare
+    #    or launch — one fleet change at a time.
+    spec = LaunchSpec(repo, pr_number, sha, requested_at)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
         terminated = terminate(
             clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
         result.replaced = replaced + terminated.instance_ids
-        launched = launch(
-            clients.ec2,
-            settings,
-            LaunchSpec(repo, pr_number, sha, requested_at),
-            ami_id=account.ami_id,
-            subnet_id=account.subnet_id,
-            attempt_key=str(flow_run.get_id() or ""),
-        )
+        claimed = claim(clients, settings, spec, account.ami_id) if settings.warm_spares else None
+        if claimed is None or claimed.instance_id is None:
+            launched = launch(
+                clients.ec2,
+                settings,
+                spec,
+                ami_id=account.ami_id,
+                subnet_id=account.subnet_id,
+                attempt_key=str(flow_run.get_id() or ""),
+            )
+    if claimed is not None and claimed.instance_id is not None:
+        _deploy_on_spare(clients, settings, result, claimed.instance_id)
+        return
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
     result.path = "reused" if launched.reused else "launched"
     if not launched.reused:
@@ -269,6 +277,25 @@ def _deploy(
         wait_ready(clients, settings, launched.instance_id)
         # Optional (runbook §2.5, off by default): the public IP/32 on db-sg before migrating.
         open_db_access(clients.ec2, settings, launched.instance_id)
+        _migrate_and_probe(clients, settings, result)
+    except Exception as exc:
+        with grace():
+            raise _failed_after_launch(clients, settings, result, exc) from exc
+    result.status = "ready"
+
+
+def _deploy_on_spare(
+    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, instance_id: str
+) -> None:
+    """A claimed spare: deployed as a push deploys in place, with a launch's guarantees (the
+    short TTL until ready, the diagnosis on failure). Its replacement is asked for, not
+    waited for."""
+    result.instance_id, result.path = instance_id, "spare"
+    emit_instance_event("spare.claimed", instance_id, result.repo, result.pr_number, sha=result.sha)
+    try:
+        updated = update_in_place(clients, settings, instance_id, result.repo, result.sha)
+        result.shutdown_at = updated.shutdown_at
+        open_db_access(clients.ec2, settings, instance_id)
         _migrate_and_probe(clients, settings, result)
     except Exception as exc:
         with grace():

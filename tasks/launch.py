@@ -122,6 +122,14 @@ def compose_file(config: PreviewConfig) -> str:
     return "\n".join(service)
 
 
+SPARE_STOP = """
+# A warm spare stops here, bootstrapped and serving nothing: the PR that claims it logs in,
+# pulls and starts its image the way a push deploys in place.
+touch "$STATE_DIR/bootstrap-done"
+echo "pr-preview spare ready"
+exit 0"""
+
+
 def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
     """The bootstrap script of runbook §3 for this preview; it holds names, never secrets.
 
@@ -131,6 +139,37 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
     check_inputs(spec.repo, spec.pr_number, spec.sha)
     image = config.image_for(spec.repo)
     q = shlex.quote
+    return _render(
+        config,
+        # A comment line: check_inputs above admits no character that could end it.
+        what=f"{spec.repo}#{spec.pr_number} at {spec.sha}",
+        app_image_line=q(f"APP_IMAGE={image}:{spec.sha}"),
+        image_ref=q(f"{image}:{spec.sha}"),
+        tarball_url=q(f"https://api.github.com/repos/{spec.repo}/tarball/{spec.sha}"),
+        registry=q(image.split("/", 1)[0]),
+        registry_username=q(config.registry_username(spec.repo)),
+        spare_stop="",
+    )
+
+
+def render_spare_user_data(config: PreviewConfig) -> str:
+    """The same bootstrap up to the app, for a warm spare: no repository, no image, no login.
+    The script ends where the spare stops."""
+    script = _render(
+        config,
+        what="warm spare",
+        app_image_line=shlex.quote("APP_IMAGE="),
+        image_ref="",
+        tarball_url="",
+        registry="",
+        registry_username="",
+        spare_stop=SPARE_STOP,
+    )
+    return script[: script.index(SPARE_STOP) + len(SPARE_STOP)] + "\n"
+
+
+def _render(config: PreviewConfig, **values: str) -> str:
+    q = shlex.quote
     if config.database == "external":
         database_env = EXTERNAL_DATABASE_ENV.replace(
             "{{parameter}}", q(config.database_url_parameter)
@@ -138,26 +177,21 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
     else:
         database_env = EPHEMERAL_DATABASE_ENV
     compose_release = "https://github.com/docker/compose/releases/download"
-    values = {
-        # A comment line: check_inputs above admits no character that could end it.
-        "repo": spec.repo,
-        "pr_number": str(spec.pr_number),
-        "sha": spec.sha,
-        "state_dir": q(STATE_DIR),
-        "app_dir": q(config.app_dir),
-        "app_service": q(config.app_service),
-        "shutdown_timer": timer_command(timer_minutes(config.failure_ttl_hours)),
-        "compose_url": q(f"{compose_release}/{config.compose_version}/docker-compose-linux-"),
-        "region": q(config.region),
-        "ghcr_token_parameter": q(config.ghcr_token_parameter),
-        "database_env": database_env,
-        "compose_file": q(compose_file(config)),
-        "app_image_line": q(f"APP_IMAGE={image}:{spec.sha}"),
-        "image_ref": q(f"{image}:{spec.sha}"),
-        "tarball_url": q(f"https://api.github.com/repos/{spec.repo}/tarball/{spec.sha}"),
-        "registry": q(image.split("/", 1)[0]),
-        "registry_username": q(config.registry_username(spec.repo)),
-    }
+    values.update(
+        state_dir=q(STATE_DIR),
+        app_dir=q(config.app_dir),
+        app_service=q(config.app_service),
+        shutdown_timer=timer_command(
+            timer_minutes(
+                config.spare_ttl_hours if values["spare_stop"] else config.failure_ttl_hours
+            )
+        ),
+        compose_url=q(f"{compose_release}/{config.compose_version}/docker-compose-linux-"),
+        region=q(config.region),
+        ghcr_token_parameter=q(config.ghcr_token_parameter),
+        database_env=database_env,
+        compose_file=q(compose_file(config)),
+    )
     template = files("tasks").joinpath("templates/user_data.sh").read_text()
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 

@@ -43,12 +43,15 @@ def capacity_victims(
     Recency is ``updated-at``: when the event behind a preview was received. A request older
     than every preview it would evict gets ``NoRoom`` instead, so when runs finish out of
     order the most recent requests are the ones that stay. Previews tagged
-    ``pr-preview:keep=true`` are pinned by an operator: never evicted, not counted.
+    ``pr-preview:keep=true`` are pinned by an operator: never evicted, not counted; warm
+    spares serve no PR and are not counted either.
     """
     others = [
         preview
         for preview in previews
-        if not preview.keep and (preview.repo, preview.pr_number) != (repo, pr_number)
+        if not preview.keep
+        and not preview.spare
+        and (preview.repo, preview.pr_number) != (repo, pr_number)
     ]
     excess = len(others) - (max_previews - 1)
     if excess <= 0:

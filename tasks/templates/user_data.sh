@@ -1,5 +1,5 @@
 #!/bin/bash
-# pr-preview bootstrap: {{repo}}#{{pr_number}} at {{sha}} (runbook §3).
+# pr-preview bootstrap: {{what}} (runbook §3).
 # No secret is written here: the GHCR token and DATABASE_URL are read from Parameter Store at
 # boot with the instance profile, and only ever land in root-only files. Every value rendered
 # into this script is shell-quoted by tasks/launch.py.
@@ -62,7 +62,7 @@ chmod 600 "$APP_DIR/app.env"
 step=compose-file
 # shellcheck disable=SC2016 # ${APP_IMAGE} in the compose file is compose's to expand, from .env
 printf '%s\n' {{compose_file}} > "$APP_DIR/docker-compose.yml"
-echo {{app_image_line}} > "$APP_DIR/.env"
+echo {{app_image_line}} > "$APP_DIR/.env"{{spare_stop}}
 
 step=ghcr-login
 printf '%s\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin

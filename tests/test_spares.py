@@ -1,0 +1,230 @@
+"""Warm spares (issue 15): launched and bootstrapped ahead, claimed once by a new PR under the
+fleet lock, replenished and rotated by pr-spares, bounded by the sweeper, never capacity.
+
+The flows run for real on a Prefect test server, AWS is moto, the instances are scripted
+(what a shell cannot give here: a spare's Docker that stops answering).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import flows.preview
+from flows.preview import PreviewResult, pr_preview
+from flows.spares import pr_spares
+from local_stack.registry import FakeRegistry
+from local_stack.scripted_instance import Reply, ScriptedInstances
+from tasks.aws import AwsClients
+from tasks.config import PreviewConfig
+from tasks.launch import LaunchSpec
+from tasks.run_instances import resolve_ami
+from tasks.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spares
+from tasks.sweep import sweep
+from tasks.tags import TAG_PR, TAG_REPO, TAG_SHUTDOWN_AT, TAG_SPARE, parse_time
+from tests.support import CANARIES, CANARY_GHCR_TOKEN
+from tests.support.moto_state import live, state_of, tags, user_data
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+REPO = "octo-org/app"
+SHA = "5" * 40
+SPARE_CHECK = r"echo spare-ready"
+SLACK = timedelta(minutes=5)
+
+
+@pytest.fixture(autouse=True)
+def world(config: PreviewConfig, registry: FakeRegistry, scripted_ssm: ScriptedInstances) -> None:
+    config.image = f"{registry.host}/octo-org/app"
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    registry.push("octo-org/app", SHA, private=True)
+    scripted_ssm.healthy()
+    scripted_ssm.on(SPARE_CHECK, Reply(stdout="spare-ready\n"))
+
+
+def current_ami(aws: AwsClients, config: PreviewConfig) -> str:
+    return str(resolve_ami(aws.ec2, config)["ImageId"])
+
+
+def make_spares(aws: AwsClients, config: PreviewConfig, count: int) -> list[str]:
+    config.warm_spares = count
+    made = replenish_spares(
+        aws.ec2, config, ami_id=current_ami(aws, config), subnet_id=config.subnet_id
+    )
+    return made.launched
+
+
+def live_by_id(aws: AwsClients) -> dict[str, dict[str, str]]:
+    return {instance["InstanceId"]: tags(instance) for instance in live(aws)}
+
+
+def test_ten_prs_opened_at_once_claim_each_of_two_spares_exactly_once(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    spares = make_spares(aws, config, 2)
+    config.max_previews = 20
+
+    def open_pr(number: int) -> PreviewResult:
+        state = pr_preview(REPO, number, SHA, action="opened", config=config, return_state=True)
+        result = state.result()
+        assert isinstance(result, PreviewResult)
+        return result
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(open_pr, range(100, 110)))
+
+    assert {result.status for result in results} == {"ready"}
+    assert Counter(result.path for result in results) == {"spare": 2, "launched": 8}
+    claimed = [str(result.instance_id) for result in results if result.path == "spare"]
+    assert sorted(claimed) == sorted(spares)  # each spare once, no spare twice
+    now = live_by_id(aws)
+    by_pr = Counter(tag.get(TAG_PR) for tag in now.values())
+    assert by_pr == Counter(str(number) for number in range(100, 110))  # one preview each
+    for instance_id in spares:
+        assert now[instance_id][TAG_SPARE] == CLAIMED
+        assert now[instance_id][TAG_REPO] == REPO
+        # Ready: the claimed spare got the full TTL like a launched preview.
+        expires = parse_time(now[instance_id][TAG_SHUTDOWN_AT])
+        assert expires is not None
+        assert expires > datetime.now(UTC) + timedelta(hours=config.ttl_hours) - SLACK
+
+
+def test_pr_spares_fills_keeps_rotates_on_a_new_ami_and_scales_to_zero(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    config.warm_spares = 2
+    first = pr_spares(config=config)
+    assert len(first.launched) == 2 and not first.rotated
+    spares = find_spares(aws.ec2, config)
+    assert sorted(spare.instance_id for spare in spares) == sorted(first.launched)
+    for spare in spares:
+        assert TAG_PR not in spare.tags and TAG_REPO not in spare.tags
+        assert spare.tags[TAG_SPARE] == SPARE
+        expires = parse_time(spare.tags[TAG_SHUTDOWN_AT])
+        assert expires is not None
+        assert abs(expires - (spare.launch_time + timedelta(hours=config.spare_ttl_hours))) < SLACK
+        script = user_data(aws, spare.instance_id)
+        assert "pr-preview spare ready" in script and "docker compose pull" not in script
+        assert not [canary for canary in CANARIES if canary in script]
+
+    again = pr_spares(config=config)
+    assert sorted(again.kept) == sorted(first.launched) and not again.launched
+
+    # A new AMI (a bake, or AL2023's next release): every spare of the old one is rotated.
+    old_ami = current_ami(aws, config)
+    builder = aws.ec2.run_instances(ImageId=old_ami, MinCount=1, MaxCount=1)["Instances"][0]
+    new_ami = aws.ec2.create_image(InstanceId=builder["InstanceId"], Name="al2023-next")["ImageId"]
+    aws.ec2.terminate_instances(InstanceIds=[builder["InstanceId"]])
+    config.ami_id = new_ami
+    rotated = pr_spares(config=config)
+    assert sorted(rotated.rotated) == sorted(first.launched)
+    assert {state_of(aws, iid) for iid in first.launched} <= {"shutting-down", "terminated"}
+    assert {spare.image_id for spare in find_spares(aws.ec2, config)} == {new_ami} != {old_ami}
+    assert len(find_spares(aws.ec2, config)) == 2
+
+    config.warm_spares = 0
+    emptied = pr_spares(config=config)
+    assert len(emptied.rotated) == 2 and not find_spares(aws.ec2, config)
+
+
+def test_a_broken_spare_is_terminated_and_a_booting_one_left_alone(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    broken, booting = make_spares(aws, config, 2)
+    scripted_ssm.on(
+        SPARE_CHECK, Reply(stdout="docker does not answer\n", exit_code=1), instance_id=broken
+    )
+    scripted_ssm.on(
+        SPARE_CHECK, Reply(stdout="bootstrap not done yet\n", exit_code=3), instance_id=booting
+    )
+
+    found = claim_spare(
+        aws.ec2,
+        aws.ssm,
+        config,
+        LaunchSpec(REPO, 7, SHA),
+        ami_id=current_ami(aws, config),
+    )
+
+    assert found.instance_id is None
+    assert found.terminated == {broken: "docker does not answer"}
+    assert found.skipped == {booting: "bootstrap not done yet"}
+    assert state_of(aws, broken) in ("shutting-down", "terminated")
+    assert state_of(aws, booting) == "running"
+    assert TAG_PR not in live_by_id(aws)[booting]
+
+
+def test_a_new_pr_with_only_broken_spares_launches_and_tells_the_log(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    [broken] = make_spares(aws, config, 1)
+    scripted_ssm.on(
+        SPARE_CHECK, Reply(stdout="bootstrap failed\n", exit_code=2), instance_id=broken
+    )
+
+    result = pr_preview(REPO, 8, SHA, action="opened", config=config)
+
+    assert result.status == "ready" and result.path == "launched"
+    assert result.instance_id != broken
+    assert state_of(aws, broken) in ("shutting-down", "terminated")
+
+
+def test_spares_are_never_counted_against_max_previews(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    spares = make_spares(aws, config, 2)
+    config.warm_spares = 0  # this run does not claim: the spares are only bystanders
+    config.max_previews = 1
+
+    result = pr_preview(REPO, 9, SHA, action="opened", config=config)
+
+    assert result.status == "ready" and result.path == "launched"
+    assert not result.replaced
+    assert set(spares) <= set(live_by_id(aws))
+
+
+def test_the_sweeper_bounds_spares_by_their_own_ttl(aws: AwsClients, config: PreviewConfig) -> None:
+    spares = make_spares(aws, config, 2)
+    now = datetime.now(UTC)
+
+    before = sweep(aws.ec2, config, now=now, dry_run=True)
+    after = sweep(
+        aws.ec2, config, now=now + timedelta(hours=config.spare_ttl_hours, minutes=1), dry_run=True
+    )
+
+    assert not [d for d in before.decisions if d.action == "terminate"]
+    assert sorted(d.instance_id for d in after.decisions if d.action == "terminate") == sorted(
+        spares
+    )
+
+
+class Killed(BaseException):
+    """The run's process died here."""
+
+
+def test_a_run_killed_between_claim_and_ready_leaves_the_spare_on_the_short_ttl(
+    aws: AwsClients, config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [spare] = make_spares(aws, config, 1)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed("after the claim")
+
+    deploy = flows.preview.update_in_place
+    monkeypatch.setattr(flows.preview, "update_in_place", killed)
+    with pytest.raises(Killed):
+        pr_preview(REPO, 11, SHA, action="opened", config=config)
+    monkeypatch.setattr(flows.preview, "update_in_place", deploy)
+
+    left = live_by_id(aws)[spare]
+    assert left[TAG_PR] == "11" and left[TAG_SPARE] == CLAIMED
+    expires = parse_time(left[TAG_SHUTDOWN_AT])
+    assert expires is not None
+    assert expires <= datetime.now(UTC) + timedelta(hours=config.failure_ttl_hours) + SLACK
+    # The next run for the PR converges on one ready preview at the sha.
+    again = pr_preview(REPO, 11, SHA, action="synchronize", config=config)
+    assert again.status == "ready"
+    assert [tag[TAG_PR] for tag in live_by_id(aws).values() if tag.get(TAG_PR)] == ["11"]
