@@ -69,6 +69,7 @@ class PreviewResult:
     path: str = ""
     instance_id: str | None = None
     shutdown_at: datetime | None = None
+    launched_at: datetime | None = None
     region: str = ""
     replaced: list[str] = field(default_factory=list)
     probe: str = ""
@@ -196,7 +197,12 @@ def _preview(
 
         # 5. Tell the pull request where its preview is.
         state = PreviewState.UPDATED if result.path == "in-place" else PreviewState.READY
-        report.tell(state, instance_id=result.instance_id, expires_at=result.shutdown_at)
+        report.tell(
+            state,
+            instance_id=result.instance_id,
+            expires_at=result.shutdown_at,
+            launched_at=result.launched_at,
+        )
         emit_instance_event(
             "ready", result.instance_id or "", repo, pr_number, sha=head_sha, path=result.path
         )
@@ -227,6 +233,7 @@ def _deploy(
             try:
                 updated = update_in_place(clients, settings, instance_id, repo, sha)
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
+                result.launched_at = updated.launched_at
                 _migrate_and_probe(clients, settings, result)
                 result.status, result.path = "ready", "in-place"
                 return
@@ -261,6 +268,7 @@ def _deploy(
         _deploy_on_spare(clients, settings, result, claimed.instance_id)
         return
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
+    result.launched_at = launched.launched_at
     result.path = "reused" if launched.reused else "launched"
     if not launched.reused:
         emit_instance_event(
@@ -294,7 +302,7 @@ def _deploy_on_spare(
     emit_instance_event("spare.claimed", instance_id, result.repo, result.pr_number, sha=result.sha)
     try:
         updated = update_in_place(clients, settings, instance_id, result.repo, result.sha)
-        result.shutdown_at = updated.shutdown_at
+        result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
         open_db_access(clients.ec2, settings, instance_id)
         _migrate_and_probe(clients, settings, result)
     except Exception as exc:

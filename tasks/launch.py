@@ -69,6 +69,7 @@ class LaunchResult:
     shutdown_at: datetime
     reused: bool
     ami_id: str
+    launched_at: datetime | None = None  # EC2's LaunchTime: what the preview's cost runs from
 
 
 def client_token(spec: LaunchSpec, attempt_key: str = "") -> str:
@@ -223,6 +224,7 @@ def launch_instance(
             shutdown_at=found.shutdown_at or datetime.now(UTC),
             reused=True,
             ami_id=ami_id or "",
+            launched_at=found.launch_time,
         )
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     image_id = ami_id or resolve_ami(ec2, config)["ImageId"]
@@ -244,6 +246,7 @@ def launch_instance(
         shutdown_at=now + timedelta(hours=config.failure_ttl_hours),
         reused=False,
         ami_id=image_id,
+        launched_at=instance.get("LaunchTime"),
     )
 
 

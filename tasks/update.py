@@ -67,6 +67,7 @@ class UpdateResult:
     updated_at: datetime
     seconds: float
     path: str = "in-place"
+    launched_at: datetime | None = None  # the instance's EC2 launch: what its cost runs from
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def deploy_in_place(
         shutdown_at=shutdown_at,
         updated_at=updated_at,
         seconds=time.monotonic() - started,
+        launched_at=preview.launch_time,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -283,6 +284,11 @@ def test_rate_limit_mid_run_is_waited_out(
     assert served.times[patches[1]] - served.times[patches[0]] >= 1.0
     [body] = bot_comments(github, 53)
     assert body.splitlines()[1] == "### ✅ Preview ready" and result.instance_id in body
+    # The cost runs from the instance's launch as moto holds it, at the type's table price.
+    # 24 h at $0.0272/h; seconds old, it has cost a fraction of a cent so far.
+    assert re.search(
+        r"Cost so far \$0\.00\d* · at expiry \$0\.65 \(t3\.small at \$0\.0272/h\)", body
+    )
     assert statuses(github, "pr-53") == [(SHA1, ["in_progress", "success"])]
 
 
