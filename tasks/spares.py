@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import ClientError
+
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.instances import terminate_in_batches
 from tasks.on_instance import BOOTSTRAP_DONE, BOOTSTRAP_FAILED
 from tasks.prefect_context import run_logger
+from tasks.retry import error_code
 from tasks.run_instances import resolve_ami, run_instances_params
 from tasks.ssm import CommandTimeout, run_command
 from tasks.step import step
@@ -168,6 +171,10 @@ def check_spare(
             poll_seconds=min(config.poll_seconds, 0.5),
             comment="pr-preview spare check",
         )
+    except ClientError as exc:
+        if error_code(exc) != "InvalidInstanceId":
+            raise
+        return SpareCheck(False, True, "its SSM agent has not registered yet")
     except CommandTimeout:
         return SpareCheck(False, False, "the SSM agent did not answer")
     reason = (result.stdout.strip().splitlines() or [f"exit {result.exit_code}"])[-1]

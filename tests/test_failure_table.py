@@ -42,6 +42,8 @@ from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.diagnose import SIGNATURES, diagnose_instance
 from tasks.migrate import MigrationFailed, run_migrations
+from tasks.run_instances import resolve_ami
+from tasks.spares import check_spare, replenish_spares
 from tasks.ssm import run_command
 from tasks.tags import parse_time
 from tests.support import CANARY_GHCR_TOKEN
@@ -210,6 +212,37 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     pr_teardown(REPO, 42, config=world.config)
     assert not live(world.aws)
     wait_for(lambda: not instance_processes(first.instance_id), timeout=10)
+
+
+def test_a_warm_spare_boots_for_real_and_a_new_pr_runs_on_it(world: World) -> None:
+    """The spare's user data runs in bash up to the app and stops; a new PR claims the spare
+    and its real app is pulled, started, migrated and probed there — no launch."""
+    world.config.warm_spares = 1
+    ami = resolve_ami(world.aws.ec2, world.config)["ImageId"]
+    [spare] = replenish_spares(
+        world.aws.ec2, world.config, ami_id=ami, subnet_id=world.config.subnet_id
+    ).launched
+    wait_for(lambda: check_spare(world.aws.ssm, world.config, spare).ready, timeout=90)
+    booted = run_command(
+        world.aws.ssm,
+        spare,
+        ["cat /var/log/cloud-init-output.log"],
+        timeout_seconds=30,
+        poll_seconds=0.2,
+    )
+    assert "pr-preview spare ready" in booted.stdout
+    assert "docker compose pull" not in booted.stdout  # a spare pulls nothing
+
+    opened = pr_preview(REPO, 44, SHA1, action="opened", config=world.config, return_state=True)
+    result = opened.result()
+
+    assert (result.status, result.path, result.instance_id) == ("ready", "spare", spare)
+    assert result.probe.startswith("/healthz → 200")
+    with port_forwarding(world.runtime, spare) as url:
+        page = httpx.get(url, timeout=10).text
+        assert SHA1 in page and "v1" in page
+    [instance] = live(world.aws)
+    assert tags(instance)["PR"] == "44" and tags(instance)["Sha"] == SHA1
 
 
 def test_an_ephemeral_database_lives_and_dies_with_its_preview(world: World) -> None:

@@ -133,7 +133,8 @@ def test_pr_spares_fills_keeps_rotates_on_a_new_ami_and_scales_to_zero(
 def test_a_broken_spare_is_terminated_and_a_booting_one_left_alone(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
 ) -> None:
-    broken, booting = make_spares(aws, config, 2)
+    broken, booting, unregistered = make_spares(aws, config, 3)
+    scripted_ssm.agent_offline(unregistered)
     scripted_ssm.on(
         SPARE_CHECK, Reply(stdout="docker does not answer\n", exit_code=1), instance_id=broken
     )
@@ -151,7 +152,10 @@ def test_a_broken_spare_is_terminated_and_a_booting_one_left_alone(
 
     assert found.instance_id is None
     assert found.terminated == {broken: "docker does not answer"}
-    assert found.skipped == {booting: "bootstrap not done yet"}
+    assert found.skipped == {
+        booting: "bootstrap not done yet",
+        unregistered: "its SSM agent has not registered yet",
+    }
     assert state_of(aws, broken) in ("shutting-down", "terminated")
     assert state_of(aws, booting) == "running"
     assert TAG_PR not in live_by_id(aws)[booting]
