@@ -1,18 +1,32 @@
 """The RunInstances request of a preview and the AMI it boots: shared by the preflight's DryRun
-and the real launch, so that what was checked is what is launched."""
+and the real launch, so that what was checked is what is launched.
+
+The AMI follows ``ami_strategy``: ``stock`` boots ``ami_id`` or the newest ``ami_name``;
+``baked`` boots the newest image the ``pr-preview-bake`` flow made (tasks/bake.py), and the stock
+AMI, with a warning, while there is none.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from tasks.config import PreviewConfig
+from tasks.prefect_context import run_logger
 from tasks.retry import error_code
+from tasks.tags import TAG_CREATED_AT, TAG_PURPOSE, parse_time
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ec2.type_defs import ImageTypeDef
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class AmiNotFound(Exception):
@@ -20,6 +34,52 @@ class AmiNotFound(Exception):
 
 
 def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
+    """The AMI a preview boots: the newest baked image when ``ami_strategy`` is ``baked`` and
+    one exists, otherwise the stock AMI (``resolve_stock_ami``)."""
+    if config.ami_strategy == "baked":
+        baked = newest_baked_image(ec2, config)
+        if baked is not None:
+            return baked
+        run_logger(logger).warning(
+            "ami_strategy is baked but this account has no available image tagged %s=%s in %s:"
+            " booting the stock AMI (Docker and Compose are installed at boot). Run the"
+            " pr-preview-bake deployment to make one.",
+            TAG_PURPOSE,
+            config.purpose_tag,
+            config.region,
+        )
+    return resolve_stock_ami(ec2, config)
+
+
+def baked_images(
+    ec2: EC2Client, config: PreviewConfig, states: Sequence[str] = ("available",)
+) -> list[ImageTypeDef]:
+    """This account's images with our Purpose tag in ``states``, oldest first (``by_age``)."""
+    images = ec2.describe_images(
+        Owners=["self"],
+        Filters=[
+            {"Name": f"tag:{TAG_PURPOSE}", "Values": [config.purpose_tag]},
+            {"Name": "state", "Values": list(states)},
+        ],
+    )["Images"]
+    return sorted(images, key=by_age)
+
+
+def by_age(image: ImageTypeDef) -> tuple[str, datetime, str]:
+    """Oldest first: EC2's CreationDate (to the second), then our ``created-at`` tag (to the
+    millisecond) for images made within one second, then the id."""
+    tags = {tag["Key"]: tag["Value"] for tag in image.get("Tags", [])}
+    created = parse_time(tags.get(TAG_CREATED_AT)) or _EPOCH
+    return image.get("CreationDate", ""), created, image["ImageId"]
+
+
+def newest_baked_image(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef | None:
+    """The newest available baked image, or None."""
+    found = baked_images(ec2, config)
+    return found[-1] if found else None
+
+
+def resolve_stock_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
     """The configured AMI, or the newest available image whose name matches ``ami_name``."""
     if config.ami_id:
         try:

@@ -2,7 +2,8 @@
 
 The security review's finding, held by tests rather than by reading:
 
-- **the recording**: one run of each flow and of the operator commands, inside ``aws_faults()``
+- **the recording**: one run of each flow (the bake, with an older baked image to prune, first:
+  the previews then boot from its image) and of the operator commands, inside ``aws_faults()``
   (which sees every boto3 session the code builds), records every ``service.Operation`` and,
   through a ``before-parameter-build`` handler installed the same way, every request's
   parameters. The orchestrator policy must allow each recorded action (plus what AWS checks
@@ -34,6 +35,7 @@ from botocore import handlers
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from deployments import cli
+from flows.bake import pr_preview_bake
 from flows.preview import pr_preview
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
@@ -41,6 +43,7 @@ from local_stack.account import DemoAccount
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
 from tasks.aws import AwsClients
+from tasks.bake import baked_image_tags
 from tasks.config import ENV_PREFIX, PreviewConfig
 from tasks.db_access import db_rule_description
 from tasks.launch import LaunchSpec, launch_instance, preview_tags
@@ -49,6 +52,7 @@ from tasks.tags import TAG_SHUTDOWN_AT, format_time
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import instances, state_of, user_data
+from tests.test_bake import CHECK, seals_after, seed_baked_image, snapshot_of, snapshot_tags_in_moto
 
 IAM = Path(__file__).resolve().parents[1] / "deployments" / "iam"
 ORCHESTRATOR = IAM / "orchestrator-policy.json"
@@ -57,6 +61,8 @@ PURPOSE = PreviewConfig.model_fields["purpose_tag"].default
 DB_SG_PLACEHOLDER = "arn:aws:ec2:*:*:security-group/DB_SECURITY_GROUP_ID"
 PARAMETERS = "arn:aws:ssm:*:*:parameter/pr-preview/*"
 INSTANCE_ARN = "arn:aws:ec2:*:*:instance/*"
+IMAGE_ARN = "arn:aws:ec2:*::image/*"
+SNAPSHOT_ARN = "arn:aws:ec2:*::snapshot/*"
 
 REPO = "octo-org/app"
 SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
@@ -92,6 +98,19 @@ def allowing(path: Path, action: str) -> list[Statement]:
 
 def allowed_actions(path: Path) -> set[str]:
     return {a for s in statements(path) if s["Effect"] == "Allow" for a in as_list(s["Action"])}
+
+
+def allowing_create_tags(path: Path, create_action: str) -> list[Statement]:
+    """The CreateTags statements of ``path`` for tags given with ``create_action``."""
+    return [
+        s
+        for s in allowing(path, "ec2:CreateTags")
+        if condition(s, "StringEquals", "ec2:CreateAction") == [create_action]
+    ]
+
+
+def tags_of(resource: dict[str, Any]) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in resource.get("Tags", [])}
 
 
 def condition(statement: Statement, operator: str, key: str) -> list[str] | None:
@@ -148,6 +167,8 @@ def implied_actions(requests: Requests) -> set[str]:
             implied.add("iam:PassRole")
         if params.get("TagSpecifications"):
             implied.add("ec2:CreateTags")
+    if any(params.get("TagSpecifications") for params in requests.of("ec2.CreateImage")):
+        implied.add("ec2:CreateTags")
     if any(params.get("WithDecryption") for params in requests.of("ssm.GetParameter")):
         implied.add("kms:Decrypt")  # a SecureString is decrypted with the caller's KMS rights
     return implied
@@ -170,6 +191,9 @@ class Recording:
         self.requests = Requests()
         self.calls: Counter[str] = Counter()
         self.on_instances: list[str] = []
+        self.pruned_images: set[str] = set()  # the older baked image the bake may remove
+        self.pruned_snapshots: set[str] = set()
+        self.builders: list[str] = []
 
     @property
     def actions(self) -> set[str]:
@@ -228,6 +252,19 @@ def record(
     scripted_ssm.on(r"psycopg2", Reply(stdout="DB CONNECT OK\n"))
     cli_environment(account, monkeypatch, poll_seconds=0.01, db_sg_open_public_ip=True)
     recording = Recording()
+    # An image an earlier bake left, one more than baked_images_kept: the bake prunes it.
+    config.baked_images_kept = 1
+    with snapshot_tags_in_moto():
+        older = seed_baked_image(aws, config, datetime.now(UTC) - timedelta(days=7))
+    [image] = aws.ec2.describe_images(ImageIds=[older])["Images"]
+    recording.pruned_images, recording.pruned_snapshots = {older}, {snapshot_of(dict(image))}
+    scripted_ssm.respond(CHECK, seals_after(1))
+
+    def baked() -> None:
+        result = pr_preview_bake(config=config, bake_timeout_seconds=10, image_timeout_seconds=10)
+        assert result.deregistered == [older]
+        recording.builders.append(result.builder_id)
+        config.ami_strategy = "baked"  # the previews below boot from the baked image
 
     def opened() -> None:
         result = pr_preview(REPO, 42, SHA1, action="opened", config=config)
@@ -262,6 +299,7 @@ def record(
         return run
 
     phases: list[tuple[str, Callable[[], None]]] = [
+        ("bake", baked),
         ("preview opened", opened),
         ("push deployed in place", pushed),
         ("teardown", closed),
@@ -275,7 +313,12 @@ def record(
     ]
     # No heartbeat thread: joining it costs up to 1 s per run (as in test_fault_matrix).
     no_heartbeat = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-    with no_heartbeat, aws_faults() as faults, recorded_requests() as requests:
+    with (
+        no_heartbeat,
+        snapshot_tags_in_moto(),
+        aws_faults() as faults,
+        recorded_requests() as requests,
+    ):
         for name, phase in phases:
             if name == "ttl sweeper":
                 expired.append(seed_expired_preview_and_leftover_rule(aws, config))
@@ -326,11 +369,7 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
 
     # ... and the requests fit the statements' conditions and resources.
     launch_keys = set(preview_tags(config, LaunchSpec(REPO, 1, SHA1), datetime.now(UTC), 1))
-    [at_launch] = [
-        s
-        for s in allowing(ORCHESTRATOR, "ec2:CreateTags")
-        if condition(s, "StringEquals", "ec2:CreateAction")
-    ]
+    [at_launch] = allowing_create_tags(ORCHESTRATOR, "RunInstances")
     [later] = [
         s
         for s in allowing(ORCHESTRATOR, "ec2:CreateTags")
@@ -371,6 +410,29 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
         role = f"arn:aws:iam::123456789012:role/{params['IamInstanceProfile']['Name']}"
         assert any(covers(s, role) for s in allowing(ORCHESTRATOR, "iam:PassRole")), role
 
+    # Baked images: made only of our builders, tagged as they are made, removed only if ours.
+    image_keys = set(baked_image_tags(config, "ami-0", "name", datetime.now(UTC)))
+    [at_creation] = allowing_create_tags(ORCHESTRATOR, "CreateImage")
+    assert set(condition(at_creation, "ForAllValues:StringEquals", "aws:TagKeys") or ()) == (
+        image_keys
+    )
+    assert requests.of("ec2.CreateImage"), f"the bake made no image; recorded:\n{table}"
+    for params in requests.of("ec2.CreateImage"):
+        [builder] = [i for i in instances(aws) if i["InstanceId"] == params["InstanceId"]]
+        assert params["InstanceId"] in recording.builders
+        assert tags_of(builder)["Purpose"] == PURPOSE  # ImageOnlyOurInstances
+        kinds = set()
+        for spec in params["TagSpecifications"]:
+            tags = {tag["Key"]: tag["Value"] for tag in spec["Tags"]}
+            assert tags["Purpose"] == PURPOSE and set(tags) == image_keys
+            assert covers(at_creation, f"arn:aws:ec2:{REGION}::{spec['ResourceType']}/x")
+            kinds.add(spec["ResourceType"])
+        # The snapshots too: DeleteSnapshot is allowed only on Purpose-tagged snapshots.
+        assert kinds == {"image", "snapshot"}
+    deregistered = {params["ImageId"] for params in requests.of("ec2.DeregisterImage")}
+    deleted = {params["SnapshotId"] for params in requests.of("ec2.DeleteSnapshot")}
+    assert (deregistered, deleted) == (recording.pruned_images, recording.pruned_snapshots)
+
     # Instance role: what the instances run (user data, SSM commands) as their profile.
     assert shell_actions(recording.on_instances) == allowed_actions(INSTANCE_ROLE)
 
@@ -393,13 +455,18 @@ def test_the_conditions_hold_structurally() -> None:
     launch_keys = set(
         preview_tags(PreviewConfig.model_validate({"region": REGION}), spec, datetime.now(UTC), 1)
     )
+    image_keys = set(baked_image_tags(PreviewConfig(), "ami-0", "name", datetime.now(UTC)))
     create_tags = allowing(ORCHESTRATOR, "ec2:CreateTags")
-    assert len(create_tags) == 2
+    assert len(create_tags) == 3
     for statement in create_tags:
         assert statement.get("Condition"), statement
         keys = set(condition(statement, "ForAllValues:StringEquals", "aws:TagKeys") or ())
-        assert keys and keys <= launch_keys, statement
         assert condition(statement, "Null", "aws:TagKeys") == ["false"], statement
+        if condition(statement, "StringEquals", "ec2:CreateAction") == ["CreateImage"]:
+            assert keys == image_keys, statement  # only on what CreateImage makes
+            assert as_list(statement["Resource"]) == [IMAGE_ARN, SNAPSHOT_ARN], statement
+            continue
+        assert keys and keys <= launch_keys, statement
         if condition(statement, "StringEquals", "ec2:CreateAction") == ["RunInstances"]:
             continue
         assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
@@ -423,6 +490,19 @@ def test_the_conditions_hold_structurally() -> None:
     for action in ("ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress"):
         [statement] = allowing(ORCHESTRATOR, action)
         assert as_list(statement["Resource"]) == [DB_SG_PLACEHOLDER]
+
+    # CreateImage: of our instances only, making only Purpose-tagged images and snapshots.
+    by_resource = {
+        tuple(as_list(s["Resource"])): s for s in allowing(ORCHESTRATOR, "ec2:CreateImage")
+    }
+    assert set(by_resource) == {(INSTANCE_ARN,), (IMAGE_ARN, SNAPSHOT_ARN)}
+    of_instance, made = by_resource[(INSTANCE_ARN,)], by_resource[(IMAGE_ARN, SNAPSHOT_ARN)]
+    assert condition(of_instance, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
+    assert condition(made, "StringEquals", "aws:RequestTag/Purpose") == [PURPOSE]
+    for action, arn in (("ec2:DeregisterImage", IMAGE_ARN), ("ec2:DeleteSnapshot", SNAPSHOT_ARN)):
+        [statement] = allowing(ORCHESTRATOR, action)
+        assert as_list(statement["Resource"]) == [arn], statement
+        assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
 
     [pass_role] = allowing(ORCHESTRATOR, "iam:PassRole")
     assert condition(pass_role, "StringEquals", "iam:PassedToService") == ["ec2.amazonaws.com"]
@@ -456,6 +536,14 @@ ACCEPTED_FINDINGS = {
     ),
     "orchestrator-policy.json RESOURCE_MISMATCH LaunchFromImagesSubnetsAndSecurityGroups": (
         "the other half of that split: the instance is in the tag-conditioned statement."
+    ),
+    "orchestrator-policy.json RESOURCE_MISMATCH ImageOnlyOurInstances": (
+        "CreateImage is split like RunInstances: aws:ResourceTag/Purpose applies to the instance"
+        " imaged, not to the image and snapshots it makes (the next statement)."
+    ),
+    "orchestrator-policy.json RESOURCE_MISMATCH CreateOnlyPurposeTaggedImagesAndSnapshots": (
+        "the other half of that split: aws:RequestTag/Purpose applies to the image and snapshots"
+        " made; the instance is in ImageOnlyOurInstances."
     ),
     "orchestrator-policy.json RESOURCE_MISMATCH TerminateAndCommandOnlyOurInstances": (
         "SendCommand is split the same way: the Purpose tag condition applies to the instance;"
@@ -511,7 +599,9 @@ def test_the_readmes_say_what_the_files_hold() -> None:
     [db_sg] = allowing(ORCHESTRATOR, "ec2:AuthorizeSecurityGroupIngress")
     keys: dict[str, list[str]] = {}
     for statement in allowing(ORCHESTRATOR, "ec2:CreateTags"):
-        when = "at launch" if condition(statement, "StringEquals", "ec2:CreateAction") else "later"
+        when = {"RunInstances": "at launch", "CreateImage": "at image creation"}.get(
+            (condition(statement, "StringEquals", "ec2:CreateAction") or ["later"])[0], "later"
+        )
         keys[when] = condition(statement, "ForAllValues:StringEquals", "aws:TagKeys") or []
     [via] = {
         value
@@ -527,3 +617,8 @@ def test_the_readmes_say_what_the_files_hold() -> None:
         assert f"`{via}`" in text, readme
         assert ", ".join(f"`{key}`" for key in keys["at launch"]) in text, readme
         assert ", ".join(f"`{key}`" for key in first) + f" and `{last}`" in text, readme
+    # The baked images' part of the policy is explained in the IAM README.
+    text = " ".join((IAM / "README.md").read_text().split())
+    *first, last = keys["at image creation"]
+    assert ", ".join(f"`{key}`" for key in first) + f" and `{last}`" in text
+    assert "`pr-preview-bake`" in text

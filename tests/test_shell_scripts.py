@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import tasks.launch
+from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
 from tasks.launch import LaunchSpec, render_user_data
@@ -141,6 +142,7 @@ def configs() -> Iterator[tuple[str, PreviewConfig]]:
 def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
     """Every script the steps send over SSM, by step and name."""
     scripts = {
+        "bake-check": list(BAKE_CHECK),
         "wait-ready-agent": [AGENT_PING],
         "wait-ready-bootstrap": list(BOOTSTRAP_CHECK),
         "wait-ready-app-port": port_check(config.app_port),
@@ -161,6 +163,8 @@ def all_scripts() -> dict[str, str]:
     found: dict[str, str] = {}
     for label, config in configs():
         found[f"user-data-{label}.sh"] = render_user_data(config, SPEC)
+        image_ref = bake_image_ref(config, None, "latest")
+        found[f"bake-user-data-{label}.sh"] = render_bake_user_data(config, image_ref, 1.0)
         for name, commands in ssm_scripts(config).items():
             found[f"{name}-{label}.sh"] = "\n".join(commands) + "\n"
     return {
