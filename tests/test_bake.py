@@ -43,6 +43,7 @@ from tasks.bake import (
     plan_prune,
     preview_install_steps,
     prune_images,
+    read_bake_failure,
     render_bake_user_data,
 )
 from tasks.config import PreviewConfig
@@ -554,3 +555,41 @@ def test_the_real_bake_leaves_no_secret_and_no_trace_of_the_instance(
 def aws_private_ip(aws: AwsClients, instance_id: str) -> str:
     [instance] = [i for i in instances(aws) if i["InstanceId"] == instance_id]
     return str(instance["PrivateIpAddress"])
+
+
+def test_a_real_bake_that_cannot_log_in_says_so_to_the_flows_check_and_forgets_the_token(
+    aws: AwsClients,
+    config: PreviewConfig,
+    registry: FakeRegistry,
+    real_instances: InstanceRuntime,
+) -> None:
+    """The registry refuses the token: the bake stops at ghcr-login, the flow's check over SSM
+    reads that from the marker, and the token read from Parameter Store is on no disk."""
+    real_instances.apply({"bridge": f"{registry.host}={registry.host}"})
+    registry.users["octo-org"] = "not-the-token-in-parameter-store"
+    push_sample_app(registry, "octo-org/app", "latest", "v1", private=True)
+    config.image = f"{registry.host}/octo-org/app"
+    stock = resolve_stock_ami(aws.ec2, config)["ImageId"]
+    builder = launch_builder_instance(
+        aws.ec2,
+        config,
+        source_ami=stock,
+        image_ref=bake_image_ref(config, None, "latest"),
+        ttl_hours=1.0,
+    )
+    fs = real_instances.root / builder.instance_id / "fs"
+    wait_for(lambda: (fs / BAKE_DIR.removeprefix("/") / "failed").exists(), 60, "the marker")
+
+    failure = read_bake_failure(aws.ssm, builder.instance_id, config)
+
+    assert failure is not None and failure.startswith("bake failed at step: ghcr-login\n")
+    assert "unauthorized" in failure.lower()  # the registry's answer, from the log
+    assert state_of(aws, builder.instance_id) == "running"  # not sealed, not imaged
+    username = config.registry_username("octo-org/app")
+    leaks = [
+        path
+        for path in files_under(real_instances.root / builder.instance_id)
+        for form in canary_forms(username)
+        if form in path.read_bytes()
+    ]
+    assert not leaks
