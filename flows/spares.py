@@ -16,6 +16,7 @@ from prefect.events import emit_event
 from tasks.aws import build_clients
 from tasks.budget import run_budget
 from tasks.config import PreviewConfig, load_config
+from tasks.events import instance_event
 from tasks.locks import FLEET_LOCK, hold
 from tasks.preflight import preflight
 from tasks.spares import Replenished, replenish
@@ -37,15 +38,8 @@ def pr_spares(config: PreviewConfig | None = None) -> Replenished:
             result = replenish(clients, settings, account.ami_id, account.subnet_id)
     # 3. What changed, for the UI and for automations.
     for instance_id in result.launched:
-        emit_event(
-            event="pr-preview.spare.launched",
-            resource={"prefect.resource.id": f"aws.ec2.instance.{instance_id}"},
-        )
+        emit_event(**instance_event("spare.launched", instance_id))
     for instance_id, reason in result.rotated.items():
-        emit_event(
-            event="pr-preview.spare.rotated",
-            resource={"prefect.resource.id": f"aws.ec2.instance.{instance_id}"},
-            payload={"reason": reason},
-        )
+        emit_event(**instance_event("spare.rotated", instance_id, reason=reason))
     create_markdown_artifact(markdown=result.markdown(), key="pr-spares", description="pr-spares")
     return result

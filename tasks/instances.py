@@ -25,7 +25,6 @@ from tasks.tags import (
     TAG_REPO,
     TAG_SHA,
     TAG_SHUTDOWN_AT,
-    TAG_SPARE,
     TAG_UPDATED_AT,
     TERMINATE_BATCH,
     parse_time,
@@ -72,11 +71,6 @@ class Preview:
     @property
     def name(self) -> str:
         return f"{self.repo}#{self.pr_number} {self.instance_id}"
-
-    @property
-    def spare(self) -> bool:
-        """An unclaimed warm spare (tasks/spares.py): serves no PR, holds no capacity."""
-        return self.tags.get(TAG_SPARE) == "true"
 
     @property
     def keep(self) -> bool:

@@ -225,6 +225,7 @@ def claim_spare(
             TAG_SHA: "",
             TAG_SPARE: CLAIMED,
         }
+        del tags[TAG_PURPOSE]  # ours already: a claim never changes whose instance it is
         ec2.create_tags(
             Resources=[spare.instance_id],
             Tags=[{"Key": key, "Value": value} for key, value in tags.items()],

@@ -43,14 +43,16 @@ def capacity_victims(
     Recency is ``updated-at``: when the event behind a preview was received. A request older
     than every preview it would evict gets ``NoRoom`` instead, so when runs finish out of
     order the most recent requests are the ones that stay. Previews tagged
-    ``pr-preview:keep=true`` are pinned by an operator: never evicted, not counted; warm
-    spares serve no PR and are not counted either.
+    ``pr-preview:keep=true`` are pinned by an operator: never evicted, not counted; an
+    instance that serves no PR (a warm spare, a bake's builder) is not a preview and not
+    counted either.
     """
     others = [
         preview
         for preview in previews
         if not preview.keep
-        and not preview.spare
+        and preview.repo
+        and preview.pr_number is not None
         and (preview.repo, preview.pr_number) != (repo, pr_number)
     ]
     excess = len(others) - (max_previews - 1)

@@ -442,7 +442,8 @@ def test_the_bake_deployment_runs_the_flow_weekly_one_at_a_time() -> None:
     assert deployment.entrypoint == "flows/bake.py:pr_preview_bake"
     assert pr_preview_bake.name == "pr-preview-bake"
     pr_preview_bake.validate_parameters(deployment.parameters)
-    [schedule] = document["deployments"][-1]["schedules"]
+    [raw] = [d for d in document["deployments"] if d["name"] == "pr-preview-bake"]
+    [schedule] = raw["schedules"]
     assert schedule == {"cron": "0 3 * * 1", "timezone": "UTC", "active": True}
     limit = deployment.concurrency_limit
     assert not isinstance(limit, int) and limit is not None

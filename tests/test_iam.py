@@ -37,6 +37,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from deployments import cli
 from flows.bake import pr_preview_bake
 from flows.preview import pr_preview
+from flows.spares import pr_spares
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
@@ -48,7 +49,8 @@ from tasks.config import ENV_PREFIX, PreviewConfig
 from tasks.db_access import db_rule_description
 from tasks.launch import LaunchSpec, launch_instance, preview_tags
 from tasks.run_instances import resolve_ami
-from tasks.tags import TAG_SHUTDOWN_AT, format_time
+from tasks.spares import SPARE, spare_tags
+from tasks.tags import TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import instances, state_of, user_data
@@ -270,6 +272,18 @@ def record(
         result = pr_preview(REPO, 42, SHA1, action="opened", config=config)
         assert (result.status, result.path) == ("ready", "launched")
 
+    def spares_made() -> None:
+        config.warm_spares = 1
+        assert len(pr_spares(config=config).launched) == 1
+        scripted_ssm.on(r"echo spare-ready", Reply(stdout="spare-ready\n"))
+
+    def spare_claimed() -> None:
+        result = pr_preview(REPO, 45, SHA1, action="opened", config=config)
+        assert (result.status, result.path) == ("ready", "spare")
+        config.warm_spares = 0
+        assert len(pr_spares(config=config).rotated) == 0  # claimed: no longer a spare
+        assert pr_teardown(REPO, 45, config=config).terminated
+
     def pushed() -> None:
         result = pr_preview(REPO, 42, SHA2, action="synchronize", config=config)
         assert (result.status, result.path) == ("ready", "in-place")
@@ -303,6 +317,8 @@ def record(
         ("preview opened", opened),
         ("push deployed in place", pushed),
         ("teardown", closed),
+        ("warm spare launched", spares_made),
+        ("warm spare claimed", spare_claimed),
         ("failed and diagnosed", failed),
         ("ttl sweeper", swept),
         ("pr-preview list", command("list")),
@@ -339,6 +355,9 @@ def phase_table(recording: Recording) -> str:
     )
 
 
+SPARE_CONDITION = f"aws:ResourceTag/{TAG_SPARE}"
+
+
 # --- the tests ------------------------------------------------------------------------------
 
 
@@ -369,12 +388,15 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
 
     # ... and the requests fit the statements' conditions and resources.
     launch_keys = set(preview_tags(config, LaunchSpec(REPO, 1, SHA1), datetime.now(UTC), 1))
+    launch_keys |= set(spare_tags(config, datetime.now(UTC)))
     [at_launch] = allowing_create_tags(ORCHESTRATOR, "RunInstances")
-    [later] = [
+    on_our_instances = [
         s
         for s in allowing(ORCHESTRATOR, "ec2:CreateTags")
         if condition(s, "StringEquals", "aws:ResourceTag/Purpose")
     ]
+    [later] = [s for s in on_our_instances if not condition(s, "StringEquals", SPARE_CONDITION)]
+    [on_spares] = [s for s in on_our_instances if condition(s, "StringEquals", SPARE_CONDITION)]
     tagged_at_launch: set[str] = set()
     for params in requests.of("ec2.RunInstances"):
         for spec in params["TagSpecifications"]:
@@ -387,8 +409,21 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
         == launch_keys
         == set(condition(at_launch, "ForAllValues:StringEquals", "aws:TagKeys") or ())
     )
-    moved = {tag["Key"] for params in requests.of("ec2.CreateTags") for tag in params["Tags"]}
+    # A claim re-tags a spare to its PR (only a spare: the condition names the marker); every
+    # other change of tags moves a preview's sha and times.
+    claims = [p for p in requests.of("ec2.CreateTags") if TAG_PR in {t["Key"] for t in p["Tags"]}]
+    claimed = {tag["Key"] for params in claims for tag in params["Tags"]}
+    moved = {
+        tag["Key"]
+        for params in requests.of("ec2.CreateTags")
+        if params not in claims
+        for tag in params["Tags"]
+    }
+    assert claims, f"no spare was claimed; recorded:\n{table}"
     assert moved == set(condition(later, "ForAllValues:StringEquals", "aws:TagKeys") or ())
+    assert claimed == set(condition(on_spares, "ForAllValues:StringEquals", "aws:TagKeys") or ())
+    assert condition(on_spares, "StringEquals", SPARE_CONDITION) == [SPARE]
+    assert TAG_PURPOSE not in claimed  # a claim never changes whose instance it is
 
     db_sg = config.db_security_group_id
     for operation in ("ec2.AuthorizeSecurityGroupIngress", "ec2.RevokeSecurityGroupIngress"):
@@ -454,10 +489,10 @@ def test_the_conditions_hold_structurally() -> None:
     spec = LaunchSpec(REPO, 1, SHA1)
     launch_keys = set(
         preview_tags(PreviewConfig.model_validate({"region": REGION}), spec, datetime.now(UTC), 1)
-    )
+    ) | set(spare_tags(PreviewConfig(), datetime.now(UTC)))
     image_keys = set(baked_image_tags(PreviewConfig(), "ami-0", "name", datetime.now(UTC)))
     create_tags = allowing(ORCHESTRATOR, "ec2:CreateTags")
-    assert len(create_tags) == 3
+    assert len(create_tags) == 4
     for statement in create_tags:
         assert statement.get("Condition"), statement
         keys = set(condition(statement, "ForAllValues:StringEquals", "aws:TagKeys") or ())
@@ -471,6 +506,10 @@ def test_the_conditions_hold_structurally() -> None:
             continue
         assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
         assert as_list(statement["Resource"]) == [INSTANCE_ARN]
+        if condition(statement, "StringEquals", SPARE_CONDITION) == [SPARE]:
+            # Only an unclaimed spare gets a PR; whose instance it is never moves.
+            assert keys == launch_keys - {TAG_PURPOSE}, statement
+            continue
         assert keys == {"Sha", "updated-at", "shutdown-at"}  # Purpose, Repo, PR never move
 
     for statement in allowing(ORCHESTRATOR, "ec2:RunInstances"):
@@ -602,6 +641,8 @@ def test_the_readmes_say_what_the_files_hold() -> None:
         when = {"RunInstances": "at launch", "CreateImage": "at image creation"}.get(
             (condition(statement, "StringEquals", "ec2:CreateAction") or ["later"])[0], "later"
         )
+        if condition(statement, "StringEquals", SPARE_CONDITION):
+            when = "on a spare"
         keys[when] = condition(statement, "ForAllValues:StringEquals", "aws:TagKeys") or []
     [via] = {
         value
@@ -617,6 +658,8 @@ def test_the_readmes_say_what_the_files_hold() -> None:
         assert f"`{via}`" in text, readme
         assert ", ".join(f"`{key}`" for key in keys["at launch"]) in text, readme
         assert ", ".join(f"`{key}`" for key in first) + f" and `{last}`" in text, readme
+        *claimed, marker = keys["on a spare"]
+        assert ", ".join(f"`{key}`" for key in claimed) + f" and `{marker}`" in text, readme
     # The baked images' part of the policy is explained in the IAM README.
     text = " ".join((IAM / "README.md").read_text().split())
     *first, last = keys["at image creation"]

@@ -20,7 +20,7 @@ import tasks.launch
 from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
-from tasks.launch import LaunchSpec, render_user_data
+from tasks.launch import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.migrate import migrate_commands
 from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, app_state_check, port_check
 from tasks.probe import probe_command
@@ -163,6 +163,7 @@ def all_scripts() -> dict[str, str]:
     found: dict[str, str] = {}
     for label, config in configs():
         found[f"user-data-{label}.sh"] = render_user_data(config, SPEC)
+        found[f"user-data-spare-{label}.sh"] = render_spare_user_data(config)
         image_ref = bake_image_ref(config, None, "latest")
         found[f"bake-user-data-{label}.sh"] = render_bake_user_data(config, image_ref, 1.0)
         for name, commands in ssm_scripts(config).items():

@@ -7,11 +7,14 @@ The flows run for real on a Prefect test server, AWS is moto, the instances are 
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+import yaml
 
 import flows.preview
 from flows.preview import PreviewResult, pr_preview
@@ -20,6 +23,7 @@ from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Reply, ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.events import instance_event
 from tasks.launch import LaunchSpec
 from tasks.run_instances import resolve_ami
 from tasks.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spares
@@ -30,6 +34,7 @@ from tests.support.moto_state import live, state_of, tags, user_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
+PROJECT = Path(__file__).resolve().parents[1]
 REPO = "octo-org/app"
 SHA = "5" * 40
 SPARE_CHECK = r"echo spare-ready"
@@ -232,3 +237,21 @@ def test_a_run_killed_between_claim_and_ready_leaves_the_spare_on_the_short_ttl(
     again = pr_preview(REPO, 11, SHA, action="synchronize", config=config)
     assert again.status == "ready"
     assert [tag[TAG_PR] for tag in live_by_id(aws).values() if tag.get(TAG_PR)] == ["11"]
+
+
+def test_a_claim_starts_pr_spares_through_its_trigger_in_prefect_yaml() -> None:
+    """The deployment exists as prefect deploy reads it, and its trigger matches the event
+    the claim emits (name and resource), so a claimed spare is replaced."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    document = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(document)
+    [deployment] = [d for d in model.deployments if d.name == "pr-spares"]
+    assert deployment.entrypoint == "flows/spares.py:pr_spares" and pr_spares.name == "pr-spares"
+    [raw] = [d for d in document["deployments"] if d["name"] == "pr-spares"]
+    [trigger] = raw["triggers"]
+    claimed = instance_event("spare.claimed", "i-0123456789abcdef0", REPO, 7)
+    assert trigger["expect"] == [claimed["event"]]
+    pattern = trigger["match"]["prefect.resource.id"]
+    assert fnmatch.fnmatchcase(claimed["resource"]["prefect.resource.id"], pattern)
+    assert [s["cron"] for s in raw["schedules"]] == ["*/30 * * * *"]
