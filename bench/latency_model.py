@@ -18,6 +18,12 @@ The model is applied in three places:
 
 The wall time spent inside moto itself (not modelled, an artefact of emulation) is measured per
 call so the bench can take it out before scaling wall time back up.
+
+Issue 15 asks what each lever buys: a cold launch, a launch from a baked AMI, a warm spare
+claimed by a new PR, a push deployed in place. Each is a :class:`Composition` here — the
+sequence of modelled calls on its critical path, whose sum is the path's floor — and the boot of
+a launched instance is a :class:`BootProfile` (stock or baked). Changes to the product that the
+targets assume are named (:data:`CHANGES`, F1…F6, S1) and compositions say which they take.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from local_stack.scripted_instance import (
     ScriptedInstances,
     probe_answer,
 )
+from tasks.config import PreviewConfig
+from tasks.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, format_usd, hourly_price
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,35 @@ RUNBOOK_PORT_POLL = Measurement(
     " loop is the common shape",
 )
 
+# --- published, shown beside the model but not charged by it (issue 15)
+START_STOPPED = Measurement(
+    21.2,
+    "brevdev/ec2-coldboot-research docs/start-stopped-results.md (m7i.large, AL2023):"
+    " start-instances 1764 ms + pending→running 16372 ms + boot→SSH 3042 ms = 21178 ms",
+)
+HIBERNATE_RESUME = Measurement(
+    20.7,
+    "brevdev/ec2-coldboot-research docs/hibernate-results.md (m7i.large): API 2015 ms +"
+    " pending→running 16311 ms + RAM restore→SSH 2381 ms = 20707 ms",
+)
+WARM_POOL_CLAIM = Measurement(
+    12.8,
+    "brevdev/ec2-coldboot-research docs/warm-pool-realistic-results.md: describe-instances 6476 ms"
+    " + create-tags 1460 ms + key push + SSH = 12837 ms (3.9 s without the tag query); AWS CLI"
+    " start-up is in every call, so the model charges a claim's two calls at 'other AWS API call'",
+)
+TUNNEL_REFUSED_AFTER_START = Measurement(
+    90.0,
+    "jupyter-infra/jupyter-deploy#176 (as /work/shared/FACTS.md quotes it): after a stop/start,"
+    " Session Manager port forwarding refused sessions (TargetNotConnected) for over 90 s while"
+    " SendCommand already worked",
+)
+AGENT_POLL = Measurement(
+    1.0,
+    "ESTIMATE (a choice, change F4): how often wait-ready asks the SSM agent; a refused"
+    " SendCommand (InvalidInstanceId) costs one API call",
+)
+
 MEASUREMENTS: dict[str, Measurement] = {
     "RunInstances API": RUN_INSTANCES_API,
     "pending → running": PENDING_TO_RUNNING,
@@ -165,46 +202,298 @@ MEASUREMENTS: dict[str, Measurement] = {
     "AWS CLI ec2 waiter delay": CLI_WAITER_DELAY,
     "AWS CLI ssm waiter delay": CLI_COMMAND_WAITER_DELAY,
     "runbook port-8000 poll": RUNBOOK_PORT_POLL,
+    "agent poll with F4": AGENT_POLL,
+}
+REFERENCES: dict[str, Measurement] = {
+    "start a stopped instance → SSH": START_STOPPED,
+    "hibernate resume → SSH": HIBERNATE_RESUME,
+    "warm pool claim by tags (AWS CLI)": WARM_POOL_CLAIM,
+    "port forwarding refused after start": TUNNEL_REFUSED_AFTER_START,
 }
 
 API_LATENCY = {"RunInstances": RUN_INSTANCES_API.seconds}
 
 
+@dataclass(frozen=True)
+class BootProfile:
+    """What a launched instance's user data does from running to ``bootstrap-done``, step by
+    step; the app answers ``APP_START`` after ``compose up`` (a migration run after it overlaps)."""
+
+    name: str
+    steps: tuple[tuple[str, Measurement], ...]
+    migrated: bool = False  # the user data ran the migrations (change F2)
+
+    @property
+    def bootstrap_seconds(self) -> float:
+        return sum(measurement.seconds for _, measurement in self.steps)
+
+    @property
+    def app_seconds(self) -> float:
+        """Running → the app answers on its port."""
+        until_up = 0.0
+        for _, measurement in self.steps:
+            until_up += measurement.seconds
+            if measurement is COMPOSE_UP:
+                break
+        return until_up + APP_START.seconds
+
+
+STOCK = BootProfile(
+    "stock AMI",
+    (
+        ("cloud-init", BOOT_TO_CLOUD_INIT),
+        ("dnf install docker", DNF_INSTALL_DOCKER),
+        ("compose plugin", COMPOSE_PLUGIN),
+        ("registry login", REGISTRY_LOGIN),
+        ("pull the full image", IMAGE_PULL_FULL),
+        ("compose up -d", COMPOSE_UP),
+    ),
+)
+# Docker, Compose and the image's base layers are on the AMI: the user data logs in, pulls the
+# PR's top layers (the changed-layers measurement: what differs from the base) and starts.
+BAKED = BootProfile(
+    "baked AMI",
+    (
+        ("cloud-init", BOOT_TO_CLOUD_INIT),
+        ("registry login", REGISTRY_LOGIN),
+        ("pull the top layers", IMAGE_PULL_CHANGED_LAYERS),
+        ("compose up -d", COMPOSE_UP),
+    ),
+)
+BAKED_MIGRATING = BootProfile(
+    "baked AMI, migrating on boot (F2)",
+    (*BAKED.steps, ("alembic migration", MIGRATION)),
+    migrated=True,
+)
+
+
 def bootstrap_seconds() -> float:
-    """Running → ``bootstrap-done`` marker: the user data's steps one after another."""
-    return (
-        BOOT_TO_CLOUD_INIT.seconds
-        + DNF_INSTALL_DOCKER.seconds
-        + COMPOSE_PLUGIN.seconds
-        + REGISTRY_LOGIN.seconds
-        + IMAGE_PULL_FULL.seconds
-        + COMPOSE_UP.seconds
+    """Running → ``bootstrap-done`` marker on the stock AMI: the user data's steps in turn."""
+    return STOCK.bootstrap_seconds
+
+
+def deploy_seconds(*, layers: bool = True) -> float:
+    """The in-place deploy's one SSM script: login, pull, recreate. ``layers``: the image's base
+    layers are on the instance already, so only the changed ones are pulled."""
+    pull = IMAGE_PULL_CHANGED_LAYERS if layers else IMAGE_PULL_FULL
+    return REGISTRY_LOGIN.seconds + pull.seconds + COMPOSE_UP.seconds
+
+
+# --- issue 15: the changes to the product that the targets assume (the flow author's to build)
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    title: str
+    detail: str
+
+
+CHANGES: dict[str, Change] = {
+    change.key: change
+    for change in (
+        Change(
+            "F1",
+            "one ready command",
+            "wait-ready's agent ping, bootstrap check and port check as one SSM command",
+        ),
+        Change(
+            "F2",
+            "migrate on boot",
+            "a baked instance's user data runs the migrations after compose up, while the SSM"
+            " agent registers; bootstrap-done then means migrated",
+        ),
+        Change(
+            "F3",
+            "TTL in the probe",
+            "the probe's script moves the shutdown timer once the app answers; confirm-TTL keeps"
+            " only its CreateTags (with F1 the probe is in the ready command too)",
+        ),
+        Change(
+            "F4",
+            "agent poll 1 s",
+            "wait-ready asks the SSM agent every second, not every poll_seconds (5 s)",
+        ),
+        Change(
+            "F5",
+            "health in the deploy",
+            "the in-place deploy script starts with the health checks and exits with its own"
+            " code when they fail (then relaunch): no separate health command",
+        ),
+        Change(
+            "F6",
+            "no preflight in place",
+            "the in-place path waits for the image check only: preflight's checks (AMI, subnet,"
+            " groups, profile, RunInstances dry run) are about launching",
+        ),
+        Change(
+            "S1",
+            "spares hold base layers",
+            "a spare's bootstrap pulls the default branch's image (or it boots from the baked"
+            " AMI): a claim pulls only the top layers",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Leg:
+    what: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A path's critical path as modelled calls (modelled composition: where the flow does not
+    have the path yet, these are the calls it will make). The floor is their sum: every poll
+    instant, no orchestration; preflight and other lookups before the first leg are left out."""
+
+    title: str
+    legs: tuple[Leg, ...]
+    changes: tuple[str, ...] = ()
+
+    @property
+    def floor(self) -> float:
+        return sum(leg.seconds for leg in self.legs)
+
+    def describe(self) -> str:
+        return " + ".join(f"{leg.what} {leg.seconds:.4g}" for leg in self.legs)
+
+
+def new_launch(boot: BootProfile = STOCK, changes: tuple[str, ...] = ()) -> Composition:
+    """A new PR's launch: RunInstances, the boot, wait-ready, migrate, probe.
+
+    Wait-ready today sends the agent ping, the bootstrap check and the port check one after
+    another, each once its event happened; with F1 one command answers all three."""
+    ssm, agent = SSM_COMMAND.seconds, SSM_AGENT_REGISTRATION.seconds
+    last_event = max(agent, boot.bootstrap_seconds, boot.app_seconds)
+    if "F1" in changes:
+        ready = last_event + ssm
+    else:
+        ready = agent + ssm
+        ready = max(ready, boot.bootstrap_seconds) + ssm
+        ready = max(ready, boot.app_seconds) + ssm
+    legs = [
+        Leg("RunInstances", RUN_INSTANCES_API.seconds),
+        Leg("pending→running", PENDING_TO_RUNNING.seconds),
+        Leg(
+            f"max(SSM agent {agent:g}, user data {boot.bootstrap_seconds:.4g},"
+            f" app {boot.app_seconds:.4g})",
+            last_event,
+        ),
+        Leg("wait-ready SSM after it", ready - last_event),
+    ]
+    if not boot.migrated:
+        legs.append(Leg("migrate", ssm + MIGRATION.seconds))
+    if "F1" in changes and "F3" in changes:
+        legs.append(Leg("probe in the ready command", PROBE_CURL.seconds))
+    else:
+        legs.append(Leg("probe", ssm + PROBE_CURL.seconds))
+    return Composition(f"new PR, {boot.name}", tuple(legs), changes)
+
+
+def spare_claim(*, layers: bool) -> Composition:
+    """A new PR claims a running, bootstrapped spare under the fleet lock (DescribeInstances,
+    an SSM check that Docker answers, CreateTags), then deploys as a push does in place."""
+    ssm, api = SSM_COMMAND.seconds, OTHER_API_CALL.seconds
+    legs = (
+        Leg("claim: DescribeInstances + CreateTags", 2 * api),
+        Leg("spare check", ssm),
+        Leg("deploy", ssm + deploy_seconds(layers=layers)),
+        Leg("migrate", ssm + MIGRATION.seconds),
+        Leg("probe", ssm + PROBE_CURL.seconds),
+    )
+    title = "new PR, warm spare" + (" with base layers" if layers else " without the image")
+    return Composition(title, legs)
+
+
+def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
+    """A push to a PR whose preview is healthy: health, deploy, migrate, probe."""
+    ssm = SSM_COMMAND.seconds
+    legs = [] if "F5" in changes else [Leg("health", ssm)]
+    legs += [
+        Leg("deploy", ssm + deploy_seconds()),
+        Leg("migrate", ssm + MIGRATION.seconds),
+        Leg("probe", ssm + PROBE_CURL.seconds),
+    ]
+    return Composition("push in place", tuple(legs), changes)
+
+
+# --- what a lever costs a month (prices from tasks/cost.py)
+BAKED_IMAGE_GB = 8.0
+BAKED_IMAGE_GB_SOURCE = (
+    "namecheap/ec2-github-runner#44: an AL2023 AMI maps an 8 GiB gp3 root volume; a snapshot"
+    " bills the blocks it holds, so the volume's size is an upper bound"
+)
+
+
+@dataclass(frozen=True)
+class LeverCost:
+    usd: float | None  # None: no price for the instance type in the region
+    how: str
+
+
+def spare_cost(config: PreviewConfig, spares: int) -> LeverCost:
+    """``spares`` running all month, whichever PR claims them (a claimed one is replaced)."""
+    price = hourly_price(config)
+    if price is None:
+        return LeverCost(None, f"no price for {config.instance_type} in {config.region}")
+    usd = spares * HOURS_PER_MONTH * price
+    return LeverCost(usd, f"{spares} × {HOURS_PER_MONTH} h × ${price:g}/h = {format_usd(usd)}")
+
+
+def baked_cost(images_kept: int, gigabytes: float = BAKED_IMAGE_GB) -> LeverCost:
+    """The snapshots of the baked images kept (``baked_images_kept``)."""
+    usd = images_kept * gigabytes * SNAPSHOT_GB_MONTH
+    return LeverCost(
+        usd,
+        f"{images_kept} × {gigabytes:g} GB × ${SNAPSHOT_GB_MONTH:g}/GB = {format_usd(usd)}",
     )
 
 
-def deploy_seconds() -> float:
-    """The in-place update's one SSM script: login, pull the changed layers, recreate."""
-    return REGISTRY_LOGIN.seconds + IMAGE_PULL_CHANGED_LAYERS.seconds + COMPOSE_UP.seconds
+# One command for F1 + F2 + F3 on a baked instance (modelled composition, bench/): bootstrap
+# done (migrated), the app's port open, the probe, the full-TTL timer.
+READY_PROBE = r"# pr-preview-model: ready-probe"
+READY_PROBE_COMMANDS = [
+    "# pr-preview-model: ready-probe (issue 15 F1+F2+F3: one command, modelled)",
+    "true",
+]
+
+
+def _still_running(operation: str, parsed: dict[str, Any]) -> bool:
+    """A GetCommandInvocation that found the command not done (or not yet visible)."""
+    if operation != "GetCommandInvocation":
+        return False
+    code = parsed.get("Error", {}).get("Code")
+    return code == "InvocationDoesNotExist" or parsed.get("Status") in ("Pending", "InProgress")
 
 
 @dataclass
 class Timeline:
-    """Modelled moments (``time.monotonic()``) of one instance."""
+    """Modelled moments of one instance, on the world's clock (:meth:`World.now`)."""
 
     running_at: float = float("-inf")
     agent_at: float = float("-inf")
     bootstrap_at: float = float("-inf")
     app_at: float = float("-inf")
     terminated_at: float | None = None
+    layers: bool = True  # the image's base layers are on disk: a deploy pulls the changed ones
 
 
 @dataclass
 class World:
-    """The instances' timelines plus what the run spent inside moto (emulation artefact)."""
+    """The instances' timelines plus what the run spent inside moto (emulation artefact).
+
+    The timelines run on a clock that stops while moto answers (:meth:`now`): the bench takes
+    moto's time out of wall time, so a boot or an SSM command must not advance meanwhile, or
+    every poll that waits on it would shorten the wait it is part of."""
 
     scale: float
+    boot: BootProfile = STOCK  # how an instance launched in this world boots …
+    images: dict[str, BootProfile] = field(default_factory=dict)  # … unless its AMI says otherwise
     instances: dict[str, Timeline] = field(default_factory=dict)
     moto_seconds: float = 0.0
+    overlapped_seconds: float = 0.0  # moto's time inside a running command: not taken out
     api_calls: int = 0
     events: list[tuple[float, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -213,32 +502,41 @@ class World:
         """Modelled seconds → wall seconds."""
         return seconds * self.scale
 
-    def booted(self, instance_id: str) -> None:
-        """An instance that was up long before the run (the PR's current preview)."""
-        self.instances[instance_id] = Timeline()
+    def booted(self, instance_id: str, *, layers: bool = True) -> None:
+        """An instance that was up long before the run: the PR's current preview, or a warm
+        spare (``layers=False`` when its bootstrap pulled no image)."""
+        self.instances[instance_id] = Timeline(layers=layers)
 
-    def launched(self, instance_id: str, at: float) -> None:
+    def launched(self, instance_id: str, at: float, image_id: str = "") -> None:
         running = at + self.s(PENDING_TO_RUNNING.seconds)
-        bootstrap = running + self.s(bootstrap_seconds())
+        boot = self.images.get(image_id, self.boot)
         self.instances[instance_id] = Timeline(
             running_at=running,
             agent_at=running + self.s(SSM_AGENT_REGISTRATION.seconds),
-            bootstrap_at=bootstrap,
-            app_at=bootstrap + self.s(APP_START.seconds),
+            bootstrap_at=running + self.s(boot.bootstrap_seconds),
+            app_at=running + self.s(boot.app_seconds),
         )
-        self.events.append((at, f"launched {instance_id}"))
+        self.events.append((time.monotonic(), f"launched {instance_id}"))
 
     def terminating(self, instance_id: str, at: float) -> None:
         timeline = self.instances.setdefault(instance_id, Timeline())
         if timeline.terminated_at is None:
             timeline.terminated_at = at + self.s(SHUTTING_DOWN_TO_TERMINATED.seconds)
-            self.events.append((at, f"terminating {instance_id}"))
+            self.events.append((time.monotonic(), f"terminating {instance_id}"))
 
     def timeline(self, instance_id: str) -> Timeline:
         return self.instances.get(instance_id) or Timeline()
 
     def agent_online(self, instance_id: str) -> bool:
-        return time.monotonic() >= self.timeline(instance_id).agent_at
+        return self.now() >= self.timeline(instance_id).agent_at
+
+    def now(self) -> float:
+        """The model's clock: wall time less the time moto has spent on the run's path."""
+        return self.at(time.monotonic())
+
+    def at(self, moment: float) -> float:
+        """A ``time.monotonic()`` moment of now, on the model's clock."""
+        return moment - self.moto_seconds
 
 
 class LatencyModel:
@@ -249,8 +547,8 @@ class LatencyModel:
         self.world = World(scale)
         self.fake: ScriptedInstances | None = None
 
-    def new_world(self) -> World:
-        self.world = World(self.scale)
+    def new_world(self, boot: BootProfile = STOCK) -> World:
+        self.world = World(self.scale, boot)
         return self.world
 
     # --- botocore
@@ -263,15 +561,22 @@ class LatencyModel:
         self, event_name: str, model: Any, parsed: dict[str, Any], context: dict[str, Any], **_: Any
     ) -> None:
         world = self.world
-        now = time.monotonic()
+        wall = time.monotonic()
         started = context.get("latency_model_started")
         with world.lock:
-            if started is not None:
-                world.moto_seconds += now - started
+            # A read of a command still running overlapped the command's own (wall) time on
+            # the scripted instance: taking it out would shorten the command.
+            if started is None:
+                pass
+            elif _still_running(model.name, parsed):
+                world.overlapped_seconds += wall - started
+            else:
+                world.moto_seconds += wall - started
             world.api_calls += 1
+        now = world.at(wall)
         if model.name == "RunInstances":
             for instance in parsed.get("Instances", []):
-                world.launched(instance["InstanceId"], now)
+                world.launched(instance["InstanceId"], now, instance.get("ImageId", ""))
                 if self.fake is not None:
                     self.agent_offline_until_registered(self.fake, instance["InstanceId"])
         elif model.name == "TerminateInstances":
@@ -315,17 +620,17 @@ class LatencyModel:
             )
 
         def bootstrap(call: Call) -> Reply:
-            done = call.at >= self.world.timeline(call.instance_id).bootstrap_at
+            done = self.world.at(call.at) >= self.world.timeline(call.instance_id).bootstrap_at
             return reply("bootstrap-done\n" if done else "bootstrap-pending\n")
 
         def port(call: Call) -> Reply:
-            if call.at >= self.world.timeline(call.instance_id).app_at:
+            if self.world.at(call.at) >= self.world.timeline(call.instance_id).app_at:
                 return reply("APP PORT OPEN 8000\n")
             return reply("APP PORT CLOSED 8000\n", exit_code=1)
 
         def probe(call: Call) -> Reply:
             answer = probe_answer(
-                200 if call.at >= self.world.timeline(call.instance_id).app_at else 0
+                200 if self.world.at(call.at) >= self.world.timeline(call.instance_id).app_at else 0
             )
             return Reply(
                 stdout=answer.stdout,
@@ -336,23 +641,34 @@ class LatencyModel:
             )
 
         def health(call: Call) -> Reply:
-            if call.at >= self.world.timeline(call.instance_id).app_at:
+            if self.world.at(call.at) >= self.world.timeline(call.instance_id).app_at:
                 return reply("healthy\n")
             return reply("app port 8000 closed\n", exit_code=1)
 
         def deploy(call: Call) -> Reply:
             timeline = self.world.timeline(call.instance_id)
-            done = call.at + self.scale * deploy_seconds()
-            timeline.app_at = done + self.scale * APP_START.seconds
+            seconds = deploy_seconds(layers=timeline.layers)
+            timeline.app_at = self.world.at(call.at) + self.scale * (seconds + APP_START.seconds)
+            timeline.layers = True
             self.world.instances[call.instance_id] = timeline
-            return reply("updated\n", deploy_seconds())
+            return reply("updated\n", seconds)
 
+        def ready_probe(call: Call) -> Reply:
+            timeline = self.world.timeline(call.instance_id)
+            if self.world.at(call.at) >= max(timeline.bootstrap_at, timeline.app_at):
+                return reply("bootstrap-done\nAPP PORT OPEN 8000\n200", PROBE_CURL.seconds)
+            return reply("not ready\n", exit_code=1)
+
+        # Every command costs its round trip, scripted or not (the shutdown timer, the spare
+        # check, compose's view of the app's container).
+        fake.default = reply()
         fake.on(AGENT_PING, reply("pr-preview-agent-ok\n"))
         fake.respond(BOOTSTRAP_CHECK, bootstrap)
         fake.respond(PORT_CHECK, port)
         fake.respond(PROBE, probe)
         fake.respond(HEALTH, health)
         fake.respond(DEPLOY, deploy)
+        fake.respond(READY_PROBE, ready_probe)
         fake.on(
             MIGRATE, reply("INFO  [alembic.runtime.migration] Running upgrade\n", MIGRATION.seconds)
         )

@@ -1,0 +1,146 @@
+"""The arithmetic of bench/latency_model.py: the floors issue 15 quotes, what each lever and
+each change takes off them, and what a lever costs a month. No AWS, no Prefect."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from bench import latency_model as model
+from tasks.config import PreviewConfig
+from tasks.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, hourly_price
+
+
+def test_the_cold_floor_is_the_one_issue_15_quotes() -> None:
+    cold = model.new_launch()
+    # RunInstances 1.5 + pending→running 16.5 + the stock user data (the SSM agent registers
+    # first) + the app's start + one port check + migrate + probe: "a floor of ~72 s".
+    assert cold.floor == pytest.approx(72.29)
+    assert model.STOCK.app_seconds == model.STOCK.bootstrap_seconds + model.APP_START.seconds
+    assert model.bootstrap_seconds() == model.STOCK.bootstrap_seconds
+
+
+def test_a_baked_ami_waits_for_the_ssm_agent_not_for_dnf() -> None:
+    baked = model.new_launch(model.BAKED)
+    assert model.BAKED.app_seconds < model.SSM_AGENT_REGISTRATION.seconds
+    # Agent ping, bootstrap check and port check each follow the agent today: 30 + 3 × 1 s.
+    legs = {leg.what: leg.seconds for leg in baked.legs}
+    assert legs["wait-ready SSM after it"] == 3 * model.SSM_COMMAND.seconds
+    assert baked.floor == pytest.approx(58.09)
+    assert baked.floor > 55, "the baked target needs changes to the flow"
+
+
+def test_each_baked_change_takes_its_ssm_commands_off_the_floor() -> None:
+    ssm = model.SSM_COMMAND.seconds
+    today = model.new_launch(model.BAKED).floor
+    one_command = model.new_launch(model.BAKED, ("F1",)).floor
+    assert today - one_command == pytest.approx(2 * ssm)
+    changed = model.new_launch(model.BAKED_MIGRATING, ("F1", "F2", "F3", "F4"))
+    # The migration runs on boot while the agent registers; the probe rides the ready command.
+    assert model.BAKED_MIGRATING.bootstrap_seconds < model.SSM_AGENT_REGISTRATION.seconds
+    assert one_command - changed.floor == pytest.approx(ssm + model.MIGRATION.seconds + ssm)
+    assert changed.floor == pytest.approx(49.09)
+
+
+def test_migrating_on_boot_leaves_the_app_answering_before_bootstrap_is_done() -> None:
+    assert model.BAKED_MIGRATING.migrated
+    assert model.BAKED_MIGRATING.app_seconds == model.BAKED.app_seconds
+    assert model.BAKED_MIGRATING.bootstrap_seconds == pytest.approx(
+        model.BAKED.bootstrap_seconds + model.MIGRATION.seconds
+    )
+
+
+def test_a_spare_without_the_image_pulls_all_of_it() -> None:
+    bare = model.spare_claim(layers=False)
+    layered = model.spare_claim(layers=True)
+    assert bare.floor - layered.floor == pytest.approx(
+        model.IMAGE_PULL_FULL.seconds - model.IMAGE_PULL_CHANGED_LAYERS.seconds
+    )
+    assert layered.floor == pytest.approx(16.25)
+    assert model.deploy_seconds(layers=False) == pytest.approx(18.0)
+    assert model.deploy_seconds() == pytest.approx(7.0)
+
+
+def test_push_in_place_and_the_health_check_folded_into_the_deploy() -> None:
+    assert model.push_in_place().floor == pytest.approx(16.05)
+    folded = model.push_in_place(("F5",))
+    assert model.push_in_place().floor - folded.floor == model.SSM_COMMAND.seconds
+    assert folded.changes == ("F5",)
+
+
+def test_every_change_named_by_a_composition_is_described() -> None:
+    assert {"F1", "F2", "F3", "F4", "F5", "F6", "S1"} <= set(model.CHANGES)
+    for measurement in (*model.MEASUREMENTS.values(), *model.REFERENCES.values()):
+        assert measurement.source, "every number carries its source or ESTIMATE"
+
+
+def test_a_world_boots_an_instance_by_its_image() -> None:
+    world = model.World(scale=0.5, boot=model.STOCK)
+    world.images["ami-0baked"] = model.BAKED
+    world.launched("i-stock", at=100.0, image_id="ami-0123")
+    world.launched("i-baked", at=100.0, image_id="ami-0baked")
+    running = 100.0 + 0.5 * model.PENDING_TO_RUNNING.seconds
+    stock, baked = world.timeline("i-stock"), world.timeline("i-baked")
+    assert stock.bootstrap_at == pytest.approx(running + 0.5 * model.STOCK.bootstrap_seconds)
+    assert baked.bootstrap_at == pytest.approx(running + 0.5 * model.BAKED.bootstrap_seconds)
+    assert baked.app_at == pytest.approx(running + 0.5 * model.BAKED.app_seconds)
+    world.booted("i-spare", layers=False)
+    assert not world.timeline("i-spare").layers
+
+
+def test_what_a_spare_and_a_baked_image_cost_a_month() -> None:
+    config = PreviewConfig.model_validate({"region": "ap-northeast-1", "instance_type": "t3.small"})
+    price = hourly_price(config)
+    assert price is not None
+    spares = model.spare_cost(config, 2)
+    assert spares.usd == pytest.approx(2 * HOURS_PER_MONTH * price)
+    assert "2 × 730 h" in spares.how
+    images = model.baked_cost(3, gigabytes=8.0)
+    assert images.usd == pytest.approx(3 * 8.0 * SNAPSHOT_GB_MONTH)
+
+
+def test_no_price_for_the_instance_type_says_so() -> None:
+    config = PreviewConfig.model_validate({"region": "eu-west-3", "instance_type": "m7i.large"})
+    cost = model.spare_cost(config, 1)
+    assert cost.usd is None
+    assert "m7i.large" in cost.how
+
+
+class _Operation:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _answered(
+    latency: model.LatencyModel, operation: str, parsed: dict[str, Any], moto: float
+) -> None:
+    """``operation`` came back from moto after ``moto`` seconds of moto's own time."""
+    context = {"latency_model_started": time.monotonic() - moto}
+    latency.after_call("after-call", _Operation(operation), parsed, context)
+
+
+def test_the_model_clock_stops_while_moto_answers() -> None:
+    latency = model.LatencyModel(scale=1.0)
+    world = latency.new_world()
+    _answered(latency, "DescribeInstances", {"Reservations": []}, moto=2.0)
+    assert world.moto_seconds == pytest.approx(2.0, abs=0.05)
+    assert world.at(10.0) == pytest.approx(10.0 - world.moto_seconds)
+    # A boot scheduled now on the model's clock is not shortened by the moto time just spent.
+    _answered(latency, "RunInstances", {"Instances": [{"InstanceId": "i-1"}]}, moto=0.0)
+    assert world.timeline("i-1").running_at == pytest.approx(
+        world.now() + model.PENDING_TO_RUNNING.seconds, abs=0.05
+    )
+
+
+def test_reading_a_command_still_running_is_not_taken_out_of_its_time() -> None:
+    latency = model.LatencyModel(scale=1.0)
+    world = latency.new_world()
+    _answered(latency, "GetCommandInvocation", {"Status": "InProgress"}, moto=1.0)
+    missing = {"Error": {"Code": "InvocationDoesNotExist"}}
+    _answered(latency, "GetCommandInvocation", missing, moto=1.0)
+    assert world.moto_seconds == 0.0
+    _answered(latency, "GetCommandInvocation", {"Status": "Success"}, moto=1.0)
+    assert world.moto_seconds == pytest.approx(1.0, abs=0.05)
+    assert world.api_calls == 3
