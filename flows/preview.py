@@ -104,12 +104,19 @@ def pr_preview(
     action: str = "synchronize",
     head_repo: str | None = None,
     config: PreviewConfig | None = None,
+    requested_at: datetime | None = None,
 ) -> PreviewResult:
-    """Give pull request ``repo#pr_number`` a working preview of ``head_sha``."""
+    """Give pull request ``repo#pr_number`` a working preview of ``head_sha``.
+
+    ``requested_at`` is when the event behind the run arrived (the trigger passes the event's
+    receipt time): it orders previews for ``max_previews``. Without it, the run's scheduled
+    start stands in.
+    """
     check_inputs(repo, pr_number, head_sha)
     settings = load_config(config)
+    requested = requested_at or flow_run.get_scheduled_start_time() or datetime.now(UTC)
     with run_budget(settings.preview_timeout_seconds()):
-        return _preview(repo, pr_number, head_sha, action, head_repo, settings)
+        return _preview(repo, pr_number, head_sha, action, head_repo, settings, requested)
 
 
 def _preview(
@@ -119,6 +126,7 @@ def _preview(
     action: str,
     head_repo: str | None,
     settings: PreviewConfig,
+    requested_at: datetime,
 ) -> PreviewResult:
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
@@ -172,7 +180,7 @@ def _preview(
 
         report.tell(PreviewState.LAUNCHING)
         try:
-            _deploy(clients, settings, result, secrets.ghcr_token)
+            _deploy(clients, settings, result, secrets.ghcr_token, requested_at)
         except NoRoom as exc:
             result.status, result.reason = Outcome.NO_ROOM, str(exc)
             logger.info("not launching: %s", exc)
@@ -210,13 +218,16 @@ def _preview(
 
 
 def _deploy(
-    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, ghcr_token: str | None
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    ghcr_token: str | None,
+    requested_at: datetime,
 ) -> None:
-    """Steps 1–4; fills ``result`` as it goes so a failure still says what exists."""
+    """Steps 1–4; fills ``result`` as it goes so a failure still says what exists.
+    ``requested_at`` (when the event arrived) orders previews by recency."""
     repo, pr_number, sha = result.repo, result.pr_number, result.sha
     logger = get_run_logger()
-    # The run's scheduled start is when its event arrived: that orders previews by recency.
-    requested_at = flow_run.get_scheduled_start_time() or datetime.now(UTC)
 
     # 1. Preflight and the build-image check, side by side.
     checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")

@@ -33,7 +33,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.config import IMAGE_PATTERN, RUN_MARGIN_SECONDS, PreviewConfig
 from tasks.inputs import is_repo
-from tasks.launch import PLACEHOLDER
+from tasks.launch import COMPOSE_RELEASE, EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.masking import mask_secrets
 from tasks.on_instance import timer_command, timer_minutes
 from tasks.prefect_context import run_logger
@@ -64,9 +64,6 @@ SEAL_LOG = f"{BAKE_DIR}/seal.log"
 PULL_DIR = "/var/tmp/pr-preview-bake"
 BUILDER_NAME = "pr-preview-bake"
 IMAGE_NAME_PREFIX = "pr-preview-baked-"
-# The image the ephemeral database runs (tasks/launch.py's compose file).
-EPHEMERAL_DB_IMAGE = "postgres:16-alpine"
-COMPOSE_RELEASE = "https://github.com/docker/compose/releases/download"
 # A tag of docker's reference grammar.
 TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # The preview's install steps in user_data.sh, from the first marker up to the second.

@@ -48,6 +48,9 @@ unset DB_PASSWORD
 chmod 600 "$APP_DIR/db.env\""""
 
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+# The ephemeral database's image (runbook §11) and where Compose's release binaries are.
+EPHEMERAL_DB_IMAGE = "postgres:16-alpine"
+COMPOSE_RELEASE = "https://github.com/docker/compose/releases/download"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def compose_file(config: PreviewConfig) -> str:
         service += ["    depends_on: [db]"]
         service += [
             "  db:",
-            "    image: postgres:16-alpine",
+            f"    image: {EPHEMERAL_DB_IMAGE}",
             "    env_file: [db.env]",
             "    environment: {POSTGRES_USER: app, POSTGRES_DB: app}",
             "    volumes: [pgdata:/var/lib/postgresql/data]",
@@ -177,7 +180,6 @@ def _render(config: PreviewConfig, **values: str) -> str:
         )
     else:
         database_env = EPHEMERAL_DATABASE_ENV
-    compose_release = "https://github.com/docker/compose/releases/download"
     values.update(
         state_dir=q(STATE_DIR),
         app_dir=q(config.app_dir),
@@ -187,7 +189,7 @@ def _render(config: PreviewConfig, **values: str) -> str:
                 config.spare_ttl_hours if values["spare_stop"] else config.failure_ttl_hours
             )
         ),
-        compose_url=q(f"{compose_release}/{config.compose_version}/docker-compose-linux-"),
+        compose_url=q(f"{COMPOSE_RELEASE}/{config.compose_version}/docker-compose-linux-"),
         region=q(config.region),
         ghcr_token_parameter=q(config.ghcr_token_parameter),
         database_env=database_env,

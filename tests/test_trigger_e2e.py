@@ -7,6 +7,7 @@ with moto (as a server) for AWS and a scripted instance answering over SSM.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -26,6 +27,7 @@ def test_signed_delivery_starts_the_preview_with_the_event_parameters(
     [run] = e2e.wait_for_pr_runs("pr-preview/pr-preview", 7, 1, timeout=120)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     assert run["name"] == f"pr-7-{SHAS[0][:7]}"
+    requested_at = run["parameters"].pop("requested_at")
     assert run["parameters"] == {
         "repo": REPO,
         "pr_number": 7,
@@ -33,6 +35,9 @@ def test_signed_delivery_starts_the_preview_with_the_event_parameters(
         "action": "opened",
         "head_repo": REPO,
     }
+    # When the server received the event: before the run was even created.
+    received = datetime.fromisoformat(requested_at.replace(" ", "T"))
+    assert received <= datetime.fromisoformat(run["created"]) <= received + timedelta(seconds=60)
     [instance] = e2e.live_for(7)
     assert {t["Key"]: t["Value"] for t in instance["Tags"]}["Sha"] == SHAS[0]
 
