@@ -160,15 +160,15 @@ def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> 
 def find_comment(github: GitHub, repo: str, pr_number: int) -> tuple[int, str] | None:
     """Our comment's id and body, searched across every page; the oldest wins.
 
-    Only a comment that carries the marker *and* was written by this token's own user counts:
-    anyone can paste the marker into a comment, and editing theirs would hijack the status.
+    Only a comment that carries the marker *and* was written by our own user (the token's, or
+    the App's bot) counts: anyone can paste the marker into a comment, and editing theirs
+    would hijack the status.
     """
     tag = marker(repo, pr_number)
     me = github.identity()
     for comment in github.list_issue_comments(repo, pr_number):
         body = comment.get("body") or ""
-        author = (comment.get("user") or {}).get("id")
-        if tag in body and (me is None or author == me.id):
+        if tag in body and (me is None or me.wrote(comment.get("user"))):
             return int(comment["id"]), body
     return None
 

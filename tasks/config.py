@@ -16,7 +16,14 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.inputs import is_repo_pattern, repo_allowed
 from tasks.prefect_context import api_reachable
@@ -43,6 +50,10 @@ IMAGE_MAX_LENGTH = 255
 SERVICE_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}")
 ABSOLUTE_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
 PARAMETER_PREFIX = "/pr-preview/"  # what the shipped IAM policies let the instance read
+# The GitHub App's key: read by the orchestrator only, never under what instances may read.
+APP_KEY_PARAMETER_PREFIX = "/pr-preview-app/"
+# A Prefect block name as Prefect accepts it.
+BLOCK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 COMPOSE_VERSION_PATTERN = re.compile(r"v\d+\.\d+\.\d+")
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # A URL path: RFC 3986 path characters without the sub-delimiters a shell treats specially
@@ -174,9 +185,62 @@ class PreviewConfig(BaseModel):
 
     # --- GitHub
     github_token_secret_block: str = Field("github-token", min_length=1)
+    github_app_id: int | None = Field(
+        None,
+        ge=1,
+        description="GitHub App id: the App's installation token replaces the token, the bot is"
+        " the App's <slug>[bot] user, and each run posts a pr-preview check run.",
+    )
+    github_app_installation_id: int | None = Field(
+        None, ge=1, description="The App's installation; looked up from the repository if unset."
+    )
+    github_app_private_key_secret_block: str | None = Field(
+        None, description="Prefect Secret block holding the App's PEM private key."
+    )
+    github_app_private_key_parameter: str | None = Field(
+        None,
+        description=f"SecureString under {APP_KEY_PARAMETER_PREFIX} holding the App's PEM"
+        " private key (a prefix the preview instances cannot read).",
+    )
     github_deployments: bool = True
     allowed_fork_repos: list[str] = Field(default_factory=list)
     prefect_ui_url: str | None = None
+
+    @field_validator("github_app_private_key_secret_block")
+    @classmethod
+    def _block_name(cls, value: str | None) -> str | None:
+        if value is not None and not BLOCK_NAME_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Prefect block name (lower case, digits, -)")
+        return value
+
+    @field_validator("github_app_private_key_parameter")
+    @classmethod
+    def _app_key_parameter(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _absolute_path(value)
+        if not value.startswith(APP_KEY_PARAMETER_PREFIX):
+            raise ValueError(
+                f"{value!r} is not under {APP_KEY_PARAMETER_PREFIX}: the preview instances read"
+                f" {PARAMETER_PREFIX}*, and the App's key must stay out of their reach"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_app_key_source(self) -> PreviewConfig:
+        sources = [
+            self.github_app_private_key_secret_block,
+            self.github_app_private_key_parameter,
+        ]
+        given = sum(source is not None for source in sources)
+        if self.github_app_id is not None and given != 1:
+            raise ValueError(
+                "github_app_id needs exactly one private key source:"
+                " github_app_private_key_secret_block or github_app_private_key_parameter"
+            )
+        if self.github_app_id is None and (given or self.github_app_installation_id):
+            raise ValueError("the github_app_* fields need github_app_id")
+        return self
 
     @field_validator("security_group_ids")
     @classmethod
@@ -426,7 +490,10 @@ def load_config(
 def _describe(exc: ValidationError, source: Mapping[str, str]) -> str:
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across fields: its message names them
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         origin = source.get(field, "defaults")
         if origin == "environment":
             origin = f"{ENV_PREFIX}{field.upper()}"

@@ -1,0 +1,192 @@
+"""A GitHub App as the run's GitHub identity: its JWT, its installation tokens, its key's source.
+
+An App acts on a repository through an installation access token (valid one hour) that it gets
+by presenting a JWT signed with its private key: RS256, ``iat`` 60 s in the past against clock
+drift, ``exp`` at most 10 minutes ahead. ``GitHubApp`` holds the key and caches one token per
+installation, renewed ``REFRESH_MARGIN_SECONDS`` before it expires, so a long run never sends a
+token that lapses mid-call. Tokens are opaque: GitHub is changing their format, so nothing here
+looks at their length or prefix. The key, the JWTs and the tokens live in fields hidden from
+repr and are never logged; ``secrets()`` lists them for the client to scrub from its messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+    from tasks.config import PreviewConfig
+
+logger = logging.getLogger(__name__)
+
+JWT_BACKDATE_SECONDS = 60
+JWT_LIFETIME_SECONDS = 540  # under GitHub's 10-minute cap, counted from the real now
+TOKEN_LIFETIME_SECONDS = 3600  # what GitHub grants when it does not say
+REFRESH_MARGIN_SECONDS = 300
+
+
+class GitHubAppKeyError(ValueError):
+    """The App's private key cannot be read or is not an RSA key; says where it was looked for."""
+
+
+@dataclass(frozen=True)
+class InstallationToken:
+    token: str = field(repr=False)
+    expires_at: float
+
+    def fresh(self, now: float) -> bool:
+        """Usable for at least ``REFRESH_MARGIN_SECONDS`` more."""
+        return now < self.expires_at - REFRESH_MARGIN_SECONDS
+
+
+@dataclass
+class GitHubApp:
+    """One App's credentials and the installation tokens it holds, one per installation."""
+
+    app_id: int
+    private_key: str = field(repr=False)
+    installation_id: int | None = None
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+    slug: str | None = None
+    _tokens: dict[int, InstallationToken] = field(default_factory=dict, repr=False)
+    _installations: dict[str, int] = field(default_factory=dict, repr=False)
+    _jwt: str | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """How messages name the App: its slug when known, always its id."""
+        if self.slug:
+            return f"GitHub App {self.slug} (id {self.app_id})"
+        return f"GitHub App id {self.app_id}"
+
+    def jwt(self) -> str:
+        """A fresh JWT that authenticates as the App itself (the /app endpoints)."""
+        now = int(self.clock())
+        claims = {
+            "iat": now - JWT_BACKDATE_SECONDS,
+            "exp": now + JWT_LIFETIME_SECONDS,
+            "iss": str(self.app_id),
+        }
+        self._jwt = jwt.encode(claims, self.private_key, algorithm="RS256")
+        return self._jwt
+
+    def cached_token(self, installation_id: int) -> str | None:
+        """The installation's token while it is fresh, else None (time to ask for another)."""
+        held = self._tokens.get(installation_id)
+        if held is not None and held.fresh(self.clock()):
+            return held.token
+        return None
+
+    def keep_token(self, installation_id: int, answer: Mapping[str, Any]) -> str:
+        """Remember the token of a ``POST …/access_tokens`` answer until its ``expires_at``."""
+        token = str(answer["token"])
+        expires_at = _timestamp(answer.get("expires_at"))
+        if expires_at is None:
+            expires_at = self.clock() + TOKEN_LIFETIME_SECONDS
+        self._tokens[installation_id] = InstallationToken(token, expires_at)
+        return token
+
+    def forget_token(self, installation_id: int) -> None:
+        self._tokens.pop(installation_id, None)
+
+    def installation_for(self, repo: str) -> int | None:
+        """The configured installation, else the one looked up for ``repo`` earlier."""
+        return self.installation_id or self._installations.get(repo.lower())
+
+    def keep_installation(self, repo: str, installation_id: int) -> None:
+        self._installations[repo.lower()] = installation_id
+
+    def secrets(self) -> list[str]:
+        """Every credential this App has handled, for scrubbing text before it is shown."""
+        held = [token.token for token in self._tokens.values()]
+        return [self.private_key, *held, *([self._jwt] if self._jwt else [])]
+
+
+def check_private_key(pem: str, where: str) -> None:
+    """Fail early, and without quoting it, when ``pem`` is not an RSA private key."""
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise GitHubAppKeyError(
+            f"{where} is not a PEM private key: paste the whole .pem file GitHub generated"
+            " (-----BEGIN RSA PRIVATE KEY----- … -----END RSA PRIVATE KEY-----)"
+        ) from None
+    if not isinstance(key, RSAPrivateKey):
+        raise GitHubAppKeyError(f"{where} is not an RSA key: GitHub Apps sign with RS256")
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def key_from_secret_block(name: str) -> str | None:
+    """The PEM in Prefect Secret block ``name``; None when it cannot be read."""
+    try:
+        from prefect.blocks.system import Secret
+
+        block: Any = Secret.load(name)
+        value = block.get()
+    except Exception as exc:  # a missing block or an unreachable API: said below, by name
+        logger.warning("GitHub App key Secret block %r not read (%s)", name, type(exc).__name__)
+        return None
+    return str(value) if value else None
+
+
+def key_from_parameter(ssm: SSMClient, name: str) -> str | None:
+    """The PEM in SecureString ``name``; None when it cannot be read."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        answer = ssm.get_parameter(Name=name, WithDecryption=True)
+    except (ClientError, BotoCoreError) as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        logger.warning("GitHub App key parameter %s not read (%s)", name, code)
+        return None
+    return answer["Parameter"].get("Value") or None
+
+
+def app_from_config(
+    config: PreviewConfig,
+    *,
+    ssm: SSMClient | None = None,
+    clock: Callable[[], float] = time.time,
+) -> GitHubApp | None:
+    """The configured App, its key read from the Secret block or Parameter Store; None without
+    ``github_app_id``. A key that cannot be read fails the run here, saying where to put it."""
+    if config.github_app_id is None:
+        return None
+    pem: str | None = None
+    if config.github_app_private_key_secret_block:
+        where = f"Prefect Secret block {config.github_app_private_key_secret_block!r}"
+        pem = key_from_secret_block(config.github_app_private_key_secret_block)
+    elif config.github_app_private_key_parameter:
+        where = f"SecureString parameter {config.github_app_private_key_parameter}"
+        if ssm is None:
+            from tasks.aws import build_clients
+
+            ssm = build_clients(config).ssm
+        pem = key_from_parameter(ssm, config.github_app_private_key_parameter)
+    else:  # the configuration's own check refuses this; kept for a config built by hand
+        raise GitHubAppKeyError("github_app_id is set but no private key source is")
+    if not pem:
+        raise GitHubAppKeyError(
+            f"GitHub App id {config.github_app_id}: no private key in the {where}: store the"
+            " App's .pem there (see the README's 'Create the GitHub App')"
+        )
+    check_private_key(pem, f"the GitHub App key in the {where}")
+    return GitHubApp(config.github_app_id, pem, config.github_app_installation_id, clock=clock)
