@@ -156,6 +156,7 @@ def _preview(
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with (
         github,
+        report.check_run(),
         hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait),
     ):
         # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
@@ -176,6 +177,8 @@ def _preview(
             logger.info("not launching: %s", verdict.reason)
             if outcome is Outcome.REFUSED_FORK:
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
+            else:
+                report.skipped(outcome.state_name, verdict.reason)
             return _ended_as(outcome, result)
 
         report.tell(PreviewState.LAUNCHING)

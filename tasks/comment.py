@@ -53,6 +53,11 @@ _HEADLINES = {
 }
 
 
+def headline(state: PreviewState) -> str:
+    """The comment's headline for ``state`` (the check run's title too)."""
+    return _HEADLINES[PreviewState(state)]
+
+
 @dataclass(frozen=True)
 class CommentState:
     """Everything the comment shows at one moment of a preview's life."""
@@ -115,7 +120,7 @@ def cost_line(cost: PreviewCost) -> str:
 def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> str:
     """The Markdown body for ``status``, marker first, secrets masked."""
     state = PreviewState(status.state)
-    lines = [marker(status.repo, status.pr_number), f"### {_HEADLINES[state]}", ""]
+    lines = [marker(status.repo, status.pr_number), f"### {headline(state)}", ""]
     if status.detail:
         lines += [status.detail, ""]
 

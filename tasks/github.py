@@ -52,6 +52,8 @@ CheckConclusion = Literal["success", "failure", "neutral", "cancelled"]
 
 COMMENT_PERMISSION = "pull-requests: write / issues: write"
 DEPLOYMENT_PERMISSION = "deployments: write"
+CHECK_RUN_NAME = "pr-preview"
+MAX_CHECK_SUMMARY_CHARS = 65535
 CHECKS_PERMISSION = "checks: write"
 READ_PERMISSION = "pull-requests: read (and access to the repository)"
 
@@ -208,7 +210,7 @@ class GitHub:
         found = app.installation_for(repo)
         if found is None:
             answer = self._request(
-                "GET", f"/repos/{_repo(repo)}/installation", call=_Call(as_app=True)
+                "GET", f"/repos/{_repo(repo)}/installation", call=_Call(as_app=True), repo=repo
             ).json()
             found = int(answer["id"])
             app.keep_installation(repo, found)
@@ -225,6 +227,7 @@ class GitHub:
                 "POST",
                 f"/app/installations/{int(installation)}/access_tokens",
                 call=_Call(write=True, as_app=True),
+                repo=repo,
             ).json()
             token = app.keep_token(installation, answer)
         return token
@@ -353,12 +356,9 @@ class GitHub:
         conclusion: CheckConclusion | None = None,
         output: Mapping[str, str] | None = None,
         details_url: str | None = None,
-        external_id: str | None = None,
     ) -> dict[str, Any]:
         payload = _check_payload(status, conclusion, output, details_url)
         payload.update(name=name, head_sha=head_sha)
-        if external_id:
-            payload["external_id"] = external_id
         response = self._write(
             "POST", repo, f"/repos/{_repo(repo)}/check-runs", payload, CHECKS_PERMISSION
         )
@@ -770,3 +770,54 @@ def report_deployment(
     except GitHubError as exc:  # after the client's own retries: a view, never fatal
         logger.warning("GitHub deployment status not posted: %s", exc)
     return deployment_id
+
+
+def report_check_run(
+    github: GitHub,
+    repo: str,
+    sha: str,
+    status: CheckStatus,
+    *,
+    conclusion: CheckConclusion | None = None,
+    title: str,
+    summary: str,
+    check_run_id: int | None = None,
+    details_url: str | None = None,
+) -> int | None:
+    """Show the run's state in the PR's checks list as check run ``pr-preview`` on ``sha``.
+
+    ``queued`` creates a new check run (one per run); a later state edits ``check_run_id``, or
+    — for a report from outside the run, a crash say — the newest unfinished one of ours on the
+    sha. Returns the id for the next state. Like the deployment, a view: a GitHub that refuses
+    is logged, never fatal. Nothing without an App (GitHub gives check runs to Apps only).
+    """
+    if not github.checks_enabled:
+        return None
+    output = {"title": title[:255], "summary": summary[:MAX_CHECK_SUMMARY_CHARS]}
+    try:
+        if check_run_id is None and status != "queued":
+            found = github.latest_check_run(repo, sha, CHECK_RUN_NAME)
+            if found is not None and found.get("status") != "completed":
+                check_run_id = int(found["id"])
+        if check_run_id is None:
+            created = github.create_check_run(
+                repo,
+                sha,
+                CHECK_RUN_NAME,
+                status=status,
+                conclusion=conclusion,
+                output=output,
+                details_url=details_url,
+            )
+            return int(created["id"])
+        github.update_check_run(
+            repo,
+            check_run_id,
+            status=status,
+            conclusion=conclusion,
+            output=output,
+            details_url=details_url,
+        )
+    except GitHubError as exc:  # after the client's own retries: a view, never fatal
+        logger.warning("GitHub check run not posted: %s", exc)
+    return check_run_id

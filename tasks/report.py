@@ -1,15 +1,30 @@
-"""What a pull request sees of a run: the sticky comment and the GitHub deployment status."""
+"""What a pull request sees of a run: the sticky comment, the GitHub deployment status and,
+with a GitHub App, the ``pr-preview`` check run on the head sha.
+
+Every state goes through ``PullRequestReport.tell``, so the three always agree. The check run
+goes queued → in_progress → success / failure, or neutral when the run rightly deployed
+nothing; ``check_run()`` around a run's work makes sure it never stays open.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from tasks.comment import CommentState, PreviewState, post_comment
+from tasks.comment import CommentState, PreviewState, headline, marker, post_comment
 from tasks.config import PreviewConfig
 from tasks.cost import preview_cost
-from tasks.github import DeploymentState, GitHub, report_deployment
+from tasks.github import (
+    CheckConclusion,
+    CheckStatus,
+    DeploymentState,
+    GitHub,
+    report_check_run,
+    report_deployment,
+)
+from tasks.masking import mask_secrets
 from tasks.step import step
 
 DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
@@ -22,6 +37,21 @@ DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
     PreviewState.CRASHED: "error",
     PreviewState.CANCELLED: "inactive",
 }
+
+CheckTarget = tuple[CheckStatus, CheckConclusion | None]
+# Torn down and expired are not here: they end a preview, not a run of a commit.
+CHECK_RUN_STATES: dict[PreviewState, CheckTarget] = {
+    PreviewState.LAUNCHING: ("in_progress", None),
+    PreviewState.READY: ("completed", "success"),
+    PreviewState.UPDATED: ("completed", "success"),
+    PreviewState.FAILED: ("completed", "failure"),
+    PreviewState.REFUSED: ("completed", "neutral"),
+    PreviewState.CRASHED: ("completed", "failure"),
+    PreviewState.CANCELLED: ("completed", "cancelled"),
+}
+QUEUED: CheckTarget = ("queued", None)
+NEUTRAL: CheckTarget = ("completed", "neutral")
+FAILURE: CheckTarget = ("completed", "failure")
 
 
 @step(retry=False)
@@ -40,13 +70,39 @@ def deployment_status(
     )
 
 
+@step(retry=False)
+def check_run_status(
+    github: GitHub,
+    repo: str,
+    sha: str,
+    target: CheckTarget,
+    title: str,
+    summary: str,
+    check_run_id: int | None,
+    details_url: str | None,
+) -> int | None:
+    """The ``pr-preview`` check run on the PR's head sha; the client retries by itself."""
+    status, conclusion = target
+    return report_check_run(
+        github,
+        repo,
+        sha,
+        status,
+        conclusion=conclusion,
+        title=title,
+        summary=summary,
+        check_run_id=check_run_id,
+        details_url=details_url,
+    )
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 @dataclass
 class PullRequestReport:
-    """Tells the pull request each state of the run, in one comment and one deployment."""
+    """Tells the pull request each state of the run: one comment, one deployment, one check."""
 
     github: GitHub
     config: PreviewConfig
@@ -57,6 +113,8 @@ class PullRequestReport:
     secrets: list[str] = field(default_factory=list, repr=False)
     deployment_id: int | None = None
     clock: Callable[[], datetime] = field(default=_now, repr=False)
+    check_run_id: int | None = None
+    check_concluded: bool = False
 
     def tell(
         self,
@@ -105,4 +163,48 @@ class PullRequestReport:
                 self.deployment_id,
                 self.run_url,
             )
+        self._check(CHECK_RUN_STATES.get(state), headline(state), self._summary(comment.body))
         return comment.body
+
+    def skipped(self, title: str, reason: str) -> None:
+        """A run that rightly deploys nothing (superseded, closed): a neutral check, no comment."""
+        self._check(NEUTRAL, title, reason)
+
+    @contextmanager
+    def check_run(self) -> Iterator[None]:
+        """Queue the check run now (the run may wait for its PR's lock) and make sure it is
+        concluded: failure when the run raises before telling a result, neutral when it ends
+        without one."""
+        self._check(QUEUED, "Queued", "Waiting for this pull request's turn: one run at a time.")
+        try:
+            yield
+        except Exception as exc:
+            if not self.check_concluded:
+                self._check(FAILURE, headline(PreviewState.FAILED), f"{type(exc).__name__}: {exc}")
+            raise
+        if not self.check_concluded:
+            self._check(NEUTRAL, "Nothing deployed", "The run ended without deploying.")
+
+    def _check(self, target: CheckTarget | None, title: str, summary: str) -> None:
+        if target is None or not self.sha or not self.github.checks_enabled:
+            return
+        self.check_run_id = check_run_status(
+            self.github,
+            self.repo,
+            self.sha,
+            target,
+            title,
+            mask_secrets(summary, self.secrets),
+            self.check_run_id,
+            self.run_url,
+        )
+        self.check_concluded = target[0] == "completed"
+
+    def _summary(self, body: str) -> str:
+        """The comment without its marker and headline: the check's title says that."""
+        lines = body.splitlines()
+        while lines and (lines[0] == marker(self.repo, self.pr_number) or not lines[0].strip()):
+            lines.pop(0)
+        if lines and lines[0].startswith("### "):
+            lines.pop(0)
+        return "\n".join(lines).strip() or "—"

@@ -1,7 +1,9 @@
-"""The flows as the pull request sees them: one sticky comment, the deployment, the guards.
+"""The flows as the pull request sees them: one sticky comment, the deployment, the guards,
+and with a GitHub App the check run.
 
 A fake GitHub serves on a real local port (the flows build their own client from
-GITHUB_API_URL and GITHUB_TOKEN); the tests assert on what it received and on the comment it
+GITHUB_API_URL and GITHUB_TOKEN, or from the App's configuration and its key in moto's
+Parameter Store); the tests assert on what it received and on the comment and check runs it
 ends up holding, and on the instances moto holds.
 """
 
@@ -30,7 +32,7 @@ from local_stack.serve import serve_handler
 from tasks.aws import AwsClients
 from tasks.comment import marker
 from tasks.config import PreviewConfig
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import live, tags
 
@@ -41,6 +43,8 @@ FORK = "outsider/app"
 SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
 SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
 PAYLOAD = Path(__file__).parent / "data" / "github-payloads" / "pull_request.opened.json"
+APP_ID, INSTALLATION, SLUG = 4242, 777, "acme-previews"
+APP_KEY_PARAMETER = "/pr-preview-app/github-app-key"
 
 
 @pytest.fixture
@@ -91,6 +95,32 @@ def github(served: Served, monkeypatch: pytest.MonkeyPatch) -> FakeGitHub:
     return served.fake
 
 
+@pytest.fixture
+def app_github(github: FakeGitHub, aws: AwsClients, monkeypatch: pytest.MonkeyPatch) -> FakeGitHub:
+    """GitHub reached as a GitHub App only: its key in Parameter Store, no token anywhere."""
+    monkeypatch.delenv("GITHUB_TOKEN")
+    github.tokens.clear()  # no personal access token would work
+    github.now = time.time()  # the flows sign and expire by the real clock
+    github.add_app(APP_ID, SLUG, app_key_pair()[1], {INSTALLATION: "octo-org"})
+    aws.ssm.put_parameter(Name=APP_KEY_PARAMETER, Value=app_key_pair()[0], Type="SecureString")
+    monkeypatch.setenv("PR_PREVIEW_GITHUB_APP_ID", str(APP_ID))
+    monkeypatch.setenv("PR_PREVIEW_GITHUB_APP_PRIVATE_KEY_PARAMETER", APP_KEY_PARAMETER)
+    return github
+
+
+def assert_app_only(github: FakeGitHub) -> None:
+    """Every request carried the App's JWT (its own endpoints) or one of its installation
+    tokens; GitHub refused none; its private key went nowhere."""
+    for request in github.requests:
+        credential = (request.authorization or "").removeprefix("Bearer ")
+        as_app = request.path.startswith("/app") or request.path.endswith("/installation")
+        assert as_app or credential in github.issued, request.path
+        assert request.status is not None and request.status < 400, request.path
+    assert_no_secret_sent(github, app_key_pair()[0])
+    sent = [json.dumps(r.body) + json.dumps(r.params) for r in github.requests]
+    assert not [text for text in sent if "PRIVATE KEY" in text]
+
+
 def pull(
     number: int, sha: str = SHA1, *, head_repo: str = REPO, state: str = "open"
 ) -> dict[str, Any]:
@@ -125,6 +155,24 @@ def statuses(github: FakeGitHub, environment: str) -> list[tuple[str, list[str]]
         for d in github.deployments.get(REPO.lower(), [])
         if d["environment"] == environment
     ]
+
+
+def ghcr_login_fails(scripted_ssm: ScriptedInstances) -> None:
+    """The instance's docker login is refused (its log holds both canaries)."""
+    scripted_ssm.on(
+        BOOTSTRAP_CHECK,
+        Reply(
+            stdout="bootstrap-failed\nghcr-login\n",
+            stderr=f"login with {CANARY_GHCR_TOKEN}: unauthorized\n",
+        ),
+    )
+    scripted_ssm.on(
+        r"cloud-init-output",
+        Reply(
+            stdout='Error response from daemon: Get "https://ghcr.io/v2/": unauthorized\n'
+            f"DATABASE_URL={CANARY_DATABASE_URL}\n"
+        ),
+    )
 
 
 def tunnel(instance_id: str) -> str:
@@ -310,20 +358,7 @@ def test_failed_preview_comments_the_diagnosis_and_fails_the_deployment(
     aws: AwsClients, config: PreviewConfig, github: FakeGitHub, scripted_ssm: ScriptedInstances
 ) -> None:
     github.add_pull(REPO, pull(55, SHA1))
-    scripted_ssm.on(
-        BOOTSTRAP_CHECK,
-        Reply(
-            stdout="bootstrap-failed\nghcr-login\n",
-            stderr=f"login with {CANARY_GHCR_TOKEN}: unauthorized\n",
-        ),
-    )
-    scripted_ssm.on(
-        r"cloud-init-output",
-        Reply(
-            stdout='Error response from daemon: Get "https://ghcr.io/v2/": unauthorized\n'
-            f"DATABASE_URL={CANARY_DATABASE_URL}\n"
-        ),
-    )
+    ghcr_login_fails(scripted_ssm)
     state = pr_preview(REPO, 55, SHA1, config=config, return_state=True)
     assert state.is_failed()
     [instance] = live(aws)  # kept on the short TTL for debugging
@@ -400,3 +435,60 @@ def test_another_users_comment_with_our_marker_is_never_edited(
     [ours] = bot_comments(github, 62)[1:]
     assert ours.splitlines()[1] == "### ✅ Preview ready"
     assert not [r for r in github.sent("PATCH") if r.path.endswith(f"/comments/{theirs}")]
+
+
+def test_an_app_alone_previews_a_pull_request_and_its_check_tells_each_state(
+    aws: AwsClients, config: PreviewConfig, app_github: FakeGitHub
+) -> None:
+    github = app_github
+    github.add_pull(REPO, pull(70, SHA1))
+    planted = github.add_comment(REPO, 70, f"{marker(REPO, 70)}\nnot the bot", user="mallory")
+
+    ready = pr_preview(REPO, 70, SHA1, action="opened", config=config)
+    assert ready.status == "ready"
+    [instance] = live(aws)
+    [history] = github.check_run_states(REPO, SHA1)
+    assert history == [("queued", None), ("in_progress", None), ("completed", "success")]
+    [run] = github.check_runs[REPO]
+    assert (run["name"], run["app"]["id"]) == ("pr-preview", APP_ID)
+    assert run["output"]["title"] == "✅ Preview ready"
+    summary = run["output"]["summary"]
+    assert f"| Instance | `{instance['InstanceId']}` |" in summary
+    assert f"| Expires at | {tags(instance)['shutdown-at']} " in summary
+    assert tunnel(instance["InstanceId"]) in summary
+    [ours] = [c for c in github.comments[(REPO, 70)] if c["id"] != planted]
+    assert ours["user"]["login"] == f"{SLUG}[bot]"
+    assert ours["body"].splitlines()[1] == "### ✅ Preview ready"
+    assert statuses(github, "pr-70") == [(SHA1, ["in_progress", "success"])]
+    assert len(github.sent("GET", "/installation")) == 1  # looked up from the repository
+
+    # A newer push lands before this (late) run of SHA1 reads the pull request.
+    github.pulls[(REPO, 70)] = pull(70, SHA2)
+    stale = pr_preview(REPO, 70, SHA1, config=config, return_state=True)
+    assert stale.name == "Superseded"
+    assert github.check_run_states(REPO, SHA1)[-1] == [("queued", None), ("completed", "neutral")]
+    neutral = github.check_runs[REPO][-1]["output"]
+    assert neutral["title"] == "Superseded" and "the run for the newer push" in neutral["summary"]
+    assert [i["InstanceId"] for i in live(aws)] == [instance["InstanceId"]]
+    assert_app_only(github)
+
+
+def test_an_apps_check_run_fails_with_the_diagnosis_and_its_fix(
+    aws: AwsClients,
+    config: PreviewConfig,
+    app_github: FakeGitHub,
+    scripted_ssm: ScriptedInstances,
+) -> None:
+    github = app_github
+    github.add_pull(REPO, pull(71, SHA1))
+    ghcr_login_fails(scripted_ssm)
+    state = pr_preview(REPO, 71, SHA1, config=config, return_state=True)
+    assert state.is_failed()
+    [history] = github.check_run_states(REPO, SHA1)
+    assert history == [("queued", None), ("in_progress", None), ("completed", "failure")]
+    [run] = github.check_runs[REPO]
+    assert run["output"]["title"] == "❌ Preview failed"
+    assert "<summary>Diagnosis</summary>" in run["output"]["summary"]
+    assert "read:packages" in run["output"]["summary"]  # the fix, from the failure table
+    assert statuses(github, "pr-71") == [(SHA1, ["in_progress", "failure"])]
+    assert_app_only(github)

@@ -1,25 +1,82 @@
 """A fake GitHub REST API behind ``httpx.MockTransport``: answers by URL, records every request.
 
-It keeps pulls, issue comments and deployments in memory and behaves like the real service
-where our client cares: ``per_page`` pagination with ``Link`` headers, 401 for a bad token,
-403 for a token without the permission, 404 for anything unknown, and injectable rate limits
-and 5xx answers.
+It keeps pulls, issue comments, deployments and check runs in memory and behaves like the real
+service where our client cares: ``per_page`` pagination with ``Link`` headers, 401 for a bad
+token, 403 for a token without the permission, 404 for anything unknown, and injectable rate
+limits and 5xx answers.
+
+GitHub Apps as GitHub runs them: the ``/app`` endpoints take only a JWT, verified with the App's
+public key (RS256, ``iss`` the App id, ``exp`` in the future and at most 10 minutes after
+``iat``); an installation access token expires an hour after ``now`` (the fake's clock) and
+answers 401 once expired or once its installation is revoked; comments an installation writes
+belong to ``<slug>[bot]``; check runs take installation tokens only.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import secrets
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 BOT_ID = 41898282
 ALL_PERMISSIONS = frozenset({"pull_requests:read", "issues:write", "deployments:write"})
+# What the README's App asks for, in the fake's permission words.
+APP_PERMISSIONS = ALL_PERMISSIONS | {"checks:write", "contents:read", "metadata:read"}
+TOKEN_LIFETIME = 3600.0
+JWT_MAX_LIFETIME = 600
+
+
+@dataclass
+class FakeApp:
+    app_id: int
+    slug: str
+    public_key: str  # PEM
+    installations: dict[int, set[str]] = field(default_factory=dict)  # id → owners (lower)
+    revoked: set[int] = field(default_factory=set)
+    permissions: frozenset[str] = APP_PERMISSIONS
+
+    @property
+    def bot_login(self) -> str:
+        return f"{self.slug}[bot]"
+
+
+@dataclass
+class IssuedToken:
+    app: FakeApp
+    installation_id: int
+    expires_at: float
+
+
+@functools.cache
+def app_key_pair() -> tuple[str, str]:
+    """An App's private key and the public key GitHub keeps (PEM), made once per process."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,  # what GitHub hands out
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private.decode(), public.decode()
+
+
+def new_format_token() -> str:
+    """Not the ``ghs_`` + 36 characters of today: GitHub says not to rely on either."""
+    return f"ghu2.{secrets.token_urlsafe(60)}.{secrets.token_hex(8)}"
 
 
 @dataclass
@@ -29,6 +86,7 @@ class Recorded:
     params: dict[str, str]
     headers: dict[str, str]
     body: Any
+    status: int | None = None  # what the fake answered
 
     @property
     def authorization(self) -> str | None:
@@ -50,8 +108,13 @@ class FakeGitHub:
     deployments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     statuses: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
+    apps: dict[int, FakeApp] = field(default_factory=dict)
+    issued: dict[str, IssuedToken] = field(default_factory=dict)
+    check_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    mint: Any = new_format_token  # () -> str: the next installation token
     _faults: deque[httpx.Response] = field(default_factory=deque)
     _next_id: int = 1000
+    _acting: IssuedToken | None = None
 
     # --- arranging
 
@@ -69,6 +132,33 @@ class FakeGitHub:
             {"id": comment_id, "body": body, "user": self.user(user)}
         )
         return comment_id
+
+    def add_app(
+        self, app_id: int, slug: str, public_key: str, installations: dict[int, str]
+    ) -> FakeApp:
+        """An App and its installations (id → the owner it is installed on)."""
+        app = FakeApp(
+            app_id,
+            slug,
+            public_key,
+            {number: {owner.lower()} for number, owner in installations.items()},
+        )
+        self.apps[app_id] = app
+        return app
+
+    def revoke(self, installation_id: int) -> None:
+        """The App uninstalled: its tokens stop working and no new one is issued."""
+        for app in self.apps.values():
+            if installation_id in app.installations:
+                app.revoked.add(installation_id)
+
+    def check_run_states(self, repo: str, sha: str) -> list[list[tuple[str, str | None]]]:
+        """Per check run on ``sha``, oldest first: every (status, conclusion) it went through."""
+        return [
+            run["history"]
+            for run in self.check_runs.get(repo.lower(), [])
+            if run["head_sha"] == sha
+        ]
 
     def user(self, login: str) -> dict[str, Any]:
         """A user as GitHub shows it in a comment; ids are stable per login."""
@@ -118,17 +208,21 @@ class FakeGitHub:
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
+        recorded = Recorded(
+            request.method,
+            request.url.path,
+            dict(request.url.params),
+            {k.lower(): v for k, v in request.headers.items()},
+            body,
+        )
+        self.requests.append(recorded)
+        response = self._answer(request, body)
+        recorded.status = response.status_code
+        return response
+
+    def _answer(self, request: httpx.Request, body: Any) -> httpx.Response:
         prefix = httpx.URL(self.base_url).path.rstrip("/")
         path = request.url.path
-        self.requests.append(
-            Recorded(
-                request.method,
-                path,
-                dict(request.url.params),
-                {k.lower(): v for k, v in request.headers.items()},
-                body,
-            )
-        )
         if self._faults:
             return self._faults.popleft()
         if not path.startswith(prefix):
@@ -139,15 +233,91 @@ class FakeGitHub:
         token = auth.split(" ", 1)[1] if " " in auth else None
         if token is None:
             return _error(401, "Requires authentication")
-        if token not in self.tokens:
+        if path == "/app" or path.startswith("/app/") or path.endswith("/installation"):
+            return self._as_app(request, token, path)
+        if token in self.issued:
+            granted, refused = self._installation(token)
+            if refused is not None:
+                return refused
+        elif token in self.tokens:
+            granted = self.tokens[token]
+        else:
             return _error(401, "Bad credentials")
-        granted = self.tokens[token]
+        self._acting = self.issued.get(token)
 
         for pattern, method, handler in self._routes():
             match = re.fullmatch(pattern, path)
             if match and request.method == method:
                 return handler(request, granted, body, *match.groups())
         return _error(404, "Not Found")
+
+    # --- GitHub Apps
+
+    def _verify_jwt(self, token: str) -> FakeApp | httpx.Response:
+        """The App whose key signed ``token``, or GitHub's 401 for a JWT it would refuse."""
+        try:
+            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            app = self.apps.get(int(str(issuer)))
+        except (jwt.PyJWTError, TypeError, ValueError):
+            return _error(401, "A JSON web token could not be decoded")
+        if app is None:
+            return _error(401, "Integration not found")
+        try:  # the signature here; the times against the fake's clock below
+            claims = jwt.decode(
+                token,
+                app.public_key,
+                algorithms=["RS256"],
+                options={"verify_exp": False, "verify_iat": False, "require": ["iat", "exp"]},
+            )
+        except jwt.PyJWTError:
+            return _error(401, "A JSON web token could not be decoded")
+        if int(claims["exp"]) <= self.now:
+            return _error(401, "'Expiration time' claim ('exp') must be a future timestamp")
+        if int(claims["iat"]) > self.now + 60:
+            return _error(401, "'Issued at' claim ('iat') must be an Integer in the past")
+        if int(claims["exp"]) - int(claims["iat"]) > JWT_MAX_LIFETIME:
+            return _error(401, "'Expiration time' claim ('exp') is too far in the future")
+        return app
+
+    def _as_app(self, request: httpx.Request, token: str, path: str) -> httpx.Response:
+        app = self._verify_jwt(token)
+        if isinstance(app, httpx.Response):
+            return app
+        if path == "/app" and request.method == "GET":
+            return httpx.Response(
+                200, json={"id": app.app_id, "slug": app.slug, "name": app.slug.title()}
+            )
+        found = re.fullmatch(r"/repos/([^/]+)/([^/]+)/installation", path)
+        if found and request.method == "GET":
+            owner = found.group(1).lower()
+            for number, owners in app.installations.items():
+                if owner in owners and number not in app.revoked:
+                    return httpx.Response(
+                        200, json={"id": number, "app_id": app.app_id, "app_slug": app.slug}
+                    )
+            return _error(404, "Not Found")
+        found = re.fullmatch(r"/app/installations/(\d+)/access_tokens", path)
+        if found and request.method == "POST":
+            number = int(found.group(1))
+            if number not in app.installations or number in app.revoked:
+                return _error(404, "Not Found")
+            token = self.mint()
+            expires_at = self.now + TOKEN_LIFETIME
+            self.issued[token] = IssuedToken(app, number, expires_at)
+            stamp = datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return httpx.Response(201, json={"token": token, "expires_at": stamp})
+        return _error(404, "Not Found")
+
+    def _installation(self, token: str) -> tuple[frozenset[str], httpx.Response | None]:
+        issued = self.issued[token]
+        if issued.expires_at <= self.now or issued.installation_id in issued.app.revoked:
+            return frozenset(), _error(401, "Bad credentials")
+        return issued.app.permissions, None
+
+    def _author(self) -> dict[str, Any]:
+        """Who the current request writes as: the App's bot, or the token's user."""
+        acting = self._acting
+        return self.user(acting.app.bot_login if acting else self.bot_login)
 
     def _routes(self) -> list[tuple[str, str, Any]]:
         repo = r"/repos/([^/]+/[^/]+)"
@@ -160,6 +330,9 @@ class FakeGitHub:
             (repo + r"/deployments", "GET", self._list_deployments),
             (repo + r"/deployments", "POST", self._create_deployment),
             (repo + r"/deployments/(\d+)/statuses", "POST", self._create_status),
+            (repo + r"/check-runs", "POST", self._create_check_run),
+            (repo + r"/check-runs/(\d+)", "PATCH", self._update_check_run),
+            (repo + r"/commits/([0-9a-f]{7,40})/check-runs", "GET", self._list_check_runs),
         ]
 
     def _id(self) -> int:
@@ -172,6 +345,8 @@ class FakeGitHub:
     def _get_user(
         self, request: httpx.Request, granted: frozenset[str], body: Any
     ) -> httpx.Response:
+        if self._acting is not None:  # an installation is no user
+            return _error(403, "Resource not accessible by integration")
         return httpx.Response(200, json=self.user(self.bot_login))
 
     def _get_pull(
@@ -198,7 +373,7 @@ class FakeGitHub:
             return _error(404, "Not Found")
         if "issues:write" not in granted:
             return _error(403, "Resource not accessible by personal access token")
-        comment = {"id": self._id(), "body": body["body"], "user": self.user(self.bot_login)}
+        comment = {"id": self._id(), "body": body["body"], "user": self._author()}
         self.comments[key].append(comment)
         return httpx.Response(201, json=comment)
 
@@ -268,6 +443,73 @@ class FakeGitHub:
         self.statuses[int(deployment_id)].append(status)
         return httpx.Response(201, json=status)
 
+    def _create_check_run(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str
+    ) -> httpx.Response:
+        if not self._known_repo(repo):
+            return _error(404, "Not Found")
+        if self._acting is None:
+            return _error(403, "You must authenticate via a GitHub App.")
+        if "checks:write" not in granted:
+            return _error(403, "Resource not accessible by integration")
+        problem = _check_run_problem(body, creating=True)
+        if problem:
+            return _error(422, problem)
+        run = {
+            "id": self._id(),
+            "name": body["name"],
+            "head_sha": body["head_sha"],
+            "status": body.get("status", "queued"),
+            "conclusion": body.get("conclusion"),
+            "output": body.get("output"),
+            "details_url": body.get("details_url"),
+            "app": {"id": self._acting.app.app_id, "slug": self._acting.app.slug},
+        }
+        run["history"] = [(run["status"], run["conclusion"])]
+        self.check_runs.setdefault(repo.lower(), []).append(run)
+        return httpx.Response(201, json=_public(run))
+
+    def _update_check_run(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, run_id: str
+    ) -> httpx.Response:
+        runs = [r for r in self.check_runs.get(repo.lower(), []) if r["id"] == int(run_id)]
+        if not runs or self._acting is None:
+            return _error(404, "Not Found")
+        [run] = runs
+        if run["app"]["id"] != self._acting.app.app_id or "checks:write" not in granted:
+            return _error(403, "Resource not accessible by integration")
+        problem = _check_run_problem(body, creating=False)
+        if problem:
+            return _error(422, problem)
+        for key in ("status", "conclusion", "output", "details_url"):
+            if key in body:
+                run[key] = body[key]
+        if body.get("conclusion"):
+            run["status"] = "completed"
+        run["history"].append((run["status"], run["conclusion"]))
+        return httpx.Response(200, json=_public(run))
+
+    def _list_check_runs(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, sha: str
+    ) -> httpx.Response:
+        if not self._known_repo(repo):
+            return _error(404, "Not Found")
+        params = request.url.params
+        runs = [
+            r
+            for r in self.check_runs.get(repo.lower(), [])
+            if r["head_sha"] == sha
+            and params.get("check_name", r["name"]) == r["name"]
+            and params.get("app_id", str(r["app"]["id"])) == str(r["app"]["id"])
+        ]
+        if params.get("filter", "latest") == "latest":
+            latest: dict[tuple[str, int], dict[str, Any]] = {}
+            for run in runs:
+                latest[(run["name"], run["app"]["id"])] = run
+            runs = list(latest.values())
+        found = [_public(r) for r in reversed(runs)]
+        return httpx.Response(200, json={"total_count": len(found), "check_runs": found})
+
     def _page(self, request: httpx.Request, items: list[dict[str, Any]]) -> httpx.Response:
         params = dict(request.url.params)
         per_page = min(int(params.get("per_page", 30)), 100)
@@ -286,6 +528,42 @@ class FakeGitHub:
             links += [link(1, "first"), link(page - 1, "prev")]
         headers = {"Link": ", ".join(links)} if links else {}
         return httpx.Response(200, json=chunk, headers=headers)
+
+
+CHECK_STATUSES = {"queued", "in_progress", "completed"}
+CHECK_CONCLUSIONS = {
+    "action_required",
+    "cancelled",
+    "failure",
+    "neutral",
+    "success",
+    "skipped",
+    "stale",
+    "timed_out",
+}
+
+
+def _check_run_problem(body: Any, *, creating: bool) -> str | None:
+    """GitHub's 422 for a check run it would refuse."""
+    if not isinstance(body, dict):
+        return "Invalid request."
+    if creating and (not body.get("name") or not body.get("head_sha")):
+        return "Invalid request: name and head_sha are required."
+    status, conclusion = body.get("status"), body.get("conclusion")
+    if status is not None and status not in CHECK_STATUSES:
+        return f"Invalid request: status {status!r}."
+    if conclusion is not None and conclusion not in CHECK_CONCLUSIONS:
+        return f"Invalid request: conclusion {conclusion!r}."
+    if status == "completed" and conclusion is None:
+        return "Invalid request: a completed check run needs a conclusion."
+    output = body.get("output")
+    if output is not None and (not output.get("title") or not output.get("summary")):
+        return "Invalid request: output needs a title and a summary."
+    return None
+
+
+def _public(run: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in run.items() if key != "history"}
 
 
 def _error(status: int, message: str) -> httpx.Response:

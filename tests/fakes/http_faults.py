@@ -26,6 +26,12 @@ GITHUB_ROUTES = (
     (r"/repos/[^/]+/[^/]+/issues/comments/\d+", "/repos/{repo}/issues/comments/{id}"),
     (r"/repos/[^/]+/[^/]+/deployments", "/repos/{repo}/deployments"),
     (r"/repos/[^/]+/[^/]+/deployments/\d+/statuses", "/repos/{repo}/deployments/{id}/statuses"),
+    (r"/app", "/app"),
+    (r"/repos/[^/]+/[^/]+/installation", "/repos/{repo}/installation"),
+    (r"/app/installations/\d+/access_tokens", "/app/installations/{id}/access_tokens"),
+    (r"/repos/[^/]+/[^/]+/check-runs", "/repos/{repo}/check-runs"),
+    (r"/repos/[^/]+/[^/]+/check-runs/\d+", "/repos/{repo}/check-runs/{id}"),
+    (r"/repos/[^/]+/[^/]+/commits/[0-9a-f]+/check-runs", "/repos/{repo}/commits/{sha}/check-runs"),
 )
 REGISTRY_ROUTES = (
     (r"/token", "/token"),
