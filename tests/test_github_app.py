@@ -6,12 +6,16 @@ own clock, which the client shares: time moves by assignment, never by sleeping.
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 
+from deployments.events import event_from_delivery
 from tasks.comment import PreviewState, marker, upsert_comment
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.github import GitHub, GitHubAuthError, github_from_config
@@ -230,6 +234,17 @@ def test_with_a_token_only_there_is_no_check_run(fake: FakeGitHub) -> None:
         pr.tell(PreviewState.READY, instance_id="i-0123456789abcdef0")
     assert fake.check_runs == {} and fake.sent(path_contains="check-runs") == []
     assert len(fake.sent("POST", "/issues/7/comments")) == 1
+
+
+def test_an_apps_webhook_delivery_maps_like_the_repository_webhooks() -> None:
+    """The App's webhook replaces the repository's: same deliveries, plus the installation."""
+    payloads = Path(__file__).parent / "data" / "github-payloads"
+    payload = json.loads((payloads / "pull_request.opened.json").read_text())
+    from_app = {**payload, "installation": {"id": INSTALLATION, "node_id": "MDIzOkludGVn"}}
+    delivery = str(uuid.uuid4())
+    expected = event_from_delivery("pull_request", delivery, payload)
+    assert expected is not None
+    assert event_from_delivery("pull_request", delivery, from_app) == expected
 
 
 # --- configuration and the key's sources
