@@ -45,7 +45,7 @@ from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.bake import baked_image_tags
-from tasks.config import ENV_PREFIX, PreviewConfig
+from tasks.config import APP_KEY_PARAMETER_PREFIX, ENV_PREFIX, PreviewConfig
 from tasks.db_access import db_rule_description
 from tasks.launch import LaunchSpec, launch_instance, preview_tags
 from tasks.run_instances import resolve_ami
@@ -62,6 +62,7 @@ INSTANCE_ROLE = IAM / "instance-role-policy.json"
 PURPOSE = PreviewConfig.model_fields["purpose_tag"].default
 DB_SG_PLACEHOLDER = "arn:aws:ec2:*:*:security-group/DB_SECURITY_GROUP_ID"
 PARAMETERS = "arn:aws:ssm:*:*:parameter/pr-preview/*"
+APP_KEY = "arn:aws:ssm:*:*:parameter/pr-preview-app/*"
 INSTANCE_ARN = "arn:aws:ec2:*:*:instance/*"
 IMAGE_ARN = "arn:aws:ec2:*::image/*"
 SNAPSHOT_ARN = "arn:aws:ec2:*::snapshot/*"
@@ -547,10 +548,13 @@ def test_the_conditions_hold_structurally() -> None:
     assert condition(pass_role, "StringEquals", "iam:PassedToService") == ["ec2.amazonaws.com"]
     assert "*" not in as_list(pass_role["Resource"])
 
-    for path in (ORCHESTRATOR, INSTANCE_ROLE):
-        for action in ("ssm:GetParameter", "ssm:GetParameters"):
-            for statement in allowing(path, action):
-                assert as_list(statement["Resource"]) == [PARAMETERS], statement
+    # Parameters: the preview secrets for both; the GitHub App's key for the flows alone.
+    for path, readable in ((ORCHESTRATOR, [APP_KEY, PARAMETERS]), (INSTANCE_ROLE, [PARAMETERS])):
+        reads = allowing(path, "ssm:GetParameter")
+        assert sorted(r for s in reads for r in as_list(s["Resource"])) == readable, path
+        for statement in allowing(path, "ssm:GetParameters"):
+            assert as_list(statement["Resource"]) == [PARAMETERS], statement
+    assert APP_KEY.endswith(f":parameter{APP_KEY_PARAMETER_PREFIX}*")
     assert allowed_actions(INSTANCE_ROLE) == {"ssm:GetParameter", "kms:Decrypt"}
 
 
