@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from tasks.budget import grace
 from tasks.comment import CommentState, PreviewState, headline, marker, post_comment
 from tasks.config import PreviewConfig
 from tasks.cost import preview_cost
@@ -180,10 +181,13 @@ class PullRequestReport:
             yield
         except Exception as exc:
             if not self.check_concluded:
-                self._check(FAILURE, headline(PreviewState.FAILED), f"{type(exc).__name__}: {exc}")
+                with grace():  # a run past its budget still concludes its check
+                    why = f"{type(exc).__name__}: {exc}"
+                    self._check(FAILURE, headline(PreviewState.FAILED), why)
             raise
         if not self.check_concluded:
-            self._check(NEUTRAL, "Nothing deployed", "The run ended without deploying.")
+            with grace():
+                self._check(NEUTRAL, "Nothing deployed", "The run ended without deploying.")
 
     def _check(self, target: CheckTarget | None, title: str, summary: str) -> None:
         if target is None or not self.sha or not self.github.checks_enabled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import jwt
 import pytest
 
 from deployments.events import event_from_delivery
+from tasks.budget import RunTimedOut, check_budget, run_budget
 from tasks.comment import PreviewState, marker, upsert_comment
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.github import GitHub, GitHubAuthError, github_from_config
@@ -208,6 +210,16 @@ def test_a_run_that_raises_fails_its_check_with_secrets_masked(fake: FakeGitHub)
     assert run["history"][-1] == ("completed", "failure")
     assert "TimeoutError: lock not acquired" in run["output"]["summary"]
     assert CANARY_GHCR_TOKEN not in run["output"]["summary"]
+
+
+def test_a_run_past_its_budget_still_concludes_its_check(fake: FakeGitHub) -> None:
+    pr = report(app_client(fake, INSTALLATION))
+    with pytest.raises(RunTimedOut), run_budget(0.05), pr.check_run():
+        time.sleep(0.06)  # the run's whole budget, spent waiting
+        check_budget("migrate")
+    [history] = fake.check_run_states(REPO, SHA)
+    assert history == [("queued", None), ("completed", "failure")]
+    assert "budget" in fake.check_runs[REPO][0]["output"]["summary"]
 
 
 def test_a_crash_report_concludes_the_open_check_of_the_dead_run(fake: FakeGitHub) -> None:
