@@ -473,7 +473,7 @@ def test_an_app_alone_previews_a_pull_request_and_its_check_tells_each_state(
     assert_app_only(github)
 
 
-def test_an_apps_check_run_fails_with_the_diagnosis_and_its_fix(
+def test_an_apps_check_run_fails_with_the_diagnosis_and_is_neutral_for_a_fork(
     aws: AwsClients,
     config: PreviewConfig,
     app_github: FakeGitHub,
@@ -491,4 +491,12 @@ def test_an_apps_check_run_fails_with_the_diagnosis_and_its_fix(
     assert "<summary>Diagnosis</summary>" in run["output"]["summary"]
     assert "read:packages" in run["output"]["summary"]  # the fix, from the failure table
     assert statuses(github, "pr-71") == [(SHA1, ["in_progress", "failure"])]
+
+    # A fork not allow-listed: refused, said in the comment and as a neutral check.
+    github.add_pull(REPO, pull(72, SHA2, head_repo=FORK))
+    refused = pr_preview(REPO, 72, SHA2, action="opened", head_repo=FORK, config=config)
+    assert refused.status == "refused_fork"
+    assert github.check_run_states(REPO, SHA2) == [[("queued", None), ("completed", "neutral")]]
+    assert github.check_runs[REPO][-1]["output"]["title"] == "🚫 Preview refused"
+    assert len(live(aws)) == 1  # only the failed preview, kept for debugging
     assert_app_only(github)
