@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m local_stack.demo $(if $(KEEP),--keep,)
+	$(BIN)/python -m local_stack.demo $(if $(KEEP),--keep,) $(if $(DB),--db $(DB),)
 
 $(ACTIONLINT):
 	mkdir -p build/actionlint

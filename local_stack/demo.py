@@ -164,7 +164,7 @@ def show_runs(runs: list[dict[str, Any]], seen: set[str]) -> list[str]:
     return failed
 
 
-def run(keep: bool) -> int:
+def run(keep: bool, db: str = "sqlite") -> int:
     started = time.monotonic()
     from local_stack.moto_server import moto_process
 
@@ -213,13 +213,18 @@ def run(keep: bool) -> int:
         registry = FakeRegistry(scheme="http", users={DEMO_OWNER: DEMO_GHCR_TOKEN})
         with (
             serve_handler(registry.handle) as registry_url,
-            prefect_stack(Path(tmp) / "prefect") as stack,
+            prefect_stack(Path(tmp) / "prefect", db=db) as stack,
         ):
             registry.host = registry_url.removeprefix("http://")
             moto.bridge(registry.host, registry.host)
             image = f"{registry.host}/{REPO}"
             banner("2. A local Prefect server, the deployments of prefect.yaml, a worker")
             say(f"   Prefect UI {stack.ui_url}")
+            if stack.database:
+                say(
+                    f"   its database: PostgreSQL {stack.database.version} on 127.0.0.1:"
+                    f"{stack.database.postgres.port} (the URL only in the server's environment)"
+                )
             stack.set_variable(
                 VARIABLE_NAME,
                 {
@@ -322,9 +327,15 @@ def stop_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
+    parser.add_argument(
+        "--db",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the Prefect server's database (postgres: a real PostgreSQL, started here)",
+    )
     args = parser.parse_args(argv)
     stop_on_signals()
-    return run(keep=args.keep)
+    return run(keep=args.keep, db=args.db)
 
 
 if __name__ == "__main__":

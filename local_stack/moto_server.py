@@ -204,12 +204,17 @@ class MotoProcess:
 
 @contextmanager
 def moto_process(
-    log: Path, *, runtime: str = "scripted", instances_root: Path | None = None
+    log: Path,
+    *,
+    runtime: str = "scripted",
+    instances_root: Path | None = None,
+    command: list[str] | None = None,
 ) -> Iterator[MotoProcess]:
     """A moto server process with scripted instances or, with ``runtime="real"``, instances
-    that boot for real in sandboxes under ``instances_root``."""
+    that boot for real in sandboxes under ``instances_root``. ``command`` starts another
+    server that speaks the same protocol (prints ``MOTO_URL``, reads stdin), e.g. a bench's."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "local_stack.moto_server", "--runtime", runtime]
+    argv = command or [sys.executable, "-m", "local_stack.moto_server", "--runtime", runtime]
     if instances_root is not None:
         argv += ["--instances-root", str(instances_root)]
     with log.open("ab") as errors:

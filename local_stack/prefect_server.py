@@ -22,9 +22,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from local_stack.prefect_postgres import PrefectDatabase
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WORK_POOL = "pr-preview"
@@ -116,6 +119,7 @@ class PrefectStack:
     api_url: str
     env: dict[str, str]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    database: PrefectDatabase | None = None  # None: SQLite under ``home``
 
     @property
     def ui_url(self) -> str:
@@ -160,6 +164,10 @@ class PrefectStack:
         )
         self.processes.append(worker)
         return worker
+
+    def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
+        """``count`` process workers on the one pool, each logging to ``worker-<n>.log``."""
+        return [self.start_worker(self.home / f"worker-{n}.log") for n in range(1, count + 1)]
 
     def client(self) -> httpx.Client:
         """An API client that retries what a busy server answers (as Prefect's own does)."""
@@ -216,8 +224,27 @@ class PrefectStack:
 
 
 @contextmanager
-def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[PrefectStack]:
-    """A Prefect server on a free port, stopped (with every process started on it) at the end."""
+def prefect_stack(
+    home: Path, extra_env: Mapping[str, str] = {}, *, db: str = "sqlite"
+) -> Iterator[PrefectStack]:
+    """A Prefect server on a free port, stopped (with every process started on it) at the end.
+
+    ``db="postgres"``: its database on a PostgreSQL of its own (``prefect_postgres.py``),
+    whose URL only the server's environment holds; SQLite otherwise."""
+    with contextlib.ExitStack() as resources:
+        database = None
+        if db == "postgres":
+            from local_stack.prefect_postgres import prefect_database
+
+            database = resources.enter_context(prefect_database(home / "postgres"))
+        elif db != "sqlite":
+            raise ValueError(f"db must be sqlite or postgres, not {db!r}")
+        yield from _serve(home, extra_env, database)
+
+
+def _serve(
+    home: Path, extra_env: Mapping[str, str], database: PrefectDatabase | None
+) -> Iterator[PrefectStack]:
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = quiet_env(home, {**extra_env, "PREFECT_API_URL": api_url})
@@ -227,7 +254,8 @@ def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[Pre
         [
             sys.executable,
             "-m",
-            "local_stack.sqlite_server",
+            # SQLite needs its transactions begun IMMEDIATE (sqlite_server.py); PostgreSQL not.
+            "prefect" if database else "local_stack.sqlite_server",
             "server",
             "start",
             "--host",
@@ -236,12 +264,12 @@ def prefect_stack(home: Path, extra_env: Mapping[str, str] = {}) -> Iterator[Pre
             str(port),
         ],
         cwd=PROJECT_DIR,
-        env=env,
+        env={**env, **(database.server_env() if database else {})},
         stdout=log,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent,
     )
-    stack = PrefectStack(home, api_url, env, [server])
+    stack = PrefectStack(home, api_url, env, [server], database)
     try:
         deadline = time.monotonic() + 60
         while True:

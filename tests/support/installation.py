@@ -157,14 +157,20 @@ class Installation:
 
 
 @contextmanager
-def running_installation(home: Path) -> Iterator[Installation]:
-    """Start every piece of the installation; stop all of them (and restore os.environ) after."""
+def running_installation(
+    home: Path, *, db: str = "sqlite", workers: int = 1, moto_command: list[str] | None = None
+) -> Iterator[Installation]:
+    """Start every piece of the installation; stop all of them (and restore os.environ) after.
+
+    ``db`` is the Prefect server's database (``sqlite`` or ``postgres``), ``workers`` how many
+    process workers poll the pool, ``moto_command`` another moto server (see ``moto_process``).
+    """
     saved = dict(os.environ)
     github = FakeGitHub(tokens={TOKEN: FakeGitHub().tokens["good-token"]})
     registry = FakeRegistry(scheme="http", users={"octo-org": DEMO_GHCR_TOKEN})
     try:
         with (
-            moto_process(home / "moto.log") as moto,
+            moto_process(home / "moto.log", command=moto_command) as moto,
             serve_handler(registry.handle) as registry_url,
             serve_handler(github.handle) as github_url,
         ):
@@ -181,9 +187,9 @@ def running_installation(home: Path) -> Iterator[Installation]:
             os.environ.pop("PREFECT_API_URL", None)
             aws = build_clients(PreviewConfig(region="ap-northeast-1"))
             account = create_demo_account(aws)
-            with prefect_stack(home / "prefect") as stack:
+            with prefect_stack(home / "prefect", db=db) as stack:
                 stack.deploy()
-                stack.start_worker(Path(stack.home) / "worker.log")
+                stack.start_workers(workers)
                 with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
                     found = Installation(stack, receiver, aws, account, registry, github, moto)
                     found.configure()
