@@ -3,8 +3,10 @@
 One clean run of each flow is recorded first — every AWS ``service.Operation`` the flow's own
 boto3 sessions attempted (``aws_faults().calls``) and every HTTP call to GitHub and the registry
 by route — and that recording *is* the list of calls, so a call added later joins the matrix by
-itself. Each (flow, call) then runs twice more: with a transient fault (throttling or 5xx twice,
-then success) and with a permanent one (every attempt fails). After each run an invariant
+itself. Each call then fails for good, one run per (flow, call): every call's own failure path.
+Transient faults (throttling or 5xx twice, then success) go into every call of one run at once:
+each call must ride out its own faults, so one run per flow shows every call's retry path, at a
+twentieth of the cost of a run per call. After each run an invariant
 checker looks at moto's state, the fake GitHub and the run's Prefect logs and artifacts:
 
 - ``tags``:      no live instance without Purpose, PR and shutdown-at tags;
@@ -351,6 +353,7 @@ class Case:
     seconds: float = 0.0
     broken: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)  # faulted calls the run never made
 
     def row(self) -> dict[str, Any]:
         """Plain values only: the row travels from an xdist worker to the controller."""
@@ -372,28 +375,39 @@ def aws_fault(call: str, fault: str, faults: AwsFaults) -> None:
     faults.fail(call, code, status=status, times=TRANSIENT_TIMES if fault == "transient" else None)
 
 
-def run_case(world: World, flow: Flow, call: str = "", fault: str = "clean") -> Case:
+def run_case(world: World, flow: Flow, calls: tuple[str, ...] = (), fault: str = "clean") -> Case:
+    """One run of ``flow`` with ``fault`` injected into each of ``calls`` (none: a clean run)."""
     world.reset()
     seeded = flow.seed(world)
     before = {i["InstanceId"] for i in instances(world.clients)}
-    case = Case(flow.name, call or "(clean run)", fault)
+    label = calls[0] if len(calls) == 1 else f"(all {len(calls)} calls)" if calls else "(clean run)"
+    case = Case(flow.name, label, fault)
     times = TRANSIENT_TIMES if fault == "transient" else None
-    if call.startswith(("GET ", "POST ", "PATCH ", "HEAD ", "PUT ", "DELETE ")):
-        routes = world.github_routes if " github " in call else world.registry_routes
-        headers = GITHUB_FAULT_HEADERS if routes is world.github_routes else {}
-        routes.fail(call, 503, times=times, headers=headers)
+    for call in calls:
+        if call.startswith(("GET ", "POST ", "PATCH ", "HEAD ", "PUT ", "DELETE ")):
+            routes = world.github_routes if " github " in call else world.registry_routes
+            headers = GITHUB_FAULT_HEADERS if routes is world.github_routes else {}
+            routes.fail(call, 503, times=times, headers=headers)
     started = time.monotonic()
     # No heartbeat thread: joining it costs up to 1 s per run, and these runs last seconds.
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), aws_faults() as faults:
-        if call and "." in call.split(" ")[0]:
-            aws_fault(call, fault, faults)
-        state = flow.run(world)
+        for call in calls:
+            if "." in call.split(" ")[0]:
+                aws_fault(call, fault, faults)
+        configured = world.config
+        if len(calls) > 1 and times:
+            # A step retries as a whole: one whose k calls all fail `times` times needs k·times
+            # retries before every call has had its faults (one layer of retries per call);
+            # 20, the most the configuration allows, covers a step of up to ten calls.
+            world.config = configured.model_copy(update={"task_retries": 20})
+        try:
+            state = flow.run(world)
+        finally:
+            world.config = configured
     case.seconds = time.monotonic() - started
-    case.injected = (
-        faults.injected[call]
-        + world.github_routes.injected[call]
-        + world.registry_routes.injected[call]
-    )
+    hit = faults.injected + world.github_routes.injected + world.registry_routes.injected
+    case.injected = sum(hit[call] for call in calls)
+    case.missed = [call for call in calls if not hit[call]]
     case.calls = sorted({*faults.calls, *world.github_routes.calls, *world.registry_routes.calls})
     case.outcome = "failed" if state.is_failed() or state.is_crashed() else "completed"
     result = state.result(raise_on_failure=False)
@@ -593,14 +607,19 @@ def test_clean_run_is_recorded(
 def test_fault_matrix(
     world: World, github_env: None, record_property: RecordProperty, flow_name: str, fault: str
 ) -> None:
+    """A permanent fault, one call at a time: each call's own failure path. Transient faults, on
+    every call of the run at once: each call must ride out its own two faults, so one run shows
+    every call's retry path (and a retry that repeats a call's side effect shows in the state)."""
     flow = FLOWS[flow_name]
+    calls = tuple(recorded(world, flow).calls)
+    batches = [calls] if fault == "transient" else [(call,) for call in calls]
     broken = []
-    for call in recorded(world, flow).calls:
-        case = run_case(world, flow, call, fault)
+    for batch in batches:
+        case = run_case(world, flow, batch, fault)
         record_property(PROPERTY, case.row())
-        if not case.injected:
-            case.broken["injected"] = "the fault was never hit"
-        broken += [f"{call}: {name}: {why}" for name, why in case.broken.items()]
+        if case.missed:
+            case.broken["injected"] = f"the fault was never hit: {case.missed}"
+        broken += [f"{case.call}: {name}: {why}" for name, why in case.broken.items()]
     assert not broken, "\n".join(broken)
 
 

@@ -34,7 +34,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     grid: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
         grid.setdefault((row["flow"], row["call"]), {})[row["fault"]] = row
-    header = ("flow", "call", "transient (2 faults, then success)", "permanent (every attempt)")
+    header = ("flow", "call", "transient (2 faults each, then ok)", "permanent (every attempt)")
     lines = [
         " | ".join(h.ljust(w) for h, w in zip(header, WIDTHS, strict=True)),
         "-+-".join("-" * w for w in WIDTHS),
