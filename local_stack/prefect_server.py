@@ -152,10 +152,12 @@ class PrefectStack:
             self.prefect("work-pool", "set-concurrency-limit", WORK_POOL, "4")
         self.prefect("--no-prompt", "deploy", "--all")
 
-    def start_worker(self, log: Path) -> subprocess.Popen[bytes]:
+    def start_worker(self, log: Path, limit: int | None = None) -> subprocess.Popen[bytes]:
+        """A process worker on the pool; ``limit``: at most that many of its runs at a time."""
         handle = log.open("ab")
+        at_most = ["--limit", str(limit)] if limit else []
         worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL],
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, *at_most],
             cwd=PROJECT_DIR,
             env=self.env,
             stdout=handle,
@@ -165,9 +167,11 @@ class PrefectStack:
         self.processes.append(worker)
         return worker
 
-    def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
+    def start_workers(self, count: int, limit: int | None = None) -> list[subprocess.Popen[bytes]]:
         """``count`` process workers on the one pool, each logging to ``worker-<n>.log``."""
-        return [self.start_worker(self.home / f"worker-{n}.log") for n in range(1, count + 1)]
+        return [
+            self.start_worker(self.home / f"worker-{n}.log", limit) for n in range(1, count + 1)
+        ]
 
     def client(self) -> httpx.Client:
         """An API client that retries what a busy server answers (as Prefect's own does)."""
@@ -317,12 +321,16 @@ def pull_request_payload(
     *,
     head_repo: str | None = None,
     merged: bool = False,
+    labels: tuple[str, ...] = (),
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """A ``pull_request`` delivery with the fields GitHub sends that the mapping reads."""
+    """A ``pull_request`` delivery with the fields GitHub sends that the mapping reads;
+    ``label`` is the one a ``labeled``/``unlabeled`` delivery is about."""
     owner = repo.split("/")[0]
     head_repo = head_repo or repo
     return {
         "action": action,
+        **({"label": {"name": label}} if label else {}),
         "number": number,
         "pull_request": {
             "number": number,
@@ -333,6 +341,7 @@ def pull_request_payload(
             "head": {"sha": head_sha, "ref": "feature", "repo": {"full_name": head_repo}},
             "base": {"sha": "0" * 40, "ref": "main", "repo": {"full_name": repo}},
             "user": {"login": owner},
+            "labels": [{"name": name} for name in labels],
         },
         "repository": {"full_name": repo, "name": repo.split("/")[1], "owner": {"login": owner}},
         "sender": {"login": owner},

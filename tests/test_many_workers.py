@@ -27,8 +27,9 @@ PREVIEW = "pr-preview/pr-preview"
 
 @pytest.fixture(scope="module")
 def on_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    # Two runs at a time each (the pool's four): neither worker can take every run alone.
     with running_installation(
-        tmp_path_factory.mktemp("postgres-installation"), db="postgres", workers=2
+        tmp_path_factory.mktemp("postgres-installation"), db="postgres", workers=2, worker_limit=2
     ) as found:
         yield found
 

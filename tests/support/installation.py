@@ -158,12 +158,18 @@ class Installation:
 
 @contextmanager
 def running_installation(
-    home: Path, *, db: str = "sqlite", workers: int = 1, moto_command: list[str] | None = None
+    home: Path,
+    *,
+    db: str = "sqlite",
+    workers: int = 1,
+    worker_limit: int | None = None,
+    moto_command: list[str] | None = None,
 ) -> Iterator[Installation]:
     """Start every piece of the installation; stop all of them (and restore os.environ) after.
 
     ``db`` is the Prefect server's database (``sqlite`` or ``postgres``), ``workers`` how many
-    process workers poll the pool, ``moto_command`` another moto server (see ``moto_process``).
+    process workers poll the pool (each running at most ``worker_limit`` runs at a time),
+    ``moto_command`` another moto server (see ``moto_process``).
     """
     saved = dict(os.environ)
     github = FakeGitHub(tokens={TOKEN: FakeGitHub().tokens["good-token"]})
@@ -189,7 +195,7 @@ def running_installation(
             account = create_demo_account(aws)
             with prefect_stack(home / "prefect", db=db) as stack:
                 stack.deploy()
-                stack.start_workers(workers)
+                stack.start_workers(workers, worker_limit)
                 with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
                     found = Installation(stack, receiver, aws, account, registry, github, moto)
                     found.configure()
