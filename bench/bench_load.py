@@ -27,7 +27,6 @@ import os
 import re
 import resource
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -141,6 +140,13 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every core since boot (/proc/stat): everyone's processes."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return float(sum(fields) - idle), float(sum(fields))
+
+
 def cpu_seconds(pid: int) -> float:
     """The process's CPU and that of the children it reaped (flow runs, PostgreSQL backends)."""
     try:
@@ -211,6 +217,8 @@ class Row:
     peak_mb: dict[str, float]
     cpu: dict[str, float]
     wall: float
+    machine_busy: float = 0.0  # share of all cores busy meanwhile, other users' work included
+    finished_per_minute: float = 0.0
     durations: list[float] = field(default_factory=list)  # run start → end
     failures: list[str] = field(default_factory=list)
     bottleneck: str = ""
@@ -218,6 +226,10 @@ class Row:
 
 def _epoch(stamp: str | None) -> float | None:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else None
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds != float("inf") else "unf"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -314,7 +326,11 @@ def run_config(
     with (
         tempfile.TemporaryDirectory(prefix=f"bench-load-{name}-") as tmp,
         running_installation(
-            home / name if home else Path(tmp), db=db, workers=workers, moto_command=moto
+            home / name if home else Path(tmp),
+            db=db,
+            workers=workers,
+            moto_command=moto,
+            spool=True,
         ) as found,
     ):
         stack = found.stack
@@ -327,12 +343,14 @@ def run_config(
         }
         cpu_before = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in roots.items()}
         self_before = resource.getrusage(resource.RUSAGE_SELF)
+        busy_before = machine_busy()
         began = time.time()
         with Usage(roots).sampling() as usage:
             sent = deliver_all(found, numbers, seconds)
             accepted = [s for s in sent if s.status in (200, 202)]
             runs = wait_drained(stack, len(accepted), timeout)
         wall = time.time() - began
+        busy_after = machine_busy()
         self_after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = {
             group: sum(cpu_seconds(pid) for pid in pids) - cpu_before[group]
@@ -349,8 +367,9 @@ def run_config(
             if at is None:
                 continue
             created.append((_epoch(run["created"]) or at) - at)
-            if (start := _epoch(run["start_time"])) is not None:
-                started.append(start - at)
+            start = _epoch(run["start_time"])
+            # A run that never started within the window counts as later than every one that did.
+            started.append(start - at if start is not None else float("inf"))
             end = _epoch(run["end_time"])
             if run["state_name"] == "Completed" and end is not None:
                 ready.append(end - at)
@@ -366,6 +385,10 @@ def run_config(
                 by_pr.setdefault(int(labels["PR"]), []).append(labels.get("Sha", ""))
         live_ok = sum(1 for pr in numbers if by_pr.get(pr) == [newest.get(pr)])
         states = [run["state_type"] for run in runs]
+        # A delivery that made no run counts as never created and never started.
+        created += [float("inf")] * max(0, len(accepted) - len(created))
+        started += [float("inf")] * max(0, len(accepted) - len(runs))
+        ended = [e for run in runs if (e := _epoch(run["end_time"])) is not None]
         row = Row(
             name=name,
             sent=len(sent),
@@ -387,6 +410,8 @@ def run_config(
             peak_mb=dict(usage.peak_mb),
             cpu=cpu,
             wall=wall,
+            machine_busy=(busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]),
+            finished_per_minute=60 * len(ended) / wall if wall else 0.0,
             durations=durations,
             failures=failures,
         )
@@ -396,31 +421,32 @@ def run_config(
 
 
 def bottleneck(row: Row) -> str:
-    """Named from the measurements: how busy the cores were, who used them, where runs waited."""
+    """Named from the measurements: how busy the cores were (ours and everyone's), who used
+    them, and where a run waited longest."""
     cores = os.cpu_count() or 1
     total = sum(row.cpu.values())
-    busy = total / (cores * row.wall) if row.wall else 0.0
+    ours = total / (cores * row.wall) if row.wall else 0.0
     top, top_cpu = max(row.cpu.items(), key=lambda item: item[1])
-    waited_trigger = statistics.median(row.created) if row.created else float("nan")
-    waited_start = statistics.median(row.started) - waited_trigger if row.started else float("nan")
+    waited_trigger = _pct(row.created, 0.5)
+    waited_start = _pct(row.started, 0.5) - waited_trigger
     longest = (
         "the server's reactive triggers (event → run created, one event at a time)"
         if waited_trigger > waited_start
-        else "the pool's queue (run created → started: 4 runs at a time, a fresh interpreter each)"
-    )
-    where = (
-        f"the longer wait is {longest}: median {waited_trigger:.1f} s webhook→created,"
-        f" {waited_start:.1f} s created→started"
+        else "the pool's queue and process start (run created → started: 4 runs at a time,"
+        " each a fresh interpreter importing Prefect)"
     )
     shares = ", ".join(
         f"{group} {seconds / total:.0%}"
         for group, seconds in sorted(row.cpu.items(), key=lambda item: -item[1])
         if total and seconds / total >= 0.03
     )
-    verdict = "CPU-bound" if busy >= 0.8 else "not CPU-bound"
+    verdict = "CPU-bound" if row.machine_busy >= 0.85 else "not CPU-bound"
     return (
-        f"{verdict}: {busy:.0%} of {cores} cores for {row.wall:.0f} s, {top} the largest"
-        f" ({top_cpu:.0f} CPU-s; {shares}); {where}"
+        f"{verdict}: the {cores} cores {row.machine_busy:.0%} busy ({ours:.0%} ours) for"
+        f" {row.wall:.0f} s; {top} used the most ({top_cpu:.0f} CPU-s; {shares}); the longest"
+        f" wait is {longest}: median {_fmt(waited_trigger)} s webhook→created,"
+        f" {_fmt(waited_start)} s created→started; {row.finished_per_minute:.1f} runs"
+        " finished a minute"
     )
 
 
@@ -447,9 +473,9 @@ def print_table(rows: list[Row], scale: float) -> None:
         print(
             f"{row.name:<11}{row.accepted:>5}/{row.sent:<3}{row.events:>7}{row.runs:>5}"
             f"{row.crashed:>6}{row.failed:>5}{row.server_5xx:>5}"
-            f"{_pct(row.created, 0.5):>9.1f}/{_pct(row.created, 0.95):<8.1f}"
-            f"{_pct(row.started, 0.5):>8.1f}/{_pct(row.started, 0.95):<7.1f}"
-            f"{_pct(row.ready, 0.5):>8.1f}/{_pct(row.ready, 0.95):<7.1f}"
+            f"{_fmt(_pct(row.created, 0.5)):>9}/{_fmt(_pct(row.created, 0.95)):<8}"
+            f"{_fmt(_pct(row.started, 0.5)):>8}/{_fmt(_pct(row.started, 0.95)):<7}"
+            f"{_fmt(_pct(row.ready, 0.5)):>8}/{_fmt(_pct(row.ready, 0.95)):<7}"
             f"{rss:>19}{row.live_ok:>8}/{row.prs:<3}"
         )
     print()
@@ -467,11 +493,11 @@ def print_table(rows: list[Row], scale: float) -> None:
     if base and len(rows) > 1:
         print()
         for row in rows:
-            if row is not base and base.started and row.started:
+            if row is not base and base.finished_per_minute and base.started and row.started:
                 print(
-                    f"{row.name} / sqlite-1: p95 →start ×"
-                    f" {_pct(row.started, 0.95) / _pct(base.started, 0.95):.2f},"
-                    f" wall × {row.wall / base.wall:.2f}"
+                    f"{row.name} / sqlite-1: runs finished a minute ×"
+                    f" {row.finished_per_minute / base.finished_per_minute:.2f},"
+                    f" p50 →start × {_pct(row.started, 0.5) / _pct(base.started, 0.5):.2f}"
                 )
     target = next((row for row in rows if row.name == "postgres-4"), None)
     if target:

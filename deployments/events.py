@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.inputs import is_repo, is_sha
+from tasks.inputs import is_repo, is_sha, label_names
 
-HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed"})
+HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed", "labeled", "unlabeled"})
+MAX_LABELS = 100  # GitHub allows 100 labels on an issue
 
 ROUTES: Mapping[tuple[str, str], str] = {
     ("pull_request", action): f"github.pull_request.{action}" for action in sorted(HANDLED_ACTIONS)
@@ -80,6 +81,7 @@ def event_from_delivery(event_name: str, delivery_id: str, payload: dict[str, An
         raise MalformedDelivery("pull_request.head.repo.full_name is not owner/name")
     sender = _optional_str(payload.get("sender"), "login")
     title = pr.get("title") if isinstance(pr.get("title"), str) else None
+    label = _optional_str(payload.get("label"), "name")  # labeled/unlabeled: the label's name
 
     related = [
         {
@@ -115,6 +117,9 @@ def event_from_delivery(event_name: str, delivery_id: str, payload: dict[str, An
             "fork": head_repo != repo,
             "sender": sender,
             "title": title,
+            "label": label,
+            "labels": label_names(pr)[:MAX_LABELS],
+            "branch": head.get("ref") if isinstance(head.get("ref"), str) else None,
         },
     }
 

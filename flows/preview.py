@@ -21,6 +21,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
+from tasks.app_env import branch_or_empty, preview_env
 from tasks.aws import AwsClients, build_clients
 from tasks.budget import grace, run_budget
 from tasks.check_image import check_image
@@ -30,12 +31,13 @@ from tasks.db_access import open_db_access
 from tasks.diagnose import diagnose
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
-from tasks.guards import guard
+from tasks.guards import check_trigger, guard
 from tasks.inputs import check_inputs
 from tasks.launch import LaunchSpec, launch
 from tasks.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
-from tasks.migrate import migrate
+from tasks.migrate import migrate, seed
 from tasks.outcome import Outcome
+from tasks.prefect_context import rename_run
 from tasks.preflight import preflight
 from tasks.probe import ProbeResult, probe
 from tasks.report import PullRequestReport
@@ -74,6 +76,7 @@ class PreviewResult:
     replaced: list[str] = field(default_factory=list)
     probe: str = ""
     reason: str = ""
+    branch: str = ""  # the PR's head branch, when the event named one
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
@@ -105,18 +108,25 @@ def pr_preview(
     head_repo: str | None = None,
     config: PreviewConfig | None = None,
     requested_at: datetime | None = None,
+    label: str | None = None,
+    labels: list[str] | None = None,
+    branch: str | None = None,
 ) -> PreviewResult:
     """Give pull request ``repo#pr_number`` a working preview of ``head_sha``.
 
     ``requested_at`` is when the event behind the run arrived (the trigger passes the event's
     receipt time): it orders previews for ``max_previews``. Without it, the run's scheduled
-    start stands in.
+    start stands in. ``label`` (of a ``labeled`` event) and ``labels`` (the PR's, as the event
+    saw them) matter with ``trigger_mode: label`` only. ``branch`` is the PR's head branch
+    (``PR_BRANCH`` in the app's environment).
     """
     check_inputs(repo, pr_number, head_sha)
     settings = load_config(config)
     requested = requested_at or flow_run.get_scheduled_start_time() or datetime.now(UTC)
     with run_budget(settings.preview_timeout_seconds()):
-        return _preview(repo, pr_number, head_sha, action, head_repo, settings, requested)
+        return _preview(
+            repo, pr_number, head_sha, action, head_repo, settings, requested, label, labels, branch
+        )
 
 
 def _preview(
@@ -127,9 +137,13 @@ def _preview(
     head_repo: str | None,
     settings: PreviewConfig,
     requested_at: datetime,
+    label: str | None = None,
+    labels: list[str] | None = None,
+    branch: str | None = None,
 ) -> PreviewResult:
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
+    result.branch = branch_or_empty(branch)
     if not settings.serves(repo):
         # Before any client exists: no instance, no secret, no comment for a stranger's repo.
         result.status, result.reason = Outcome.NOT_ALLOWED, settings.not_served(repo)
@@ -139,6 +153,13 @@ def _preview(
         result.reason = "the pull request is closed: nothing is launched"
         logger.info(result.reason)
         return result
+    trigger = check_trigger(settings.trigger_mode, settings.preview_label, action, label or None)
+    if not trigger.ok:  # a label that asks for nothing: no client, no comment
+        assert trigger.verdict is not None
+        result.status, result.reason = trigger.verdict, trigger.reason
+        logger.info("not launching: %s", trigger.reason)
+        return _ended_as(trigger.verdict, result)
+    required_label = settings.preview_label if settings.trigger_mode == "label" else None
 
     clients = build_clients(settings)
     github = github_from_config(settings)
@@ -162,7 +183,14 @@ def _preview(
         # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
         try:
             verdict = guard(
-                github, repo, pr_number, head_sha, head_repo or None, settings.allowed_fork_repos
+                github,
+                repo,
+                pr_number,
+                head_sha,
+                head_repo or None,
+                settings.allowed_fork_repos,
+                required_label,
+                labels,
             )
         except Exception as exc:
             with grace():
@@ -245,7 +273,9 @@ def _deploy(
         health = preview_health(clients, settings, instance_id)
         if health.healthy:
             try:
-                updated = update_in_place(clients, settings, instance_id, repo, sha)
+                updated = update_in_place(
+                    clients, settings, instance_id, repo, sha, _app_env(settings, result)
+                )
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
                 result.launched_at = updated.launched_at
                 _migrate_and_probe(clients, settings, result)
@@ -315,7 +345,9 @@ def _deploy_on_spare(
     result.instance_id, result.path = instance_id, "spare"
     emit_instance_event("spare.claimed", instance_id, result.repo, result.pr_number, sha=result.sha)
     try:
-        updated = update_in_place(clients, settings, instance_id, result.repo, result.sha)
+        updated = update_in_place(
+            clients, settings, instance_id, result.repo, result.sha, _app_env(settings, result)
+        )
         result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
         open_db_access(clients.ec2, settings, instance_id)
         _migrate_and_probe(clients, settings, result)
@@ -323,6 +355,10 @@ def _deploy_on_spare(
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
     result.status = "ready"
+
+
+def _app_env(settings: PreviewConfig, result: PreviewResult) -> dict[str, str]:
+    return preview_env(settings, result.repo, result.pr_number, result.sha, result.branch)
 
 
 def _failed_after_launch(
@@ -364,6 +400,8 @@ def _failed_after_launch(
 def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: PreviewResult) -> None:
     instance_id = result.instance_id or ""
     migrate(clients, settings, instance_id)
+    if settings.seed_command:
+        seed(clients, settings, instance_id)
     answer: ProbeResult = probe(clients, settings, instance_id)
     result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
     # Ready: only now does the preview get its full TTL (it ran on the short one until here).
@@ -375,6 +413,8 @@ def _ended_as(outcome: Outcome, result: PreviewResult) -> PreviewResult:
 
     Prefect unwraps a returned state: a caller gets ``result``, the UI shows the name.
     """
+    if outcome.run_name_suffix:
+        rename_run(outcome.run_name_suffix)
     state: State[PreviewResult] = Completed(
         name=outcome.state_name,
         message=result.reason,

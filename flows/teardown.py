@@ -1,4 +1,5 @@
-"""Tear down one pull request's preview when it closes (runbook §2.8)."""
+"""Tear down one pull request's preview when it closes (runbook §2.8), or when it loses the
+preview label (``trigger_mode: label``)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from tasks.config import PreviewConfig, load_config
 from tasks.db_access import close_db_access
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
-from tasks.guards import confirm_closed
+from tasks.guards import check_trigger, confirm_closed, confirm_unlabeled
 from tasks.inputs import check_inputs
 from tasks.locks import delete_lock, hold, pr_lock_name
 from tasks.outcome import Outcome
+from tasks.prefect_context import rename_run
 from tasks.report import PullRequestReport
 from tasks.run_end import state_hook
 from tasks.teardown import teardown
@@ -41,24 +43,44 @@ class TeardownResult:
     on_crashed=[state_hook],
     on_cancellation=[state_hook],
 )
-def pr_teardown(repo: str, pr_number: int, config: PreviewConfig | None = None) -> TeardownResult:
-    """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay."""
+def pr_teardown(
+    repo: str,
+    pr_number: int,
+    config: PreviewConfig | None = None,
+    action: str = "closed",
+    label: str | None = None,
+) -> TeardownResult:
+    """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay.
+
+    ``action`` ``unlabeled`` with ``label`` the preview label (``trigger_mode: label``) tears
+    down the same way; any other label changes nothing."""
     check_inputs(repo, pr_number)
     settings = load_config(config)
     if not settings.serves(repo):
-        reason = settings.not_served(repo)
-        get_run_logger().warning("not tearing down: %s", reason)
-        state: State[TeardownResult] = Completed(
-            name=Outcome.NOT_ALLOWED.state_name,
-            message=reason,
-            data=TeardownResult(repo, pr_number),
-        )
-        return cast(TeardownResult, state)
+        return _nothing_done(repo, pr_number, Outcome.NOT_ALLOWED, settings.not_served(repo))
+    trigger = check_trigger(settings.trigger_mode, settings.preview_label, action, label or None)
+    if not trigger.ok:
+        assert trigger.verdict is not None
+        return _nothing_done(repo, pr_number, trigger.verdict, trigger.reason)
+    unlabeled = action == "unlabeled"
     with run_budget(settings.teardown_timeout_seconds()):
-        return _teardown(repo, pr_number, settings)
+        return _teardown(repo, pr_number, settings, unlabeled)
 
 
-def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownResult:
+def _nothing_done(repo: str, pr_number: int, outcome: Outcome, reason: str) -> TeardownResult:
+    """Completed, named after why nothing was torn down (the run's name too, for a label)."""
+    get_run_logger().warning("not tearing down: %s", reason)
+    if outcome.run_name_suffix:
+        rename_run(outcome.run_name_suffix)
+    state: State[TeardownResult] = Completed(
+        name=outcome.state_name, message=reason, data=TeardownResult(repo, pr_number)
+    )
+    return cast(TeardownResult, state)
+
+
+def _teardown(
+    repo: str, pr_number: int, settings: PreviewConfig, unlabeled: bool = False
+) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings)
     report = PullRequestReport(
@@ -74,16 +96,16 @@ def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownRes
     lock = pr_lock_name(repo, pr_number)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with github, hold(lock, lease_seconds=lease, timeout_seconds=wait):
-        # 0. Only a pull request that GitHub says is closed (a forged event changes nothing).
-        closed = confirm_closed(github, repo, pr_number)
-        if not closed.ok:
-            get_run_logger().warning("not tearing down: %s", closed.reason)
-            state: State[TeardownResult] = Completed(
-                name=Outcome.STILL_OPEN.state_name,
-                message=closed.reason,
-                data=TeardownResult(repo, pr_number),
-            )
-            return cast(TeardownResult, state)
+        # 0. Only a pull request that GitHub says is closed, or no longer labelled (a forged
+        #    or stale event changes nothing).
+        if unlabeled:
+            confirmed = confirm_unlabeled(github, repo, pr_number, settings.preview_label)
+        else:
+            confirmed = confirm_closed(github, repo, pr_number)
+        if not confirmed.ok:
+            assert confirmed.verdict is not None
+            return _nothing_done(repo, pr_number, confirmed.verdict, confirmed.reason)
+        why = "preview label removed" if unlabeled else "pull request closed"
         # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
         try:
             removed = teardown(clients.ec2, settings, repo, pr_number)
@@ -96,20 +118,20 @@ def _teardown(repo: str, pr_number: int, settings: PreviewConfig) -> TeardownRes
                 )
             raise
         for instance_id in removed.instance_ids:
-            emit_instance_event(
-                "terminated", instance_id, repo, pr_number, reason="pull request closed"
-            )
+            emit_instance_event("terminated", instance_id, repo, pr_number, reason=why)
 
         # 2. Tell the pull request: the comment says torn down, the deployment goes inactive.
         report.tell(
             PreviewState.TORN_DOWN,
             instance_id=", ".join(removed.instance_ids) or None,
+            detail=f"The `{settings.preview_label}` label was removed." if unlabeled else None,
         )
         # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
         close_db_access(clients.ec2, settings, removed.instance_ids)
 
     # 4. A closed PR needs no lock any more (a reopened one creates it again).
-    delete_lock(lock)
+    if not unlabeled:
+        delete_lock(lock)
     result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)
     create_markdown_artifact(
         markdown=(

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import string
 import types
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -60,6 +62,9 @@ USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # (!$&'()*;), and %-escapes.
 PROBE_PATH_PATTERN = re.compile(r"/(?:[A-Za-z0-9._~:@+,=/-]|%[0-9A-Fa-f]{2})*")
 COMMAND_MAX_LENGTH = 1000
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+ENV_FIELDS = frozenset({"pr_number", "sha", "repo", "branch"})
+RESERVED_ENV = frozenset({"PR_NUMBER", "GIT_SHA", "PR_BRANCH", "DATABASE_URL", "APP_IMAGE"})
 
 
 class ConfigError(ValueError):
@@ -145,6 +150,25 @@ class PreviewConfig(BaseModel):
         False, description="Runbook §2.5: add the preview's public IP/32 to db-sg on 5432."
     )
     migration_command: str = Field("alembic upgrade head", min_length=1)
+    seed_command: str | None = Field(
+        None,
+        description="Run in the app service after a preview's first successful migration"
+        " (e.g. python -m app.seed); split into arguments like migration_command.",
+    )
+    seed_on_every_deploy: bool = Field(
+        False, description="Seed after every deploy's migration, not only a preview's first."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Variables of the app's environment; values may use {pr_number}, {sha},"
+        " {repo} and {branch}. PR_NUMBER, GIT_SHA and PR_BRANCH are always set.",
+    )
+    env_parameter_path: str | None = Field(
+        None,
+        description=f"A Parameter Store path under {PARAMETER_PREFIX} (e.g. /pr-preview/env):"
+        " every parameter below it is a secret variable of the app, named after its last"
+        " segment, read by the instance at boot and on every push.",
+    )
     probe_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/docs"], min_length=1)
 
     # --- Lifetimes and capacity
@@ -181,6 +205,17 @@ class PreviewConfig(BaseModel):
     allowed_repos: list[str] = Field(
         default_factory=list,
         description="Repositories served: 'owner/name' or 'owner/*'; none when empty.",
+    )
+    trigger_mode: Literal["all", "label"] = Field(
+        "all",
+        description="all: every open PR gets a preview; label: only a PR that carries"
+        " preview_label (labeling it launches, removing the label tears down).",
+    )
+    preview_label: str = Field(
+        "preview",
+        min_length=1,
+        max_length=50,
+        description="The GitHub label that asks for a preview when trigger_mode is label.",
     )
 
     # --- GitHub
@@ -340,6 +375,41 @@ class PreviewConfig(BaseModel):
             )
         return value
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, template in value.items():
+            if not ENV_NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"{name[:100]!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} is set by pr-preview itself")
+            _env_template(name, template)
+        return value
+
+    @field_validator("env_parameter_path")
+    @classmethod
+    def _env_parameter_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = _absolute_path(value.rstrip("/"))
+        if not path.startswith(PARAMETER_PREFIX) or len(path) <= len(PARAMETER_PREFIX):
+            raise ValueError(
+                f"{value!r} is not a path below {PARAMETER_PREFIX} (the only parameters the"
+                " instance role may read), e.g. /pr-preview/env"
+            )
+        return path
+
+    @model_validator(mode="after")
+    def _secrets_stay_ours(self) -> PreviewConfig:
+        path = self.env_parameter_path
+        for name in (self.ghcr_token_parameter, self.database_url_parameter):
+            if path is not None and name.startswith(path + "/"):
+                raise ValueError(
+                    f"env_parameter_path {path} holds {name}: the app would get it as a"
+                    " variable; choose a path of its own (e.g. /pr-preview/env)"
+                )
+        return self
+
     @field_validator("compose_version")
     @classmethod
     def _compose_version(cls, value: str) -> str:
@@ -354,21 +424,24 @@ class PreviewConfig(BaseModel):
             raise ValueError(f"{value!r} is not a registry user name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
         return value
 
-    @field_validator("migration_command")
+    @field_validator("migration_command", "seed_command")
     @classmethod
-    def _migration_command(cls, value: str) -> str:
+    def _container_command(cls, value: str | None, info: ValidationInfo) -> str | None:
         """A command by design, run in the app container as its arguments: split like a shell
         splits words (``tasks.migrate``), so it must parse, and it must be one line."""
+        if value is None:
+            return None
+        what = f"the {info.field_name.replace('_', ' ')}" if info.field_name else "the command"
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
-            raise ValueError("the migration command must be one line without control characters")
+            raise ValueError(f"{what} must be one line without control characters")
         if len(value) > COMMAND_MAX_LENGTH:
-            raise ValueError(f"the migration command is at most {COMMAND_MAX_LENGTH} characters")
+            raise ValueError(f"{what} is at most {COMMAND_MAX_LENGTH} characters")
         try:
             words = shlex.split(value)
         except ValueError as exc:
-            raise ValueError(f"the migration command does not parse: {exc}") from None
+            raise ValueError(f"{what} does not parse: {exc}") from None
         if not words:
-            raise ValueError("the migration command is empty")
+            raise ValueError(f"{what} is empty")
         return value
 
     def preview_timeout_seconds(self) -> float:
@@ -408,6 +481,29 @@ def _absolute_path(value: str) -> str:
     return value
 
 
+def _env_template(name: str, template: str) -> None:
+    """One line, and only the placeholders ``{pr_number}``, ``{sha}``, ``{repo}``, ``{branch}``
+    (``{{``/``}}`` for braces)."""
+    if len(template) > COMMAND_MAX_LENGTH or any(
+        ord(char) < 32 or ord(char) == 127 for char in template
+    ):
+        raise ValueError(f"env {name}: one line of at most {COMMAND_MAX_LENGTH} characters")
+    try:
+        fields = [
+            (field, spec, conversion)
+            for _, field, spec, conversion in string.Formatter().parse(template)
+            if field is not None
+        ]
+    except ValueError as exc:
+        raise ValueError(f"env {name}: {exc} (write {{{{ and }}}} for braces)") from None
+    for field, spec, conversion in fields:
+        if field not in ENV_FIELDS or spec or conversion:
+            raise ValueError(
+                f"env {name}: {{{field}}} is not one of {{pr_number}}, {{sha}}, {{repo}},"
+                " {branch}"
+            )
+
+
 def _is_list_field(name: str) -> bool:
     annotation = PreviewConfig.model_fields[name].annotation
     if get_origin(annotation) in (Union, types.UnionType):
@@ -424,6 +520,13 @@ def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         if _is_list_field(name):
             values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+        elif PreviewConfig.model_fields[name].annotation == dict[str, str]:
+            try:
+                values[name] = json.loads(raw)  # a map: a JSON object
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()} is not a JSON object: {exc}"
+                ) from None
         else:
             values[name] = raw.strip()
     return values

@@ -299,6 +299,13 @@ SIGNATURES: tuple[Signature, ...] = (
         "Check the user and password in the DATABASE_URL parameter against the database.",
     ),
     _sig(
+        "seed-failed",
+        r"seed command failed",
+        "The seed command (seed_command) failed after the migrations ran.",
+        "Read the seed's output in the run's log, fix the seed (or seed_command) and push: the"
+        " next deploy seeds again, as this instance was never marked seeded.",
+    ),
+    _sig(
         "migration-failed",
         r"sqlalchemy\.exc\.(?:ProgrammingError|DataError|IntegrityError|NotSupportedError)"
         r"|alembic\.util\.exc\.CommandError|Can't locate revision",

@@ -1,4 +1,5 @@
-"""What the preview must not run: closed PRs, fork PRs not allow-listed, superseded pushes.
+"""What the preview must not run: closed PRs, unlabelled PRs in label mode, fork PRs not
+allow-listed, superseded pushes.
 
 Pure functions over the pull request as the REST API (or the webhook) returns it, so the flow
 can decide before anything is launched and the tests can feed real payloads.
@@ -6,11 +7,12 @@ can decide before anything is launched and the tests can feed real payloads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.github import GitHub, GitHubError
+from tasks.inputs import label_names
 from tasks.outcome import Outcome
 from tasks.step import step
 
@@ -35,6 +37,43 @@ def _full_name(side: Mapping[str, Any] | None) -> str | None:
     return str(name) if name else None
 
 
+LABEL_ACTIONS = frozenset({"labeled", "unlabeled"})
+
+
+def same_label(one: str | None, other: str) -> bool:
+    """GitHub label names are unique regardless of case."""
+    return one is not None and one.casefold() == other.casefold()
+
+
+def check_trigger(
+    trigger_mode: str, preview_label: str, action: str, label: str | None
+) -> GuardResult:
+    """Whether a label event concerns previews at all, from the configuration and the event
+    alone (before any client exists). Other actions pass: the PR's labels are the guard's."""
+    if action not in LABEL_ACTIONS:
+        return GuardResult(None, f"{action} is not a label event")
+    if trigger_mode != "label":
+        return GuardResult(
+            Outcome.LABEL_IGNORED,
+            f"trigger_mode is {trigger_mode}: labels neither start nor stop previews",
+        )
+    if not same_label(label, preview_label):
+        return GuardResult(
+            Outcome.LABEL_IGNORED,
+            f"the label {(label or '')[:50]!r} is not {preview_label!r}: nothing to do",
+        )
+    done = "added to" if action == "labeled" else "removed from"
+    return GuardResult(None, f"the {preview_label!r} label was {done} the pull request")
+
+
+def _not_labeled(which: str, required_label: str) -> GuardResult:
+    return GuardResult(
+        Outcome.NOT_LABELED,
+        f"{which} does not carry the {required_label!r} label (trigger_mode"
+        " label): no preview is launched; add the label to get one",
+    )
+
+
 def is_fork(pull: Mapping[str, Any]) -> bool:
     """Head repository differs from the base one; a deleted head repository counts as a fork."""
     head = _full_name(pull.get("head"))
@@ -47,12 +86,14 @@ def check_pull(
     expected_repo: str,
     head_sha: str,
     allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
 ) -> GuardResult:
     """Whether a run for ``head_sha`` of this PR may launch a preview.
 
-    Checked in this order: closed (never launched), fork (refused unless the fork itself or the
-    base repository is in ``allowed_fork_repos`` — listing the base repository admits every
-    fork), superseded (a newer push exists; its own run will do the work).
+    Checked in this order: closed (never launched), without ``required_label`` (label mode),
+    fork (refused unless the fork itself or the base repository is in ``allowed_fork_repos`` —
+    listing the base repository admits every fork), superseded (a newer push exists; its own
+    run will do the work).
     """
     number = pull.get("number")
     base = _full_name(pull.get("base"))
@@ -65,6 +106,10 @@ def check_pull(
         return GuardResult(
             Outcome.CLOSED, f"pull request #{number} is {what}; no preview is launched"
         )
+    if required_label is not None and not any(
+        same_label(name, required_label) for name in label_names(pull)
+    ):
+        return _not_labeled(f"pull request #{number}", required_label)
 
     if is_fork(pull):
         head = _full_name(pull.get("head"))
@@ -95,9 +140,17 @@ def check_pull(
 
 
 def check_event(
-    repo: str, head_repo: str | None, allowed_fork_repos: Iterable[str] = ()
+    repo: str,
+    head_repo: str | None,
+    allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> GuardResult:
-    """The fork guard from the webhook's own fields, for runs without a GitHub token."""
+    """The fork and label guards from the webhook's own fields, for runs without a GitHub
+    token. ``labels`` None (a run started by hand) is not checked: starting one asks for it."""
+    labelled = labels is None or any(same_label(name, required_label or "") for name in labels)
+    if required_label is not None and not labelled:
+        return _not_labeled("the pull request", required_label)
     allowed = {name.lower() for name in allowed_fork_repos}
     if head_repo and head_repo.lower() != repo.lower():
         if repo.lower() in allowed or head_repo.lower() in allowed:
@@ -118,11 +171,17 @@ def guard(
     head_sha: str,
     head_repo: str | None = None,
     allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
+    event_labels: Sequence[str] | None = None,
 ) -> GuardResult:
-    """Read the pull request as it is now and decide whether this run may launch."""
+    """Read the pull request as it is now and decide whether this run may launch.
+
+    ``required_label`` (label mode) is checked on the PR's labels as GitHub holds them now —
+    an event's may be stale — and on ``event_labels`` only without a token."""
     if not github.enabled:
-        return check_event(repo, head_repo, allowed_fork_repos)
-    return check_pull(github.get_pull(repo, pr_number), repo, head_sha, allowed_fork_repos)
+        return check_event(repo, head_repo, allowed_fork_repos, required_label, event_labels)
+    pull = github.get_pull(repo, pr_number)
+    return check_pull(pull, repo, head_sha, allowed_fork_repos, required_label)
 
 
 @step(retry=False)
@@ -143,3 +202,22 @@ def confirm_closed(github: GitHub, repo: str, pr_number: int) -> GuardResult:
             " nothing was torn down",
         )
     return GuardResult(None, f"pull request #{pr_number} is closed")
+
+
+@step(retry=False)
+def confirm_unlabeled(github: GitHub, repo: str, pr_number: int, label: str) -> GuardResult:
+    """Before a teardown for a removed label: does the PR really no longer carry it? A stale
+    ``unlabeled`` event (the label was put back) must not take a live preview down."""
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the unlabeled event is taken as it is")
+    try:
+        pull = github.get_pull(repo, pr_number)
+    except GitHubError as exc:
+        return GuardResult(None, f"GitHub could not confirm the label is off ({exc}); tearing down")
+    if pull.get("state") == "open" and any(same_label(n, label) for n in label_names(pull)):
+        return GuardResult(
+            Outcome.STILL_LABELED,
+            f"pull request #{pr_number} carries the {label!r} label on GitHub: the unlabeled"
+            " event is stale; nothing was torn down",
+        )
+    return GuardResult(None, f"the {label!r} label is off pull request #{pr_number}")

@@ -8,7 +8,8 @@ trailing newline through), and no ``.`` or ``..`` segment.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}")
@@ -52,3 +53,15 @@ def repo_allowed(repo: str, patterns: Iterable[str]) -> bool:
         if want_owner == owner and want_name in ("*", name):
             return True
     return False
+
+
+def label_names(pull: Mapping[str, Any]) -> list[str]:
+    """The names of the labels a pull request (REST API or webhook form) carries."""
+    labels = pull.get("labels")
+    if not isinstance(labels, list):
+        return []
+    return [
+        str(item["name"])
+        for item in labels
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str)
+    ]

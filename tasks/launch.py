@@ -11,6 +11,13 @@ from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+from tasks.app_env import (
+    PREVIEW_ENV_FILE,
+    SECRETS_ENV_FILE,
+    preview_env,
+    read_secrets_script,
+    write_preview_env,
+)
 from tasks.config import PreviewConfig
 from tasks.inputs import check_inputs
 from tasks.instances import find_previews
@@ -59,6 +66,7 @@ class LaunchSpec:
     pr_number: int
     sha: str
     requested_at: datetime | None = None  # when the event arrived: the preview's recency
+    branch: str = ""  # the PR's head branch: PR_BRANCH and {branch} in the app's env
 
     @property
     def name(self) -> str:
@@ -107,7 +115,8 @@ def compose_file(config: PreviewConfig) -> str:
         "services:",
         f"  {config.app_service}:",
         "    image: ${APP_IMAGE}",
-        "    env_file: [app.env]",
+        # Later files win: our DATABASE_URL and PR_* over the secrets and settings.
+        f"    env_file: [{SECRETS_ENV_FILE}, {PREVIEW_ENV_FILE}, app.env]",
         f'    ports: ["127.0.0.1:{port}:{port}"]',
         "    restart: unless-stopped",
     ]
@@ -153,6 +162,9 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
         registry=q(image.split("/", 1)[0]),
         registry_username=q(config.registry_username(spec.repo)),
         spare_stop="",
+        preview_env=write_preview_env(
+            preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
+        ),
     )
 
 
@@ -168,6 +180,7 @@ def render_spare_user_data(config: PreviewConfig) -> str:
         registry="",
         registry_username="",
         spare_stop=SPARE_STOP,
+        preview_env=f": > {PREVIEW_ENV_FILE}",  # the PR that claims the spare writes it
     )
     return script[: script.index(SPARE_STOP) + len(SPARE_STOP)] + "\n"
 
@@ -193,6 +206,7 @@ def _render(config: PreviewConfig, **values: str) -> str:
         region=q(config.region),
         ghcr_token_parameter=q(config.ghcr_token_parameter),
         database_env=database_env,
+        read_secrets=read_secrets_script(config),
         compose_file=q(compose_file(config)),
     )
     template = files("tasks").joinpath("templates/user_data.sh").read_text()

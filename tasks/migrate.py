@@ -28,6 +28,7 @@ from tenacity import (
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.masking import mask_secrets
+from tasks.on_instance import STATE_DIR
 from tasks.prefect_context import run_logger
 from tasks.ssm import CommandResult, CommandTimeout, run_command
 from tasks.step import step
@@ -55,6 +56,9 @@ PERMANENT_FAILURES = re.compile(
     re.IGNORECASE,
 )
 OUTPUT_TAIL = 4000
+SEED_LOG_TAIL = 2000
+SEEDED = f"{STATE_DIR}/seeded"
+SEEDED_BEFORE = "pr-preview: seeded by an earlier deploy"  # what seed_commands says on a skip
 MIGRATE_OUTPUT_BYTES = 20000  # under SSM's 24,000-character cut of stdout
 
 
@@ -83,13 +87,14 @@ def last_error(output: str) -> str:
     return mask_secrets((errors or lines or [""])[-1])[:500]
 
 
-def migrate_commands(config: PreviewConfig) -> list[str]:
-    """``migration_command`` becomes the container's arguments: split into words as a shell
-    would, each word quoted, so no shell — the instance's root shell or one in the container —
-    interprets it (``;``, ``$(...)`` or ``&&`` are plain arguments). A migration that needs a
-    shell says so: ``sh -c 'alembic upgrade head && python -m app.seed'``."""
+def migrate_commands(config: PreviewConfig, command: str | None = None) -> list[str]:
+    """``migration_command`` (or ``command``) becomes the container's arguments: split into
+    words as a shell would, each word quoted, so no shell — the instance's root shell or one in
+    the container — interprets it (``;``, ``$(...)`` or ``&&`` are plain arguments). A command
+    that needs a shell says so: ``sh -c 'alembic upgrade head && python -m app.seed'``."""
     compose = shlex.quote(f"{config.app_dir}/docker-compose.yml")
-    argv = " ".join(shlex.quote(word) for word in shlex.split(config.migration_command))
+    words = shlex.split(command or config.migration_command)
+    argv = " ".join(shlex.quote(word) for word in words)
     return [
         "set -eu",
         f"cd {shlex.quote(config.app_dir)}",
@@ -102,6 +107,18 @@ def migrate_commands(config: PreviewConfig) -> list[str]:
         f'tail -c {MIGRATE_OUTPUT_BYTES} "$log"',
         'exit "$status"',
     ]
+
+
+def seed_commands(config: PreviewConfig) -> list[str]:
+    """``seed_command`` in the app service, like a migration, once per instance: a marker in
+    the state dir says it succeeded (a relaunched preview, with its fresh database, seeds
+    again); ``seed_on_every_deploy`` seeds after every deploy."""
+    assert config.seed_command is not None
+    marker = shlex.quote(SEEDED)
+    skip = f"if [ -f {marker} ]; then echo {shlex.quote(SEEDED_BEFORE)}; exit 0; fi"
+    once = [] if config.seed_on_every_deploy else [skip]
+    run = migrate_commands(config, config.seed_command)
+    return [*run[:2], *once, *run[2:-1], f'if [ "$status" = 0 ]; then touch {marker}; fi', run[-1]]
 
 
 def run_migrations(
@@ -166,6 +183,62 @@ def run_migrations(
     )(attempt)
     assert result is not None
     return MigrateResult(instance_id, attempts, time.monotonic() - started, last_output)
+
+
+class SeedFailed(Exception):
+    """The seed command failed; ``output`` is the tail of what it printed (masked)."""
+
+    def __init__(self, message: str, *, output: str) -> None:
+        self.output = output
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    instance_id: str
+    ran: bool  # False: seeded before, by an earlier deploy on this instance
+    output: str
+
+
+def run_seed(ssm: SSMClient, instance_id: str, config: PreviewConfig) -> SeedResult:
+    """One run of ``seed_command`` (a seed is not retried: it may have half-written data)."""
+    try:
+        result = run_command(
+            ssm,
+            instance_id,
+            seed_commands(config),
+            timeout_seconds=config.migrate_timeout_seconds,
+            poll_seconds=min(config.poll_seconds, 1.0),
+            comment="pr-preview seed",
+        )
+    except CommandTimeout as exc:
+        raise SeedFailed(f"seed command failed on {instance_id}: {exc}", output="") from exc
+    output = mask_secrets(result.output[-OUTPUT_TAIL:])
+    if result.ok and result.stdout.strip() == SEEDED_BEFORE:
+        return SeedResult(instance_id, False, output)
+    if not result.ok:
+        raise SeedFailed(
+            f"seed command failed on {instance_id} (exit {result.exit_code}):"
+            f" {last_error(result.output)}",
+            output=output,
+        )
+    return SeedResult(instance_id, True, output)
+
+
+@step(needs_lock=True)
+def seed(clients: AwsClients, config: PreviewConfig, instance_id: str) -> SeedResult:
+    """Prefect wrapper: the output's tail goes to the run's log, failed or not."""
+    log = run_logger(logger)
+    try:
+        result = run_seed(clients.ssm, instance_id, config)
+    except SeedFailed as exc:
+        log.error("seed output (tail):\n%s", exc.output[-SEED_LOG_TAIL:] or "(none)")
+        raise
+    if result.ran:
+        log.info("seeded %s; output (tail):\n%s", instance_id, result.output[-SEED_LOG_TAIL:])
+    else:
+        log.info("%s was seeded by an earlier deploy: not seeding again", instance_id)
+    return result
 
 
 @step(needs_lock=True)

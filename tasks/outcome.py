@@ -14,7 +14,18 @@ class Outcome(StrEnum):
     NO_ROOM = "no_room"
     NOT_ALLOWED = "not_allowed"
     STILL_OPEN = "still_open"
+    NOT_LABELED = "not_labeled"  # trigger_mode label: the PR does not carry preview_label
+    LABEL_IGNORED = "label_ignored"  # a label event that asks for nothing
+    STILL_LABELED = "still_labeled"  # an unlabeled event, but GitHub says the label is there
 
     @property
     def state_name(self) -> str:
         return self.value.replace("_", " ").title()
+
+    @property
+    def run_name_suffix(self) -> str | None:
+        """What the run's name gains (``pr-7-1a2b3c4-not-labeled``) when a label decided that
+        it does nothing: a push to an unlabelled PR is visible as such in the runs list."""
+        if self in (Outcome.NOT_LABELED, Outcome.LABEL_IGNORED, Outcome.STILL_LABELED):
+            return self.value.replace("_", "-")
+        return None

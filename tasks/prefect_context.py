@@ -25,3 +25,20 @@ def run_logger(fallback: logging.Logger) -> logging.Logger | logging.LoggerAdapt
         return get_run_logger()
     except MissingContextError:
         return fallback
+
+
+def rename_run(suffix: str) -> None:
+    """Append ``suffix`` to the current flow run's name, so the runs list says why a run did
+    nothing; outside a run (or when the API refuses) the name stays."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    name = f"{context.flow_run.name}-{suffix}"
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(context.flow_run.id, name=name)
+    except Exception as exc:  # a cosmetic change must not fail the run
+        run_logger(logging.getLogger(__name__)).warning("run not renamed to %s: %s", name, exc)

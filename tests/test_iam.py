@@ -247,6 +247,7 @@ def record(
     """A preview's whole life, a failed run, the sweeper and the operator's commands."""
     config.image = f"{registry.host}/octo-org/app"
     config.db_sg_open_public_ip = True  # runbook §2.5's optional db-sg path, so its calls happen
+    config.env_parameter_path = "/pr-preview/env"  # the app's secrets, read by the instances
     registry.users["octo-org"] = CANARY_GHCR_TOKEN
     for sha in (SHA1, SHA2):
         registry.push("octo-org/app", sha, private=True)
@@ -555,7 +556,14 @@ def test_the_conditions_hold_structurally() -> None:
         for statement in allowing(path, "ssm:GetParameters"):
             assert as_list(statement["Resource"]) == [PARAMETERS], statement
     assert APP_KEY.endswith(f":parameter{APP_KEY_PARAMETER_PREFIX}*")
-    assert allowed_actions(INSTANCE_ROLE) == {"ssm:GetParameter", "kms:Decrypt"}
+    # The instance role lists the app's secrets too (env_parameter_path), under /pr-preview/ only.
+    [by_path] = allowing(INSTANCE_ROLE, "ssm:GetParametersByPath")
+    assert as_list(by_path["Resource"]) == [PARAMETERS]
+    assert allowed_actions(INSTANCE_ROLE) == {
+        "ssm:GetParameter",
+        "ssm:GetParametersByPath",
+        "kms:Decrypt",
+    }
 
 
 # --- parliament -----------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def test_other_events_are_accepted_and_ignored(
 def test_unhandled_pull_request_actions_are_accepted_and_ignored(
     client: TestClient, prefect: FakePrefectEvents
 ) -> None:
-    response = deliver(client, "pull_request", payload_bytes("pull_request.labeled.json"))
+    edited = json.loads(payload_bytes("pull_request.opened.json")) | {"action": "edited"}
+    response = deliver(client, "pull_request", json.dumps(edited).encode())
 
     assert response.status_code == 202
     assert prefect.posts == []
@@ -243,6 +244,7 @@ def test_unhandled_pull_request_actions_are_accepted_and_ignored(
         ("pull_request.reopened.json", "github.pull_request.reopened"),
         ("pull_request.closed.json", "github.pull_request.closed"),
         ("pull_request.closed.with-organization.json", "github.pull_request.closed"),
+        ("pull_request.labeled.json", "github.pull_request.labeled"),
     ],
 )
 def test_handled_actions_are_emitted(

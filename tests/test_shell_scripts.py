@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 import tasks.launch
+from tasks.app_env import preview_env
 from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
 from tasks.launch import LaunchSpec, render_spare_user_data, render_user_data
-from tasks.migrate import migrate_commands
+from tasks.migrate import migrate_commands, seed_commands
 from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, app_state_check, port_check
 from tasks.probe import probe_command
 from tasks.update import deploy_commands, health_commands, ttl_commands
@@ -35,7 +36,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 
 # The real tools the scripts may use; everything else in the sandbox is a stub.
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
-REAL_TOOLS += ("mktemp", "tail", "touch", "tr", "uname")
+REAL_TOOLS += ("find", "mktemp", "sort", "tail", "touch", "tr", "uname")
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {
     "shutdown": STUB_LOG,
@@ -45,7 +46,13 @@ STUBS = {
     "sleep": STUB_LOG,
     "cloud-init": STUB_LOG + "echo 'status: running'\n",
     # aws ssm get-parameter ... --name NAME: the file $SANDBOX/params/NAME, or ParameterNotFound
+    # get-parameters-by-path --path PATH: the files under $SANDBOX/params/PATH, tab-separated
     "aws": STUB_LOG
+    + 'if [ "$2" = get-parameters-by-path ]; then\n'
+    + '  while [ $# -gt 0 ]; do [ "$1" = --path ] && path=$2; shift; done\n'
+    + '  cd "$SANDBOX/params" && find ".$path" -type f | sort | sed "s/^[.]//" | tr "\\n" "\\t"\n'
+    + "  echo; exit 0\n"
+    + "fi\n"
     + 'while [ $# -gt 0 ]; do [ "$1" = --name ] && name=$2; shift; done\n'
     + 'if [ -f "$SANDBOX/params$name" ]; then cat "$SANDBOX/params$name"; exit 0; fi\n'
     + 'echo "An error occurred (ParameterNotFound) when calling GetParameter" >&2; exit 254\n',
@@ -135,6 +142,9 @@ def configs() -> Iterator[tuple[str, PreviewConfig]]:
             migration_command="sh -c 'alembic upgrade head && python -m app.seed'",
             probe_paths=["/health%20check", "/docs"],
             ghcr_username="octo-bot",
+            env={"APP_URL": "https://pr-{pr_number}.example/{branch}?a='b'&c=$HOME"},
+            env_parameter_path="/pr-preview/env",
+            seed_command="python -m app.seed --users 'a b'",
         ),
     )
 
@@ -148,8 +158,14 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
         "wait-ready-app-port": port_check(config.app_port),
         "wait-ready-app-state": app_state_check(config.app_dir, config.app_service),
         "migrate": migrate_commands(config),
+        **({"seed": seed_commands(config)} if config.seed_command else {}),
         "update-health": health_commands(config),
-        "update-deploy": deploy_commands(config, SPEC.repo, f"{config.image_for(SPEC.repo)}:1a2b"),
+        "update-deploy": deploy_commands(
+            config,
+            SPEC.repo,
+            f"{config.image_for(SPEC.repo)}:1a2b",
+            preview_env(config, SPEC.repo, SPEC.pr_number, SPEC.sha, "feature/x"),
+        ),
         "confirm-ttl": ttl_commands(config),
     }
     for index, path in enumerate(config.probe_paths):
@@ -293,6 +309,59 @@ def test_user_data_quotes_values_even_past_validation(sandbox: Sandbox) -> None:
     env = (sandbox.root / "app" / ".env").read_text()
     assert env == f"APP_IMAGE=ghcr.io/octo-org/app{payload}`touch pwned`:{SPEC.sha}\n"
     assert f"-u octo'{payload}' --password-stdin" in sandbox.calls
+
+
+def test_user_data_writes_the_apps_settings_and_secrets_without_showing_them(
+    sandbox: Sandbox,
+) -> None:
+    secret = "s3cr3t 'quoted' $HOME value"
+    (sandbox.root / "params" / "pr-preview" / "env" / "stripe").mkdir(parents=True)
+    (sandbox.root / "params" / "pr-preview" / "env" / "API_KEY").write_text(secret + "\n")
+    (sandbox.root / "params" / "pr-preview" / "env" / "stripe" / "STRIPE_KEY").write_text("sk\n")
+    config = sandbox_config(
+        sandbox,
+        env={"APP_URL": "https://pr-{pr_number}.example/{branch}", "MODE": "$HOME {{x}}"},
+        env_parameter_path="/pr-preview/env/",
+    )
+    spec = LaunchSpec(SPEC.repo, SPEC.pr_number, SPEC.sha, branch="feature/login")
+
+    script = render_user_data(config, spec)
+    ran = sandbox.run(script)
+
+    assert ran.returncode == 0, ran.stderr
+    app = sandbox.root / "app"
+    assert (app / "preview.env").read_text() == (
+        "APP_URL=https://pr-42.example/feature/login\nMODE=$HOME {x}\n"
+        f"PR_NUMBER=42\nGIT_SHA={SPEC.sha}\nPR_BRANCH=feature/login\n"
+    )
+    assert (app / "secrets.env").read_text() == f"API_KEY={secret}\nSTRIPE_KEY=sk\n"
+    assert oct((app / "secrets.env").stat().st_mode & 0o777) == "0o600"
+    assert (
+        "env_file: [secrets.env, preview.env, app.env]" in (app / "docker-compose.yml").read_text()
+    )
+    for where in (script, sandbox.calls, ran.stdout, ran.stderr):
+        assert "s3cr3t" not in where
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("bad-name", "x", "parameter /pr-preview/env/bad-name: not a variable name"),
+        ("MULTI", "one\ntwo", "parameter /pr-preview/env/MULTI holds a line break"),
+    ],
+)
+def test_a_secret_that_cannot_be_a_variable_fails_the_bootstrap_at_secrets(
+    sandbox: Sandbox, name: str, value: str, why: str
+) -> None:
+    (sandbox.root / "params" / "pr-preview" / "env").mkdir(parents=True)
+    (sandbox.root / "params" / "pr-preview" / "env" / name).write_text(value + "\n")
+    config = sandbox_config(sandbox, env_parameter_path="/pr-preview/env")
+
+    ran = sandbox.run(render_user_data(config, SPEC))
+
+    assert (sandbox.root / "state" / "bootstrap-failed").read_text() == "secrets\n"
+    assert why in ran.stderr
+    assert "two" not in ran.stderr
 
 
 # --- SSM scripts, run ----------------------------------------------------------------------

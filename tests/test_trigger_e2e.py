@@ -13,6 +13,7 @@ import pytest
 
 from local_stack.prefect_server import pull_request_payload, signed_delivery
 from tests.support.installation import REPO, Installation
+from tests.support.moto_state import tags
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("installation")]
 
@@ -34,6 +35,9 @@ def test_signed_delivery_starts_the_preview_with_the_event_parameters(
         "head_sha": SHAS[0],
         "action": "opened",
         "head_repo": REPO,
+        "label": None,
+        "labels": [],
+        "branch": "feature",
     }
     # When the server received the event: before the run was even created.
     received = datetime.fromisoformat(requested_at.replace(" ", "T"))
@@ -45,7 +49,12 @@ def test_signed_delivery_starts_the_preview_with_the_event_parameters(
     assert closed.status_code == 200
     [teardown] = e2e.wait_for_pr_runs("pr-teardown/pr-teardown", 7, 1, timeout=120)
     assert teardown["state_type"] == "COMPLETED"
-    assert teardown["parameters"] == {"repo": REPO, "pr_number": 7}
+    assert teardown["parameters"] == {
+        "repo": REPO,
+        "pr_number": 7,
+        "action": "closed",
+        "label": None,
+    }
     assert e2e.live_for(7) == []
 
 
@@ -65,3 +74,44 @@ def test_two_rapid_pushes_for_one_pr_do_not_overlap(e2e: Installation) -> None:
     (_, first_end), (second_start, _) = e2e.lock_intervals([run["id"] for run in mine])
     assert first_end <= second_start, "two runs for one PR held its lock at the same time"
     assert len(e2e.live_for(9)) == 1
+
+
+def test_label_mode_previews_a_pull_request_only_while_it_carries_the_label(
+    e2e: Installation,
+) -> None:
+    e2e.configure(trigger_mode="label")
+    pr, first, second, third = 11, "6" * 40, "7" * 40, "8" * 40
+    previews = "pr-preview/pr-preview"
+
+    # Another label asks for nothing; ours launches. (Sent together: the first takes no lock.)
+    e2e.deliver("labeled", pr, first, labels=("bug",), label="bug")
+    e2e.deliver("labeled", pr, first, labels=("bug", "preview"), label="preview")
+    runs = {run["name"]: run for run in e2e.wait_for_pr_runs(previews, pr, 2)}
+    ignored, launched = runs[f"pr-{pr}-{first[:7]}-label-ignored"], runs[f"pr-{pr}-{first[:7]}"]
+    assert ignored["state_name"] == "Label Ignored"
+    assert launched["state_type"] == "COMPLETED", e2e.outcomes([launched])
+    [instance] = e2e.live_for(pr)
+    assert tags(instance)["Sha"] == first
+
+    # A push to the labelled PR is deployed in place.
+    e2e.deliver("synchronize", pr, second, labels=("bug", "preview"))
+    updated = e2e.wait_for_pr_runs(previews, pr, 3)[-1]
+    assert updated["state_type"] == "COMPLETED", e2e.outcomes([updated])
+    [same] = e2e.live_for(pr)
+    assert (same["InstanceId"], tags(same)["Sha"]) == (instance["InstanceId"], second)
+
+    # Removing the label tears the preview down (the comment says why); a push to the
+    # unlabelled PR launches nothing and says so in its run's name.
+    e2e.deliver("unlabeled", pr, second, labels=("bug",), label="preview")
+    e2e.deliver("synchronize", pr, third, labels=("bug",))
+    [teardown] = e2e.wait_for_pr_runs("pr-teardown/pr-teardown", pr, 1)
+    assert teardown["state_type"] == "COMPLETED", e2e.outcomes([teardown])
+    assert e2e.live_for(pr) == []
+    [comment] = e2e.github.comment_bodies(REPO, pr)
+    assert "Preview torn down" in comment and "`preview` label was removed" in comment
+    skipped = e2e.wait_for_pr_runs(previews, pr, 4)[-1]
+    assert (skipped["state_name"], skipped["name"]) == (
+        "Not Labeled",
+        f"pr-{pr}-{third[:7]}-not-labeled",
+    )
+    assert e2e.live_for(pr) == []

@@ -15,10 +15,10 @@ in the tests instead of passing against a shim that nods.
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
 - ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
   instance's init keeps.
-- ``aws``: ``ssm get-parameter`` (a real call to the moto server at ``AWS_ENDPOINT_URL``), and
-  on the host ``ssm start-session`` with ``AWS-StartPortForwardingSession``: a relay into the
-  instance's port through ``$PR_PREVIEW_RUNTIME_ROOT/<instance>/sockets/in.sock``, standing in
-  for Session Manager.
+- ``aws``: ``ssm get-parameter`` and ``ssm get-parameters-by-path`` (real calls to the moto
+  server at ``AWS_ENDPOINT_URL``), and on the host ``ssm start-session`` with
+  ``AWS-StartPortForwardingSession``: a relay into the instance's port through
+  ``$PR_PREVIEW_RUNTIME_ROOT/<instance>/sockets/in.sock``, standing in for Session Manager.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 STATUS_FILE = Path("/run/cloud-init/status.json")
 SHUTDOWN_FILE = Path("/run/pr-preview/shutdown-at")
@@ -190,6 +194,8 @@ def aws(argv: list[str]) -> int:
     options, positional = parse_options(argv)
     if positional == ["ssm", "get-parameter"]:
         return get_parameter(options)
+    if positional == ["ssm", "get-parameters-by-path"]:
+        return get_parameters_by_path(options)
     if positional == ["ssm", "start-session"]:
         return start_session(options)
     return refuse("aws", argv)
@@ -198,7 +204,7 @@ def aws(argv: list[str]) -> int:
 def parse_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     options: dict[str, str] = {}
     positional: list[str] = []
-    flags = {"--with-decryption", "--no-with-decryption"}
+    flags = {"--with-decryption", "--no-with-decryption", "--recursive"}
     index = 0
     while index < len(argv):
         arg = argv[index]
@@ -227,13 +233,7 @@ def get_parameter(options: dict[str, str]) -> int:
             Name=options["--name"], WithDecryption="--with-decryption" in options
         )
     except ClientError as exc:
-        error = exc.response["Error"]
-        print(
-            f"\nAn error occurred ({error.get('Code')}) when calling the GetParameter operation:"
-            f" {error.get('Message')}",
-            file=sys.stderr,
-        )
-        return 254
+        return cli_error(exc, "GetParameter")
     except EndpointConnectionError as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 255
@@ -243,6 +243,37 @@ def get_parameter(options: dict[str, str]) -> int:
     else:
         print(json.dumps({"Parameter": answer["Parameter"]}, default=str, indent=4))
     return 0
+
+
+def get_parameters_by_path(options: dict[str, str]) -> int:
+    """The names under ``--path`` (``--query 'Parameters[].Name' --output text`` only), one
+    line per page, tab-separated, as the CLI prints them."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    if options.get("--query") != "Parameters[].Name" or options.get("--output") != "text":
+        return refuse("aws", [f"{k} {v}" for k, v in options.items()])
+    client = boto3.client("ssm", region_name=options.get("--region"))
+    pages = client.get_paginator("get_parameters_by_path").paginate(
+        Path=options["--path"], Recursive="--recursive" in options
+    )
+    try:
+        for page in pages:
+            print("\t".join(parameter["Name"] for parameter in page["Parameters"]))
+    except ClientError as exc:
+        return cli_error(exc, "GetParametersByPath")
+    return 0
+
+
+def cli_error(exc: ClientError, operation: str) -> int:
+    """What the AWS CLI prints for an error answer, and its exit code."""
+    error = exc.response["Error"]
+    print(
+        f"\nAn error occurred ({error.get('Code')}) when calling the {operation} operation:"
+        f" {error.get('Message')}",
+        file=sys.stderr,
+    )
+    return 254
 
 
 def start_session(options: dict[str, str]) -> int:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # pr-preview bootstrap: {{what}} (runbook §3).
-# No secret is written here: the GHCR token and DATABASE_URL are read from Parameter Store at
-# boot with the instance profile, and only ever land in root-only files. Every value rendered
+# No secret is written here: the GHCR token, DATABASE_URL and the app's secrets are read from
+# Parameter Store at boot with the instance profile, and only ever land in root-only files. Every value rendered
 # into this script is shell-quoted by tasks/launch.py.
 set -euo pipefail
 STATE_DIR={{state_dir}}
@@ -58,6 +58,10 @@ GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token
 [ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
 {{database_env}}
 chmod 600 "$APP_DIR/app.env"
+cd "$APP_DIR"
+# The app's settings (not secret) and its secrets from Parameter Store (tasks/app_env.py).
+{{preview_env}}
+{{read_secrets}}
 
 step=compose-file
 # shellcheck disable=SC2016 # ${APP_IMAGE} in the compose file is compose's to expand, from .env

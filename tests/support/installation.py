@@ -164,12 +164,14 @@ def running_installation(
     workers: int = 1,
     worker_limit: int | None = None,
     moto_command: list[str] | None = None,
+    spool: bool = False,
 ) -> Iterator[Installation]:
     """Start every piece of the installation; stop all of them (and restore os.environ) after.
 
     ``db`` is the Prefect server's database (``sqlite`` or ``postgres``), ``workers`` how many
     process workers poll the pool (each running at most ``worker_limit`` runs at a time),
-    ``moto_command`` another moto server (see ``moto_process``).
+    ``moto_command`` another moto server (see ``moto_process``); ``spool``: the receiver
+    keeps deliveries in a spool until Prefect takes them, as ``pr-preview receiver`` does.
     """
     saved = dict(os.environ)
     github = FakeGitHub(tokens={TOKEN: FakeGitHub().tokens["good-token"]})
@@ -196,7 +198,9 @@ def running_installation(
             with prefect_stack(home / "prefect", db=db) as stack:
                 stack.deploy()
                 stack.start_workers(workers, worker_limit)
-                with serve_asgi(create_app(SECRET, prefect_api_url=stack.api_url)) as receiver:
+                spooled = home / "receiver-spool.sqlite3" if spool else None
+                receiver_app = create_app(SECRET, prefect_api_url=stack.api_url, spool_path=spooled)
+                with serve_asgi(receiver_app) as receiver:
                     found = Installation(stack, receiver, aws, account, registry, github, moto)
                     found.configure()
                     yield found

@@ -1,0 +1,95 @@
+"""Work pools beyond one host: prefect.yaml for an ECS or a Kubernetes work pool.
+
+``ecs.yaml`` and ``kubernetes.yaml`` beside this file hold what differs from the process pool
+of prefect.yaml: the work pool with its ``job_variables`` and the ``pull`` step (the code is in
+the flow image, Dockerfile). :func:`render` lays one over prefect.yaml, so every deployment and
+trigger stays defined once; :func:`problems` checks its ``job_variables`` against the worker's
+own default base job template — what ``prefect work-pool get-default-base-job-template --type``
+prints.
+
+    python -m deployments.pools ecs > prefect.ecs.yaml     # then prefect deploy --prefect-file
+    python -m deployments.pools --check                      # both variants against the templates
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("ecs", "kubernetes")
+PREFECT_YAML = Path(__file__).resolve().parents[2] / "prefect.yaml"
+
+
+def variant(kind: str) -> dict[str, Any]:
+    """The overlay for ``kind``: ``work_pool`` (name, queue, job_variables) and ``pull``."""
+    if kind not in KINDS:
+        raise ValueError(f"no work pool variant {kind!r}: choose one of {', '.join(KINDS)}")
+    loaded: dict[str, Any] = yaml.safe_load(Path(__file__).with_name(f"{kind}.yaml").read_text())
+    return loaded
+
+
+def render(kind: str, prefect_yaml: Path = PREFECT_YAML) -> dict[str, Any]:
+    """prefect.yaml with every deployment on ``kind``'s work pool and its pull step."""
+    overlay = variant(kind)
+    project: dict[str, Any] = yaml.safe_load(prefect_yaml.read_text())
+    project["pull"] = copy.deepcopy(overlay["pull"])
+    project.pop("definitions", None)  # anchors already expanded by the load
+    for deployment in project["deployments"]:
+        deployment["work_pool"] = copy.deepcopy(overlay["work_pool"])
+    return project
+
+
+def default_base_job_template(kind: str) -> dict[str, Any]:
+    """The worker's own default base job template, obtained in this process.
+
+    ECS: prefect-aws's ``ECSWorker``. Kubernetes: ``prefect-kubernetes``'s worker when it is
+    installed, otherwise the copy of Prefect's collection registry that Prefect ships (what the
+    server answers for ``--type kubernetes`` without network).
+    """
+    from prefect.workers.base import BaseWorker
+
+    if kind == "ecs":
+        from prefect_aws.workers.ecs_worker import ECSWorker
+
+        return copy.deepcopy(ECSWorker.get_default_base_job_template())
+    worker = BaseWorker.get_worker_class_from_type(kind)
+    if worker is not None:
+        return copy.deepcopy(worker.get_default_base_job_template())
+    views = resources.files("prefect.server.api") / "collections_data" / "views"
+    registry = json.loads((views / "aggregate-worker-metadata.json").read_text())
+    for collection in registry.values():
+        for found in collection.values():
+            if found.get("type") == kind:
+                return copy.deepcopy(found["default_base_job_configuration"])
+    raise LookupError(f"no base job template for work pool type {kind!r}")
+
+
+def problems(
+    kind: str,
+    template: dict[str, Any] | None = None,
+    job_variables: dict[str, Any] | None = None,
+) -> list[str]:
+    """What in ``kind``'s job_variables (or the ones given) the worker's base job template
+    does not accept: a name it has no variable for, a value its schema refuses."""
+    import jsonschema
+
+    template = template or default_base_job_template(kind)
+    schema = template["variables"]
+    if job_variables is None:
+        job_variables = variant(kind)["work_pool"]["job_variables"]
+    found = [
+        f"{name}: not a variable of the {kind} base job template"
+        for name in job_variables
+        if name not in schema.get("properties", {})
+    ]
+    validator = jsonschema.Draft202012Validator(schema)
+    found += [
+        f"{'.'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+        for error in validator.iter_errors(job_variables)
+    ]
+    return found

@@ -1,0 +1,34 @@
+"""``python -m deployments.pools KIND``: prefect.yaml for that work pool, on stdout;
+``--check``: each variant's job_variables against the workers' base job templates."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from deployments.pools import KINDS, problems, render
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.pools", description=__doc__)
+    parser.add_argument("kind", nargs="?", choices=KINDS)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if args.check:
+        found = {kind: problems(kind) for kind in KINDS}
+        for kind, messages in found.items():
+            print(f"{kind}: {'ok' if not messages else '; '.join(messages)}")
+        return 1 if any(found.values()) else 0
+    if args.kind is None:
+        parser.error("name a work pool type, or --check")
+    header = (
+        f"# prefect.yaml for the {args.kind} work pool: python -m deployments.pools {args.kind}\n"
+    )
+    sys.stdout.write(header + yaml.safe_dump(render(args.kind), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

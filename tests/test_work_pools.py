@@ -1,0 +1,168 @@
+"""Work pools beyond one host (issue 18): the ECS and Kubernetes variants of prefect.yaml
+checked against the workers' own base job templates, and the flow image's Dockerfile."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.utilities.templating import apply_values
+
+from deployments.pools import (
+    KINDS,
+    PREFECT_YAML,
+    default_base_job_template,
+    problems,
+    render,
+    variant,
+)
+
+PROJECT = PREFECT_YAML.parent
+ORCHESTRATOR_ROLE = "arn:aws:iam::123456789012:role/pr-preview-orchestrator"
+
+
+def with_env(job_variables: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
+    """The job variables as `prefect deploy` leaves them: each {{ $NAME }} from the environment."""
+    text = json.dumps(job_variables)
+    for name, value in values.items():
+        text = text.replace("{{ $" + name + " }}", value)
+    assert "{{ $" not in text, text
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def job_configuration(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The worker's job configuration for these job variables, rendered as the worker renders
+    it (the variables' defaults, then ours) — short of the server's block and variable look-ups,
+    which these variables do not use."""
+    template = default_base_job_template(kind)
+    variables = template["variables"]["properties"]
+    defaults = {name: spec["default"] for name, spec in variables.items() if "default" in spec}
+    rendered: dict[str, Any] = apply_values(template["job_configuration"], defaults | values)
+    return rendered
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_job_variable_is_one_the_workers_template_accepts(kind: str) -> None:
+    template = default_base_job_template(kind)
+    assert problems(kind, template) == []
+    # The check sees mistakes: a misspelt variable and a value of the wrong type.
+    job_variables = variant(kind)["work_pool"]["job_variables"]
+    found = problems(kind, template, {**job_variables, "imagee": "x", "image": 42})
+    assert len(found) == 2, found
+    assert found[0].startswith("imagee: not a variable") and found[1].startswith("image: 42")
+
+
+def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
+    from prefect_aws.workers.ecs_worker import ECSJobConfiguration
+
+    values = with_env(
+        variant("ecs")["work_pool"]["job_variables"],
+        {
+            "PR_PREVIEW_FLOW_IMAGE": "123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/flows:1",
+            "PR_PREVIEW_ECS_CLUSTER": "previews",
+            "PR_PREVIEW_ORCHESTRATOR_ROLE_ARN": ORCHESTRATOR_ROLE,
+            "PR_PREVIEW_ECS_EXECUTION_ROLE_ARN": "arn:aws:iam::123456789012:role/ecs-exec",
+            "PR_PREVIEW_ECS_VPC_ID": "vpc-0a1b2c3d",
+            "PR_PREVIEW_ECS_SUBNET_ID": "subnet-0312f79d1cf5c6bdc",
+            "PR_PREVIEW_ECS_SECURITY_GROUP_ID": "sg-0600751c154b62e0c",
+        },
+    )
+    job = ECSJobConfiguration(**job_configuration("ecs", values))
+    request = job.task_run_request
+    assert request["overrides"]["taskRoleArn"] == ORCHESTRATOR_ROLE
+    assert request["launchType"] == "FARGATE" and request["cluster"] == "previews"
+    assert job.task_definition["containerDefinitions"][0]["image"].endswith("/flows:1")
+    assert (job.task_definition["cpu"], job.task_definition["memory"]) == (512, 1024)
+    assert job.network_configuration["awsvpcConfiguration"] == {
+        "subnets": ["subnet-0312f79d1cf5c6bdc"],
+        "securityGroups": ["sg-0600751c154b62e0c"],
+        "assignPublicIp": "DISABLED",
+    }
+    assert job.vpc_id == "vpc-0a1b2c3d"
+    assert job.execution_role_arn == "arn:aws:iam::123456789012:role/ecs-exec"
+
+
+def test_kubernetes_variant_renders_a_job_under_the_orchestrator_service_account() -> None:
+    values = with_env(
+        variant("kubernetes")["work_pool"]["job_variables"],
+        {"PR_PREVIEW_FLOW_IMAGE": "ghcr.io/octo-org/pr-preview-flows:1"},
+    )
+    manifest = job_configuration("kubernetes", values)["job_manifest"]
+    pod = manifest["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert manifest["metadata"]["namespace"] == "pr-preview"
+    assert pod["serviceAccountName"] == "pr-preview-orchestrator"
+    assert container["image"] == "ghcr.io/octo-org/pr-preview-flows:1"
+    assert container["resources"] == {
+        "limits": {"cpu": "1", "memory": "1Gi"},
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+    }
+    assert manifest["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rendered_variant_keeps_every_deployment_and_trigger_of_prefect_yaml(kind: str) -> None:
+    original = yaml.safe_load(PREFECT_YAML.read_text())
+    rendered = render(kind)
+    names = [deployment["name"] for deployment in rendered["deployments"]]
+    assert names == [deployment["name"] for deployment in original["deployments"]]
+    for mine, theirs in zip(rendered["deployments"], original["deployments"], strict=True):
+        assert mine["work_pool"]["name"] == variant(kind)["work_pool"]["name"]
+        assert mine.get("triggers") == theirs.get("triggers")
+        assert mine["entrypoint"] == theirs["entrypoint"]
+        assert (PROJECT / mine["entrypoint"].split(":")[0]).is_file()
+    [step] = rendered["pull"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == workdir()
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions (continuation lines joined), comments left out."""
+    text = (PROJECT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def workdir() -> str:
+    return [arg for op, arg in dockerfile() if op == "WORKDIR"][-1]
+
+
+def test_the_flow_image_runs_this_code_on_this_prefect_as_a_user() -> None:
+    from importlib.metadata import version
+
+    instructions = dockerfile()
+    base = next(arg for op, arg in instructions if op == "FROM")
+    assert base == f"prefecthq/prefect:{version('prefect')}-python3.11", base
+    copied = " ".join(arg for op, arg in instructions if op == "COPY")
+    for needed in ("pyproject.toml", "flows", "tasks", "deployments", "prefect.yaml"):
+        assert re.search(rf"(^|\s){re.escape(needed)}(\s|/|$)", copied), needed
+    runs = " ".join(arg for op, arg in instructions if op == "RUN")
+    assert "pip install" in runs and "--no-cache-dir" in runs and " -e " not in runs
+    user = [arg for op, arg in instructions if op == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    # Nothing secret is baked in: the flows read their secrets at run time.
+    for op, arg in instructions:
+        if op in ("ENV", "ARG"):
+            assert not re.search(r"TOKEN|PASSWORD|SECRET|KEY", arg, re.IGNORECASE), arg
+    ignored = (PROJECT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "build", "tests"} <= set(ignored)
+
+
+def test_the_pools_module_prints_a_prefect_yaml_and_checks_both(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from deployments.pools.__main__ import main
+
+    assert main(["--check"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ecs: ok", "kubernetes: ok"]
+    assert main(["ecs"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == render("ecs")
