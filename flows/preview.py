@@ -36,6 +36,7 @@ from tasks.inputs import check_inputs
 from tasks.launch import LaunchSpec, launch
 from tasks.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
 from tasks.migrate import migrate, seed
+from tasks.on_instance import timer_minutes
 from tasks.outcome import Outcome
 from tasks.prefect_context import rename_run
 from tasks.preflight import preflight
@@ -260,17 +261,24 @@ def _deploy(
     repo, pr_number, sha = result.repo, result.pr_number, result.sha
     logger = get_run_logger()
 
-    # 1. Preflight and the build-image check, side by side.
-    checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
+    # 1. The build-image check, beside what the path needs: with a running preview of an older
+    #    sha, its health (an in-place deploy launches nothing, so preflight waits until a
+    #    launch is needed); else preflight.
+    instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
     image = check_image.submit(settings, repo, pr_number, sha, ghcr_token)
-    account = checked.result()
-    image.result()
+    if instance_id:
+        checking = preview_health.submit(clients, settings, instance_id)
+        image.result()
+        health = checking.result()
+        checked = None
+    else:
+        checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
+        checked.result()  # a launch's own checks fail first, as they did before the image's
+        image.result()
 
     # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
     replaced: list[str] = []
-    instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
     if instance_id:
-        health = preview_health(clients, settings, instance_id)
         if health.healthy:
             try:
                 updated = update_in_place(
@@ -291,6 +299,9 @@ def _deploy(
 
     # 3. Terminate this PR's old instance, evict beyond max_previews, then claim a warm spare
     #    or launch — one fleet change at a time.
+    if checked is None:
+        checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
+    account = checked.result()
     spec = LaunchSpec(repo, pr_number, sha, requested_at)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
@@ -402,10 +413,12 @@ def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: Pre
     migrate(clients, settings, instance_id)
     if settings.seed_command:
         seed(clients, settings, instance_id)
-    answer: ProbeResult = probe(clients, settings, instance_id)
+    # The command that sees the app healthy moves the on-instance timer to the full TTL.
+    ready_ttl = timer_minutes(settings.ttl_hours)
+    answer: ProbeResult = probe(clients, settings, instance_id, ready_ttl_minutes=ready_ttl)
     result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
     # Ready: only now does the preview get its full TTL (it ran on the short one until here).
-    result.shutdown_at = confirm_ttl(clients, settings, instance_id)
+    result.shutdown_at = confirm_ttl(clients, settings, instance_id, timer_moved=answer.timer_moved)
 
 
 def _ended_as(outcome: Outcome, result: PreviewResult) -> PreviewResult:

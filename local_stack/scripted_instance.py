@@ -129,6 +129,19 @@ def probe_answer(status_code: int, seconds: float = 0.004) -> Reply:
     return Reply(stdout=f"{status_code} {seconds:.6f}")
 
 
+def probe_responder(status_code: int) -> Responder:
+    """``probe_answer``, and, where the command moves the shutdown timer on a healthy answer
+    (``tasks.probe``), the line that says it did."""
+    answer = probe_answer(status_code)
+
+    def respond(call: Call) -> Reply:
+        if 200 <= status_code < 400 and "shutdown -h" in call.command:
+            return Reply(stdout=f"{answer.stdout}\npr-preview-timer-moved\n")
+        return answer
+
+    return respond
+
+
 class ScriptedInstances:
     """The instances' behaviour, as rules; newest rule first, so tests override defaults."""
 
@@ -165,7 +178,7 @@ class ScriptedInstances:
         self.on(AGENT_PING, Reply(stdout="pr-preview-agent-ok\n"), instance_id=instance_id)
         self.on(BOOTSTRAP_CHECK, BOOTSTRAP_DONE, instance_id=instance_id)
         self.on(PORT_CHECK, Reply(stdout=f"APP PORT OPEN {port}\n"), instance_id=instance_id)
-        self.on(PROBE, probe_answer(200), instance_id=instance_id)
+        self.respond(PROBE, probe_responder(200), instance_id=instance_id)
         self.on(
             MIGRATE,
             Reply(stdout="INFO  [alembic.runtime.migration] Will assume transactional DDL.\n"),

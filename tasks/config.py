@@ -108,6 +108,13 @@ class PreviewConfig(BaseModel):
     spare_ttl_hours: float = Field(
         24.0, gt=0, le=24 * 14, description="A spare's shutdown-at: it is rotated after this."
     )
+    spare_base_tag: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+        description="A spare pulls this tag of the served image (e.g. the default branch's,"
+        " `main`) once it is bootstrapped: a PR that claims it pulls only the layers its own"
+        " image adds. Unset: a spare holds no image.",
+    )
     price_per_hour: float | None = Field(
         None,
         ge=0,

@@ -18,8 +18,8 @@ from tasks.app_env import (
     read_secrets_script,
     write_preview_env,
 )
-from tasks.config import PreviewConfig
-from tasks.inputs import check_inputs
+from tasks.config import IMAGE_PATTERN, PreviewConfig
+from tasks.inputs import check_inputs, is_repo
 from tasks.instances import find_previews
 from tasks.on_instance import STATE_DIR, timer_command, timer_minutes
 from tasks.prefect_context import run_logger
@@ -138,9 +138,35 @@ def compose_file(config: PreviewConfig) -> str:
 SPARE_STOP = """
 # A warm spare stops here, bootstrapped and serving nothing: the PR that claims it logs in,
 # pulls and starts its image the way a push deploys in place.
-touch "$STATE_DIR/bootstrap-done"
+{{base_layers}}touch "$STATE_DIR/bootstrap-done"
 echo "pr-preview spare ready"
 exit 0"""
+BASE_LAYERS = """step=base-layers
+# The served image's base layers (spare_base_tag): a claim then pulls only its PR's own layers.
+# Best effort: a spare without them is still a spare.
+if printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} \\
+    --password-stdin && docker pull {{base_ref}}; then
+  echo "base layers of" {{base_ref}} "pulled"
+else
+  echo "base layers of" {{base_ref}} "not pulled: a claim pulls the whole image" >&2
+fi
+unset GHCR_TOKEN
+"""
+
+
+def spare_base_ref(config: PreviewConfig) -> str | None:
+    """``image:spare_base_tag`` a spare pre-pulls: the configured image, else the one served
+    repository named exactly; None when there is no tag or no single image to name."""
+    if not config.spare_base_tag:
+        return None
+    if config.image:
+        image = config.image_for("")
+    else:
+        named = [repo for repo in config.allowed_repos if is_repo(repo)]
+        if len(named) != 1:
+            return None
+        image = config.image_for(named[0])
+    return f"{image}:{config.spare_base_tag}" if IMAGE_PATTERN.fullmatch(image) else None
 
 
 def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
@@ -171,18 +197,28 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
 def render_spare_user_data(config: PreviewConfig) -> str:
     """The same bootstrap up to the app, for a warm spare: no repository, no image, no login.
     The script ends where the spare stops."""
+    q = shlex.quote
+    base = spare_base_ref(config)
+    layers = ""
+    if base:
+        layers = (
+            BASE_LAYERS.replace("{{base_ref}}", q(base))
+            .replace("{{registry}}", q(base.split("/", 1)[0]))
+            .replace("{{registry_username}}", q(config.ghcr_username or base.split("/")[1]))
+        )
+    stop = SPARE_STOP.replace("{{base_layers}}", layers)
     script = _render(
         config,
         what="warm spare",
-        app_image_line=shlex.quote("APP_IMAGE="),
+        app_image_line=q("APP_IMAGE="),
         image_ref="",
         tarball_url="",
         registry="",
         registry_username="",
-        spare_stop=SPARE_STOP,
+        spare_stop=stop,
         preview_env=f": > {PREVIEW_ENV_FILE}",  # the PR that claims the spare writes it
     )
-    return script[: script.index(SPARE_STOP) + len(SPARE_STOP)] + "\n"
+    return script[: script.index(stop) + len(stop)] + "\n"
 
 
 def _render(config: PreviewConfig, **values: str) -> str:

@@ -4,6 +4,10 @@
 when the app has no health route — and the first 2xx/3xx answer makes the preview healthy.
 Until then it looks again every ``poll_seconds`` up to ``probe_timeout_seconds``. Every answer
 is recorded: path, status code (0 when nothing answered), latency as curl measured it.
+
+Given ``ready_ttl_minutes``, the command that gets the healthy answer also moves the shutdown
+timer to the ready preview's full TTL, so the flow's confirm-TTL is only the tag (one SSM
+round trip less on every preview's critical path).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.on_instance import timer_command
 from tasks.prefect_context import run_logger
 from tasks.ssm import CommandTimeout, poll_wait, run_command
 from tasks.step import step
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CURL_MAX_SECONDS = 10
+TIMER_MOVED = "pr-preview-timer-moved"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class ProbeAnswer:
     status_code: int  # 0: no HTTP answer (refused, timed out)
     latency_seconds: float | None
     error: str = ""
+    timer_moved: bool = False  # the same command moved the shutdown timer (a healthy answer)
 
     @property
     def healthy(self) -> bool:
@@ -50,6 +57,7 @@ class ProbeResult:
     latency_seconds: float | None
     attempts: int
     answers: list[ProbeAnswer] = field(default_factory=list)
+    timer_moved: bool = False
 
 
 class ProbeFailed(Exception):
@@ -60,11 +68,22 @@ class ProbeFailed(Exception):
         super().__init__(message)
 
 
-def probe_command(port: int, path: str) -> list[str]:
+def probe_command(port: int, path: str, ready_ttl_minutes: int | None = None) -> list[str]:
     url = shlex.quote(f"http://127.0.0.1:{port}{path}")
-    return [
+    curl = (
         f"curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
         f" -w '%{{http_code}} %{{time_total}}' {url}"
+    )
+    if ready_ttl_minutes is None:
+        return [curl]
+    # curl's own exit status stays the command's; the timer moves on a 2xx/3xx answer only.
+    return [
+        f"answer=$({curl}) && status=0 || status=$?",
+        'echo "$answer"',
+        'case "$answer" in [23][0-9][0-9]\\ *)',
+        f"  {timer_command(ready_ttl_minutes)} >/dev/null 2>&1 && echo {TIMER_MOVED} ;;",
+        "esac",
+        'exit "$status"',
     ]
 
 
@@ -77,11 +96,17 @@ def parse_answer(path: str, stdout: str, stderr: str) -> ProbeAnswer:
         latency: float | None = float(words[1])
     except (IndexError, ValueError):
         return ProbeAnswer(path, 0, None, error or f"unexpected curl output {stdout.strip()!r}")
-    return ProbeAnswer(path, code, latency if code else None, error)
+    moved = TIMER_MOVED in words[2:]
+    return ProbeAnswer(path, code, latency if code else None, error, timer_moved=moved)
 
 
 def probe_once(
-    ssm: SSMClient, instance_id: str, config: PreviewConfig, *, command_timeout: float
+    ssm: SSMClient,
+    instance_id: str,
+    config: PreviewConfig,
+    *,
+    command_timeout: float,
+    ready_ttl_minutes: int | None = None,
 ) -> list[ProbeAnswer]:
     """Each path in order until one answers healthy."""
     answers: list[ProbeAnswer] = []
@@ -90,7 +115,7 @@ def probe_once(
             result = run_command(
                 ssm,
                 instance_id,
-                probe_command(config.app_port, path),
+                probe_command(config.app_port, path, ready_ttl_minutes),
                 timeout_seconds=command_timeout,
                 poll_seconds=min(config.poll_seconds, 1.0),
                 comment=f"pr-preview probe {path}"[:100],
@@ -112,6 +137,7 @@ def probe_app(
     *,
     timeout_seconds: float | None = None,
     command_timeout_seconds: float = CURL_MAX_SECONDS + 20,
+    ready_ttl_minutes: int | None = None,
 ) -> ProbeResult:
     """Look until a probe path answers 2xx/3xx, at most ``probe_timeout_seconds``."""
     timeout = config.probe_timeout_seconds if timeout_seconds is None else timeout_seconds
@@ -124,7 +150,11 @@ def probe_app(
         attempts += 1
         remaining = max(0.0, timeout - (time.monotonic() - started))
         found = probe_once(
-            ssm, instance_id, config, command_timeout=min(command_timeout_seconds, remaining)
+            ssm,
+            instance_id,
+            config,
+            command_timeout=min(command_timeout_seconds, remaining),
+            ready_ttl_minutes=ready_ttl_minutes,
         )
         answers.extend(found)
         return found[-1] if found and found[-1].healthy else None
@@ -155,13 +185,19 @@ def probe_app(
         latency_seconds=healthy.latency_seconds,
         attempts=attempts,
         answers=answers,
+        timer_moved=healthy.timer_moved,
     )
 
 
 @step
-def probe(clients: AwsClients, config: PreviewConfig, instance_id: str) -> ProbeResult:
+def probe(
+    clients: AwsClients,
+    config: PreviewConfig,
+    instance_id: str,
+    ready_ttl_minutes: int | None = None,
+) -> ProbeResult:
     """Prefect wrapper; ``ProbeFailed`` is final (the deadline already passed)."""
-    result = probe_app(clients.ssm, instance_id, config)
+    result = probe_app(clients.ssm, instance_id, config, ready_ttl_minutes=ready_ttl_minutes)
     run_logger(logger).info(
         "%s answered %d on %s in %s after %d attempt(s)",
         result.path,

@@ -269,22 +269,25 @@ def confirm_full_ttl(
     config: PreviewConfig,
     *,
     now: datetime | None = None,
+    timer_moved: bool = False,
 ) -> datetime:
     """A ready preview gets its full TTL: the on-instance timer first, then ``shutdown-at``.
 
     Until then it runs on the short TTL it was launched or updated with, so a run that dies
-    between launch and ready leaves nothing the sweeper keeps for long.
+    between launch and ready leaves nothing the sweeper keeps for long. ``timer_moved``: the
+    probe's healthy answer already moved the timer (``tasks.probe``); only the tag is left.
     """
-    result = run_command(
-        ssm,
-        instance_id,
-        ttl_commands(config),
-        timeout_seconds=60,
-        poll_seconds=min(config.poll_seconds, 1.0),
-        comment="pr-preview confirm TTL",
-    )
-    if not result.ok:
-        raise UpdateFailed(f"could not move the shutdown timer of {instance_id}", result.output)
+    if not timer_moved:
+        result = run_command(
+            ssm,
+            instance_id,
+            ttl_commands(config),
+            timeout_seconds=60,
+            poll_seconds=min(config.poll_seconds, 1.0),
+            comment="pr-preview confirm TTL",
+        )
+        if not result.ok:
+            raise UpdateFailed(f"could not move the shutdown timer of {instance_id}", result.output)
     shutdown_at = ((now or datetime.now(UTC)) + timedelta(hours=config.ttl_hours)).replace(
         microsecond=0
     )
@@ -295,8 +298,12 @@ def confirm_full_ttl(
 
 
 @step(needs_lock=True)
-def confirm_ttl(clients: AwsClients, config: PreviewConfig, instance_id: str) -> datetime:
-    shutdown_at = confirm_full_ttl(clients.ec2, clients.ssm, instance_id, config)
+def confirm_ttl(
+    clients: AwsClients, config: PreviewConfig, instance_id: str, timer_moved: bool = False
+) -> datetime:
+    shutdown_at = confirm_full_ttl(
+        clients.ec2, clients.ssm, instance_id, config, timer_moved=timer_moved
+    )
     run_logger(logger).info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
     return shutdown_at
 

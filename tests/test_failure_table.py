@@ -190,6 +190,14 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     first = opened.result()
     assert (first.status, first.path) == ("ready", "launched"), opened.message
     assert first.probe.startswith("/healthz → 200")
+    # The probe's healthy answer moved the real shutdown timer to the full TTL: no command of
+    # its own for it, and the timer agrees with the tag within the run's few seconds.
+    sandbox = world.runtime.sandboxes[first.instance_id]
+    due = float(sandbox.inside("/run/pr-preview/shutdown-at").read_text())
+    assert first.shutdown_at is not None
+    assert abs(due - first.shutdown_at.timestamp()) < 90
+    sent = world.aws.ssm.list_commands(InstanceId=first.instance_id)["Commands"]
+    assert "pr-preview confirm TTL" not in [command["Comment"] for command in sent]
     with port_forwarding(world.runtime, first.instance_id) as url:
         page = httpx.get(url, timeout=10).text
         assert SHA1 in page and "v1" in page
@@ -218,6 +226,8 @@ def test_a_warm_spare_boots_for_real_and_a_new_pr_runs_on_it(world: World) -> No
     """The spare's user data runs in bash up to the app and stops; a new PR claims the spare
     and its real app is pulled, started, migrated and probed there — no launch."""
     world.config.warm_spares = 1
+    world.config.spare_base_tag = "main"  # the default branch's image: its layers on the spare
+    push_sample_app(world.registry, REPO, "main", "v1", private=True)
     ami = resolve_ami(world.aws.ec2, world.config)["ImageId"]
     [spare] = replenish_spares(
         world.aws.ec2, world.config, ami_id=ami, subnet_id=world.config.subnet_id
@@ -231,7 +241,9 @@ def test_a_warm_spare_boots_for_real_and_a_new_pr_runs_on_it(world: World) -> No
         poll_seconds=0.2,
     )
     assert "pr-preview spare ready" in booted.stdout
-    assert "docker compose pull" not in booted.stdout  # a spare pulls nothing
+    assert "docker compose pull" not in booted.stdout  # a spare pulls no PR's image…
+    assert f"base layers of {world.config.image_for(REPO)}:main pulled" in booted.stdout  # …but
+    assert CANARY_GHCR_TOKEN not in booted.stdout  # the base layers, with the token unshown
 
     opened = pr_preview(REPO, 44, SHA1, action="opened", config=world.config, return_state=True)
     result = opened.result()

@@ -145,6 +145,7 @@ def configs() -> Iterator[tuple[str, PreviewConfig]]:
             env={"APP_URL": "https://pr-{pr_number}.example/{branch}?a='b'&c=$HOME"},
             env_parameter_path="/pr-preview/env",
             seed_command="python -m app.seed --users 'a b'",
+            spare_base_tag="main",
         ),
     )
 
@@ -170,6 +171,7 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
     }
     for index, path in enumerate(config.probe_paths):
         scripts[f"probe-{index}"] = probe_command(config.app_port, path)
+        scripts[f"probe-ready-{index}"] = probe_command(config.app_port, path, 60 * 24)
     for section in evidence_sections(config):
         scripts[f"diagnose-{section.name}"] = list(section.commands)
     return scripts

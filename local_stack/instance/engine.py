@@ -2081,6 +2081,22 @@ def fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def cmd_pull(settings: Settings, store: Store, args: Sequence[str]) -> int:
+    """``docker pull [-q] NAME[:TAG]``: the same registry exchange as ``compose pull``."""
+    flags = {"-q": Flag("quiet"), "--quiet": Flag("quiet")}
+    values, rest = parse_flags(args, flags, "docker pull", usage_exit=1)
+    if len(rest) != 1:
+        raise EngineError(
+            "\"docker pull\" requires exactly 1 argument.\nSee 'docker pull --help'.", 1
+        )
+    ref = Reference.parse(rest[0])
+    pull_image(settings, store, ref)
+    if not values.get("quiet"):
+        sys.stdout.write(f"Status: Downloaded newer image for {rest[0]}\n")
+    sys.stdout.write(f"{rest[0]}\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["__shim__"] and len(args) == 2:
@@ -2099,6 +2115,8 @@ def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None) -> int
             return cmd_login(settings, rest, stdin or sys.stdin)
         if command == "build":
             return cmd_build(settings, store, rest)
+        if command == "pull":
+            return cmd_pull(settings, store, rest)
         if command == "compose":
             return cmd_compose(settings, store, rest)
         if command.startswith("-"):
