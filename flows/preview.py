@@ -21,11 +21,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from tasks.app_env import branch_or_empty, preview_env
+from tasks.app_env import AppFiles, branch_or_empty, preview_env
 from tasks.aws import AwsClients, build_clients
 from tasks.budget import grace, run_budget
 from tasks.check_image import check_image
 from tasks.comment import PreviewState, flow_run_url
+from tasks.compose import fetch_compose
 from tasks.config import PreviewConfig, load_config
 from tasks.db_access import open_db_access
 from tasks.diagnose import diagnose
@@ -78,6 +79,7 @@ class PreviewResult:
     probe: str = ""
     reason: str = ""
     branch: str = ""  # the PR's head branch, when the event named one
+    compose: str | None = field(default=None, repr=False)  # compose_path's file, checked
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
@@ -212,6 +214,8 @@ def _preview(
 
         report.tell(PreviewState.LAUNCHING)
         try:
+            if settings.compose_path:  # the repository's own, checked before anything launches
+                result.compose = fetch_compose(github, settings, repo, head_sha)
             _deploy(clients, settings, result, secrets.ghcr_token, requested_at)
         except NoRoom as exc:
             result.status, result.reason = Outcome.NO_ROOM, str(exc)
@@ -302,7 +306,7 @@ def _deploy(
     if checked is None:
         checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
     account = checked.result()
-    spec = LaunchSpec(repo, pr_number, sha, requested_at)
+    spec = LaunchSpec(repo, pr_number, sha, requested_at, result.branch, result.compose)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
         terminated = terminate(
@@ -368,8 +372,9 @@ def _deploy_on_spare(
     result.status = "ready"
 
 
-def _app_env(settings: PreviewConfig, result: PreviewResult) -> dict[str, str]:
-    return preview_env(settings, result.repo, result.pr_number, result.sha, result.branch)
+def _app_env(settings: PreviewConfig, result: PreviewResult) -> AppFiles:
+    env = preview_env(settings, result.repo, result.pr_number, result.sha, result.branch)
+    return AppFiles(env, result.compose)
 
 
 def _failed_after_launch(

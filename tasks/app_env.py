@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from tasks.config import PreviewConfig
 
@@ -85,14 +86,31 @@ def read_secrets_script(config: PreviewConfig) -> str:
     )
 
 
-def app_env_commands(config: PreviewConfig, env: Mapping[str, str]) -> list[str]:
-    """An in-place deploy's share, in the app dir: the settings, then the secrets re-read."""
+@dataclass(frozen=True)
+class AppFiles:
+    """What an in-place deploy rewrites in the app dir besides the image: the settings and,
+    with ``compose_path``, the repository's compose file at the new sha (checked)."""
+
+    env: Mapping[str, str]
+    compose: str | None = None
+
+
+def app_env_commands(config: PreviewConfig, app: AppFiles) -> list[str]:
+    """An in-place deploy's share, in the app dir: the compose file, the settings, then the
+    secrets re-read."""
     region = shlex.quote(config.region)
+    compose = []
+    if app.compose is not None:  # ${APP_IMAGE} in it is compose's to expand, from .env
+        compose = [
+            "# shellcheck disable=SC2016",
+            f"printf '%s\\n' {shlex.quote(app.compose)} > docker-compose.yml",
+        ]
     return [
+        *compose,
         'fail() { echo "$1" >&2; exit 1; }',
         f"param() {{ aws ssm get-parameter --region {region} --with-decryption"
         ' --name "$1" --query Parameter.Value --output text; }',
         "umask 077",
-        write_preview_env(env),
+        write_preview_env(app.env),
         read_secrets_script(config),
     ]

@@ -51,6 +51,7 @@ IMAGE_PATTERN = re.compile(rf"(?P<registry>{_REGISTRY})(?:/{_PATH_COMPONENT})+")
 IMAGE_MAX_LENGTH = 255
 SERVICE_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}")
 ABSOLUTE_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
+RELATIVE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 PARAMETER_PREFIX = "/pr-preview/"  # what the shipped IAM policies let the instance read
 # The GitHub App's key: read by the orchestrator only, never under what instances may read.
 APP_KEY_PARAMETER_PREFIX = "/pr-preview-app/"
@@ -140,6 +141,11 @@ class PreviewConfig(BaseModel):
     app_port: int = Field(8000, ge=1, le=65535)
     app_dir: str = Field("/srv/app", pattern=r"^/")
     app_service: str = Field("api", min_length=1, description="Compose service of the app.")
+    compose_path: str | None = Field(
+        None,
+        description="The repository's own compose file (e.g. deploy/preview.compose.yml),"
+        " fetched at the PR's sha and checked before launch; unset: a generated one.",
+    )
     compose_version: str = Field("v2.24.6", pattern=r"^v\d+\.\d+\.\d+$")
     ghcr_username: str | None = Field(
         None, description="User for docker login ghcr.io; the image owner when unset."
@@ -363,6 +369,23 @@ class PreviewConfig(BaseModel):
         if not SERVICE_PATTERN.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a compose service name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+            )
+        return value
+
+    @field_validator("compose_path")
+    @classmethod
+    def _compose_path(cls, value: str | None) -> str | None:
+        """A path inside the repository: it becomes part of the contents API's URL path."""
+        if value is None:
+            return None
+        if (
+            len(value) > 255
+            or not RELATIVE_PATH_PATTERN.fullmatch(value)
+            or any(part in (".", "..") for part in value.split("/"))
+        ):
+            raise ValueError(
+                f"{value[:100]!r} is not a relative path of letters, digits and ._- segments"
+                " inside the repository (e.g. deploy/preview.compose.yml)"
             )
         return value
 

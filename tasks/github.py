@@ -56,6 +56,7 @@ CHECK_RUN_NAME = "pr-preview"
 MAX_CHECK_SUMMARY_CHARS = 65535
 CHECKS_PERMISSION = "checks: write"
 READ_PERMISSION = "pull-requests: read (and access to the repository)"
+CONTENTS_PERMISSION = "contents: read"
 
 
 class GitHubError(Exception):
@@ -260,6 +261,21 @@ class GitHub:
             return "closed"
         return None
 
+    # --- repository contents
+
+    def get_file(self, repo: str, path: str, ref: str) -> str:
+        """The text of ``path`` at ``ref`` (``GET /repos/{repo}/contents/{path}``, raw).
+        ``path`` must already be a checked relative path: it becomes part of the URL."""
+        response = self._request(
+            "GET",
+            f"/repos/{_repo(repo)}/contents/{path}",
+            call=_Call(permission=CONTENTS_PERMISSION),
+            params={"ref": ref},
+            repo=repo,
+            accept="application/vnd.github.raw+json",
+        )
+        return response.text
+
     # --- issue comments (a PR's conversation is its issue)
 
     def list_issue_comments(self, repo: str, number: int) -> list[dict[str, Any]]:
@@ -426,6 +442,7 @@ class GitHub:
         json: Any = None,
         params: Mapping[str, str | int] | None = None,
         repo: str | None = None,
+        accept: str | None = None,
     ) -> httpx.Response:
         if not self.enabled:
             raise GitHubDisabled(f"{method} {url}: no GitHub token is configured")
@@ -436,6 +453,8 @@ class GitHub:
             attempt += 1
             credential = self._credential(call, repo)
             headers = {"Authorization": f"Bearer {credential.secret}"}
+            if accept:
+                headers["Accept"] = accept
             try:
                 response = self._client.request(
                     method, url, json=json, params=params, headers=headers

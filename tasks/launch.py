@@ -67,6 +67,7 @@ class LaunchSpec:
     sha: str
     requested_at: datetime | None = None  # when the event arrived: the preview's recency
     branch: str = ""  # the PR's head branch: PR_BRANCH and {branch} in the app's env
+    compose: str | None = None  # the repository's compose file, checked (tasks/compose.py)
 
     @property
     def name(self) -> str:
@@ -191,6 +192,7 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
         preview_env=write_preview_env(
             preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
         ),
+        compose_file=q(spec.compose or compose_file(config)),
     )
 
 
@@ -243,8 +245,8 @@ def _render(config: PreviewConfig, **values: str) -> str:
         ghcr_token_parameter=q(config.ghcr_token_parameter),
         database_env=database_env,
         read_secrets=read_secrets_script(config),
-        compose_file=q(compose_file(config)),
     )
+    values.setdefault("compose_file", q(compose_file(config)))
     template = files("tasks").joinpath("templates/user_data.sh").read_text()
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 

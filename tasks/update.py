@@ -15,14 +15,13 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from tasks.app_env import app_env_commands
+from tasks.app_env import AppFiles, app_env_commands
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
@@ -149,12 +148,12 @@ def health_commands(config: PreviewConfig) -> list[str]:
 
 
 def deploy_commands(
-    config: PreviewConfig, repo: str, image_ref: str, env: Mapping[str, str] | None = None
+    config: PreviewConfig, repo: str, image_ref: str, app: AppFiles | None = None
 ) -> list[str]:
     """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated; it goes
     from Parameter Store straight into ``docker login``), pull, recreate, move the timer.
-    With ``env`` (the preview's settings) also rewrite the app's settings and re-read its
-    secrets on the instance (tasks/app_env.py): a change takes effect on this push."""
+    With ``app`` also rewrite the app's settings (and compose file) and re-read its secrets on
+    the instance (tasks/app_env.py): a change takes effect on this push."""
     image = config.image_for(repo)
     registry = image.split("/", 1)[0]
     app_dir = shlex.quote(config.app_dir)
@@ -166,7 +165,7 @@ def deploy_commands(
         f"cd {app_dir}",
         f"{{ grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}; }} > .env.next",
         "mv .env.next .env",
-        *(app_env_commands(config, env) if env is not None else []),
+        *(app_env_commands(config, app) if app is not None else []),
         f"aws ssm get-parameter --region {shlex.quote(config.region)} --with-decryption"
         f" --name {shlex.quote(config.ghcr_token_parameter)} --query Parameter.Value"
         f" --output text | docker login {shlex.quote(registry)}"
@@ -204,7 +203,7 @@ def deploy_in_place(
     sha: str,
     now: datetime | None = None,
     timeout_seconds: float | None = None,
-    env: Mapping[str, str] | None = None,
+    app: AppFiles | None = None,
 ) -> UpdateResult:
     """Deploy ``sha`` on the running preview ``instance_id`` and move its tags.
 
@@ -224,7 +223,7 @@ def deploy_in_place(
         result = run_command(
             ssm,
             instance_id,
-            deploy_commands(config, repo, image_ref, env),
+            deploy_commands(config, repo, image_ref, app),
             timeout_seconds=timeout,
             poll_seconds=min(config.poll_seconds, 1.0),
             comment=f"pr-preview update to {sha[:12]}",
@@ -354,11 +353,11 @@ def update_in_place(
     instance_id: str,
     repo: str,
     sha: str,
-    env: Mapping[str, str] | None = None,
+    app: AppFiles | None = None,
 ) -> UpdateResult:
     """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
     result = deploy_in_place(
-        clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha, env=env
+        clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha, app=app
     )
     run_logger(logger).info(
         "%s updated in place %s → %s in %.1fs (shutdown-at %s)",

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 import tasks.launch
-from tasks.app_env import preview_env
+from tasks.app_env import AppFiles, preview_env
 from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
-from tasks.launch import LaunchSpec, render_spare_user_data, render_user_data
+from tasks.launch import LaunchSpec, compose_file, render_spare_user_data, render_user_data
 from tasks.migrate import migrate_commands, seed_commands
 from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, app_state_check, port_check
 from tasks.probe import probe_command
@@ -165,7 +165,10 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
             config,
             SPEC.repo,
             f"{config.image_for(SPEC.repo)}:1a2b",
-            preview_env(config, SPEC.repo, SPEC.pr_number, SPEC.sha, "feature/x"),
+            AppFiles(
+                preview_env(config, SPEC.repo, SPEC.pr_number, SPEC.sha, "feature/x"),
+                compose_file(config),
+            ),
         ),
         "confirm-ttl": ttl_commands(config),
     }

@@ -111,6 +111,7 @@ class FakeGitHub:
     apps: dict[int, FakeApp] = field(default_factory=dict)
     issued: dict[str, IssuedToken] = field(default_factory=dict)
     check_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    files: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (repo, ref, path)
     mint: Any = new_format_token  # () -> str: the next installation token
     _faults: deque[httpx.Response] = field(default_factory=deque)
     _next_id: int = 1000
@@ -125,6 +126,9 @@ class FakeGitHub:
     def add_pull(self, repo: str, pull: dict[str, Any]) -> None:
         self.pulls[(repo.lower(), int(pull["number"]))] = pull
         self.comments.setdefault((repo.lower(), int(pull["number"])), [])
+
+    def add_file(self, repo: str, ref: str, path: str, text: str) -> None:
+        self.files[(repo.lower(), ref, path)] = text
 
     def add_comment(self, repo: str, number: int, body: str, user: str = "someone") -> int:
         comment_id = self._id()
@@ -333,6 +337,7 @@ class FakeGitHub:
             (repo + r"/check-runs", "POST", self._create_check_run),
             (repo + r"/check-runs/(\d+)", "PATCH", self._update_check_run),
             (repo + r"/commits/([0-9a-f]{7,40})/check-runs", "GET", self._list_check_runs),
+            (repo + r"/contents/(.+)", "GET", self._get_contents),
         ]
 
     def _id(self) -> int:
@@ -348,6 +353,19 @@ class FakeGitHub:
         if self._acting is not None:  # an installation is no user
             return _error(403, "Resource not accessible by integration")
         return httpx.Response(200, json=self.user(self.bot_login))
+
+    def _get_contents(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, path: str
+    ) -> httpx.Response:
+        """The raw file (``Accept: application/vnd.github.raw+json``) at ``?ref=``."""
+        if "contents:read" not in granted:
+            return _error(403, "Resource not accessible by integration")
+        text = self.files.get((repo.lower(), request.url.params.get("ref", ""), path))
+        if text is None:
+            return _error(404, "Not Found")
+        if request.headers.get("accept") != "application/vnd.github.raw+json":
+            return _error(415, "this fake serves the raw media type only")
+        return httpx.Response(200, text=text)
 
     def _get_pull(
         self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, number: str
