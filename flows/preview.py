@@ -26,7 +26,7 @@ from tasks.aws import AwsClients, build_clients
 from tasks.budget import grace, run_budget
 from tasks.check_image import check_image
 from tasks.comment import PreviewState, flow_run_url
-from tasks.compose import fetch_compose
+from tasks.compose import fetch_compose, service_names
 from tasks.config import PreviewConfig, load_config
 from tasks.db_access import open_db_access
 from tasks.diagnose import diagnose
@@ -216,6 +216,8 @@ def _preview(
         try:
             if settings.compose_path:  # the repository's own, checked before anything launches
                 result.compose = fetch_compose(github, settings, repo, head_sha)
+            report.services = service_names(settings, result.compose)
+            report.variables = tuple(sorted([*_app_env(settings, result).env, "DATABASE_URL"]))
             _deploy(clients, settings, result, secrets.ghcr_token, requested_at)
         except NoRoom as exc:
             result.status, result.reason = Outcome.NO_ROOM, str(exc)

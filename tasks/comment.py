@@ -74,6 +74,9 @@ class CommentState:
     flow_run_url: str | None = None
     detail: str | None = None
     cost: PreviewCost | None = None
+    services: tuple[str, ...] = ()  # what the preview runs (compose services)
+    variables: tuple[str, ...] = ()  # the names the app's environment gets, never values
+    secrets_path: str | None = None  # env_parameter_path: its parameters' names are not read
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,19 @@ def cost_line(cost: PreviewCost) -> str:
     return f"{line} ({cost.price_label})"
 
 
+def _app_lines(status: CommentState) -> list[str]:
+    """What runs and which variables it gets: names only."""
+    lines = []
+    if status.services:
+        lines.append("Services: " + ", ".join(f"`{name}`" for name in status.services))
+    if status.variables:
+        names = ", ".join(f"`{name}`" for name in status.variables)
+        if status.secrets_path:
+            names += f" and a secret per parameter under `{status.secrets_path}`"
+        lines.append(f"Variables: {names}")
+    return [*lines, ""] if lines else []
+
+
 def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> str:
     """The Markdown body for ``status``, marker first, secrets masked."""
     state = PreviewState(status.state)
@@ -140,6 +156,8 @@ def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> 
         lines.append("")
     if status.cost and state in (PreviewState.READY, PreviewState.UPDATED):
         lines += [cost_line(status.cost), ""]
+    if state in (PreviewState.READY, PreviewState.UPDATED):
+        lines += _app_lines(status)
 
     live = state in (PreviewState.READY, PreviewState.UPDATED, PreviewState.LAUNCHING)
     if live and status.instance_id and status.region:

@@ -165,6 +165,14 @@ def render_compose(document: Mapping[str, Any], config: PreviewConfig) -> str:
     return yaml.safe_dump(rendered, sort_keys=False)
 
 
+def service_names(config: PreviewConfig, compose: str | None) -> tuple[str, ...]:
+    """The services a preview runs: the checked file's, or the generated file's."""
+    if compose is not None:
+        return tuple(yaml.safe_load(compose)["services"])
+    db = (EPHEMERAL_DB_SERVICE,) if config.database == "ephemeral" else ()
+    return (config.app_service, *db)
+
+
 def compose_for(github: GitHub, config: PreviewConfig, repo: str, sha: str) -> str:
     """Fetch ``compose_path`` at ``sha``, check it and render it for the instance."""
     assert config.compose_path is not None

@@ -116,6 +116,8 @@ class PullRequestReport:
     clock: Callable[[], datetime] = field(default=_now, repr=False)
     check_run_id: int | None = None
     check_concluded: bool = False
+    services: tuple[str, ...] = ()  # shown once known (the compose file is checked first)
+    variables: tuple[str, ...] = ()
 
     def tell(
         self,
@@ -150,6 +152,9 @@ class PullRequestReport:
                 flow_run_url=self.run_url,
                 detail=detail,
                 cost=cost,
+                services=self.services,
+                variables=self.variables,
+                secrets_path=self.config.env_parameter_path,
             ),
             secrets=self.secrets,
         )

@@ -129,6 +129,9 @@ def test_the_repos_compose_file_is_fetched_at_each_sha_and_torn_down_with_the_pr
     booted = user_data(aws, opened.instance_id or "")
     assert "app-worker:1.4" in booted and "redis:7-alpine" in booted
     assert [r.params for r in github.sent("GET", "/contents/")] == [{"ref": SHA1}]
+    ready = github.comment_bodies(REPO, 50)[-1]
+    assert "Services: `api`, `worker`, `cache`" in ready
+    assert "Variables: `DATABASE_URL`, `GIT_SHA`, `PR_BRANCH`, `PR_NUMBER`" in ready
 
     github.add_pull(REPO, pull(50, SHA2))
     pushed = pr_preview(REPO, 50, SHA2, action="synchronize", config=config)
