@@ -235,6 +235,8 @@ def run(keep: bool, db: str = "sqlite") -> int:
                     "image_wait_seconds": 60,
                     "ready_timeout_seconds": 60,
                     "prefect_ui_url": stack.ui_url,
+                    # A per-preview setting (README: Fitting your app): the comment names it.
+                    "env": {"PREVIEW_URL": "http://127.0.0.1:8000/?pr={pr_number}"},
                 },
             )
             say(f"   Prefect Variable {VARIABLE_NAME}: the account above, image {image}")
