@@ -48,7 +48,7 @@ from local_stack.scripted_instance import (
     Call,
     Reply,
     ScriptedInstances,
-    probe_answer,
+    probe_reply,
 )
 from tasks.config import PreviewConfig
 from tasks.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, format_usd, hourly_price
@@ -307,7 +307,7 @@ CHANGES: dict[str, Change] = {
             "F3",
             "TTL in the probe",
             "the probe's script moves the shutdown timer once the app answers; confirm-TTL keeps"
-            " only its CreateTags (with F1 the probe is in the ready command too)",
+            " only its CreateTags (with F1 the probe is in the ready command too) (made)",
         ),
         Change(
             "F4",
@@ -316,21 +316,21 @@ CHANGES: dict[str, Change] = {
         ),
         Change(
             "F5",
-            "health in the deploy",
-            "the in-place deploy script starts with the health checks and exits with its own"
-            " code when they fail (then relaunch): no separate health command",
+            "health beside the image check",
+            "the in-place path asks the preview's health while the image check runs: the"
+            " health command leaves the critical path (made)",
         ),
         Change(
             "F6",
             "no preflight in place",
             "the in-place path waits for the image check only: preflight's checks (AMI, subnet,"
-            " groups, profile, RunInstances dry run) are about launching",
+            " groups, profile, RunInstances dry run) are about launching (made)",
         ),
         Change(
             "S1",
             "spares hold base layers",
             "a spare's bootstrap pulls the default branch's image (or it boots from the baked"
-            " AMI): a claim pulls only the top layers",
+            " AMI): a claim pulls only the top layers (made: spare_base_tag)",
         ),
     )
 }
@@ -629,9 +629,8 @@ class LatencyModel:
             return reply("APP PORT CLOSED 8000\n", exit_code=1)
 
         def probe(call: Call) -> Reply:
-            answer = probe_answer(
-                200 if self.world.at(call.at) >= self.world.timeline(call.instance_id).app_at else 0
-            )
+            up = self.world.at(call.at) >= self.world.timeline(call.instance_id).app_at
+            answer = probe_reply(200 if up else 0, call.command)
             return Reply(
                 stdout=answer.stdout,
                 stderr=answer.stderr,

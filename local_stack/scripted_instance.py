@@ -129,17 +129,17 @@ def probe_answer(status_code: int, seconds: float = 0.004) -> Reply:
     return Reply(stdout=f"{status_code} {seconds:.6f}")
 
 
-def probe_responder(status_code: int) -> Responder:
-    """``probe_answer``, and, where the command moves the shutdown timer on a healthy answer
+def probe_reply(status_code: int, command: str) -> Reply:
+    """``probe_answer``, and, where ``command`` moves the shutdown timer on a healthy answer
     (``tasks.probe``), the line that says it did."""
     answer = probe_answer(status_code)
+    if 200 <= status_code < 400 and "shutdown -h" in command:
+        return Reply(stdout=f"{answer.stdout}\npr-preview-timer-moved\n")
+    return answer
 
-    def respond(call: Call) -> Reply:
-        if 200 <= status_code < 400 and "shutdown -h" in call.command:
-            return Reply(stdout=f"{answer.stdout}\npr-preview-timer-moved\n")
-        return answer
 
-    return respond
+def probe_responder(status_code: int) -> Responder:
+    return lambda call: probe_reply(status_code, call.command)
 
 
 class ScriptedInstances:

@@ -22,6 +22,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result
 from tasks.prefect_context import run_logger
 from tasks.retry import Transient
 from tasks.step import step
+from tasks.tls import tls_context
 
 if TYPE_CHECKING:
     from tasks.config import PreviewConfig
@@ -123,7 +124,11 @@ class Registry:
         self._credentials = (username or "token", password) if password else None
         self._token: str | None = None
         self._client = httpx.Client(
-            base_url=self.ref.base_url, transport=transport, timeout=timeout, follow_redirects=True
+            base_url=self.ref.base_url,
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=True,
+            verify=tls_context(),
         )
         self.denied: str | None = None
 

@@ -32,6 +32,7 @@ from tasks.github_app import GitHubApp, app_from_config
 from tasks.inputs import is_repo, is_sha
 from tasks.prefect_context import api_reachable
 from tasks.retry import Transient
+from tasks.tls import tls_context
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
@@ -148,7 +149,11 @@ class GitHub:
             "User-Agent": "pr-preview",
         }
         self._client = httpx.Client(
-            base_url=self.base_url, headers=headers, transport=transport, timeout=timeout
+            base_url=self.base_url,
+            headers=headers,
+            transport=transport,
+            timeout=timeout,
+            verify=tls_context(),
         )
         self._identity: Identity | None = None
 

@@ -30,6 +30,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from tasks.prefect_context import run_logger
+from tasks.tls import prefect_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def api_call(call: Callable[[SyncPrefectClient], T]) -> T:
     and delete. Its client honours Retry-After, so the answer gets a short one; past the
     client's own attempts, a busy server is asked again for ``BUSY_PATIENCE_SECONDS``.
     """
-    hooks = {"event_hooks": {"response": [_ask_again_soon]}}
+    hooks = {"event_hooks": {"response": [_ask_again_soon]}, "verify": prefect_tls_context()}
     for attempt in Retrying(
         stop=stop_after_delay(BUSY_PATIENCE_SECONDS),
         wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2),
