@@ -24,7 +24,7 @@ from tasks.step import step
 MAX_COMPOSE_BYTES = 8000  # it travels in the user data, which EC2 caps at 16 KB
 EPHEMERAL_DB_SERVICE = "db"
 LOOPBACK = "127.0.0.1"
-HOST_NAMESPACES = ("network_mode", "pid", "ipc", "userns_mode")
+HOST_NAMESPACES = ("network_mode", "pid", "ipc", "userns_mode", "uts", "cgroup")
 
 
 class ComposeRefused(ValueError):
@@ -52,6 +52,17 @@ def check_compose(text: str, config: PreviewConfig, where: str) -> dict[str, Any
     for key in ("include", "extends"):
         if key in document:
             raise ComposeRefused(f"{where}: {key}: is not supported (only this file is fetched)")
+    for key in ("secrets", "configs"):  # file: reads the host
+        for entry in (document.get(key) or {}).values():
+            path = str(entry.get("file", ".")) if isinstance(entry, dict) else "."
+            if not _inside(path, config.app_dir):
+                raise ComposeRefused(f"{where}: {key}: file {path!r} is outside the app dir")
+    for volume in (document.get("volumes") or {}).values():
+        if isinstance(volume, dict) and volume.get("driver_opts"):
+            raise ComposeRefused(
+                f"{where}: volumes: driver_opts is refused (it can bind any host path); use"
+                " plain named volumes or ./relative bind mounts"
+            )
     services: dict[str, Any] = document["services"]
     if config.app_service not in services:
         names = ", ".join(sorted(map(str, services))) or "none"
@@ -86,8 +97,14 @@ def _check_service(name: str, service: Mapping[str, Any], app_dir: str, where: s
     for key in HOST_NAMESPACES:
         if str(service.get(key, "")) == "host":
             raise refuse(f"{key}: host is refused: a preview shares no namespace with the host")
-    if service.get("cap_add") or service.get("devices"):
-        raise refuse("cap_add: and devices: are refused: a preview gets no host capabilities")
+    for key in ("cap_add", "devices", "security_opt", "sysctls", "cgroup_parent"):
+        if service.get(key):
+            raise refuse(f"{key}: is refused: a preview container gets no host privileges")
+    own = service.get("env_file") or []
+    for entry in [own] if isinstance(own, (str, dict)) else own:
+        path = str(entry.get("path", "")) if isinstance(entry, dict) else str(entry)
+        if not _inside(path, app_dir):
+            raise refuse(f"env_file {path!r} is outside the app dir {app_dir}")
     for port in service.get("ports") or []:
         ip = _host_ip(port)
         if ip != LOOPBACK:

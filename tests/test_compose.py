@@ -67,7 +67,17 @@ def service(**values: Any) -> str:
         (service(privileged=True), "privileged: true is refused"),
         (service(network_mode="host"), "network_mode: host is refused"),
         (service(pid="host"), "pid: host is refused"),
-        (service(cap_add=["SYS_ADMIN"]), "cap_add: and devices: are refused"),
+        (service(cap_add=["SYS_ADMIN"]), "cap_add: is refused"),
+        (service(security_opt=["seccomp:unconfined"]), "security_opt: is refused"),
+        (service(env_file=["/etc/shadow"]), "env_file '/etc/shadow' is outside the app dir"),
+        (
+            "secrets: {k: {file: /root/.aws/credentials}}\nservices: {api: {image: x}}",
+            "secrets: file '/root/.aws/credentials' is outside the app dir",
+        ),
+        (
+            "volumes: {v: {driver_opts: {o: bind, device: /etc}}}\nservices: {api: {image: x}}",
+            "driver_opts is refused",
+        ),
         (service(ports=["8000:8000"]), "published on every address"),
         (service(ports=["8000"]), "published on every address"),
         (service(ports=["0.0.0.0:6379:6379"]), "published on 0.0.0.0"),
