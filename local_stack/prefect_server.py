@@ -1,8 +1,9 @@
 """A whole pr-preview installation on one machine, for the demo and the end-to-end tests.
 
-A Prefect server (SQLite, 127.0.0.1, its own PREFECT_HOME), the three deployments of
-prefect.yaml with their triggers, a process worker that polls every second, and the signed
-webhook receiver — the self-hosted path of DESIGN.md, with nothing in between.
+A Prefect server (SQLite, or PostgreSQL with ``db="postgres"``; 127.0.0.1, its own
+PREFECT_HOME), the deployments of prefect.yaml with their triggers, process workers that poll
+every second, and the signed webhook receiver — the self-hosted path of DESIGN.md, with
+nothing in between.
 """
 
 from __future__ import annotations
