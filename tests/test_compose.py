@@ -14,12 +14,16 @@ import yaml
 
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
+from local_stack.instance.world import SAMPLE_APP
+from local_stack.registry import image_config
 from local_stack.scripted_instance import ScriptedInstances
 from tasks.aws import AwsClients
 from tasks.compose import ComposeRefused, check_compose, render_compose
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tests.fakes.github import ALL_PERMISSIONS, FakeGitHub
 from tests.support.moto_state import live, state_of, user_data
+from tests.test_failure_table import World, database, world  # noqa: F401 (fixtures)
+from tests.test_instance_runtime import instance_processes, read, wait_for
 from tests.test_preview_github import (  # noqa: F401 (fixtures)
     REPO,
     SHA1,
@@ -99,8 +103,8 @@ def test_each_refused_construct_says_why(text: str, message: str) -> None:
 
 
 def test_a_three_service_file_runs_the_prs_image_with_our_env_files() -> None:
-    for database in ("external", "ephemeral"):
-        config = PreviewConfig(database=database)
+    for kind in ("external", "ephemeral"):
+        config = PreviewConfig(database=kind)
         rendered = yaml.safe_load(
             render_compose(check_compose(THREE_SERVICES, config, PATH), config)
         )
@@ -108,7 +112,7 @@ def test_a_three_service_file_runs_the_prs_image_with_our_env_files() -> None:
         assert api["image"] == "${APP_IMAGE}"
         assert api["env_file"] == ["api.env", "secrets.env", "preview.env", "app.env"]
         assert rendered["services"]["worker"]["image"] == "ghcr.io/octo-org/app-worker:1.4"
-        expected = {"api", "worker", "cache"} | ({"db"} if database == "ephemeral" else set())
+        expected = {"api", "worker", "cache"} | ({"db"} if kind == "ephemeral" else set())
         assert set(rendered["services"]) == expected
     assert api["depends_on"] == ["cache", "db"]
     assert set(rendered["volumes"]) == {"media", "pgdata"}
@@ -172,3 +176,45 @@ def test_a_refused_compose_file_launches_nothing_and_the_pr_is_told_why(
     assert not [i for i in live(aws) if {"Key": "PR", "Value": "51"} in i["Tags"]]
     comment = github.comment_bodies(REPO, 51)[-1]
     assert "Preview failed" in comment and "privileged: true is refused" in comment
+
+
+REAL_THREE_SERVICES = """\
+services:
+  api:
+    image: placeholder
+    ports: ["127.0.0.1:8000:8000"]
+    depends_on: [cache]
+  worker:
+    image: ${{APP_IMAGE}}
+    command: ["python", "-c", "import time; time.sleep(3600)  # preview-worker"]
+  cache:
+    image: {cache}
+    command: ["python", "-m", "http.server", "6379", "--bind", "127.0.0.1"]
+"""
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_three_services_run_on_a_real_instance_and_end_with_it(
+    world: World,  # noqa: F811
+    github: FakeGitHub,  # noqa: F811
+) -> None:
+    """The local instance runtime runs the fetched file: the app serves the probe, the worker
+    (the PR's image, another command) and the redis-like cache run beside it; teardown ends
+    every one of them."""
+    cache = f"{world.registry.host}/octo-org/cache"
+    world.registry.push("octo-org/cache", "7", config=image_config([], source=f"{SAMPLE_APP}/v1"))
+    github.tokens["good-token"] = ALL_PERMISSIONS | {"contents:read"}
+    github.add_pull(REPO, pull(52, SHA1))
+    github.add_file(REPO, SHA1, PATH, REAL_THREE_SERVICES.format(cache=f"{cache}:7"))
+    world.config.compose_path = PATH
+
+    ready = pr_preview(REPO, 52, SHA1, action="opened", config=world.config, return_state=True)
+
+    result = ready.result()
+    assert (result.status, result.probe[:14]) == ("ready", "/healthz → 200"), ready.message
+    commands = [read(pid, "cmdline") for pid in instance_processes(result.instance_id or "")]
+    assert any(b"preview-worker" in line for line in commands)
+    assert any(b"http.server\x006379" in line for line in commands)
+    github.add_pull(REPO, pull(52, SHA1, state="closed"))
+    pr_teardown(REPO, 52, config=world.config)
+    wait_for(lambda: not instance_processes(result.instance_id or ""), timeout=10)
