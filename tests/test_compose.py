@@ -153,6 +153,7 @@ def test_the_repos_compose_file_is_fetched_at_each_sha_and_torn_down_with_the_pr
     assert (pushed.path, pushed.instance_id) == ("in-place", opened.instance_id)
     [deploy] = scripted_ssm.commands(opened.instance_id, r"docker compose pull")
     assert "redis:8-alpine" in deploy and "> docker-compose.yml" in deploy
+    assert f"GIT_SHA={SHA2}" in deploy and "> preview.env" in deploy  # the push's settings
 
     github.add_pull(REPO, pull(50, SHA2, state="closed"))
     pr_teardown(REPO, 50, config=config)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import tasks.launch
-from tasks.app_env import AppFiles, preview_env
+from tasks.app_env import AppFiles, app_env_commands, preview_env
 from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
@@ -346,6 +346,27 @@ def test_user_data_writes_the_apps_settings_and_secrets_without_showing_them(
     )
     for where in (script, sandbox.calls, ran.stdout, ran.stderr):
         assert "s3cr3t" not in where
+
+
+def test_a_push_rewrites_the_settings_and_reads_the_secrets_again(sandbox: Sandbox) -> None:
+    """The in-place deploy's share (tasks/app_env.py): a changed setting and a rotated secret
+    reach the env files on the next push, the secret on no command line."""
+    folder = sandbox.root / "params" / "pr-preview" / "env"
+    folder.mkdir(parents=True)
+    (folder / "API_KEY").write_text("rotated-secret\n")
+    config = sandbox_config(sandbox, env={"MODE": "second"}, env_parameter_path="/pr-preview/env")
+    app = sandbox.root / "app"
+    app.mkdir()
+    (app / "secrets.env").write_text("API_KEY=old\n")
+    env = preview_env(config, SPEC.repo, SPEC.pr_number, SPEC.sha, "feature/x")
+    script = "\n".join(["set -euo pipefail", f"cd {app}", *app_env_commands(config, AppFiles(env))])
+
+    ran = sandbox.run(script + "\n")
+
+    assert ran.returncode == 0, ran.stderr
+    assert (app / "secrets.env").read_text() == "API_KEY=rotated-secret\n"
+    assert "MODE=second\n" in (app / "preview.env").read_text()
+    assert "rotated-secret" not in script + sandbox.calls + ran.stdout + ran.stderr
 
 
 @pytest.mark.parametrize(
