@@ -276,7 +276,8 @@ def _serve(
     )
     stack = PrefectStack(home, api_url, env, [server], database)
     try:
-        deadline = time.monotonic() + 60
+        # A first start migrates a new database: past a minute on 2 busy cores.
+        deadline = time.monotonic() + 150
         while True:
             try:
                 if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
