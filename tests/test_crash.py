@@ -10,7 +10,6 @@ the lock to its lease expiry.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,17 +50,31 @@ class Killed(BaseException):
     """The run's process died here."""
 
 
-def dies_after(step: Callable[..., Any]) -> Callable[..., Any]:
-    def run_then_die(*args: Any, **kwargs: Any) -> Any:
-        step(*args, **kwargs)
-        raise Killed(getattr(step, "name", "step"))
+class DiesAfter:
+    """``step`` that kills the run once it has done its work, called or submitted."""
 
-    return run_then_die
+    def __init__(self, step: Any) -> None:
+        self.step, self.name = step, getattr(step, "name", "step")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.step(*args, **kwargs)
+        raise Killed(self.name)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        future = self.step.submit(*args, **kwargs)
+        name = self.name
+
+        class Dying:
+            def result(self, *args: Any, **kwargs: Any) -> Any:
+                future.result(*args, **kwargs)
+                raise Killed(name)
+
+        return Dying()
 
 
 def kill_after(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
     """Make the flow die right after ``step`` (a step the flow calls) has done its work."""
-    monkeypatch.setattr(flows.preview, step, dies_after(getattr(flows.preview, step)))
+    monkeypatch.setattr(flows.preview, step, DiesAfter(getattr(flows.preview, step)))
 
 
 @pytest.fixture(autouse=True)

@@ -133,4 +133,7 @@ def test_outcomes_name_the_completed_state() -> None:
         "No Room",
         "Not Allowed",
         "Still Open",
+        "Not Labeled",
+        "Label Ignored",
+        "Still Labeled",
     ]
