@@ -37,6 +37,7 @@ from local_stack.registry import (
     FakeRegistry,
     image_config,
 )
+from tasks.app_env import PREVIEW_ENV_FILE, SECRETS_ENV_FILE
 from tasks.config import PreviewConfig
 from tasks.diagnose import SIGNATURES
 from tasks.launch import compose_file
@@ -559,6 +560,8 @@ def test_the_ephemeral_database_is_a_real_postgres_started_before_the_app(
     # The generated files, but for the port: the tests share one loopback.
     (engine.app_dir / "db.env").write_text(f"POSTGRES_PASSWORD=pw0123\nPGPORT={db_port}\n")
     (engine.app_dir / "app.env").write_text("GREETING=hi\n")
+    (engine.app_dir / PREVIEW_ENV_FILE).write_text("PR_NUMBER=42\n")
+    (engine.app_dir / SECRETS_ENV_FILE).write_text("")  # no env_parameter_path: empty
     ghcr.push(REPO, SHA1, config=uvicorn_config(engine.write_app("v1"), app_port))
     engine.set_image(f"{ghcr.host}/{REPO}:{SHA1}")
 
