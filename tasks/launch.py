@@ -155,19 +155,22 @@ unset GHCR_TOKEN
 """
 
 
-def spare_base_ref(config: PreviewConfig) -> str | None:
-    """``image:spare_base_tag`` a spare pre-pulls: the configured image, else the one served
-    repository named exactly; None when there is no tag or no single image to name."""
+def spare_base_layers(config: PreviewConfig) -> str:
+    """The spare's step pulling ``image:spare_base_tag``: of the configured image, else of the
+    one served repository named exactly; empty without a tag or a single image to name."""
     if not config.spare_base_tag:
-        return None
-    if config.image:
-        image = config.image_for("")
-    else:
-        named = [repo for repo in config.allowed_repos if is_repo(repo)]
-        if len(named) != 1:
-            return None
-        image = config.image_for(named[0])
-    return f"{image}:{config.spare_base_tag}" if IMAGE_PATTERN.fullmatch(image) else None
+        return ""
+    named = [repo for repo in config.allowed_repos if is_repo(repo)]
+    repo = "" if config.image else named[0] if len(named) == 1 else None
+    if repo is None or not IMAGE_PATTERN.fullmatch(image := config.image_for(repo)):
+        return ""
+    q = shlex.quote
+    values = {
+        "base_ref": q(f"{image}:{config.spare_base_tag}"),
+        "registry": q(image.split("/", 1)[0]),
+        "registry_username": q(config.registry_username(repo)),
+    }
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], BASE_LAYERS)
 
 
 def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
@@ -200,15 +203,7 @@ def render_spare_user_data(config: PreviewConfig) -> str:
     """The same bootstrap up to the app, for a warm spare: no repository, no image, no login.
     The script ends where the spare stops."""
     q = shlex.quote
-    base = spare_base_ref(config)
-    layers = ""
-    if base:
-        layers = (
-            BASE_LAYERS.replace("{{base_ref}}", q(base))
-            .replace("{{registry}}", q(base.split("/", 1)[0]))
-            .replace("{{registry_username}}", q(config.ghcr_username or base.split("/")[1]))
-        )
-    stop = SPARE_STOP.replace("{{base_layers}}", layers)
+    stop = SPARE_STOP.replace("{{base_layers}}", spare_base_layers(config))
     script = _render(
         config,
         what="warm spare",
