@@ -271,7 +271,7 @@ def _deploy(
     #    sha, its health (an in-place deploy launches nothing, so preflight waits until a
     #    launch is needed); else preflight.
     instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
-    image = check_image.submit(settings, repo, pr_number, sha, ghcr_token)
+    image = check_image.submit(settings, repo, pr_number, sha, ghcr_token, ecr=clients.ecr)
     if instance_id:
         checking = preview_health.submit(clients, settings, instance_id)
         image.result()

@@ -10,9 +10,14 @@ A pushed tag is a real, content-addressed image as buildx pushes it: an OCI inde
 linux/amd64 OCI manifest (and an attestation manifest), the manifest naming the image config
 blob. ``GET`` on a manifest (by tag or digest) and on ``/v2/<name>/blobs/<digest>`` serve those
 bodies, so a client can pull the config the way docker does; ``GET /v2/`` is the endpoint
-``docker login`` checks credentials against. Images carry no layers: what the local engine
-(``local_stack.instance.engine``) runs is the source tree the config's
-``dev.pr-preview.local.source`` label names, relative to the project directory.
+``docker login`` checks credentials against. With ``auth="basic"`` it answers as Amazon ECR
+does instead: no token endpoint, a ``WWW-Authenticate: Basic`` challenge, and the user ``AWS``
+with the password ``GetAuthorizationToken`` handed out (``users={"AWS": password}``) may pull
+every repository; an unknown repository is ``NAME_UNKNOWN``.
+
+Images carry no layers: what the local engine (``local_stack.instance.engine``) runs is the
+source tree the config's ``dev.pr-preview.local.source`` label names, relative to the project
+directory.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ class FakeRegistry:
     tokens: dict[str, set[str]] = field(default_factory=dict)
     requests: list[httpx.Request] = field(default_factory=list)
     unavailable: int = 0
+    auth: str = "bearer"  # "basic": as Amazon ECR authenticates
 
     @property
     def transport(self) -> httpx.MockTransport:
@@ -231,6 +237,10 @@ class FakeRegistry:
         return httpx.Response(404, json={"errors": [{"code": "NOT_FOUND"}]})
 
     def _challenge(self, name: str | None, error: str | None = None) -> dict[str, str]:
+        if self.auth == "basic":
+            return {
+                "WWW-Authenticate": f'Basic realm="{self.scheme}://{self.host}/",service="ecr.amazonaws.com"'
+            }
         value = f'Bearer realm="{self.scheme}://{self.host}/token",service="{self.host}"'
         if name is not None:
             value += f',scope="repository:{name}:pull"'
@@ -242,6 +252,17 @@ class FakeRegistry:
         header = request.headers.get("authorization", "")
         token = header[7:] if header.startswith("Bearer ") else None
         return token if token in self.tokens else None
+
+    def _granted(self, request: httpx.Request) -> set[str] | None:
+        """The repositories the request's credentials may pull; None without valid ones."""
+        header = request.headers.get("authorization", "")
+        if self.auth != "basic":
+            token = self._bearer(request)
+            return None if token is None else self.tokens[token]
+        if not header.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        return set(self.repositories) if self.users.get(user) == password else None
 
     def _token(self, request: httpx.Request) -> httpx.Response:
         scope = request.url.params.get("scope", "")
@@ -266,7 +287,7 @@ class FakeRegistry:
         """``/v2/``: the API version check, where ``docker login`` proves its token."""
         if request.method not in ("HEAD", "GET"):
             return httpx.Response(405)
-        if self._bearer(request) is None:
+        if self._granted(request) is None:
             return httpx.Response(
                 401, headers=self._challenge(None), json={"errors": [{"code": "UNAUTHORIZED"}]}
             )
@@ -276,10 +297,15 @@ class FakeRegistry:
 
     def _access(self, request: httpx.Request, name: str) -> httpx.Response | Repository:
         """The repository if the request's token may pull it, else the registry's refusal."""
-        token = self._bearer(request)
-        if token is None:
+        granted = self._granted(request)
+        if granted is None:
             return httpx.Response(401, headers=self._challenge(name))
-        if name not in self.tokens[token]:
+        if self.auth == "basic" and name not in self.repositories:
+            message = f"The repository with name '{name}' does not exist in the registry"
+            return httpx.Response(
+                404, json={"errors": [{"code": "NAME_UNKNOWN", "message": message}]}
+            )
+        if name not in granted:
             # GHCR: "denied" both for private repos we may not see and for unknown ones
             return httpx.Response(403, json={"errors": [{"code": "DENIED"}]})
         return self.repositories[name]

@@ -11,9 +11,11 @@ from botocore.config import Config
 from botocore.loaders import Loader, create_loader
 
 from tasks.config import PreviewConfig
+from tasks.ecr import ecr_repository
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ecr import ECRClient
     from mypy_boto3_iam import IAMClient
     from mypy_boto3_ssm import SSMClient
 
@@ -36,6 +38,7 @@ class AwsClients:
     ec2: EC2Client
     ssm: SSMClient
     iam: IAMClient
+    ecr: ECRClient | None = None  # only when the configured image is in ECR, in its region
 
 
 def build_clients(config: PreviewConfig) -> AwsClients:
@@ -43,7 +46,8 @@ def build_clients(config: PreviewConfig) -> AwsClients:
 
     ``AWS_ENDPOINT_URL`` (a moto server, say) is honoured on both paths: boto3 reads it itself,
     and a block's own ``endpoint_url`` is passed explicitly because
-    ``get_boto3_session().client()`` would drop it. Fresh clients every time: prefect-aws's
+    ``get_boto3_session().client()`` would drop it. An ECR client only for an image in ECR,
+    in that registry's region. Fresh clients every time: prefect-aws's
     ``get_client()`` caches them across calls, and with them any event handlers.
     """
     session: boto3.session.Session
@@ -67,9 +71,15 @@ def build_clients(config: PreviewConfig) -> AwsClients:
     if config.region:
         region = config.region
 
-    def client(service: str) -> Any:
+    def client(service: str, in_region: str = region) -> Any:
         return session.client(  # type: ignore[call-overload]
-            service, region_name=region, config=botocore_config, **params
+            service, region_name=in_region, config=botocore_config, **params
         )
 
-    return AwsClients(ec2=client("ec2"), ssm=client("ssm"), iam=client("iam"))
+    ecr = ecr_repository(config)
+    return AwsClients(
+        ec2=client("ec2"),
+        ssm=client("ssm"),
+        iam=client("iam"),
+        ecr=client("ecr", ecr.region) if ecr else None,
+    )

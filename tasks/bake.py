@@ -32,6 +32,7 @@ from botocore.exceptions import ClientError, WaiterError
 from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.config import IMAGE_PATTERN, RUN_MARGIN_SECONDS, PreviewConfig
+from tasks.ecr import EcrRepository, ecr_login
 from tasks.inputs import is_repo
 from tasks.launch import COMPOSE_RELEASE, EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.masking import mask_secrets
@@ -142,6 +143,21 @@ def pull_compose_file(config: PreviewConfig, image_ref: str) -> str:
     return "\n".join(lines)
 
 
+# The builder's one login: GHCR's token from Parameter Store, forgotten at once; for an ECR
+# image, the instance role's ECR password (tasks/ecr.py).
+GHCR_LOGIN = """\
+# Assigned on its own line: inside another command a failed read would go unnoticed.
+GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token parameter"
+[ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
+
+step=ghcr-login
+printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
+unset GHCR_TOKEN"""
+ECR_LOGIN = """\
+step=ecr-login
+{{ecr_login}}"""
+
+
 def preview_install_steps() -> str:
     """The preview's Docker and Compose steps, cut from ``user_data.sh``: a baked image has what
     a preview would install, installed the same way, and the preview's checks skip it."""
@@ -163,6 +179,7 @@ def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: floa
     """
     q = shlex.quote
     registry, owner = image_ref.split("/", 2)[:2]
+    ecr = EcrRepository.parse(image_ref.rsplit(":", 1)[0])
     values = {
         "bake_dir": q(BAKE_DIR),
         "app_dir": q(config.app_dir),
@@ -174,9 +191,11 @@ def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: floa
         "registry": q(registry),
         "registry_username": q(config.ghcr_username or owner),
         "pull_compose_file": q(pull_compose_file(config, image_ref)),
+        "ecr_login": ecr_login(ecr) if ecr else "",
     }
     template = files("tasks").joinpath("templates/bake_user_data.sh").read_text()
     template = template.replace("{{install_docker_and_compose}}\n", preview_install_steps())
+    template = template.replace("{{registry_login}}", ECR_LOGIN if ecr else GHCR_LOGIN)
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 

@@ -2,7 +2,9 @@
 
 Spoken over the OCI distribution API with httpx, so no docker daemon is needed: a ``HEAD`` on
 the manifest, following the registry's ``WWW-Authenticate: Bearer`` challenge for a token —
-anonymously for public images, with the GHCR user and token for private ones. The webhook
+anonymously for public images, with the GHCR user and token for private ones. An image in
+Amazon ECR (``<account>.dkr.ecr.<region>.amazonaws.com/…``) is asked through ECR's API instead
+(``ecr:DescribeImages`` with the flows' AWS credentials, no token). The webhook
 often arrives while the image is still building, so the check polls with backoff (tenacity)
 up to ``image_wait_seconds`` and then fails with a sentence that says what to look at.
 """
@@ -17,14 +19,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
+from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import RetryCallState, Retrying, retry_if_result
 
+from tasks.ecr import EcrRepository
 from tasks.prefect_context import run_logger
-from tasks.retry import Transient
+from tasks.retry import ACCESS_DENIED_CODES, Transient, error_code, is_transient
 from tasks.step import step
 from tasks.tls import tls_context
 
 if TYPE_CHECKING:
+    from mypy_boto3_ecr import ECRClient
+
     from tasks.config import PreviewConfig
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,10 @@ class RegistryUnavailable(RegistryError, Transient):
 
 class RegistryAuthError(RegistryError):
     """The registry rejected the credentials we were given."""
+
+
+class RepositoryMissing(RegistryError):
+    """The registry says the repository itself does not exist: waiting will not help."""
 
 
 class ImageNotFound(RegistryError):
@@ -229,6 +239,62 @@ class Registry:
         self._token = str(token)
 
 
+class EcrRegistry:
+    """The build-image check's registry session, for an ECR repository: one ``DescribeImages``
+    per poll, answering like :class:`Registry` (a digest, or None for "not
+    pushed yet"; rejected credentials and a missing repository raise at once)."""
+
+    def __init__(self, ecr: ECRClient, repository: EcrRepository) -> None:
+        self.ecr = ecr
+        self.repository = repository
+        self.denied: str | None = None  # ECR says so at once: AccessDenied raises
+
+    def __repr__(self) -> str:
+        return f"EcrRegistry({str(self.repository)!r})"
+
+    def __enter__(self) -> EcrRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def manifest_digest(self, reference: str) -> str | None:
+        repo = self.repository
+        try:
+            details = self.ecr.describe_images(
+                registryId=repo.account,
+                repositoryName=repo.name,
+                imageIds=[{"imageTag": reference}],
+            )["imageDetails"]
+        except ClientError as exc:
+            code = error_code(exc)
+            if code == "ImageNotFoundException":
+                return None
+            if code == "RepositoryNotFoundException":
+                raise RepositoryMissing(
+                    f"ECR has no repository {repo.name} in account {repo.account}"
+                    f" ({repo.region}): create it (aws ecr create-repository --region"
+                    f" {repo.region} --repository-name {repo.name}) and let the build workflow"
+                    " push to it, or fix image in the configuration"
+                ) from exc
+            if code in ACCESS_DENIED_CODES:
+                raise RegistryAuthError(
+                    f"{code}: the flows' role may not call ecr:DescribeImages on {repo.arn}:"
+                    " grant it (deployments/iam/orchestrator-policy.json,"
+                    " CheckImagesInTheConfiguredEcrRepositories)"
+                ) from exc
+            if is_transient(exc):
+                raise RegistryUnavailable(f"ECR DescribeImages on {repo.name}: {code}") from exc
+            raise RegistryError(f"ECR DescribeImages on {repo.name}: {code}") from exc
+        except BotoCoreError as exc:
+            raise RegistryUnavailable(
+                f"ECR DescribeImages on {repo.name}: {type(exc).__name__}"
+            ) from exc
+        if not details:
+            return None
+        return str(details[0].get("imageDigest") or "")
+
+
 def image_exists(
     image: str,
     ref: str,
@@ -259,20 +325,23 @@ def wait_for_image(
     username: str | None = None,
     password: str | None = None,
     transport: httpx.BaseTransport | None = None,
+    ecr: ECRClient | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> ImageCheck:
     """Poll for ``image:sha`` with doubling intervals (capped) until it exists or time runs out.
 
-    Registry hiccups (5xx, dropped connections) count as "not yet"; rejected credentials fail
-    at once. ``:pr-<n>`` is looked at once afterwards, for the log only.
+    Registry hiccups (5xx, dropped connections, throttling) count as "not yet"; rejected
+    credentials and a repository the registry says does not exist fail at once. An ECR image is
+    asked through ``ecr`` (an ECR client of the image's region). ``:pr-<n>`` is looked at once
+    afterwards, for the log only.
     """
     start = clock()
     deadline = start + timeout_seconds
     cap = max(poll_seconds, max_poll_seconds)
     last_problem: list[str] = []
 
-    with Registry(image, username=username, password=password, transport=transport) as registry:
+    with _lookup(image, username, password, transport, ecr) as registry:
 
         def attempt() -> str | None:
             try:
@@ -338,6 +407,22 @@ def wait_for_image(
     )
 
 
+def _lookup(
+    image: str,
+    username: str | None,
+    password: str | None,
+    transport: httpx.BaseTransport | None,
+    ecr: ECRClient | None,
+) -> Registry | EcrRegistry:
+    """The registry session for ``image``: ECR's API for an ECR repository, else OCI."""
+    repository = EcrRepository.parse(image)
+    if repository is None:
+        return Registry(image, username=username, password=password, transport=transport)
+    if ecr is None:
+        raise ValueError(f"{image} is in ECR: the check needs an ECR client of {repository.region}")
+    return EcrRegistry(ecr, repository)
+
+
 @step(retry=False)
 def check_image(
     config: PreviewConfig,
@@ -346,11 +431,12 @@ def check_image(
     sha: str,
     ghcr_token: str | None,
     transport: httpx.BaseTransport | None = None,
+    ecr: ECRClient | None = None,
 ) -> ImageCheck:
     """Wait for the image of ``sha``; the poll is the retry layer, so no task retries.
 
     ``ghcr_token`` (from Parameter Store) is used for the registry token request only and is
-    never logged.
+    never logged; an ECR image needs none, it is asked through ``ecr`` (``AwsClients.ecr``).
     """
     log = run_logger(logger)
     image = config.image_for(repo)
@@ -363,6 +449,7 @@ def check_image(
         username=config.registry_username(repo) if ghcr_token else None,
         password=ghcr_token,
         transport=transport,
+        ecr=ecr,
     )
     log.info(
         "image %s found (%s) after %d attempt(s), %.0f s",

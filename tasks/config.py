@@ -49,6 +49,11 @@ _REGISTRY = rf"{_HOST_COMPONENT}(?:\.{_HOST_COMPONENT})*(?::[0-9]{{1,5}})?"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = re.compile(rf"(?P<registry>{_REGISTRY})(?:/{_PATH_COMPONENT})+")
 IMAGE_MAX_LENGTH = 255
+# An Amazon ECR private registry: <12-digit account>.dkr.ecr.<region>.amazonaws.com. An image
+# there is checked through ECR's API and pulled with the instance role's login (tasks/ecr.py).
+ECR_REGISTRY_PATTERN = re.compile(
+    rf"(?P<account>[0-9]{{12}})\.dkr\.ecr\.(?P<region>{REGION_PATTERN.pattern})\.amazonaws\.com"
+)
 SERVICE_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}")
 ABSOLUTE_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
 RELATIVE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
@@ -136,7 +141,10 @@ class PreviewConfig(BaseModel):
 
     # --- The app (runbook §3, §5)
     image: str | None = Field(
-        None, description="Image repository, e.g. ghcr.io/owner/repo; ghcr.io/<repo> when unset."
+        None,
+        description="Image repository, e.g. ghcr.io/owner/repo or an ECR repository"
+        " <account>.dkr.ecr.<region>.amazonaws.com/<name> (checked through ECR's API, pulled"
+        " with the instance role's login, no token parameter); ghcr.io/<repo> when unset.",
     )
     app_port: int = Field(8000, ge=1, le=65535)
     app_dir: str = Field("/srv/app", pattern=r"^/")
@@ -360,6 +368,14 @@ class PreviewConfig(BaseModel):
         if registry != "localhost" and "." not in registry and ":" not in registry:
             raise ValueError(
                 f"{value!r} does not start with a registry host (e.g. ghcr.io/{value})"
+            )
+        if (".dkr.ecr" in registry or registry.endswith(".amazonaws.com")) and not (
+            ECR_REGISTRY_PATTERN.fullmatch(registry)
+        ):
+            raise ValueError(
+                f"{value!r} is not an ECR image repository: <12-digit account id>.dkr.ecr."
+                "<region>.amazonaws.com/<repository>, no port"
+                " (e.g. 123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/app)"
             )
         return value
 

@@ -250,6 +250,17 @@ SIGNATURES: tuple[Signature, ...] = (
         " (and kms:Decrypt for a customer key).",
     ),
     _sig(
+        "ecr-login",
+        r"no basic auth credentials|when calling the GetAuthorizationToken operation"
+        r"|not authorized to perform: ecr:|Your authorization token has expired",
+        "ECR refused the pull: the instance did not log in to ECR, or its role may not"
+        " (ecr:GetAuthorizationToken, then ecr:BatchGetImage and ecr:GetDownloadUrlForLayer on"
+        " the repository).",
+        "Give the instance role deployments/iam/instance-role-policy.json with ECR_REPOSITORY"
+        " replaced by the image's repository, and rerun; the instance logs in with"
+        " `aws ecr get-login-password | docker login --password-stdin`.",
+    ),
+    _sig(
         "ghcr-unauthorized",
         r"\bunauthorized\b|denied: (?:denied|permission_denied|requested access)"
         r"|pull access denied",

@@ -19,6 +19,7 @@ from tasks.app_env import (
     write_preview_env,
 )
 from tasks.config import IMAGE_PATTERN, PreviewConfig
+from tasks.ecr import ecr_login, ecr_repository
 from tasks.inputs import check_inputs, is_repo
 from tasks.instances import find_previews
 from tasks.on_instance import STATE_DIR, timer_command, timer_minutes
@@ -53,6 +54,37 @@ printf 'POSTGRES_PASSWORD=%s\\n' "$DB_PASSWORD" > "$APP_DIR/db.env"
 printf 'DATABASE_URL=postgresql+asyncpg://app:%s@db:5432/app\\n' "$DB_PASSWORD" > "$APP_DIR/app.env"
 unset DB_PASSWORD
 chmod 600 "$APP_DIR/db.env\""""
+
+# The registry login and pull (runbook §3, §4). GHCR: the token from Parameter Store, read with
+# the other secrets; an image that cannot be pulled is built from the GitHub tarball of its sha.
+GHCR_TOKEN_READ = """\
+GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token parameter"
+[ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
+"""
+GHCR_LOGIN_AND_PULL = """step=ghcr-login
+printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
+
+step=pull
+cd "$APP_DIR"
+if ! docker compose pull {{app_service}}; then
+  # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3).
+  step=tarball-build
+  mkdir -p "$APP_DIR/build"
+  # The header comes on stdin (-H @-): on curl's command line ps would show the token.
+  curl -fsSL -H @- {{tarball_url}} \\
+    <<<"Authorization: Bearer $GHCR_TOKEN" \\
+    | tar -xz --strip-components=1 -C "$APP_DIR/build"
+  docker build -t {{image_ref}} "$APP_DIR/build"
+fi
+unset GHCR_TOKEN"""
+# ECR (tasks/ecr.py): the instance role logs in, so there is no token to read or forget, and
+# no tarball build (it would need the GHCR token): an image that cannot be pulled fails here.
+ECR_LOGIN_AND_PULL = """step=ecr-login
+{{ecr_login}}
+
+step=pull
+cd "$APP_DIR"
+docker compose pull {{app_service}}"""
 
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # The ephemeral database's image (runbook §11) and where Compose's release binaries are.
@@ -145,8 +177,7 @@ exit 0"""
 BASE_LAYERS = """step=base-layers
 # The served image's base layers (spare_base_tag): a claim then pulls only its PR's own layers.
 # Best effort: a spare without them is still a spare.
-if printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} \\
-    --password-stdin && docker pull {{base_ref}}; then
+if {{login}} && docker pull {{base_ref}}; then
   echo "base layers of" {{base_ref}} "pulled"
 else
   echo "base layers of" {{base_ref}} "not pulled: a claim pulls the whole image" >&2
@@ -165,10 +196,15 @@ def spare_base_layers(config: PreviewConfig) -> str:
     if repo is None or not IMAGE_PATTERN.fullmatch(image := config.image_for(repo)):
         return ""
     q = shlex.quote
+    ecr = ecr_repository(config, repo)
+    registry = q(image.split("/", 1)[0])
+    ghcr_login = (
+        f"printf '%s\\n' \"$GHCR_TOKEN\" | docker login {registry}"
+        f" -u {q(config.registry_username(repo))} \\\n    --password-stdin"
+    )
     values = {
         "base_ref": q(f"{image}:{config.spare_base_tag}"),
-        "registry": q(image.split("/", 1)[0]),
-        "registry_username": q(config.registry_username(repo)),
+        "login": ecr_login(ecr) if ecr else ghcr_login,
     }
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], BASE_LAYERS)
 
@@ -242,7 +278,14 @@ def _render(config: PreviewConfig, **values: str) -> str:
         read_secrets=read_secrets_script(config),
     )
     values.setdefault("compose_file", q(compose_file(config)))
+    ecr = ecr_repository(config)
+    values["ecr_login"] = ecr_login(ecr) if ecr else ""
     template = files("tasks").joinpath("templates/user_data.sh").read_text()
+    # The registry's fixed text first, then every value in one pass.
+    template = template.replace("{{registry_token}}", "" if ecr else GHCR_TOKEN_READ)
+    template = template.replace(
+        "{{login_and_pull}}", ECR_LOGIN_AND_PULL if ecr else GHCR_LOGIN_AND_PULL
+    )
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 

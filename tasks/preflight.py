@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.ecr import ecr_repository
 from tasks.prefect_context import run_logger
 from tasks.retry import ACCESS_DENIED_CODES, error_code, is_transient
 from tasks.run_instances import AmiNotFound, resolve_ami, run_instances_params
@@ -159,7 +160,11 @@ def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport
     _check(report, "run-instances dry run", _dry_run, ec2, config, report.ami_id, report.subnet_id)
     if config.db_security_group_id:
         _check(report, "db-sg ingress", _db_security_group, ec2, config)
-    _check(report, "ghcr token parameter", _parameter_exists, ssm, config.ghcr_token_parameter)
+    ecr = ecr_repository(config)
+    if ecr is None:
+        _check(report, "ghcr token parameter", _parameter_exists, ssm, config.ghcr_token_parameter)
+    else:
+        report.add("registry", "pass", f"{ecr.host} is ECR: the instance role logs in, no token")
     if config.database == "external":
         _check(report, "database url", _database_url, ssm, config)
     return report

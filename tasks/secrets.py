@@ -13,6 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from tasks.config import PreviewConfig
+from tasks.ecr import ecr_repository
 from tasks.retry import is_transient
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class RunSecrets:
 
 
 def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
-    """Best effort: a parameter that cannot be read is None (preflight reports why)."""
+    """Best effort: a parameter that cannot be read is None (preflight reports why). An ECR
+    image needs no GHCR token: the instance logs in with its role, so it is not read."""
 
     retrying = Retrying(
         retry=retry_if_exception(is_transient),
@@ -48,4 +50,6 @@ def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
         except (ClientError, BotoCoreError, KeyError):
             return None
 
-    return RunSecrets(read(config.ghcr_token_parameter), read(config.database_url_parameter))
+    in_ecr = ecr_repository(config) is not None
+    ghcr_token = None if in_ecr else read(config.ghcr_token_parameter)
+    return RunSecrets(ghcr_token, read(config.database_url_parameter))

@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from tasks.app_env import AppFiles, app_env_commands
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.ecr import ecr_login, ecr_repository
 from tasks.inputs import is_sha
 from tasks.instances import Preview, find_previews
 from tasks.masking import mask_secrets
@@ -150,12 +151,10 @@ def health_commands(config: PreviewConfig) -> list[str]:
 def deploy_commands(
     config: PreviewConfig, repo: str, image_ref: str, app: AppFiles | None = None
 ) -> list[str]:
-    """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated; it goes
-    from Parameter Store straight into ``docker login``), pull, recreate, move the timer.
+    """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated, an ECR
+    password lasts 12 hours: :func:`registry_login`), pull, recreate, move the timer.
     With ``app`` also rewrite the app's settings (and compose file) and re-read its secrets on
     the instance (tasks/app_env.py): a change takes effect on this push."""
-    image = config.image_for(repo)
-    registry = image.split("/", 1)[0]
     app_dir = shlex.quote(config.app_dir)
     line = shlex.quote(f"APP_IMAGE={image_ref}")
     ttl_minutes = timer_minutes(config.failure_ttl_hours)  # provisional until confirm_ttl
@@ -166,15 +165,27 @@ def deploy_commands(
         f"{{ grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}; }} > .env.next",
         "mv .env.next .env",
         *(app_env_commands(config, app) if app is not None else []),
-        f"aws ssm get-parameter --region {shlex.quote(config.region)} --with-decryption"
-        f" --name {shlex.quote(config.ghcr_token_parameter)} --query Parameter.Value"
-        f" --output text | docker login {shlex.quote(registry)}"
-        f" -u {shlex.quote(config.registry_username(repo))} --password-stdin",
+        registry_login(config, repo),
         f"docker compose pull {shlex.quote(config.app_service)}",
         "docker compose up -d",
         f"{timer_command(ttl_minutes)} || true",
         f"echo updated to {shlex.quote(image_ref)}",
     ]
+
+
+def registry_login(config: PreviewConfig, repo: str) -> str:
+    """One line: the login of a push, the token going from Parameter Store straight into
+    ``docker login`` — or, for an ECR image, the instance role's ECR password (tasks/ecr.py)."""
+    ecr = ecr_repository(config, repo)
+    if ecr is not None:
+        return ecr_login(ecr)
+    q = shlex.quote
+    return (
+        f"aws ssm get-parameter --region {q(config.region)} --with-decryption"
+        f" --name {q(config.ghcr_token_parameter)} --query Parameter.Value"
+        f" --output text | docker login {q(config.image_for(repo).split('/', 1)[0])}"
+        f" -u {q(config.registry_username(repo))} --password-stdin"
+    )
 
 
 def move_tags(

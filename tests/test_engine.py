@@ -266,6 +266,39 @@ def test_a_mirrored_ghcr_is_reached_at_the_mirror_and_named_as_ghcr(
     assert ghcr.manifest_requests(SHA1)
 
 
+def test_an_ecr_like_registry_wants_basic_auth_with_the_aws_password(
+    engine: Engine, registry: FakeRegistry
+) -> None:
+    """ECR's login: user AWS, the password GetAuthorizationToken hands out, Basic auth on every
+    request; a pull without it fails in the docker client's own words."""
+    ecr = "123456789012.dkr.ecr.ap-northeast-1.amazonaws.com"
+    password = "ecr-password-from-get-login-password"
+    registry.auth, registry.users = "basic", {"AWS": password}
+    registry.push(REPO, SHA1, private=True, config=uvicorn_config("apps/v1", 8000))
+    mirror = {"PR_PREVIEW_REGISTRY_MIRRORS": f"{ecr}=http://{registry.host}"}
+    engine.compose(f"{ecr}/{REPO}:{SHA1}", 8000)
+
+    denied = engine.docker("compose", "pull", "api", env=mirror)
+    wrong = engine.docker(
+        "login", "--username", "AWS", "--password-stdin", ecr, input="expired\n", env=mirror
+    )
+    login = engine.docker(
+        "login", "--username", "AWS", "--password-stdin", ecr, input=f"{password}\n", env=mirror
+    )
+    pulled = engine.docker("compose", "pull", "api", env=mirror)
+
+    assert denied.stderr.splitlines()[-1] == (
+        f'Error response from daemon: Head "https://{ecr}/v2/{REPO}/manifests/{SHA1}":'
+        " no basic auth credentials"
+    )
+    assert {s.key for s in SIGNATURES if s.pattern.search(denied.stderr)} == {"ecr-login"}
+    assert wrong.returncode == 1 and login.stdout == "Login Succeeded\n", login.stderr
+    assert pulled.returncode == 0, pulled.stderr
+    basic = "Basic " + base64.b64encode(f"AWS:{password}".encode()).decode()
+    assert registry.manifest_requests(SHA1)[-1].headers["authorization"] == basic
+    assert not registry.token_requests()  # no token dance
+
+
 def test_pulling_a_missing_tag_says_manifest_unknown(engine: Engine, ghcr: FakeRegistry) -> None:
     ghcr.push(REPO, SHA1, config=uvicorn_config("apps/v1", 8000))
     engine.compose(f"{ghcr.host}/{REPO}:{SHA2}", 8000)

@@ -41,16 +41,30 @@ from flows.spares import pr_spares
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
-from local_stack.registry import FakeRegistry
+from local_stack.registry import OCI_INDEX, FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
-from tasks.aws import AwsClients
-from tasks.bake import baked_image_tags
-from tasks.config import APP_KEY_PARAMETER_PREFIX, ENV_PREFIX, PreviewConfig
+from tasks.aws import AwsClients, build_clients
+from tasks.bake import baked_image_tags, render_bake_user_data
+from tasks.check_image import check_image
+from tasks.config import (
+    APP_KEY_PARAMETER_PREFIX,
+    ECR_REGISTRY_PATTERN,
+    ENV_PREFIX,
+    PreviewConfig,
+)
 from tasks.db_access import db_rule_description
-from tasks.launch import LaunchSpec, launch_instance, preview_tags
+from tasks.ecr import ecr_repository
+from tasks.launch import (
+    LaunchSpec,
+    launch_instance,
+    preview_tags,
+    render_spare_user_data,
+    render_user_data,
+)
 from tasks.run_instances import resolve_ami
 from tasks.spares import SPARE, spare_tags
 from tasks.tags import TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
+from tasks.update import deploy_commands
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import instances, state_of, user_data
@@ -61,6 +75,9 @@ ORCHESTRATOR = IAM / "orchestrator-policy.json"
 INSTANCE_ROLE = IAM / "instance-role-policy.json"
 PURPOSE = PreviewConfig.model_fields["purpose_tag"].default
 DB_SG_PLACEHOLDER = "arn:aws:ec2:*:*:security-group/DB_SECURITY_GROUP_ID"
+ECR_REPOSITORY = "ECR_REPOSITORY"  # the placeholder of the configured ECR repositories
+ECR_PLACEHOLDER = f"arn:aws:ecr:*:*:repository/{ECR_REPOSITORY}"
+ECR_IMAGE = "123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/octo-org/app"
 PARAMETERS = "arn:aws:ssm:*:*:parameter/pr-preview/*"
 APP_KEY = "arn:aws:ssm:*:*:parameter/pr-preview-app/*"
 INSTANCE_ARN = "arn:aws:ec2:*:*:instance/*"
@@ -99,8 +116,19 @@ def allowing(path: Path, action: str) -> list[Statement]:
     ]
 
 
-def allowed_actions(path: Path) -> set[str]:
-    return {a for s in statements(path) if s["Effect"] == "Allow" for a in as_list(s["Action"])}
+def for_ecr(statement: Statement) -> bool:
+    """A statement only an image in ECR needs: the recording's registry is not ECR."""
+    return all(action.startswith("ecr:") for action in as_list(statement["Action"]))
+
+
+def allowed_actions(path: Path, *, ecr: bool = False) -> set[str]:
+    """The actions ``path`` allows, without (or with ``ecr``: only) the ECR statements."""
+    return {
+        a
+        for s in statements(path)
+        if s["Effect"] == "Allow" and for_ecr(s) == ecr
+        for a in as_list(s["Action"])
+    }
 
 
 def allowing_create_tags(path: Path, create_action: str) -> list[Statement]:
@@ -177,14 +205,24 @@ def implied_actions(requests: Requests) -> set[str]:
     return implied
 
 
+# The AWS CLI's commands named otherwise than the action they are authorized as.
+CLI_ACTIONS = {"ecr:GetLoginPassword": "ecr:GetAuthorizationToken"}
+# What a docker pull from ECR is authorized as (the manifest, then each layer's download URL).
+ECR_PULL_ACTIONS = {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"}
+
+
 def shell_actions(texts: list[str]) -> set[str]:
-    """The IAM actions of the ``aws <service> <command>`` lines in what instances run."""
+    """The IAM actions of the ``aws <service> <command>`` lines in what instances run, and of
+    their docker pulls from ECR."""
     found = set()
     for text in texts:
         for service, command in re.findall(r"\baws\s+([a-z0-9]+)\s+([a-z][a-z0-9-]*)", text):
-            found.add(f"{service}:{''.join(part.title() for part in command.split('-'))}")
+            action = f"{service}:{''.join(part.title() for part in command.split('-'))}"
+            found.add(CLI_ACTIONS.get(action, action))
             if service == "ssm" and command == "get-parameter" and "--with-decryption" in text:
                 found.add("kms:Decrypt")
+        if ECR_REGISTRY_PATTERN.search(text) and re.search(r"\bdocker\b.*\bpull\b", text):
+            found |= ECR_PULL_ACTIONS
     return found
 
 
@@ -474,6 +512,55 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
     assert shell_actions(recording.on_instances) == allowed_actions(INSTANCE_ROLE)
 
 
+def test_the_ecr_statements_allow_exactly_what_an_ecr_image_needs(aws: AwsClients) -> None:
+    """An image in ECR: the check's calls (recorded as the main recording records them) are the
+    orchestrator's ECR statement, what the instances run is the instance role's, and both are
+    scoped to the repository the configuration names."""
+    config = PreviewConfig(image=ECR_IMAGE, region=REGION, spare_base_tag="main", warm_spares=1)
+    repository = ecr_repository(config, REPO)
+    assert repository is not None
+    aws_ecr = build_clients(config).ecr
+    assert aws_ecr is not None
+    aws_ecr.create_repository(repositoryName=repository.name)
+    aws_ecr.put_image(
+        repositoryName=repository.name,
+        imageManifest=json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
+        imageTag=SHA1,
+    )
+    with aws_faults() as faults, recorded_requests() as requests:
+        ecr = build_clients(config).ecr
+        check_image.fn(config, REPO, 42, SHA1, None, ecr=ecr)
+    actions = {iam_action(call) for call in faults.calls}
+    assert {a for a in actions if a.startswith("ecr:")} == allowed_actions(ORCHESTRATOR, ecr=True)
+    [describe] = allowing(ORCHESTRATOR, "ecr:DescribeImages")
+    for params in requests.of("ecr.DescribeImages"):
+        arn = f"arn:aws:ecr:{ecr.meta.region_name}:{params['registryId']}:repository/"
+        assert arn + params["repositoryName"] == repository.arn
+        assert covers(configured(describe, repository.name), repository.arn)
+        assert not covers(configured(describe, repository.name), arn + "octo-org/other")
+
+    spec = LaunchSpec(REPO, 42, SHA1)
+    on_instances = [
+        render_user_data(config, spec),
+        render_spare_user_data(config),
+        "\n".join(deploy_commands(config, REPO, f"{ECR_IMAGE}:{SHA2}")),
+        render_bake_user_data(config, f"{ECR_IMAGE}:main", 1),
+    ]
+    for text in on_instances:
+        assert shell_actions([text]) >= {"ecr:GetAuthorizationToken", *ECR_PULL_ACTIONS}, text
+        assert config.ghcr_token_parameter not in text  # no token parameter for ECR
+    ecr_actions = {a for a in shell_actions(on_instances) if a.startswith("ecr:")}
+    assert ecr_actions == allowed_actions(INSTANCE_ROLE, ecr=True)
+    [pull] = allowing(INSTANCE_ROLE, "ecr:BatchGetImage")
+    assert covers(configured(pull, repository.name), repository.arn)
+
+
+def configured(statement: Statement, repository: str) -> Statement:
+    """``statement`` with the ECR placeholder replaced as deployments/iam/README.md says."""
+    resources = [r.replace(ECR_REPOSITORY, repository) for r in as_list(statement["Resource"])]
+    return {**statement, "Resource": resources}
+
+
 def test_the_conditions_hold_structurally() -> None:
     for path in (ORCHESTRATOR, INSTANCE_ROLE):
         for statement in statements(path):
@@ -545,6 +632,23 @@ def test_the_conditions_hold_structurally() -> None:
         assert as_list(statement["Resource"]) == [arn], statement
         assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
 
+    # ECR: the check and the pull only on the configured repositories; the login on "*", the
+    # only resource AWS accepts for it, in a statement of its own.
+    [describe] = allowing(ORCHESTRATOR, "ecr:DescribeImages")
+    assert as_list(describe["Action"]) == ["ecr:DescribeImages"]
+    assert as_list(describe["Resource"]) == [ECR_PLACEHOLDER]
+    [pull] = allowing(INSTANCE_ROLE, "ecr:BatchGetImage")
+    assert set(as_list(pull["Action"])) == ECR_PULL_ACTIONS
+    assert as_list(pull["Resource"]) == [ECR_PLACEHOLDER]
+    [login] = allowing(INSTANCE_ROLE, "ecr:GetAuthorizationToken")
+    assert as_list(login["Action"]) == ["ecr:GetAuthorizationToken"]
+    assert as_list(login["Resource"]) == ["*"]
+    assert allowed_actions(ORCHESTRATOR, ecr=True) == {"ecr:DescribeImages"}
+    assert allowed_actions(INSTANCE_ROLE, ecr=True) == {
+        "ecr:GetAuthorizationToken",
+        *ECR_PULL_ACTIONS,
+    }
+
     [pass_role] = allowing(ORCHESTRATOR, "iam:PassRole")
     assert condition(pass_role, "StringEquals", "iam:PassedToService") == ["ec2.amazonaws.com"]
     assert "*" not in as_list(pass_role["Resource"])
@@ -599,6 +703,12 @@ ACCEPTED_FINDINGS = {
     "orchestrator-policy.json RESOURCE_MISMATCH TerminateAndCommandOnlyOurInstances": (
         "SendCommand is split the same way: the Purpose tag condition applies to the instance;"
         " the AWS-RunShellScript document has no tags and is allowed in its own statement."
+    ),
+    "instance-role-policy.json CREDENTIALS_EXPOSURE ecr:getauthorizationtoken": (
+        "the instance logs in to ECR with it (`aws ecr get-login-password`, piped into `docker"
+        " login`); the password it returns pulls only what the role may pull (BatchGetImage and"
+        " GetDownloadUrlForLayer on the configured repositories), and AWS gives the action no"
+        " resource-level permission."
     ),
 }
 ABOVE_LOW = {"MEDIUM", "HIGH", "CRITICAL"}
@@ -666,6 +776,7 @@ def test_the_readmes_say_what_the_files_hold() -> None:
     for readme in (IAM.parents[1] / "README.md", IAM / "README.md"):
         text = " ".join(readme.read_text().split())
         assert f"`{as_list(db_sg['Resource'])[0]}`" in text, readme
+        assert f"`{ECR_PLACEHOLDER}`" in text and "`ECR_REPOSITORY`" in text, readme
         assert "`db_security_group_id`" in text and f"Purpose={PURPOSE}" in text, readme
         assert f"`{via}`" in text, readme
         assert ", ".join(f"`{key}`" for key in keys["at launch"]) in text, readme

@@ -763,9 +763,9 @@ class RegistrySession:
     def _answer(self, response: httpx.Response) -> str | None:
         challenge = response.headers.get("WWW-Authenticate", "")
         scheme, _, rest = challenge.partition(" ")
-        if scheme.lower() == "basic":
+        if scheme.lower() == "basic":  # Amazon ECR, for one
             if self.credentials is None:
-                return None
+                raise AuthFailed("no basic auth credentials")  # the docker client's words
             raw = ":".join(self.credentials).encode()
             return "Basic " + base64.b64encode(raw).decode()
         if scheme.lower() != "bearer":

@@ -15,9 +15,9 @@ in the tests instead of passing against a shim that nods.
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
 - ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
   instance's init keeps.
-- ``aws``: ``ssm get-parameter`` and ``ssm get-parameters-by-path`` (real calls to the moto
-  server at ``AWS_ENDPOINT_URL``), and on the host ``ssm start-session`` with
-  ``AWS-StartPortForwardingSession``: a relay into the instance's port through
+- ``aws``: ``ssm get-parameter``, ``ssm get-parameters-by-path`` and ``ecr get-login-password``
+  (real calls to the moto server at ``AWS_ENDPOINT_URL``), and on the host ``ssm
+  start-session`` with ``AWS-StartPortForwardingSession``: a relay into the instance's port through
   ``$PR_PREVIEW_RUNTIME_ROOT/<instance>/sockets/in.sock``, standing in for Session Manager.
 """
 
@@ -198,6 +198,8 @@ def aws(argv: list[str]) -> int:
         return get_parameters_by_path(options)
     if positional == ["ssm", "start-session"]:
         return start_session(options)
+    if positional == ["ecr", "get-login-password"] and set(options) <= {"--region"}:
+        return get_login_password(options)
     return refuse("aws", argv)
 
 
@@ -262,6 +264,27 @@ def get_parameters_by_path(options: dict[str, str]) -> int:
             print("\t".join(parameter["Name"] for parameter in page["Parameters"]))
     except ClientError as exc:
         return cli_error(exc, "GetParametersByPath")
+    return 0
+
+
+def get_login_password(options: dict[str, str]) -> int:
+    """ECR's docker password, as the CLI prints it: GetAuthorizationToken's token is base64 of
+    ``AWS:<password>``; only the password is printed, for ``docker login --password-stdin``."""
+    import base64
+
+    import boto3
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    client = boto3.client("ecr", region_name=options.get("--region"))
+    try:
+        answer = client.get_authorization_token()
+    except ClientError as exc:
+        return cli_error(exc, "GetAuthorizationToken")
+    except EndpointConnectionError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 255
+    token = answer["authorizationData"][0]["authorizationToken"]
+    print(base64.b64decode(token).decode().partition(":")[2])
     return 0
 
 

@@ -2,8 +2,8 @@
 # pr-preview bake (tasks/bake.py): the stock AMI plus Docker, Compose and the current image's
 # layers, made into an AMI once this builder has forgotten every secret and per-instance trace.
 # No secret is written here: the GHCR token is read from Parameter Store at boot with the
-# instance profile, used for one login and removed with it. Every value rendered into this
-# script is shell-quoted by tasks/bake.py.
+# instance profile, used for one login and removed with it (an ECR image needs none: the
+# instance role logs in). Every value rendered into this script is shell-quoted by tasks/bake.py.
 set -euo pipefail
 BAKE_DIR={{bake_dir}}
 APP_DIR={{app_dir}}
@@ -41,13 +41,7 @@ param() {
     --query Parameter.Value --output text
 }
 umask 077
-# Assigned on its own line: inside another command a failed read would go unnoticed.
-GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token parameter"
-[ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
-
-step=ghcr-login
-printf '%s\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
-unset GHCR_TOKEN
+{{registry_login}}
 
 step=pull
 # The current image (and the ephemeral database's): a preview then pulls only its own layers.

@@ -1,8 +1,9 @@
 #!/bin/bash
 # pr-preview bootstrap: {{what}} (runbook §3).
 # No secret is written here: the GHCR token, DATABASE_URL and the app's secrets are read from
-# Parameter Store at boot with the instance profile, and only ever land in root-only files. Every value rendered
-# into this script is shell-quoted by tasks/launch.py.
+# Parameter Store at boot with the instance profile, and only ever land in root-only files (an
+# ECR image needs no token: the instance role logs in). Every value rendered into this script
+# is shell-quoted by tasks/launch.py.
 set -euo pipefail
 STATE_DIR={{state_dir}}
 APP_DIR={{app_dir}}
@@ -54,9 +55,7 @@ param() {
 }
 umask 077
 # Assigned on their own line: inside another command a failed read would go unnoticed.
-GHCR_TOKEN=$(param {{ghcr_token_parameter}}) || fail "cannot read the GHCR token parameter"
-[ -n "$GHCR_TOKEN" ] || fail "the GHCR token parameter is empty"
-{{database_env}}
+{{registry_token}}{{database_env}}
 chmod 600 "$APP_DIR/app.env"
 cd "$APP_DIR"
 # The app's settings (not secret) and its secrets from Parameter Store (tasks/app_env.py).
@@ -68,22 +67,7 @@ step=compose-file
 printf '%s\n' {{compose_file}} > "$APP_DIR/docker-compose.yml"
 echo {{app_image_line}} > "$APP_DIR/.env"{{spare_stop}}
 
-step=ghcr-login
-printf '%s\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}} --password-stdin
-
-step=pull
-cd "$APP_DIR"
-if ! docker compose pull {{app_service}}; then
-  # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3).
-  step=tarball-build
-  mkdir -p "$APP_DIR/build"
-  # The header comes on stdin (-H @-): on curl's command line ps would show the token.
-  curl -fsSL -H @- {{tarball_url}} \
-    <<<"Authorization: Bearer $GHCR_TOKEN" \
-    | tar -xz --strip-components=1 -C "$APP_DIR/build"
-  docker build -t {{image_ref}} "$APP_DIR/build"
-fi
-unset GHCR_TOKEN
+{{login_and_pull}}
 
 step=up
 docker compose up -d
