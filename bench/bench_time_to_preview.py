@@ -10,8 +10,8 @@ down by ``--scale``. Scenarios, each in a fresh moto world:
   singleton): it must be terminated first;
 - new PR, baked AMI (``ami_strategy=baked``): an image as the bake flow leaves one is
   registered, and an instance launched from it boots with Docker, Compose and the image's base
-  layers on disk (the model's ``BAKED`` profile) — every instance does, while the product does
-  not choose baked images yet (the hook ``boot_baked``);
+  layers on disk, and migrates on boot (the model's ``BAKED_MIGRATING`` profile; any other AMI
+  boots ``STOCK_MIGRATING``, the hook ``boot_baked``);
 - new PR, one warm spare: running and bootstrapped without the image (as tasks/spares builds
   it), and the same with the image's base layers on the spare (change S1);
 - push to an open PR whose preview is healthy: the runbook relaunches, we update in place.
@@ -26,24 +26,28 @@ Paths per scenario:
     PR the preview is ready (the ``ready`` event) — what follows (artifact, final state, the
     heartbeat thread's join of up to a second) is after the reviewer has the link;
 (c) plain: the same steps as (b) called as plain functions, confirm-TTL included, preflight ∥
-    image check in two threads as the flow does; each step's modelled time is kept;
-(d) changes (baked AMI only): a modelled composition of changes F1–F4 as plain calls (F3 is
-    made in the product; F1, F2, F4 are not).
+    image check in two threads as the flow does; each step's modelled time is kept.
+
+Every change issue 15 named (bench/latency_model.py ``CHANGES``) is made in the product, so
+every row is the product's own path: a launch's user data migrates on boot (F2), wait-ready
+sends one command that sees the agent, the bootstrap, the port, the boot's migration and
+probes (F1, F3), and asks the agent every second (F4); the floors before F1 F2 F4 are printed
+beside ours for comparison.
 
 Reported in modelled real seconds: (wall − time spent inside moto) / scale; the instances'
 timelines run on a clock that stops while moto answers, so moto's time inside a wait (a poll
 while the instance boots) is not mistaken for progress, and a read of a command still running
 stays part of that command. Prefect's own cost does not shrink with the scale, so ours = plain
 + overhead, overhead = (b) − (c) in wall seconds, counted in full (an upper bound: on AWS part
-of it would overlap the boot). Where the flow does
-not have a path yet (changes F1, F2, F4), or did not take it (a spare it did not claim), ours is the
-plain composition plus the overhead of the flow run closest in shape, and the table says so.
+of it would overlap the boot). Where the flow did not take
+the path (a spare it did not claim), ours is the plain path plus the overhead of the flow run
+closest in shape, and the table says so.
 
-Two absolute constants in the code do not follow ``poll_seconds`` and would be 10-20× too slow
-when scaled, so the bench restores their real-scale value (× scale) for every path: the SSM
-result poll (``min(poll_seconds, 0.5)`` in wait_ready and tasks/spares, ``min(poll_seconds,
-1.0)`` in migrate, probe, update) and the terminate waiter's ``max(1, ceil(poll_seconds))``
-delay.
+Three absolute constants in the code do not follow ``poll_seconds`` and would be 10-20× too
+slow when scaled, so the bench restores their real-scale value (× scale) for every path: the
+SSM result poll (``min(poll_seconds, 0.5)`` in wait_ready and tasks/spares, ``min(poll_seconds,
+1.0)`` in migrate, probe, update), wait-ready's agent poll (``AGENT_POLL_SECONDS``, 1 s) and the
+terminate waiter's ``max(1, ceil(poll_seconds))`` delay.
 
 Run: .venv/bin/python bench/bench_time_to_preview.py [--scale 0.05] [--spares 1]
 """
@@ -60,7 +64,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +101,7 @@ from bench import latency_model as model  # noqa: E402
 from bench.latency_model import BootProfile, Composition, LatencyModel, World  # noqa: E402
 from local_stack.account import create_demo_account  # noqa: E402
 from local_stack.registry import FakeRegistry  # noqa: E402
-from local_stack.scripted_instance import MIGRATE, ScriptedInstances  # noqa: E402
+from local_stack.scripted_instance import MIGRATE, Call, ScriptedInstances  # noqa: E402
 from local_stack.serve import serve_handler  # noqa: E402
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.check_image import check_image  # noqa: E402
@@ -119,13 +123,12 @@ from tasks.tags import (  # noqa: E402
     TAG_NAME,
     TAG_PR,
     TAG_PURPOSE,
-    TAG_SHUTDOWN_AT,
     TAG_SOURCE_AMI,
     format_time,
 )
 from tasks.terminate import make_room  # noqa: E402
 from tasks.update import check_health, confirm_full_ttl, deploy_in_place  # noqa: E402
-from tasks.wait_ready import wait_running, wait_until_ready  # noqa: E402
+from tasks.wait_ready import READY_MARKER, ReadyResult, parse_ready, wait_until_ready  # noqa: E402
 
 REGION = "ap-northeast-1"
 REPO = "octo-org/app"
@@ -137,9 +140,10 @@ GHCR_TOKEN = "ghp_benchTimeToPreview0123456789abcdefAB"
 TARGET_NEW_PR, TARGET_BAKED, TARGET_SPARE, TARGET_PUSH = 90.0, 55.0, 30.0, 20.0
 TARGET_OVERHEAD_RATIO = 1.5
 COLD_BEFORE = 79.0  # issue 15: "today a new PR is ~79 modelled seconds" (the earlier accounting)
-# The changes each "+" row of the lever table assumes (bench/latency_model.py CHANGES).
-BAKED_CHANGES = ("F1", "F2", "F3", "F4")
-PUSH_CHANGES = ("F3", "F5", "F6")  # made in the flow: every plain and flow path takes them
+# The changes each path takes (bench/latency_model.py CHANGES): all made in the flow, so every
+# plain and flow path takes them; the floors before F1 F2 F4 are printed for comparison.
+LAUNCH_CHANGES = ("F1", "F2", "F3", "F4")
+PUSH_CHANGES = ("F3", "F5", "F6")
 SPARE_AS_BUILT, SPARE_WITH_LAYERS = "as built", "base layers"
 
 
@@ -153,11 +157,12 @@ class Scenario:
     paths: tuple[str, ...] = ("runbook", "plain", "flow")
     other_preview: bool = False  # another PR holds the single slot
     own_preview: bool = False  # this PR's preview runs a healthy older sha
-    boot: BootProfile = model.STOCK  # how a launched instance boots
+    boot: BootProfile = model.STOCK_MIGRATING  # how a launched instance boots
     spare: str = ""  # a warm spare runs: SPARE_AS_BUILT (no image) or SPARE_WITH_LAYERS (S1)
 
     def boot_for(self, path: str) -> BootProfile:
-        return model.BAKED_MIGRATING if path == "changes" else self.boot
+        """The runbook's user data does not migrate on boot; ours does (F2)."""
+        return model.STOCK if path == "runbook" else self.boot
 
     def composition(self, path: str = "plain") -> Composition:
         """The modelled critical path of our path (bench/latency_model.py)."""
@@ -165,9 +170,14 @@ class Scenario:
             return model.push_in_place(PUSH_CHANGES)
         if self.spare:
             return model.spare_claim(layers=self.spare == SPARE_WITH_LAYERS)
-        if path == "changes":
-            return model.new_launch(self.boot_for(path), BAKED_CHANGES)
-        return model.new_launch(self.boot)
+        return model.new_launch(self.boot, LAUNCH_CHANGES)
+
+    def before(self) -> Composition | None:
+        """A launch's floor before F1 F2 F4 (F3 only): what those changes took off."""
+        if self.own_preview or self.spare:
+            return None
+        unmigrated = model.BAKED if self.boot is model.BAKED_MIGRATING else model.STOCK
+        return model.new_launch(unmigrated, ("F3",))
 
     def floor(self, path: str) -> float:
         """The model's critical path with instant polls and no orchestration at all."""
@@ -202,8 +212,8 @@ SCENARIOS = (
         SHA1,
         "opened",
         TARGET_BAKED,
-        paths=("plain", "flow", "changes"),
-        boot=model.BAKED,
+        paths=("plain", "flow"),
+        boot=model.BAKED_MIGRATING,
     ),
     Scenario(
         "new-spare",
@@ -269,6 +279,8 @@ def faithful_polls(scale: float) -> Iterator[None]:
     saved: dict[Any, Any] = {module: module.run_command for module in caps}
     for module, cap in caps.items():
         module.run_command = _with_poll(saved[module], cap * scale)
+    saved_agent_poll = tasks.wait_ready.AGENT_POLL_SECONDS
+    tasks.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll * scale
     saved_wait = tasks.instances.wait_terminated
 
     def wait_terminated(ec2: Any, ids: Any, *, timeout_seconds: float, poll_seconds: float) -> None:
@@ -287,6 +299,7 @@ def faithful_polls(scale: float) -> Iterator[None]:
     finally:
         for module, original in saved.items():
             module.run_command = original
+        tasks.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll
         tasks.instances.wait_terminated = saved_wait
 
 
@@ -341,7 +354,7 @@ def scaled_config(values: dict[str, Any], scale: float) -> PreviewConfig:
 
 def lever_settings(scenario: Scenario) -> dict[str, Any]:
     """The configuration a team sets to pull the scenario's lever."""
-    if scenario.boot is model.BAKED:
+    if scenario.boot is model.BAKED_MIGRATING:
         return {"ami_strategy": "baked"}
     if scenario.spare:
         return {"warm_spares": 1}
@@ -382,7 +395,7 @@ def world_for(
                 clients.ec2, config, ami_id=ami, subnet_id=config.subnet_id
             )
             world.booted(setup.spare_id, layers=scenario.spare == SPARE_WITH_LAYERS)
-        if scenario.boot is model.BAKED:
+        if scenario.boot is model.BAKED_MIGRATING:
             setup.baked_by_image = boot_baked(setup, scenario.boot_for(path))
         world.events.clear()
         world.moto_seconds, world.overlapped_seconds, world.api_calls = 0.0, 0.0, 0
@@ -414,13 +427,13 @@ def register_baked_image(setup: Setup) -> str:
 
 
 def boot_baked(setup: Setup, boot: BootProfile) -> bool:
-    """HOOK (issue 15): when the product's own AMI choice (``resolve_ami`` with
-    ``ami_strategy=baked``) picks the baked image, only an instance launched from it boots as
-    baked, so the run shows the flow took it. Before the product has that choice, every
-    instance of the world boots as baked whichever AMI it names (modelled). True: the former."""
+    """When the product's own AMI choice (``resolve_ami`` with ``ami_strategy=baked``) picks
+    the baked image, only an instance launched from it boots as baked (any other boots stock),
+    so the run shows the flow took it; else every instance of the world boots as baked whichever
+    AMI it names (modelled). True: the former."""
     image_id = register_baked_image(setup)
     if resolve_ami(setup.clients.ec2, setup.config)["ImageId"] == image_id:
-        setup.world.boot, setup.world.images[image_id] = model.STOCK, boot
+        setup.world.boot, setup.world.images[image_id] = model.STOCK_MIGRATING, boot
         return True
     setup.world.boot = boot
     return False
@@ -515,15 +528,21 @@ def checked_account(setup: Setup, scenario: Scenario) -> PreflightReport:
     return report
 
 
-def migrated_probed_confirmed(setup: Setup, instance_id: str) -> None:
-    """Step 4's end, as ``_migrate_and_probe`` in the flow: migrate, probe (which moves the
-    timer on the healthy answer, F3), the full TTL's tag."""
+def migrated_probed_confirmed(
+    setup: Setup, instance_id: str, ready: ReadyResult | None = None
+) -> None:
+    """Step 4's end, as ``_migrate_and_probe`` in the flow: migrate unless the boot did (F2),
+    probe unless the ready command did (F1; both move the timer on the healthy answer, F3),
+    the full TTL's tag."""
     clients, config = setup.clients, setup.config
-    with setup.step("migrate"):
-        run_migrations(clients.ssm, instance_id, config)
-    with setup.step("probe"):
-        ready_ttl = timer_minutes(config.ttl_hours)
-        answer = probe_app(clients.ssm, instance_id, config, ready_ttl_minutes=ready_ttl)
+    if ready is None or not ready.migrated:
+        with setup.step("migrate"):
+            run_migrations(clients.ssm, instance_id, config)
+    answer = ready.probe if ready is not None else None
+    if answer is None:
+        with setup.step("probe"):
+            ready_ttl = timer_minutes(config.ttl_hours)
+            answer = probe_app(clients.ssm, instance_id, config, ready_ttl_minutes=ready_ttl)
     with setup.step("confirm-TTL"):
         confirm_full_ttl(
             clients.ec2, clients.ssm, instance_id, config, timer_moved=answer.timer_moved
@@ -575,60 +594,11 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
             return "spare"
     launched = launch_instance(ec2, config, spec, ami_id=report.ami_id, subnet_id=report.subnet_id)
     with setup.step("wait-ready"):
-        wait_until_ready(ec2, ssm, launched.instance_id, config)
-    migrated_probed_confirmed(setup, launched.instance_id)
-    return "launched"
-
-
-def changes_path(setup: Setup, scenario: Scenario) -> str:
-    """Modelled composition (issue 15): a baked launch with F1–F4 as plain calls — the agent
-    polled every second (F4), then one command that finds the instance bootstrapped and migrated
-    on boot (F2), its port open and the app answering, and moves the timer (F1, F3)."""
-    clients, config = setup.clients, setup.config
-    ec2, ssm, scale = clients.ec2, clients.ssm, setup.world.scale
-    report = checked_account(setup, scenario)
-    terminate_outdated(ec2, config, REPO, PR, keep_sha=scenario.sha, wait=False)
-    make_room(ec2, config, REPO, PR, wait=False)
-    launched = launch_instance(
-        ec2,
-        config,
-        LaunchSpec(REPO, PR, scenario.sha),
-        ami_id=report.ami_id,
-        subnet_id=report.subnet_id,
-    )
-    instance_id = launched.instance_id
-    poll = model.AGENT_POLL.seconds * scale
-
-    def ready() -> bool:
-        try:
-            result = run_command(
-                ssm,
-                instance_id,
-                model.READY_PROBE_COMMANDS,
-                timeout_seconds=60 * scale,
-                poll_seconds=0.5 * scale,
-            )
-        except ClientError as exc:
-            if error_code(exc) == "InvalidInstanceId":  # the agent has not registered yet
-                return False
-            raise
-        return result.ok
-
-    with setup.step("wait-ready"):
-        wait_running(
-            ec2, instance_id, timeout_seconds=config.ready_timeout_seconds, poll_seconds=poll
+        ready_ttl = timer_minutes(config.ttl_hours)
+        ready = wait_until_ready(
+            ec2, ssm, launched.instance_id, config, ready_ttl_minutes=ready_ttl
         )
-        deadline = time.monotonic() + config.ready_timeout_seconds
-        while not ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the ready command never succeeded")
-            time.sleep(poll)
-    with setup.step("confirm-TTL"):  # F3: the timer moved in the ready command; the tag stays
-        shutdown_at = datetime.now(UTC) + timedelta(hours=config.ttl_hours)
-        ec2.create_tags(
-            Resources=[instance_id],
-            Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
-        )
+    migrated_probed_confirmed(setup, launched.instance_id, ready)
     return "launched"
 
 
@@ -709,9 +679,18 @@ def phases(setup: Setup, started: float, scale: float) -> dict[str, float]:
             continue
         if "migrate" not in found and MIGRATE.strip() in call.command:
             found["migrate"] = (call.at - started) / scale
-        if call.reply is not None and call.reply.exit_code == 0 and "curl" in call.command:
+        if probed_healthy(call, setup.config):
             found.setdefault("probe-ok", (call.at - started) / scale)
     return found
+
+
+def probed_healthy(call: Call, config: PreviewConfig) -> bool:
+    """A probe that answered 2xx/3xx: its own command, or the ready command's probe (F1)."""
+    if call.reply is None or "curl" not in call.command:
+        return False
+    if READY_MARKER in call.command:
+        return parse_ready(call.reply.stdout, config.probe_paths).healthy_probe is not None
+    return call.reply.exit_code == 0
 
 
 def fleet_lock_seconds() -> float:
@@ -831,7 +810,7 @@ def print_report(
     print()
     print("Steps of the plain paths (modelled s)")
     for scenario in SCENARIOS:
-        for path in ("plain", "changes"):
+        for path in ("plain",):
             if path in scenario.paths:
                 steps = runs[(path, scenario.key)].steps
                 shown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in steps.items())
@@ -873,7 +852,7 @@ def lever_rows(
     by_key: dict[str, Scenario],
     spares: int,
 ) -> list[LeverRow]:
-    """New PR cold / baked / spare and push in place, today and with the changes they need."""
+    """New PR cold / baked / spare and push in place, each the product's own path."""
     config = PreviewConfig.model_validate({"region": REGION, "warm_spares": spares})
     spare_cost = model.spare_cost(config, spares).how
     baked_cost = model.baked_cost(config.baked_images_kept).how
@@ -891,19 +870,11 @@ def lever_rows(
             "flow",
         ),
         LeverRow(
-            "new PR, baked AMI, today's flow",
+            "new PR, baked AMI",
             baked.floor("plain"),
             figures[baked.key].ours,
             TARGET_BAKED,
             baked_how,
-            baked_cost,
-        ),
-        LeverRow(
-            f"new PR, baked AMI + {' '.join(BAKED_CHANGES)}",
-            baked.floor("changes"),
-            runs[("changes", baked.key)].modelled + figures[baked.key].overhead,
-            TARGET_BAKED,
-            "composition + the baked flow's overhead",
             baked_cost,
         ),
     ]
@@ -945,7 +916,7 @@ def print_levers(
             f"{row.title:36} {row.floor:>6.1f} {row.ours:>6.1f} {f'≤{row.target:g}':>7}"
             f"  {verdict(row.ours <= row.target):7}  {row.how:42} {row.cost}"
         )
-    for key in (*BAKED_CHANGES, "F5", "F6", "S1"):
+    for key in (*LAUNCH_CHANGES, "F5", "F6", "S1"):
         change = model.CHANGES[key]
         print(f"  {key} {change.title}: {change.detail}")
     print(f"  prices: {PRICE_SOURCE}; snapshots: {SNAPSHOT_SOURCE}")
@@ -973,12 +944,16 @@ def print_model(scale: float) -> None:
         scenario.composition(path)
         for scenario in SCENARIOS
         for path in scenario.paths
-        if path in ("plain", "changes")
+        if path == "plain"
     ]
     compositions.append(model.push_in_place(PUSH_CHANGES))
     for composition in dict.fromkeys(compositions):
         changes = f" + {' '.join(composition.changes)}" if composition.changes else ""
         print(f"  {composition.floor:5.1f}  {composition.title}{changes}: {composition.describe()}")
+    print("The same launches before F1 F2 F4 (three wait-ready commands, migrate, probe)")
+    before = [found for scenario in SCENARIOS if (found := scenario.before()) is not None]
+    for composition in dict.fromkeys(before):
+        print(f"  {composition.floor:5.1f}  {composition.title} + F3: {composition.describe()}")
 
 
 def main() -> None:
@@ -1001,7 +976,6 @@ def main() -> None:
         "runbook": lambda s, sc: runbook_path(s, sc, scale),
         "plain": plain_path,
         "flow": flow_path,
-        "changes": changes_path,
     }
     try:
         with serve_handler(registry.handle) as url, latency.installed():

@@ -40,7 +40,6 @@ from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.config import PreviewConfig  # noqa: E402
 from tasks.wait_ready import wait_until_ready  # noqa: E402
 from tests.support.ssm import (  # noqa: E402
-    AGENT_PING,
     BOOTSTRAP_CHECK,
     PORT_CHECK,
     Reply,
@@ -73,7 +72,6 @@ def one_wait(
     with ScriptedInstances().patched() as fake:
         (instance,) = plain_instances(clients.ec2)
         ready_at = time.monotonic() + ready_after
-        fake.on(AGENT_PING, Reply(stdout="pr-preview-agent-ok\n", **reads))
         fake.respond(
             BOOTSTRAP_CHECK,
             at_time(

@@ -22,8 +22,9 @@ call so the bench can take it out before scaling wall time back up.
 Issue 15 asks what each lever buys: a cold launch, a launch from a baked AMI, a warm spare
 claimed by a new PR, a push deployed in place. Each is a :class:`Composition` here — the
 sequence of modelled calls on its critical path, whose sum is the path's floor — and the boot of
-a launched instance is a :class:`BootProfile` (stock or baked). Changes to the product that the
-targets assume are named (:data:`CHANGES`, F1…F6, S1) and compositions say which they take.
+a launched instance is a :class:`BootProfile` (stock or baked, migrating on boot or not). The
+changes to the product the targets needed are named (:data:`CHANGES`, F1…F6, S1; all made) and
+compositions say which they take, so a floor before a change can still be shown beside ours.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from typing import Any
 from botocore import handlers
 
 from local_stack.scripted_instance import (
-    AGENT_PING,
     BOOTSTRAP_CHECK,
     DEPLOY,
     HEALTH,
     MIGRATE,
+    MIGRATED_CHECK,
+    MIGRATED_LINE,
     PORT_CHECK,
     PROBE,
     Call,
@@ -178,8 +180,8 @@ TUNNEL_REFUSED_AFTER_START = Measurement(
 )
 AGENT_POLL = Measurement(
     1.0,
-    "ESTIMATE (a choice, change F4): how often wait-ready asks the SSM agent; a refused"
-    " SendCommand (InvalidInstanceId) costs one API call",
+    "a choice (change F4, tasks/wait_ready.py AGENT_POLL_SECONDS): how often wait-ready asks"
+    " the SSM agent; a refused SendCommand (InvalidInstanceId) costs one API call",
 )
 
 MEASUREMENTS: dict[str, Measurement] = {
@@ -238,6 +240,7 @@ class BootProfile:
         return until_up + APP_START.seconds
 
 
+# The runbook's user data (and ours before F2): no migrations on boot.
 STOCK = BootProfile(
     "stock AMI",
     (
@@ -260,6 +263,12 @@ BAKED = BootProfile(
         ("compose up -d", COMPOSE_UP),
     ),
 )
+# Ours (change F2): every launch's user data migrates once after `up`, while the agent registers.
+STOCK_MIGRATING = BootProfile(
+    "stock AMI, migrating on boot (F2)",
+    (*STOCK.steps, ("alembic migration", MIGRATION)),
+    migrated=True,
+)
 BAKED_MIGRATING = BootProfile(
     "baked AMI, migrating on boot (F2)",
     (*BAKED.steps, ("alembic migration", MIGRATION)),
@@ -268,7 +277,8 @@ BAKED_MIGRATING = BootProfile(
 
 
 def bootstrap_seconds() -> float:
-    """Running → ``bootstrap-done`` marker on the stock AMI: the user data's steps in turn."""
+    """Running → ``bootstrap-done`` marker on the stock AMI, the runbook's user data (no
+    migrations on boot): its steps in turn."""
     return STOCK.bootstrap_seconds
 
 
@@ -279,7 +289,7 @@ def deploy_seconds(*, layers: bool = True) -> float:
     return REGISTRY_LOGIN.seconds + pull.seconds + COMPOSE_UP.seconds
 
 
-# --- issue 15: the changes to the product that the targets assume (the flow author's to build)
+# --- issue 15: the changes to the product that the targets assumed (all made now)
 
 
 @dataclass(frozen=True)
@@ -295,13 +305,19 @@ CHANGES: dict[str, Change] = {
         Change(
             "F1",
             "one ready command",
-            "wait-ready's agent ping, bootstrap check and port check as one SSM command",
+            "wait-ready's agent ping, bootstrap check and port check are one SSM command, sent"
+            " until it says ready; once the boot migrated, the same command probes (made)",
         ),
         Change(
             "F2",
             "migrate on boot",
-            "a baked instance's user data runs the migrations after compose up, while the SSM"
-            " agent registers; bootstrap-done then means migrated",
+            "every launch's user data, stock or baked, runs the migrations once after compose up,"
+            " while the SSM agent registers, and marks the .env it migrated; bootstrap-done then"
+            " means migrated or left to the flow, whose migrate step runs (and diagnoses) a"
+            " failure as before; a push keeps its own migrate step. On stock the migration"
+            " lengthens the user data but takes the migrate command off the path; not with"
+            " db_sg_open_public_ip or an ephemeral database, which the boot cannot reach yet"
+            " (made)",
         ),
         Change(
             "F3",
@@ -312,7 +328,7 @@ CHANGES: dict[str, Change] = {
         Change(
             "F4",
             "agent poll 1 s",
-            "wait-ready asks the SSM agent every second, not every poll_seconds (5 s)",
+            "wait-ready asks the SSM agent every second, not every poll_seconds (5 s) (made)",
         ),
         Change(
             "F5",
@@ -344,9 +360,9 @@ class Leg:
 
 @dataclass(frozen=True)
 class Composition:
-    """A path's critical path as modelled calls (modelled composition: where the flow does not
-    have the path yet, these are the calls it will make). The floor is their sum: every poll
-    instant, no orchestration; preflight and other lookups before the first leg are left out."""
+    """A path's critical path as modelled calls (the calls the flow makes; with fewer changes,
+    the calls it made before them). The floor is their sum: every poll instant, no
+    orchestration; preflight and other lookups before the first leg are left out."""
 
     title: str
     legs: tuple[Leg, ...]
@@ -363,8 +379,9 @@ class Composition:
 def new_launch(boot: BootProfile = STOCK, changes: tuple[str, ...] = ()) -> Composition:
     """A new PR's launch: RunInstances, the boot, wait-ready, migrate, probe.
 
-    Wait-ready today sends the agent ping, the bootstrap check and the port check one after
-    another, each once its event happened; with F1 one command answers all three."""
+    Without F1, wait-ready sends the agent ping, the bootstrap check and the port check one
+    after another, each once its event happened; with F1 one command answers all three (and,
+    with F2 and F3, probes the app migrated on boot and moves its timer)."""
     ssm, agent = SSM_COMMAND.seconds, SSM_AGENT_REGISTRATION.seconds
     last_event = max(agent, boot.bootstrap_seconds, boot.app_seconds)
     if "F1" in changes:
@@ -451,15 +468,6 @@ def baked_cost(images_kept: int, gigabytes: float = BAKED_IMAGE_GB) -> LeverCost
     )
 
 
-# One command for F1 + F2 + F3 on a baked instance (modelled composition, bench/): bootstrap
-# done (migrated), the app's port open, the probe, the full-TTL timer.
-READY_PROBE = r"# pr-preview-model: ready-probe"
-READY_PROBE_COMMANDS = [
-    "# pr-preview-model: ready-probe (issue 15 F1+F2+F3: one command, modelled)",
-    "true",
-]
-
-
 def _still_running(operation: str, parsed: dict[str, Any]) -> bool:
     """A GetCommandInvocation that found the command not done (or not yet visible)."""
     if operation != "GetCommandInvocation":
@@ -478,6 +486,7 @@ class Timeline:
     app_at: float = float("-inf")
     terminated_at: float | None = None
     layers: bool = True  # the image's base layers are on disk: a deploy pulls the changed ones
+    migrated: bool = False  # the boot migrated the image .env names (until a deploy rewrites it)
 
 
 @dataclass
@@ -515,6 +524,7 @@ class World:
             agent_at=running + self.s(SSM_AGENT_REGISTRATION.seconds),
             bootstrap_at=running + self.s(boot.bootstrap_seconds),
             app_at=running + self.s(boot.app_seconds),
+            migrated=boot.migrated,
         )
         self.events.append((time.monotonic(), f"launched {instance_id}"))
 
@@ -648,26 +658,25 @@ class LatencyModel:
             timeline = self.world.timeline(call.instance_id)
             seconds = deploy_seconds(layers=timeline.layers)
             timeline.app_at = self.world.at(call.at) + self.scale * (seconds + APP_START.seconds)
-            timeline.layers = True
+            timeline.layers, timeline.migrated = True, False
             self.world.instances[call.instance_id] = timeline
             return reply("updated\n", seconds)
 
-        def ready_probe(call: Call) -> Reply:
+        def migrated(call: Call) -> Reply:
             timeline = self.world.timeline(call.instance_id)
-            if self.world.at(call.at) >= max(timeline.bootstrap_at, timeline.app_at):
-                return reply("bootstrap-done\nAPP PORT OPEN 8000\n200", PROBE_CURL.seconds)
-            return reply("not ready\n", exit_code=1)
+            done = self.world.at(call.at) >= timeline.bootstrap_at
+            return reply(f"{MIGRATED_LINE}\n" if timeline.migrated and done else "")
 
         # Every command costs its round trip, scripted or not (the shutdown timer, the spare
-        # check, compose's view of the app's container).
+        # check, compose's view of the app's container); wait-ready's one command costs one
+        # round trip plus its probe's curl (the scripted instance runs its checks together).
         fake.default = reply()
-        fake.on(AGENT_PING, reply("pr-preview-agent-ok\n"))
         fake.respond(BOOTSTRAP_CHECK, bootstrap)
+        fake.respond(MIGRATED_CHECK, migrated)
         fake.respond(PORT_CHECK, port)
         fake.respond(PROBE, probe)
         fake.respond(HEALTH, health)
         fake.respond(DEPLOY, deploy)
-        fake.respond(READY_PROBE, ready_probe)
         fake.on(
             MIGRATE, reply("INFO  [alembic.runtime.migration] Running upgrade\n", MIGRATION.seconds)
         )

@@ -4,7 +4,8 @@
 1. preflight ∥ build-image check             (§2.3, §2.1)
 2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot)
 3. terminate the old instance, make room, claim a warm spare or launch (§2.4, §3)
-4. wait-ready → migrate → probe               (§2.4, §2.6)
+4. wait-ready → migrate → probe               (§2.4, §2.6); a launched instance migrates
+   on boot, and the one command wait-ready sends then probes too
 5. tell the pull request                      (§2.7)
 A failure after launch diagnoses the instance (§7, §9) and leaves it on the short TTL.
 """
@@ -55,7 +56,7 @@ from tasks.update import (
     shorten_ttl,
     update_in_place,
 )
-from tasks.wait_ready import wait_ready
+from tasks.wait_ready import ReadyResult, wait_ready
 
 
 class PreviewFailed(RuntimeError):
@@ -341,12 +342,15 @@ def _deploy(
             shutdown_at=format_time(launched.shutdown_at),
         )
 
-    # 4. Ready only when the app answers inside the instance and the migrations ran.
+    # 4. Ready only when the app answers inside the instance and the migrations ran. The user
+    #    data migrated on boot (unless it could not reach the database): wait-ready's command
+    #    says so and then probes as well — unless a seed must run between the two.
     try:
-        wait_ready(clients, settings, launched.instance_id)
+        ready_ttl = None if settings.seed_command else timer_minutes(settings.ttl_hours)
+        ready = wait_ready(clients, settings, launched.instance_id, ready_ttl_minutes=ready_ttl)
         # Optional (runbook §2.5, off by default): the public IP/32 on db-sg before migrating.
         open_db_access(clients.ec2, settings, launched.instance_id)
-        _migrate_and_probe(clients, settings, result)
+        _migrate_and_probe(clients, settings, result, ready)
     except Exception as exc:
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
@@ -415,14 +419,24 @@ def _failed_after_launch(
     return failure
 
 
-def _migrate_and_probe(clients: AwsClients, settings: PreviewConfig, result: PreviewResult) -> None:
+def _migrate_and_probe(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    ready: ReadyResult | None = None,
+) -> None:
+    """Migrate, seed, probe, full TTL. ``ready``: a launch's wait-ready, whose command may have
+    found the image migrated on boot and probed it; a deploy in place always migrates."""
     instance_id = result.instance_id or ""
-    migrate(clients, settings, instance_id)
+    if ready is None or not ready.migrated:
+        migrate(clients, settings, instance_id)
     if settings.seed_command:
         seed(clients, settings, instance_id)
     # The command that sees the app healthy moves the on-instance timer to the full TTL.
     ready_ttl = timer_minutes(settings.ttl_hours)
-    answer: ProbeResult = probe(clients, settings, instance_id, ready_ttl_minutes=ready_ttl)
+    answer: ProbeResult | None = ready.probe if ready is not None else None
+    if answer is None:
+        answer = probe(clients, settings, instance_id, ready_ttl_minutes=ready_ttl)
     result.probe = f"{answer.path} → {answer.status_code} in {answer.latency_seconds or 0:.2f} s"
     # Ready: only now does the preview get its full TTL (it ran on the short one until here).
     result.shutdown_at = confirm_ttl(clients, settings, instance_id, timer_moved=answer.timer_moved)

@@ -13,6 +13,14 @@ bootstrap marker appears after K polls"). It patches moto where the answer is ma
   instances a command was really sent to: moto also runs it on every other instance of the
   region, and those invocations keep moto's blank answer and consume no rule.
 
+Wait-ready's one command (``tasks/wait_ready.py`` ``ready_command``) is a set of shell
+functions, each headed by a ``# pr-preview-ready: <name>`` line, and a last block that calls
+them in turn. It is answered as the instance runs it: each function by the rules for its own
+text (the bootstrap check, the port check, compose's view of the app, each probe), in that
+block's order, so a test scripts the checks and not the command that bundles them. It is
+recorded (``calls``, ``commands``, ``count``) as the functions that ran, each under its header:
+a probe the command holds but did not reach is not counted as sent.
+
 Works in-process (``mock_aws``) and with ``ThreadedMotoServer``. Output longer than 24,000
 characters is cut like ``StandardOutputContent`` on AWS.
 
@@ -101,17 +109,21 @@ def at_time(moment: float, *, before: Reply, then: Reply) -> Responder:
 # What the project's scripts print on a healthy instance (tasks/wait_ready.py, probe.py, ...).
 # Each pattern names one script and no other.
 BOOTSTRAP_CHECK = r"echo bootstrap-pending"
-AGENT_PING = r"echo pr-preview-agent-ok"
 PORT_CHECK = r"APP PORT OPEN"
 PROBE = r"curl .*http://127\.0\.0\.1:\d+/"
 MIGRATE = r" run --rm "
 DEPLOY = r"APP_IMAGE="
 HEALTH = r"# pr-preview-health"
+READY = r"# pr-preview-ready"
+MIGRATED_CHECK = r"MIGRATED ON BOOT"  # the ready command's "did the boot migrate .env" function
+READY_SECTION = "# pr-preview-ready: "
+MIGRATED_LINE = "MIGRATED ON BOOT"
 
 BOOTSTRAP_DONE = Reply(stdout="bootstrap-done\n")
 BOOTSTRAP_PENDING = Reply(stdout="bootstrap-pending\n")
 PORT_OPEN = Reply(stdout="APP PORT OPEN 8000\n")
 PORT_CLOSED = Reply(stdout="APP PORT CLOSED 8000\n", exit_code=1)
+MIGRATED_ON_BOOT = Reply(stdout=f"{MIGRATED_LINE}\n")
 
 
 def bootstrap_failed(step: str) -> Reply:
@@ -175,7 +187,6 @@ class ScriptedInstances:
 
     def healthy(self, *, instance_id: str | None = None, port: int = 8000) -> ScriptedInstances:
         """Script a preview whose every check passes (as a base for overrides)."""
-        self.on(AGENT_PING, Reply(stdout="pr-preview-agent-ok\n"), instance_id=instance_id)
         self.on(BOOTSTRAP_CHECK, BOOTSTRAP_DONE, instance_id=instance_id)
         self.on(PORT_CHECK, Reply(stdout=f"APP PORT OPEN {port}\n"), instance_id=instance_id)
         self.respond(PROBE, probe_responder(200), instance_id=instance_id)
@@ -204,18 +215,69 @@ class ScriptedInstances:
     def _reply_for(self, instance_id: str, command: str, comment: str) -> Reply:
         with self._lock:
             now = time.monotonic()
-            for rule in self._rules:
-                if rule.matches(instance_id, command):
-                    nth = rule.counts.get(instance_id, 0)
-                    rule.counts[instance_id] = nth + 1
-                    call = Call(instance_id, command, comment, now, nth)
-                    reply = rule.respond(call)
-                    break
+            if READY_SECTION in command:
+                (reply, command), nth = self._ready(instance_id, command, comment, now), 0
             else:
-                call = Call(instance_id, command, comment, now, 0)
-                reply = self.default
-            self.calls.append(Call(call.instance_id, command, comment, now, call.nth, reply))
+                reply, nth = self._match(instance_id, command, comment, now)
+            self.calls.append(Call(instance_id, command, comment, now, nth, reply))
             return reply
+
+    def _match(self, instance_id: str, command: str, comment: str, now: float) -> tuple[Reply, int]:
+        """The newest rule for ``command`` answers (and counts the call), else the default."""
+        for rule in self._rules:
+            if rule.matches(instance_id, command):
+                nth = rule.counts.get(instance_id, 0)
+                rule.counts[instance_id] = nth + 1
+                return rule.respond(Call(instance_id, command, comment, now, nth)), nth
+        return self.default, 0
+
+    def _ready(self, instance_id: str, command: str, comment: str, now: float) -> tuple[Reply, str]:
+        """Wait-ready's one command, run as its last block runs its functions: the bootstrap
+        check; once done, the migrated-on-boot check and the port check; compose's view of the
+        app when the port is closed, else (migrated on boot) each probe until one is healthy.
+        Returns the reply and the text of the functions that ran."""
+        sections: dict[str, list[str]] = {}
+        name = ""
+        for line in command.splitlines():
+            if line.startswith(READY_SECTION):
+                name = line.removeprefix(READY_SECTION)
+                sections[name] = []
+            elif name:
+                sections[name].append(line)
+        parts: list[Reply] = []
+        ran: list[str] = []
+
+        def run(section: str) -> Reply:
+            text = "\n".join(sections[section])
+            reply, _ = self._match(instance_id, text, comment, now)
+            parts.append(reply)
+            ran.append(f"{READY_SECTION}{section}\n{text}")
+            return reply
+
+        out = [run("bootstrap").stdout]
+        if out[0].strip().split("\n")[0].strip() == "bootstrap-done":
+            migrated = MIGRATED_LINE in run("migrated").stdout.splitlines()
+            out.append(f"{MIGRATED_LINE}\n" if migrated else "")
+            port = run("app-port")
+            out.append(port.stdout)
+            if port.exit_code != 0:
+                out.append(run("app-state").stdout)
+            elif migrated:
+                for section in [name for name in sections if name.startswith("probe ")]:
+                    answer = " ".join(run(section).stdout.split())
+                    out.append(f"PROBE {section.removeprefix('probe ')} {answer}\n")
+                    if re.match(r"[23]\d\d ", answer):
+                        break
+        reads = [part.pending_reads for part in parts]  # -1 (never finishes) wins
+        stdout = "".join(text if text.endswith("\n") or not text else text + "\n" for text in out)
+        reply = Reply(
+            stdout=stdout,
+            stderr="".join(part.stderr for part in parts),
+            missing_reads=max(part.missing_reads for part in parts),
+            pending_reads=-1 if -1 in reads else max(reads),
+            seconds=max(part.seconds for part in parts),
+        )
+        return reply, "\n".join(ran)
 
     def _send_command(self, original: Callable[..., Any]) -> Callable[..., Any]:
         fake = self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tasks.config import IMAGE_PATTERN, PreviewConfig
 from tasks.ecr import ecr_login, ecr_repository
 from tasks.inputs import check_inputs, is_repo
 from tasks.instances import find_previews
-from tasks.on_instance import STATE_DIR, timer_command, timer_minutes
+from tasks.on_instance import STATE_DIR, container_run, timer_command, timer_minutes
 from tasks.prefect_context import run_logger
 from tasks.run_instances import resolve_ami, run_instances_params
 from tasks.step import step
@@ -168,6 +169,35 @@ def compose_file(config: PreviewConfig) -> str:
     return "\n".join(service)
 
 
+# Issue 15 F2: the migrations run once on boot, after `up`, while the SSM agent registers; the
+# marker is a copy of the .env they migrated (tasks/wait_ready.py compares it). A failure does
+# not fail the bootstrap: the flow's migrate step runs them again, with its retries, and its
+# failure is diagnosed as any migration's. The output stays out of the cloud-init log, which
+# the diagnosis reads: a transient refusal here must not read as the cause of a later failure.
+MIGRATE_ON_BOOT = """
+step=migrate
+if timeout {{timeout}} {{run}} > "$STATE_DIR/migrate-on-boot.log" 2>&1; then
+  cat "$APP_DIR/.env" > "$STATE_DIR/migrated"
+  echo "pr-preview: migrated on boot"
+else
+  echo "pr-preview: the migrations on boot exited $?: the flow's migrate step runs them"
+fi
+"""
+
+
+def migrate_on_boot(config: PreviewConfig) -> str:
+    """The user data's migrations on boot, or nothing where one attempt right after ``up``
+    could not reach the database: with ``db_sg_open_public_ip`` db-sg admits the instance only
+    once the flow opened it, and an ephemeral database is itself still starting then."""
+    if config.db_sg_open_public_ip or config.database == "ephemeral":
+        return ""
+    values = {
+        "timeout": str(max(1, math.ceil(config.migrate_timeout_seconds))),
+        "run": container_run(config.app_dir, config.app_service, config.migration_command),
+    }
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], MIGRATE_ON_BOOT)
+
+
 SPARE_STOP = """
 # A warm spare stops here, bootstrapped and serving nothing: the PR that claims it logs in,
 # pulls and starts its image the way a push deploys in place.
@@ -232,6 +262,7 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
             preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
         ),
         compose_file=q(spec.compose or compose_file(config)),
+        migrate_on_boot=migrate_on_boot(config),
     )
 
 
@@ -250,6 +281,7 @@ def render_spare_user_data(config: PreviewConfig) -> str:
         registry_username="",
         spare_stop=stop,
         preview_env=f": > {PREVIEW_ENV_FILE}",  # the PR that claims the spare writes it
+        migrate_on_boot="",  # past the spare's stop: its PR's deploy migrates
     )
     return script[: script.index(stop) + len(stop)] + "\n"
 

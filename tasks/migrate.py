@@ -28,7 +28,7 @@ from tenacity import (
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.masking import mask_secrets
-from tasks.on_instance import STATE_DIR
+from tasks.on_instance import STATE_DIR, container_run
 from tasks.prefect_context import run_logger
 from tasks.ssm import CommandResult, CommandTimeout, run_command
 from tasks.step import step
@@ -88,13 +88,10 @@ def last_error(output: str) -> str:
 
 
 def migrate_commands(config: PreviewConfig, command: str | None = None) -> list[str]:
-    """``migration_command`` (or ``command``) becomes the container's arguments: split into
-    words as a shell would, each word quoted, so no shell — the instance's root shell or one in
-    the container — interprets it (``;``, ``$(...)`` or ``&&`` are plain arguments). A command
-    that needs a shell says so: ``sh -c 'alembic upgrade head && python -m app.seed'``."""
-    compose = shlex.quote(f"{config.app_dir}/docker-compose.yml")
-    words = shlex.split(command or config.migration_command)
-    argv = " ".join(shlex.quote(word) for word in words)
+    """``migration_command`` (or ``command``) in a one-off container of the app service; its
+    words reach the container as arguments (:func:`tasks.on_instance.container_run`). The
+    user data's migrations on boot run the same container (tasks/launch.py)."""
+    run = container_run(config.app_dir, config.app_service, command or config.migration_command)
     return [
         "set -eu",
         f"cd {shlex.quote(config.app_dir)}",
@@ -102,8 +99,7 @@ def migrate_commands(config: PreviewConfig, command: str | None = None) -> list[
         # traceback's last line is the one that says what failed: print the end of both.
         "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
         "status=0",
-        f"docker compose -f {compose} run --rm -T {shlex.quote(config.app_service)} {argv}"
-        ' >"$log" 2>&1 || status=$?',
+        f'{run} >"$log" 2>&1 || status=$?',
         f'tail -c {MIGRATE_OUTPUT_BYTES} "$log"',
         'exit "$status"',
     ]

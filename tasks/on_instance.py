@@ -15,10 +15,12 @@ BOOTSTRAP_DONE = f"{STATE_DIR}/bootstrap-done"
 BOOTSTRAP_FAILED = f"{STATE_DIR}/bootstrap-failed"
 
 
+# The user data's migrations on boot succeeded: a copy of the .env they migrated, so a later
+# deploy (a push in place rewrites .env) is never taken for one the boot migrated.
+MIGRATED = f"{STATE_DIR}/migrated"
+
+
 CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
-
-
-AGENT_PING = "echo pr-preview-agent-ok"
 
 
 FAILED_PREFIX = "bootstrap failed at step: "
@@ -106,6 +108,17 @@ def app_state_check(app_dir: str, service: str) -> list[str]:
         "state=${state%%$'\\n'*}",
         f'echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
     ]
+
+
+def container_run(app_dir: str, service: str, command: str) -> str:
+    """``command`` in a one-off container of ``service`` (same image, env files and network as
+    the app). Its words are split as a shell would and each is quoted, so no shell — the
+    instance's root shell or one in the container — interprets it (``;``, ``$(...)`` or ``&&``
+    are plain arguments). A command that needs a shell says so: ``sh -c 'alembic upgrade head
+    && python -m app.seed'``."""
+    compose = shlex.quote(f"{app_dir}/docker-compose.yml")
+    argv = " ".join(shlex.quote(word) for word in shlex.split(command))
+    return f"docker compose -f {compose} run --rm -T {shlex.quote(service)} {argv}"
 
 
 def timer_minutes(hours: float) -> int:

@@ -46,6 +46,7 @@ from tasks.run_instances import resolve_ami
 from tasks.spares import check_spare, replenish_spares
 from tasks.ssm import run_command
 from tasks.tags import parse_time
+from tasks.wait_ready import parse_ready, ready_command
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
 from tests.test_instance_runtime import instance_processes, port_forwarding, read, wait_for
@@ -197,7 +198,12 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     assert first.shutdown_at is not None
     assert abs(due - first.shutdown_at.timestamp()) < 90
     sent = world.aws.ssm.list_commands(InstanceId=first.instance_id)["Commands"]
-    assert "pr-preview confirm TTL" not in [command["Comment"] for command in sent]
+    comments = [command["Comment"] for command in sent]
+    assert "pr-preview confirm TTL" not in comments
+    # The user data migrated on boot, and wait-ready's command saw it and probed: the flow
+    # sent no migrate and no probe of its own.
+    assert database_tables(world) == "alembic_version notes"
+    assert not [c for c in comments if c.startswith(("pr-preview migrate", "pr-preview probe"))]
     with port_forwarding(world.runtime, first.instance_id) as url:
         page = httpx.get(url, timeout=10).text
         assert SHA1 in page and "v1" in page
@@ -214,8 +220,20 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     with port_forwarding(world.runtime, first.instance_id) as url:
         page = httpx.get(url, timeout=10).text
         assert SHA2 in page and "v2" in page and "visits" in page
-    # v2's migration really ran against the db-server.
+    # v2's migration really ran against the db-server, from the push's own migrate step: the
+    # boot's marker names v1's .env, so the ready check no longer calls the instance migrated.
     assert database_tables(world) == "alembic_version notes visits"
+    sent = world.aws.ssm.list_commands(InstanceId=first.instance_id)["Commands"]
+    assert "pr-preview migrate" in [command["Comment"] for command in sent]
+    check = run_command(
+        world.aws.ssm,
+        first.instance_id,
+        ready_command(world.config),
+        timeout_seconds=30,
+        poll_seconds=0.2,
+    )
+    answer = parse_ready(check.stdout, world.config.probe_paths)
+    assert (answer.bootstrap, answer.port_open, answer.migrated) == ("done", True, False)
     assert instance_processes(first.instance_id)
     pr_teardown(REPO, 42, config=world.config)
     assert not live(world.aws)

@@ -52,6 +52,27 @@ def test_migrating_on_boot_leaves_the_app_answering_before_bootstrap_is_done() -
     )
 
 
+def test_every_launch_migrates_on_boot_so_the_cold_floor_drops_too() -> None:
+    """F2 on the stock AMI: the migration lengthens the user data (the last event) by its own
+    time, but the migrate command after ready is gone and the probe rides the ready command."""
+    made = ("F1", "F2", "F3", "F4")
+    before = model.new_launch(model.STOCK, ("F3",))
+    cold = model.new_launch(model.STOCK_MIGRATING, made)
+    assert model.STOCK_MIGRATING.migrated and not model.STOCK.migrated
+    assert model.STOCK_MIGRATING.bootstrap_seconds > model.SSM_AGENT_REGISTRATION.seconds
+    assert cold.floor == pytest.approx(68.29)
+    assert before.floor - cold.floor == pytest.approx(4.0)
+    assert all("(made" in change.detail for change in model.CHANGES.values())
+
+
+def test_a_launch_remembers_its_boot_migrated_until_a_deploy() -> None:
+    world = model.World(scale=1.0, boot=model.BAKED_MIGRATING)
+    world.launched("i-baked", at=0.0)
+    world.booted("i-old")
+    assert world.timeline("i-baked").migrated
+    assert not world.timeline("i-old").migrated
+
+
 def test_a_spare_without_the_image_pulls_all_of_it() -> None:
     bare = model.spare_claim(layers=False)
     layered = model.spare_claim(layers=True)

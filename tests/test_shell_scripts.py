@@ -23,9 +23,10 @@ from tasks.config import PreviewConfig
 from tasks.diagnose import evidence_sections
 from tasks.launch import LaunchSpec, compose_file, render_spare_user_data, render_user_data
 from tasks.migrate import migrate_commands, seed_commands
-from tasks.on_instance import AGENT_PING, BOOTSTRAP_CHECK, app_state_check, port_check
+from tasks.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check
 from tasks.probe import probe_command
 from tasks.update import deploy_commands, health_commands, ttl_commands
+from tasks.wait_ready import ready_command
 
 SPEC = LaunchSpec("octo-org/app", 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d")
 TOKEN = "ghp_SandboxToken0123456789abcdefABCDEF"
@@ -60,6 +61,7 @@ STUBS = {
     + 'case "$1 ${2:-}" in\n'
     + '  "login "*) cat > "$SANDBOX/login-stdin" ;;\n'
     + '  "compose pull") exit "${PULL_EXIT:-0}" ;;\n'
+    + '  "compose -f") case " $* " in *" run --rm "*) exit "${RUN_EXIT:-0}" ;; *) ;; esac ;;\n'
     + '  "build "*) exit "${BUILD_EXIT:-0}" ;;\n'
     + "esac\n",
     "curl": STUB_LOG + 'cat > "$SANDBOX/curl-stdin"\n',
@@ -154,10 +156,11 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
     """Every script the steps send over SSM, by step and name."""
     scripts = {
         "bake-check": list(BAKE_CHECK),
-        "wait-ready-agent": [AGENT_PING],
-        "wait-ready-bootstrap": list(BOOTSTRAP_CHECK),
-        "wait-ready-app-port": port_check(config.app_port),
-        "wait-ready-app-state": app_state_check(config.app_dir, config.app_service),
+        "wait-ready": ready_command(config),
+        "wait-ready-probing": ready_command(config, 60 * 24),
+        "bootstrap-check": list(BOOTSTRAP_CHECK),
+        "app-port": port_check(config.app_port),
+        "app-state": app_state_check(config.app_dir, config.app_service),
         "migrate": migrate_commands(config),
         **({"seed": seed_commands(config)} if config.seed_command else {}),
         "update-health": health_commands(config),
@@ -244,6 +247,28 @@ def test_user_data_boots_in_the_sandbox(sandbox: Sandbox, database: str) -> None
     assert sandbox.read("login-stdin") == TOKEN + "\n"
     assert "docker compose up -d" in sandbox.calls
     assert TOKEN not in sandbox.calls  # on no command line
+    # Migrated on boot, after up, and marked with the .env it migrated — except beside an
+    # ephemeral database, still starting then: the flow's migrate step waits for it.
+    migrated = sandbox.root / "state" / "migrated"
+    ran_migrations = (
+        f"docker compose -f {app}/docker-compose.yml run --rm -T api alembic upgrade head"
+    )
+    if database == "external":
+        assert sandbox.calls.index("docker compose up -d") < sandbox.calls.index(ran_migrations)
+        assert migrated.read_text() == (app / ".env").read_text()
+    else:
+        assert ran_migrations not in sandbox.calls and not migrated.exists()
+
+
+def test_migrations_that_fail_on_boot_leave_them_to_the_flow(sandbox: Sandbox) -> None:
+    """A failed migration on boot does not fail the bootstrap: no marker, so wait-ready tells
+    the flow to migrate, and the flow's migrate step retries and diagnoses the failure."""
+    ran = sandbox.run(render_user_data(sandbox_config(sandbox), SPEC), RUN_EXIT="3")
+
+    assert ran.returncode == 0, ran.stderr
+    assert (sandbox.root / "state" / "bootstrap-done").exists()
+    assert not (sandbox.root / "state" / "migrated").exists()
+    assert "the migrations on boot exited 3" in ran.stdout
 
 
 @pytest.mark.parametrize(

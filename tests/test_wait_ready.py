@@ -1,4 +1,5 @@
-"""wait_ready stage by stage on moto, the instance scripted through SSM."""
+"""wait_ready stage by stage on moto, the instance scripted through SSM: one command per poll
+(the scripted instance answers each of its functions by the rules for that check)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import tasks.wait_ready
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.on_instance import port_check
@@ -16,21 +18,26 @@ from tasks.wait_ready import (
     InstanceNotRunning,
     ReadyTimeout,
     StageTimeouts,
+    parse_ready,
     wait_until_ready,
 )
 from tests.support.ssm import (
-    AGENT_PING,
     BOOTSTRAP_CHECK,
     BOOTSTRAP_DONE,
     BOOTSTRAP_PENDING,
+    MIGRATED_CHECK,
+    MIGRATED_ON_BOOT,
     PORT_CHECK,
     PORT_CLOSED,
     PORT_OPEN,
+    PROBE,
+    READY,
     Reply,
     ScriptedInstances,
     after_calls,
     bootstrap_failed,
     plain_instances,
+    probe_responder,
 )
 
 SHORT = 0.15
@@ -68,9 +75,14 @@ def test_ready_after_the_bootstrap_marker_appears(
 
     assert [stage.stage for stage in result.stages] == list(STAGES)
     polls = {stage.stage: stage.polls for stage in result.stages}
+    assert polls["ssm-agent"] == 1
     assert polls["bootstrap"] == 4
     assert polls["app-port"] == 3
-    assert scripted_ssm.count(AGENT_PING, instance) == 1
+    # One command per poll: the first answer proved the agent, the fourth the bootstrap, the
+    # sixth the port (4 + 3 polls, one shared).
+    assert scripted_ssm.commands(instance) == scripted_ssm.commands(instance, READY)
+    assert len(scripted_ssm.commands(instance)) == 6
+    assert not result.migrated and result.probe is None
 
 
 def test_instance_that_stays_stopped_times_out_in_the_running_stage(
@@ -122,26 +134,86 @@ def test_agent_that_registers_late_is_waited_for(
     assert result.stages[1].stage == "ssm-agent" and result.stages[1].polls == 4
 
 
-def test_agent_check_is_a_seam(aws: AwsClients, config: PreviewConfig, instance: str):
-    asked: list[str] = []
+def test_an_agent_that_has_not_registered_is_asked_every_second_not_every_poll(
+    aws: AwsClients,
+    config: PreviewConfig,
+    scripted_ssm: ScriptedInstances,
+    instance: str,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A refused SendCommand costs one API call: the agent is asked every AGENT_POLL_SECONDS
+    (1 s; 20 ms here) while the later stages keep ``poll_seconds`` (2 s here)."""
+    monkeypatch.setattr(tasks.wait_ready, "AGENT_POLL_SECONDS", 0.02)
+    refusals = iter(range(5))
+    scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
+    slow = config.model_copy(update={"poll_seconds": 2.0})
 
-    def never(
-        ssm: object, instance_id: str, *, timeout_seconds: float, poll_seconds: float
-    ) -> bool:
-        asked.append(instance_id)
-        return False
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, slow)
 
-    with pytest.raises(ReadyTimeout) as raised:
-        wait_until_ready(
-            aws.ec2,
-            aws.ssm,
-            instance,
-            config,
-            timeouts=timeouts(config, ssm_agent=SHORT),
-            agent_check=never,
-        )
-    assert raised.value.stage == "ssm-agent"
-    assert asked and set(asked) == {instance}
+    agent = result.stages[1]
+    assert (agent.stage, agent.polls) == ("ssm-agent", 6)
+    assert agent.seconds < slow.poll_seconds
+
+
+def test_an_instance_migrated_on_boot_is_probed_by_the_same_command(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """Migrated on boot and listening: the one command also probes (the first path is down,
+    the second answers) and moves the shutdown timer — the flow has nothing left to wait for."""
+    scripted_ssm.on(MIGRATED_CHECK, MIGRATED_ON_BOOT)
+    scripted_ssm.respond(PROBE + "healthz", probe_responder(0))
+
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, config, ready_ttl_minutes=1440)
+
+    assert result.migrated
+    assert result.probe is not None
+    assert (result.probe.path, result.probe.status_code, result.probe.timer_moved) == (
+        "/docs",
+        200,
+        True,
+    )
+    assert [answer.status_code for answer in result.probe.answers] == [0, 200]
+    (command,) = scripted_ssm.commands(instance)
+    assert "shutdown -h +1440" in command
+
+
+def test_the_probe_waits_for_the_migrations(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """Not migrated on boot (the flow's migrate step runs first): the ready command does not
+    probe, so no timer moves before the migrations ran."""
+    result = wait_until_ready(aws.ec2, aws.ssm, instance, config, ready_ttl_minutes=1440)
+
+    assert not result.migrated and result.probe is None
+    assert scripted_ssm.count(PROBE, instance) == 0
+    assert not [
+        call for call in scripted_ssm.calls if "pr-preview-timer-moved" in call.reply.stdout
+    ]
+
+
+def test_the_ready_answer_is_read_from_its_marked_lines_only() -> None:
+    stdout = "\n".join(
+        [
+            "noise: bootstrap-done is not a marker here",
+            "bootstrap-done",
+            "MIGRATED ON BOOT",
+            "APP PORT OPEN 8000",
+            "PROBE /healthz 503 0.002",
+            "PROBE /docs 200 0.004 pr-preview-timer-moved",
+            "PROBE /other 200 0.1",
+        ]
+    )
+
+    answer = parse_ready(stdout, ["/healthz", "/docs"])
+
+    assert (answer.bootstrap, answer.migrated, answer.port_open) == ("done", True, True)
+    assert [(probe.path, probe.status_code) for probe in answer.probes] == [
+        ("/healthz", 503),
+        ("/docs", 200),
+    ]
+    assert answer.healthy_probe is not None and answer.healthy_probe.timer_moved
+    failed = parse_ready("bootstrap-failed\nbootstrap failed at step: pull\n", ["/"])
+    assert (failed.bootstrap, failed.failed_step, failed.port_open) == ("failed", "pull", None)
 
 
 def test_bootstrap_that_never_finishes_times_out_in_the_bootstrap_stage(

@@ -8,7 +8,7 @@ set -euo pipefail
 STATE_DIR={{state_dir}}
 APP_DIR={{app_dir}}
 mkdir -p "$STATE_DIR" "$APP_DIR"
-rm -f "$STATE_DIR/bootstrap-done" "$STATE_DIR/bootstrap-failed"
+rm -f "$STATE_DIR/bootstrap-done" "$STATE_DIR/bootstrap-failed" "$STATE_DIR/migrated"
 step=start
 
 # fail [why]: mark the bootstrap failed at $step (what wait-ready reports) and stop.
@@ -71,5 +71,5 @@ echo {{app_image_line}} > "$APP_DIR/.env"{{spare_stop}}
 
 step=up
 docker compose up -d
-touch "$STATE_DIR/bootstrap-done"
+{{migrate_on_boot}}touch "$STATE_DIR/bootstrap-done"
 echo "pr-preview bootstrap done"
