@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
+
+from tasks.retry import is_transient
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
@@ -147,12 +150,22 @@ def key_from_secret_block(name: str) -> str | None:
     return str(value) if value else None
 
 
-def key_from_parameter(ssm: SSMClient, name: str) -> str | None:
-    """The PEM in SecureString ``name``; None when it cannot be read."""
+def key_from_parameter(
+    ssm: SSMClient, name: str, *, attempts: int = 1, wait_seconds: float = 0.0
+) -> str | None:
+    """The PEM in SecureString ``name``; None when it cannot be read. Throttling and 5xx are
+    tried ``attempts`` times in all: without the key the run cannot tell its pull request
+    anything, not even that it failed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(attempts),
+        wait=wait_fixed(wait_seconds),
+        reraise=True,
+    )
     try:
-        answer = ssm.get_parameter(Name=name, WithDecryption=True)
+        answer = retrying(lambda: ssm.get_parameter(Name=name, WithDecryption=True))
     except (ClientError, BotoCoreError) as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
         logger.warning("GitHub App key parameter %s not read (%s)", name, code)
@@ -180,7 +193,12 @@ def app_from_config(
             from tasks.aws import build_clients
 
             ssm = build_clients(config).ssm
-        pem = key_from_parameter(ssm, config.github_app_private_key_parameter)
+        pem = key_from_parameter(
+            ssm,
+            config.github_app_private_key_parameter,
+            attempts=config.task_retries + 1,
+            wait_seconds=config.retry_delay_seconds,
+        )
     else:  # the configuration's own check refuses this; kept for a config built by hand
         raise GitHubAppKeyError("github_app_id is set but no private key source is")
     if not pem:

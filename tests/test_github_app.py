@@ -23,6 +23,7 @@ from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.github import GitHub, GitHubAuthError, github_from_config
 from tasks.github_app import GitHubApp, GitHubAppKeyError, app_from_config
 from tasks.report import PullRequestReport
+from tests.fakes.aws_faults import attach, aws_faults
 from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.support import CANARY_GHCR_TOKEN
 from tests.test_github import Sleeps
@@ -306,6 +307,29 @@ def test_the_key_is_read_from_parameter_store_and_a_token_is_never_read(
     with pytest.raises(GitHubAppKeyError) as raised:
         app_from_config(config, ssm=aws.ssm)
     assert f"no private key in the SecureString parameter {name}" in str(raised.value)
+
+
+def test_a_throttled_key_read_is_tried_again_and_a_refused_one_is_not(aws: Any) -> None:
+    """Without its key the run cannot tell its pull request anything: throttling is waited out."""
+    name = "/pr-preview-app/github-app-key"
+    aws.ssm.put_parameter(Name=name, Value=app_key_pair()[0], Type="SecureString")
+    config = PreviewConfig(
+        github_app_id=APP_ID,
+        github_app_private_key_parameter=name,
+        task_retries=2,
+        retry_delay_seconds=0,
+    )
+    with aws_faults() as faults:
+        attach(faults, aws.ssm)
+        faults.fail("ssm.GetParameter", "ThrottlingException", status=400, times=2)
+        app = app_from_config(config, ssm=aws.ssm)
+        assert app is not None and app.private_key == app_key_pair()[0]
+        assert faults.calls["ssm.GetParameter"] == 3
+
+        faults.fail("ssm.GetParameter", "AccessDeniedException", status=400)
+        with pytest.raises(GitHubAppKeyError):
+            app_from_config(config, ssm=aws.ssm)
+        assert faults.calls["ssm.GetParameter"] == 4  # a refusal is not tried again
 
 
 def _another_private_key() -> str:
