@@ -6,8 +6,17 @@ by route — and that recording *is* the list of calls, so a call added later jo
 itself. Each call then fails for good, one run per (flow, call): every call's own failure path.
 Transient faults (throttling or 5xx twice, then success) go into every call of one run at once:
 each call must ride out its own faults, so one run per flow shows every call's retry path, at a
-twentieth of the cost of a run per call. After each run an invariant
-checker looks at moto's state, the fake GitHub and the run's Prefect logs and artifacts:
+twentieth of the cost of a run per call.
+
+The flows reach GitHub as a GitHub App, so its installation-token and check-run calls are rows
+beside the comment and deployment calls (the token-only path is tested elsewhere). The App's key
+is in a Prefect Secret block, read through the Prefect API that the matrix leaves alone, so
+``ssm.GetParameter`` stays the run's own secrets read; the key's Parameter Store read and the
+installation's lookup (configured here: one row fewer per flow) are tested in
+``tests/test_github_app.py``.
+
+After each run an invariant checker looks at moto's state, the fake GitHub and the run's Prefect
+logs and artifacts:
 
 - ``tags``:      no live instance without Purpose, PR and shutdown-at tags;
 - ``capacity``:  never more than ``max_previews`` live previews;
@@ -16,6 +25,14 @@ checker looks at moto's state, the fake GitHub and the run's Prefect logs and ar
   a teardown it follows the instances (torn down when gone, failed while they live after a
   failed run); after a sweep it says expired exactly when the expired preview is gone. A
   permanent fault on a comment route itself exempts the run (nothing can be written);
+- ``check-run``: the ``pr-preview`` check run on the PR's head sha, as GitHub holds it, tells the
+  truth: after a preview run it is completed, ``success`` exactly when the preview is ready,
+  ``failure`` (its summary carrying the diagnosis or the failure) when the run failed, ``neutral``
+  when it rightly deployed nothing; never left queued or in progress. A teardown or a sweep ends a
+  preview, not a run of a commit (``tasks.report``: a teardown reports without a sha, the sweeper
+  tells only comments and deployments): they leave every check run exactly as it was. A
+  permanent fault on a check-run route exempts the run, and one on the installation-token route
+  exempts both this and the comment (nothing at all can be written);
 - ``secrets``:   no canary in user data, logs, artifacts, comments or requests to GitHub;
 - ``converges``: a completed run did its job (one ready preview at the sha, PR torn down,
   expired preview gone);
@@ -43,6 +60,7 @@ import pytest
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -63,7 +81,7 @@ from tasks.launch import LaunchSpec, launch_instance
 from tasks.run_instances import resolve_ami
 from tasks.tags import format_time, parse_time
 from tests.fakes.aws_faults import AwsFaults, aws_faults
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes
 from tests.plugins.fault_matrix_report import PROPERTY
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
@@ -99,7 +117,28 @@ COMMENT_ROUTES = frozenset(
 )
 READY, UPDATED = "### ✅ Preview ready", "### 🔁 Preview updated in place"
 TORN_DOWN, EXPIRED = "### 🧹 Preview torn down", "### ⌛ Preview expired"
-INVARIANTS = ("tags", "capacity", "short-ttl", "comment", "secrets", "converges", "recovers")
+# Without an installation token nothing at all can be written to GitHub.
+APP_CREDENTIAL_CALLS = frozenset({"POST github /app/installations/{id}/access_tokens"})
+CHECK_RUN_ROUTES = frozenset(
+    {
+        "POST github /repos/{repo}/check-runs",
+        "PATCH github /repos/{repo}/check-runs/{id}",
+        "GET github /repos/{repo}/commits/{sha}/check-runs",
+    }
+)
+APP_ID, INSTALLATION, SLUG = 4242, 777, "acme-previews"
+APP_KEY_BLOCK = "fault-matrix-github-app-key"
+CHECK_RUN = "pr-preview"
+INVARIANTS = (
+    "tags",
+    "capacity",
+    "short-ttl",
+    "comment",
+    "check-run",
+    "secrets",
+    "converges",
+    "recovers",
+)
 
 
 # --- the world every case runs in: one moto, one served GitHub and registry per module
@@ -116,6 +155,10 @@ class World:
     github_url: str
     github: FakeGitHub = field(default_factory=FakeGitHub)
 
+    @property
+    def bot_login(self) -> str:
+        return self.github.apps[APP_ID].bot_login
+
     def reset(self) -> None:
         """Terminate every instance and forget it, forget GitHub, clear every fault and count.
 
@@ -129,12 +172,15 @@ class World:
         group = self.config.db_security_group_id or ""
         revoke_db_rules(self.clients.ec2, group, db_rules(self.clients.ec2, group))
         self.github = FakeGitHub(base_url=self.github_url)
+        self.github.tokens.clear()  # no personal access token would work: the App only
+        self.github.now = time.time()  # the flows sign and expire by the real clock
+        self.github.add_app(APP_ID, SLUG, app_key_pair()[1], {INSTALLATION: "octo-org"})
         self.github_routes.reset()
         self.registry_routes.reset()
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def world(prefect_server: None) -> Iterator[World]:
     with ExitStack() as stack:
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
@@ -150,6 +196,7 @@ def world() -> Iterator[World]:
         registry_routes = FaultyRoutes("registry", REGISTRY_ROUTES, lambda: registry.handle)
         registry.host = stack.enter_context(serve_handler(registry_routes)).removeprefix("http://")
         registry.users["octo-org"] = CANARY_GHCR_TOKEN
+        Secret(value=app_key_pair()[0]).save(APP_KEY_BLOCK, overwrite=True)
         for sha in (SHA1, SHA2):
             registry.push("octo-org/app", sha, private=True)
 
@@ -172,6 +219,9 @@ def world() -> Iterator[World]:
                 "migrate_timeout_seconds": 1,
                 "probe_timeout_seconds": 1,
                 "image_wait_seconds": 1,
+                "github_app_id": APP_ID,
+                "github_app_installation_id": INSTALLATION,
+                "github_app_private_key_secret_block": APP_KEY_BLOCK,
             },
             env={},
             use_variable=False,
@@ -193,9 +243,10 @@ def world() -> Iterator[World]:
 
 @pytest.fixture
 def github_env(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flows build their GitHub client from these, as in production."""
+    """The flows build their GitHub client from this and the App's configuration, as in
+    production; no token anywhere."""
     monkeypatch.setenv("GITHUB_API_URL", world.github_url)
-    monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
 
 
 # --- arranging each flow's starting point (plain calls, no faults)
@@ -244,7 +295,7 @@ def seed_ready_comment(world: World, pr: int, sha: str, instance_id: str) -> Non
             expires_at=datetime.now(UTC) + timedelta(hours=world.config.ttl_hours),
         )
     )
-    world.github.add_comment(REPO, pr, body, user=world.github.bot_login)
+    world.github.add_comment(REPO, pr, body, user=world.bot_login)
 
 
 def seed_deployment(world: World, pr: int, sha: str) -> None:
@@ -253,6 +304,24 @@ def seed_deployment(world: World, pr: int, sha: str) -> None:
         {"id": deployment_id, "sha": sha, "ref": sha, "environment": f"pr-{pr}"}
     )
     world.github.statuses[deployment_id] = [{"id": 1, "state": "success"}]
+
+
+def seed_check_run(world: World, sha: str) -> None:
+    """The ``pr-preview`` check run of the run that made the preview at ``sha``: success."""
+    app = world.github.apps[APP_ID]
+    world.github.check_runs.setdefault(REPO, []).append(
+        {
+            "id": 800 + len(world.github.check_runs.get(REPO, [])),
+            "name": CHECK_RUN,
+            "head_sha": sha,
+            "status": "completed",
+            "conclusion": "success",
+            "output": {"title": READY, "summary": "the preview"},
+            "details_url": None,
+            "app": {"id": app.app_id, "slug": app.slug},
+            "history": [("queued", None), ("in_progress", None), ("completed", "success")],
+        }
+    )
 
 
 @dataclass
@@ -279,6 +348,7 @@ def seed_synchronize(world: World) -> dict[str, str]:
     world.github.add_pull(REPO, pull(PR, SHA2))
     seed_ready_comment(world, PR, SHA1, current)
     seed_deployment(world, PR, SHA1)
+    seed_check_run(world, SHA1)
     return {"current": current}
 
 
@@ -287,6 +357,7 @@ def seed_teardown(world: World) -> dict[str, str]:
     world.github.add_pull(REPO, pull(PR, SHA1, state="closed"))
     seed_ready_comment(world, PR, SHA1, current)
     seed_deployment(world, PR, SHA1)
+    seed_check_run(world, SHA1)
     return {"current": current}
 
 
@@ -297,6 +368,8 @@ def seed_sweeper(world: World) -> dict[str, str]:
     world.github.add_pull(REPO, pull(43, SHA2))
     seed_ready_comment(world, PR, SHA1, expired)
     seed_ready_comment(world, 43, SHA2, open_pr)
+    seed_check_run(world, SHA1)
+    seed_check_run(world, SHA2)
     return {"expired": expired, "kept": open_pr}
 
 
@@ -380,6 +453,7 @@ def run_case(world: World, flow: Flow, calls: tuple[str, ...] = (), fault: str =
     world.reset()
     seeded = flow.seed(world)
     before = {i["InstanceId"] for i in instances(world.clients)}
+    checks_before = copy.deepcopy(world.github.check_runs)
     label = calls[0] if len(calls) == 1 else f"(all {len(calls)} calls)" if calls else "(clean run)"
     case = Case(flow.name, label, fault)
     times = TRANSIENT_TIMES if fault == "transient" else None
@@ -413,7 +487,7 @@ def run_case(world: World, flow: Flow, calls: tuple[str, ...] = (), fault: str =
     result = state.result(raise_on_failure=False)
     if flow.kind == "preview" and not isinstance(result, BaseException):
         case.detail = f" ({result.path or result.status})"
-    check(world, flow, case, result, seeded, before, run_texts(state))
+    check(world, flow, case, result, seeded, before, run_texts(state), checks_before)
     return case
 
 
@@ -445,8 +519,10 @@ def check(
     seeded: dict[str, str],
     before: set[str],
     run_output: list[str],
+    checks_before: dict[str, list[dict[str, Any]]],
 ) -> None:
-    """Record in ``case.broken`` every invariant the world breaks after the run."""
+    """Record in ``case.broken`` every invariant the world breaks after the run;
+    ``checks_before`` is the check runs the fake GitHub held before it."""
     config, broken = world.config, case.broken
     now = datetime.now(UTC)
     failed = case.outcome == "failed"
@@ -481,11 +557,15 @@ def check(
             broken["short-ttl"] = f"failed run left {long_lived}"
 
     headline = bot_headline(world.github, PR)
-    comment_unwritable = case.fault == "permanent" and case.call in COMMENT_ROUTES
-    if not comment_unwritable:
+    permanent = case.call if case.fault == "permanent" else None
+    if permanent not in COMMENT_ROUTES | APP_CREDENTIAL_CALLS:
         problem = comment_problem(flow, failed, headline, ours, seeded)
         if problem:
             broken["comment"] = problem
+    if permanent not in CHECK_RUN_ROUTES | APP_CREDENTIAL_CALLS:
+        problem = check_run_problem(world.github, flow, failed, result, checks_before)
+        if problem:
+            broken["check-run"] = problem
 
     texts = list(run_output)
     texts += [user_data(world.clients, iid) for iid in new_ids]
@@ -533,6 +613,50 @@ def comment_problem(
         if not gone and headline == EXPIRED:
             return "comment says expired, preview still live"
     return None
+
+
+def check_run_problem(
+    github: FakeGitHub,
+    flow: Flow,
+    failed: bool,
+    result: Any,
+    checks_before: dict[str, list[dict[str, Any]]],
+) -> str | None:
+    """What the head sha's ``pr-preview`` check run claims that the run's end contradicts."""
+    if flow.kind != "preview":
+        # A teardown or a sweep ends a preview, not a run of a commit: no check run changes.
+        if github.check_runs != checks_before:
+            return f"{flow.kind} changed check runs: {check_run_histories(github)}"
+        return None
+    assert flow.head_sha is not None
+    runs = [
+        r
+        for r in github.check_runs.get(REPO, [])
+        if r["head_sha"] == flow.head_sha and r["name"] == CHECK_RUN
+    ]
+    if not runs:
+        return f"no {CHECK_RUN} check run on {flow.head_sha[:7]}"
+    if len(runs) > 1:
+        return f"{len(runs)} check runs for one run: {check_run_histories(github)}"
+    [run] = runs
+    shown = f"{run['status']}/{run['conclusion']}"
+    if run["status"] != "completed":
+        return f"run ended, check run left {shown}"
+    if failed:
+        summary = (run.get("output") or {}).get("summary") or ""
+        if run["conclusion"] != "failure":
+            return f"run failed, check run says {shown}"
+        if "Diagnosis" not in summary and type(result).__name__ not in summary:
+            return f"failed check run's summary names no diagnosis or failure: {summary[:120]!r}"
+        return None
+    expected = "success" if result.status == "ready" else "neutral"
+    if run["conclusion"] != expected:
+        return f"run completed {result.status}, check run says {shown}"
+    return None
+
+
+def check_run_histories(github: FakeGitHub) -> list[tuple[str, list[Any]]]:
+    return [(r["head_sha"][:7], r["history"]) for r in github.check_runs.get(REPO, [])]
 
 
 def convergence_problem(
@@ -630,19 +754,36 @@ def test_the_checker_sees_every_broken_invariant(world: World) -> None:
     world.reset()
     seeded = flow.seed(world)
     before = {i["InstanceId"] for i in instances(world.clients)}
+    checks_before = copy.deepcopy(world.github.check_runs)
     # What a broken run could leave: an untagged instance whose user data holds a secret, the
-    # run's preview on the full TTL beside the old one, two more previews, a ✅ comment.
+    # run's preview on the full TTL beside the old one, two more previews, a ✅ comment, the
+    # run's check run still in progress.
     world.clients.ec2.run_instances(
         ImageId=world.ami_id, MinCount=1, MaxCount=1, UserData=f"token={CANARY_GHCR_TOKEN}"
     )
     seed_preview(world, PR, SHA2, expires_in=timedelta(hours=23), age=timedelta(0))
     seed_preview(world, 9, SHA1, expires_in=timedelta(hours=23), age=timedelta(0))
+    seed_check_run(world, SHA2)
+    left_open = world.github.check_runs[REPO][-1]
+    left_open.update(status="in_progress", conclusion=None)
 
     failed = Case(flow.name, "ec2.Example", "transient", outcome="failed")
-    check(world, flow, failed, RuntimeError("x"), seeded, before, ["log line"])
+    check(world, flow, failed, RuntimeError("x"), seeded, before, ["log line"], checks_before)
     assert set(failed.broken) == set(INVARIANTS) - {"converges"}, failed.broken
 
     completed = Case(flow.name, "ec2.Example", "permanent", outcome="completed")
     ready = PreviewResult(REPO, PR, SHA2, status="ready")
-    check(world, flow, completed, ready, seeded, before, [f"DATABASE_URL={CANARY_DATABASE_URL}"])
-    assert set(completed.broken) == {"tags", "capacity", "secrets", "converges"}, completed.broken
+    leak = [f"DATABASE_URL={CANARY_DATABASE_URL}"]
+    check(world, flow, completed, ready, seeded, before, leak, checks_before)
+    assert set(completed.broken) == {"tags", "capacity", "check-run", "secrets", "converges"}, (
+        completed.broken
+    )
+
+    # A teardown that touched a check run; a preview that concluded its own as it should.
+    teardown = Case("teardown", "ec2.Example", "permanent", outcome="completed")
+    check(world, FLOWS["teardown"], teardown, None, seeded, before, [], checks_before)
+    assert "check-run" in teardown.broken, teardown.broken
+    left_open.update(status="completed", conclusion="success")
+    concluded = Case(flow.name, "ec2.Example", "permanent", outcome="completed")
+    check(world, flow, concluded, ready, seeded, before, [], checks_before)
+    assert "check-run" not in concluded.broken, concluded.broken
