@@ -2,7 +2,7 @@
 
 A preview runs to ready on a real local instance; Chromium opens the app through the Session
 Manager tunnel (its own page, then FastAPI's /docs) and the run in the Prefect UI (the PR
-comment's link, its Task Runs tab, the probe's page). Each page is saved as a screenshot under
+comment's link, its Task Runs tab, wait-ready's page). Each page is saved as a screenshot under
 ``build/screenshots/``.
 
 The browser is Debian's ``chromium`` (``make`` installs it), driven by Playwright; it may reach
@@ -58,7 +58,8 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The steps a reviewer looks for on the run's page, as its Task Runs tab names them.
-STEPS = ("wait-ready", "migrate", "probe")
+# A new preview migrates on boot; wait-ready probes its app in the same command.
+STEPS = ("launch", "wait-ready", "confirm-ttl")
 SECONDS = 1000  # Playwright counts milliseconds
 DRAWN_PNG_BYTES = 8000
 
@@ -168,7 +169,7 @@ def test_a_reviewer_sees_the_preview_and_its_run(
     run_id: UUID = state.state_details.flow_run_id  # type: ignore[assignment]
     run_name = f"pr-42-{SHA1[:7]}"
     began = f"Beginning flow run '{run_name}' for flow 'pr-preview'"
-    probed = f"/healthz answered 200 on {instance}"
+    probed = "migrated on boot; /healthz answered 200"
     task_runs = wait_until_recorded(run_id, [began, probed])
 
     with chromium(tmp_path) as browser:
@@ -219,12 +220,12 @@ def test_a_reviewer_sees_the_preview_and_its_run(
             row.scroll_into_view_if_needed()  # the screenshot shows the rows asserted
         browser.screenshot(page, "4-prefect-task-runs")
 
-        # The probe's own page: what it saw.
-        page.get_by_role("link", name=re.compile(r"^probe-\w+$")).click()
+        # wait-ready's own page: the instance migrated on boot and its app answered.
+        page.get_by_role("link", name=re.compile(r"^wait-ready-\w+$")).click()
         expect(page).to_have_url(re.compile(r"/runs/task-run/[0-9a-f-]+"))
         expect(page.locator(".page-heading .state-badge")).to_have_text("Completed")
         expect(page.locator(".logs")).to_contain_text(probed)
-        browser.screenshot(page, "5-prefect-probe")
+        browser.screenshot(page, "5-prefect-wait-ready")
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shots = sorted(browser.screenshots.iterdir())
@@ -233,7 +234,7 @@ def test_a_reviewer_sees_the_preview_and_its_run(
         "2-preview-docs.png",
         "3-prefect-flow-run.png",
         "4-prefect-task-runs.png",
-        "5-prefect-probe.png",
+        "5-prefect-wait-ready.png",
     ]
     for shot in shots:
         assert shot.read_bytes().startswith(PNG_SIGNATURE) and shot.stat().st_size > 1000, shot
