@@ -349,6 +349,7 @@ def test_an_unencoded_password_in_database_url(world: World) -> None:
 def test_a_database_that_refuses_connections(world: World) -> None:
     """Nothing listens where DATABASE_URL points: the driver's real refusal."""
     world.set_database_url(world.database_url.replace(f":{DB_PORT}/", ":5439/"))
+    world.config.migrate_timeout_seconds = 4  # every attempt meets the same refusal
     failure = failed_preview(world)
     assert failure.key == "db-refused", failure.diagnosis
     assert "Connect call failed" in failure.diagnosis or "refused" in failure.diagnosis
