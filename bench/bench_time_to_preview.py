@@ -12,8 +12,9 @@ down by ``--scale``. Scenarios, each in a fresh moto world:
   registered, and an instance launched from it boots with Docker, Compose and the image's base
   layers on disk, and migrates on boot (the model's ``BAKED_MIGRATING`` profile; any other AMI
   boots ``STOCK_MIGRATING``, the hook ``boot_baked``);
-- new PR, one warm spare: running and bootstrapped without the image (as tasks/spares builds
-  it), and the same with the image's base layers on the spare (change S1);
+- new PR, one warm spare as tasks/spares builds it by default: running, bootstrapped and
+  holding the image's base layers (``spare_base_tag``, default ``main``: change S1); and the
+  same spare with ``spare_base_tag`` off, holding no image, so the lever stays visible;
 - push to an open PR whose preview is healthy: the runbook relaunches, we update in place.
 
 Paths per scenario:
@@ -108,7 +109,7 @@ from tasks.check_image import check_image  # noqa: E402
 from tasks.config import PreviewConfig, load_config  # noqa: E402
 from tasks.cost import PRICE_SOURCE, SNAPSHOT_SOURCE  # noqa: E402
 from tasks.instances import batches, find_previews, terminate_in_batches, terminate_outdated  # noqa: E402
-from tasks.launch import LaunchSpec, launch_instance  # noqa: E402
+from tasks.launch import LaunchSpec, launch_instance, spare_base_layers  # noqa: E402
 from tasks.migrate import migrate_commands, run_migrations  # noqa: E402
 from tasks.on_instance import port_check, timer_minutes  # noqa: E402
 from tasks.preflight import PreflightReport, run_preflight  # noqa: E402
@@ -144,7 +145,7 @@ COLD_BEFORE = 79.0  # issue 15: "today a new PR is ~79 modelled seconds" (the ea
 # plain and flow path takes them; the floors before F1 F2 F4 are printed for comparison.
 LAUNCH_CHANGES = ("F1", "F2", "F3", "F4")
 PUSH_CHANGES = ("F3", "F5", "F6")
-SPARE_AS_BUILT, SPARE_WITH_LAYERS = "as built", "base layers"
+SPARE_BASE, SPARE_NO_BASE = "base layers", "no base layers"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Scenario:
     other_preview: bool = False  # another PR holds the single slot
     own_preview: bool = False  # this PR's preview runs a healthy older sha
     boot: BootProfile = model.STOCK_MIGRATING  # how a launched instance boots
-    spare: str = ""  # a warm spare runs: SPARE_AS_BUILT (no image) or SPARE_WITH_LAYERS (S1)
+    spare: str = ""  # a warm spare runs: SPARE_BASE (the default, S1) or SPARE_NO_BASE
 
     def boot_for(self, path: str) -> BootProfile:
         """The runbook's user data does not migrate on boot; ours does (F2)."""
@@ -169,7 +170,7 @@ class Scenario:
         if self.own_preview:
             return model.push_in_place(PUSH_CHANGES)
         if self.spare:
-            return model.spare_claim(layers=self.spare == SPARE_WITH_LAYERS)
+            return model.spare_claim(layers=self.spare == SPARE_BASE)
         return model.new_launch(self.boot, LAUNCH_CHANGES)
 
     def before(self) -> Composition | None:
@@ -217,21 +218,21 @@ SCENARIOS = (
     ),
     Scenario(
         "new-spare",
-        "new PR, spare as built",
+        "new PR, warm spare",
         SHA1,
         "opened",
         TARGET_SPARE,
         paths=("plain", "flow"),
-        spare=SPARE_AS_BUILT,
+        spare=SPARE_BASE,
     ),
     Scenario(
-        "new-spare-s1",
-        "new PR, spare + S1",
+        "new-spare-bare",
+        "new PR, spare, no base tag",
         SHA1,
         "opened",
         TARGET_SPARE,
         paths=("plain", "flow"),
-        spare=SPARE_WITH_LAYERS,
+        spare=SPARE_NO_BASE,
     ),
     Scenario("push", "push to an open PR", SHA2, "synchronize", TARGET_PUSH, own_preview=True),
 )
@@ -356,8 +357,10 @@ def lever_settings(scenario: Scenario) -> dict[str, Any]:
     """The configuration a team sets to pull the scenario's lever."""
     if scenario.boot is model.BAKED_MIGRATING:
         return {"ami_strategy": "baked"}
+    if scenario.spare == SPARE_NO_BASE:
+        return {"warm_spares": 1, "spare_base_tag": None}  # S1 turned off
     if scenario.spare:
-        return {"warm_spares": 1}
+        return {"warm_spares": 1}  # spare_base_tag as it defaults
     return {}
 
 
@@ -394,7 +397,11 @@ def world_for(
             setup.spare_id = launch_spare(
                 clients.ec2, config, ami_id=ami, subnet_id=config.subnet_id
             )
-            world.booted(setup.spare_id, layers=scenario.spare == SPARE_WITH_LAYERS)
+            # The spare holds base layers when the product's user data pulls them.
+            layers = bool(spare_base_layers(config))
+            if layers != (scenario.spare == SPARE_BASE):
+                raise RuntimeError(f"{scenario.title}: the spare's user data pulls {layers=}")
+            world.booted(setup.spare_id, layers=layers)
         if scenario.boot is model.BAKED_MIGRATING:
             setup.baked_by_image = boot_baked(setup, scenario.boot_for(path))
         world.events.clear()
@@ -878,11 +885,12 @@ def lever_rows(
             baked_cost,
         ),
     ]
-    for key in ("new-spare", "new-spare-s1"):
+    for key in ("new-spare", "new-spare-bare"):
         scenario, fig = by_key[key], figures[key]
-        cost = spare_cost if key == "new-spare" else f"{spare_cost} (+ snapshots if baked)"
         rows.append(
-            LeverRow(scenario.title, scenario.floor("plain"), fig.ours, TARGET_SPARE, fig.how, cost)
+            LeverRow(
+                scenario.title, scenario.floor("plain"), fig.ours, TARGET_SPARE, fig.how, spare_cost
+            )
         )
     rows.append(
         LeverRow(

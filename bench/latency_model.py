@@ -345,8 +345,10 @@ CHANGES: dict[str, Change] = {
         Change(
             "S1",
             "spares hold base layers",
-            "a spare's bootstrap pulls the default branch's image (or it boots from the baked"
-            " AMI): a claim pulls only the top layers (made: spare_base_tag)",
+            "a spare's bootstrap pulls the default branch's image (spare_base_tag, default main,"
+            " the tag deployments/github/build-image.yml pushes on every push to the default"
+            " branch; or it boots from the baked AMI): a claim pulls only the top layers (made,"
+            " default)",
         ),
     )
 }

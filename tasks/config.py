@@ -115,11 +115,12 @@ class PreviewConfig(BaseModel):
         24.0, gt=0, le=24 * 14, description="A spare's shutdown-at: it is rotated after this."
     )
     spare_base_tag: str | None = Field(
-        None,
+        "main",
         pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
-        description="A spare pulls this tag of the served image (e.g. the default branch's,"
-        " `main`) once it is bootstrapped: a PR that claims it pulls only the layers its own"
-        " image adds. Unset: a spare holds no image.",
+        description="A spare pulls this tag of the served image once it is bootstrapped, best"
+        " effort: a PR that claims it pulls only the layers its own image adds. Set it to your"
+        " default branch's name, the tag deployments/github/build-image.yml pushes on every"
+        " push to it; empty or null: a spare holds no image.",
     )
     price_per_hour: float | None = Field(
         None,
@@ -297,6 +298,12 @@ class PreviewConfig(BaseModel):
         if self.github_app_id is None and (given or self.github_app_installation_id):
             raise ValueError("the github_app_* fields need github_app_id")
         return self
+
+    @field_validator("spare_base_tag", mode="before")
+    @classmethod
+    def _spare_base_tag(cls, value: object) -> object:
+        """Empty turns the pull off, as null does; anything else must be a tag."""
+        return None if value == "" else value
 
     @field_validator("security_group_ids")
     @classmethod
@@ -557,12 +564,23 @@ def _is_list_field(name: str) -> bool:
     return get_origin(annotation) is list
 
 
+def _can_be_turned_off(name: str) -> bool:
+    """A field that is on by default and off when None (``spare_base_tag``)."""
+    field = PreviewConfig.model_fields[name]
+    return field.default is not None and type(None) in get_args(field.annotation)
+
+
 def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """The fields set as ``PR_PREVIEW_<FIELD>``; lists are comma-separated."""
+    """The fields set as ``PR_PREVIEW_<FIELD>``; lists are comma-separated. An empty value
+    leaves a field at its default, except that it turns off one that can be turned off."""
     values: dict[str, Any] = {}
     for name in PreviewConfig.model_fields:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None or raw.strip() == "":
+        if raw is None:
+            continue
+        if raw.strip() == "":
+            if _can_be_turned_off(name):
+                values[name] = None  # set empty: off, where the default is on
             continue
         if _is_list_field(name):
             values[name] = [item.strip() for item in raw.split(",") if item.strip()]

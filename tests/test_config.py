@@ -55,6 +55,27 @@ def test_a_bad_value_fails_at_load_naming_field_and_source(
     assert f"{field} (from {source}" in str(caught.value)
 
 
+def test_spares_pull_main_until_the_base_tag_is_turned_off() -> None:
+    assert load_config(env={}, use_variable=False).spare_base_tag == "main"
+    trunk = {"PR_PREVIEW_SPARE_BASE_TAG": "trunk"}
+    assert load_config(env=trunk, use_variable=False).spare_base_tag == "trunk"
+    turned_off = [
+        load_config({"spare_base_tag": None}, env=trunk, use_variable=False),
+        load_config({"spare_base_tag": ""}, env=trunk, use_variable=False),
+        load_config(env={"PR_PREVIEW_SPARE_BASE_TAG": ""}, use_variable=False),
+    ]
+    assert [config.spare_base_tag for config in turned_off] == [None, None, None]
+    # Off is set, not unset: a flow that layers the config again keeps it off.
+    again = load_config(turned_off[2], env={}, use_variable=False)
+    assert again.spare_base_tag is None
+
+
+@pytest.mark.parametrize("tag", ["feature/x", ".hidden", "main\n", " ", "main;reboot"])
+def test_a_base_tag_that_is_no_image_tag_is_refused(tag: str) -> None:
+    with pytest.raises(ConfigError, match=r"spare_base_tag \(from flow parameters\)"):
+        load_config({"spare_base_tag": tag}, env={}, use_variable=False)
+
+
 def test_flow_parameters_override_only_what_they_set() -> None:
     env = {"PR_PREVIEW_REGION": "eu-west-1", "PR_PREVIEW_TTL_HOURS": "5"}
     config = load_config(PreviewConfig(ttl_hours=2), env=env, use_variable=False)

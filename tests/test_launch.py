@@ -6,7 +6,13 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.launch import LaunchSpec, client_token, launch_instance, render_user_data
+from tasks.launch import (
+    LaunchSpec,
+    client_token,
+    launch_instance,
+    render_spare_user_data,
+    render_user_data,
+)
 from tasks.tags import parse_time
 from tests.support import CANARIES
 from tests.support.moto_state import live, tags, user_data
@@ -62,6 +68,23 @@ def test_user_data_reads_secrets_at_boot_and_holds_none(
     assert "shutdown -h +60 " in script  # the short TTL until the preview is confirmed ready
     assert '"127.0.0.1:8000:8000"' in script
     assert "{{" not in script
+
+
+def test_a_spare_pulls_the_default_branchs_image_unless_turned_off() -> None:
+    config = PreviewConfig(image="ghcr.io/octo-org/app")  # rendering reads no account
+    pulled = render_spare_user_data(config)
+    config.spare_base_tag = None
+    bare = render_spare_user_data(config)
+
+    assert "step=base-layers" in pulled and "docker pull ghcr.io/octo-org/app:main;" in pulled
+    assert "docker login ghcr.io -u octo-org" in pulled  # the token from Parameter Store, piped
+    assert "not pulled: a claim pulls the whole image" in pulled  # best effort, never fatal
+    assert "step=base-layers" not in bare and "docker pull" not in bare
+    assert "docker login" not in bare
+    for script in (pulled, bare):
+        assert not [canary for canary in CANARIES if canary in script]
+        assert "--with-decryption --name" in script and "{{" not in script
+        assert script.rstrip().endswith("exit 0")  # the spare stops before any app
 
 
 def test_ephemeral_database_adds_a_db_service(config: PreviewConfig) -> None:
