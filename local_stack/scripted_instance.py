@@ -24,8 +24,9 @@ a probe the command holds but did not reach is not counted as sent.
 Works in-process (``mock_aws``) and with ``ThreadedMotoServer``. Output longer than 24,000
 characters is cut like ``StandardOutputContent`` on AWS.
 
-The demo runs its preview on one (``make demo``); the tests use the ``scripted_ssm`` fixture of
-``tests/fakes/ssm.py`` or ``ScriptedInstances().patched()`` as a context manager.
+``make demo`` boots its instances for real (``local_stack/instance``); the moto server of the
+tests' shared installation (``--runtime scripted``) and the flow tests use this one, through the
+``scripted_ssm`` fixture or ``ScriptedInstances().patched()`` as a context manager.
 """
 
 from __future__ import annotations

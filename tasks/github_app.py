@@ -64,6 +64,7 @@ class GitHubApp:
     _tokens: dict[int, InstallationToken] = field(default_factory=dict, repr=False)
     _installations: dict[str, int] = field(default_factory=dict, repr=False)
     _jwt: str | None = field(default=None, repr=False)
+    _signing_key: RSAPrivateKey | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -80,7 +81,12 @@ class GitHubApp:
             "exp": now + JWT_LIFETIME_SECONDS,
             "iss": str(self.app_id),
         }
-        self._jwt = jwt.encode(claims, self.private_key, algorithm="RS256")
+        if self._signing_key is None:  # parsing (and checking) the key costs ~20 ms a time
+            key = load_pem_private_key(self.private_key.encode(), password=None)
+            if not isinstance(key, RSAPrivateKey):
+                raise GitHubAppKeyError(f"{self.label}: the private key is not an RSA key")
+            self._signing_key = key
+        self._jwt = jwt.encode(claims, self._signing_key, algorithm="RS256")
         return self._jwt
 
     def cached_token(self, installation_id: int) -> str | None:
