@@ -224,6 +224,13 @@ def spare_base_layers(config: PreviewConfig) -> str:
     named = [repo for repo in config.allowed_repos if is_repo(repo)]
     repo = "" if config.image else named[0] if len(named) == 1 else None
     if repo is None or not IMAGE_PATTERN.fullmatch(image := config.image_for(repo)):
+        run_logger(logger).warning(
+            "spare_base_tag %s: no single image to pull (image unset, allowed_repos %s);"
+            " spares hold no base layers and a claim pulls the whole image — set `image`, or"
+            " name one repository in allowed_repos",
+            config.spare_base_tag,
+            ", ".join(config.allowed_repos) or "empty",
+        )
         return ""
     q = shlex.quote
     ecr = ecr_repository(config, repo)

@@ -87,6 +87,16 @@ def test_a_spare_pulls_the_default_branchs_image_unless_turned_off() -> None:
         assert script.rstrip().endswith("exit 0")  # the spare stops before any app
 
 
+def test_a_spare_that_cannot_name_one_image_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    config = PreviewConfig(allowed_repos=["octo-org/*"])  # no image, a pattern of repositories
+    with caplog.at_level("WARNING", logger="tasks.launch"):
+        script = render_spare_user_data(config)
+    assert "step=base-layers" not in script and "docker pull" not in script
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "spare_base_tag main: no single image to pull" in warning
+    assert "octo-org/*" in warning and "set `image`" in warning
+
+
 def test_ephemeral_database_adds_a_db_service(config: PreviewConfig) -> None:
     config.database = "ephemeral"
     script = render_user_data(config, SPEC)
