@@ -166,7 +166,7 @@ def _preview(
     required_label = settings.preview_label if settings.trigger_mode == "label" else None
 
     clients = build_clients(settings)
-    github = github_from_config(settings)
+    github = github_from_config(settings, ssm=clients.ssm)
     secrets = read_secrets(clients.ssm, settings)
     report = PullRequestReport(
         github,

@@ -82,7 +82,7 @@ def _teardown(
     repo: str, pr_number: int, settings: PreviewConfig, unlabeled: bool = False
 ) -> TeardownResult:
     clients = build_clients(settings)
-    github = github_from_config(settings)
+    github = github_from_config(settings, ssm=clients.ssm)
     report = PullRequestReport(
         github,
         settings,

@@ -106,7 +106,7 @@ def report_run_end(
     why = f" ({message})" if message else ""
     detail = f"The {what} run {ENDING_WORDS[ending]}{why}. {_left_behind(left)}"
 
-    github = github_from_config(settings)
+    github = github_from_config(settings, ssm=clients.ssm)
     with github:
         report = PullRequestReport(
             github,
