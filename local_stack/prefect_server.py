@@ -146,10 +146,16 @@ class PrefectStack:
 
     def deploy(self) -> None:
         """Create the process work pool and every deployment (and trigger) of prefect.yaml."""
+        from deployments.pools import process_base_job_template
+
         pools = self.prefect("work-pool", "ls")
         if WORK_POOL not in pools:
             # A few runs at a time: a push storm queues instead of starving a 2-core machine.
-            self.prefect("work-pool", "create", WORK_POOL, "--type", "process")
+            # Each run one interpreter: the engine itself, not a supervisor that starts it.
+            template = self.home / "process-pool.json"
+            template.write_text(json.dumps(process_base_job_template()))
+            create = ["work-pool", "create", WORK_POOL, "--type", "process"]
+            self.prefect(*create, "--base-job-template", str(template))
             self.prefect("work-pool", "set-concurrency-limit", WORK_POOL, "4")
         self.prefect("--no-prompt", "deploy", "--all")
 

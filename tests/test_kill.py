@@ -63,6 +63,10 @@ def flow_run_pids(run_id: str) -> list[int]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def task_runs(e2e: Installation, run_id: str) -> list[dict[str, Any]]:
     with e2e.stack.client() as http:
         found = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
@@ -105,6 +109,10 @@ def kill_at(e2e: Installation, point: KillPoint) -> None:
             f"{exc}: {seen}; {e2e.outcomes(e2e.runs_for('pr-preview/pr-preview', point.pr))}"
         ) from exc
     pids = wait_until(lambda: flow_run_pids(point.run_id), 10, f"{point.name}: no process")
+    # One interpreter per run, a worker's own child: the pool's command is the engine itself
+    # (deployments.pools.process_base_job_template), not a supervisor that starts a second.
+    stack = {process.pid for process in e2e.stack.processes}
+    assert len(pids) == 1 and parent_of(pids[0]) in stack, (pids, stack)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     point.killed_at, point.killed_wall = time.monotonic(), datetime.now(UTC)

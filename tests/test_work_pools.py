@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from deployments.pools import (
     PREFECT_YAML,
     default_base_job_template,
     problems,
+    process_base_job_template,
     render,
     variant,
 )
@@ -166,3 +169,27 @@ def test_the_pools_module_prints_a_prefect_yaml_and_checks_both(
     assert main(["ecs"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == render("ecs")
+
+
+def test_the_process_pool_starts_the_engine_on_the_workers_interpreter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from prefect.workers.process import ProcessWorker
+
+    from deployments.pools.__main__ import main
+
+    stock = ProcessWorker.get_default_base_job_template()
+    assert stock["variables"]["properties"]["command"]["default"] is None  # a supervisor's
+    assert main(["--process-template"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    command = printed["variables"]["properties"]["command"]["default"]
+    assert shlex.split(command) == [sys.executable, "-m", "prefect.engine"]
+    # Only the command differs from the worker's own template, and it passes its schema.
+    printed["variables"]["properties"]["command"]["default"] = None
+    assert printed == stock
+    assert problems("process", stock, {"command": command}) == []
+    # A path with a space stays one argument.
+    spaced = process_base_job_template("/opt/my venv/bin/python")
+    assert shlex.split(spaced["variables"]["properties"]["command"]["default"])[0] == (
+        "/opt/my venv/bin/python"
+    )

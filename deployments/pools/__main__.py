@@ -1,21 +1,28 @@
 """``python -m deployments.pools KIND``: prefect.yaml for that work pool, on stdout;
-``--check``: each variant's job_variables against the workers' base job templates."""
+``--check``: each variant's job_variables against the workers' base job templates;
+``--process-template``: the process pool's base job template (JSON), for
+``prefect work-pool create pr-preview --type process --base-job-template FILE``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
 
-from deployments.pools import KINDS, problems, render
+from deployments.pools import KINDS, problems, process_base_job_template, render
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.pools", description=__doc__)
     parser.add_argument("kind", nargs="?", choices=KINDS)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--process-template", action="store_true")
     args = parser.parse_args(argv)
+    if args.process_template:
+        sys.stdout.write(json.dumps(process_base_job_template(), indent=2) + "\n")
+        return 0
     if args.check:
         found = {kind: problems(kind) for kind in KINDS}
         for kind, messages in found.items():
