@@ -26,6 +26,7 @@ from tasks.app_env import AppFiles, branch_or_empty, preview_env
 from tasks.aws import AwsClients, build_clients
 from tasks.budget import grace, run_budget
 from tasks.check_image import check_image
+from tasks.coalesce import fold_or_go_on
 from tasks.comment import PreviewState, flow_run_url
 from tasks.compose import fetch_compose, service_names
 from tasks.config import PreviewConfig, load_config
@@ -177,6 +178,16 @@ def _preview(
         run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
         secrets=secrets.values,
     )
+
+    # Under a backlog: cancel this PR's waiting runs that GitHub has left behind, and do not
+    # wait for the PR's lock when this run is one of them.
+    superseded = fold_or_go_on(github, repo, pr_number, head_sha)
+    if superseded is not None:
+        with github:
+            report.skipped(Outcome.SUPERSEDED.state_name, superseded)
+        result.status, result.reason = Outcome.SUPERSEDED, superseded
+        logger.info("not launching: %s", superseded)
+        return _ended_as(Outcome.SUPERSEDED, result)
 
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with (
