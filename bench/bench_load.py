@@ -10,13 +10,14 @@ count, so every PR keeps its preview.
 For each configuration — the Prefect server on SQLite or on PostgreSQL, 1 or 4 process workers
 on the one pool (its concurrency limit stays the stack's 4 runs at a time) — it prints:
 deliveries accepted, events stored, runs created, runs Crashed/Failed, server 5xx (uvicorn's
-access log), p50/p95 webhook→run created, →run start and →ready (a run that deployed ended
-Completed), peak RSS of the server, the workers with their flow-run processes and PostgreSQL,
-the CPU each used and how busy the whole machine was, and the bottleneck named from those
-numbers. A run not started (or a delivery with no run) when ``--timeout`` ends counts as later
-than every other: a percentile that falls on one prints ``unf``. Then whether PostgreSQL + 4
-meets the targets: 0 lost deliveries, 0 Crashed, 0 5xx, one live preview per PR at its newest
-sha, p95 webhook→run start ≤ 5 s.
+access log), p50/p95 webhook→run created, →run start (a run for the delivery, or for a
+later delivery to its PR — which reads the PR's head from GitHub — started) and →ready (a run
+that deployed ended Completed), peak RSS of the server, the workers with their flow-run
+processes and PostgreSQL, the CPU each used and how busy the whole machine was, and the
+bottleneck named from those numbers. A delivery not picked up when ``--timeout`` ends counts
+as later than every other: a percentile that falls on one prints ``unf``. Then whether
+PostgreSQL + 4 meets the targets: 0 lost deliveries, 0 Crashed, 0 5xx, one live preview per PR
+at its newest sha, p95 webhook→run start ≤ 5 s.
 
     .venv/bin/python bench/bench_load.py          # all four, 100 PRs: ~45 min on 2 cores
     .venv/bin/python bench/bench_load.py --prs 20 --config postgres-4 --timeout 300
@@ -225,6 +226,9 @@ class Row:
     durations: list[float] = field(default_factory=list)  # run start → end
     failures: list[str] = field(default_factory=list)
     bottleneck: str = ""
+    folded: int = 0  # cancelled before they started (tasks/coalesce.py)
+    ran: int = 0  # runs that started an interpreter
+    own_start: list[float] = field(default_factory=list)  # webhook → its own run started
 
 
 def _epoch(stamp: str | None) -> float | None:
@@ -364,15 +368,20 @@ def run_config(
         )
         events = events_stored(stack, began)
         when = {s.sha: s.at for s in accepted}
-        created, started, ready, durations, failures = [], [], [], [], []
+        sent_by_sha = {s.sha: s for s in accepted}
+        created, ready, durations, failures, own_start = [], [], [], [], []
+        ran: dict[int, list[tuple[float, float]]] = {}  # PR → (delivered, started) of runs that ran
         for run in runs:
             at = when.get(run["parameters"].get("head_sha", ""))
             if at is None:
                 continue
             created.append((_epoch(run["created"]) or at) - at)
             start = _epoch(run["start_time"])
-            # A run that never started within the window counts as later than every one that did.
-            started.append(start - at if start is not None else float("inf"))
+            if run["run_count"] and start is not None:  # a cancelled run gets a start_time too
+                ran.setdefault(sent_by_sha[run["parameters"]["head_sha"]].pr, []).append(
+                    (at, start)
+                )
+                own_start.append(start - at)
             end = _epoch(run["end_time"])
             if run["state_name"] == "Completed" and end is not None:
                 ready.append(end - at)
@@ -380,6 +389,12 @@ def run_config(
                 durations.append(end - start)
             if run["state_type"] in ("FAILED", "CRASHED"):
                 failures.append(f"{run['name']}: {run['state_name']} {run['state']['message']}")
+        # A delivery is picked up when a run for it, or for a later delivery to its PR (which
+        # reads the PR's head from GitHub), starts; one never picked up counts as later than all.
+        started = []
+        for s in accepted:
+            covering = [start for at, start in ran.get(s.pr, []) if at >= s.at]
+            started.append(min(covering) - s.at if covering else float("inf"))
         newest = {pr: sha for s in accepted for pr, sha in [(s.pr, s.sha)]}
         by_pr: dict[int, list[str]] = {}
         for instance in live(found.aws):
@@ -390,7 +405,6 @@ def run_config(
         states = [run["state_type"] for run in runs]
         # A delivery that made no run counts as never created and never started.
         created += [float("inf")] * max(0, len(accepted) - len(created))
-        started += [float("inf")] * max(0, len(accepted) - len(runs))
         ended = [e for run in runs if (e := _epoch(run["end_time"])) is not None]
         row = Row(
             name=name,
@@ -401,6 +415,9 @@ def run_config(
             crashed=states.count("CRASHED"),
             failed=states.count("FAILED"),
             superseded=sum(1 for run in runs if run["state_name"] == "Superseded"),
+            folded=sum(1 for run in runs if run["state_type"] == "CANCELLED"),
+            ran=sum(1 for run in runs if run["run_count"]),
+            own_start=own_start,
             unfinished=sum(
                 1 for s in states if s not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
             ),
@@ -484,7 +501,15 @@ def print_table(rows: list[Row], scale: float) -> None:
     print()
     for row in rows:
         extra = f", {row.unfinished} unfinished" if row.unfinished else ""
-        print(f"{row.name}: {row.superseded} superseded{extra}; {row.bottleneck}")
+        print(
+            f"{row.name}: {row.superseded} superseded ({row.folded} cancelled before they"
+            f" started), {row.ran} runs started{extra}; {row.bottleneck}"
+        )
+        if row.own_start:
+            print(
+                f"  webhook→its own run started (runs that ran): p50"
+                f" {_pct(row.own_start, 0.5):.1f} s, p95 {_pct(row.own_start, 0.95):.1f} s"
+            )
         if row.durations:
             print(
                 f"  run start→end p50 {_pct(row.durations, 0.5):.1f} s,"
