@@ -52,6 +52,7 @@ CONFIGS = {
     "postgres-4": ("postgres", 4),
 }
 PREVIEW = "pr-preview/pr-preview"
+TEARDOWN = "pr-teardown/pr-teardown"
 PUSHES = 3
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = 200
@@ -229,6 +230,10 @@ class Row:
     folded: int = 0  # cancelled before they started (tasks/coalesce.py)
     ran: int = 0  # runs that started an interpreter
     own_start: list[float] = field(default_factory=list)  # webhook → its own run started
+    limits: list[int] = field(default_factory=list)  # concurrency limits: before, loaded, closed
+    teardowns_ok: int = 0
+    limits_left: list[str] = field(default_factory=list)
+    live_after_close: int = 0
 
 
 def _epoch(stamp: str | None) -> float | None:
@@ -263,9 +268,9 @@ def deliver_all(installation: Any, prs: list[int], seconds: float) -> list[Sent]
         return list(pool.map(send, range(len(plan))))
 
 
-def all_runs(stack: Any) -> list[dict[str, Any]]:
+def all_runs(stack: Any, name: str = PREVIEW) -> list[dict[str, Any]]:
     with stack.client() as http:
-        deployment = http.get(f"/deployments/name/{PREVIEW}").json()["id"]
+        deployment = http.get(f"/deployments/name/{name}").json()["id"]
         runs: list[dict[str, Any]] = []
         while True:
             page = http.post(
@@ -283,17 +288,37 @@ def all_runs(stack: Any) -> list[dict[str, Any]]:
                 return runs
 
 
-def wait_drained(stack: Any, expected: int, timeout: float) -> list[dict[str, Any]]:
-    """Until ``expected`` runs exist and all have finished (or ``timeout``)."""
+def wait_drained(
+    stack: Any, expected: int, timeout: float, deployment: str = PREVIEW
+) -> list[dict[str, Any]]:
+    """Until ``expected`` runs of ``deployment`` exist and all have finished (or ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        runs = all_runs(stack)
+        runs = all_runs(stack, deployment)
         done = [
             r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
         ]
         if (len(runs) >= expected and len(done) == len(runs)) or time.monotonic() > deadline:
             return runs
         time.sleep(3)
+
+
+def limit_names(stack: Any) -> list[str]:
+    """The server's global concurrency limits (the fleet lock, one per PR in use, …)."""
+    with stack.client() as http:
+        names: list[str] = []
+        while True:
+            page = http.post(
+                "/v2/concurrency_limits/filter", json={"offset": len(names), "limit": PAGE}
+            )
+            page.raise_for_status()
+            names += [limit["name"] for limit in page.json()]
+            if len(page.json()) < PAGE:
+                return sorted(names)
+
+
+def count_limits(stack: Any) -> int:
+    return len(limit_names(stack))
 
 
 def events_stored(stack: Any, since: float) -> int:
@@ -321,7 +346,13 @@ def server_5xx(log: Path) -> int:
 
 
 def run_config(
-    name: str, prs: int, seconds: float, scale: float, timeout: float, home: Path | None
+    name: str,
+    prs: int,
+    seconds: float,
+    scale: float,
+    timeout: float,
+    home: Path | None,
+    close: bool = True,
 ) -> Row:
     from tests.support.installation import running_installation
     from tests.support.moto_state import live, tags
@@ -348,6 +379,7 @@ def run_config(
             "postgres": [stack.database.postgres.process.pid] if stack.database else [],
             "moto": [found.moto.process.pid],
         }
+        limits_before = count_limits(stack)
         cpu_before = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in roots.items()}
         self_before = resource.getrusage(resource.RUSAGE_SELF)
         busy_before = machine_busy()
@@ -434,7 +466,19 @@ def run_config(
             finished_per_minute=60 * len(ended) / wall if wall else 0.0,
             durations=durations,
             failures=failures,
+            limits=[limits_before, count_limits(stack)],
         )
+        if close:
+            # Every PR closes: each teardown deletes its PR's lock, so locks do not accumulate.
+            for pr in numbers:
+                found.deliver("closed", pr, newest[pr])
+            teardowns = wait_drained(stack, prs, timeout, TEARDOWN)
+            row.limits.append(count_limits(stack))
+            row.limits_left = limit_names(stack)
+            row.teardowns_ok = sum(1 for run in teardowns if run["state_type"] == "COMPLETED")
+            row.live_after_close = sum(
+                1 for instance in live(found.aws) if tags(instance).get("PR", "").isdigit()
+            )
     os.environ.pop("PREFECT_SERVER_LOGGING_LEVEL", None)
     row.bottleneck = bottleneck(row)
     return row
@@ -515,6 +559,13 @@ def print_table(rows: list[Row], scale: float) -> None:
                 f"  run start→end p50 {_pct(row.durations, 0.5):.1f} s,"
                 f" p95 {_pct(row.durations, 0.95):.1f} s"
             )
+        if len(row.limits) == 3:
+            print(
+                f"  concurrency limits: {row.limits[0]} before, {row.limits[1]} after the load,"
+                f" {row.limits[2]} after closing every PR ({row.teardowns_ok}/{row.prs} teardowns"
+                f" Completed, {row.live_after_close} previews left running): "
+                + ", ".join(row.limits_left)
+            )
         for failure in row.failures[:3]:
             print(f"  {failure[:300]}")
     base = next((row for row in rows if row.name == "sqlite-1"), None)
@@ -538,6 +589,10 @@ def print_table(rows: list[Row], scale: float) -> None:
             f"p95 webhook→run start ≤ {TARGET_P95_START:g} s": _pct(target.started, 0.95)
             <= TARGET_P95_START,
         }
+        if len(target.limits) == 3:
+            checks["concurrency limits back to their count before"] = (
+                target.limits[2] <= target.limits[0] + 1  # + the fleet lock, made on first use
+            )
         print()
         print(
             "postgres-4 targets: "
@@ -555,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=0.05, help="modelled AWS time × this")
     parser.add_argument("--timeout", type=float, default=2400, help="per configuration")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--no-close", action="store_true", help="leave the PRs open (no teardowns, no lock count)"
+    )
     parser.add_argument("--home", type=Path, help="keep each configuration's logs here")
     parser.add_argument("--serve-moto", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -568,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {args.prs} PRs, {args.prs * (PUSHES + 1)} deliveries in {seconds:g} s …",
             flush=True,
         )
-        rows.append(run_config(name, args.prs, seconds, args.scale, args.timeout, args.home))
+        rows.append(
+            run_config(
+                name, args.prs, seconds, args.scale, args.timeout, args.home, not args.no_close
+            )
+        )
         print_table(rows, args.scale)
     if args.json:
         args.json.write_text(json.dumps([row.__dict__ for row in rows], indent=1))
