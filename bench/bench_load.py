@@ -19,7 +19,7 @@ as later than every other: a percentile that falls on one prints ``unf``. Then w
 PostgreSQL + 4 meets the targets: 0 lost deliveries, 0 Crashed, 0 5xx, one live preview per PR
 at its newest sha, p95 webhook→run start ≤ 5 s.
 
-    .venv/bin/python bench/bench_load.py          # all four, 100 PRs: ~45 min on 2 cores
+    .venv/bin/python bench/bench_load.py          # all four, 100 PRs: ~60 min on 2 cores
     .venv/bin/python bench/bench_load.py --prs 20 --config postgres-4 --timeout 300
 """
 

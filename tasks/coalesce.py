@@ -19,6 +19,7 @@ the run goes on as before: folding is an optimisation.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAGE = 200
+SHA = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def _cancel_waiting(client: Any, run_id: UUID, head: str) -> bool:
     one caller only (it refuses Pending → Pending and Running → Pending): a run a worker took
     meanwhile stays the worker's. Taken, it is cancelled — no process was ever started."""
     from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Cancelled, Pending, State
+    from prefect.states import Cancelled, Pending, Scheduled, State
 
     taken = client.set_flow_run_state(run_id, Pending(message="taken to be cancelled"))
     if taken.status != SetStateStatus.ACCEPT:
@@ -110,7 +112,12 @@ def _cancel_waiting(client: Any, run_id: UUID, head: str) -> bool:
         name=Outcome.SUPERSEDED.state_name,
         message=f"superseded before it started: the pull request points at {head[:12]} now",
     )
-    client.set_flow_run_state(run_id, state, force=True)
+    try:
+        client.set_flow_run_state(run_id, state, force=True)
+    except Exception:
+        # Never leave it Pending: no worker would take it, and it would hold a pool slot.
+        client.set_flow_run_state(run_id, Scheduled(), force=True)
+        raise
     return True
 
 
@@ -157,8 +164,10 @@ def fold_or_go_on(github: GitHub, repo: str, pr_number: int, head_sha: str) -> s
     except Exception as exc:  # an optimisation: never a reason to fail the run
         log.warning("could not fold this PR's waiting runs (%s): going on", exc)
         return None
-    if folded.cancelled:
-        shas = ", ".join(run.head_sha[:7] for run in folded.cancelled)
+    if folded.cancelled:  # the shas are the webhooks' own: only what looks like one is logged
+        shas = ", ".join(
+            run.head_sha[:7] if SHA.fullmatch(run.head_sha) else "?" for run in folded.cancelled
+        )
         log.info(
             "cancelled %d waiting run(s) of this PR, left behind: %s", len(folded.cancelled), shas
         )

@@ -77,8 +77,8 @@ def test_the_first_run_to_start_cancels_the_waiting_runs_github_left_behind(
     assert {run.id for run in folded.cancelled} == {opened, between}
     for run_id in (opened, between):
         assert queue.state(run_id) == ("CANCELLED", "Superseded")
-    message = queue.client.read_flow_run(between).state.message  # type: ignore[union-attr]
-    assert "points at dddddddddddd" in message
+    state = queue.client.read_flow_run(between).state
+    assert state is not None and "points at dddddddddddd" in (state.message or "")
     assert queue.state(newest) == ("SCHEDULED", "Scheduled")  # the head's run is never cancelled
     assert queue.state(other_pr) == ("SCHEDULED", "Scheduled")
     assert queue.state(me.id) == ("RUNNING", "Running")
@@ -121,3 +121,20 @@ def test_a_run_a_worker_took_first_stays_the_workers(queue: Queue) -> None:
     running = queue.start(queue.push(7, "c")).id
     assert _cancel_waiting(queue.client, running, "b" * 40) is False
     assert queue.state(running) == ("RUNNING", "Running")
+
+
+def test_a_run_taken_but_not_cancelled_goes_back_to_the_queue(queue: Queue) -> None:
+    waiting = queue.push(7, "a")
+
+    class Refusing:
+        """The server answers the take, then fails the cancel."""
+
+        def set_flow_run_state(self, run_id: UUID, state: Any, force: bool = False) -> Any:
+            if state.is_cancelled():
+                raise RuntimeError("503 Service Unavailable")
+            return queue.client.set_flow_run_state(run_id, state, force=force)
+
+    with pytest.raises(RuntimeError, match="503"):
+        _cancel_waiting(Refusing(), waiting, "b" * 40)
+    # Not left Pending (no worker would take it, and it would hold a pool slot): a worker can.
+    assert queue.state(waiting) == ("SCHEDULED", "Scheduled")
