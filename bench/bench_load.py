@@ -317,10 +317,6 @@ def limit_names(stack: Any) -> list[str]:
                 return sorted(names)
 
 
-def count_limits(stack: Any) -> int:
-    return len(limit_names(stack))
-
-
 def events_stored(stack: Any, since: float) -> int:
     with stack.client() as http:
         counts = http.post(
@@ -379,7 +375,7 @@ def run_config(
             "postgres": [stack.database.postgres.process.pid] if stack.database else [],
             "moto": [found.moto.process.pid],
         }
-        limits_before = count_limits(stack)
+        limits_before = len(limit_names(stack))
         cpu_before = {group: sum(cpu_seconds(pid) for pid in pids) for group, pids in roots.items()}
         self_before = resource.getrusage(resource.RUSAGE_SELF)
         busy_before = machine_busy()
@@ -466,15 +462,15 @@ def run_config(
             finished_per_minute=60 * len(ended) / wall if wall else 0.0,
             durations=durations,
             failures=failures,
-            limits=[limits_before, count_limits(stack)],
+            limits=[limits_before, len(limit_names(stack))],
         )
         if close:
             # Every PR closes: each teardown deletes its PR's lock, so locks do not accumulate.
             for pr in numbers:
                 found.deliver("closed", pr, newest[pr])
             teardowns = wait_drained(stack, prs, timeout, TEARDOWN)
-            row.limits.append(count_limits(stack))
             row.limits_left = limit_names(stack)
+            row.limits.append(len(row.limits_left))
             row.teardowns_ok = sum(1 for run in teardowns if run["state_type"] == "COMPLETED")
             row.live_after_close = sum(
                 1 for instance in live(found.aws) if tags(instance).get("PR", "").isdigit()
