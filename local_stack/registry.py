@@ -15,9 +15,12 @@ does instead: no token endpoint, a ``WWW-Authenticate: Basic`` challenge, and th
 with the password ``GetAuthorizationToken`` handed out (``users={"AWS": password}``) may pull
 every repository; an unknown repository is ``NAME_UNKNOWN``.
 
-Images carry no layers: what the local engine (``local_stack.instance.engine``) runs is the
-source tree the config's ``dev.pr-preview.local.source`` label names, relative to the project
-directory.
+An image pushed with layers (``push(..., layers=...)``, or through the upload API below) is a
+real one a Docker Engine pulls and runs; one pushed without is only a tag to check, for the
+tests whose instances are scripted. Pushing is GHCR's: ``POST /v2/<name>/blobs/uploads/`` (or a
+cross-repository mount), ``PUT`` of the blob by digest (the digest is checked), ``PUT`` of the
+manifests, with a token whose scope says ``push``; only a user of ``users`` (``ci`` always is:
+CI's push credentials, ``ci_password``) may push.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import base64
 import hashlib
 import json
 import secrets
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,28 +40,19 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 IN_TOTO = "application/vnd.in-toto+json"
-# The image config label naming the source tree an image runs, relative to the project dir.
-SOURCE_LABEL = "dev.pr-preview.local.source"
 SAMPLE_APP_PORT = 8000
-
-
-def sample_app_command(port: int = SAMPLE_APP_PORT) -> list[str]:
-    """How the sample app (examples/hello-api/<version>) is started in its image."""
-    return ["uvicorn", "hello_api.main:app", "--host", "0.0.0.0", "--port", str(port)]
+CI_USER = "ci"  # who pushes: CI's credentials (ci_password)
 
 
 def image_config(
     cmd: Sequence[str],
     *,
-    source: str | None = None,
     env: Sequence[str] = (),
     working_dir: str = "/app",
     labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """An OCI image config (``config`` part as ``docker inspect`` shows it) for linux/amd64."""
-    all_labels = dict(labels or {})
-    if source is not None:
-        all_labels[SOURCE_LABEL] = source
+    """An OCI image config (``config`` part as ``docker inspect`` shows it) for linux/amd64,
+    of an image with no layers (one that is only checked, never run)."""
     return {
         "architecture": "amd64",
         "os": "linux",
@@ -65,23 +60,10 @@ def image_config(
             "Cmd": list(cmd),
             "Env": list(env),
             "WorkingDir": working_dir,
-            "Labels": all_labels,
+            "Labels": dict(labels or {}),
         },
         "rootfs": {"type": "layers", "diff_ids": []},
     }
-
-
-def sample_app_config(
-    source: str, port: int = SAMPLE_APP_PORT, env: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The image config of one version of the sample app, e.g. ``examples/hello-api/v1``;
-    ``env`` is what its build baked in (``GIT_SHA=...``)."""
-    return image_config(
-        sample_app_command(port),
-        source=source,
-        env=["PYTHONUNBUFFERED=1", *env],
-        labels={"org.opencontainers.image.title": "hello-api"},
-    )
 
 
 def _canonical(document: Mapping[str, Any]) -> bytes:
@@ -103,7 +85,9 @@ class Repository:
 
     def store_manifest(self, media_type: str, document: Mapping[str, Any]) -> dict[str, Any]:
         """Store a manifest; returns its descriptor."""
-        body = _canonical(document)
+        return self.store_manifest_body(media_type, _canonical(document))
+
+    def store_manifest_body(self, media_type: str, body: bytes) -> dict[str, Any]:
         digest = _digest(body)
         self.manifests[digest] = (media_type, body)
         return {"mediaType": media_type, "digest": digest, "size": len(body)}
@@ -124,6 +108,12 @@ class FakeRegistry:
     requests: list[httpx.Request] = field(default_factory=list)
     unavailable: int = 0
     auth: str = "bearer"  # "basic": as Amazon ECR authenticates
+    ci_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    push_tokens: dict[str, set[str]] = field(default_factory=dict)
+    uploads: dict[str, str] = field(default_factory=dict)  # upload id → repository
+
+    def __post_init__(self) -> None:
+        self.users.setdefault(CI_USER, self.ci_password)
 
     @property
     def transport(self) -> httpx.MockTransport:
@@ -137,15 +127,20 @@ class FakeRegistry:
         private: bool = False,
         after_polls: int = 0,
         config: Mapping[str, Any] | None = None,
+        layers: Sequence[Mapping[str, Any]] = (),
     ) -> str:
         """Publish ``name:tag``; visible from the ``after_polls + 1``-th manifest request on.
 
-        ``config`` is the image config (see :func:`image_config`); without one the image runs
-        nothing. Returns the digest of the tag's OCI index, as ``Docker-Content-Digest`` says.
+        ``config`` is the image config (see :func:`image_config`); ``layers`` the descriptors
+        of blobs already uploaded to ``name``. Returns the digest of the tag's OCI index, as
+        ``Docker-Content-Digest`` says.
         """
         repo = self.repositories.setdefault(name, Repository(private=private))
         repo.private = private
         document = dict(config) if config is not None else image_config([])
+        missing = [layer["digest"] for layer in layers if layer["digest"] not in repo.blobs]
+        if missing:
+            raise ValueError(f"layers not uploaded to {name}: {missing}")
         config_descriptor = repo.store_blob(OCI_CONFIG, _canonical(document))
         image = repo.store_manifest(
             OCI_MANIFEST,
@@ -153,9 +148,16 @@ class FakeRegistry:
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
                 "config": config_descriptor,
-                "layers": [],
+                "layers": [dict(layer) for layer in layers],
             },
         )
+        index = self._store_index(repo, image)
+        repo.tags[tag] = index["digest"]
+        repo.appears_after[tag] = after_polls
+        return str(index["digest"])
+
+    def _store_index(self, repo: Repository, image: Mapping[str, Any]) -> dict[str, Any]:
+        """An OCI index naming the linux/amd64 manifest and an attestation, as buildx pushes."""
         attestation = repo.store_manifest(
             OCI_MANIFEST,
             {
@@ -165,7 +167,7 @@ class FakeRegistry:
                 "layers": [repo.store_blob(IN_TOTO, _canonical({"subject": image["digest"]}))],
             },
         )
-        index = repo.store_manifest(
+        return repo.store_manifest(
             OCI_INDEX,
             {
                 "schemaVersion": 2,
@@ -183,25 +185,6 @@ class FakeRegistry:
                 ],
             },
         )
-        repo.tags[tag] = index["digest"]
-        repo.appears_after[tag] = after_polls
-        return str(index["digest"])
-
-    def push_app(
-        self,
-        name: str,
-        tag: str,
-        source: str,
-        *,
-        private: bool = False,
-        after_polls: int = 0,
-        port: int = SAMPLE_APP_PORT,
-        env: Sequence[str] = (),
-    ) -> str:
-        """Publish one version of the sample app: ``source`` is its tree relative to the
-        project dir (``examples/hello-api/v1``), which the local engine runs with uvicorn."""
-        config = sample_app_config(source, port, env)
-        return self.push(name, tag, private=private, after_polls=after_polls, config=config)
 
     def create(self, name: str, *, private: bool = False) -> None:
         self.repositories.setdefault(name, Repository(private=private))
@@ -217,7 +200,11 @@ class FakeRegistry:
         return [r for r in self.requests if r.url.path == "/token"]
 
     def handle(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
+        if request.method == "PUT" and "/blobs/uploads/" in request.url.path:
+            # Recorded without the body: a layer is hundreds of megabytes.
+            self.requests.append(httpx.Request("PUT", request.url, headers=request.headers))
+        else:
+            self.requests.append(request)
         if request.url.host != self.host.split(":")[0] or request.url.scheme != self.scheme:
             raise httpx.ConnectError(f"no registry at {request.url.scheme}://{request.url.host}")
         if self.unavailable > 0:
@@ -228,8 +215,13 @@ class FakeRegistry:
             return self._token(request)
         if path == "/v2/":
             return self._base(request)
+        if path.startswith("/v2/") and "/blobs/uploads/" in path:
+            name, _, upload = path[len("/v2/") :].partition("/blobs/uploads/")
+            return self._upload(request, name, upload)
         if path.startswith("/v2/") and "/manifests/" in path:
             name, _, ref = path[len("/v2/") :].partition("/manifests/")
+            if request.method == "PUT":
+                return self._put_manifest(request, name, ref)
             return self._manifest(request, name, ref)
         if path.startswith("/v2/") and "/blobs/" in path:
             name, _, digest = path[len("/v2/") :].partition("/blobs/")
@@ -281,7 +273,86 @@ class FakeRegistry:
             granted.add(name)
         token = secrets.token_urlsafe(16)
         self.tokens[token] = granted
+        if len(parts) == 3 and "push" in parts[2].split(",") and authorized:
+            user = base64.b64decode(header[6:]).decode().partition(":")[0]
+            if user == CI_USER or name.split("/")[0] == user:
+                self.push_tokens[token] = {name}
         return httpx.Response(200, json={"token": token})
+
+    def _may_push(self, request: httpx.Request, name: str) -> httpx.Response | Repository:
+        """The repository (created on a first push) if the request may push to it."""
+        header = request.headers.get("authorization", "")
+        if self.auth == "basic":
+            allowed = self._granted(request) is not None
+        else:
+            allowed = name in self.push_tokens.get(header.removeprefix("Bearer "), set())
+        if not allowed:
+            challenge = self._challenge(None)
+            if self.auth != "basic":
+                challenge["WWW-Authenticate"] += f',scope="repository:{name}:pull,push"'
+            return httpx.Response(
+                401, headers=challenge, json={"errors": [{"code": "UNAUTHORIZED"}]}
+            )
+        return self.repositories.setdefault(name, Repository(private=True))
+
+    def _upload(self, request: httpx.Request, name: str, upload: str) -> httpx.Response:
+        """A monolithic blob upload: ``POST`` opens it (or mounts a blob another repository
+        has), ``PUT ...?digest=`` closes it with the whole body."""
+        repo = self._may_push(request, name)
+        if isinstance(repo, httpx.Response):
+            return repo
+        if request.method == "POST" and not upload:
+            mount = request.url.params.get("mount", "")
+            source = self.repositories.get(request.url.params.get("from", ""))
+            if mount and source is not None and mount in source.blobs:
+                repo.blobs[mount] = source.blobs[mount]
+                return httpx.Response(201, headers={"Location": f"/v2/{name}/blobs/{mount}"})
+            upload_id = str(uuid.uuid4())
+            self.uploads[upload_id] = name
+            return httpx.Response(
+                202, headers={"Location": f"/v2/{name}/blobs/uploads/{upload_id}"}
+            )
+        if request.method != "PUT" or self.uploads.get(upload) != name:
+            return httpx.Response(404, json={"errors": [{"code": "BLOB_UPLOAD_UNKNOWN"}]})
+        digest = request.url.params.get("digest", "")
+        body = request.content
+        if _digest(body) != digest:
+            return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID"}]})
+        del self.uploads[upload]
+        repo.blobs[digest] = body
+        return httpx.Response(201, headers={"Location": f"/v2/{name}/blobs/{digest}"})
+
+    def _put_manifest(self, request: httpx.Request, name: str, ref: str) -> httpx.Response:
+        repo = self._may_push(request, name)
+        if isinstance(repo, httpx.Response):
+            return repo
+        media_type = request.headers.get("content-type", "")
+        try:
+            document = json.loads(request.content)
+        except ValueError:
+            return httpx.Response(400, json={"errors": [{"code": "MANIFEST_INVALID"}]})
+        named = [document.get("config", {}), *document.get("layers", [])]
+        unknown = [d.get("digest") for d in named if d and d.get("digest") not in repo.blobs]
+        unknown += [
+            d.get("digest")
+            for d in document.get("manifests", [])
+            if d.get("digest") not in repo.manifests
+        ]
+        if unknown:
+            return httpx.Response(
+                400, json={"errors": [{"code": "MANIFEST_BLOB_UNKNOWN", "detail": unknown}]}
+            )
+        stored = repo.store_manifest_body(media_type, request.content)
+        if not ref.startswith("sha256:"):
+            repo.tags[ref] = stored["digest"]
+            repo.appears_after[ref] = 0
+        return httpx.Response(
+            201,
+            headers={
+                "Docker-Content-Digest": stored["digest"],
+                "Location": f"/v2/{name}/manifests/{stored['digest']}",
+            },
+        )
 
     def _base(self, request: httpx.Request) -> httpx.Response:
         """``/v2/``: the API version check, where ``docker login`` proves its token."""

@@ -233,6 +233,12 @@ class ReadyAnswer:
     probes: tuple[ProbeAnswer, ...] = ()
 
     @property
+    def starting(self) -> bool:
+        """Probed, and no path gave any HTTP answer: the port accepts (Docker's port proxy
+        does as soon as the container starts) but the app is not serving yet."""
+        return bool(self.probes) and all(probe.status_code == 0 for probe in self.probes)
+
+    @property
     def healthy_probe(self) -> ProbeAnswer | None:
         return self.probes[-1] if self.probes and self.probes[-1].healthy else None
 
@@ -392,9 +398,17 @@ def wait_until_ready(
                 detail = detail or "bootstrap still running (no marker yet)"
                 return False
             enter(STAGE_APP_PORT, now)
-        if answer.port_open:
+        if answer.port_open and not answer.starting:
             ready.append(answer)
             return True
+        if answer.port_open:
+            # Docker's port proxy accepts before the app listens: not ready, not down.
+            down_since = None
+            detail = (
+                f"127.0.0.1:{config.app_port} accepts connections (Docker's port proxy) but"
+                " the app gives no HTTP answer yet"
+            )
+            return False
         closed = f"nothing accepts connections on 127.0.0.1:{config.app_port}"
         state = answer.app_state
         if state is None or state.split()[0] not in DOWN_STATES:

@@ -34,6 +34,7 @@ from local_stack.instance.world import (
     SAMPLE_APP,
     DbServer,
     db_server,
+    push_app_source,
     push_sample_app,
 )
 from local_stack.postgres import Postgres
@@ -178,7 +179,7 @@ def app_version(
 
 
 def push_source(world: World, sha: str, source: str) -> None:
-    world.registry.push_app(REPO, sha, source, private=True, env=[f"GIT_SHA={sha}"])
+    push_app_source(world.registry, REPO, sha, Path(source), private=True)
 
 
 # --- the healthy path, for real -----------------------------------------------------------
@@ -402,7 +403,6 @@ def test_a_migration_that_fails(world: World, tmp_path: Path) -> None:
         },
     )
     push_source(world, SHA1, broken)
-    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_SOURCES": str(tmp_path)}})
     failure = failed_preview(world)
     assert failure.key == "migration-failed", failure.diagnosis
     assert "no_such_table" in failure.message + failure.diagnosis
@@ -420,7 +420,6 @@ def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
         },
     )
     push_source(world, SHA1, crashing)
-    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_SOURCES": str(tmp_path)}})
     world.config.migration_command = "true"
     failure = failed_preview(world)
     assert failure.key == "app-not-listening", failure.diagnosis

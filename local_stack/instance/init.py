@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -51,12 +52,29 @@ def build_filesystem(config: dict[str, Any]) -> None:
         run("mount", "--bind", source, target)
     for target, source in config["files"].items():
         run("mount", "--bind", source, target)
-    # A stock AL2023 image has no docker: hide the host's client (dnf installs ours).
-    for directory in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
-        client = Path(directory) / "docker"
-        if client.is_file() and not client.is_symlink():
-            run("mount", "--bind", "/dev/null", str(client))
-    ours = {*keep, *config["writable"], *config["files"]}
+    # The local dnf repository: the host's Docker Engine, offered where dnf installs it from.
+    for target, source in config["repository"].items():
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).touch()
+        run("mount", "--bind", source, target)
+    # A stock AL2023 image has no docker: the host's is hidden behind whiteouts (dnf installs
+    # it), as absent as a file can be: `command -v docker` finds nothing.
+    for directory, names in config["hide"].items():
+        whiteouts = Path(config["whiteouts"]) / directory.strip("/").replace("/", "-")
+        whiteouts.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if not (whiteouts / name).exists():
+                os.mknod(whiteouts / name, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+        run(
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={whiteouts}:{directory}",
+            directory,
+        )
+    ours = {*keep, *config["writable"], *config["files"]}  # the repository goes read-only
     for mountpoint in mountpoints():
         if mountpoint in ours or mountpoint.startswith(("/proc", "/sys", "/dev")):
             continue

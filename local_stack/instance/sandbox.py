@@ -27,8 +27,6 @@ from local_stack.prefect_server import die_with_parent
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "bin"
-# What `dnf install` puts on an instance (AL2023's stock image has no docker).
-PACKAGES = Path(__file__).resolve().parent / "packages"
 # Where the scripts write on an instance; everything else is the host, read-only.
 WRITABLE = (
     "/var/lib",
@@ -37,9 +35,24 @@ WRITABLE = (
     "/srv",
     "/run",
     "/root/.docker",
+    "/etc/docker",
     "/usr/local/bin",
     "/usr/local/lib",
 )
+# What `dnf install docker` brings: the host's Docker Engine (Debian's docker.io), hidden from
+# the instance at its host paths (a stock AL2023 image has no docker) and offered in
+# REPOSITORY instead, from where the dnf shim installs it.
+DOCKER_PACKAGE = {
+    "docker": ("docker",),
+    "dockerd": ("dockerd",),
+    "containerd": ("containerd",),
+    "containerd-shim-runc-v2": ("containerd-shim-runc-v2",),
+    "runc": ("runc",),
+    "docker-proxy": ("docker-proxy",),
+    "docker-init": ("docker-init", "tini-static"),
+}
+REPOSITORY = "/run/local-dnf-repository"
+HOST_BIN_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NAMESPACES = ("--mount", "--net", "--pid", "--uts", "--ipc")
 
@@ -69,6 +82,39 @@ def check_kernel() -> None:
             " CAP_SYS_ADMIN), or enable unprivileged user namespaces"
             " (sysctl kernel.unprivileged_userns_clone=1)."
         )
+
+
+def docker_package() -> dict[str, str]:
+    """The host's Docker Engine binaries, by the name they are installed under on an instance;
+    fails naming the package when this machine has none."""
+    found: dict[str, str] = {}
+    for name, candidates in DOCKER_PACKAGE.items():
+        for candidate in candidates:
+            path = shutil.which(candidate, path=":".join(HOST_BIN_DIRS))
+            if path is not None:
+                found[name] = os.path.realpath(path)
+                break
+        else:
+            raise KernelFeatureMissing(
+                f"local instances run a real Docker Engine and need `{name}`:"
+                " apt-get install docker.io"
+            )
+    return found
+
+
+def host_docker_paths() -> dict[str, list[str]]:
+    """Where the host's Docker Engine is reachable, by directory: names to hide from an
+    instance (a binary, or a link to one), so that ``command -v docker`` finds nothing."""
+    names = {c for candidates in DOCKER_PACKAGE.values() for c in candidates}
+    names |= {"ctr", "containerd-shim", "containerd-shim-runc-v1", "tini"}  # the rest of them
+    hidden: dict[str, list[str]] = {}
+    for directory in HOST_BIN_DIRS:
+        if Path(directory).is_symlink():  # /bin → usr/bin on a merged-/usr host
+            continue
+        found = sorted(n for n in names if os.path.lexists(Path(directory) / n))
+        if found:
+            hidden[directory] = found
+    return hidden
 
 
 def hostname_of(private_ip: str) -> str:
@@ -115,10 +161,7 @@ class Sandbox:
             link.symlink_to(sockets, target_is_directory=True)
         hosts = root / "hosts"
         hosts.write_text(
-            "127.0.0.1 localhost\n::1 localhost\n"
-            f"{private_ip} {hostname_of(private_ip)}\n"
-            # The compose services share the instance's network: `db` is this host.
-            "127.0.0.1 db\n"
+            f"127.0.0.1 localhost\n::1 localhost\n{private_ip} {hostname_of(private_ip)}\n"
         )
         (root / "user-data").write_text(user_data)
         addresses = sorted(
@@ -131,6 +174,11 @@ class Sandbox:
             "keep_writable": ["/tmp", str(sockets)],
             "writable": {target: str(root / "fs" / target.lstrip("/")) for target in WRITABLE},
             "files": {"/etc/hosts": str(hosts)},
+            "repository": {
+                f"{REPOSITORY}/docker/{name}": path for name, path in docker_package().items()
+            },
+            "hide": host_docker_paths(),
+            "whiteouts": str(root / "whiteouts"),
             "bridges": [str(b) for b in bridges],
             "sockets": str(sockets),
             "user_data_file": str(root / "user-data"),

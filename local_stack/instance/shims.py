@@ -7,10 +7,11 @@ scripts use, and refuse any other form loudly (exit 2), so a script that grows a
 in the tests instead of passing against a shim that nods.
 
 - ``dnf``/``yum``: ``install`` knows what AL2023 has (docker yes, docker-compose-plugin no) and
-  puts docker (the local engine, ``packages/docker``) in the instance's own /usr/local/bin;
-  ``PR_PREVIEW_DNF_SECONDS`` models its duration, ``PR_PREVIEW_DNF_OFFLINE=1`` its repository
-  being out of reach.
-- ``systemctl``: the docker unit only — ``enable --now`` creates ``/var/run/docker.sock``.
+  puts the real Docker Engine (the host's, offered in the instance's local repository) in the
+  instance's own /usr/local/bin; ``PR_PREVIEW_DNF_SECONDS`` models its duration,
+  ``PR_PREVIEW_DNF_OFFLINE=1`` its repository being out of reach.
+- ``systemctl``: the docker unit only — ``enable --now``/``start`` runs the real dockerd in the
+  instance's namespaces (its own data root, overlay2), ``stop``, ``status``, ``is-active``.
 - ``shutdown -h +N``: writes ``/run/pr-preview/shutdown-at``; the host terminates the instance
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
 - ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
@@ -23,11 +24,13 @@ in the tests instead of passing against a shim that nods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 STATUS_FILE = Path("/run/cloud-init/status.json")
 SHUTDOWN_FILE = Path("/run/pr-preview/shutdown-at")
 DOCKER_SOCKET = Path("/var/run/docker.sock")
+DOCKERD_PID = Path("/run/docker.pid")
 UNITS = Path("/var/lib/pr-preview-shim/units")
 # What AL2023's repositories answer for the packages the user data asks for.
 AL2023_PACKAGES = {"docker": "docker-25.0.8-1.amzn2023.0.1.x86_64"}
@@ -82,14 +86,15 @@ def dnf(argv: list[str]) -> int:
 
 
 def install(package: str) -> None:
-    """Put the package's commands on the instance: /usr/local/bin is the instance's own."""
-    from local_stack.instance.sandbox import PACKAGES
+    """Put the package's commands on the instance: /usr/local/bin is the instance's own, and
+    the local repository (``sandbox.REPOSITORY``) holds the host's Docker Engine."""
+    from local_stack.instance.sandbox import REPOSITORY
 
-    for command in (PACKAGES / package,):
-        if command.exists():
-            target = Path("/usr/local/bin") / command.name
-            target.unlink(missing_ok=True)
-            target.symlink_to(command)
+    source = Path(REPOSITORY) / package
+    for command in sorted(source.iterdir()):
+        target = Path("/usr/local/bin") / command.name
+        target.unlink(missing_ok=True)
+        target.symlink_to(command)
 
 
 def systemctl(argv: list[str]) -> int:
@@ -101,23 +106,20 @@ def systemctl(argv: list[str]) -> int:
             return 4 if args[0] == "status" else 5
         return refuse("systemctl", argv)
     verb = args[0]
-    if shutil.which("docker") is None:  # the unit comes with the package
+    if shutil.which("dockerd") is None:  # the unit comes with the package
         print("Failed to enable unit: Unit file docker.service does not exist.", file=sys.stderr)
         if verb in ("status", "is-active"):
             print("Unit docker.service could not be found.", file=sys.stderr)
             return 4
         return 1
     UNITS.mkdir(parents=True, exist_ok=True)
-    active = UNITS / "docker.active"
     if verb in ("enable", "start", "restart"):
+        if verb == "restart":
+            stop_dockerd()
         if verb != "enable" or "--now" in args:
-            DOCKER_SOCKET.parent.mkdir(parents=True, exist_ok=True)
-            DOCKER_SOCKET.unlink(missing_ok=True)
-            # A real socket file: the user data waits for `[ -S /var/run/docker.sock ]`.
-            listener = socket.socket(socket.AF_UNIX)
-            listener.bind(str(DOCKER_SOCKET))
-            listener.close()
-            active.write_text(datetime.now(UTC).strftime("%a %Y-%m-%d %H:%M:%S UTC"))
+            started = start_dockerd()
+            if started != 0:
+                return started
         if verb == "enable":
             (UNITS / "docker.enabled").touch()
             print(
@@ -126,18 +128,120 @@ def systemctl(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         return 0
+    if verb == "stop":
+        stop_dockerd()
+        return 0
     if verb in ("status", "is-active"):
-        running = active.exists()
+        pid = dockerd_pid()
         if verb == "is-active":
-            print("active" if running else "inactive")
-            return 0 if running else 3
+            print("active" if pid else "inactive")
+            return 0 if pid else 3
         enabled = "enabled" if (UNITS / "docker.enabled").exists() else "disabled"
-        state = f"active (running) since {active.read_text()}" if running else "inactive (dead)"
+        since = (UNITS / "docker.active").read_text() if pid else ""
+        state = f"active (running) since {since}" if pid else "inactive (dead)"
         print("● docker.service - Docker Application Container Engine")
         print(f"     Loaded: loaded (/usr/lib/systemd/system/docker.service; {enabled})")
         print(f"     Active: {state}")
-        return 0 if running else 3
+        if pid:
+            print(f"   Main PID: {pid} (dockerd)")
+        return 0 if pid else 3
     return refuse("systemctl", argv)
+
+
+def dockerd_argv() -> list[str]:
+    """The docker unit's command line on a local instance: its own data and exec roots, no
+    iptables (the instance's network namespace has no firewall to program), no default bridge
+    (compose makes its own networks), and the local registries where the instance's
+    environment names them (``PR_PREVIEW_REGISTRY_MIRRORS``: ``host=http://addr:port,...``;
+    ``docker.io`` becomes a registry mirror, any other host an insecure registry that
+    /etc/hosts points at this instance's loopback, where a bridge relays it)."""
+    argv = [
+        "dockerd",
+        "--data-root=/var/lib/docker",
+        "--exec-root=/run/docker",
+        "--pidfile=" + str(DOCKERD_PID),
+        "--host=unix://" + str(DOCKER_SOCKET),
+        "--storage-driver=overlay2",
+        "--iptables=false",
+        "--ip6tables=false",
+        "--bridge=none",
+        "--log-level=warn",
+    ]
+    instance = os.environ.get("PR_PREVIEW_INSTANCE_ID", "")
+    if instance:
+        argv.append(f"--cgroup-parent=/pr-preview-{instance}")
+    for entry in filter(None, os.environ.get("PR_PREVIEW_REGISTRY_MIRRORS", "").split(",")):
+        host, _, url = entry.partition("=")
+        if host == "docker.io":
+            argv.append(f"--registry-mirror={url}")
+        else:
+            argv.append(f"--insecure-registry={host}")
+            with Path("/etc/hosts").open("a") as hosts:
+                hosts.write(f"127.0.0.1 {host}\n")
+    return argv
+
+
+def start_dockerd(timeout: float = 60.0) -> int:
+    """Start dockerd as the unit would, and wait until its API answers."""
+    if dockerd_pid():
+        return 0
+    DOCKER_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    log = Path("/var/log/docker.log")
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            dockerd_argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(
+                "Job for docker.service failed because the control process exited with error"
+                f" code.\n{log.read_text()[-2000:]}",
+                file=sys.stderr,
+            )
+            return 1
+        if DOCKER_SOCKET.exists() and _api_answers():
+            (UNITS / "docker.active").write_text(
+                datetime.now(UTC).strftime("%a %Y-%m-%d %H:%M:%S UTC")
+            )
+            return 0
+        time.sleep(0.05)
+    print("Job for docker.service failed: dockerd did not answer in time.", file=sys.stderr)
+    return 1
+
+
+def _api_answers() -> bool:
+    """dockerd's ``/_ping`` answers 200: the socket exists before the API serves."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(2)
+        probe.connect(str(DOCKER_SOCKET))
+        probe.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        return probe.recv(64).split(b" ")[1:2] == [b"200"]
+    return False
+
+
+def dockerd_pid() -> int | None:
+    try:
+        pid = int(DOCKERD_PID.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def stop_dockerd(timeout: float = 15.0) -> None:
+    pid = dockerd_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while dockerd_pid() == pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (UNITS / "docker.active").unlink(missing_ok=True)
 
 
 def shutdown(argv: list[str]) -> int:

@@ -3,8 +3,9 @@
 The db-server is a real PostgreSQL (``local_stack.postgres``) with the app's role and database;
 instances reach it at the runbook's private address, ``172.31.39.125:5432``, relayed to the
 host port it really listens on. The app's images are versions of the sample app
-(``examples/hello-api/v1``, ``v2``) pushed to the fake registry with the commit they were built
-from in their environment, as a ``docker build --build-arg GIT_SHA=...`` would leave it.
+(``examples/hello-api/v1``, ``v2``), built here (``local_stack.images``) and pushed to the local
+registry with the commit they were built from in their environment, as a ``docker build
+--build-arg GIT_SHA=...`` would leave it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from local_stack.images import ImageBuilder, push_image
 from local_stack.postgres import Postgres, postgres_server
 from local_stack.registry import FakeRegistry
 
 DB_SERVER_IP = "172.31.39.125"
 DB_PORT = 5432
 SAMPLE_APP = "examples/hello-api"
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -45,5 +48,27 @@ def push_sample_app(
     registry: FakeRegistry, name: str, sha: str, version: str, *, private: bool = False
 ) -> str:
     """Publish ``name:sha`` as version ``version`` (``v1``, ``v2``) of the sample app."""
-    env = [f"GIT_SHA={sha}", f"APP_VERSION={version}"]
-    return registry.push_app(name, sha, f"{SAMPLE_APP}/{version}", private=private, env=env)
+    return push_app_source(
+        registry, name, sha, PROJECT_DIR / SAMPLE_APP / version, private=private, version=version
+    )
+
+
+def push_app_source(
+    registry: FakeRegistry,
+    name: str,
+    tag: str,
+    source: Path,
+    *,
+    private: bool = False,
+    version: str | None = None,
+) -> str:
+    """Build ``source`` (a tree like the sample app's) into an image and push it as
+    ``name:tag``; returns the index digest."""
+    env = [f"GIT_SHA={tag}", *([f"APP_VERSION={version}"] if version else [])]
+    image = ImageBuilder().app(source, env=env)
+    return push_image(registry, name, tag, image, private=private)
+
+
+def push_database_image(registry: FakeRegistry) -> str:
+    """``postgres:16-alpine`` (``database: ephemeral``), where a Docker Hub mirror serves it."""
+    return push_image(registry, "library/postgres", "16-alpine", ImageBuilder().postgres_image())
