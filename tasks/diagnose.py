@@ -221,7 +221,9 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     _sig(
         "compose-plugin-missing",
-        r"No match for argument: docker-compose-plugin|'compose' is not a docker command"
+        # Not dnf's "No match for argument: docker-compose-plugin": every AL2023 boot prints
+        # it on the way to the release download.
+        r"bootstrap failed at step: compose\b|'compose' is not a docker command"
         r"|unknown shorthand flag: 'f' in -f",
         "Docker Compose v2 is missing: AL2023 has no docker-compose-plugin package (runbook §7).",
         "Place the Compose v2 release binary in /usr/local/lib/docker/cli-plugins/docker-compose"
@@ -350,9 +352,10 @@ SIGNATURES: tuple[Signature, ...] = (
         "ssm-unreachable",
         r"SSM could not run this|InvalidInstanceId|not in a valid state",
         "The instance does not answer over SSM (agent not registered, no route to SSM, or the"
-        " instance profile lacks AmazonSSMManagedInstanceCore).",
-        "Check the instance profile and the subnet's route to the SSM endpoints; the console"
-        " output (`aws ec2 get-console-output`) shows the boot.",
+        " instance profile's role lacks the agent's permissions).",
+        "Check that the instance profile's role has"
+        " deployments/iam/instance-ssm-agent-policy.json, and the subnet's route to the SSM"
+        " endpoints; the console output (`aws ec2 get-console-output`) shows the boot.",
     ),
 )
 

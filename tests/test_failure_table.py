@@ -35,6 +35,7 @@ from local_stack.instance.world import (
     DbServer,
     db_server,
     push_app_source,
+    push_database_image,
     push_sample_app,
 )
 from local_stack.postgres import Postgres
@@ -280,6 +281,11 @@ def test_an_ephemeral_database_lives_and_dies_with_its_preview(world: World) -> 
     """`database: ephemeral` (runbook §11): a real PostgreSQL beside the app on the instance,
     migrated there; closing the PR ends it with the instance, and the db-server is untouched."""
     world.config.database = "ephemeral"
+    # postgres:16-alpine from Docker Hub, as a mirror on the local registry serves it.
+    push_database_image(world.registry)
+    world.runtime.apply(
+        {"env": {"PR_PREVIEW_REGISTRY_MIRRORS": f"docker.io=http://{world.registry.host}"}}
+    )
     opened = pr_preview(REPO, 43, SHA2, action="opened", config=world.config, return_state=True)
     result = opened.result()
     assert result.status == "ready", opened.message
@@ -429,13 +435,13 @@ def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
 
 
 def test_the_compose_plugin_missing_and_its_download_failing(world: World) -> None:
-    """`No match for argument: docker-compose-plugin`: AL2023 has no package, and the release
-    download cannot reach GitHub from this instance."""
-    world.runtime.apply({"env": {"PR_PREVIEW_ENGINE_NO_COMPOSE": "1"}, "pr": 7})
+    """AL2023 has no docker-compose-plugin package, and the release download cannot reach
+    GitHub from this instance (it has no route out): the real curl's error is the evidence."""
+    world.config.compose_release_url = "https://github.com/docker/compose/releases/download"
     failure = failed_preview(world)
     assert failure.key == "compose-plugin-missing", failure.diagnosis
-    assert "No match for argument: docker-compose-plugin" in failure.diagnosis
     assert "bootstrap failed at step: compose" in failure.diagnosis
+    assert "curl: (" in failure.diagnosis
     assert_left_on_short_ttl(failure, world.config)
 
 

@@ -34,7 +34,7 @@ import httpx
 
 from local_stack.account import LOCAL_RELEASES_ADDRESS, local_compose_version
 from local_stack.instance.relay import Bridge, RelayLoop
-from local_stack.instance.sandbox import Sandbox, check_kernel
+from local_stack.instance.sandbox import MetadataOptions, Sandbox, check_kernel
 from local_stack.postgres import prepare_host
 from local_stack.serve import serve_handler
 
@@ -132,7 +132,14 @@ class InstanceRuntime:
         self._watcher.start()
 
     # --- instances
-    def boot(self, instance_id: str, user_data: str, private_ip: str, pr: int | None) -> None:
+    def boot(
+        self,
+        instance_id: str,
+        user_data: str,
+        private_ip: str,
+        pr: int | None,
+        metadata: MetadataOptions | None = None,
+    ) -> None:
         root = self.root / instance_id
         root.mkdir(parents=True, exist_ok=True)
         sockets = self._sockets / instance_id
@@ -159,10 +166,28 @@ class InstanceRuntime:
             sockets=sockets,
             env={**env, "PR_PREVIEW_RUNTIME_ROOT": str(self.root)},
             boot_seconds=self.boot_seconds,
+            metadata=metadata,
         ).result()
         with self._lock:
             self.sandboxes[instance_id] = sandbox
         log.info("instance %s booting in %s", instance_id, root)
+
+    def metadata_of(self, instance: Any, region: str) -> MetadataOptions:
+        """What IMDS tells ``instance`` (a moto Instance): its launch's MetadataOptions and the
+        role of its instance profile, with the credentials the local stack hands instances."""
+        options = instance.metadata_options
+        profile = instance.iam_instance_profile or {}
+        arn = (
+            str(profile.get("Arn") or profile.get("arn") or "") if isinstance(profile, dict) else ""
+        )
+        return MetadataOptions(
+            hop_limit=int(options.http_put_response_hop_limit),
+            http_tokens=str(options.http_tokens),
+            role=arn.rsplit("/", 1)[-1],
+            region=region,
+            access_key_id=self.env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_access_key=self.env.get("AWS_SECRET_ACCESS_KEY", ""),
+        )
 
     def terminate(self, instance_id: str) -> None:
         with self._lock:
@@ -282,7 +307,13 @@ class InstanceRuntime:
             text = base64.b64decode(user_data.as_bytes()).decode() if user_data else ""
             pr = pr_of_tags(kwargs.get("tags") or {})
             for instance in reservation.instances:
-                runtime.boot(instance.id, text, instance.private_ip or "172.31.0.10", pr)
+                runtime.boot(
+                    instance.id,
+                    text,
+                    instance.private_ip or "172.31.0.10",
+                    pr,
+                    runtime.metadata_of(instance, backend.region_name),
+                )
             return reservation
 
         def terminate_instances(backend: Any, instance_ids: list[str]) -> Any:

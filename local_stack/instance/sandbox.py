@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from local_stack.instance.relay import Bridge
 from local_stack.prefect_server import die_with_parent
@@ -121,12 +122,25 @@ def hostname_of(private_ip: str) -> str:
     return "ip-" + private_ip.replace(".", "-")
 
 
+@dataclass(frozen=True)
+class MetadataOptions:
+    """What IMDS answers an instance with: RunInstances' MetadataOptions, its role, its place."""
+
+    hop_limit: int = 1
+    http_tokens: str = "required"
+    role: str = ""
+    region: str = "ap-northeast-1"
+    access_key_id: str = ""
+    secret_access_key: str = ""
+
+
 @dataclass
 class Sandbox:
     instance_id: str
     root: Path
     process: subprocess.Popen[bytes]
     bridges: list[Bridge] = field(default_factory=list)
+    metadata: subprocess.Popen[bytes] | None = None
 
     @property
     def sockets(self) -> Path:
@@ -152,6 +166,7 @@ class Sandbox:
         sockets: Path,
         boot_seconds: float = 0.0,
         log: Path | None = None,
+        metadata: MetadataOptions | None = None,
     ) -> Sandbox:
         for target in WRITABLE:
             (root / "fs" / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -221,7 +236,10 @@ class Sandbox:
                 },
                 preexec_fn=die_with_parent,
             )
-        return cls(instance_id, root, process, bridges)
+            service = start_metadata_service(
+                instance_id, root, process, private_ip, metadata or MetadataOptions(), output
+            )
+        return cls(instance_id, root, process, bridges, service)
 
     @property
     def config(self) -> dict[str, object]:
@@ -296,7 +314,8 @@ class Sandbox:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        """End the instance: PID 1 dies, and with it every process in its namespace."""
+        """End the instance: PID 1 dies, and with it every process in its namespace (and the
+        veth to its metadata service with the namespace)."""
         pid = self.init_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -304,3 +323,70 @@ class Sandbox:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+        if self.metadata is not None:
+            self.metadata.kill()
+            self.metadata.wait(timeout=10)
+
+
+def start_metadata_service(
+    instance_id: str,
+    root: Path,
+    instance: subprocess.Popen[bytes],
+    private_ip: str,
+    options: MetadataOptions,
+    output: IO[bytes],
+) -> subprocess.Popen[bytes]:
+    """IMDS in a network namespace of its own, joined to the instance's by a veth pair: the
+    instance reaches 169.254.169.254 over a link, as on EC2, and never serves it itself."""
+    from local_stack.instance import imds
+
+    config = {
+        "instance_id": instance_id,
+        "private_ip": private_ip,
+        "ready_file": str(root / "imds-ready"),
+        **{key: getattr(options, key) for key in MetadataOptions.__dataclass_fields__},
+    }
+    (root / "imds.json").write_text(json.dumps(config))
+    service = subprocess.Popen(
+        [
+            "unshare",
+            "--net",
+            sys.executable,
+            "-m",
+            "local_stack.instance.imds",
+            str(root / "imds.json"),
+        ],
+        cwd=PROJECT_DIR,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        preexec_fn=die_with_parent,
+    )
+    inside, outside = _own_netns(instance.pid), _own_netns(service.pid)
+    suffix = instance_id.removeprefix("i-")[-10:]
+    near, far = f"imi{suffix}", f"ims{suffix}"
+    steps = [
+        ["ip", "link", "add", near, "type", "veth", "peer", "name", far],
+        ["ip", "link", "set", near, "netns", str(instance.pid)],
+        ["ip", "link", "set", far, "netns", str(service.pid)],
+        [*inside, "ip", "addr", "add", f"{imds.INSTANCE_SIDE}/{imds.PREFIX}", "dev", near],
+        [*inside, "ip", "link", "set", near, "up"],
+        [*outside, "ip", "link", "set", "lo", "up"],
+        [*outside, "ip", "addr", "add", f"{imds.ADDRESS}/{imds.PREFIX}", "dev", far],
+        [*outside, "ip", "link", "set", far, "up"],
+        [*outside, "ip", "route", "add", "default", "via", imds.INSTANCE_SIDE],
+    ]
+    for step in steps:
+        subprocess.run(step, check=True, capture_output=True)
+    return service
+
+
+def _own_netns(pid: int, timeout: float = 10.0) -> list[str]:
+    """``nsenter`` into ``pid``'s network namespace, once ``unshare`` has made it."""
+    host = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + timeout
+    while os.readlink(f"/proc/{pid}/ns/net") == host:
+        if time.monotonic() > deadline:
+            raise KernelFeatureMissing(f"process {pid} got no network namespace of its own")
+        time.sleep(0.005)
+    return ["nsenter", f"--net=/proc/{pid}/ns/net"]
