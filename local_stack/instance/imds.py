@@ -53,7 +53,7 @@ class Metadata(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_PUT(self) -> None:  # noqa: N802  (http.server's name)
+    def do_PUT(self) -> None:
         if self.path != "/latest/api/token":
             self._answer(404, "Not Found")
             return
@@ -67,7 +67,7 @@ class Metadata(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self.server.hop_limit)
         self._answer(200, token)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         token = self.headers.get("X-aws-ec2-metadata-token")
         if token is not None:
             if self.server.tokens.get(token, 0) < time.monotonic():
