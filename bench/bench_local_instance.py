@@ -78,7 +78,13 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
     from local_stack.registry import FakeRegistry
     from local_stack.serve import serve_handler
     from tasks.aws import build_clients
-    from tasks.config import PreviewConfig, load_config
+    from tasks.config import (
+        TRUSTED_FIELDS,
+        TUNING_FIELDS,
+        PreviewConfig,
+        as_environment,
+        load_config,
+    )
     from tasks.ssm import run_command
 
     modelled = name == "modelled"
@@ -140,16 +146,20 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
                     },
                     use_variable=False,
                 )
+                # As a deployment runs: the trusted fields in the environment, tuning as `config`.
+                trusted = {name: getattr(config, name) for name in TRUSTED_FIELDS}
+                os.environ.update(as_environment(trusted))
+                tuning = config.model_dump(include=set(config.model_fields_set & TUNING_FIELDS))
                 new_pr, push, user_data = [], [], []
                 for pr in range(1, prs + 1):
                     first, second = f"{pr:02d}" * 20, f"{pr + 50:02d}" * 20
                     push_sample_app(registry, REPO, first, "v1", private=True)
                     push_sample_app(registry, REPO, second, "v2", private=True)
                     started = time.perf_counter()
-                    ready = pr_preview(REPO, pr, first, action="opened", config=config)
+                    ready = pr_preview(REPO, pr, first, action="opened", config=tuning)
                     new_pr.append(time.perf_counter() - started)
                     started = time.perf_counter()
-                    pr_preview(REPO, pr, second, action="synchronize", config=config)
+                    pr_preview(REPO, pr, second, action="synchronize", config=tuning)
                     push.append(time.perf_counter() - started)
                     log = runtime.sandboxes[ready.instance_id].inside(
                         "/var/log/cloud-init-output.log"

@@ -106,7 +106,13 @@ from local_stack.scripted_instance import MIGRATE, Call, ScriptedInstances  # no
 from local_stack.serve import serve_handler  # noqa: E402
 from tasks.aws import AwsClients, build_clients  # noqa: E402
 from tasks.check_image import check_image  # noqa: E402
-from tasks.config import PreviewConfig, load_config  # noqa: E402
+from tasks.config import (  # noqa: E402
+    TRUSTED_FIELDS,
+    TUNING_FIELDS,
+    PreviewConfig,
+    as_environment,
+    load_config,
+)
 from tasks.cost import PRICE_SOURCE, SNAPSHOT_SOURCE  # noqa: E402
 from tasks.instances import batches, find_previews, terminate_in_batches, terminate_outdated  # noqa: E402
 from tasks.launch import LaunchSpec, launch_instance, spare_base_layers  # noqa: E402
@@ -619,11 +625,13 @@ def flow_path(setup: Setup, scenario: Scenario) -> str:
             setup.ready = (time.monotonic(), setup.world.moto_seconds)
         return emit(event, *args, **kwargs)
 
+    # As a deployment runs it: the trusted fields in the environment, the run's tuning only.
+    config = setup.config
+    os.environ.update(as_environment({name: getattr(config, name) for name in TRUSTED_FIELDS}))
+    tuning = config.model_dump(include=set(config.model_fields_set & TUNING_FIELDS))
     preview.emit_instance_event = told  # type: ignore[assignment]
     try:
-        result = preview.pr_preview(
-            REPO, PR, scenario.sha, action=scenario.action, config=setup.config
-        )
+        result = preview.pr_preview(REPO, PR, scenario.sha, action=scenario.action, config=tuning)
     finally:
         preview.emit_instance_event = emit
     if result.status != "ready":

@@ -38,7 +38,7 @@ from tasks.bake import (
     wait_sealed,
 )
 from tasks.budget import grace, run_budget
-from tasks.config import RUN_MARGIN_SECONDS, PreviewConfig, load_config
+from tasks.config import RUN_MARGIN_SECONDS, PreviewConfig, RunOverrides, run_config
 from tasks.secrets import read_secrets
 from tasks.terminate import terminate_instance
 
@@ -78,11 +78,11 @@ def pr_preview_bake(
     repo: str | None = None,
     bake_timeout_seconds: float = 1800.0,
     image_timeout_seconds: float = 1800.0,
-    config: PreviewConfig | None = None,
+    config: RunOverrides | None = None,
 ) -> BakeResult:
     """Bake Docker, Compose and the layers of ``image:tag`` (the configured image, or
     ``ghcr.io/<repo>``) into a new AMI; keep the newest ``baked_images_kept``."""
-    settings = load_config(config)
+    settings = run_config(config)
     image_ref = bake_image_ref(settings, repo, tag)
     clients = build_clients(settings)
     # Only to mask what a failed builder's log shows: the builder reads the token itself.

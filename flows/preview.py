@@ -29,7 +29,7 @@ from tasks.check_image import check_image
 from tasks.coalesce import fold_or_go_on
 from tasks.comment import PreviewState, flow_run_url
 from tasks.compose import fetch_compose, service_names
-from tasks.config import PreviewConfig, load_config
+from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.db_access import open_db_access
 from tasks.diagnose import diagnose
 from tasks.events import emit_instance_event
@@ -111,7 +111,7 @@ def pr_preview(
     head_sha: str,
     action: str = "synchronize",
     head_repo: str | None = None,
-    config: PreviewConfig | None = None,
+    config: RunOverrides | None = None,
     requested_at: datetime | None = None,
     label: str | None = None,
     labels: list[str] | None = None,
@@ -126,7 +126,7 @@ def pr_preview(
     (``PR_BRANCH`` in the app's environment).
     """
     check_inputs(repo, pr_number, head_sha)
-    settings = load_config(config)
+    settings = run_config(config)
     requested = requested_at or flow_run.get_scheduled_start_time() or datetime.now(UTC)
     with run_budget(settings.preview_timeout_seconds()):
         return _preview(

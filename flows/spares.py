@@ -15,7 +15,7 @@ from prefect.events import emit_event
 
 from tasks.aws import build_clients
 from tasks.budget import run_budget
-from tasks.config import PreviewConfig, load_config
+from tasks.config import RunOverrides, run_config
 from tasks.events import instance_event
 from tasks.locks import FLEET_LOCK, hold
 from tasks.preflight import preflight
@@ -23,9 +23,9 @@ from tasks.spares import Replenished, replenish
 
 
 @flow(name="pr-spares")
-def pr_spares(config: PreviewConfig | None = None) -> Replenished:
+def pr_spares(config: RunOverrides | None = None) -> Replenished:
     """Bring the warm spares to ``warm_spares`` (0 removes them all)."""
-    settings = load_config(config)
+    settings = run_config(config)
     clients = build_clients(settings)
     with run_budget(settings.ready_timeout_seconds + settings.lock_wait_seconds):
         # 1. The account as a launch sees it, with the AMI a launch would use now.

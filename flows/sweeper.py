@@ -16,7 +16,7 @@ from prefect.events import emit_event
 
 from tasks.aws import build_clients
 from tasks.budget import run_budget
-from tasks.config import PreviewConfig, load_config
+from tasks.config import RunOverrides, run_config
 from tasks.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
 
 
@@ -25,9 +25,9 @@ class SweepIncomplete(RuntimeError):
 
 
 @flow(name="ttl-sweeper")
-def ttl_sweeper(dry_run: bool = False, config: PreviewConfig | None = None) -> SweepReport:
+def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> SweepReport:
     """Terminate previews past their TTL, with a closed PR, or too old to judge; report all."""
-    settings = load_config(config)
+    settings = run_config(config)
     clients = build_clients(settings)
     with run_budget(settings.sweep_timeout_seconds()):
         report = sweep(

@@ -15,7 +15,7 @@ from prefect.states import Completed, State
 from tasks.aws import build_clients
 from tasks.budget import grace, run_budget
 from tasks.comment import PreviewState, flow_run_url
-from tasks.config import PreviewConfig, load_config
+from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.db_access import close_db_access
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
@@ -46,7 +46,7 @@ class TeardownResult:
 def pr_teardown(
     repo: str,
     pr_number: int,
-    config: PreviewConfig | None = None,
+    config: RunOverrides | None = None,
     action: str = "closed",
     label: str | None = None,
 ) -> TeardownResult:
@@ -55,7 +55,7 @@ def pr_teardown(
     ``action`` ``unlabeled`` with ``label`` the preview label (``trigger_mode: label``) tears
     down the same way; any other label changes nothing."""
     check_inputs(repo, pr_number)
-    settings = load_config(config)
+    settings = run_config(config)
     if not settings.serves(repo):
         return _nothing_done(repo, pr_number, Outcome.NOT_ALLOWED, settings.not_served(repo))
     trigger = check_trigger(settings.trigger_mode, settings.preview_label, action, label or None)

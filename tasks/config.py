@@ -2,7 +2,9 @@
 
 Precedence, lowest first: the defaults below (the runbook's values), the JSON Prefect Variable
 ``pr-preview-config`` (when a Prefect API is reachable), ``PR_PREVIEW_<FIELD>`` environment
-variables, and the fields a flow run was given explicitly.
+variables, and the fields a flow run was given explicitly. A run's own ``config`` parameter
+may only tune (:data:`TUNING_FIELDS`): whoever can start a run cannot widen what a preview
+trusts (:data:`TRUSTED_FIELDS`, :func:`run_config`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ import shlex
 import string
 import types
 from collections.abc import Mapping
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from tasks.inputs import is_repo_pattern, repo_allowed
 from tasks.prefect_context import api_reachable
@@ -523,6 +528,141 @@ class PreviewConfig(BaseModel):
         return self.ghcr_username or self.image_for(repo).split("/")[1]
 
 
+# What a run's ``config`` parameter may not set: each decides what runs, where, with which
+# credentials or for whom, so it comes from the pr-preview-config Variable or the environment
+# only — whoever may start a run (a deployment's parameters) cannot widen what a preview trusts.
+TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
+    {
+        # where previews run and with which identity
+        "region": "the region: whose network, parameters and instances a run uses",
+        "ami_id": "the system every preview boots",
+        "ami_name": "the system every preview boots",
+        "ami_owners": "whose AMIs a preview may boot",
+        "ami_strategy": "whether previews boot the stock or the baked AMI",
+        "subnet_id": "the network a preview is placed in",
+        "security_group_ids": "what a preview may reach and be reached from",
+        "instance_profile": "the IAM role a preview runs with",
+        "purpose_tag": "which instances are ours: teardown, the sweeper and eviction end them",
+        "aws_credentials_block": "the AWS credentials the flows act with",
+        # what runs on the instance
+        "image": "where the app's image comes from",
+        "ghcr_username": "the registry login that pulls the image",
+        "ghcr_token_parameter": "the parameter holding the registry token",
+        "compose_path": "which compose file of the repository runs",
+        "compose_version": "the Compose binary root runs",
+        "app_dir": "where root keeps the compose and env files; bind mounts stay below it",
+        "migration_command": "a command run beside the app's secrets",
+        "seed_command": "a command run beside the app's secrets",
+        "env": "the app's environment",
+        # the app's data and secrets
+        "database": "where the app's database comes from",
+        "database_url_parameter": "the parameter holding DATABASE_URL",
+        "db_security_group_id": "the database's security group",
+        "db_sg_open_public_ip": "whether the database is opened to a preview's public IP",
+        "env_parameter_path": "the parameters the app gets as secrets",
+        # whom pr-preview serves, and as whom it speaks
+        "allowed_repos": "which repositories are served",
+        "allowed_fork_repos": "which forks' code is run",
+        "trigger_mode": "which pull requests get a preview",
+        "preview_label": "which pull requests get a preview",
+        "github_token_secret_block": "the GitHub identity of the bot",
+        "github_app_id": "the GitHub identity of the bot",
+        "github_app_installation_id": "the GitHub identity of the bot",
+        "github_app_private_key_secret_block": "the GitHub identity of the bot",
+        "github_app_private_key_parameter": "the GitHub identity of the bot",
+        "prefect_ui_url": "the link the bot posts on pull requests",
+    }
+)
+# What a run may change: timings, lifetimes (bounded above), capacity, the probe and the report.
+TUNING_FIELDS = frozenset(
+    {
+        "instance_type",
+        "baked_images_kept",
+        "warm_spares",
+        "spare_ttl_hours",
+        "spare_base_tag",
+        "price_per_hour",
+        "app_port",
+        "app_service",
+        "probe_paths",
+        "seed_on_every_deploy",
+        "ttl_hours",
+        "failure_ttl_hours",
+        "max_previews",
+        "task_retries",
+        "retry_delay_seconds",
+        "poll_seconds",
+        "terminate_timeout_seconds",
+        "ready_timeout_seconds",
+        "app_down_seconds",
+        "migrate_timeout_seconds",
+        "probe_timeout_seconds",
+        "image_wait_seconds",
+        "lock_lease_seconds",
+        "lock_wait_seconds",
+        "github_deployments",
+    }
+)
+
+
+class TrustedFieldInRun(ConfigError):
+    """A run's ``config`` parameter set a field that only the Variable or environment may set."""
+
+
+class _TuningSchema:
+    """The JSON schema of a flow's ``config`` parameter, which ``prefect deploy`` stores and the
+    UI's run form shows: the tuning fields, without defaults (an override left out keeps the
+    Variable's value). Validation is :class:`PreviewConfig`'s, then :func:`run_config`'s."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        full = PreviewConfig.model_json_schema()
+        properties = {
+            name: {key: value for key, value in field.items() if key != "default"}
+            for name, field in full["properties"].items()
+            if name in TUNING_FIELDS
+        }
+        return {
+            "title": "Run overrides",
+            "description": (
+                "Tuning for this run only: timings, lifetimes, capacity. What decides what runs,"
+                " where or for whom (allowed_repos, image, compose_path, network and IAM"
+                f" placement, ...) comes from the Prefect Variable {VARIABLE_NAME} or"
+                f" {ENV_PREFIX}<FIELD> environment variables; a run that sets it here fails."
+            ),
+            "type": "object",
+            "properties": properties,
+        }
+
+
+# The type of every flow's ``config`` parameter.
+RunOverrides = Annotated[PreviewConfig, _TuningSchema()]
+
+
+def run_config(overrides: PreviewConfig | Mapping[str, Any] | None) -> PreviewConfig:
+    """The configuration of a flow run: the Variable and the environment, tuned by the run's
+    ``config`` parameter. ``TrustedFieldInRun`` before anything else happens when that parameter
+    sets a field outside :data:`TUNING_FIELDS`."""
+    if isinstance(overrides, PreviewConfig):
+        given = set(overrides.model_fields_set)
+    else:
+        given = set(overrides or {})
+    refused = sorted(given - TUNING_FIELDS)
+    if refused:
+        why = "; ".join(
+            f"{name} ({TRUSTED_FIELDS.get(name, 'not a tuning field')})" for name in refused
+        )
+        variables = ", ".join(ENV_PREFIX + name.upper() for name in refused)
+        raise TrustedFieldInRun(
+            f"the run's config parameter sets {why}: a run's parameters may only tune (timings,"
+            f" lifetimes, capacity). Set {', '.join(refused)} in the Prefect Variable"
+            f" {VARIABLE_NAME} or in the flows' environment ({variables}), and start the run"
+            " without them"
+        )
+    return load_config(overrides)
+
+
 def _absolute_path(value: str) -> str:
     if not ABSOLUTE_PATH_PATTERN.fullmatch(value) or any(
         part in (".", "..") for part in value.split("/")[1:]
@@ -594,6 +734,24 @@ def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         else:
             values[name] = raw.strip()
     return values
+
+
+def as_environment(values: Mapping[str, Any]) -> dict[str, str]:
+    """The ``PR_PREVIEW_<FIELD>`` variables that give these fields these values, as
+    :func:`config_from_env` reads them back: lists comma-separated, maps as JSON, None empty."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(item) for item in value)
+        if isinstance(value, Mapping):
+            return json.dumps(dict(value))
+        return str(value)
+
+    return {ENV_PREFIX + name.upper(): text(value) for name, value in values.items()}
 
 
 def config_from_variable() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from tasks.aws import build_clients
 from tasks.comment import PreviewState, flow_run_url
-from tasks.config import PreviewConfig, load_config
+from tasks.config import TUNING_FIELDS, PreviewConfig, load_config
 from tasks.events import emit_instance_event, pr_resource
 from tasks.github import github_from_config, latest_deployment_id
 from tasks.inputs import is_repo, is_sha
@@ -62,10 +62,15 @@ def _pull_request(parameters: Mapping[str, Any]) -> tuple[str, int, str | None] 
 
 
 def _config(parameters: Mapping[str, Any]) -> PreviewConfig:
+    """The Variable and the environment, with the dead run's tuning: as the run itself read its
+    configuration, whose trusted fields no run's parameters set (``tasks.config.run_config``).
+    Its stored parameters may name every field (a run started in-process stores its config
+    whole), so only the tuning fields are taken from them."""
     given = parameters.get("config")
     if isinstance(given, PreviewConfig):
-        return load_config(given)
-    return load_config(given if isinstance(given, Mapping) else None)
+        given = given.model_dump(exclude_unset=True)
+    values = given if isinstance(given, Mapping) else {}
+    return load_config({name: value for name, value in values.items() if name in TUNING_FIELDS})
 
 
 def _left_behind(previews: list[Preview]) -> str:

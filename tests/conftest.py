@@ -25,6 +25,7 @@ from local_stack.serve import serve_handler
 from tasks.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
 from tests.support import CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.deployed import DeployedConfig
 from tests.support.installation import Installation, running_installation
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -81,8 +82,8 @@ def module_account(module_aws: AwsClients) -> DemoAccount:
 
 
 @pytest.fixture(scope="module")
-def module_config(module_account: DemoAccount) -> PreviewConfig:
-    return load_config(
+def module_config(module_account: DemoAccount) -> DeployedConfig:
+    loaded = load_config(
         {
             **module_account.config_values(),
             "region": REGION,
@@ -93,6 +94,7 @@ def module_config(module_account: DemoAccount) -> PreviewConfig:
         env={},
         use_variable=False,
     )
+    return DeployedConfig.of(loaded)
 
 
 @pytest.fixture
@@ -114,12 +116,16 @@ def account(request: pytest.FixtureRequest, aws: AwsClients) -> DemoAccount:
 
 
 @pytest.fixture
-def config(request: pytest.FixtureRequest, account: DemoAccount) -> PreviewConfig:
-    """The account's config with timings shrunk so tests never sleep for long."""
+def config(
+    request: pytest.FixtureRequest, account: DemoAccount, monkeypatch: pytest.MonkeyPatch
+) -> DeployedConfig:
+    """The account's config with timings shrunk so tests never sleep for long; its trusted
+    fields are in the test's environment, as a deployment's runs find them
+    (``tests.support.deployed``), so ``config=config`` passes a flow the tuning only."""
     if _shares_account(request):
-        shared: PreviewConfig = request.getfixturevalue("module_config")
-        return shared
-    return load_config(
+        shared: DeployedConfig = request.getfixturevalue("module_config")
+        return shared.deploy(monkeypatch)
+    loaded = load_config(
         {
             **account.config_values(),
             "region": REGION,
@@ -134,6 +140,7 @@ def config(request: pytest.FixtureRequest, account: DemoAccount) -> PreviewConfi
         env={},
         use_variable=False,
     )
+    return DeployedConfig.of(loaded).deploy(monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import ConfigError, PreviewConfig, load_config
+from tasks.config import (
+    TRUSTED_FIELDS,
+    TUNING_FIELDS,
+    ConfigError,
+    PreviewConfig,
+    TrustedFieldInRun,
+    as_environment,
+    config_from_env,
+    load_config,
+    run_config,
+)
 
 
 def test_defaults_are_the_runbooks_values() -> None:
@@ -200,3 +210,60 @@ def test_assignment_is_validated_too() -> None:
     config = load_config(env={}, use_variable=False)
     with pytest.raises(ValueError, match="compose service name"):
         config.app_service = "api\nYAML"
+
+
+# --- a run's parameters tune; they never widen trust (issue 26) ----------------------------
+
+
+def test_every_field_is_either_trusted_or_tuning() -> None:
+    """A new field must be placed: the run parameter refuses what is not tuning."""
+    assert set(TRUSTED_FIELDS) | TUNING_FIELDS == set(PreviewConfig.model_fields)
+    assert not set(TRUSTED_FIELDS) & TUNING_FIELDS
+    widening = {"allowed_repos", "allowed_fork_repos", "image", "ghcr_username", "compose_path"}
+    widening |= {"instance_profile", "subnet_id", "security_group_ids", "db_security_group_id"}
+    widening |= {"database", "database_url_parameter", "ghcr_token_parameter"}
+    widening |= {"env_parameter_path", "github_app_private_key_parameter", "ami_id", "ami_name"}
+    widening |= {"ami_owners", "ami_strategy", "region", "aws_credentials_block"}
+    assert widening <= set(TRUSTED_FIELDS)
+    assert {"ttl_hours", "poll_seconds", "ready_timeout_seconds"} <= TUNING_FIELDS
+
+
+@pytest.mark.parametrize("field", sorted(TRUSTED_FIELDS))
+def test_a_run_that_sets_a_trusted_field_is_refused_naming_it_and_where_it_belongs(
+    field: str,
+) -> None:
+    # The very value the Variable holds: setting it at all is refused, not only changing it.
+    value = getattr(PreviewConfig(), field)
+
+    for given in ({field: value}, PreviewConfig.model_construct(_fields_set={field})):
+        with pytest.raises(TrustedFieldInRun) as caught:
+            run_config(given)
+        message = str(caught.value)
+        assert f"sets {field} ({TRUSTED_FIELDS[field]})" in message
+        assert "Prefect Variable pr-preview-config" in message
+        assert f"PR_PREVIEW_{field.upper()}" in message
+
+
+def test_a_run_may_tune(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PR_PREVIEW_ALLOWED_REPOS", "octo-org/*")
+    monkeypatch.setenv("PR_PREVIEW_IMAGE", "ghcr.io/octo-org/app")
+
+    config = run_config({"ttl_hours": 2, "poll_seconds": 0.5, "warm_spares": 1})
+
+    assert (config.ttl_hours, config.poll_seconds, config.warm_spares) == (2, 0.5, 1)
+    assert config.allowed_repos == ["octo-org/*"] and config.image == "ghcr.io/octo-org/app"
+    assert run_config(None).allowed_repos == ["octo-org/*"]
+
+
+def test_the_environment_form_of_a_config_reads_back_as_the_same_values() -> None:
+    config = PreviewConfig(
+        security_group_ids=["sg-0aa", "sg-0bb"],
+        env={"MODE": "preview", "PR": "{pr_number}"},
+        db_sg_open_public_ip=True,
+        image="ghcr.io/octo-org/app",
+        max_previews=3,
+    )
+
+    values = config_from_env(as_environment(config.model_dump()))
+
+    assert PreviewConfig.model_validate(values) == config
