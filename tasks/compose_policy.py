@@ -491,6 +491,8 @@ def _configs(value: Any, document: Mapping[str, Any]) -> Iterator[str]:
     for config in value or []:
         if config.get("source") not in declared:
             yield f"configs: {config.get('source')} is not a config of this file"
+        if _covers_kernel(str(config.get("target", ""))):
+            yield f"configs: the target {config['target']} would cover the kernel's own files"
         for field in set(config) - {"source", "target", "uid", "gid", "mode"}:
             yield f"configs: {field}: is not allowed in a preview; remove it"
 
