@@ -155,9 +155,10 @@ def test_every_problem_of_a_file_is_told_at_once() -> None:
 
 
 def test_the_db_service_is_ours_with_an_ephemeral_database() -> None:
-    text = "services: {api: {image: x}, db: {image: postgres}}"
-    assert "service named 'db'" in refusal(text, PreviewConfig(database="ephemeral"))
-    check_compose(text, PreviewConfig(database="external"), PATH)
+    text = "services: {api: {image: x, privileged: true}, db: {image: postgres}}"
+    told = refusal(text, PreviewConfig(database="ephemeral"))
+    assert "service named 'db'" in told and "service api: privileged" in told
+    assert "service named 'db'" not in refusal(text, PreviewConfig(database="external"))
 
 
 @pytest.mark.parametrize("path", HOSTILE, ids=[p.stem for p in HOSTILE])
@@ -165,13 +166,8 @@ def test_every_hostile_file_is_refused_naming_the_service_and_key(path: Path) ->
     """One trick a file, each a way to the host, the Docker socket, the instance's network or
     its metadata service through a check of literal YAML values."""
     [why], [expected] = comments(path, "why"), comments(path, "expect")
-    assert why and expected
+    assert why and expected and len(HOSTILE) >= 40
     assert expected in refusal(path.read_text())
-
-
-def test_the_hostile_corpus_is_large_and_each_file_one_trick() -> None:
-    assert len(HOSTILE) >= 40
-    assert len({p.read_text().split("\n", 1)[0] for p in HOSTILE}) == len(HOSTILE)
 
 
 @pytest.mark.parametrize(
@@ -279,6 +275,7 @@ def test_nothing_of_the_orchestrators_environment_reaches_the_file(
 def test_services_are_named_in_the_files_order_from_the_rendered_json() -> None:
     config = PreviewConfig(database="ephemeral")
     rendered = render_compose(check_compose(THREE_SERVICES, config, PATH), config)
+    assert list(json.loads(rendered)["services"]) == ["api", "worker", "cache", "db"]
     assert service_names(config, rendered) == ("api", "worker", "cache", "db")
     assert service_names(config, None) == ("api", "db")
 
