@@ -30,7 +30,7 @@ NO_NEW_PRIVILEGES = ("no-new-privileges:true", "no-new-privileges=true", "no-new
 # writes ./data can plant a link that a later ./data/x would follow onto the host.
 DATA_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RESERVED_DIRS = frozenset({"build"})  # the image built from the GitHub tarball (tasks/launch.py)
-KERNEL_PATHS = ("/proc", "/sys", "/dev")  # a mount over them undoes the runtime's protections
+KERNEL_PATHS = ("/proc", "/sys")  # a mount there undoes the runtime's protections
 MAX_ULIMIT = 1_048_576
 LOG_DRIVERS = frozenset({"json-file", "local"})  # others ship logs from the host's namespace
 LOG_OPTIONS = frozenset({"max-size", "max-file", "compress"})
@@ -65,7 +65,6 @@ PLAIN_KEYS = frozenset(
         "stop_signal",
         "tty",
         "user",
-        "working_dir",
         "cap_drop",
     }
 )
@@ -414,7 +413,8 @@ def _tmpfs(value: Any, _: Mapping[str, Any]) -> Iterator[str]:
 
 
 def _covers_kernel(path: str) -> bool:
-    return any(path == kernel or path.startswith(kernel + "/") for kernel in KERNEL_PATHS)
+    path = posixpath.normpath(path) if path else path
+    return path == "/dev" or any(path == k or path.startswith(k + "/") for k in KERNEL_PATHS)
 
 
 def _security_opt(value: Any, _: Mapping[str, Any]) -> Iterator[str]:
@@ -497,6 +497,15 @@ def _configs(value: Any, document: Mapping[str, Any]) -> Iterator[str]:
             yield f"configs: {field}: is not allowed in a preview; remove it"
 
 
+def _working_dir(value: Any, _: Mapping[str, Any]) -> Iterator[str]:
+    if _covers_kernel(str(value)):
+        yield (
+            f"working_dir: {value} is refused: a working directory in /proc or /sys can reach"
+            " the host through the runtime's own descriptors (CVE-2024-21626); use a path of"
+            " the image"
+        )
+
+
 def _pull_policy(value: Any, _: Mapping[str, Any]) -> Iterator[str]:
     if value == "build":
         yield f"pull_policy: build is refused: {REFUSED['build']}"
@@ -520,4 +529,5 @@ _SERVICE_KEYS: dict[str, Callable[[Any, Mapping[str, Any]], Iterator[str]]] = {
     "links": _links,
     "configs": _configs,
     "pull_policy": _pull_policy,
+    "working_dir": _working_dir,
 }
