@@ -15,12 +15,20 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pr-preview needs Python 3.11+"'
-# The tests drive Debian's chromium: Playwright never downloads a browser here.
-	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
-	else \
-		echo "pr-preview's tests need Debian's chromium: as root, apt-get install chromium" >&2; \
-		exit 1; \
+# Debian's packages the local stack runs: chromium (the tests drive it; Playwright never
+# downloads a browser here), docker.io (the real Docker Engine local instances run) and
+# debootstrap (the root filesystem of the images they pull: no Docker Hub).
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
+	command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		else \
+			echo "pr-preview's local stack needs Debian's$$missing: as root, apt-get install$$missing" >&2; \
+			exit 1; \
+		fi; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip

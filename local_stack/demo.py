@@ -57,6 +57,26 @@ def point_at_moto(endpoint: str) -> None:
         os.environ.pop(name, None)
 
 
+def show_containers(clients: Any, purpose: str) -> None:
+    """``docker ps`` on each running preview, over SSM as an operator would ask it: the app
+    runs in real containers on a real Docker Engine inside the instance."""
+    from tasks.instances import find_previews
+    from tasks.ssm import run_command
+
+    for preview in find_previews(clients.ec2, purpose, states=("running",)):
+        answer = run_command(
+            clients.ssm,
+            preview.instance_id,
+            ["docker ps --format '{{.Names}}  {{.Image}}  {{.Status}}  {{.Ports}}'"],
+            timeout_seconds=30,
+            poll_seconds=0.2,
+            comment="pr-preview demo: docker ps",
+        )
+        say(f"   docker ps on {preview.instance_id}:")
+        for line in answer.output.strip().splitlines():
+            say(f"     {line}")
+
+
 def describe_fleet(clients: Any, purpose: str) -> None:
     from tasks.instances import find_previews
 
@@ -262,6 +282,7 @@ def run(keep: bool, db: str = "sqlite") -> int:
                 deliver("opened", FIRST_SHA)
                 failed = show_runs(stack.wait_for_runs("pr-preview/pr-preview", 1), seen)
                 describe_fleet(clients, "pr-preview-singleton")
+                show_containers(clients, "pr-preview-singleton")
                 tunnel = stack_exit.enter_context(open_tunnel(stack.api_url, aws, moto))
                 failed += show_app(tunnel, FIRST_SHA)
 

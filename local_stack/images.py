@@ -336,7 +336,8 @@ if [ "${1:-}" = postgres ]; then
     printf 'host all all 0.0.0.0/0 scram-sha-256\\n' >> "$PGDATA/pg_hba.conf"
     db=${POSTGRES_DB:-$user}
     if [ "$db" != postgres ]; then
-      as_postgres postgres --single -j -D "$PGDATA" postgres >/dev/null <<<"CREATE DATABASE \\"$db\\" OWNER \\"$user\\";"
+      create="CREATE DATABASE \\"$db\\" OWNER \\"$user\\";"
+      as_postgres postgres --single -j -D "$PGDATA" postgres >/dev/null <<<"$create"
     fi
     echo "PostgreSQL init process complete; ready for start up."
   fi

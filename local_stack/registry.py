@@ -19,8 +19,8 @@ An image pushed with layers (``push(..., layers=...)``, or through the upload AP
 real one a Docker Engine pulls and runs; one pushed without is only a tag to check, for the
 tests whose instances are scripted. Pushing is GHCR's: ``POST /v2/<name>/blobs/uploads/`` (or a
 cross-repository mount), ``PUT`` of the blob by digest (the digest is checked), ``PUT`` of the
-manifests, with a token whose scope says ``push``; only a user of ``users`` (``ci`` always is:
-CI's push credentials, ``ci_password``) may push.
+manifests, with a token whose scope says ``push``: a user of ``users`` pushes to its own
+namespace, ``ci`` (CI's push credentials, ``ci_password``) anywhere.
 """
 
 from __future__ import annotations
@@ -112,8 +112,13 @@ class FakeRegistry:
     push_tokens: dict[str, set[str]] = field(default_factory=dict)
     uploads: dict[str, str] = field(default_factory=dict)  # upload id → repository
 
-    def __post_init__(self) -> None:
-        self.users.setdefault(CI_USER, self.ci_password)
+    aliases: set[str] = field(default_factory=set)  # other names it answers to (ECR's host)
+
+    def _valid_user(self, user: str, password: str) -> bool:
+        """A user of ``users``, or CI with its push credentials."""
+        if user == CI_USER:
+            return password == self.ci_password
+        return user in self.users and self.users[user] == password
 
     @property
     def transport(self) -> httpx.MockTransport:
@@ -205,7 +210,8 @@ class FakeRegistry:
             self.requests.append(httpx.Request("PUT", request.url, headers=request.headers))
         else:
             self.requests.append(request)
-        if request.url.host != self.host.split(":")[0] or request.url.scheme != self.scheme:
+        known = {self.host.split(":")[0], *self.aliases}
+        if request.url.host not in known or request.url.scheme != self.scheme:
             raise httpx.ConnectError(f"no registry at {request.url.scheme}://{request.url.host}")
         if self.unavailable > 0:
             self.unavailable -= 1
@@ -254,7 +260,7 @@ class FakeRegistry:
         if not header.startswith("Basic "):
             return None
         user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        return set(self.repositories) if self.users.get(user) == password else None
+        return set(self.repositories) if self._valid_user(user, password) else None
 
     def _token(self, request: httpx.Request) -> httpx.Response:
         scope = request.url.params.get("scope", "")
@@ -264,7 +270,7 @@ class FakeRegistry:
         header = request.headers.get("authorization", "")
         if header.startswith("Basic "):
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-            if self.users.get(user) != password:
+            if not self._valid_user(user, password):
                 return httpx.Response(401, json={"errors": [{"code": "UNAUTHORIZED"}]})
             authorized = True
         repo = self.repositories.get(name)

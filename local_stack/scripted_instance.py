@@ -235,7 +235,8 @@ class ScriptedInstances:
     def _ready(self, instance_id: str, command: str, comment: str, now: float) -> tuple[Reply, str]:
         """Wait-ready's one command, run as its last block runs its functions: the bootstrap
         check; once done, the migrated-on-boot check and the port check; compose's view of the
-        app when the port is closed, else (migrated on boot) each probe until one is healthy.
+        app when the port is closed, else (migrated on boot) each probe until one is healthy,
+        and the app's state when none was.
         Returns the reply and the text of the functions that ran."""
         sections: dict[str, list[str]] = {}
         name = ""
@@ -264,11 +265,15 @@ class ScriptedInstances:
             if port.exit_code != 0:
                 out.append(run("app-state").stdout)
             elif migrated:
-                for section in [name for name in sections if name.startswith("probe ")]:
+                probes = [name for name in sections if name.startswith("probe ")]
+                for section in probes:
                     answer = " ".join(run(section).stdout.split())
                     out.append(f"PROBE {section.removeprefix('probe ')} {answer}\n")
                     if re.match(r"[23]\d\d ", answer):
                         break
+                else:
+                    if probes:  # none healthy: compose's view of the app, as the command asks
+                        out.append(run("app-state").stdout)
         reads = [part.pending_reads for part in parts]  # -1 (never finishes) wins
         stdout = "".join(text if text.endswith("\n") or not text else text + "\n" for text in out)
         reply = Reply(

@@ -98,14 +98,15 @@ APP_STATE_PREFIX = "APP STATE "
 
 
 def app_state_check(app_dir: str, service: str) -> list[str]:
-    """``APP STATE <state> <exit code>`` of the app's container as compose reports it
-    (running, restarting, exited, created, …), or ``APP STATE unknown`` without one."""
+    """``APP STATE <state> <exit code> <restarts>`` of the app's container as Docker reports it
+    (running, restarting, exited, created, …; the last run's exit code, which a restarting
+    container keeps; how often its restart policy restarted it), or ``APP STATE unknown``."""
     compose = shlex.quote(f"{app_dir}/docker-compose.yml")
+    inspect = "'{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}'"
     return [
-        "state=$(docker compose -f "
-        f"{compose} ps -a --format '{{{{.State}}}} {{{{.ExitCode}}}}' {shlex.quote(service)}"
-        " 2>/dev/null) || state=''",
-        "state=${state%%$'\\n'*}",
+        f"id=$(docker compose -f {compose} ps -a -q {shlex.quote(service)} 2>/dev/null) || id=''",
+        "id=${id%%$'\\n'*}",
+        f"state=$(docker inspect -f {inspect} \"$id\" 2>/dev/null) || state=''",
         f'echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
     ]
 

@@ -92,13 +92,14 @@ class BootstrapFailed(ReadyError):
 
 
 class AppDown(ReadyError):
-    """The app's container stayed down (exited or restarting) with its port closed."""
+    """The app's container stayed down (exited, or restarting by its restart policy) and the
+    app answered nothing on its port."""
 
     def __init__(self, state: str, seconds: float, port: int) -> None:
         self.state = state
         message = (
-            f"the app's container has been {state} for {seconds:.0f}s and nothing accepts"
-            f" connections on 127.0.0.1:{port}: the app exits on start (its logs are in the"
+            f"the app's container has been {state} for {seconds:.0f}s and the app answers"
+            f" nothing on 127.0.0.1:{port}: the app exits on start (its logs are in the"
             " diagnosis)"
         )
         super().__init__(STAGE_APP_PORT, message, state)
@@ -107,6 +108,24 @@ class AppDown(ReadyError):
 # What compose calls a container that is not serving and not about to: a crash-looping
 # container with a restart policy shows "restarting", one without "exited".
 DOWN_STATES = frozenset({"exited", "dead", "restarting"})
+# Restarted this often by its restart policy, the app is crash-looping even while "running".
+CRASH_LOOP_RESTARTS = 2
+
+
+def app_down(state: str | None) -> str | None:
+    """How the app's container is down (``restarting (exit code 1, restarted 3 times)``), from
+    ``<status> <exit code> <restarts>``; None while it is not (or nobody can say)."""
+    words = (state or "").split()
+    if not words:
+        return None
+    status = words[0]
+    code = words[1] if len(words) > 1 else "?"
+    restarts = int(words[2]) if len(words) > 2 and words[2].isdigit() else 0
+    if status not in DOWN_STATES and restarts < CRASH_LOOP_RESTARTS:
+        return None
+    shown = "restarting" if restarts >= CRASH_LOOP_RESTARTS else status
+    again = f", restarted {restarts} times" if restarts else ""
+    return f"{shown} (exit code {code}{again})"
 
 
 class InstanceNotRunning(ReadyError):
@@ -218,6 +237,8 @@ def ready_command(config: PreviewConfig, ready_ttl_minutes: int | None = None) -
             f"printf '{PROBE_PREFIX}%s %s\\n' {shlex.quote(path)}" + " \"${answer//$'\\n'/ }\"",
             'case "$answer" in [23][0-9][0-9]\\ *) exit 0 ;; *) ;; esac',
         ]
+    if paths:  # no path answered healthy: is the app up, or crash-looping behind the proxy?
+        lines.append("app_state")
     return [*lines, "exit 0"]
 
 
@@ -402,23 +423,21 @@ def wait_until_ready(
             ready.append(answer)
             return True
         if answer.port_open:
-            # Docker's port proxy accepts before the app listens: not ready, not down.
-            down_since = None
-            detail = (
+            # Docker's port proxy accepts before the app listens (and between its restarts).
+            waiting = (
                 f"127.0.0.1:{config.app_port} accepts connections (Docker's port proxy) but"
-                " the app gives no HTTP answer yet"
+                " the app gives no HTTP answer"
             )
-            return False
-        closed = f"nothing accepts connections on 127.0.0.1:{config.app_port}"
-        state = answer.app_state
-        if state is None or state.split()[0] not in DOWN_STATES:
-            down_since, detail = None, closed
+        else:
+            waiting = f"nothing accepts connections on 127.0.0.1:{config.app_port}"
+        down = app_down(answer.app_state)
+        if down is None:
+            down_since, detail = None, waiting
             return False
         down_since = now if down_since is None else down_since
         if now - down_since >= config.app_down_seconds:
-            shown = f"{state.split()[0]} (exit code {state.split()[-1]})"
-            raise AppDown(shown, now - down_since, config.app_port)
-        detail = f"{closed}; the app's container is {state.split()[0]}"
+            raise AppDown(down, now - down_since, config.app_port)
+        detail = f"{waiting}; the app's container is {down}"
         return False
 
     def expired(_: RetryCallState) -> bool:

@@ -243,9 +243,10 @@ _NAMESPACES: dict[str, str] = {}
 
 
 def instance_processes(instance_id: str) -> list[int]:
-    """Host PIDs of every process in the instance's PID namespace (containers included, whose
-    environment is their own). The namespace is found through the instance's init, which
-    carries its id, and remembered, so this still answers once the instance is gone."""
+    """Host PIDs of every process in the instance's PID namespace, and of its containers (each
+    in a PID namespace of its own, under the cgroup parent the instance's dockerd is given).
+    The namespace is found through the instance's init, which carries its id, and remembered,
+    so this still answers once the instance is gone."""
     if instance_id not in _NAMESPACES:
         host = os.readlink("/proc/self/ns/pid")
         for pid in pids():
@@ -260,10 +261,13 @@ def instance_processes(instance_id: str) -> list[int]:
         else:
             return []
     namespace = _NAMESPACES[instance_id]
+    containers = f"/pr-preview-{instance_id}/".encode()
     found = []
     for pid in pids():
         try:
             if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                found.append(pid)
+            elif containers in read(pid, "cgroup"):
                 found.append(pid)
         except OSError:
             continue

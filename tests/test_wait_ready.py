@@ -281,6 +281,23 @@ def test_an_app_container_that_stays_down_ends_the_wait_without_the_timeout(
     assert scripted_ssm.count(PORT_CHECK, instance) >= 2
 
 
+def test_a_crash_looping_app_behind_docker_s_port_proxy_ends_the_wait(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """Docker's port proxy accepts while the app's container is between two restarts, and
+    curl gets no HTTP answer: the restart count, not the port, says the app is down."""
+    scripted_ssm.on(MIGRATED_CHECK, MIGRATED_ON_BOOT)
+    scripted_ssm.on(PORT_CHECK, PORT_OPEN)
+    scripted_ssm.on(APP_STATE, Reply(stdout="APP STATE running 1 3\n"))
+    scripted_ssm.respond(PROBE, probe_responder(0))  # no path gives any HTTP answer
+    quick = config.model_copy(update={"app_down_seconds": SHORT, "ready_timeout_seconds": 30})
+
+    with pytest.raises(AppDown) as raised:
+        wait_until_ready(aws.ec2, aws.ssm, instance, quick, ready_ttl_minutes=60)
+
+    assert "has been restarting (exit code 1, restarted 3 times)" in str(raised.value)
+
+
 def test_a_container_that_comes_back_up_is_waited_for(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
 ):
