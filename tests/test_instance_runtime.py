@@ -265,9 +265,8 @@ def instance_processes(instance_id: str) -> list[int]:
     found = []
     for pid in pids():
         try:
-            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
-                found.append(pid)
-            elif containers in read(pid, "cgroup"):
+            ours = os.readlink(f"/proc/{pid}/ns/pid") == namespace
+            if ours or containers in read(pid, "cgroup"):
                 found.append(pid)
         except OSError:
             continue
