@@ -134,8 +134,7 @@ def refusals(document: Mapping[str, Any], project: str) -> list[str]:
                 problems += [f"{key}.{entry}: {why}" for why in check(entry, spec, project)]
     problems += [
         f"{place(where)}: the key {key.replace('$$', '$')!r} holds a $, which Compose does"
-        " not read back as"
-        " written; rename it"
+        " not read back as written; rename it"
         for where, key in _dollar_keys(document)
     ]
     services = document.get("services") or {}

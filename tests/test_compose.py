@@ -272,6 +272,11 @@ def test_nothing_of_the_orchestrators_environment_reaches_the_file(
     assert "host" in refusal(service(network_mode="${NET:-host}"))
 
 
+def test_compose_that_hangs_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compose, "COMPOSE_TIMEOUT_SECONDS", 0.001)
+    assert "Docker Compose took over" in refusal(service())
+
+
 def test_services_are_named_in_the_files_order_from_the_rendered_json() -> None:
     config = PreviewConfig(database="ephemeral")
     rendered = render_compose(check_compose(THREE_SERVICES, config, PATH), config)
