@@ -117,7 +117,8 @@ def create_demo_account(
     iam.create_role(
         RoleName=instance_profile, AssumeRolePolicyDocument=json.dumps(SSM_TRUST_POLICY)
     )
-    # On AWS also attach the managed AmazonSSMManagedInstanceCore (see deployments/iam/).
+    # On AWS the role gets deployments/iam/instance-role-policy.json and
+    # instance-ssm-agent-policy.json, never AmazonSSMManagedInstanceCore (deployments/iam/).
     iam.put_role_policy(
         RoleName=instance_profile,
         PolicyName="read-preview-parameters",

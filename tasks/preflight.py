@@ -279,8 +279,9 @@ def _instance_profile(iam: IAMClient, config: PreviewConfig) -> tuple[Status, st
     except ClientError as exc:
         if error_code(exc) == "NoSuchEntity":
             raise _CheckFailed(
-                f"instance profile {config.instance_profile} does not exist — create it with"
-                " AmazonSSMManagedInstanceCore (see deployments/iam/)"
+                f"instance profile {config.instance_profile} does not exist — create it, its"
+                " role with deployments/iam/instance-role-policy.json and"
+                " instance-ssm-agent-policy.json (see deployments/iam/README.md)"
             ) from exc
         raise
     roles = ", ".join(role["RoleName"] for role in profile.get("Roles", [])) or "no role!"

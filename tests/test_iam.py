@@ -13,7 +13,12 @@ The security review's finding, held by tests rather than by reading:
   What the instances run (user data and the SSM commands) is held to the instance-role
   policy the same way;
 - **the conditions**: CreateTags is never unconditioned, terminate and commands need the
-  Purpose tag, db-sg changes only touch the db-sg placeholder, KMS only through SSM;
+  Purpose tag, db-sg changes only touch the db-sg placeholder, KMS only through SSM; the
+  recorded launches and images are judged by an IAM evaluator (``tests/support/iam_policy``):
+  every launch asks for token-only metadata at hop limit 1, only bake builders are imaged;
+- **the tenancy**: the instance role, with every policy the READMEs tell people to attach (and
+  with AWS's ``AmazonSSMManagedInstanceCore`` attached by mistake as well), can never read the
+  GitHub App's key: an explicit Deny wins;
 - **parliament**: no finding above LOW that ``deployments/iam/README.md`` does not explain.
 """
 
@@ -44,7 +49,7 @@ from local_stack.account import DemoAccount
 from local_stack.registry import OCI_INDEX, FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
 from tasks.aws import AwsClients, build_clients
-from tasks.bake import baked_image_tags, render_bake_user_data
+from tasks.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.check_image import check_image
 from tasks.config import (
     APP_KEY_PARAMETER_PREFIX,
@@ -63,16 +68,21 @@ from tasks.launch import (
 )
 from tasks.run_instances import resolve_ami
 from tasks.spares import SPARE, spare_tags
-from tasks.tags import TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
+from tasks.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
 from tasks.update import deploy_commands
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
+from tests.support.iam_policy import Policy, Request, Verdict, evaluate, load_policy
 from tests.support.moto_state import instances, state_of, user_data
 from tests.test_bake import CHECK, seals_after, seed_baked_image, snapshot_of, snapshot_tags_in_moto
 
 IAM = Path(__file__).resolve().parents[1] / "deployments" / "iam"
 ORCHESTRATOR = IAM / "orchestrator-policy.json"
 INSTANCE_ROLE = IAM / "instance-role-policy.json"
+INSTANCE_SSM_AGENT = IAM / "instance-ssm-agent-policy.json"
+# AWS's managed policy, as AWS publishes it (tests/data/iam/README.md says where from).
+MANAGED_SSM_CORE = Path(__file__).parent / "data" / "iam" / "AmazonSSMManagedInstanceCore.json"
+ACCOUNT = "123456789012"
 PURPOSE = PreviewConfig.model_fields["purpose_tag"].default
 DB_SG_PLACEHOLDER = "arn:aws:ec2:*:*:security-group/DB_SECURITY_GROUP_ID"
 ECR_REPOSITORY = "ECR_REPOSITORY"  # the placeholder of the configured ECR repositories
@@ -159,6 +169,135 @@ def iam_action(operation: str) -> str:
     """``ec2.RunInstances`` (a botocore event's service id and operation) → ``ec2:RunInstances``."""
     service, name = operation.split(".", 1)
     return f"{service}:{name}"
+
+
+# --- what IAM decides, by the evaluator -----------------------------------------------------
+
+
+def policies(*paths: Path) -> dict[str, Policy]:
+    return {path.name: load_policy(path) for path in paths}
+
+
+def without_denies(attached: dict[str, Policy]) -> dict[str, Policy]:
+    """``attached`` without its explicit Denies: what a test shows they change."""
+    return {
+        name: {**policy, "Statement": [s for s in policy["Statement"] if s["Effect"] != "Deny"]}
+        for name, policy in attached.items()
+    }
+
+
+def attached_to_the_instance_role() -> dict[str, Policy]:
+    """Every policy the READMEs tell people to attach to the preview instance role, read from
+    their words ("… role gets exactly `a.json` and `b.json`, nothing else"): both must say the
+    same, and name nothing but the project's files."""
+    named = []
+    for readme in (IAM.parents[1] / "README.md", IAM / "README.md"):
+        text = " ".join(readme.read_text().split())
+        [listed] = re.findall(r"role gets exactly (.+?), nothing else", text)
+        files = {name.removeprefix("deployments/iam/") for name in re.findall(r"`([^`]+)`", listed)}
+        assert files and all((IAM / name).is_file() for name in files), (readme, listed)
+        named.append(files)
+    assert named[0] == named[1], named
+    return policies(*(IAM / name for name in sorted(named[0])))
+
+
+def arn_in(service: str, resource: str, *, account: str = ACCOUNT) -> str:
+    """An ARN in the test's region and account (``account=""``: AWS's images and documents)."""
+    return f"arn:aws:{service}:{REGION}:{account}:{resource}"
+
+
+def request_tags(tags: dict[str, str]) -> dict[str, Any]:
+    """The context of tags given with a request: ``aws:RequestTag/<key>`` and ``aws:TagKeys``."""
+    context: dict[str, Any] = {f"aws:RequestTag/{key}": value for key, value in tags.items()}
+    return {**context, "aws:TagKeys": sorted(tags)} if tags else context
+
+
+def resource_tags(tags: dict[str, str]) -> dict[str, Any]:
+    return {f"aws:ResourceTag/{key}": value for key, value in tags.items()}
+
+
+def tags_given(params: dict[str, Any], resource_type: str) -> dict[str, str]:
+    return {
+        tag["Key"]: tag["Value"]
+        for spec in params.get("TagSpecifications", [])
+        if spec["ResourceType"] == resource_type
+        for tag in spec["Tags"]
+    }
+
+
+def launch_requests(params: dict[str, Any]) -> list[Request]:
+    """What IAM authorizes for one RunInstances request: the instance (its request tags and
+    metadata options) and volume it creates, and the image, subnet, groups and ENI it uses."""
+    options = params.get("MetadataOptions", {})
+    metadata = {
+        key: options[option]
+        for key, option in (
+            ("ec2:MetadataHttpTokens", "HttpTokens"),
+            ("ec2:MetadataHttpPutResponseHopLimit", "HttpPutResponseHopLimit"),
+        )
+        if option in options
+    }
+    instance = {**request_tags(tags_given(params, "instance")), **metadata}
+    made = [
+        Request("ec2:RunInstances", arn_in("ec2", "instance/*"), instance),
+        Request(
+            "ec2:RunInstances",
+            arn_in("ec2", "volume/*"),
+            request_tags(tags_given(params, "volume")),
+        ),
+        Request("ec2:RunInstances", arn_in("ec2", f"image/{params['ImageId']}", account="")),
+        Request("ec2:RunInstances", arn_in("ec2", "network-interface/*")),
+    ]
+    if params.get("SubnetId"):
+        made.append(Request("ec2:RunInstances", arn_in("ec2", f"subnet/{params['SubnetId']}")))
+    for group in params.get("SecurityGroupIds", []):
+        made.append(Request("ec2:RunInstances", arn_in("ec2", f"security-group/{group}")))
+    return made
+
+
+def launch_path(params: dict[str, Any]) -> str:
+    """Which launch a recorded RunInstances request is, by its tags."""
+    tags = tags_given(params, "instance")
+    if params.get("DryRun"):
+        return "doctor's dry run"
+    if tags.get(TAG_NAME) == BUILDER_NAME:
+        return "bake builder"
+    if tags.get(TAG_SPARE) == SPARE:
+        return "warm spare"
+    return "preview" if TAG_PR in tags else f"unknown: {tags}"
+
+
+def image_requests(params: dict[str, Any], instance_tags: dict[str, str]) -> list[Request]:
+    """What IAM authorizes for one CreateImage request: the instance imaged (its tags), and the
+    image and snapshots made (their request tags)."""
+    instance = arn_in("ec2", f"instance/{params['InstanceId']}")
+    made = [Request("ec2:CreateImage", instance, resource_tags(instance_tags))]
+    for kind in ("image", "snapshot"):
+        context = request_tags(tags_given(params, kind))
+        made.append(Request("ec2:CreateImage", arn_in("ec2", f"{kind}/*", account=""), context))
+    return made
+
+
+def parameter_reads(name: str) -> list[Request]:
+    """Every way to read SecureString ``name``'s value: the reads of it or of its path, and the
+    decryption Parameter Store asks KMS for on the reader's behalf."""
+    parameter = arn_in("ssm", f"parameter{name}")
+    reads = [
+        Request(f"ssm:{action}", parameter)
+        for action in ("GetParameter", "GetParameters", "GetParameterHistory")
+    ]
+    reads.append(
+        Request("ssm:GetParametersByPath", arn_in("ssm", f"parameter{name.rsplit('/', 1)[0]}"))
+    )
+    return [*reads, decryption(parameter)]
+
+
+def decryption(parameter: str) -> Request:
+    context = {
+        "kms:ViaService": f"ssm.{REGION}.amazonaws.com",
+        "kms:EncryptionContext:PARAMETER_ARN": parameter,
+    }
+    return Request("kms:Decrypt", arn_in("kms", "key/0d1e2f3a-aws-ssm-default-key"), context)
 
 
 # --- recording what the code asks of AWS ----------------------------------------------------
@@ -508,6 +647,36 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
     deleted = {params["SnapshotId"] for params in requests.of("ec2.DeleteSnapshot")}
     assert (deregistered, deleted) == (recording.pruned_images, recording.pruned_snapshots)
 
+    # What IAM decides on the recorded launches and images, conditions and all.
+    orchestrator = policies(ORCHESTRATOR)
+    launched = set()
+    for params in requests.of("ec2.RunInstances"):
+        launched.add(launch_path(params))
+        for request in launch_requests(params):
+            assert evaluate(orchestrator, request).allowed, request
+        # Token-only metadata at hop limit 1, or no launch: containers never reach the role.
+        for loosened in ({"HttpTokens": "optional"}, {"HttpPutResponseHopLimit": 2}):
+            options = {**params["MetadataOptions"], **loosened}
+            [instance, *_] = launch_requests({**params, "MetadataOptions": options})
+            assert evaluate(orchestrator, instance).decision == "implicitly denied", loosened
+        [instance, *_] = launch_requests(
+            {k: v for k, v in params.items() if k != "MetadataOptions"}
+        )
+        assert not evaluate(orchestrator, instance).allowed
+    every_path = {"bake builder", "warm spare", "preview", "doctor's dry run"}
+    assert launched == every_path, f"{launched}; recorded:\n{table}"
+    tags_now = {i["InstanceId"]: tags_of(i) for i in instances(aws)}
+    for params in requests.of("ec2.CreateImage"):
+        for request in image_requests(params, tags_now[params["InstanceId"]]):
+            assert evaluate(orchestrator, request).allowed, request
+    # Never an image of an instance that served a pull request (its disk holds the PR's code
+    # and secrets), nor of a spare: only the bake's builders.
+    served = [tags for tags in tags_now.values() if TAG_PR in tags]
+    assert served, f"no preview to try imaging; recorded:\n{table}"
+    for tags in [*served, spare_tags(config, datetime.now(UTC))]:
+        [of_instance, *_] = image_requests({"InstanceId": "i-0123456789abcdef0"}, tags)
+        assert evaluate(orchestrator, of_instance).decision == "implicitly denied", tags
+
     # Instance role: what the instances run (user data, SSM commands) as their profile.
     assert shell_actions(recording.on_instances) == allowed_actions(INSTANCE_ROLE)
 
@@ -562,10 +731,14 @@ def configured(statement: Statement, repository: str) -> Statement:
 
 
 def test_the_conditions_hold_structurally() -> None:
-    for path in (ORCHESTRATOR, INSTANCE_ROLE):
+    for path in (ORCHESTRATOR, INSTANCE_ROLE, INSTANCE_SSM_AGENT):
         for statement in statements(path):
-            assert statement["Effect"] == "Allow" and statement.get("Sid"), statement
+            assert statement.get("Sid"), statement
             assert not {"NotAction", "NotResource", "Principal"} & set(statement), statement
+            if statement["Effect"] == "Deny":  # the App's key, kept from the instances only
+                assert path == INSTANCE_ROLE and "pr-preview-app" in json.dumps(statement)
+                continue
+            assert statement["Effect"] == "Allow", statement
             assert not [a for a in as_list(statement["Action"]) if "*" in a], statement
         for statement in allowing(path, "kms:Decrypt"):
             [via] = (
@@ -606,6 +779,13 @@ def test_the_conditions_hold_structurally() -> None:
         launched += [r for r in as_list(statement["Resource"]) if "volume/" in r]
         if launched:
             assert condition(statement, "StringEquals", "aws:RequestTag/Purpose") == [PURPOSE]
+        if [r for r in launched if r == "*" or "instance/" in r]:
+            # Token-only metadata at hop limit 1: a container cannot reach the role (DESIGN.md).
+            assert condition(statement, "StringEquals", "ec2:MetadataHttpTokens") == ["required"]
+            hops = condition(
+                statement, "NumericLessThanEquals", "ec2:MetadataHttpPutResponseHopLimit"
+            )
+            assert hops == ["1"], statement
 
     for action in ("ec2:TerminateInstances", "ssm:SendCommand"):
         for statement in allowing(ORCHESTRATOR, action):
@@ -626,6 +806,10 @@ def test_the_conditions_hold_structurally() -> None:
     assert set(by_resource) == {(INSTANCE_ARN,), (IMAGE_ARN, SNAPSHOT_ARN)}
     of_instance, made = by_resource[(INSTANCE_ARN,)], by_resource[(IMAGE_ARN, SNAPSHOT_ARN)]
     assert condition(of_instance, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
+    # Only the bake's builder: never an instance that serves (or served) a pull request.
+    assert condition(of_instance, "StringEquals", f"aws:ResourceTag/{TAG_NAME}") == [BUILDER_NAME]
+    for key in (TAG_PR, "Repo"):
+        assert condition(of_instance, "Null", f"aws:ResourceTag/{key}") == ["true"], key
     assert condition(made, "StringEquals", "aws:RequestTag/Purpose") == [PURPOSE]
     for action, arn in (("ec2:DeregisterImage", IMAGE_ARN), ("ec2:DeleteSnapshot", SNAPSHOT_ARN)):
         [statement] = allowing(ORCHESTRATOR, action)
@@ -670,6 +854,210 @@ def test_the_conditions_hold_structurally() -> None:
     }
 
 
+# --- tenancy: the GitHub App's key stays out of every instance's reach -----------------------
+
+APP_KEY_PARAMETER = f"{APP_KEY_PARAMETER_PREFIX}github-app-key"
+AWS_DOCUMENT = arn_in("ssm", "document/AWS-RunShellScript", account="")
+# Where the SSM agent's actions with resource-level permissions act: its documents, its
+# instance and its associations.
+AGENT_RESOURCES = {
+    "ssm:DescribeDocument": [AWS_DOCUMENT],
+    "ssm:GetDocument": [AWS_DOCUMENT],
+    "ssm:UpdateAssociationStatus": [AWS_DOCUMENT, arn_in("ec2", "instance/i-0123456789abcdef0")],
+    "ssm:UpdateInstanceAssociationStatus": [
+        arn_in("ssm", "association/0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"),
+        arn_in("ec2", "instance/i-0123456789abcdef0"),
+    ],
+}
+
+
+def test_the_app_key_stays_unreadable_with_every_policy_attached_even_the_managed_one() -> None:
+    """The instance role runs code any PR author writes: with every policy the READMEs attach,
+    and with AWS's AmazonSSMManagedInstanceCore attached by mistake, nothing reads the App's
+    key: the explicit Deny wins over the managed policy's ``ssm:GetParameter`` on ``*``."""
+    attached = attached_to_the_instance_role()
+    assert set(attached) == {INSTANCE_ROLE.name, INSTANCE_SSM_AGENT.name}
+    managed = {"AmazonSSMManagedInstanceCore": load_policy(MANAGED_SSM_CORE)}
+    for request in parameter_reads(APP_KEY_PARAMETER):
+        for held in (attached, {**attached, **managed}):
+            assert evaluate(held, request).decision == "explicitly denied", (request, held.keys())
+
+    # The Deny is what keeps it: without it the managed policy reads the key, and the instance
+    # role's own KMS statement (like the aws/ssm key's policy) decrypts it through SSM.
+    [read, *_, decrypt] = parameter_reads(APP_KEY_PARAMETER)
+    hole = {**without_denies(attached), **managed}
+    assert evaluate(hole, read) == Verdict("allowed", ("AmazonSSMManagedInstanceCore#0",))
+    assert evaluate(hole, decrypt).allowed
+    assert evaluate(without_denies(attached), read).decision == "implicitly denied"
+
+    # The instance still reads its own parameters; the flows still read the App's key.
+    database_url = arn_in("ssm", "parameter/pr-preview/database-url")
+    for request in (
+        Request("ssm:GetParameter", database_url),
+        Request("ssm:GetParametersByPath", arn_in("ssm", "parameter/pr-preview/env")),
+        decryption(database_url),
+    ):
+        assert evaluate(attached, request).allowed, request
+        assert evaluate({**attached, **managed}, request).allowed, request
+    for request in (read, decrypt):
+        assert evaluate(policies(ORCHESTRATOR), request).allowed, request
+
+
+def test_the_agent_policy_is_the_managed_one_without_its_parameter_reads() -> None:
+    """The SSM agent keeps everything AmazonSSMManagedInstanceCore gives it (Run Command,
+    Session Manager, associations, inventory) but ``ssm:GetParameter(s)`` on ``*``."""
+    managed = load_policy(MANAGED_SSM_CORE)
+    granted = {a for s in managed["Statement"] for a in as_list(s["Action"])}
+    reads = {"ssm:GetParameter", "ssm:GetParameters"}
+    assert (
+        reads <= granted and {"ssm:UpdateInstanceInformation", "ec2messages:GetMessages"} <= granted
+    )
+    assert allowed_actions(INSTANCE_SSM_AGENT) == granted - reads
+    attached = attached_to_the_instance_role()
+    for action in sorted(granted - reads):
+        for resource in AGENT_RESOURCES.get(action, ["*"]):
+            assert evaluate(attached, Request(action, resource)).allowed, (action, resource)
+            assert evaluate({"managed": managed}, Request(action, resource)).allowed
+    for action in sorted(reads):
+        request = Request(action, arn_in("ssm", "parameter/anything"))
+        assert not evaluate(policies(INSTANCE_SSM_AGENT), request).allowed, action
+
+
+def test_the_codes_fixes_send_people_to_the_projects_policies() -> None:
+    """Where the doctor, the preflight and a diagnosis tell someone what the instance role
+    needs, they name the project's policies, never the managed one."""
+    from tasks.diagnose import SIGNATURES
+
+    [unreachable] = [s for s in SIGNATURES if s.key == "ssm-unreachable"]
+    assert INSTANCE_SSM_AGENT.name in unreachable.fix
+    root = IAM.parents[1]
+    sources = [*root.glob("tasks/*.py"), *root.glob("deployments/**/*.py")]
+    for path in (root / "tasks/preflight.py", root / "deployments/cli/common.py"):
+        assert INSTANCE_SSM_AGENT.name in path.read_text(), path
+    assert [p for p in sources if "AmazonSSMManagedInstanceCore" in p.read_text()] == []
+
+
+# --- the evaluator itself -------------------------------------------------------------------
+
+
+def statement(effect: str = "Allow", **fields: Any) -> dict[str, Any]:
+    return {"Effect": effect, "Action": "s3:GetObject", "Resource": "*", **fields}
+
+
+def one(*held: dict[str, Any]) -> dict[str, Policy]:
+    return {"p": {"Version": "2012-10-17", "Statement": list(held)}}
+
+
+def test_the_evaluator_lets_an_explicit_deny_win_and_denies_what_nothing_allows() -> None:
+    get = Request("s3:GetObject", "arn:aws:s3:::bucket/secret/key")
+    allow_all = statement(Action="s3:*", Sid="All")
+    deny = statement("Deny", Action="s3:Get*", Resource="arn:aws:s3:::bucket/secret/*", Sid="No")
+    assert evaluate(one(allow_all), get) == Verdict("allowed", ("p:All",))
+    assert evaluate(one(allow_all, deny), get) == Verdict("explicitly denied", ("p:No",))
+    split = {"allows": one(allow_all)["p"], "denies": one(deny)["p"]}
+    assert evaluate(split, get) == Verdict("explicitly denied", ("denies:No",))
+    public = Request("s3:GetObject", "arn:aws:s3:::bucket/public/key")
+    assert evaluate(one(allow_all, deny), public).allowed
+    assert evaluate(one(deny), public) == Verdict("implicitly denied")
+    assert evaluate(one(statement(Action="s3:PutObject")), get) == Verdict("implicitly denied")
+
+
+def test_the_evaluator_matches_actions_case_blind_and_resources_by_iam_wildcards() -> None:
+    resource = "arn:aws:ssm:ap-northeast-1:123456789012:parameter/pr-preview-app/key"
+    read = Request("SSM:getparameter", resource)
+    for pattern, hit in (
+        (resource, True),
+        ("arn:aws:ssm:*:*:parameter/pr-preview-app/*", True),
+        ("arn:aws:ssm:*:*:parameter/pr-preview/*", False),  # a path segment, not a prefix
+        ("arn:aws:ssm:*:*:parameter/*", True),  # IAM's "*" crosses "/" and ":"
+        ("arn:aws:ssm:?p-*:*:parameter/pr-preview-app/ke?", True),
+        ("arn:aws:ssm:*:*:parameter/PR-PREVIEW-APP/*", False),  # resources are case-sensitive
+        ("arn:aws:ssm:*:*:parameter/pr-preview-app", False),
+    ):
+        held = one(statement(Action="ssm:GetParameter", Resource=pattern))
+        assert evaluate(held, read).allowed is hit, pattern
+    by_path = Request("ssm:GetParametersByPath", resource)
+    assert evaluate(one(statement(Action="ssm:GetParameter*")), by_path).allowed
+    assert not evaluate(one(statement(Action="ssm:GetParameter")), by_path).allowed
+    no_reads = one({"Effect": "Allow", "NotAction": "ssm:Get*", "NotResource": resource})
+    assert not evaluate(no_reads, read).allowed
+    assert evaluate(no_reads, Request("ssm:PutParameter", f"{resource}2")).allowed
+    assert not evaluate(no_reads, Request("ssm:PutParameter", resource)).allowed
+    with pytest.raises(ValueError, match="exactly one of Action and NotAction"):
+        evaluate(one({"Effect": "Allow", "Resource": "*"}), read)
+
+
+def judged(condition: dict[str, Any], context: dict[str, Any]) -> bool:
+    """Whether a statement with ``condition`` allows a request with ``context``."""
+    return evaluate(
+        one(statement(Condition=condition)), Request("s3:GetObject", "x", context)
+    ).allowed
+
+
+def test_the_evaluator_judges_conditions_as_iam_does() -> None:
+    launch = {
+        "StringEquals": {
+            "ec2:MetadataHttpTokens": "required",
+            "aws:RequestTag/Purpose": ["a", "b"],
+        },
+        "NumericLessThanEquals": {"ec2:MetadataHttpPutResponseHopLimit": "1"},
+    }
+    good = {
+        "ec2:MetadataHttpTokens": "required",
+        "aws:RequestTag/Purpose": "b",  # one of the key's values is enough
+        "EC2:metadatahttpputresponsehoplimit": 1,  # keys are case-blind, numbers compare
+    }
+    assert judged(launch, good)
+    for changed in (
+        {"ec2:MetadataHttpTokens": "optional"},
+        {"ec2:MetadataHttpTokens": "Required"},  # values are case-sensitive
+        {"aws:RequestTag/Purpose": "c"},
+        {"EC2:metadatahttpputresponsehoplimit": 2},
+    ):
+        assert not judged(launch, {**good, **changed}), changed
+    for missing in good:  # a key the request lacks fails the condition
+        assert not judged(launch, {k: v for k, v in good.items() if k != missing}), missing
+
+    # Negated operators, IfExists, ForAllValues hold when the key is missing; Null tests it.
+    assert judged({"StringNotEquals": {"aws:ResourceTag/PR": "1"}}, {})
+    assert not judged(
+        {"StringNotEquals": {"aws:ResourceTag/PR": ["1", "2"]}}, {"aws:ResourceTag/PR": "2"}
+    )
+    assert judged({"StringNotLike": {"aws:ResourceTag/PR": "1*"}}, {"aws:ResourceTag/PR": "2"})
+    assert judged({"StringEqualsIfExists": {"aws:ResourceTag/PR": "1"}}, {})
+    assert not judged(
+        {"StringEqualsIfExists": {"aws:ResourceTag/PR": "1"}}, {"aws:ResourceTag/PR": "2"}
+    )
+    absent = {"Null": {"aws:ResourceTag/PR": "true", "aws:ResourceTag/Repo": "true"}}
+    assert judged(absent, {}) and not judged(absent, {"aws:ResourceTag/PR": "7"})
+    assert judged({"Null": {"aws:TagKeys": "false"}}, {"aws:TagKeys": ["Sha"]})
+    assert not judged({"Null": {"aws:TagKeys": "false"}}, {})
+
+    keys = {"ForAllValues:StringEquals": {"aws:TagKeys": ["Sha", "updated-at"]}}
+    assert judged(keys, {"aws:TagKeys": ["Sha"]})
+    assert not judged(keys, {"aws:TagKeys": ["Sha", "Purpose"]})
+    assert judged(keys, {})  # why our CreateTags statements add Null aws:TagKeys false
+    assert judged(
+        {"ForAnyValue:StringEquals": {"aws:TagKeys": "PR"}}, {"aws:TagKeys": ["Sha", "PR"]}
+    )
+    assert not judged({"ForAnyValue:StringEquals": {"aws:TagKeys": "PR"}}, {})
+
+    context = {"kms:EncryptionContext:PARAMETER_ARN": "arn:aws:ssm:r:1:parameter/pr-preview-app/k"}
+    assert judged(
+        {"StringLike": {"kms:EncryptionContext:PARAMETER_ARN": "*:parameter/pr-preview-app/*"}},
+        context,
+    )
+    assert judged({"Bool": {"aws:SecureTransport": "true"}}, {"aws:SecureTransport": True})
+    assert judged(
+        {"ArnLike": {"aws:SourceArn": "arn:aws:ec2:*:*:instance/*"}},
+        {"aws:SourceArn": "arn:aws:ec2:r:1:instance/i-1"},
+    )
+    with pytest.raises(ValueError, match="does not know the condition operator DateLessThan"):
+        judged({"DateLessThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}, {})
+    with pytest.raises(ValueError, match="has many values"):
+        judged({"StringEquals": {"aws:TagKeys": "PR"}}, {"aws:TagKeys": ["PR"]})
+
+
 # --- parliament -----------------------------------------------------------------------------
 
 # Every parliament finding above LOW that is expected, keyed "file ISSUE where" (where: the
@@ -684,21 +1072,28 @@ ACCEPTED_FINDINGS = {
     "orchestrator-policy.json PERMISSIONS_MANAGEMENT_ACTIONS iam:passrole": (
         "the same iam:PassRole, on one role, to EC2 only."
     ),
-    "orchestrator-policy.json RESOURCE_MISMATCH LaunchOnlyPurposeTaggedInstancesAndVolumes": (
-        "RunInstances is split on purpose: aws:RequestTag/Purpose applies to the instance and"
-        " volume it creates, not to the image, subnet, ENI and security groups it uses (the next"
-        " statement); parliament checks each statement alone."
+    "orchestrator-policy.json RESOURCE_MISMATCH LaunchOnlyPurposeTaggedInstancesWithHopLimitOne": (
+        "RunInstances is split on purpose: aws:RequestTag/Purpose and the metadata conditions"
+        " (ec2:MetadataHttpTokens, ec2:MetadataHttpPutResponseHopLimit) apply to the instance it"
+        " creates, not to the volume, image, subnet, ENI and security groups (the next"
+        " statements); parliament checks each statement alone."
+    ),
+    "orchestrator-policy.json RESOURCE_MISMATCH LaunchOnlyPurposeTaggedVolumes": (
+        "the volume's part of that split: aws:RequestTag/Purpose applies to it, the metadata"
+        " keys do not (a volume has none, and a condition on a missing key refuses)."
     ),
     "orchestrator-policy.json RESOURCE_MISMATCH LaunchFromImagesSubnetsAndSecurityGroups": (
-        "the other half of that split: the instance is in the tag-conditioned statement."
+        "the other part of that split: the instance and the volume are in the tag-conditioned"
+        " statements."
     ),
-    "orchestrator-policy.json RESOURCE_MISMATCH ImageOnlyOurInstances": (
-        "CreateImage is split like RunInstances: aws:ResourceTag/Purpose applies to the instance"
-        " imaged, not to the image and snapshots it makes (the next statement)."
+    "orchestrator-policy.json RESOURCE_MISMATCH ImageOnlyOurBakeBuilders": (
+        "CreateImage is split like RunInstances: the builder's tags (aws:ResourceTag/Purpose,"
+        " Name, no Repo or PR) are conditions on the instance imaged, not on the image and"
+        " snapshots it makes (the next statement)."
     ),
     "orchestrator-policy.json RESOURCE_MISMATCH CreateOnlyPurposeTaggedImagesAndSnapshots": (
         "the other half of that split: aws:RequestTag/Purpose applies to the image and snapshots"
-        " made; the instance is in ImageOnlyOurInstances."
+        " made; the instance is in ImageOnlyOurBakeBuilders."
     ),
     "orchestrator-policy.json RESOURCE_MISMATCH TerminateAndCommandOnlyOurInstances": (
         "SendCommand is split the same way: the Purpose tag condition applies to the instance;"
@@ -739,7 +1134,7 @@ def parliament_findings(path: Path) -> list[Any]:
 
 def test_parliament_leaves_only_explained_findings() -> None:
     found = {}
-    for path in (ORCHESTRATOR, INSTANCE_ROLE):
+    for path in (ORCHESTRATOR, INSTANCE_ROLE, INSTANCE_SSM_AGENT):
         for finding in parliament_findings(path):
             assert finding.issue != "RESOURCE_STAR", finding  # "*" only where AWS has no ARN
             if finding.severity in ABOVE_LOW:

@@ -207,8 +207,8 @@ def _collect(
     if evidence and len(unreachable) == len(evidence):
         raise CliError(
             f"SSM could not run commands on {preview.instance_id} {_one_line(unreachable[0])}:"
-            " check that the agent is online and the instance profile has"
-            " AmazonSSMManagedInstanceCore (runbook §7)"
+            " check that the agent is online and the instance profile's role has"
+            " deployments/iam/instance-ssm-agent-policy.json (runbook §7)"
         )
     return evidence, secrets
 
