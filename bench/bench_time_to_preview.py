@@ -519,26 +519,28 @@ def runbook_path(setup: Setup, scenario: Scenario, scale: float) -> str:
     return "relaunched" if scenario.own_preview else "launched"
 
 
-def checked_account(setup: Setup, scenario: Scenario) -> PreflightReport:
-    """Step 1 of the flow: preflight ∥ image check; keeps when the image check alone was done."""
+def checked_account(setup: Setup, scenario: Scenario) -> tuple[PreflightReport, str]:
+    """Step 1 of the flow: preflight ∥ image check; keeps when the image check alone was done.
+    Returns the report and the digest the check saw."""
     clients, config = setup.clients, setup.config
     secrets = read_secrets(clients.ssm, config)
     image_done: list[float] = []
 
-    def image() -> None:
-        check_image.fn(config, REPO, PR, scenario.sha, secrets.ghcr_token)
+    def image() -> str:
+        digest = check_image.fn(config, REPO, PR, scenario.sha, secrets.ghcr_token).digest
         image_done.append(time.monotonic())
+        return digest
 
     started = time.monotonic()
     with setup.step("preflight ∥ image check"), ThreadPoolExecutor(max_workers=2) as pool:
         checked = pool.submit(run_preflight, clients, config)
         waited = pool.submit(image)
         report = checked.result()
-        waited.result()
+        digest = waited.result()
     setup.steps["image check alone"] = (image_done[0] - started) / setup.world.scale
     if not report.passed:
         raise RuntimeError(f"preflight failed: {report.failures}")
-    return report
+    return report, digest
 
 
 def migrated_probed_confirmed(
@@ -562,16 +564,16 @@ def migrated_probed_confirmed(
         )
 
 
-def image_and_health(setup: Setup, scenario: Scenario, instance_id: str) -> bool:
+def image_and_health(setup: Setup, scenario: Scenario, instance_id: str) -> tuple[bool, str]:
     """Step 1 of the flow with a running preview of an older sha: the image check ∥ its health
-    (F5); preflight only if a launch follows (F6)."""
+    (F5); preflight only if a launch follows (F6). Returns the health and the checked digest."""
     clients, config = setup.clients, setup.config
     secrets = read_secrets(clients.ssm, config)
     with setup.step("image check ∥ health"), ThreadPoolExecutor(max_workers=2) as pool:
         image = pool.submit(check_image.fn, config, REPO, PR, scenario.sha, secrets.ghcr_token)
         health = pool.submit(check_health, clients.ec2, clients.ssm, instance_id, config)
-        image.result()
-        return health.result().healthy
+        digest = image.result().digest
+        return health.result().healthy, digest
 
 
 def plain_path(setup: Setup, scenario: Scenario) -> str:
@@ -587,22 +589,25 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
     ]
     if len(current) == 1:
         instance_id = current[0].instance_id
-        if image_and_health(setup, scenario, instance_id):
+        healthy, digest = image_and_health(setup, scenario, instance_id)
+        if healthy:
             with setup.step("deploy"):
-                deploy_in_place(ec2, ssm, instance_id, config, repo=REPO, sha=scenario.sha)
+                deploy_in_place(
+                    ec2, ssm, instance_id, config, repo=REPO, sha=scenario.sha, digest=digest
+                )
             migrated_probed_confirmed(setup, instance_id)
             return "in-place"
-    report = checked_account(setup, scenario)
+    report, digest = checked_account(setup, scenario)
     # As the flow's terminate step: TerminateInstances frees the slot; no wait for terminated.
     terminate_outdated(ec2, config, REPO, PR, keep_sha=scenario.sha, wait=False)
     make_room(ec2, config, REPO, PR, wait=False)
-    spec = LaunchSpec(REPO, PR, scenario.sha)
+    spec = LaunchSpec(REPO, PR, scenario.sha, digest=digest)
     if config.warm_spares:
         with setup.step("claim"):
             spare = claim_spare(ec2, ssm, config, spec, ami_id=report.ami_id or "").instance_id
         if spare:
             with setup.step("deploy"):
-                deploy_in_place(ec2, ssm, spare, config, repo=REPO, sha=scenario.sha)
+                deploy_in_place(ec2, ssm, spare, config, repo=REPO, sha=scenario.sha, digest=digest)
             migrated_probed_confirmed(setup, spare)
             return "spare"
     launched = launch_instance(ec2, config, spec, ami_id=report.ami_id, subnet_id=report.subnet_id)

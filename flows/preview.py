@@ -82,6 +82,7 @@ class PreviewResult:
     reason: str = ""
     branch: str = ""  # the PR's head branch, when the event named one
     compose: str | None = field(default=None, repr=False)  # compose_path's file, checked
+    image: str = ""  # image:sha@digest, the manifest the check saw and the instance pulled
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
@@ -89,6 +90,7 @@ class PreviewResult:
             ("status", self.status),
             ("path", self.path or "—"),
             ("sha", f"`{self.sha}`"),
+            ("image", f"`{self.image}`" if self.image else "—"),
             ("instance", f"`{self.instance_id or '—'}` ({self.region})"),
             ("expires at", expires),
             ("replaced", ", ".join(self.replaced) or "—"),
@@ -282,17 +284,19 @@ def _deploy(
     # 1. The build-image check, beside what the path needs: with a running preview of an older
     #    sha, its health (an in-place deploy launches nothing, so preflight waits until a
     #    launch is needed); else preflight.
+    #    Every pull below names the manifest digest the check saw, not the tag.
     instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
     image = check_image.submit(settings, repo, pr_number, sha, ghcr_token, ecr=clients.ecr)
     if instance_id:
         checking = preview_health.submit(clients, settings, instance_id)
-        image.result()
+        digest = image.result().digest
         health = checking.result()
         checked = None
     else:
         checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
         checked.result()  # a launch's own checks fail first, as they did before the image's
-        image.result()
+        digest = image.result().digest
+    result.image = settings.pinned_image(repo, sha, digest)
 
     # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
     replaced: list[str] = []
@@ -300,7 +304,7 @@ def _deploy(
         if health.healthy:
             try:
                 updated = update_in_place(
-                    clients, settings, instance_id, repo, sha, _app_env(settings, result)
+                    clients, settings, instance_id, repo, sha, digest, _app_env(settings, result)
                 )
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
                 result.launched_at = updated.launched_at
@@ -320,7 +324,7 @@ def _deploy(
     if checked is None:
         checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
     account = checked.result()
-    spec = LaunchSpec(repo, pr_number, sha, requested_at, result.branch, result.compose)
+    spec = LaunchSpec(repo, pr_number, sha, requested_at, result.branch, result.compose, digest)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
         terminated = terminate(
@@ -338,7 +342,7 @@ def _deploy(
                 attempt_key=str(flow_run.get_id() or ""),
             )
     if claimed is not None and claimed.instance_id is not None:
-        _deploy_on_spare(clients, settings, result, claimed.instance_id)
+        _deploy_on_spare(clients, settings, result, claimed.instance_id, digest)
         return
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
     result.launched_at = launched.launched_at
@@ -369,16 +373,21 @@ def _deploy(
 
 
 def _deploy_on_spare(
-    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, instance_id: str
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    instance_id: str,
+    digest: str,
 ) -> None:
-    """A claimed spare: deployed as a push deploys in place, with a launch's guarantees (the
-    short TTL until ready, the diagnosis on failure). Its replacement is asked for, not
-    waited for."""
+    """A claimed spare: deployed as a push deploys in place (pulling ``digest``, the checked
+    manifest), with a launch's guarantees (the short TTL until ready, the diagnosis on failure).
+    Its replacement is asked for, not waited for."""
     result.instance_id, result.path = instance_id, "spare"
     emit_instance_event("spare.claimed", instance_id, result.repo, result.pr_number, sha=result.sha)
     try:
+        app = _app_env(settings, result)
         updated = update_in_place(
-            clients, settings, instance_id, result.repo, result.sha, _app_env(settings, result)
+            clients, settings, instance_id, result.repo, result.sha, digest, app
         )
         result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
         open_db_access(clients.ec2, settings, instance_id)

@@ -7,10 +7,15 @@ Amazon ECR (``<account>.dkr.ecr.<region>.amazonaws.com/…``) is asked through E
 (``ecr:DescribeImages`` with the flows' AWS credentials, no token). The webhook
 often arrives while the image is still building, so the check polls with backoff (tenacity)
 up to ``image_wait_seconds`` and then fails with a sentence that says what to look at.
+
+The check keeps the manifest digest it saw (``Docker-Content-Digest``, else the sha256 of the
+manifest's body; an index's own digest for a multi-platform image): every pull of the preview
+names it (``image:sha@digest``), so a tag pushed again after the check cannot change what runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -22,6 +27,7 @@ import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import RetryCallState, Retrying, retry_if_result
 
+from tasks.config import DIGEST_PATTERN
 from tasks.ecr import EcrRepository
 from tasks.prefect_context import run_logger
 from tasks.retry import ACCESS_DENIED_CODES, Transient, error_code, is_transient
@@ -102,11 +108,12 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ImageCheck:
-    """The image the preview will pull, and how long it took to appear."""
+    """The image the preview will pull — ``digest`` is the manifest the check saw, what every
+    pull names — and how long it took to appear."""
 
     image: str
     sha: str
-    digest: str | None
+    digest: str
     attempts: int
     waited_seconds: float
     pr_tag: str | None = None
@@ -157,14 +164,16 @@ class Registry:
     def manifest_digest(self, reference: str) -> str | None:
         """The manifest digest of ``reference``, or None when the registry has no such tag.
 
-        A pull denied after authenticating also reads as None (GHCR says "denied" both for a
-        package that does not exist yet and for one we may not see); ``denied`` keeps the why.
+        ``Docker-Content-Digest`` of a ``HEAD``; a registry that does not send it is asked for
+        the manifest itself, whose sha256 is its digest. A pull denied after authenticating also
+        reads as None (GHCR says "denied" both for a package that does not exist yet and for one
+        we may not see); ``denied`` keeps the why.
         """
         path = f"/v2/{self.ref.name}/manifests/{reference}"
-        response = self._head(path)
+        response = self._request("HEAD", path)
         if response.status_code == 401:
             self._authenticate(response)
-            response = self._head(path)
+            response = self._request("HEAD", path)
         if response.status_code in (401, 403):
             self.denied = (
                 f"{self.ref.registry} denied pull access to {self.ref.name} "
@@ -181,17 +190,30 @@ class Registry:
             )
         if response.status_code >= 400:
             raise RegistryError(f"HEAD {self.ref.base_url}{path} → {response.status_code}")
-        return response.headers.get("Docker-Content-Digest") or ""
+        digest = response.headers.get("Docker-Content-Digest", "")
+        if DIGEST_PATTERN.fullmatch(digest):
+            return digest
+        return self._body_digest(path)
 
-    def _head(self, path: str) -> httpx.Response:
+    def _body_digest(self, path: str) -> str:
+        """The digest of the manifest ``GET`` answers: the sha256 of its bytes, as the registry
+        and docker compute it."""
+        response = self._request("GET", path)
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RegistryUnavailable(f"GET {self.ref.base_url}{path} → {response.status_code}")
+        if response.status_code >= 400:
+            raise RegistryError(f"GET {self.ref.base_url}{path} → {response.status_code}")
+        return "sha256:" + hashlib.sha256(response.content).hexdigest()
+
+    def _request(self, method: str, path: str) -> httpx.Response:
         headers = {"Accept": ", ".join(MANIFEST_TYPES)}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
-            return self._client.head(path, headers=headers)
+            return self._client.request(method, path, headers=headers)
         except httpx.TransportError as exc:
             raise RegistryUnavailable(
-                f"HEAD {self.ref.base_url}{path}: {type(exc).__name__}: {exc}"
+                f"{method} {self.ref.base_url}{path}: {type(exc).__name__}: {exc}"
             ) from exc
 
     def _authenticate(self, response: httpx.Response) -> None:
@@ -292,7 +314,10 @@ class EcrRegistry:
             ) from exc
         if not details:
             return None
-        return str(details[0].get("imageDigest") or "")
+        digest = str(details[0].get("imageDigest") or "")
+        if not DIGEST_PATTERN.fullmatch(digest):
+            raise RegistryError(f"ECR DescribeImages on {repo.name}: no image digest ({digest!r})")
+        return digest
 
 
 def image_exists(
@@ -399,7 +424,7 @@ def wait_for_image(
     return ImageCheck(
         image=image,
         sha=sha,
-        digest=digest or None,
+        digest=digest,
         attempts=attempts,
         waited_seconds=clock() - start,
         pr_tag=pr_tag,
@@ -452,10 +477,10 @@ def check_image(
         ecr=ecr,
     )
     log.info(
-        "image %s found (%s) after %d attempt(s), %.0f s",
+        "image %s found after %d attempt(s), %.0f s: the preview pulls %s",
         result.reference,
-        result.digest or "no digest header",
         result.attempts,
         result.waited_seconds,
+        result.digest,
     )
     return result

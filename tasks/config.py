@@ -59,6 +59,8 @@ IMAGE_MAX_LENGTH = 255
 ECR_REGISTRY_PATTERN = re.compile(
     rf"(?P<account>[0-9]{{12}})\.dkr\.ecr\.(?P<region>{REGION_PATTERN.pattern})\.amazonaws\.com"
 )
+# A manifest digest as registries give it (OCI's registered algorithms): what a preview pulls.
+DIGEST_PATTERN = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 SERVICE_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}")
 ABSOLUTE_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
 RELATIVE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
@@ -526,6 +528,13 @@ class PreviewConfig(BaseModel):
 
     def registry_username(self, repo: str) -> str:
         return self.ghcr_username or self.image_for(repo).split("/")[1]
+
+    def pinned_image(self, repo: str, tag: str, digest: str) -> str:
+        """``image:tag@digest``, what a preview pulls: the manifest the image check saw, whatever
+        the tag points to by the time the instance pulls (the tag only reads well in logs)."""
+        if not DIGEST_PATTERN.fullmatch(digest):
+            raise ValueError(f"{digest[:200]!r} is not a manifest digest (sha256:<64 hex>)")
+        return f"{self.image_for(repo)}:{tag}@{digest}"
 
 
 # What a run's ``config`` parameter may not set: each decides what runs, where, with which

@@ -68,14 +68,16 @@ printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}
 step=pull
 cd "$APP_DIR"
 if ! docker compose pull {{app_service}}; then
-  # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3).
+  # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3) and
+  # point APP_IMAGE at that build.
   step=tarball-build
   mkdir -p "$APP_DIR/build"
   # The header comes on stdin (-H @-): on curl's command line ps would show the token.
   curl -fsSL -H @- {{tarball_url}} \\
     <<<"Authorization: Bearer $GHCR_TOKEN" \\
     | tar -xz --strip-components=1 -C "$APP_DIR/build"
-  docker build -t {{image_ref}} "$APP_DIR/build"
+  docker build -t {{build_ref}} "$APP_DIR/build"
+  echo {{build_image_line}} > "$APP_DIR/.env"
 fi
 unset GHCR_TOKEN"""
 # ECR (tasks/ecr.py): the instance role logs in, so there is no token to read or forget, and
@@ -101,6 +103,9 @@ class LaunchSpec:
     requested_at: datetime | None = None  # when the event arrived: the preview's recency
     branch: str = ""  # the PR's head branch: PR_BRANCH and {branch} in the app's env
     compose: str | None = None  # the repository's compose file, checked (tasks/compose.py)
+    # The manifest digest the image check saw: APP_IMAGE names it, so the instance pulls what
+    # was checked. None only where no check ran (a launch by hand): the tag is pulled then.
+    digest: str | None = None
 
     @property
     def name(self) -> str:
@@ -254,13 +259,16 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
     """
     check_inputs(spec.repo, spec.pr_number, spec.sha)
     image = config.image_for(spec.repo)
+    built = f"{image}:{spec.sha}"
+    pulled = built if spec.digest is None else config.pinned_image(spec.repo, spec.sha, spec.digest)
     q = shlex.quote
     return _render(
         config,
         # A comment line: check_inputs above admits no character that could end it.
         what=f"{spec.repo}#{spec.pr_number} at {spec.sha}",
-        app_image_line=q(f"APP_IMAGE={image}:{spec.sha}"),
-        image_ref=q(f"{image}:{spec.sha}"),
+        app_image_line=q(f"APP_IMAGE={pulled}"),
+        build_ref=q(built),
+        build_image_line=q(f"APP_IMAGE={built}"),
         tarball_url=q(f"https://api.github.com/repos/{spec.repo}/tarball/{spec.sha}"),
         registry=q(image.split("/", 1)[0]),
         registry_username=q(config.registry_username(spec.repo)),
@@ -282,7 +290,8 @@ def render_spare_user_data(config: PreviewConfig) -> str:
         config,
         what="warm spare",
         app_image_line=q("APP_IMAGE="),
-        image_ref="",
+        build_ref="",
+        build_image_line="",
         tarball_url="",
         registry="",
         registry_username="",

@@ -2,7 +2,8 @@
 and the failure policy's short TTL.
 
 An update costs seconds where a relaunch costs an EC2 boot: point ``APP_IMAGE`` in
-``{app_dir}/.env`` at the new sha, ``docker compose pull`` and ``up -d`` — then the flow
+``{app_dir}/.env`` at the new sha's image, by the digest the image check saw
+(``image:sha@digest``), ``docker compose pull`` and ``up -d`` — then the flow
 migrates and probes as after a launch. Once the new containers run, the instance's tags say so:
 ``Sha``, ``updated-at`` and a fresh ``shutdown-at`` (the on-instance shutdown timer is moved
 with it). Relaunching is the flow's call when :func:`preview_health` says unhealthy or an
@@ -212,23 +213,25 @@ def deploy_in_place(
     *,
     repo: str,
     sha: str,
+    digest: str,
     now: datetime | None = None,
     timeout_seconds: float | None = None,
     app: AppFiles | None = None,
 ) -> UpdateResult:
-    """Deploy ``sha`` on the running preview ``instance_id`` and move its tags.
+    """Deploy ``sha`` on the running preview ``instance_id`` and move its tags. ``digest`` is the
+    manifest the image check saw: the instance pulls that, whatever the tag says by then.
 
     ``timeout_seconds`` bounds login, pull and recreate (default ``ready_timeout_seconds``).
     ``UpdateFailed`` when the instance is gone or not running or a step fails: relaunch then.
     """
     if not is_sha(sha):
         raise ValueError(f"{sha!r} is not a git sha")
+    image_ref = config.pinned_image(repo, sha, digest)
     started = time.monotonic()
     preview = describe_preview(ec2, instance_id)
     if preview is None or preview.state != "running":
         state = preview.state if preview else "gone"
         raise UpdateFailed(f"{instance_id} is {state}: cannot update in place")
-    image_ref = f"{config.image_for(repo)}:{sha}"
     timeout = config.ready_timeout_seconds if timeout_seconds is None else timeout_seconds
     try:
         result = run_command(
@@ -364,11 +367,12 @@ def update_in_place(
     instance_id: str,
     repo: str,
     sha: str,
+    digest: str,
     app: AppFiles | None = None,
 ) -> UpdateResult:
     """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
     result = deploy_in_place(
-        clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha, app=app
+        clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha, digest=digest, app=app
     )
     run_logger(logger).info(
         "%s updated in place %s → %s in %.1fs (shutdown-at %s)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 
+import httpx
 import pytest
 
 from local_stack.registry import FakeRegistry
@@ -206,3 +207,27 @@ def test_check_image_task_uses_the_config_and_hides_the_token(
     assert result.pr_tag_present is False  # informational only
     assert registry.token_requests()[0].headers["authorization"].startswith("Basic ")
     assert CANARY_GHCR_TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("header", [None, "", "sha256:not-a-digest"], ids=["none", "empty", "bad"])
+def test_without_a_usable_digest_header_the_digest_is_the_manifests_sha256(
+    registry: FakeRegistry, header: str | None
+) -> None:
+    """Some registries and mirrors send no Docker-Content-Digest: the check reads the manifest
+    (the index, for a multi-platform image) and takes the sha256 of its bytes, as docker does."""
+    index_digest = registry.push(NAME, SHA)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        response = registry.handle(request)
+        sent = response.headers.pop("Docker-Content-Digest", None)
+        if sent is not None and header is not None:
+            response.headers["Docker-Content-Digest"] = header
+        return response
+
+    result = wait_for_image(
+        IMAGE, SHA, timeout_seconds=0, poll_seconds=1, transport=httpx.MockTransport(answer)
+    )
+
+    assert result.digest == index_digest
+    [get] = [r for r in registry.manifest_requests(SHA) if r.method == "GET"]
+    assert get.headers["accept"] == ", ".join(MANIFEST_TYPES)

@@ -304,9 +304,18 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
     basic = "Basic " + base64.b64encode(f"AWS:{password}".encode()).decode()
     assert sent_credentials(registry, SHA1) == {None, basic}  # challenged, then answered
 
+    pushed = check_image.fn(config, REPO, 42, SHA2, None, ecr=ecr).digest
     updated = deploy_in_place(
-        aws.ec2, aws.ssm, launched.instance_id, config, repo=REPO, sha=SHA2, timeout_seconds=60
+        aws.ec2,
+        aws.ssm,
+        launched.instance_id,
+        config,
+        repo=REPO,
+        sha=SHA2,
+        digest=pushed,
+        timeout_seconds=60,
     )
-    assert (updated.sha, updated.image) == (SHA2, f"{IMAGE}:{SHA2}")
-    assert f"APP_IMAGE={IMAGE}:{SHA2}" in sandbox.inside(f"{config.app_dir}/.env").read_text()
-    assert sent_credentials(registry, SHA2) == {None, basic}
+    assert (updated.sha, updated.image) == (SHA2, f"{IMAGE}:{SHA2}@{pushed}")
+    env = sandbox.inside(f"{config.app_dir}/.env").read_text()
+    assert f"APP_IMAGE={IMAGE}:{SHA2}@{pushed}" in env
+    assert sent_credentials(registry, pushed) == {None, basic}  # pulled by the checked digest

@@ -70,6 +70,31 @@ def test_user_data_reads_secrets_at_boot_and_holds_none(
     assert "{{" not in script
 
 
+def test_the_instance_pulls_the_digest_the_check_saw(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    digest = "sha256:" + "5e" * 32
+    pinned = LaunchSpec(SPEC.repo, SPEC.pr_number, SPEC.sha, digest=digest)
+
+    result = launch_instance(aws.ec2, config, pinned)
+
+    script = user_data(aws, result.instance_id)
+    # compose pulls ${APP_IMAGE}: the manifest checked, whatever the tag names by boot time
+    assert f'echo APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest} > "$APP_DIR/.env"' in script
+    assert "docker compose pull api" in script
+
+
+@pytest.mark.parametrize("digest", ["latest", "sha256:" + "5e" * 31, f"sha256:{'5e' * 32} x"])
+def test_a_launch_refuses_what_is_not_a_digest(
+    aws: AwsClients, config: PreviewConfig, digest: str
+) -> None:
+    with pytest.raises(ValueError, match="not a manifest digest"):
+        launch_instance(
+            aws.ec2, config, LaunchSpec(SPEC.repo, SPEC.pr_number, SPEC.sha, digest=digest)
+        )
+    assert live(aws) == []
+
+
 def test_a_spare_pulls_the_default_branchs_image_unless_turned_off() -> None:
     config = PreviewConfig(image="ghcr.io/octo-org/app")  # rendering reads no account
     pulled = render_spare_user_data(config)

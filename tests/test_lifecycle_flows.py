@@ -21,7 +21,8 @@ from tasks.config import PreviewConfig
 from tasks.tags import parse_time
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
-from tests.support.moto_state import live, state_of, tags
+from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data
+from tests.support.moving_tags import moving_tags
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "healthy_world")
 
@@ -230,3 +231,31 @@ def test_failed_in_place_update_relaunches_on_a_fresh_instance(
     [current] = live(aws)
     assert current["InstanceId"] == pushed.instance_id != first.instance_id
     assert tags(current)["Sha"] == SHA2
+
+
+def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(
+    aws: AwsClients, config: PreviewConfig, registry: FakeRegistry
+) -> None:
+    with moving_tags(registry, "octo-org/app") as moving:
+        image = config.image = f"{moving.host}/octo-org/app"
+        moving.move(SHA1)
+
+        opened = pr_preview(REPO, 47, SHA1, action="opened", config=config)
+
+        checked, repointed = moving.moved[SHA1]
+        assert checked != repointed == registry.repositories["octo-org/app"].tags[SHA1]
+        assert opened.image == f"{image}:{SHA1}@{checked}"
+        script = user_data(aws, opened.instance_id or "")
+        assert f"echo APP_IMAGE={image}:{SHA1}@{checked} > " in script
+        assert repointed not in script
+
+        moving.move(SHA2)
+        pushed = pr_preview(REPO, 47, SHA2, action="synchronize", config=config)
+
+        checked, repointed = moving.moved[SHA2]
+        assert (pushed.path, pushed.image) == ("in-place", f"{image}:{SHA2}@{checked}")
+        [deploy] = [
+            text for text in ssm_commands(aws, opened.instance_id or "") if "APP_IMAGE=" in text
+        ]
+        assert f"echo APP_IMAGE={image}:{SHA2}@{checked}; }} > .env.next" in deploy
+        assert repointed not in deploy

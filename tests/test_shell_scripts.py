@@ -296,6 +296,29 @@ def test_a_failed_secret_read_fails_the_bootstrap_at_secrets(
     assert "docker login" not in sandbox.calls
 
 
+def test_the_boot_pulls_the_checked_digest_and_a_fallback_build_runs_that_build(
+    sandbox: Sandbox,
+) -> None:
+    digest = "sha256:" + "d1" * 32
+    pinned = LaunchSpec(SPEC.repo, SPEC.pr_number, SPEC.sha, digest=digest)
+    script = render_user_data(sandbox_config(sandbox), pinned)
+    env = sandbox.root / "app" / ".env"
+
+    pulled = sandbox.run(script)
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest}\n"
+    assert "docker compose pull api" in sandbox.calls and "docker build" not in sandbox.calls
+
+    built = sandbox.run(script, PULL_EXIT="1")
+
+    # No pull, so the sha's tarball is built, and compose runs that build: a tag of this
+    # instance only, which a digest cannot name.
+    assert built.returncode == 0, built.stderr
+    assert f"docker build -t ghcr.io/octo-org/app:{SPEC.sha} " in sandbox.calls
+    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+
+
 def test_a_failing_command_marks_its_step(sandbox: Sandbox) -> None:
     """The pull fails (so the tarball fallback runs) and then the build: the ERR trap marks
     the step it was at."""

@@ -30,7 +30,8 @@ from tasks.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spa
 from tasks.sweep import sweep
 from tasks.tags import TAG_PR, TAG_REPO, TAG_SHUTDOWN_AT, TAG_SPARE, parse_time
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
-from tests.support.moto_state import live, state_of, tags, user_data
+from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data
+from tests.support.moving_tags import moving_tags
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -133,6 +134,23 @@ def test_pr_spares_fills_keeps_rotates_on_a_new_ami_and_scales_to_zero(
     config.warm_spares = 0
     emptied = pr_spares(config=config)
     assert len(emptied.rotated) == 2 and not find_spares(aws.ec2, config)
+
+
+def test_a_claimed_spare_pulls_what_the_check_saw_though_the_tag_moves(
+    aws: AwsClients, config: PreviewConfig, registry: FakeRegistry
+) -> None:
+    [spare] = make_spares(aws, config, 1)
+    with moving_tags(registry, "octo-org/app") as moving:
+        image = config.image = f"{moving.host}/octo-org/app"
+        moving.move(SHA)
+
+        claimed = pr_preview(REPO, 11, SHA, action="opened", config=config)
+
+    checked, repointed = moving.moved[SHA]
+    assert (claimed.path, claimed.instance_id) == ("spare", spare)
+    [deploy] = [text for text in ssm_commands(aws, spare) if "APP_IMAGE=" in text]
+    assert f"echo APP_IMAGE={image}:{SHA}@{checked}; }} > .env.next" in deploy
+    assert repointed not in deploy
 
 
 def test_a_broken_spare_is_terminated_and_a_booting_one_left_alone(

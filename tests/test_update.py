@@ -23,6 +23,7 @@ from tests.support.ssm import DEPLOY, HEALTH, Reply, ScriptedInstances
 
 OLD_SHA = "1111111111111111111111111111111111111111"
 NEW_SHA = "2222222222222222222222222222222222222222"
+DIGEST = "sha256:" + "ab" * 32  # what the image check saw for NEW_SHA
 LAUNCHED = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -79,11 +80,11 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     before = all_instances(aws)
 
     result = deploy_in_place(
-        aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, now=NOW
+        aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST, now=NOW
     )
 
     assert (result.previous_sha, result.sha, result.path) == (OLD_SHA, NEW_SHA, "in-place")
-    assert result.image == f"ghcr.io/octo-org/app:{NEW_SHA}"
+    assert result.image == f"ghcr.io/octo-org/app:{NEW_SHA}@{DIGEST}"
     tags = tags_of(aws, instance)
     assert tags[TAG_SHA] == NEW_SHA
     assert tags[TAG_UPDATED_AT] == "2026-11-28T12:00:00Z"
@@ -91,7 +92,8 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     assert tags[TAG_SHUTDOWN_AT] == format_time(NOW + timedelta(hours=config.failure_ttl_hours))
     assert all_instances(aws) == before  # no new instance
     (script,) = scripted_ssm.commands(instance, DEPLOY)
-    assert f"echo APP_IMAGE=ghcr.io/octo-org/app:{NEW_SHA}; }} > .env.next" in script
+    # The checked manifest, whatever the tag says by the time the instance pulls.
+    assert f"echo APP_IMAGE=ghcr.io/octo-org/app:{NEW_SHA}@{DIGEST}; }} > .env.next" in script
     assert "--password-stdin" in script and "/pr-preview/ghcr-token" in script
     assert "docker compose pull api" in script and "docker compose up -d" in script
     for canary in CANARIES:
@@ -113,7 +115,14 @@ def test_failed_update_keeps_the_old_tags(
 
     with pytest.raises(UpdateFailed) as raised:
         deploy_in_place(
-            aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, now=NOW
+            aws.ec2,
+            aws.ssm,
+            instance,
+            config,
+            repo="octo-org/app",
+            sha=NEW_SHA,
+            digest=DIGEST,
+            now=NOW,
         )
 
     assert "manifest unknown" in raised.value.output
@@ -127,13 +136,36 @@ def test_update_refuses_an_instance_that_is_not_running(
     aws.ec2.stop_instances(InstanceIds=[instance])
 
     with pytest.raises(UpdateFailed, match="stopped"):
-        deploy_in_place(aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA)
+        deploy_in_place(
+            aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST
+        )
     assert scripted_ssm.commands(instance) == []
 
 
 def test_update_rejects_what_is_not_a_sha(aws: AwsClients, config: PreviewConfig):
     with pytest.raises(ValueError):
-        deploy_in_place(aws.ec2, aws.ssm, "i-0", config, repo="octo-org/app", sha="main; rm -rf /")
+        deploy_in_place(
+            aws.ec2,
+            aws.ssm,
+            "i-0",
+            config,
+            repo="octo-org/app",
+            sha="main; rm -rf /",
+            digest=DIGEST,
+        )
+
+
+@pytest.mark.parametrize("digest", ["", "latest", "sha256:abc", f"{DIGEST}\nreboot"])
+def test_update_pulls_only_a_manifest_digest(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, digest: str
+) -> None:
+    instance = launch_preview(aws)
+
+    with pytest.raises(ValueError, match="not a manifest digest"):
+        deploy_in_place(
+            aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=digest
+        )
+    assert scripted_ssm.commands(instance) == []
 
 
 def test_health_says_healthy_only_when_bootstrapped_and_listening(

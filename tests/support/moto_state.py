@@ -37,3 +37,10 @@ def user_data(aws: AwsClients, instance_id: str) -> str:
 def state_of(aws: AwsClients, instance_id: str) -> str:
     reservation = aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
     return str(reservation["Instances"][0]["State"]["Name"])
+
+
+def ssm_commands(aws: AwsClients, instance_id: str) -> list[str]:
+    """The scripts moto holds as sent to ``instance_id`` over SSM, oldest first."""
+    commands = aws.ssm.list_commands(InstanceId=instance_id)["Commands"]
+    ordered = sorted(commands, key=lambda command: command["RequestedDateTime"])
+    return ["\n".join(command["Parameters"]["commands"]) for command in ordered]
