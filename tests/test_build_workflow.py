@@ -171,3 +171,14 @@ def test_no_job_runs_for_a_fork() -> None:
     assert jobs_run(flow, push_event("main")) == {"base"}
     assert jobs_run(flow, push_event("main", fork=True)) == set()  # a fork that runs our workflow
     assert jobs_run(flow, push_event("release")) == set()  # not the default branch
+
+
+def test_every_action_is_pinned_by_a_full_commit_sha_with_its_release_beside_it() -> None:
+    """A tag upstream can be moved to other code; a commit sha cannot. The comment says which
+    release the sha is, for the reader and for whoever updates it."""
+    uses = re.findall(r"(?m)^\s*-?\s*uses:\s*(.*)$", WORKFLOW.read_text())
+    steps = [s for job in workflow()["jobs"].values() for s in job["steps"] if "uses" in s]
+
+    assert len(uses) == len(steps) == 8
+    for line in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40} # v\d+\.\d+\.\d+", line), line
