@@ -224,18 +224,21 @@ class GitHub:
 
     def installation_token(self, repo: str) -> str:
         """A token of the installation on ``repo`` with at least five minutes left; a new one
-        (``POST /app/installations/{id}/access_tokens``) when the cached one is older."""
+        (``POST /app/installations/{id}/access_tokens``) when the cached one is older. Each is
+        asked for ``repo`` alone and the App's ``permissions``: GitHub refuses it any other
+        repository of the installation, and anything else the App may do."""
         app = self._require_app()
         installation = self.installation_id(repo)
-        token = app.cached_token(installation)
+        token = app.cached_token(installation, repo)
         if token is None:
             answer = self._request(
                 "POST",
                 f"/app/installations/{int(installation)}/access_tokens",
                 call=_Call(write=True, as_app=True),
+                json=app.token_request(repo),
                 repo=repo,
             ).json()
-            token = app.keep_token(installation, answer)
+            token = app.keep_token(installation, repo, answer)
         return token
 
     def _require_app(self) -> GitHubApp:
@@ -474,8 +477,8 @@ class GitHub:
                     return response
                 if response.status_code == 401 and credential.installation and not renewed:
                     # Revoked early, or expired between our clock and GitHub's: a new one.
-                    assert self._app is not None
-                    self._app.forget_token(credential.installation)
+                    assert self._app is not None and credential.repo is not None
+                    self._app.forget_token(credential.installation, credential.repo)
                     renewed = True
                     continue
                 failure = self._error(response, call, credential)
@@ -616,6 +619,15 @@ class GitHub:
                 f"{where}: {app.label} may not act on {repo} ({message}): its installation"
                 " is suspended or does not include the repository — unsuspend it or add the"
                 " repository in the owner's Settings → GitHub Apps",
+                status=status,
+            )
+        if status == 422:
+            wanted = ", ".join(f"{name}: {level}" for name, level in app.permissions.items())
+            return GitHubAuthError(
+                f"{where}: GitHub gives {app.label} no token for {repo} with {wanted}"
+                f" ({message}) — give the App these repository permissions and accept them in"
+                " its installation (the README's 'Create the GitHub App'), and include the"
+                " repository in the installation",
                 status=status,
             )
         return GitHubError(f"{where}: {app.label}: {message}", status=status)

@@ -2,11 +2,14 @@
 
 An App acts on a repository through an installation access token (valid one hour) that it gets
 by presenting a JWT signed with its private key: RS256, ``iat`` 60 s in the past against clock
-drift, ``exp`` at most 10 minutes ahead. ``GitHubApp`` holds the key and caches one token per
-installation, renewed ``REFRESH_MARGIN_SECONDS`` before it expires, so a long run never sends a
-token that lapses mid-call. Tokens are opaque: GitHub is changing their format, so nothing here
-looks at their length or prefix. The key, the JWTs and the tokens live in fields hidden from
-repr and are never logged; ``secrets()`` lists them for the client to scrub from its messages.
+drift, ``exp`` at most 10 minutes ahead. Each token is asked for one repository and the
+permissions a run uses (``TOKEN_PERMISSIONS``), not everything the installation may do: a token
+that leaks from a run touches nothing else. ``GitHubApp`` holds the key and caches one token per
+installation and repository, renewed ``REFRESH_MARGIN_SECONDS`` before it expires, so a long run
+never sends a token that lapses mid-call. Tokens are opaque: GitHub is changing their format, so
+nothing here looks at their length or prefix. The key, the JWTs and the tokens live in fields
+hidden from repr and are never logged; ``secrets()`` lists them for the client to scrub from its
+messages.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -36,6 +40,17 @@ JWT_BACKDATE_SECONDS = 60
 JWT_LIFETIME_SECONDS = 540  # under GitHub's 10-minute cap, counted from the real now
 TOKEN_LIFETIME_SECONDS = 3600  # what GitHub grants when it does not say
 REFRESH_MARGIN_SECONDS = 300
+# What a run does with an installation token, and nothing more; the README's App permissions.
+TOKEN_PERMISSIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "checks": "write",  # the pr-preview check run: create, update, find the newest
+        "contents": "read",  # the PR's compose file (GET …/contents/{path})
+        "deployments": "write",  # the pr-<n> environment: deployments and their statuses
+        "issues": "write",  # the sticky comment (a pull request's conversation is its issue)
+        "metadata": "read",  # GitHub's mandatory one
+        "pull_requests": "read",  # the PR's head, state and fork
+    }
+)
 
 
 class GitHubAppKeyError(ValueError):
@@ -61,7 +76,8 @@ class GitHubApp:
     installation_id: int | None = None
     clock: Callable[[], float] = field(default=time.time, repr=False)
     slug: str | None = None
-    _tokens: dict[int, InstallationToken] = field(default_factory=dict, repr=False)
+    permissions: Mapping[str, str] = field(default_factory=lambda: TOKEN_PERMISSIONS)
+    _tokens: dict[tuple[int, str], InstallationToken] = field(default_factory=dict, repr=False)
     _installations: dict[str, int] = field(default_factory=dict, repr=False)
     _jwt: str | None = field(default=None, repr=False)
     _signing_key: RSAPrivateKey | None = field(default=None, repr=False)
@@ -86,24 +102,29 @@ class GitHubApp:
         self._jwt = jwt.encode(claims, self._signing_key, algorithm="RS256")
         return self._jwt
 
-    def cached_token(self, installation_id: int) -> str | None:
-        """The installation's token while it is fresh, else None (time to ask for another)."""
-        held = self._tokens.get(installation_id)
+    def token_request(self, repo: str) -> dict[str, Any]:
+        """The body of ``POST …/access_tokens``: ``repo`` alone (GitHub takes the name without
+        the owner: an installation belongs to one account) and ``permissions``."""
+        return {"repositories": [repo.split("/", 1)[1]], "permissions": dict(self.permissions)}
+
+    def cached_token(self, installation_id: int, repo: str) -> str | None:
+        """The token for ``repo`` while it is fresh, else None (time to ask for another)."""
+        held = self._tokens.get((installation_id, repo.lower()))
         if held is not None and held.fresh(self.clock()):
             return held.token
         return None
 
-    def keep_token(self, installation_id: int, answer: Mapping[str, Any]) -> str:
+    def keep_token(self, installation_id: int, repo: str, answer: Mapping[str, Any]) -> str:
         """Remember the token of a ``POST …/access_tokens`` answer until its ``expires_at``."""
         token = str(answer["token"])
         expires_at = _timestamp(answer.get("expires_at"))
         if expires_at is None:
             expires_at = self.clock() + TOKEN_LIFETIME_SECONDS
-        self._tokens[installation_id] = InstallationToken(token, expires_at)
+        self._tokens[(installation_id, repo.lower())] = InstallationToken(token, expires_at)
         return token
 
-    def forget_token(self, installation_id: int) -> None:
-        self._tokens.pop(installation_id, None)
+    def forget_token(self, installation_id: int, repo: str) -> None:
+        self._tokens.pop((installation_id, repo.lower()), None)
 
     def installation_for(self, repo: str) -> int | None:
         """The configured installation, else the one looked up for ``repo`` earlier."""

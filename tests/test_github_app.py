@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
@@ -20,11 +22,11 @@ from deployments.events import event_from_delivery
 from tasks.budget import RunTimedOut, check_budget, run_budget
 from tasks.comment import PreviewState, marker, upsert_comment
 from tasks.config import ConfigError, PreviewConfig, load_config
-from tasks.github import GitHub, GitHubAuthError, github_from_config
-from tasks.github_app import GitHubApp, GitHubAppKeyError, app_from_config
+from tasks.github import GitHub, GitHubAuthError, GitHubPermissionError, github_from_config
+from tasks.github_app import TOKEN_PERMISSIONS, GitHubApp, GitHubAppKeyError, app_from_config
 from tasks.report import PullRequestReport
 from tests.fakes.aws_faults import attach, aws_faults
-from tests.fakes.github import FakeGitHub, app_key_pair
+from tests.fakes.github import APP_PERMISSIONS, FakeGitHub, app_key_pair
 from tests.support import CANARY_GHCR_TOKEN
 from tests.test_github import Sleeps
 
@@ -161,6 +163,98 @@ def test_an_expired_token_is_renewed_once_on_401(fake: FakeGitHub) -> None:
         "access_tokens",
         "7",
     ]
+
+
+# --- each token: one repository, the permissions a run uses
+
+
+OTHER = "octo-org/other"  # another repository of the same installation
+
+
+def test_each_token_is_asked_for_its_one_repository_and_the_runs_permissions(
+    fake: FakeGitHub,
+) -> None:
+    """A token that leaks from a run (a log, a crash dump) reaches nothing else: GitHub answers
+    404 for another repository of the installation, as if it did not exist."""
+    fake.add_pull(OTHER, {"number": 8, "state": "open", "head": {"sha": SHA}})
+    github = app_client(fake, INSTALLATION)
+    github.get_pull(REPO, 7)
+    github.get_pull(OTHER, 8)
+    github.list_issue_comments(REPO, 7)  # the cached token of its repository
+
+    asked = [(r.body, r.status) for r in fake.sent("POST", "/access_tokens")]
+    permissions = {
+        "checks": "write",
+        "contents": "read",
+        "deployments": "write",
+        "issues": "write",
+        "metadata": "read",
+        "pull_requests": "read",
+    }
+    assert asked == [
+        ({"repositories": ["app"], "permissions": permissions}, 201),
+        ({"repositories": ["other"], "permissions": permissions}, 201),
+    ]
+    for_repo, for_other = (bearer(fake.sent("GET", f"/repos/{r}/pulls")[0]) for r in (REPO, OTHER))
+    assert for_repo != for_other
+    assert bearer(fake.sent("GET", "/issues/7/comments")[0]) == for_repo
+
+    with httpx.Client(base_url=fake.base_url, transport=fake.transport) as client:
+        for token, repo, number, status in (
+            (for_repo, OTHER, 8, 404),
+            (for_other, REPO, 7, 404),
+            (for_other, OTHER, 8, 200),
+        ):
+            answer = client.get(
+                f"/repos/{repo}/pulls/{number}", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert (answer.status_code, fake.requests[-1].status) == (status, status), repo
+
+
+def test_a_token_holds_only_the_permissions_it_was_asked_for(fake: FakeGitHub) -> None:
+    app = GitHubApp(
+        APP_ID,
+        app_key_pair()[0],
+        INSTALLATION,
+        clock=lambda: fake.now,
+        permissions={"metadata": "read", "pull_requests": "read"},
+    )
+    github = GitHub(None, base_url=fake.base_url, transport=fake.transport, app=app)
+    assert github.get_pull(REPO, 7)["number"] == 7
+    with pytest.raises(GitHubPermissionError) as raised:
+        github.create_issue_comment(REPO, 7, "hello")
+    assert raised.value.status == 403 and "issues: write" in str(raised.value)
+    [refused] = fake.sent("POST", "/issues/7/comments")
+    assert refused.status == 403 and fake.comment_bodies(REPO, 7) == []
+    [minted] = fake.sent("POST", "/access_tokens")
+    assert minted.body["permissions"] == {"metadata": "read", "pull_requests": "read"}
+
+
+def test_an_app_without_a_permission_the_run_uses_is_told_which_to_grant(
+    fake: FakeGitHub,
+) -> None:
+    """GitHub refuses a token with a permission the installation lacks (422): the run says
+    which permissions to give the App rather than failing later, half-way through."""
+    fake.apps[APP_ID].permissions = APP_PERMISSIONS - {"checks:write"}
+    github = app_client(fake, INSTALLATION)
+    with pytest.raises(GitHubAuthError) as raised:
+        github.get_pull(REPO, 7)
+    message = str(raised.value)
+    assert "access_tokens → 422" in message and "checks: write" in message
+    assert "accept them in its installation" in message and REPO in message
+    assert fake.sent("GET", "/pulls/7") == []
+
+
+def test_the_tokens_permissions_are_the_ones_the_readme_asks_the_app_for() -> None:
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    [listed] = re.findall(
+        r"\*\*Repository permissions\*\*, exactly what the flows use: (.+?) Nothing else", readme
+    )
+    asked = {
+        name.lower().replace(" ", "_"): "read" if level == "Read-only" else "write"
+        for name, level in re.findall(r"\*([A-Z][a-z ]+): (Read-only|Read and write)\*", listed)
+    }
+    assert asked == dict(TOKEN_PERMISSIONS)
 
 
 def test_comments_belong_to_the_apps_bot_user(fake: FakeGitHub) -> None:

@@ -10,6 +10,11 @@ public key (RS256, ``iss`` the App id, ``exp`` in the future and at most 10 minu
 ``iat``); an installation access token expires an hour after ``now`` (the fake's clock) and
 answers 401 once expired or once its installation is revoked; comments an installation writes
 belong to ``<slug>[bot]``; check runs take installation tokens only.
+
+Installation tokens are scoped as GitHub scopes them: asked for ``repositories`` and
+``permissions`` (422 for what the installation does not hold), a token sees only those
+repositories of its installation's account (404 for any other: GitHub does not say whether it
+exists) and holds only those permissions (403 for the rest; ``write`` includes ``read``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ ALL_PERMISSIONS = frozenset({"pull_requests:read", "issues:write", "deployments:
 # What the README's App asks for, in the fake's permission words.
 APP_PERMISSIONS = ALL_PERMISSIONS | {"checks:write", "contents:read", "metadata:read"}
 TOKEN_LIFETIME = 3600.0
+NOT_GRANTED = "The permissions requested are not granted to this installation."
+NOT_IN_INSTALLATION = (
+    "There is at least one repository that does not exist or is not accessible to the parent"
+    " installation."
+)
 JWT_MAX_LIFETIME = 600
 
 
@@ -57,6 +67,13 @@ class IssuedToken:
     app: FakeApp
     installation_id: int
     expires_at: float
+    permissions: frozenset[str] = frozenset()
+    repositories: frozenset[str] | None = None  # full names (lower); None: all of the account's
+
+    def sees(self, repo: str) -> bool:
+        owner, _, _ = repo.lower().partition("/")
+        in_account = owner in self.app.installations.get(self.installation_id, set())
+        return in_account and (self.repositories is None or repo.lower() in self.repositories)
 
 
 @functools.cache
@@ -248,10 +265,16 @@ class FakeGitHub:
         else:
             return _error(401, "Bad credentials")
         self._acting = self.issued.get(token)
+        repo = re.match(r"/repos/([^/]+/[^/]+)", path)
+        if repo and self._acting is not None and not self._acting.sees(repo.group(1)):
+            return _error(404, "Not Found")
 
-        for pattern, method, handler in self._routes():
+        for pattern, method, needs, handler in self._routes():
             match = re.fullmatch(pattern, path)
             if match and request.method == method:
+                if needs and not any(_holds(granted, permission) for permission in needs):
+                    by = "integration" if self._acting else "personal access token"
+                    return _error(403, f"Resource not accessible by {by}")
                 return handler(request, granted, body, *match.groups())
         return _error(404, "Not Found")
 
@@ -302,42 +325,79 @@ class FakeGitHub:
             return _error(404, "Not Found")
         found = re.fullmatch(r"/app/installations/(\d+)/access_tokens", path)
         if found and request.method == "POST":
-            number = int(found.group(1))
-            if number not in app.installations or number in app.revoked:
-                return _error(404, "Not Found")
-            token = self.mint()
-            expires_at = self.now + TOKEN_LIFETIME
-            self.issued[token] = IssuedToken(app, number, expires_at)
-            stamp = datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            return httpx.Response(201, json={"token": token, "expires_at": stamp})
+            return self._mint(app, int(found.group(1)), request)
         return _error(404, "Not Found")
+
+    def _mint(self, app: FakeApp, number: int, request: httpx.Request) -> httpx.Response:
+        """An installation token, narrowed to the ``repositories`` and ``permissions`` asked."""
+        if number not in app.installations or number in app.revoked:
+            return _error(404, "Not Found")
+        asked = json.loads(request.content) if request.content else {}
+        permissions = app.permissions
+        if asked.get("permissions") is not None:
+            permissions = frozenset(f"{k}:{v}" for k, v in asked["permissions"].items())
+            if not all(_holds(app.permissions, wanted) for wanted in permissions):
+                return _error(422, NOT_GRANTED)
+        repositories = None
+        if asked.get("repositories") is not None:
+            names = [str(name).lower() for name in asked["repositories"]]
+            if not names or any("/" in name for name in names):
+                return _error(422, NOT_IN_INSTALLATION)
+            repositories = frozenset(
+                f"{owner}/{name}" for owner in app.installations[number] for name in names
+            )
+        token = self.mint()
+        expires_at = self.now + TOKEN_LIFETIME
+        self.issued[token] = IssuedToken(app, number, expires_at, permissions, repositories)
+        stamp = datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        answer: dict[str, Any] = {
+            "token": token,
+            "expires_at": stamp,
+            "permissions": {
+                name: level for name, _, level in (p.partition(":") for p in sorted(permissions))
+            },
+            "repository_selection": "all" if repositories is None else "selected",
+        }
+        if repositories is not None:
+            answer["repositories"] = [{"full_name": name} for name in sorted(repositories)]
+        return httpx.Response(201, json=answer)
 
     def _installation(self, token: str) -> tuple[frozenset[str], httpx.Response | None]:
         issued = self.issued[token]
         if issued.expires_at <= self.now or issued.installation_id in issued.app.revoked:
             return frozenset(), _error(401, "Bad credentials")
-        return issued.app.permissions, None
+        return issued.permissions, None
 
     def _author(self) -> dict[str, Any]:
         """Who the current request writes as: the App's bot, or the token's user."""
         acting = self._acting
         return self.user(acting.app.bot_login if acting else self.bot_login)
 
-    def _routes(self) -> list[tuple[str, str, Any]]:
+    def _routes(self) -> list[tuple[str, str, tuple[str, ...], Any]]:
+        """Path, method, the permissions one of which the endpoint needs (as GitHub documents
+        it per endpoint), and the handler."""
         repo = r"/repos/([^/]+/[^/]+)"
+        read_comments = ("issues:read", "pull_requests:read")
+        write_comments = ("issues:write", "pull_requests:write")
+        deployments = ("deployments:write",)
         return [
-            (r"/user", "GET", self._get_user),
-            (repo + r"/pulls/(\d+)", "GET", self._get_pull),
-            (repo + r"/issues/(\d+)/comments", "GET", self._list_comments),
-            (repo + r"/issues/(\d+)/comments", "POST", self._create_comment),
-            (repo + r"/issues/comments/(\d+)", "PATCH", self._update_comment),
-            (repo + r"/deployments", "GET", self._list_deployments),
-            (repo + r"/deployments", "POST", self._create_deployment),
-            (repo + r"/deployments/(\d+)/statuses", "POST", self._create_status),
-            (repo + r"/check-runs", "POST", self._create_check_run),
-            (repo + r"/check-runs/(\d+)", "PATCH", self._update_check_run),
-            (repo + r"/commits/([0-9a-f]{7,40})/check-runs", "GET", self._list_check_runs),
-            (repo + r"/contents/(.+)", "GET", self._get_contents),
+            (r"/user", "GET", (), self._get_user),
+            (repo + r"/pulls/(\d+)", "GET", ("pull_requests:read",), self._get_pull),
+            (repo + r"/issues/(\d+)/comments", "GET", read_comments, self._list_comments),
+            (repo + r"/issues/(\d+)/comments", "POST", write_comments, self._create_comment),
+            (repo + r"/issues/comments/(\d+)", "PATCH", write_comments, self._update_comment),
+            (repo + r"/deployments", "GET", ("deployments:read",), self._list_deployments),
+            (repo + r"/deployments", "POST", deployments, self._create_deployment),
+            (repo + r"/deployments/(\d+)/statuses", "POST", deployments, self._create_status),
+            (repo + r"/check-runs", "POST", ("checks:write",), self._create_check_run),
+            (repo + r"/check-runs/(\d+)", "PATCH", ("checks:write",), self._update_check_run),
+            (
+                repo + r"/commits/([0-9a-f]{7,40})/check-runs",
+                "GET",
+                ("checks:read",),
+                self._list_check_runs,
+            ),
+            (repo + r"/contents/(.+)", "GET", ("contents:read",), self._get_contents),
         ]
 
     def _id(self) -> int:
@@ -358,8 +418,6 @@ class FakeGitHub:
         self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, path: str
     ) -> httpx.Response:
         """The raw file (``Accept: application/vnd.github.raw+json``) at ``?ref=``."""
-        if "contents:read" not in granted:
-            return _error(403, "Resource not accessible by integration")
         text = self.files.get((repo.lower(), request.url.params.get("ref", ""), path))
         if text is None:
             return _error(404, "Not Found")
@@ -389,8 +447,6 @@ class FakeGitHub:
         key = (repo.lower(), int(number))
         if key not in self.comments:
             return _error(404, "Not Found")
-        if "issues:write" not in granted:
-            return _error(403, "Resource not accessible by personal access token")
         comment = {"id": self._id(), "body": body["body"], "user": self._author()}
         self.comments[key].append(comment)
         return httpx.Response(201, json=comment)
@@ -401,8 +457,6 @@ class FakeGitHub:
         for (name, _), comments in self.comments.items():
             for comment in comments:
                 if name == repo.lower() and comment["id"] == int(comment_id):
-                    if "issues:write" not in granted:
-                        return _error(403, "Resource not accessible by personal access token")
                     comment["body"] = body["body"]
                     return httpx.Response(200, json=comment)
         return _error(404, "Not Found")
@@ -425,8 +479,6 @@ class FakeGitHub:
     ) -> httpx.Response:
         if not self._known_repo(repo):
             return _error(404, "Not Found")
-        if "deployments:write" not in granted:
-            return _error(403, "Resource not accessible by personal access token")
         if not body or not body.get("ref"):
             return _error(422, "Invalid request.")
         deployment = {
@@ -452,8 +504,6 @@ class FakeGitHub:
     ) -> httpx.Response:
         if int(deployment_id) not in self.statuses:
             return _error(404, "Not Found")
-        if "deployments:write" not in granted:
-            return _error(403, "Resource not accessible by personal access token")
         states = {"error", "failure", "inactive", "in_progress", "queued", "pending", "success"}
         if body.get("state") not in states:
             return _error(422, "Validation Failed")
@@ -468,8 +518,6 @@ class FakeGitHub:
             return _error(404, "Not Found")
         if self._acting is None:
             return _error(403, "You must authenticate via a GitHub App.")
-        if "checks:write" not in granted:
-            return _error(403, "Resource not accessible by integration")
         problem = _check_run_problem(body, creating=True)
         if problem:
             return _error(422, problem)
@@ -494,7 +542,7 @@ class FakeGitHub:
         if not runs or self._acting is None:
             return _error(404, "Not Found")
         [run] = runs
-        if run["app"]["id"] != self._acting.app.app_id or "checks:write" not in granted:
+        if run["app"]["id"] != self._acting.app.app_id:
             return _error(403, "Resource not accessible by integration")
         problem = _check_run_problem(body, creating=False)
         if problem:
@@ -582,6 +630,12 @@ def _check_run_problem(body: Any, *, creating: bool) -> str | None:
 
 def _public(run: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in run.items() if key != "history"}
+
+
+def _holds(granted: frozenset[str], needed: str) -> bool:
+    """Whether ``granted`` includes ``needed`` (``name:level``): ``write`` includes ``read``."""
+    name, _, level = needed.partition(":")
+    return needed in granted or (level == "read" and f"{name}:write" in granted)
 
 
 def _error(status: int, message: str) -> httpx.Response:
