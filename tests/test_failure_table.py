@@ -345,7 +345,7 @@ def test_an_unencoded_password_in_database_url(world: World) -> None:
     )
     assert edit.ok, edit
     with pytest.raises(MigrationFailed) as failed:
-        run_migrations(world.aws.ssm, instance_id, world.config, timeout_seconds=5)
+        run_migrations(world.aws.ssm, instance_id, world.config, timeout_seconds=60)
     assert "invalid literal for int() with base 10" in str(failed.value)
     diagnosis = diagnose_instance(world.aws.ssm, instance_id, world.config, error=failed.value)
     assert diagnosis.key == "database-url-encoding", diagnosis.markdown()
@@ -379,12 +379,17 @@ def test_a_wrong_ghcr_token(world: World) -> None:
     world.set_ghcr_token(CANARY_GHCR_TOKEN)
     ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
     instance_id = ready.result().instance_id
-    world.registry.users["octo-org"] = "ghp_rotatedToken00000000000000000000000"  # revoked
+    # Revoked: the token no longer logs in, and the registry tokens it minted are void.
+    world.registry.users["octo-org"] = "ghp_rotatedToken00000000000000000000000"
+    world.registry.tokens.clear()
     compose = shlex.quote(f"{world.config.app_dir}/docker-compose.yml")
+    # The next push's image (the running one is pinned by digest and already here, so pulling
+    # it again asks the registry nothing).
+    pushed = shlex.quote(f"APP_IMAGE={world.config.image}:{SHA2}")
     pull = run_command(
         world.aws.ssm,
         instance_id,
-        [f"docker compose -f {compose} pull api"],
+        [f"env {pushed} docker compose -f {compose} pull api"],
         timeout_seconds=60,
         poll_seconds=0.2,
     )
@@ -429,7 +434,8 @@ def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
     world.config.migration_command = "true"
     failure = failed_preview(world)
     assert failure.key == "app-not-listening", failure.diagnosis
-    assert "the app's container has been exited (exit code 1)" in failure.message
+    # restart: unless-stopped: Docker restarts it, keeping the last run's exit code.
+    assert "the app's container has been restarting (exit code 1" in failure.message
     assert "ModuleNotFoundError: No module named 'hello_api.missing_module'" in failure.diagnosis
     assert_left_on_short_ttl(failure, world.config)
 
