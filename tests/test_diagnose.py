@@ -33,10 +33,21 @@ SCRIPTS_USER_FAILED = (
     " 'cloudinit.config.cc_scripts_user' from '/usr/lib/python3.9/site-packages/cloudinit/"
     "config/cc_scripts_user.py'>) failed\n"
 )
+# AL2023 has no docker-compose-plugin package (every boot prints the miss), then the release
+# download fails and the user data stops at its compose step.
 COMPOSE_PLUGIN_LOG = (
     "Last metadata expiration check: 0:00:02 ago on Thu Sep 18 10:12:01 2025.\n"
     "No match for argument: docker-compose-plugin\n"
-    "Error: Unable to find a match: docker-compose-plugin\n" + SCRIPTS_USER_FAILED
+    "Error: Unable to find a match: docker-compose-plugin\n"
+    "curl: (6) Could not resolve host: github.com\n"
+    "pr-preview bootstrap failed at step: compose (exit status 6)\n" + SCRIPTS_USER_FAILED
+)
+# The same miss on a boot that got Compose from the release and failed later, at `up`.
+UP_FAILED_LOG = (
+    "No match for argument: docker-compose-plugin\n"
+    "Error: Unable to find a match: docker-compose-plugin\n"
+    "Docker Compose version v2.40.3\n"
+    "pr-preview bootstrap failed at step: up (exit status 1)\n" + SCRIPTS_USER_FAILED
 )
 DOCKER_MISSING_LOG = (
     "/var/lib/cloud/instance/scripts/part-001: line 14: docker: command not found\n"
@@ -91,7 +102,13 @@ ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
             {"cloud-init": COMPOSE_PLUGIN_LOG},
             None,
             "compose-plugin-missing",
-            "No match for argument: docker-compose-plugin",
+            "pr-preview bootstrap failed at step: compose (exit status 6)",
+        ),
+        (
+            {"cloud-init": UP_FAILED_LOG},
+            None,
+            "userdata-failed",
+            "pr-preview bootstrap failed at step: up (exit status 1)",
         ),
         (
             {"cloud-init": DOCKER_MISSING_LOG, "compose-ps": "sh: docker: command not found"},
