@@ -34,7 +34,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay
 from tasks.config import IMAGE_PATTERN, RUN_MARGIN_SECONDS, PreviewConfig
 from tasks.ecr import EcrRepository, ecr_login
 from tasks.inputs import is_repo
-from tasks.launch import COMPOSE_RELEASE, EPHEMERAL_DB_IMAGE, PLACEHOLDER
+from tasks.launch import EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.masking import mask_secrets
 from tasks.on_instance import timer_command, timer_minutes
 from tasks.prefect_context import run_logger
@@ -185,7 +185,9 @@ def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: floa
         "app_dir": q(config.app_dir),
         "pull_dir": q(PULL_DIR),
         "shutdown_timer": timer_command(timer_minutes(ttl_hours)),
-        "compose_url": q(f"{COMPOSE_RELEASE}/{config.compose_version}/docker-compose-linux-"),
+        "compose_url": q(
+            f"{config.compose_release_url}/{config.compose_version}/docker-compose-linux-"
+        ),
         "region": q(config.region),
         "ghcr_token_parameter": q(config.ghcr_token_parameter),
         "registry": q(registry),

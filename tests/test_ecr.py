@@ -263,7 +263,12 @@ def test_every_login_on_an_instance_is_the_roles(tmp_path: Path) -> None:
 
 
 def sent_credentials(registry: FakeRegistry, tag: str) -> set[str | None]:
-    return {request.headers.get("authorization") for request in registry.manifest_requests(tag)}
+    """What the pulls of ``tag`` presented (CI's push is not a pull)."""
+    return {
+        request.headers.get("authorization")
+        for request in registry.manifest_requests(tag)
+        if request.method in ("GET", "HEAD")
+    }
 
 
 def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance(
@@ -284,7 +289,11 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
         ]
         assert media_type == INDEX
         assert push(ecr, sha, body) == registry.repositories[REPO].tags[sha]
-    real_instances.apply({"bridge": f"{registry.host}={registry.host}"})
+    # The instance's dockerd dials ECR's host name: /etc/hosts points it at the instance's
+    # loopback, where port 80 is relayed to the local registry (an insecure registry falls back
+    # from https to http there).
+    registry.aliases.add(HOST)
+    real_instances.apply({"bridge": f"127.0.0.1:80={registry.host}"})
     real_instances.apply({"env": {"PR_PREVIEW_REGISTRY_MIRRORS": f"{HOST}=http://{registry.host}"}})
     config.image = IMAGE
     aws.ssm.delete_parameter(Name=config.ghcr_token_parameter)
@@ -302,7 +311,8 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
     auths = json.loads(sandbox.inside("/root/.docker/config.json").read_text())["auths"]
     assert auths == {HOST: {"auth": base64.b64encode(f"AWS:{password}".encode()).decode()}}
     basic = "Basic " + base64.b64encode(f"AWS:{password}".encode()).decode()
-    assert sent_credentials(registry, SHA1) == {None, basic}  # challenged, then answered
+    # Only what ECR handed out (after a challenge, or at once once the login knows the realm).
+    assert basic in sent_credentials(registry, SHA1) <= {None, basic}
 
     pushed = check_image.fn(config, REPO, 42, SHA2, None, ecr=ecr).digest
     updated = deploy_in_place(
@@ -318,4 +328,4 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
     assert (updated.sha, updated.image) == (SHA2, f"{IMAGE}:{SHA2}@{pushed}")
     env = sandbox.inside(f"{config.app_dir}/.env").read_text()
     assert f"APP_IMAGE={IMAGE}:{SHA2}@{pushed}" in env
-    assert sent_credentials(registry, pushed) == {None, basic}  # pulled by the checked digest
+    assert basic in sent_credentials(registry, pushed) <= {None, basic}  # the checked digest

@@ -63,7 +63,7 @@ def test_user_data_reads_secrets_at_boot_and_holds_none(
     assert config.ghcr_token_parameter in script and config.database_url_parameter in script
     assert "docker login ghcr.io -u octo-org --password-stdin" in script
     assert f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}" in script
-    assert "releases/download/v2.24.6/docker-compose-linux-" in script
+    assert "releases/download/v2.40.3/docker-compose-linux-" in script
     assert f"/repos/octo-org/app/tarball/{SPEC.sha}" in script
     assert "shutdown -h +60 " in script  # the short TTL until the preview is confirmed ready
     assert '"127.0.0.1:8000:8000"' in script
