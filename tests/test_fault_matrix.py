@@ -85,6 +85,7 @@ from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes
 from tests.plugins.fault_matrix_report import PROPERTY
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
+from tests.support.deployed import DeployedConfig
 from tests.support.moto_state import instances, live, tags, user_data
 
 pytestmark = [pytest.mark.fault_matrix, pytest.mark.usefixtures("prefect_server")]
@@ -147,7 +148,7 @@ INVARIANTS = (
 @dataclass
 class World:
     clients: AwsClients
-    config: PreviewConfig
+    config: DeployedConfig
     ami_id: str
     registry: FakeRegistry
     github_routes: FaultyRoutes
@@ -226,6 +227,7 @@ def world(prefect_server: None) -> Iterator[World]:
             env={},
             use_variable=False,
         )
+        config = DeployedConfig.of(config)
         ami_id = resolve_ami(clients.ec2, config)["ImageId"]
         holder.append(
             World(
@@ -244,9 +246,11 @@ def world(prefect_server: None) -> Iterator[World]:
 @pytest.fixture
 def github_env(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flows build their GitHub client from this and the App's configuration, as in
-    production; no token anywhere."""
+    production; no token anywhere. The configuration's trusted fields are in the environment
+    too, where a deployment keeps them (each test starts without PR_PREVIEW_* variables)."""
     monkeypatch.setenv("GITHUB_API_URL", world.github_url)
     monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+    world.config.deploy(monkeypatch)
 
 
 # --- arranging each flow's starting point (plain calls, no faults)
