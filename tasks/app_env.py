@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tasks.config import PreviewConfig
+from tasks.on_instance import COMPOSE_FILE, write_file
 
 PREVIEW_ENV_FILE = "preview.env"
 SECRETS_ENV_FILE = "secrets.env"
@@ -31,17 +32,17 @@ BRANCH_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+@-]{0,254}")
 READ_SECRETS = """names=$(aws ssm get-parameters-by-path --region {region} --path {path} \\
   --recursive --query 'Parameters[].Name' --output text) \\
   || fail "cannot list the parameters under "{path}
-: > {file}
-chmod 600 {file}
+secrets=$(mktemp {file}.XXXXXX)  # a new 0600 file, renamed over {file} once complete
 for name in $names; do  # word splitting on purpose: names hold no whitespace
   [ "$name" = None ] && continue
   key=${{name##*/}}
   [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "parameter $name: not a variable name"
   value=$(param "$name") || fail "cannot read parameter $name"
   case $value in *$'\\n'*) fail "parameter $name holds a line break";; esac
-  printf '%s=%s\\n' "$key" "$value" >> {file}
+  printf '%s=%s\\n' "$key" "$value" >> "$secrets"
 done
-unset value"""
+mv -fT "$secrets" {file}
+unset value secrets"""
 
 
 def branch_or_empty(branch: str | None) -> str:
@@ -67,22 +68,23 @@ def preview_env(
     }
 
 
-def write_preview_env(values: Mapping[str, str]) -> str:
-    """One shell line writing ``preview.env`` in the current directory, every line quoted."""
+def write_preview_env(app_dir: str, values: Mapping[str, str]) -> str:
+    """Shell writing ``preview.env`` in the app dir (through a new file), every line quoted."""
     lines = " ".join(shlex.quote(f"{name}={value}") for name, value in values.items())
     # The values are literal text: a $ in one is meant as it is.
-    return f"# shellcheck disable=SC2016\nprintf '%s\\n' {lines} > {PREVIEW_ENV_FILE}"
+    return write_file(f"{app_dir}/{PREVIEW_ENV_FILE}", f"printf '%s\\n' {lines}", literal=True)
 
 
 def read_secrets_script(config: PreviewConfig) -> str:
-    """Shell writing ``secrets.env`` in the current directory (empty without a path); needs
-    the ``param`` and ``fail`` functions of the script around it."""
+    """Shell writing ``secrets.env`` in the app dir (empty without a path) through a new file;
+    needs the ``param`` and ``fail`` functions of the script around it."""
+    target = f"{config.app_dir}/{SECRETS_ENV_FILE}"
     if config.env_parameter_path is None:
-        return f": > {SECRETS_ENV_FILE}"
+        return write_file(target, ":")
     return READ_SECRETS.format(
         region=shlex.quote(config.region),
         path=shlex.quote(config.env_parameter_path),
-        file=SECRETS_ENV_FILE,
+        file=shlex.quote(target),
     )
 
 
@@ -102,8 +104,11 @@ def app_env_commands(config: PreviewConfig, app: AppFiles) -> list[str]:
     compose = []
     if app.compose is not None:  # ${APP_IMAGE} in it is compose's to expand, from .env
         compose = [
-            "# shellcheck disable=SC2016",
-            f"printf '%s\\n' {shlex.quote(app.compose)} > docker-compose.yml",
+            write_file(
+                f"{config.app_dir}/{COMPOSE_FILE}",
+                f"printf '%s\\n' {shlex.quote(app.compose)}",
+                literal=True,
+            ),
         ]
     return [
         *compose,
@@ -111,6 +116,6 @@ def app_env_commands(config: PreviewConfig, app: AppFiles) -> list[str]:
         f"param() {{ aws ssm get-parameter --region {region} --with-decryption"
         ' --name "$1" --query Parameter.Value --output text; }',
         "umask 077",
-        write_preview_env(app.env),
+        write_preview_env(config.app_dir, app.env),
         read_secrets_script(config),
     ]

@@ -29,6 +29,7 @@ from tasks.on_instance import (
     BOOTSTRAP_CHECK,
     CLOUD_INIT_LOG,
     TCP_CHECK_DIRECTIVE,
+    compose_command,
     port_check,
     tcp_check,
 )
@@ -86,7 +87,7 @@ class Section:
 def evidence_sections(config: PreviewConfig) -> list[Section]:
     """Runbook §9 (and §0, §5, §8): what to read on the instance when a preview fails."""
     app_dir = shlex.quote(config.app_dir)
-    compose = f"docker compose -f {shlex.quote(config.app_dir + '/docker-compose.yml')}"
+    compose = compose_command(config.app_dir)
     service = shlex.quote(config.app_service)
     sections = [
         Section("compose-ps", f"{compose} ps -a", (f"{compose} ps -a 2>&1 || true",)),

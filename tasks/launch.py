@@ -47,12 +47,13 @@ logger = logging.getLogger(__name__)
 # bootstrap at step "secrets" instead of booting the app with an empty URL.
 EXTERNAL_DATABASE_ENV = """database_url=$(param {{parameter}}) || fail "cannot read DATABASE_URL"
 [ -n "$database_url" ] || fail "the DATABASE_URL parameter is empty"
-printf 'DATABASE_URL=%s\\n' "$database_url" > "$APP_DIR/app.env"
+printf 'DATABASE_URL=%s\\n' "$database_url" | put "$APP_DIR/app.env"
 unset database_url"""
 # The ephemeral database of runbook §11: a postgres service beside the app, gone with the instance.
 EPHEMERAL_DATABASE_ENV = """DB_PASSWORD=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')
-printf 'POSTGRES_PASSWORD=%s\\n' "$DB_PASSWORD" > "$APP_DIR/db.env"
-printf 'DATABASE_URL=postgresql+asyncpg://app:%s@db:5432/app\\n' "$DB_PASSWORD" > "$APP_DIR/app.env"
+printf 'POSTGRES_PASSWORD=%s\\n' "$DB_PASSWORD" | put "$APP_DIR/db.env"
+printf 'DATABASE_URL=postgresql+asyncpg://app:%s@db:5432/app\\n' "$DB_PASSWORD" \\
+  | put "$APP_DIR/app.env"
 unset DB_PASSWORD
 chmod 600 "$APP_DIR/db.env\""""
 
@@ -67,7 +68,7 @@ printf '%s\\n' "$GHCR_TOKEN" | docker login {{registry}} -u {{registry_username}
 
 step=pull
 cd "$APP_DIR"
-if ! docker compose pull {{app_service}}; then
+if ! compose pull {{app_service}}; then
   # The image cannot be pulled: build it from the GitHub tarball of this sha (runbook §3) and
   # point APP_IMAGE at that build.
   step=tarball-build
@@ -77,7 +78,7 @@ if ! docker compose pull {{app_service}}; then
     <<<"Authorization: Bearer $GHCR_TOKEN" \\
     | tar -xz --strip-components=1 -C "$APP_DIR/build"
   docker build -t {{build_ref}} "$APP_DIR/build"
-  echo {{build_image_line}} > "$APP_DIR/.env"
+  echo {{build_image_line}} | put "$APP_DIR/.env"
 fi
 unset GHCR_TOKEN"""
 # ECR (tasks/ecr.py): the instance role logs in, so there is no token to read or forget, and
@@ -87,7 +88,7 @@ ECR_LOGIN_AND_PULL = """step=ecr-login
 
 step=pull
 cd "$APP_DIR"
-docker compose pull {{app_service}}"""
+compose pull {{app_service}}"""
 
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # The ephemeral database's image (runbook §11).
@@ -273,7 +274,7 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
         registry_username=q(config.registry_username(spec.repo)),
         spare_stop="",
         preview_env=write_preview_env(
-            preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
+            config.app_dir, preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
         ),
         compose_file=q(spec.compose or compose_file(config)),
         migrate_on_boot=migrate_on_boot(config),
@@ -295,7 +296,8 @@ def render_spare_user_data(config: PreviewConfig) -> str:
         registry="",
         registry_username="",
         spare_stop=stop,
-        preview_env=f": > {PREVIEW_ENV_FILE}",  # the PR that claims the spare writes it
+        # The PR that claims the spare writes it.
+        preview_env=f': | put "$APP_DIR/{PREVIEW_ENV_FILE}"',
         migrate_on_boot="",  # past the spare's stop: its PR's deploy migrates
     )
     return script[: script.index(stop) + len(stop)] + "\n"

@@ -23,6 +23,31 @@ MIGRATED = f"{STATE_DIR}/migrated"
 CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
 
 
+COMPOSE_FILE = "docker-compose.yml"
+
+
+def compose_command(app_dir: str) -> str:
+    """``docker compose`` on the preview's project with every path explicit: the file, the
+    env file its ``${APP_IMAGE}`` is read from, and the directory its relative paths resolve
+    against. Nothing comes from the working directory, and the app dir holds what root runs:
+    no container may mount it (tasks/compose_policy.py)."""
+    directory = shlex.quote(app_dir)
+    file, env = shlex.quote(f"{app_dir}/{COMPOSE_FILE}"), shlex.quote(f"{app_dir}/.env")
+    return f"docker compose --project-directory {directory} -f {file} --env-file {env}"
+
+
+def write_file(path: str, producer: str, *, literal: bool = False) -> str:
+    """Shell lines putting ``producer``'s output in ``path`` through a new file (mktemp: never
+    one that exists, so never a link) and a rename over ``path`` (which replaces a link instead
+    of writing through it). Needs ``set -e`` around it; the new file is 0600. ``literal``: the
+    producer prints single-quoted text with ``$`` in it on purpose (shellcheck is told)."""
+    target = shlex.quote(path)
+    lines = [f"tmp=$(mktemp {target}.XXXXXX)", f'{{ {producer}; }} > "$tmp"']
+    if literal:
+        lines.insert(1, "# shellcheck disable=SC2016")
+    return "\n".join([*lines, f'mv -fT "$tmp" {target}'])
+
+
 FAILED_PREFIX = "bootstrap failed at step: "
 
 
@@ -101,10 +126,9 @@ def app_state_check(app_dir: str, service: str) -> list[str]:
     """``APP STATE <state> <exit code> <restarts>`` of the app's container as Docker reports it
     (running, restarting, exited, created, …; the last run's exit code, which a restarting
     container keeps; how often its restart policy restarted it), or ``APP STATE unknown``."""
-    compose = shlex.quote(f"{app_dir}/docker-compose.yml")
     inspect = "'{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}'"
     return [
-        f"id=$(docker compose -f {compose} ps -a -q {shlex.quote(service)} 2>/dev/null) || id=''",
+        f"id=$({compose_command(app_dir)} ps -a -q {shlex.quote(service)} 2>/dev/null) || id=''",
         "id=${id%%$'\\n'*}",
         f"state=$(docker inspect -f {inspect} \"$id\" 2>/dev/null) || state=''",
         f'echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
@@ -117,9 +141,8 @@ def container_run(app_dir: str, service: str, command: str) -> str:
     instance's root shell or one in the container — interprets it (``;``, ``$(...)`` or ``&&``
     are plain arguments). A command that needs a shell says so: ``sh -c 'alembic upgrade head
     && python -m app.seed'``."""
-    compose = shlex.quote(f"{app_dir}/docker-compose.yml")
     argv = " ".join(shlex.quote(word) for word in shlex.split(command))
-    return f"docker compose -f {compose} run --rm -T {shlex.quote(service)} {argv}"
+    return f"{compose_command(app_dir)} run --rm -T {shlex.quote(service)} {argv}"
 
 
 def timer_minutes(hours: float) -> int:

@@ -32,9 +32,11 @@ from tasks.masking import mask_secrets
 from tasks.on_instance import (
     BOOTSTRAP_DONE,
     TCP_CHECK_DIRECTIVE,
+    compose_command,
     tcp_check,
     timer_command,
     timer_minutes,
+    write_file,
 )
 from tasks.prefect_context import run_logger
 from tasks.retry import error_code
@@ -163,12 +165,13 @@ def deploy_commands(
         "set -euo pipefail",
         'export HOME="${HOME:-/root}"',
         f"cd {app_dir}",
-        f"{{ grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}; }} > .env.next",
-        "mv .env.next .env",
+        write_file(
+            f"{config.app_dir}/.env", f"grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}"
+        ),
         *(app_env_commands(config, app) if app is not None else []),
         registry_login(config, repo),
-        f"docker compose pull {shlex.quote(config.app_service)}",
-        "docker compose up -d",
+        f"{compose_command(config.app_dir)} pull {shlex.quote(config.app_service)}",
+        f"{compose_command(config.app_dir)} up -d",
         f"{timer_command(ttl_minutes)} || true",
         f"echo updated to {shlex.quote(image_ref)}",
     ]

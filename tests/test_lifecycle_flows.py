@@ -246,7 +246,7 @@ def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(
         assert checked != repointed == registry.repositories["octo-org/app"].tags[SHA1]
         assert opened.image == f"{image}:{SHA1}@{checked}"
         script = user_data(aws, opened.instance_id or "")
-        assert f"echo APP_IMAGE={image}:{SHA1}@{checked} > " in script
+        assert f"echo APP_IMAGE={image}:{SHA1}@{checked} | put " in script
         assert repointed not in script
 
         moving.move(SHA2)
@@ -257,5 +257,5 @@ def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(
         [deploy] = [
             text for text in ssm_commands(aws, opened.instance_id or "") if "APP_IMAGE=" in text
         ]
-        assert f"echo APP_IMAGE={image}:{SHA2}@{checked}; }} > .env.next" in deploy
+        assert f'echo APP_IMAGE={image}:{SHA2}@{checked}; }} > "$tmp"' in deploy
         assert repointed not in deploy

@@ -31,6 +31,10 @@ MIGRATED = Reply(
     stdout="INFO  [alembic.runtime.migration] Running upgrade  -> 1a2b3c, create users\n"
 )
 
+COMPOSE = (
+    "docker compose --project-directory /srv/app -f /srv/app/docker-compose.yml"
+    " --env-file /srv/app/.env"
+)
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
 
 
@@ -57,10 +61,7 @@ def test_migrate_fails_twice_then_passes(
     assert result.attempts == 3
     assert "Running upgrade" in result.output
     (command,) = set(scripted_ssm.commands(instance, MIGRATE))
-    assert (
-        "docker compose -f /srv/app/docker-compose.yml run --rm -T api alembic upgrade head"
-        in command
-    )
+    assert f"{COMPOSE} run --rm -T api alembic upgrade head" in command
 
 
 def test_migrate_gives_up_at_its_timeout(

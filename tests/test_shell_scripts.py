@@ -37,7 +37,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 
 # The real tools the scripts may use; everything else in the sandbox is a stub.
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
-REAL_TOOLS += ("find", "mktemp", "sort", "tail", "touch", "tr", "uname")
+REAL_TOOLS += ("find", "mktemp", "mv", "sort", "tail", "touch", "tr", "uname")
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {
     "shutdown": STUB_LOG,
@@ -57,11 +57,15 @@ STUBS = {
     + 'while [ $# -gt 0 ]; do [ "$1" = --name ] && name=$2; shift; done\n'
     + 'if [ -f "$SANDBOX/params$name" ]; then cat "$SANDBOX/params$name"; exit 0; fi\n'
     + 'echo "An error occurred (ParameterNotFound) when calling GetParameter" >&2; exit 254\n',
+    # docker compose's options (--project-directory, -f, --env-file) come before its command.
     "docker": STUB_LOG
     + 'case "$1 ${2:-}" in\n'
     + '  "login "*) cat > "$SANDBOX/login-stdin" ;;\n'
-    + '  "compose pull") exit "${PULL_EXIT:-0}" ;;\n'
-    + '  "compose -f") case " $* " in *" run --rm "*) exit "${RUN_EXIT:-0}" ;; *) ;; esac ;;\n'
+    + '  "compose "*) case " $* " in\n'
+    + '    *" pull "*) exit "${PULL_EXIT:-0}" ;;\n'
+    + '    *" run --rm "*) exit "${RUN_EXIT:-0}" ;;\n'
+    + "    *) ;;\n"
+    + "  esac ;;\n"
     + '  "build "*) exit "${BUILD_EXIT:-0}" ;;\n'
     + "esac\n",
     "curl": STUB_LOG + 'cat > "$SANDBOX/curl-stdin"\n',
@@ -115,6 +119,14 @@ class Sandbox:
     def read(self, name: str) -> str:
         path = self.root / name
         return path.read_text() if path.exists() else ""
+
+
+def compose_call(app: Path) -> str:
+    """``docker compose`` as the scripts call it: every path of the project explicit."""
+    return (
+        f"docker compose --project-directory {app} -f {app}/docker-compose.yml"
+        f" --env-file {app}/.env"
+    )
 
 
 @pytest.fixture
@@ -245,16 +257,15 @@ def test_user_data_boots_in_the_sandbox(sandbox: Sandbox, database: str) -> None
         assert "@db:5432/app" in (app / "app.env").read_text()
     assert oct((app / "app.env").stat().st_mode & 0o777) == "0o600"
     assert sandbox.read("login-stdin") == TOKEN + "\n"
-    assert "docker compose up -d" in sandbox.calls
+    up = f"{compose_call(app)} up -d"
+    assert up in sandbox.calls
     assert TOKEN not in sandbox.calls  # on no command line
     # Migrated on boot, after up, and marked with the .env it migrated — except beside an
     # ephemeral database, still starting then: the flow's migrate step waits for it.
     migrated = sandbox.root / "state" / "migrated"
-    ran_migrations = (
-        f"docker compose -f {app}/docker-compose.yml run --rm -T api alembic upgrade head"
-    )
+    ran_migrations = f"{compose_call(app)} run --rm -T api alembic upgrade head"
     if database == "external":
-        assert sandbox.calls.index("docker compose up -d") < sandbox.calls.index(ran_migrations)
+        assert sandbox.calls.index(up) < sandbox.calls.index(ran_migrations)
         assert migrated.read_text() == (app / ".env").read_text()
     else:
         assert ran_migrations not in sandbox.calls and not migrated.exists()
@@ -292,7 +303,7 @@ def test_a_failed_secret_read_fails_the_bootstrap_at_secrets(
     assert (sandbox.root / "state" / "bootstrap-failed").read_text() == "secrets\n"
     assert not (sandbox.root / "state" / "bootstrap-done").exists()
     assert "pr-preview bootstrap failed at step: secrets" in ran.stderr
-    assert "docker compose up" not in sandbox.calls
+    assert " up -d" not in sandbox.calls
     assert "docker login" not in sandbox.calls
 
 
@@ -308,7 +319,8 @@ def test_the_boot_pulls_the_checked_digest_and_a_fallback_build_runs_that_build(
 
     assert pulled.returncode == 0, pulled.stderr
     assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest}\n"
-    assert "docker compose pull api" in sandbox.calls and "docker build" not in sandbox.calls
+    pull = f"{compose_call(sandbox.root / 'app')} pull api"
+    assert pull in sandbox.calls and "docker build" not in sandbox.calls
 
     built = sandbox.run(script, PULL_EXIT="1")
 
@@ -476,8 +488,47 @@ def test_migration_command_reaches_the_container_as_arguments(sandbox: Sandbox) 
 
     assert ran.returncode == 0, ran.stderr
     assert not pwned.exists()
-    compose = sandbox.root / "app" / "docker-compose.yml"
     assert sandbox.calls == (
-        f"docker compose -f {compose} run --rm -T api alembic upgrade head; touch {pwned}"
-        f" $(touch {pwned})\n"
+        f"{compose_call(sandbox.root / 'app')} run --rm -T api alembic upgrade head;"
+        f" touch {pwned} $(touch {pwned})\n"
     )
+
+
+def test_the_files_root_runs_are_replaced_never_written_through_a_planted_link(
+    sandbox: Sandbox,
+) -> None:
+    """Links where the compose and env files go (as a container that could write the app dir
+    would plant them) are replaced by the new files, and what they point at is untouched; the
+    app dir is root's alone."""
+    app = sandbox.root / "app"
+    app.mkdir()
+    victim = sandbox.root / "victim"
+    victim.write_text("host file\n")
+    for name in ("docker-compose.yml", ".env", "app.env", "preview.env", "secrets.env"):
+        (app / name).symlink_to(victim)
+
+    ran = sandbox.run(render_user_data(sandbox_config(sandbox), SPEC))
+
+    assert ran.returncode == 0, ran.stderr
+    assert victim.read_text() == "host file\n"
+    for name in ("docker-compose.yml", ".env", "app.env", "preview.env", "secrets.env"):
+        assert not (app / name).is_symlink() and (app / name).is_file(), name
+    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+    assert oct(app.stat().st_mode & 0o777) == "0o700"
+    assert not list(app.glob("*.??????"))  # no temporary file left behind
+
+
+def test_an_in_place_deploy_replaces_a_planted_env_link_too(sandbox: Sandbox) -> None:
+    config = sandbox_config(sandbox)
+    app = sandbox.root / "app"
+    app.mkdir()
+    victim = sandbox.root / "victim"
+    victim.write_text("APP_IMAGE=old\n")
+    (app / ".env").symlink_to(victim)
+
+    ran = sandbox.run("\n".join(deploy_commands(config, SPEC.repo, "ghcr.io/octo-org/app:new")))
+
+    assert ran.returncode == 0, ran.stderr
+    assert victim.read_text() == "APP_IMAGE=old\n"
+    assert (app / ".env").read_text() == "APP_IMAGE=ghcr.io/octo-org/app:new\n"
+    assert not (app / ".env").is_symlink()

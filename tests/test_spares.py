@@ -113,7 +113,7 @@ def test_pr_spares_fills_keeps_rotates_on_a_new_ami_and_scales_to_zero(
         assert expires is not None
         assert abs(expires - (spare.launch_time + timedelta(hours=config.spare_ttl_hours))) < SLACK
         script = user_data(aws, spare.instance_id)
-        assert "pr-preview spare ready" in script and "docker compose pull" not in script
+        assert "pr-preview spare ready" in script and "compose pull" not in script
         assert not [canary for canary in CANARIES if canary in script]
 
     again = pr_spares(config=config)
@@ -149,7 +149,7 @@ def test_a_claimed_spare_pulls_what_the_check_saw_though_the_tag_moves(
     checked, repointed = moving.moved[SHA]
     assert (claimed.path, claimed.instance_id) == ("spare", spare)
     [deploy] = [text for text in ssm_commands(aws, spare) if "APP_IMAGE=" in text]
-    assert f"echo APP_IMAGE={image}:{SHA}@{checked}; }} > .env.next" in deploy
+    assert f'echo APP_IMAGE={image}:{SHA}@{checked}; }} > "$tmp"' in deploy
     assert repointed not in deploy
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.on_instance import compose_command
 from tasks.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
 from tasks.update import (
     UpdateFailed,
@@ -93,9 +94,10 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     assert all_instances(aws) == before  # no new instance
     (script,) = scripted_ssm.commands(instance, DEPLOY)
     # The checked manifest, whatever the tag says by the time the instance pulls.
-    assert f"echo APP_IMAGE=ghcr.io/octo-org/app:{NEW_SHA}@{DIGEST}; }} > .env.next" in script
+    assert f'echo APP_IMAGE=ghcr.io/octo-org/app:{NEW_SHA}@{DIGEST}; }} > "$tmp"' in script
     assert "--password-stdin" in script and "/pr-preview/ghcr-token" in script
-    assert "docker compose pull api" in script and "docker compose up -d" in script
+    compose = compose_command("/srv/app")
+    assert f"{compose} pull api" in script and f"{compose} up -d" in script
     for canary in CANARIES:
         assert canary not in script
 

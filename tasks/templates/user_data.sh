@@ -8,6 +8,21 @@ set -euo pipefail
 STATE_DIR={{state_dir}}
 APP_DIR={{app_dir}}
 mkdir -p "$STATE_DIR" "$APP_DIR"
+# What root runs (the compose and env files) lives here; containers mount only ./<dir> below.
+chmod 700 "$APP_DIR"
+# compose: docker compose on the preview's project with every path explicit.
+# shellcheck disable=SC2329 # a warm spare's script ends before it starts the app
+compose() {
+  docker compose --project-directory "$APP_DIR" -f "$APP_DIR/docker-compose.yml" \
+    --env-file "$APP_DIR/.env" "$@"
+}
+# put FILE: stdin into FILE through a new file (mktemp) and a rename, never through a link.
+put() {
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX")
+  cat > "$tmp"
+  mv -fT "$tmp" "$1"
+}
 rm -f "$STATE_DIR/bootstrap-done" "$STATE_DIR/bootstrap-failed" "$STATE_DIR/migrated"
 step=start
 
@@ -64,12 +79,12 @@ cd "$APP_DIR"
 
 step=compose-file
 # shellcheck disable=SC2016 # ${APP_IMAGE} in the compose file is compose's to expand, from .env
-printf '%s\n' {{compose_file}} > "$APP_DIR/docker-compose.yml"
-echo {{app_image_line}} > "$APP_DIR/.env"{{spare_stop}}
+printf '%s\n' {{compose_file}} | put "$APP_DIR/docker-compose.yml"
+echo {{app_image_line}} | put "$APP_DIR/.env"{{spare_stop}}
 
 {{login_and_pull}}
 
 step=up
-docker compose up -d
+compose up -d
 {{migrate_on_boot}}touch "$STATE_DIR/bootstrap-done"
 echo "pr-preview bootstrap done"
