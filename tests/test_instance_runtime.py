@@ -134,6 +134,28 @@ def test_the_host_is_read_only_and_the_scripts_paths_are_the_instances_own(
     assert not Path(marker).exists()  # written inside the instance only
 
 
+def test_the_hosts_docker_is_not_the_instances_until_dnf_installs_it(
+    aws: AwsClients, real_instances: InstanceRuntime
+) -> None:
+    """A stock AL2023 image has no docker, whatever this machine has installed: the user data
+    must not find the host's client and skip its install. After `dnf install docker` the real
+    engine is there, and `systemctl` starts its daemon inside the instance."""
+    instance_id = boot(aws)
+    before = run(aws, instance_id, "command -v docker dockerd containerd runc || echo none")
+    assert before["StandardOutputContent"] == "none\n", before
+    after = run(
+        aws,
+        instance_id,
+        "dnf -y install docker >/dev/null",
+        "systemctl enable --now docker 2>/dev/null",
+        "docker version --format '{{.Server.Version}}'",
+        "systemctl is-active docker",
+    )
+    assert after["Status"] == "Success", after["StandardErrorContent"]
+    version, state = after["StandardOutputContent"].split()
+    assert version[:1].isdigit() and state == "active"
+
+
 def test_each_instance_has_its_own_loopback_and_port_forwarding_reaches_it(
     aws: AwsClients, real_instances: InstanceRuntime, tmp_path: Path
 ) -> None:
