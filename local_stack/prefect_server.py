@@ -2,8 +2,8 @@
 
 A Prefect server (SQLite, or PostgreSQL with ``db="postgres"``; 127.0.0.1, its own
 PREFECT_HOME), the deployments of prefect.yaml with their triggers, process workers that poll
-every second, and the signed webhook receiver — the self-hosted path of DESIGN.md, with
-nothing in between.
+every second, and the signed webhook receiver — the self-hosted path of docs/design.md,
+with nothing in between.
 """
 
 from __future__ import annotations

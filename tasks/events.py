@@ -1,4 +1,4 @@
-"""The events pr-preview emits and the resources they name (DESIGN.md, "events out").
+"""The events pr-preview emits and the resources they name (docs/design.md, "events out").
 
 ``pr-preview.<name>`` about one instance (resource ``pr-preview.instance.<id>``), related to its
 pull request (``github.pr.<owner>/<repo>/<number>``, the resource of the events coming in).

@@ -1,4 +1,4 @@
-"""The tags that are a preview's state (runbook §2.4, DESIGN.md) and how their times are written."""
+"""The tags that are a preview's state (runbook §2.4, docs/design.md) and how times are written."""
 
 from __future__ import annotations
 

@@ -780,7 +780,7 @@ def test_the_conditions_hold_structurally() -> None:
         if launched:
             assert condition(statement, "StringEquals", "aws:RequestTag/Purpose") == [PURPOSE]
         if [r for r in launched if r == "*" or "instance/" in r]:
-            # Token-only metadata at hop limit 1: a container cannot reach the role (DESIGN.md).
+            # Token-only metadata, hop limit 1: a container cannot reach the role (docs/design.md).
             assert condition(statement, "StringEquals", "ec2:MetadataHttpTokens") == ["required"]
             hops = condition(
                 statement, "NumericLessThanEquals", "ec2:MetadataHttpPutResponseHopLimit"
