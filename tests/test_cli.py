@@ -453,7 +453,10 @@ def test_logs_prints_the_evidence_with_secrets_masked(
 
     assert code == 0
     assert f"Collecting runbook §9 evidence from {instance}" in err
-    assert "==> compose-logs: docker compose -f /srv/app/docker-compose.yml logs" in out
+    assert (
+        "==> compose-logs: docker compose --project-directory /srv/app"
+        " -f /srv/app/docker-compose.yml --env-file /srv/app/.env logs"
+    ) in out
     assert "==> db-connect: psycopg2 connect inside the app container" in out
     assert "api-1  | line 1" in out and "APP PORT OPEN 8000" in out
     assert "api-1  | settings: DATABASE_URL=****" in out

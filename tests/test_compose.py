@@ -367,9 +367,9 @@ def test_the_repos_compose_file_is_fetched_at_each_sha_and_torn_down_with_the_pr
     pushed = pr_preview(REPO, 50, SHA2, action="synchronize", config=config)
 
     assert (pushed.path, pushed.instance_id) == ("in-place", opened.instance_id)
-    [deploy] = scripted_ssm.commands(opened.instance_id, r"docker compose pull")
-    assert "redis:8-alpine" in deploy and "> docker-compose.yml" in deploy
-    assert f"GIT_SHA={SHA2}" in deploy and "> preview.env" in deploy  # the push's settings
+    [deploy] = scripted_ssm.commands(opened.instance_id, r"docker compose .* pull")
+    assert "redis:8-alpine" in deploy and 'mv -fT "$tmp" /srv/app/docker-compose.yml' in deploy
+    assert f"GIT_SHA={SHA2}" in deploy and 'mv -fT "$tmp" /srv/app/preview.env' in deploy
 
     github.add_pull(REPO, pull(50, SHA2, state="closed"))
     pr_teardown(REPO, 50, config=config)

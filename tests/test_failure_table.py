@@ -261,7 +261,7 @@ def test_a_warm_spare_boots_for_real_and_a_new_pr_runs_on_it(world: World) -> No
         poll_seconds=0.2,
     )
     assert "pr-preview spare ready" in booted.stdout
-    assert "docker compose pull" not in booted.stdout  # a spare pulls no PR's image…
+    assert " api Pull" not in booted.stdout  # a spare pulls no PR's image (compose's words)…
     assert f"base layers of {world.config.image_for(REPO)}:main pulled" in booted.stdout  # …but
     assert CANARY_GHCR_TOKEN not in booted.stdout  # the base layers, with the token unshown
 

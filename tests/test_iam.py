@@ -360,7 +360,8 @@ def shell_actions(texts: list[str]) -> set[str]:
             found.add(CLI_ACTIONS.get(action, action))
             if service == "ssm" and command == "get-parameter" and "--with-decryption" in text:
                 found.add("kms:Decrypt")
-        if ECR_REGISTRY_PATTERN.search(text) and re.search(r"\bdocker\b.*\bpull\b", text):
+        # `docker pull`, `docker compose ... pull`, or the user data's `compose pull` function.
+        if ECR_REGISTRY_PATTERN.search(text) and re.search(r"\b(docker|compose)\b.*\bpull\b", text):
             found |= ECR_PULL_ACTIONS
     return found
 
