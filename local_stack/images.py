@@ -1,9 +1,11 @@
 """The images local instances pull: built here from Debian packages and PyPI, no Docker Hub.
 
 An image is a stack of uncompressed tar layers (OCI allows them; nothing is gained by gzip on
-loopback) and a config. The layers are built once and kept under ``build/images`` (rebuilt when
-their recipe changes), then pushed to the local registry through its upload API like any CI
-push:
+loopback) and a config. The layers are built once and kept (rebuilt when their recipe changes),
+then pushed to the local registry through its upload API like any CI
+push. The cache is per user, as pip's is (``$PR_PREVIEW_IMAGE_CACHE``, else
+``$XDG_CACHE_HOME/pr-preview/images``, else ``~/.cache/pr-preview/images``): a fresh clone on a
+machine that built them once builds nothing; a fresh machine builds them in about a minute.
 
 - ``base``: Debian bookworm's minimal root filesystem with ``python3`` and ``ca-certificates``
   (``debootstrap --variant=minbase`` from the mirror apt already uses here), docs and locales
@@ -49,7 +51,6 @@ from local_stack.registry import (
 )
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-BUILD_DIR = PROJECT_DIR / "build" / "images"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "ca-certificates")
@@ -119,11 +120,19 @@ def sample_app_command(port: int = SAMPLE_APP_PORT) -> list[str]:
     return ["uvicorn", "hello_api.main:app", "--host", "0.0.0.0", "--port", str(port)]
 
 
-class ImageBuilder:
-    """Builds and caches the layers above under ``root`` (default ``build/images``)."""
+def default_cache() -> Path:
+    """Where built layers are kept between runs: per user, like pip's cache."""
+    if explicit := os.environ.get("PR_PREVIEW_IMAGE_CACHE"):
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pr-preview" / "images"
 
-    def __init__(self, root: Path = BUILD_DIR) -> None:
-        self.root = root
+
+class ImageBuilder:
+    """Builds and caches the layers above under ``root`` (default: :func:`default_cache`)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or default_cache()
 
     # --- the shared layers
     def base(self) -> Layer:
