@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from tasks.errors import PreviewError
 from tasks.inputs import is_repo, is_sha, label_names
 
 HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed", "labeled", "unlabeled"})
@@ -26,7 +27,7 @@ DELIVERY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pr-previ
 """Namespace for event ids derived from delivery ids that are not UUIDs themselves."""
 
 
-class MalformedDelivery(ValueError):
+class MalformedDelivery(PreviewError):
     """A delivery we route but whose payload lacks a field the flows need (answer 400)."""
 
 

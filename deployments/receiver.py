@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from deployments.events import MalformedDelivery, event_from_delivery
 from deployments.spool import Spool
+from tasks.errors import PreviewError
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -43,11 +44,11 @@ SECRET_ENV = "GITHUB_WEBHOOK_SECRET"
 LOGGER_NAME = "pr_preview.receiver"
 
 
-class EmitFailed(RuntimeError):
+class EmitFailed(PreviewError):
     """The Prefect API did not take the event (answer 502 so GitHub can redeliver)."""
 
 
-class _Reject(Exception):
+class _Reject(PreviewError):
     def __init__(self, status: int, outcome: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.outcome, self.detail = status, outcome, detail

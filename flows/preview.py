@@ -32,25 +32,28 @@ from tasks.compose import fetch_compose, service_names
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.db_access import open_db_access
 from tasks.diagnose import diagnose
+from tasks.errors import PreviewError
 from tasks.events import emit_instance_event
 from tasks.github import github_from_config
 from tasks.guards import check_trigger, guard
 from tasks.inputs import check_inputs
 from tasks.launch import LaunchSpec, launch
 from tasks.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
-from tasks.migrate import migrate, seed
+from tasks.migrate import MigrationFailed, SeedFailed, migrate, seed
 from tasks.on_instance import timer_minutes
 from tasks.outcome import Outcome
 from tasks.prefect_context import rename_run
 from tasks.preflight import preflight
-from tasks.probe import ProbeResult, probe
+from tasks.probe import ProbeFailed, ProbeResult, probe
 from tasks.report import PullRequestReport
 from tasks.run_end import state_hook
 from tasks.secrets import read_secrets
 from tasks.spares import claim
+from tasks.ssm import CommandTimeout
 from tasks.tags import format_time
 from tasks.terminate import NoRoom, terminate, terminate_instance
 from tasks.update import (
+    UpdateFailed,
     confirm_ttl,
     in_place_candidate,
     preview_health,
@@ -59,11 +62,13 @@ from tasks.update import (
 )
 from tasks.wait_ready import ReadyResult, wait_ready
 
+# What an in-place deploy raises when the instance cannot take the push: relaunch instead.
+# Anything else (a lost lock, the run's budget, AWS refusing a call, a bug) fails the run.
+CANNOT_TAKE_THE_PUSH = (UpdateFailed, MigrationFailed, SeedFailed, ProbeFailed, CommandTimeout)
 
-class PreviewFailed(RuntimeError):
+
+class PreviewFailed(PreviewError):
     """The preview did not become ready; the message carries the diagnosis."""
-
-    diagnosis: str = ""
 
 
 @dataclass
@@ -240,7 +245,7 @@ def _preview(
             return _ended_as(Outcome.NO_ROOM, result)
         except Exception as exc:
             result.status = "failed"
-            diagnosis = getattr(exc, "diagnosis", None) or str(exc)
+            diagnosis = exc.diagnosis if isinstance(exc, PreviewError) else str(exc)
             with grace():
                 report.tell(
                     PreviewState.FAILED,
@@ -311,7 +316,7 @@ def _deploy(
                 _migrate_and_probe(clients, settings, result)
                 result.status, result.path = "ready", "in-place"
                 return
-            except Exception as exc:
+            except CANNOT_TAKE_THE_PUSH as exc:
                 logger.warning("in-place update of %s failed (%s): relaunching", instance_id, exc)
                 # Its tags may already name the new sha: launch must not take it over.
                 terminate_instance(clients.ec2, settings, instance_id)
@@ -411,9 +416,7 @@ def _failed_after_launch(
     instance_id = result.instance_id or ""
     if isinstance(error, LockLost):
         # Another run may own the PR now: change nothing. The launch tagged the short TTL.
-        failure = PreviewFailed(str(error))
-        failure.diagnosis = str(error)
-        return failure
+        return PreviewFailed(str(error))
     summary = str(error)
     try:
         diagnosis = diagnose(
@@ -434,9 +437,7 @@ def _failed_after_launch(
         logger.error("shutdown-at of %s not shortened (%s): terminating it", instance_id, exc)
         terminate_instance(clients.ec2, settings, instance_id)
         result.shutdown_at = None
-    failure = PreviewFailed(f"{type(error).__name__}: {error} — {summary}")
-    failure.diagnosis = summary
-    return failure
+    return PreviewFailed(f"{type(error).__name__}: {error} — {summary}", diagnosis=summary or None)
 
 
 def _migrate_and_probe(

@@ -17,10 +17,11 @@ from prefect.events import emit_event
 from tasks.aws import build_clients
 from tasks.budget import run_budget
 from tasks.config import RunOverrides, run_config
+from tasks.errors import PreviewError
 from tasks.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
 
 
-class SweepIncomplete(RuntimeError):
+class SweepIncomplete(PreviewError):
     """Some previews that should have gone are still there; the next sweep tries again."""
 
 

@@ -33,6 +33,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.config import IMAGE_PATTERN, RUN_MARGIN_SECONDS, PreviewConfig
 from tasks.ecr import EcrRepository, ecr_login
+from tasks.errors import PreviewError
 from tasks.inputs import is_repo
 from tasks.launch import EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.masking import mask_secrets
@@ -88,7 +89,7 @@ BAKE_CHECK = [
 ]
 
 
-class BakeFailed(Exception):
+class BakeFailed(PreviewError):
     """The builder did not become an image; the message says where it stopped."""
 
 
@@ -96,7 +97,7 @@ class BakeTimeout(BakeFailed):
     """The builder did not power itself off within the bake's timeout."""
 
 
-class PruneIncomplete(Exception):
+class PruneIncomplete(PreviewError):
     """Some old baked images or snapshots are still there; the next bake tries again."""
 
 

@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tasks.errors import PreviewError
+
 _deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
     "pr_preview_deadline", default=None
 )
 
 
-class RunTimedOut(TimeoutError):
+class RunTimedOut(PreviewError, TimeoutError):
     """The run used up the time its configured stages allow."""
 
 

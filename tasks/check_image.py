@@ -29,6 +29,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result
 
 from tasks.config import DIGEST_PATTERN
 from tasks.ecr import EcrRepository
+from tasks.errors import PreviewError
 from tasks.prefect_context import run_logger
 from tasks.retry import ACCESS_DENIED_CODES, Transient, error_code, is_transient
 from tasks.step import step
@@ -52,7 +53,7 @@ PLAIN_HTTP_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
-class RegistryError(Exception):
+class RegistryError(PreviewError):
     """The registry answered something we cannot act on; the message says what."""
 
 

@@ -32,6 +32,7 @@ import yaml
 from tasks.app_env import PREVIEW_ENV_FILE, SECRETS_ENV_FILE
 from tasks.compose_policy import NO_NEW_PRIVILEGES, place, refusals
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.github import GitHub
 from tasks.launch import EPHEMERAL_DB_IMAGE
 from tasks.step import step
@@ -51,16 +52,12 @@ UNSET_VARIABLE = re.compile(r'The \\?"([^"\\]+)\\?" variable is not set')
 LOG_LINE = re.compile(r'^time="[^"]*" level=\w+ msg="(.*)"$')
 
 
-class ComposeRefused(ValueError):
+class ComposeRefused(PreviewError):
     """The repository's compose file cannot run as a preview; the message says why and how
     to fix it, and is what the PR comment shows."""
 
-    @property
-    def diagnosis(self) -> str:
-        return str(self)
 
-
-class ComposeUnavailable(RuntimeError):
+class ComposeUnavailable(PreviewError):
     """Docker Compose v2 is not installed where the flows run."""
 
 

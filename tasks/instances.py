@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.retry import Transient, is_transient
 from tasks.tags import (
     LIVE_STATES,
@@ -235,7 +236,7 @@ class Terminated:
     reasons: dict[str, str] = field(default_factory=dict)
 
 
-class TerminateFailed(RuntimeError):
+class TerminateFailed(PreviewError):
     """Some instances are still there; ``TerminateThrottled`` when only throttling or 5xx
     answers stopped them (worth another attempt)."""
 

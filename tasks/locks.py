@@ -29,6 +29,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from tasks.errors import PreviewError
 from tasks.prefect_context import run_logger
 from tasks.tls import prefect_tls_context
 
@@ -46,11 +47,11 @@ BUSY_RETRY_AFTER = "0.05"
 T = TypeVar("T")
 
 
-class LockLost(RuntimeError):
+class LockLost(PreviewError):
     """A lock this run held is no longer its own; it stopped before changing anything more."""
 
 
-class LockTimeout(TimeoutError):
+class LockTimeout(PreviewError, TimeoutError):
     """The lock did not come free in time."""
 
 

@@ -27,6 +27,7 @@ from tenacity import (
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.masking import mask_secrets
 from tasks.on_instance import STATE_DIR, container_run
 from tasks.prefect_context import run_logger
@@ -62,7 +63,7 @@ SEEDED_BEFORE = "pr-preview: seeded by an earlier deploy"  # what seed_commands 
 MIGRATE_OUTPUT_BYTES = 20000  # under SSM's 24,000-character cut of stdout
 
 
-class MigrationFailed(Exception):
+class MigrationFailed(PreviewError):
     """The migrations did not run; ``output`` is the tail of what the last attempt printed."""
 
     def __init__(self, message: str, *, attempts: int, output: str) -> None:
@@ -181,7 +182,7 @@ def run_migrations(
     return MigrateResult(instance_id, attempts, time.monotonic() - started, last_output)
 
 
-class SeedFailed(Exception):
+class SeedFailed(PreviewError):
     """The seed command failed; ``output`` is the tail of what it printed (masked)."""
 
     def __init__(self, message: str, *, output: str) -> None:

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.ecr import ecr_repository
+from tasks.errors import PreviewError
 from tasks.prefect_context import run_logger
 from tasks.retry import ACCESS_DENIED_CODES, error_code, is_transient
 from tasks.run_instances import AmiNotFound, resolve_ami, run_instances_params
@@ -84,7 +85,7 @@ class PreflightReport:
         return "\n".join(lines)
 
 
-class PreflightFailed(RuntimeError):
+class PreflightFailed(PreviewError):
     """The account cannot host a preview; the message lists every failed check."""
 
     def __init__(self, report: PreflightReport) -> None:
@@ -93,7 +94,7 @@ class PreflightFailed(RuntimeError):
         super().__init__(f"preflight failed — {reasons}")
 
 
-class _CheckFailed(Exception):
+class _CheckFailed(PreviewError):
     pass
 
 

@@ -22,6 +22,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.on_instance import timer_command
 from tasks.prefect_context import run_logger
 from tasks.ssm import CommandTimeout, poll_wait, run_command
@@ -60,7 +61,7 @@ class ProbeResult:
     timer_moved: bool = False
 
 
-class ProbeFailed(Exception):
+class ProbeFailed(PreviewError):
     """No probe path answered healthy before the deadline; ``answers`` has every try."""
 
     def __init__(self, message: str, answers: list[ProbeAnswer]) -> None:

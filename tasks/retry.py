@@ -6,6 +6,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
 
+from tasks.errors import PreviewError
+
 TRANSIENT_AWS_CODES = frozenset(
     {
         "RequestLimitExceeded",
@@ -21,7 +23,7 @@ TRANSIENT_AWS_CODES = frozenset(
 )
 
 
-class Transient(Exception):
+class Transient(PreviewError):
     """An error worth another attempt (a 5xx, a dropped connection, throttling): the one mark
     that ``is_transient`` reads on our own exceptions."""
 

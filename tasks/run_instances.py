@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.prefect_context import run_logger
 from tasks.retry import error_code
 from tasks.tags import TAG_CREATED_AT, TAG_PURPOSE, parse_time
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class AmiNotFound(Exception):
+class AmiNotFound(PreviewError):
     """No AMI matches the configuration; the message says which and where."""
 
 

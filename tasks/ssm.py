@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
+from tasks.errors import PreviewError
 from tasks.retry import error_code
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class CommandResult:
         return "\n".join(part for part in (self.stdout, self.stderr) if part)
 
 
-class CommandTimeout(Exception):
+class CommandTimeout(PreviewError):
     """The command did not reach a terminal status before the caller's deadline."""
 
     def __init__(

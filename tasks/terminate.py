@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.instances import (
     Preview,
     Terminated,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class NoRoom(RuntimeError):
+class NoRoom(PreviewError):
     """Every live preview is newer than this request: it is the one that does not fit."""
 
 

@@ -26,6 +26,7 @@ from tasks.app_env import AppFiles, app_env_commands
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.ecr import ecr_login, ecr_repository
+from tasks.errors import PreviewError
 from tasks.inputs import is_sha
 from tasks.instances import Preview, find_previews
 from tasks.masking import mask_secrets
@@ -54,7 +55,7 @@ OUTPUT_TAIL = 4000
 HEALTH_MARKER = "# pr-preview-health"
 
 
-class UpdateFailed(Exception):
+class UpdateFailed(PreviewError):
     """The in-place update did not complete; relaunch. ``output`` is masked."""
 
     def __init__(self, message: str, output: str = "") -> None:

@@ -38,6 +38,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result
 
 from tasks.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.errors import PreviewError
 from tasks.on_instance import (
     APP_STATE_PREFIX,
     BOOTSTRAP_CHECK,
@@ -65,7 +66,7 @@ STAGE_APP_PORT = "app-port"
 STAGES = (STAGE_RUNNING, STAGE_AGENT, STAGE_BOOTSTRAP, STAGE_APP_PORT)
 
 
-class ReadyError(Exception):
+class ReadyError(PreviewError):
     """The preview did not become ready; ``stage`` says where it stopped."""
 
     def __init__(self, stage: str, message: str, detail: str = "") -> None:

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
 from prefect.states import State
 
+import flows.preview
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
@@ -231,6 +232,24 @@ def test_failed_in_place_update_relaunches_on_a_fresh_instance(
     [current] = live(aws)
     assert current["InstanceId"] == pushed.instance_id != first.instance_id
     assert tags(current)["Sha"] == SHA2
+
+
+def test_an_in_place_error_that_is_not_a_refusal_fails_the_run_and_keeps_the_instance(
+    aws: AwsClients, config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only "this instance cannot take the push" relaunches; a bug surfaces as itself."""
+    first = pr_preview(REPO, 48, SHA1, action="opened", config=config)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug in the deploy")
+
+    monkeypatch.setattr(flows.preview, "update_in_place", broken)
+    state = pr_preview(REPO, 48, SHA2, config=config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KeyError, match="a bug in the deploy"):
+        state.result()
+    [current] = live(aws)
+    assert (current["InstanceId"], tags(current)["Sha"]) == (first.instance_id, SHA1)
 
 
 def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(

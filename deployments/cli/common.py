@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from tasks.errors import PreviewError
 from tasks.inputs import is_repo
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ EXIT_ERROR = 2  # the command could not do its job
 _EXPIRED = ("ExpiredToken", "ExpiredTokenException", "RequestExpired", "InvalidClientTokenId")
 
 
-class CliError(Exception):
+class CliError(PreviewError):
     """What the operator should do, in one line; ``code`` is the exit status."""
 
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
