@@ -9,27 +9,33 @@ installation and repository, renewed ``REFRESH_MARGIN_SECONDS`` before it expire
 never sends a token that lapses mid-call. Tokens are opaque: GitHub is changing their format, so
 nothing here looks at their length or prefix. The key, the JWTs and the tokens live in fields
 hidden from repr and are never logged; ``secrets()`` lists them for the client to scrub from its
-messages.
+messages. ``app_credential`` picks what one request of ``tasks.github_http`` authenticates with,
+asking GitHub for the installation and its token (the App's own endpoints) when none is held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
+from tasks.errors import PreviewError
+from tasks.github_sansio import Call, Credential, GitHubDisabled, GitHubError, checked_repo
 from tasks.retry import is_transient
 
 if TYPE_CHECKING:
+    import httpx
     from mypy_boto3_ssm import SSMClient
 
     from tasks.config import PreviewConfig
@@ -40,6 +46,7 @@ JWT_BACKDATE_SECONDS = 60
 JWT_LIFETIME_SECONDS = 540  # under GitHub's 10-minute cap, counted from the real now
 TOKEN_LIFETIME_SECONDS = 3600  # what GitHub grants when it does not say
 REFRESH_MARGIN_SECONDS = 300
+SLUG_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 # What a run does with an installation token, and nothing more; the README's App permissions.
 TOKEN_PERMISSIONS: Mapping[str, str] = MappingProxyType(
     {
@@ -53,7 +60,19 @@ TOKEN_PERMISSIONS: Mapping[str, str] = MappingProxyType(
 )
 
 
-class GitHubAppKeyError(ValueError):
+class AppHTTP(Protocol):
+    """The verbs the App's own calls go through (``tasks.github_http.GitHubHTTP``)."""
+
+    def get(
+        self, path: str, *, repo: str | None = None, as_app: bool = False
+    ) -> httpx.Response: ...
+
+    def post(
+        self, path: str, payload: Any, *, repo: str | None = None, as_app: bool = False
+    ) -> httpx.Response: ...
+
+
+class GitHubAppKeyError(PreviewError, ValueError):
     """The App's private key cannot be read or is not an RSA key; says where it was looked for."""
 
 
@@ -137,6 +156,73 @@ class GitHubApp:
         """Every credential this App has handled, for scrubbing text before it is shown."""
         held = [token.token for token in self._tokens.values()]
         return [self.private_key, *held, *([self._jwt] if self._jwt else [])]
+
+
+def require_app(app: GitHubApp | None) -> GitHubApp:
+    if app is None:
+        raise GitHubDisabled("no GitHub App is configured")
+    return app
+
+
+def app_slug(http: AppHTTP, app: GitHubApp) -> str:
+    """The App's slug (``GET /app``), read once; its bot user is ``<slug>[bot]``."""
+    if app.slug is None:
+        slug = str(http.get("/app", as_app=True).json().get("slug") or "")
+        if not SLUG_PATTERN.fullmatch(slug):
+            raise GitHubError(f"GET /app: {app.label} answered an unusable slug")
+        app.slug = slug
+    return app.slug
+
+
+def learn_slug(http: AppHTTP, app: GitHubApp) -> None:
+    """Best effort, for a message: the App's slug names it better than its id."""
+    with contextlib.suppress(GitHubError):
+        app_slug(http, app)
+
+
+def installation_id(http: AppHTTP, app: GitHubApp, repo: str) -> int:
+    """The App's installation on ``repo``: configured, or ``GET /repos/{repo}/installation``."""
+    found = app.installation_for(repo)
+    if found is None:
+        path = f"/repos/{checked_repo(repo)}/installation"
+        answer = http.get(path, as_app=True, repo=repo).json()
+        found = int(answer["id"])
+        app.keep_installation(repo, found)
+    return found
+
+
+def installation_token(http: AppHTTP, app: GitHubApp, repo: str) -> str:
+    """A token of the installation on ``repo`` with at least five minutes left; a new one
+    (``POST /app/installations/{id}/access_tokens``) when the cached one is older. Each is
+    asked for ``repo`` alone and the App's ``permissions``: GitHub refuses it any other
+    repository of the installation, and anything else the App may do."""
+    installation = installation_id(http, app, repo)
+    token = app.cached_token(installation, repo)
+    if token is None:
+        answer = http.post(
+            f"/app/installations/{int(installation)}/access_tokens",
+            app.token_request(repo),
+            as_app=True,
+            repo=repo,
+        ).json()
+        token = app.keep_token(installation, repo, answer)
+    return token
+
+
+def app_credential(http: AppHTTP, app: GitHubApp, call: Call, repo: str | None) -> Credential:
+    """What authenticates one attempt: the App's JWT for its own endpoints, else the
+    installation token of the App on ``repo`` (renewed here when it is about to expire)."""
+    if call.as_app:
+        return Credential(app.jwt(), f"{app.label}'s JWT", repo=repo)
+    if repo is None:
+        raise GitHubError(f"{app.label}: no repository to pick the installation for")
+    installation = installation_id(http, app, repo)
+    return Credential(
+        installation_token(http, app, repo),
+        f"{app.label} (installation {installation})",
+        repo=repo,
+        installation=installation,
+    )
 
 
 def check_private_key(pem: str, where: str) -> RSAPrivateKey:

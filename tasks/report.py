@@ -3,11 +3,13 @@ with a GitHub App, the ``pr-preview`` check run on the head sha.
 
 Every state goes through ``PullRequestReport.tell``, so the three always agree. The check run
 goes queued → in_progress → success / failure, or neutral when the run rightly deployed
-nothing; ``check_run()`` around a run's work makes sure it never stays open.
+nothing; ``check_run()`` around a run's work makes sure it never stays open. The sweeper marks
+an expired preview's deployment inactive through ``report_deployment`` too.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,11 +24,16 @@ from tasks.github import (
     CheckStatus,
     DeploymentState,
     GitHub,
-    report_check_run,
-    report_deployment,
+    GitHubError,
+    deployment_environment,
 )
 from tasks.masking import mask_secrets
 from tasks.step import step
+
+logger = logging.getLogger(__name__)
+
+CHECK_RUN_NAME = "pr-preview"
+MAX_CHECK_SUMMARY_CHARS = 65535
 
 DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
     PreviewState.LAUNCHING: "in_progress",
@@ -53,6 +60,102 @@ CHECK_RUN_STATES: dict[PreviewState, CheckTarget] = {
 QUEUED: CheckTarget = ("queued", None)
 NEUTRAL: CheckTarget = ("completed", "neutral")
 FAILURE: CheckTarget = ("completed", "failure")
+
+
+def report_deployment(
+    github: GitHub,
+    repo: str,
+    pr_number: int,
+    sha: str,
+    state: DeploymentState,
+    *,
+    deployment_id: int | None = None,
+    log_url: str | None = None,
+    environment_url: str | None = None,
+    description: str | None = None,
+) -> int | None:
+    """Show the preview's state on the PR page through environment ``pr-<n>``.
+
+    Creates the deployment of ``sha`` when ``deployment_id`` is None and returns its id, so the
+    flow posts later states to the same one. ``inactive`` without an id marks every deployment
+    of the environment inactive (teardown). A token that may not write deployments, or a GitHub
+    still failing after the client's retries, is logged and ignored: the deployment is a view of
+    the preview, not part of it.
+    """
+    if not github.enabled:
+        return None
+    environment = deployment_environment(pr_number)
+    try:
+        if deployment_id is None and state == "inactive":
+            for deployment in github.list_deployments(repo, environment):
+                github.create_deployment_status(
+                    repo, int(deployment["id"]), "inactive", description=description
+                )
+            return None
+        if deployment_id is None:
+            deployment_id = int(github.create_deployment(repo, sha, environment)["id"])
+        github.create_deployment_status(
+            repo,
+            deployment_id,
+            state,
+            environment_url=environment_url,
+            log_url=log_url,
+            description=description,
+        )
+    except GitHubError as exc:  # after the client's own retries: a view, never fatal
+        logger.warning("GitHub deployment status not posted: %s", exc)
+    return deployment_id
+
+
+def report_check_run(
+    github: GitHub,
+    repo: str,
+    sha: str,
+    status: CheckStatus,
+    *,
+    conclusion: CheckConclusion | None = None,
+    title: str,
+    summary: str,
+    check_run_id: int | None = None,
+    details_url: str | None = None,
+) -> int | None:
+    """Show the run's state in the PR's checks list as check run ``pr-preview`` on ``sha``.
+
+    ``queued`` creates a new check run (one per run); a later state edits ``check_run_id``, or
+    — for a report from outside the run, a crash say — the newest unfinished one of ours on the
+    sha. Returns the id for the next state. Like the deployment, a view: a GitHub that refuses
+    is logged, never fatal. Nothing without an App (GitHub gives check runs to Apps only).
+    """
+    if not github.checks_enabled:
+        return None
+    output = {"title": title[:255], "summary": summary[:MAX_CHECK_SUMMARY_CHARS]}
+    try:
+        if check_run_id is None and status != "queued":
+            found = github.latest_check_run(repo, sha, CHECK_RUN_NAME)
+            if found is not None and found.get("status") != "completed":
+                check_run_id = int(found["id"])
+        if check_run_id is None:
+            created = github.create_check_run(
+                repo,
+                sha,
+                CHECK_RUN_NAME,
+                status=status,
+                conclusion=conclusion,
+                output=output,
+                details_url=details_url,
+            )
+            return int(created["id"])
+        github.update_check_run(
+            repo,
+            check_run_id,
+            status=status,
+            conclusion=conclusion,
+            output=output,
+            details_url=details_url,
+        )
+    except GitHubError as exc:  # after the client's own retries: a view, never fatal
+        logger.warning("GitHub check run not posted: %s", exc)
+    return check_run_id
 
 
 @step(retry=False)

@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from tasks.config import PreviewConfig
 from tasks.db_access import DbRule, db_rules, leftover_db_rules, revoke_db_rules
 from tasks.events import instance_event
-from tasks.github import github_from_config, report_deployment
+from tasks.github import github_from_config
 from tasks.instances import (
     Preview,
     TerminateFailed,
@@ -29,6 +29,7 @@ from tasks.instances import (
     terminate_in_batches,
 )
 from tasks.prefect_context import run_logger
+from tasks.report import report_deployment
 from tasks.step import step
 from tasks.tags import TAG_SHUTDOWN_AT, TERMINATE_BATCH, format_time
 

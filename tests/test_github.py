@@ -19,9 +19,9 @@ from tasks.github import (
     GitHubUnavailable,
     deployment_environment,
     github_from_config,
-    report_deployment,
 )
 from tasks.guards import check_pull
+from tasks.report import report_deployment
 from tasks.retry import is_transient
 from tests.fakes.github import FakeGitHub
 
