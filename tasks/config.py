@@ -943,12 +943,16 @@ def as_environment(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def config_from_variable() -> dict[str, Any]:
-    """The JSON object stored in the Prefect Variable ``pr-preview-config``, if any."""
+    """The JSON object stored in the Prefect Variable ``pr-preview-config``, if any. An API that
+    cannot be reached or refuses the read (connection, timeout, HTTP status: what Prefect's
+    client raises, all ``httpx.HTTPError``) leaves it out with a warning; anything else is a
+    fault to surface."""
+    import httpx
     from prefect.variables import Variable
 
     try:
         value = Variable.get(VARIABLE_NAME, default=None)
-    except Exception as exc:  # an unreachable API is not a configuration error
+    except httpx.HTTPError as exc:  # an unreachable or refusing API is no configuration error
         logger.warning("Prefect Variable %s not read: %s", VARIABLE_NAME, exc)
         return {}
     if value is None:

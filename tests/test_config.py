@@ -1,15 +1,30 @@
 from __future__ import annotations
 
+import json
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from tasks import config as config_module
 from tasks.config import (
+    GROUPS,
     TRUSTED_FIELDS,
     TUNING_FIELDS,
+    AppAndDatabase,
+    AwsPlacement,
     ConfigError,
+    GitHubIdentity,
     PreviewConfig,
     TrustedFieldInRun,
     as_environment,
     config_from_env,
+    config_from_variable,
     load_config,
     run_config,
 )
@@ -267,3 +282,191 @@ def test_the_environment_form_of_a_config_reads_back_as_the_same_values() -> Non
     values = config_from_env(as_environment(config.model_dump()))
 
     assert PreviewConfig.model_validate(values) == config
+
+
+# --- settings grouped by concern (issue 33) ------------------------------------------------
+
+
+def test_every_field_has_a_description_and_belongs_to_exactly_one_group() -> None:
+    owners: dict[str, list[str]] = {}
+    for group in GROUPS:
+        for name in group.model_fields:
+            owners.setdefault(name, []).append(group.__name__)
+    assert set(owners) == set(PreviewConfig.model_fields)
+    assert {name: groups for name, groups in owners.items() if len(groups) != 1} == {}
+    undescribed = [
+        name
+        for name, field in PreviewConfig.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert undescribed == []
+    # The composed model reads in the groups' order, as the run form shows it.
+    assert list(PreviewConfig.model_fields) == [n for g in GROUPS for n in g.model_fields]
+
+
+def test_a_group_checks_its_own_fields_and_the_composition_keeps_them() -> None:
+    with pytest.raises(ValueError, match="is not an AWS region name"):
+        AwsPlacement(region="eu-west-1;reboot")
+    with pytest.raises(ValueError, match="exactly one private key source"):
+        GitHubIdentity(github_app_id=1)
+    with pytest.raises(ConfigError, match=r"github_app_id needs exactly one private key source"):
+        load_config({}, env={"PR_PREVIEW_GITHUB_APP_ID": "1"}, use_variable=False)
+    # ... and the rule across groups stays on the composition.
+    assert AppAndDatabase(env_parameter_path="/pr-preview/app/").env_parameter_path == (
+        "/pr-preview/app"
+    )
+    env = {
+        "PR_PREVIEW_ENV_PARAMETER_PATH": "/pr-preview/app/",
+        "PR_PREVIEW_GHCR_TOKEN_PARAMETER": "/pr-preview/app/ghcr-token",
+    }
+    with pytest.raises(ConfigError, match="env_parameter_path /pr-preview/app holds"):
+        load_config(env=env, use_variable=False)
+
+
+def test_fields_set_stay_explicit_across_the_groups() -> None:
+    config = PreviewConfig(region="eu-west-1", ttl_hours=2, trigger_mode="label")
+    assert config.model_fields_set == {"region", "ttl_hours", "trigger_mode"}
+    config.warm_spares = 2
+    assert "warm_spares" in config.model_fields_set
+    with pytest.raises(ValueError, match="is not a security group id"):
+        config.security_group_ids = ["sg-0aa", "api-sg"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PR_PREVIEW_AMI_ID": "ubuntu"}, "ami_id (from PR_PREVIEW_AMI_ID): Value error, 'ubuntu'"),
+        ({"PR_PREVIEW_SUBNET_ID": "subnet-xyz"}, "'subnet-xyz' is not a subnet id"),
+        ({"PR_PREVIEW_SECURITY_GROUP_IDS": "sg-0aa,api-sg"}, "'api-sg' is not a security group"),
+        ({"PR_PREVIEW_DB_SECURITY_GROUP_ID": "db-sg"}, "db_security_group_id (from PR_PREVIEW_"),
+        ({"PR_PREVIEW_ALLOWED_FORK_REPOS": "acme"}, "allowed_fork_repos (from PR_PREVIEW_"),
+        ({"PR_PREVIEW_GHCR_USERNAME": "a b"}, "'a b' is not a registry user name"),
+        ({"PR_PREVIEW_COMPOSE_RELEASE_URL": "ftp://x"}, "compose_release_url (from PR_PREVIEW_"),
+        ({"PR_PREVIEW_GITHUB_APP_PRIVATE_KEY_PARAMETER": "/pr-preview/key"}, "stay out of"),
+    ],
+)
+def test_a_shared_check_says_what_it_expected_naming_field_and_source(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env=env, use_variable=False)
+    assert message in str(caught.value)
+
+
+# --- the README's configuration examples load as they read ---------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Placeholders the README writes for what only the reader knows.
+PLACEHOLDERS = {"<owner>/<repo>": "octo-org/app", "sg-…": "sg-0123456789abcdef0"}
+
+
+def _readme_examples() -> list[tuple[str, str, dict[str, Any]]]:
+    """(where, how it is given, values) of every configuration example in the README: the
+    ```json blocks, the ``prefect variable set`` command, a run's ``-p config=`` and inline
+    ``field: value`` settings; ``PR_PREVIEW_<FIELD>=`` lines are replayed separately."""
+    text = README.read_text()
+    examples: list[tuple[str, str, dict[str, Any]]] = []
+    for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL):
+        examples.append((block.strip(), "variable", json.loads(block)))
+    for value in re.findall(r"prefect variable set pr-preview-config '(.*?)'", text, re.DOTALL):
+        for placeholder, example in PLACEHOLDERS.items():
+            value = value.replace(placeholder, example)
+        examples.append((value, "variable", json.loads(value)))
+    for value in re.findall(r"-p config='(.*?)'", text):
+        examples.append((value, "run", json.loads(value)))
+    for name, raw in re.findall(r"`([a-z_]+): ([^`]+)`", text):
+        if name in PreviewConfig.model_fields:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # a bare word, as YAML reads it
+            examples.append((f"{name}: {raw}", "variable", {name: value}))
+    unique = {" ".join(where.split()): (how, values) for where, how, values in examples}
+    return [(where, how, values) for where, (how, values) in unique.items()]
+
+
+README_EXAMPLES = _readme_examples()
+
+
+def test_the_readme_examples_are_found() -> None:
+    found = {key for _, _, values in README_EXAMPLES for key in values}
+    assert {"trigger_mode", "compose_path", "env", "env_parameter_path", "image"} <= found
+    assert {"seed_command", "allowed_repos", "ttl_hours", "warm_spares"} <= found
+    assert len(README_EXAMPLES) >= 12
+
+
+@pytest.mark.parametrize(
+    ("given", "values"),
+    [(how, values) for _, how, values in README_EXAMPLES],
+    ids=[where[:60] for where, _, _ in README_EXAMPLES],
+)
+def test_a_readme_configuration_example_loads_with_the_values_it_shows(
+    given: str, values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if given == "run":
+        monkeypatch.setattr(config_module, "config_from_variable", dict)
+        config = run_config(values)
+    else:
+        # As the pr-preview-config Variable holds it, under an empty environment.
+        monkeypatch.setattr(config_module, "config_from_variable", lambda: dict(values))
+        config = load_config(env={}, use_variable=True)
+    assert {name: getattr(config, name) for name in values} == values
+
+
+def test_the_readme_environment_examples_load_with_the_values_they_show() -> None:
+    examples = re.findall(r"\b(PR_PREVIEW_[A-Z_]+)=([^\s`]*)", README.read_text())
+    assert ("PR_PREVIEW_SPARE_BASE_TAG", "") in examples
+    assert ("PR_PREVIEW_PRICE_PER_HOUR", "0.02") in examples
+    for variable, raw in examples:
+        name = variable.removeprefix("PR_PREVIEW_").lower()
+        assert name in PreviewConfig.model_fields, variable
+        config = load_config(env={variable: raw}, use_variable=False)
+        assert name in config.model_fields_set, variable
+        assert as_environment({name: getattr(config, name)}) == {variable: raw}
+
+
+# --- the Variable: an API that cannot answer is no configuration error ---------------------
+
+
+def test_an_unreachable_or_refusing_api_leaves_the_variable_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(401, "no API key")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    refusing = f"http://127.0.0.1:{server.server_address[1]}/api"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{unused.getsockname()[1]}/api"
+    try:
+        for url in (closed, refusing):
+            with temporary_settings({PREFECT_API_URL: url}), caplog.at_level(logging.WARNING):
+                caplog.clear()
+                assert config_from_variable() == {}
+            assert "Prefect Variable pr-preview-config not read" in caplog.text, url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_fault_reading_the_variable_is_not_mistaken_for_an_unreachable_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.variables import Variable
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug, not the network")
+
+    monkeypatch.setattr(Variable, "get", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        config_from_variable()
