@@ -24,6 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from local_stack.processes import free_port
+
 REPO = "octo-org/hello-api"
 PR_NUMBER = 42
 FIRST_SHA = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
@@ -139,14 +141,6 @@ def open_tunnel(api_url: str, aws: str, moto: Any) -> Iterator[Tunnel]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def show_app(tunnel: Tunnel, sha: str) -> list[str]:

@@ -34,7 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from local_stack.prefect_server import PROJECT_DIR, die_with_parent, stop_process
+from local_stack.prefect_server import PROJECT_DIR
+from local_stack.processes import die_with_parent, stop_process
 from local_stack.scripted_instance import (
     BOOTSTRAP_CHECK,
     BOOTSTRAP_DONE,

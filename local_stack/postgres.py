@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from local_stack.prefect_server import die_with_parent, free_port
+from local_stack.processes import die_with_parent, free_port
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,8 @@ with nothing in between.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,19 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from local_stack.processes import die_with_parent, free_port, stop_process
+
 if TYPE_CHECKING:
     from local_stack.prefect_postgres import PrefectDatabase
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WORK_POOL = "pr-preview"
-PR_SET_PDEATHSIG = 1
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
@@ -67,35 +58,6 @@ def quiet_env(home: Path, extra: Mapping[str, str] = {}) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: the child leads a process group of its own (so stopping it takes its
-    children, the worker's flow runs, along) and gets SIGTERM when its parent dies (Linux)."""
-    os.setpgid(0, 0)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM, then a second signal, then SIGKILL (the process worker ignores a lone SIGTERM);
-    then whatever is left of its process group."""
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            if process.poll() is not None:
-                return
-            process.send_signal(sig)
-            try:
-                process.wait(timeout=timeout / 2)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        process.kill()
-        process.wait(timeout=timeout)
-    finally:
-        # Started with die_with_parent: the group's id is the process's own.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 class RetryBusy(httpx.HTTPTransport):

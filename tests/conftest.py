@@ -1,6 +1,6 @@
 """Every shared fixture: moto standing in for AWS, the runbook's account, a Prefect test server,
-the scripted instance, instances that boot for real, a fake registry, and the whole self-hosted
-installation.
+the scripted instance, instances that boot for real, a fake registry, a real PostgreSQL, and the
+whole self-hosted installation.
 
 A test module that sets ``ONE_ACCOUNT_PER_MODULE = True`` gets one moto and one account for all
 its tests (each costs ~0.8 s on 2 cores): its tests launch their own instances and look only at
@@ -19,6 +19,7 @@ from moto import mock_aws
 from local_stack.account import DemoAccount, create_demo_account
 from local_stack.instance.relay import Bridge
 from local_stack.instance.runtime import InstanceRuntime
+from local_stack.postgres import Postgres, postgres_server
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
@@ -27,6 +28,7 @@ from tasks.config import PreviewConfig, load_config
 from tests.support import CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.deployed import DeployedConfig
 from tests.support.installation import Installation, running_installation
+from tests.support.ssm import plain_instances
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -160,6 +162,21 @@ def scripted_ssm() -> Iterator[ScriptedInstances]:
     """What instances "print" over SSM, scripted per command; unscripted ones act like moto."""
     with ScriptedInstances().patched() as fake:
         yield fake
+
+
+@pytest.fixture
+def instance(aws: AwsClients, scripted_ssm: ScriptedInstances) -> str:
+    """One plain running instance whose scripted agent answers every check healthy."""
+    (instance_id,) = plain_instances(aws.ec2)
+    scripted_ssm.healthy(instance_id=instance_id)
+    return instance_id
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A real PostgreSQL on 127.0.0.1 for the module's tests."""
+    with postgres_server(tmp_path_factory.mktemp("postgres") / "data") as server:
+        yield server
 
 
 @pytest.fixture

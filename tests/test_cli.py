@@ -6,7 +6,6 @@ import io
 import shlex
 import stat
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,12 +67,6 @@ def ami(module_aws: AwsClients) -> str:
         Owners=["amazon"], Filters=[{"Name": "name", "Values": ["al2023-ami-2023*-x86_64"]}]
     )["Images"]
     return str(images[0]["ImageId"])
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
 
 
 def launch(
@@ -711,7 +704,8 @@ def test_demo_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_without_a_checkout_says_where_it_runs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "local_stack", None)  # as after a plain `pip install .`
+    for name in ("local_stack", "local_stack.demo"):  # as after a plain `pip install .`
+        monkeypatch.setitem(sys.modules, name, None)
 
     code, out, err = run(capsys, "demo")
 

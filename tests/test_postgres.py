@@ -28,17 +28,11 @@ from local_stack.postgres import (
     postgres_server,
     start_ephemeral,
 )
-from local_stack.prefect_server import free_port
+from local_stack.processes import free_port
 from tasks.preflight import parse_database_url
 
 DEMO_PASSWORD = "pa/ss@w:rd%demo"
 ENCODED_DEMO_PASSWORD = "pa%2Fss%40w%3Ard%25demo"
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    with postgres_server(tmp_path_factory.mktemp("postgres") / "data") as server:
-        yield server
 
 
 @pytest.fixture

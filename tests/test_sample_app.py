@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local_stack.postgres import DatabaseUrl, Postgres, postgres_server, start_ephemeral
-from local_stack.prefect_server import PROJECT_DIR, die_with_parent, free_port, stop_process
+from local_stack.postgres import DatabaseUrl, Postgres, start_ephemeral
+from local_stack.prefect_server import PROJECT_DIR
+from local_stack.processes import die_with_parent, free_port, stop_process
 
 pytestmark = pytest.mark.server
 
@@ -30,12 +31,6 @@ BIN = Path(sys.executable).parent
 PASSWORD = "pa/ss@w:rd%demo"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 APP_VARIABLES = ("DATABASE_URL", "GIT_SHA", "APP_VERSION")
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    with postgres_server(tmp_path_factory.mktemp("postgres") / "data") as server:
-        yield server
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from local_stack.instance.relay import Bridge
-from local_stack.prefect_server import die_with_parent
+from local_stack.processes import die_with_parent
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "bin"

@@ -1,0 +1,53 @@
+"""The local stack's child processes: a free port to give one, and a lifetime tied to ours.
+
+Every server the stack starts (moto, PostgreSQL, the Prefect server and its workers, an
+instance's sandbox) is started with ``die_with_parent`` and stopped with ``stop_process``, so a
+demo or a test that dies leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+import subprocess
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child leads a process group of its own (so stopping it takes its
+    children, the worker's flow runs, along) and gets SIGTERM when its parent dies (Linux)."""
+    os.setpgid(0, 0)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then a second signal, then SIGKILL (the process worker ignores a lone SIGTERM);
+    then whatever is left of its process group."""
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if process.poll() is not None:
+                return
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=timeout / 2)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        process.kill()
+        process.wait(timeout=timeout)
+    finally:
+        # Started with die_with_parent: the group's id is the process's own.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
