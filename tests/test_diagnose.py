@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tasks.aws import AwsClients
@@ -254,12 +252,6 @@ def test_diagnosis_masks_secrets_in_evidence_and_markdown() -> None:
     assert diagnosis.key == "ghcr-unauthorized"
     assert "db-sg-missing-rule" in [finding.key for finding in diagnosis.also]
     assert "## Diagnosis" in rendered and "**Fix:**" in rendered
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
 
 
 def test_diagnose_collects_runbook_evidence_over_ssm(

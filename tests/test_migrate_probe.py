@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tasks.aws import AwsClients
@@ -15,7 +13,6 @@ from tests.support.ssm import (
     PROBE,
     Reply,
     ScriptedInstances,
-    plain_instances,
     probe_answer,
 )
 
@@ -36,19 +33,6 @@ COMPOSE = (
     " --env-file /srv/app/.env"
 )
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
-
-
-@pytest.fixture
-def instance(aws: AwsClients, scripted_ssm: ScriptedInstances) -> str:
-    (instance_id,) = plain_instances(aws.ec2)
-    scripted_ssm.healthy(instance_id=instance_id)
-    return instance_id
 
 
 def test_migrate_fails_twice_then_passes(

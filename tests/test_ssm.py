@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from botocore.exceptions import ClientError
 
@@ -12,12 +10,6 @@ from tasks.ssm import CommandTimeout, run_command
 from tests.support.ssm import Reply, ScriptedInstances, plain_instances
 
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
 
 
 def launch(aws: AwsClients, count: int = 1) -> list[str]:

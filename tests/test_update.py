@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -29,12 +28,6 @@ LAUNCHED = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
 
 
 def launch_preview(aws: AwsClients, shutdown_at: str | None = None) -> str:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 import tasks.wait_ready
@@ -36,7 +34,6 @@ from tests.support.ssm import (
     ScriptedInstances,
     after_calls,
     bootstrap_failed,
-    plain_instances,
     probe_responder,
 )
 
@@ -44,19 +41,6 @@ SHORT = 0.15
 APP_STATE = r"APP STATE"
 
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config
-
-
-@pytest.fixture
-def scripted_ssm() -> Iterator[ScriptedInstances]:
-    with ScriptedInstances().patched() as fake:
-        yield fake
-
-
-@pytest.fixture
-def instance(aws: AwsClients, scripted_ssm: ScriptedInstances) -> str:
-    (instance_id,) = plain_instances(aws.ec2)
-    scripted_ssm.healthy(instance_id=instance_id)
-    return instance_id
 
 
 def timeouts(config: PreviewConfig, **short: float) -> StageTimeouts:
