@@ -26,7 +26,8 @@ Foundations — plain code the steps share; no ``@step`` here:
 
     AWS            aws (clients), instances, tags, run_instances (the request, the AMI),
                    ssm (Run Command), ecr, on_instance (marker files, scripts, compose calls)
-    GitHub         github, github_app
+    GitHub         github (the REST resources), github_http (transport: retry, pagination),
+                   github_sansio (responses to errors, rate-limit waits), github_app
     the app        app_env, compose_policy, secrets, masking, cost
     the run        step (``@step``), retry, budget, outcome, run_end, coalesce,
                    prefect_context, events, errors (``PreviewError``), tls
