@@ -42,6 +42,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
+from tasks.errors import PreviewError
 from tasks.inputs import is_repo_pattern, repo_allowed
 from tasks.prefect_context import api_reachable
 
@@ -95,7 +96,7 @@ ENV_FIELDS = frozenset({"pr_number", "sha", "repo", "branch"})
 RESERVED_ENV = frozenset({"PR_NUMBER", "GIT_SHA", "PR_BRANCH", "DATABASE_URL", "APP_IMAGE"})
 
 
-class ConfigError(ValueError):
+class ConfigError(PreviewError, ValueError):
     """A configuration value is missing or invalid; the message names the field and its source."""
 
 

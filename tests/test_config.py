@@ -28,6 +28,7 @@ from tasks.config import (
     load_config,
     run_config,
 )
+from tasks.errors import PreviewError
 
 
 def test_defaults_are_the_runbooks_values() -> None:
@@ -108,6 +109,14 @@ def test_flow_parameters_override_only_what_they_set() -> None:
     assert config.region == "eu-west-1"  # not reset to the default by the override
     again = load_config(config, env={}, use_variable=False)
     assert (again.ttl_hours, again.region) == (2, "eu-west-1")
+
+
+def test_a_configuration_error_is_one_of_our_own_and_says_what_to_fix() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"ttl_hours": -1}, env={}, use_variable=False)
+    assert isinstance(caught.value, PreviewError) and isinstance(caught.value, ValueError)
+    assert caught.value.diagnosis == str(caught.value)
+    assert "ttl_hours (from flow parameters)" in caught.value.diagnosis
 
 
 def test_unknown_field_is_refused() -> None:
