@@ -77,7 +77,8 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
     from local_stack.instance.world import db_server, push_sample_app
     from local_stack.registry import FakeRegistry
     from local_stack.serve import serve_handler
-    from tasks.aws import build_clients
+    from tasks.cloud.aws import build_clients
+    from tasks.cloud.ssm import run_command
     from tasks.config import (
         TRUSTED_FIELDS,
         TUNING_FIELDS,
@@ -85,7 +86,6 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
         as_environment,
         load_config,
     )
-    from tasks.ssm import run_command
 
     modelled = name == "modelled"
     env = {}

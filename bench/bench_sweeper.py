@@ -74,7 +74,7 @@ class CallCounter:
 
 
 def tags_for(number: int, expired_at: datetime, kind: str) -> list[Any]:
-    from tasks.tags import format_time
+    from tasks.cloud.tags import format_time
 
     tags = {"Purpose": PURPOSE, "shutdown-at": format_time(expired_at)}
     if kind == "full":
@@ -90,9 +90,9 @@ def tags_for(number: int, expired_at: datetime, kind: str) -> list[Any]:
 def measure(size: int, kind: str, per_launch: int) -> Row:
     from moto import mock_aws
 
-    from tasks.aws import build_clients
+    from tasks.cloud.aws import build_clients
     from tasks.config import load_config
-    from tasks.sweep import sweep
+    from tasks.steps.sweep import sweep
 
     config = load_config({"region": REGION}, env={}, use_variable=False)
     now = datetime.now(UTC)

@@ -92,40 +92,31 @@ for name in ("GITHUB_TOKEN", "GITHUB_API_URL", "PREFECT_API_URL"):
 from botocore.exceptions import ClientError  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
-import tasks.instances  # noqa: E402
-import tasks.migrate  # noqa: E402
-import tasks.probe  # noqa: E402
-import tasks.spares  # noqa: E402
-import tasks.update  # noqa: E402
-import tasks.wait_ready  # noqa: E402
+import tasks.cloud.instances  # noqa: E402
+import tasks.steps.migrate  # noqa: E402
+import tasks.steps.probe  # noqa: E402
+import tasks.steps.spares  # noqa: E402
+import tasks.steps.update  # noqa: E402
+import tasks.steps.wait_ready  # noqa: E402
 from bench import latency_model as model  # noqa: E402
 from bench.latency_model import BootProfile, Composition, LatencyModel, World  # noqa: E402
 from local_stack.account import create_demo_account  # noqa: E402
 from local_stack.registry import FakeRegistry  # noqa: E402
 from local_stack.scripted_instance import MIGRATE, Call, ScriptedInstances  # noqa: E402
 from local_stack.serve import serve_handler  # noqa: E402
-from tasks.aws import AwsClients, build_clients  # noqa: E402
-from tasks.check_image import check_image  # noqa: E402
-from tasks.config import (  # noqa: E402
-    TRUSTED_FIELDS,
-    TUNING_FIELDS,
-    PreviewConfig,
-    as_environment,
-    load_config,
+from tasks.app.cost import PRICE_SOURCE, SNAPSHOT_SOURCE  # noqa: E402
+from tasks.app.secrets import read_secrets  # noqa: E402
+from tasks.cloud.aws import AwsClients, build_clients  # noqa: E402
+from tasks.cloud.instances import (  # noqa: E402
+    batches,
+    find_previews,
+    terminate_in_batches,
+    terminate_outdated,
 )
-from tasks.cost import PRICE_SOURCE, SNAPSHOT_SOURCE  # noqa: E402
-from tasks.instances import batches, find_previews, terminate_in_batches, terminate_outdated  # noqa: E402
-from tasks.launch import LaunchSpec, launch_instance, spare_base_layers  # noqa: E402
-from tasks.migrate import migrate_commands, run_migrations  # noqa: E402
-from tasks.on_instance import port_check, timer_minutes  # noqa: E402
-from tasks.preflight import PreflightReport, run_preflight  # noqa: E402
-from tasks.probe import probe_app, probe_command  # noqa: E402
-from tasks.retry import error_code  # noqa: E402
-from tasks.run_instances import resolve_ami  # noqa: E402
-from tasks.secrets import read_secrets  # noqa: E402
-from tasks.spares import claim_spare, launch_spare  # noqa: E402
-from tasks.ssm import run_command  # noqa: E402
-from tasks.tags import (  # noqa: E402
+from tasks.cloud.on_instance import port_check, probe_command, timer_minutes  # noqa: E402
+from tasks.cloud.run_instances import resolve_ami  # noqa: E402
+from tasks.cloud.ssm import run_command  # noqa: E402
+from tasks.cloud.tags import (  # noqa: E402
     TAG_CREATED_AT,
     TAG_NAME,
     TAG_PR,
@@ -133,9 +124,24 @@ from tasks.tags import (  # noqa: E402
     TAG_SOURCE_AMI,
     format_time,
 )
-from tasks.terminate import make_room  # noqa: E402
-from tasks.update import check_health, confirm_full_ttl, deploy_in_place  # noqa: E402
-from tasks.wait_ready import READY_MARKER, ReadyResult, parse_ready, wait_until_ready  # noqa: E402
+from tasks.cloud.user_data import LaunchSpec, spare_base_layers  # noqa: E402
+from tasks.config import (  # noqa: E402
+    TRUSTED_FIELDS,
+    TUNING_FIELDS,
+    PreviewConfig,
+    as_environment,
+    load_config,
+)
+from tasks.run.retry import error_code  # noqa: E402
+from tasks.steps.check_image import check_image  # noqa: E402
+from tasks.steps.launch import launch_instance  # noqa: E402
+from tasks.steps.migrate import migrate_commands, run_migrations  # noqa: E402
+from tasks.steps.preflight import PreflightReport, run_preflight  # noqa: E402
+from tasks.steps.probe import probe_app  # noqa: E402
+from tasks.steps.spares import claim_spare, launch_spare  # noqa: E402
+from tasks.steps.terminate import make_room  # noqa: E402
+from tasks.steps.update import check_health, confirm_full_ttl, deploy_in_place  # noqa: E402
+from tasks.steps.wait_ready import READY_MARKER, ReadyResult, parse_ready, wait_until_ready  # noqa: E402
 
 REGION = "ap-northeast-1"
 REPO = "octo-org/app"
@@ -277,18 +283,18 @@ class Run:
 def faithful_polls(scale: float) -> Iterator[None]:
     """SSM result polls and the terminate waiter at their real-scale value × scale."""
     caps: dict[Any, float] = {
-        tasks.wait_ready: 0.5,
-        tasks.spares: 0.5,
-        tasks.migrate: 1.0,
-        tasks.probe: 1.0,
-        tasks.update: 1.0,
+        tasks.steps.wait_ready: 0.5,
+        tasks.steps.spares: 0.5,
+        tasks.steps.migrate: 1.0,
+        tasks.steps.probe: 1.0,
+        tasks.steps.update: 1.0,
     }
     saved: dict[Any, Any] = {module: module.run_command for module in caps}
     for module, cap in caps.items():
         module.run_command = _with_poll(saved[module], cap * scale)
-    saved_agent_poll = tasks.wait_ready.AGENT_POLL_SECONDS
-    tasks.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll * scale
-    saved_wait = tasks.instances.wait_terminated
+    saved_agent_poll = tasks.steps.wait_ready.AGENT_POLL_SECONDS
+    tasks.steps.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll * scale
+    saved_wait = tasks.cloud.instances.wait_terminated
 
     def wait_terminated(ec2: Any, ids: Any, *, timeout_seconds: float, poll_seconds: float) -> None:
         for batch in batches(list(ids)):
@@ -300,14 +306,14 @@ def faithful_polls(scale: float) -> Iterator[None]:
                 },
             )
 
-    tasks.instances.wait_terminated = wait_terminated
+    tasks.cloud.instances.wait_terminated = wait_terminated
     try:
         yield
     finally:
         for module, original in saved.items():
             module.run_command = original
-        tasks.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll
-        tasks.instances.wait_terminated = saved_wait
+        tasks.steps.wait_ready.AGENT_POLL_SECONDS = saved_agent_poll
+        tasks.cloud.instances.wait_terminated = saved_wait
 
 
 def _with_poll(original: Callable[..., Any], poll: float) -> Callable[..., Any]:
@@ -716,7 +722,7 @@ def probed_healthy(call: Call, config: PreviewConfig) -> bool:
 def fleet_lock_seconds() -> float:
     """One hold of the fleet lock (acquire, release) on the test server, the median of three: a
     spare claim's extra orchestration when the flow's own claim is not measured."""
-    from tasks.locks import FLEET_LOCK, hold
+    from tasks.run.locks import FLEET_LOCK, hold
 
     samples = []
     for _ in range(3):

@@ -52,7 +52,7 @@ def main() -> int:
     from local_stack.account import create_demo_account
     from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
     from local_stack.serve import serve_asgi
-    from tasks.aws import build_clients
+    from tasks.cloud.aws import build_clients
     from tasks.config import VARIABLE_NAME, PreviewConfig
 
     account = create_demo_account(build_clients(PreviewConfig()))

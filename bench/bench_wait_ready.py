@@ -36,9 +36,9 @@ os.environ.pop("AWS_ENDPOINT_URL", None)
 
 from moto import mock_aws  # noqa: E402
 
-from tasks.aws import AwsClients, build_clients  # noqa: E402
+from tasks.cloud.aws import AwsClients, build_clients  # noqa: E402
 from tasks.config import PreviewConfig  # noqa: E402
-from tasks.wait_ready import wait_until_ready  # noqa: E402
+from tasks.steps.wait_ready import wait_until_ready  # noqa: E402
 from tests.support.ssm import (  # noqa: E402
     BOOTSTRAP_CHECK,
     PORT_CHECK,

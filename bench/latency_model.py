@@ -52,8 +52,8 @@ from local_stack.scripted_instance import (
     ScriptedInstances,
     probe_reply,
 )
+from tasks.app.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, format_usd, hourly_price
 from tasks.config import PreviewConfig
-from tasks.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, format_usd, hourly_price
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ TUNNEL_REFUSED_AFTER_START = Measurement(
 )
 AGENT_POLL = Measurement(
     1.0,
-    "a choice (change F4, tasks/wait_ready.py AGENT_POLL_SECONDS): how often wait-ready asks"
+    "a choice (change F4, tasks/steps/wait_ready.py AGENT_POLL_SECONDS): how often wait-ready asks"
     " the SSM agent; a refused SendCommand (InvalidInstanceId) costs one API call",
 )
 
@@ -438,7 +438,7 @@ def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
     return Composition("push in place", tuple(legs), changes)
 
 
-# --- what a lever costs a month (prices from tasks/cost.py)
+# --- what a lever costs a month (prices from tasks/app/cost.py)
 BAKED_IMAGE_GB = 8.0
 BAKED_IMAGE_GB_SOURCE = (
     "namecheap/ec2-github-runner#44: an AL2023 AMI maps an 8 GiB gp3 root volume; a snapshot"

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.errors import PreviewError
 from tasks.inputs import is_repo, is_sha, label_names
+from tasks.run.errors import PreviewError
 
 HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed", "labeled", "unlabeled"})
 MAX_LABELS = 100  # GitHub allows 100 labels on an issue

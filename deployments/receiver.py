@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from deployments.events import MalformedDelivery, event_from_delivery
 from deployments.spool import Spool
-from tasks.errors import PreviewError
+from tasks.run.errors import PreviewError
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 

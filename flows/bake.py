@@ -23,8 +23,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.aws import build_clients
-from tasks.bake import (
+from tasks.app.secrets import read_secrets
+from tasks.cloud.aws import build_clients
+from tasks.config import RUN_MARGIN_SECONDS, PreviewConfig, RunOverrides, run_config
+from tasks.run.budget import grace, run_budget
+from tasks.steps.bake import (
     Builder,
     bake_image_ref,
     builder_ttl_hours,
@@ -37,10 +40,7 @@ from tasks.bake import (
     wait_image,
     wait_sealed,
 )
-from tasks.budget import grace, run_budget
-from tasks.config import RUN_MARGIN_SECONDS, PreviewConfig, RunOverrides, run_config
-from tasks.secrets import read_secrets
-from tasks.terminate import terminate_instance
+from tasks.steps.terminate import terminate_instance
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client

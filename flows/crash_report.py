@@ -13,7 +13,7 @@ from uuid import UUID
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from tasks.run_end import report_run_end
+from flows.run_end import report_run_end
 
 REPORTED_FLOWS = ("pr-preview", "pr-teardown")
 

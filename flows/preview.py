@@ -22,37 +22,38 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from tasks.app_env import AppFiles, branch_or_empty, preview_env
-from tasks.aws import AwsClients, build_clients
-from tasks.budget import grace, run_budget
-from tasks.check_image import check_image
-from tasks.coalesce import fold_or_go_on
-from tasks.comment import PreviewState, flow_run_url
-from tasks.compose import fetch_compose, service_names
+from flows.run_end import state_hook
+from tasks.app.app_env import AppFiles, branch_or_empty, preview_env
+from tasks.app.secrets import read_secrets
+from tasks.cloud.aws import AwsClients, build_clients
+from tasks.cloud.on_instance import ProbeResult, timer_minutes
+from tasks.cloud.ssm import CommandTimeout
+from tasks.cloud.tags import format_time
+from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig, RunOverrides, run_config
-from tasks.db_access import open_db_access
-from tasks.diagnose import diagnose
-from tasks.errors import PreviewError
-from tasks.events import emit_instance_event
-from tasks.github import github_from_config
-from tasks.guards import check_trigger, guard
+from tasks.github.client import github_from_config
+from tasks.github.pull_request import PreviewState, flow_run_url
 from tasks.inputs import check_inputs
-from tasks.launch import LaunchSpec, launch
-from tasks.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
-from tasks.migrate import MigrationFailed, SeedFailed, migrate, seed
-from tasks.on_instance import timer_minutes
-from tasks.outcome import Outcome
-from tasks.prefect_context import rename_run
-from tasks.preflight import preflight
-from tasks.probe import ProbeFailed, ProbeResult, probe
-from tasks.report import PullRequestReport
-from tasks.run_end import state_hook
-from tasks.secrets import read_secrets
-from tasks.spares import claim
-from tasks.ssm import CommandTimeout
-from tasks.tags import format_time
-from tasks.terminate import NoRoom, terminate, terminate_instance
-from tasks.update import (
+from tasks.run.budget import grace, run_budget
+from tasks.run.coalesce import fold_or_go_on
+from tasks.run.errors import PreviewError
+from tasks.run.events import emit_instance_event
+from tasks.run.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
+from tasks.run.outcome import Outcome
+from tasks.run.prefect_context import rename_run
+from tasks.steps.check_image import check_image
+from tasks.steps.compose import fetch_compose, service_names
+from tasks.steps.db_access import open_db_access
+from tasks.steps.diagnose import diagnose
+from tasks.steps.guards import check_trigger, guard
+from tasks.steps.launch import launch
+from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
+from tasks.steps.preflight import preflight
+from tasks.steps.probe import ProbeFailed, probe
+from tasks.steps.report import PullRequestReport
+from tasks.steps.spares import claim
+from tasks.steps.terminate import NoRoom, terminate, terminate_instance
+from tasks.steps.update import (
     UpdateFailed,
     confirm_ttl,
     in_place_candidate,
@@ -60,7 +61,7 @@ from tasks.update import (
     shorten_ttl,
     update_in_place,
 )
-from tasks.wait_ready import ReadyResult, wait_ready
+from tasks.steps.wait_ready import ReadyResult, wait_ready
 
 # What an in-place deploy raises when the instance cannot take the push: relaunch instead.
 # Anything else (a lost lock, the run's budget, AWS refusing a call, a bug) fails the run.

@@ -13,13 +13,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from tasks.aws import build_clients
-from tasks.budget import run_budget
+from tasks.cloud.aws import build_clients
 from tasks.config import RunOverrides, run_config
-from tasks.events import instance_event
-from tasks.locks import FLEET_LOCK, hold
-from tasks.preflight import preflight
-from tasks.spares import Replenished, replenish
+from tasks.run.budget import run_budget
+from tasks.run.events import instance_event
+from tasks.run.locks import FLEET_LOCK, hold
+from tasks.steps.preflight import preflight
+from tasks.steps.spares import Replenished, replenish
 
 
 @flow(name="pr-spares")

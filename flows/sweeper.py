@@ -14,11 +14,11 @@ from __future__ import annotations
 from prefect import flow
 from prefect.events import emit_event
 
-from tasks.aws import build_clients
-from tasks.budget import run_budget
+from tasks.cloud.aws import build_clients
 from tasks.config import RunOverrides, run_config
-from tasks.errors import PreviewError
-from tasks.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
+from tasks.run.budget import run_budget
+from tasks.run.errors import PreviewError
+from tasks.steps.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
 
 
 class SweepIncomplete(PreviewError):

@@ -12,21 +12,21 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from tasks.aws import build_clients
-from tasks.budget import grace, run_budget
-from tasks.comment import PreviewState, flow_run_url
+from flows.run_end import state_hook
+from tasks.cloud.aws import build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
-from tasks.db_access import close_db_access
-from tasks.events import emit_instance_event
-from tasks.github import github_from_config
-from tasks.guards import check_trigger, confirm_closed, confirm_unlabeled
+from tasks.github.client import github_from_config
+from tasks.github.pull_request import PreviewState, flow_run_url
 from tasks.inputs import check_inputs
-from tasks.locks import delete_lock, hold, pr_lock_name
-from tasks.outcome import Outcome
-from tasks.prefect_context import rename_run
-from tasks.report import PullRequestReport
-from tasks.run_end import state_hook
-from tasks.teardown import teardown
+from tasks.run.budget import grace, run_budget
+from tasks.run.events import emit_instance_event
+from tasks.run.locks import delete_lock, hold, pr_lock_name
+from tasks.run.outcome import Outcome
+from tasks.run.prefect_context import rename_run
+from tasks.steps.db_access import close_db_access
+from tasks.steps.guards import check_trigger, confirm_closed, confirm_unlabeled
+from tasks.steps.report import PullRequestReport
+from tasks.steps.teardown import teardown
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
 
 DEMO_GHCR_TOKEN = "ghp_demoToken0000000000000000000000000000"
 # URL-special characters on purpose: the runbook's DATABASE_URL carries it URL-encoded (§5).

@@ -62,8 +62,8 @@ def point_at_moto(endpoint: str) -> None:
 def show_containers(clients: Any, purpose: str) -> None:
     """``docker ps`` on each running preview, over SSM as an operator would ask it: the app
     runs in real containers on a real Docker Engine inside the instance."""
-    from tasks.instances import find_previews
-    from tasks.ssm import run_command
+    from tasks.cloud.instances import find_previews
+    from tasks.cloud.ssm import run_command
 
     for preview in find_previews(clients.ec2, purpose, states=("running",)):
         answer = run_command(
@@ -80,7 +80,7 @@ def show_containers(clients: Any, purpose: str) -> None:
 
 
 def describe_fleet(clients: Any, purpose: str) -> None:
-    from tasks.instances import find_previews
+    from tasks.cloud.instances import find_previews
 
     states = ("pending", "running", "shutting-down", "terminated")
     previews = find_previews(clients.ec2, purpose, states=states)
@@ -203,7 +203,7 @@ def run(keep: bool, db: str = "sqlite") -> int:
         from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
         from local_stack.registry import FakeRegistry
         from local_stack.serve import serve_asgi, serve_handler
-        from tasks.aws import build_clients
+        from tasks.cloud.aws import build_clients
         from tasks.config import VARIABLE_NAME, load_config
 
         banner("1. AWS, as the runbook describes it — on moto; the db-server on PostgreSQL")

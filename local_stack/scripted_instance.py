@@ -13,7 +13,7 @@ bootstrap marker appears after K polls"). It patches moto where the answer is ma
   instances a command was really sent to: moto also runs it on every other instance of the
   region, and those invocations keep moto's blank answer and consume no rule.
 
-Wait-ready's one command (``tasks/wait_ready.py`` ``ready_command``) is a set of shell
+Wait-ready's one command (``tasks/steps/wait_ready.py`` ``ready_command``) is a set of shell
 functions, each headed by a ``# pr-preview-ready: <name>`` line, and a last block that calls
 them in turn. It is answered as the instance runs it: each function by the rules for its own
 text (the bootstrap check, the port check, compose's view of the app, each probe), in that
@@ -107,7 +107,7 @@ def at_time(moment: float, *, before: Reply, then: Reply) -> Responder:
     return lambda call: then if call.at >= moment else before
 
 
-# What the project's scripts print on a healthy instance (tasks/wait_ready.py, probe.py, ...).
+# What the project's scripts print on a healthy instance (tasks/steps/wait_ready.py, probe.py, ...).
 # Each pattern names one script and no other.
 BOOTSTRAP_CHECK = r"echo bootstrap-pending"
 PORT_CHECK = r"APP PORT OPEN"
@@ -144,7 +144,7 @@ def probe_answer(status_code: int, seconds: float = 0.004) -> Reply:
 
 def probe_reply(status_code: int, command: str) -> Reply:
     """``probe_answer``, and, where ``command`` moves the shutdown timer on a healthy answer
-    (``tasks.probe``), the line that says it did."""
+    (``tasks.steps.probe``), the line that says it did."""
     answer = probe_answer(status_code)
     if 200 <= status_code < 400 and "shutdown -h" in command:
         return Reply(stdout=f"{answer.stdout}\npr-preview-timer-moved\n")

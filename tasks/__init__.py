@@ -1,7 +1,8 @@
 """The steps of a preview and what they stand on. Where a new thing goes:
 
-Steps — one ``@step`` function each, in the runbook's order (docs/runbook.md); a step module
-holds its step and what only it needs, and imports no other step's internals:
+``steps/`` — one ``@step`` module per step, in the runbook's order (docs/runbook.md). A step
+module holds its step and what only it needs; it imports foundations and never another step.
+Flows compose steps.
 
     preflight      §2.3   the account can host a preview
     guards                closed, unlabelled and fork pull requests
@@ -14,25 +15,29 @@ holds its step and what only it needs, and imports no other step's internals:
     wait_ready     §2.6   agent, bootstrap, app port, in that order
     migrate        §2.4   migrations in a one-off container of the app image
     probe          §2.6   the app answers, from inside the instance
-    comment, report §2.7  what the pull request sees
+    report         §2.7   what the pull request sees: the comment, deployment, check run
     diagnose       §7     why it failed, in the failure table's words
     teardown       §2.8   one pull request's previews gone
     sweep          §9     expired previews gone
     bake                  the baked AMI
     db_access      §2.5   the optional database path
-    locks                 one run per pull request
 
-Foundations — plain code the steps share; no ``@step`` here:
+Foundations — plain code the steps share; no ``@step`` in them, and they import no step:
 
-    AWS            aws (clients), instances, tags, run_instances (the request, the AMI),
-                   ssm (Run Command), ecr, on_instance (marker files, scripts, compose calls)
-    GitHub         github (the REST resources), github_http (transport: retry, pagination),
-                   github_sansio (responses to errors, rate-limit waits), github_app
-    the app        app_env, compose_policy, secrets, masking, cost
-    the run        step (``@step``), retry, budget, outcome, run_end, coalesce,
-                   prefect_context, events, errors (``PreviewError``), tls
-    settings       config (``PreviewConfig``, what a run may tune), inputs (patterns)
+    cloud/   AWS: aws (clients), instances, tags, run_instances (the request, the AMI),
+             user_data (the bootstrap script, a preview's tags, ``LaunchSpec``), ssm (Run
+             Command), ecr, on_instance (marker files, scripts, the app probe's command and
+             answer), db_rules (db-sg rules opened for previews), tunnel (SSM port forwarding)
+    github/  client (``GitHub``: the REST resources, errors re-exported), http (transport:
+             retry, pagination), sansio (responses to errors, rate-limit waits), app (the App's
+             JWT and tokens), pull_request (the sticky comment, the PR's deployment)
+    app/     the previewed app: app_env, compose_policy, secrets, masking, cost
+    run/     step (``@step``), retry, budget, outcome, coalesce, prefect_context, events,
+             errors (``PreviewError``), tls, locks
+    config   ``PreviewConfig``, what a run may tune          inputs   patterns
 
-A new AWS call goes in a foundation module and a step calls it; a new check of the instance is a
-script in on_instance; a new setting is a field of config with its group and description.
+A new AWS call goes in a cloud module and a step calls it; a new check of the instance is a
+script in cloud/on_instance; a new setting is a field of config with its group and description.
+What calls more than one step is flow code: flows/run_end, for one, reports a killed run from
+the flows' state hooks through the report step.
 """

@@ -42,9 +42,9 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from tasks.errors import PreviewError
 from tasks.inputs import is_repo_pattern, repo_allowed
-from tasks.prefect_context import api_reachable
+from tasks.run.errors import PreviewError
+from tasks.run.prefect_context import api_reachable
 
 VARIABLE_NAME = "pr-preview-config"
 ENV_PREFIX = "PR_PREVIEW_"
@@ -70,7 +70,7 @@ IMAGE_PATTERN = re.compile(rf"(?P<registry>{_REGISTRY})(?:/{_PATH_COMPONENT})+")
 IMAGE_MAX_LENGTH = 255
 IMAGE_TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # An Amazon ECR private registry: <12-digit account>.dkr.ecr.<region>.amazonaws.com. An image
-# there is checked through ECR's API and pulled with the instance role's login (tasks/ecr.py).
+# there is checked through ECR's API and pulled with the instance role's login (tasks/cloud/ecr.py).
 ECR_REGISTRY_PATTERN = re.compile(
     rf"(?P<account>[0-9]{{12}})\.dkr\.ecr\.(?P<region>{REGION_PATTERN.pattern})\.amazonaws\.com"
 )
@@ -215,7 +215,7 @@ def _image_repository(value: str) -> str:
 
 def _container_command(value: str, info: ValidationInfo) -> str:
     """A command by design, run in the app container as its arguments: split like a shell
-    splits words (``tasks.migrate``), so it must parse, and it must be one line."""
+    splits words (``tasks.steps.migrate``), so it must parse, and it must be one line."""
     what = f"the {info.field_name.replace('_', ' ')}" if info.field_name else "the command"
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise ValueError(f"{what} must be one line without control characters")
@@ -588,7 +588,7 @@ class LifetimesAndCapacity(_Group):
         None,
         ge=0,
         description="USD per instance-hour for the cost shown on PRs; the price table of"
-        " tasks/cost.py for instance_type when unset.",
+        " tasks/app/cost.py for instance_type when unset.",
     )
 
 

@@ -23,7 +23,7 @@ from local_stack.postgres import Postgres, postgres_server
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
-from tasks.aws import AwsClients, build_clients
+from tasks.cloud.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
 from tests.support import CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.deployed import DeployedConfig

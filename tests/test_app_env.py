@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from flows.preview import pr_preview
-from tasks.app_env import preview_env
+from tasks.app.app_env import preview_env
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tests.support.moto_state import user_data
 from tests.test_failure_table import (  # noqa: F401 (fixtures)

@@ -31,8 +31,12 @@ from local_stack.instance.sandbox import hostname_of
 from local_stack.instance.world import push_sample_app
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Call, Reply, Responder, ScriptedInstances
-from tasks.aws import AwsClients
-from tasks.bake import (
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.run_instances import resolve_ami, resolve_stock_ami
+from tasks.cloud.tags import TAG_CREATED_AT, TAG_PURPOSE, TAG_SOURCE_AMI, parse_time
+from tasks.cloud.user_data import LaunchSpec
+from tasks.config import PreviewConfig
+from tasks.steps.bake import (
     BAKE_CHECK,
     BAKE_DIR,
     BUILDER_NAME,
@@ -46,10 +50,7 @@ from tasks.bake import (
     read_bake_failure,
     render_bake_user_data,
 )
-from tasks.config import PreviewConfig
-from tasks.launch import LaunchSpec, launch_instance
-from tasks.run_instances import resolve_ami, resolve_stock_ami
-from tasks.tags import TAG_CREATED_AT, TAG_PURPOSE, TAG_SOURCE_AMI, parse_time
+from tasks.steps.launch import launch_instance
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import instances, state_of, tags, user_data
@@ -387,11 +388,11 @@ def test_without_a_baked_image_launch_falls_back_to_stock_with_a_warning(
     stock = resolve_stock_ami(aws.ec2, config)["ImageId"]
     baked = config.model_copy(update={"ami_strategy": "baked"})
 
-    with caplog.at_level("WARNING", logger="tasks.run_instances"):
+    with caplog.at_level("WARNING", logger="tasks.cloud.run_instances"):
         launched = launch_instance(aws.ec2, baked, SPEC)
 
     assert launched.ami_id == stock
-    [warning] = [r for r in caplog.records if r.name == "tasks.run_instances"]
+    [warning] = [r for r in caplog.records if r.name == "tasks.cloud.run_instances"]
     assert warning.levelname == "WARNING"
     assert "no available image tagged Purpose=pr-preview-singleton" in warning.getMessage()
     assert "Run the pr-preview-bake deployment" in warning.getMessage()

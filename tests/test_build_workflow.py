@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from tasks.cloud.user_data import render_spare_user_data
 from tasks.config import PreviewConfig
-from tasks.launch import render_spare_user_data
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "deployments" / "github" / "build-image.yml"
 SAME_REPO_ONLY = "github.event.pull_request.head.repo.full_name == github.repository"

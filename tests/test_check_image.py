@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from local_stack.registry import FakeRegistry
-from tasks.check_image import (
+from tasks.config import PreviewConfig
+from tasks.steps.check_image import (
     MANIFEST_TYPES,
     ImageNotFound,
     ImageRef,
@@ -18,7 +19,6 @@ from tasks.check_image import (
     image_exists,
     wait_for_image,
 )
-from tasks.config import PreviewConfig
 from tests.support import CANARY_GHCR_TOKEN
 
 IMAGE = "ghcr.io/octo-org/app"

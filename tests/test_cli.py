@@ -15,12 +15,13 @@ import pytest
 
 from deployments import cli
 from local_stack.account import DemoAccount
-from tasks.aws import AwsClients
+from tasks.app.cost import HOURLY_PRICES, PRICE_SOURCE
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time, parse_time
+from tasks.cloud.tunnel import tunnel_command
+from tasks.cloud.user_data import LaunchSpec
 from tasks.config import ENV_PREFIX, PreviewConfig
-from tasks.cost import HOURLY_PRICES, PRICE_SOURCE
-from tasks.launch import LaunchSpec, launch_instance
-from tasks.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time, parse_time
-from tasks.tunnel import tunnel_command
+from tasks.steps.launch import launch_instance
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import state_of
 from tests.support.ssm import PORT_CLOSED, Reply, ScriptedInstances
@@ -752,7 +753,7 @@ def test_aws_refusals_become_one_actionable_line(
             "DescribeInstances",
         )
 
-    monkeypatch.setattr("tasks.instances.find_previews", refuse)
+    monkeypatch.setattr("tasks.cloud.instances.find_previews", refuse)
     code, _, err = run(capsys, "list")
     assert code == 2
     assert err == (
@@ -763,7 +764,7 @@ def test_aws_refusals_become_one_actionable_line(
     def no_credentials(*args: Any, **kwargs: Any) -> Any:
         raise NoCredentialsError()
 
-    monkeypatch.setattr("tasks.instances.find_previews", no_credentials)
+    monkeypatch.setattr("tasks.cloud.instances.find_previews", no_credentials)
     code, _, err = run(capsys, "list")
     assert err.startswith("pr-preview: error: no AWS credentials found: run `aws sso login`")
 

@@ -9,23 +9,23 @@ from typing import Any
 
 import pytest
 
-from tasks.aws import AwsClients
-from tasks.comment import (
+from tasks.app.cost import HOURLY_PRICES, preview_cost
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time, parse_time
+from tasks.cloud.user_data import LaunchSpec
+from tasks.config import PreviewConfig
+from tasks.github.client import GitHub
+from tasks.github.pull_request import (
     CommentResult,
     CommentState,
     PreviewState,
     flow_run_url,
     marker,
-    post_comment,
     render_comment,
     upsert_comment,
 )
-from tasks.config import PreviewConfig
-from tasks.cost import HOURLY_PRICES, preview_cost
-from tasks.github import GitHub
-from tasks.launch import LaunchSpec, launch_instance
-from tasks.report import PullRequestReport
-from tasks.tags import TAG_SHUTDOWN_AT, format_time, parse_time
+from tasks.steps.launch import launch_instance
+from tasks.steps.report import PullRequestReport, post_comment
 from tests.fakes.github import FakeGitHub
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_DB_PASSWORD, CANARY_GHCR_TOKEN
 

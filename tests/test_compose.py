@@ -26,9 +26,12 @@ from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from local_stack.instance.world import PROJECT_DIR, SAMPLE_APP, push_app_source
 from local_stack.scripted_instance import ScriptedInstances
-from tasks import compose
-from tasks.aws import AwsClients
-from tasks.compose import (
+from tasks.app.compose_policy import refusals
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.user_data import compose_file
+from tasks.config import ConfigError, PreviewConfig, load_config
+from tasks.steps import compose
+from tasks.steps.compose import (
     APP_IMAGE_STAND_IN,
     MAX_RENDERED_BYTES,
     CheckedCompose,
@@ -41,9 +44,6 @@ from tasks.compose import (
     render_compose,
     service_names,
 )
-from tasks.compose_policy import refusals
-from tasks.config import ConfigError, PreviewConfig, load_config
-from tasks.launch import compose_file
 from tests.fakes.github import ALL_PERMISSIONS, FakeGitHub
 from tests.support.moto_state import live, state_of, user_data
 from tests.test_failure_table import World, database, world  # noqa: F401 (fixtures)

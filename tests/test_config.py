@@ -28,7 +28,7 @@ from tasks.config import (
     load_config,
     run_config,
 )
-from tasks.errors import PreviewError
+from tasks.run.errors import PreviewError
 
 
 def test_defaults_are_the_runbooks_values() -> None:

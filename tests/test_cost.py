@@ -6,8 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.config import PreviewConfig
-from tasks.cost import (
+from tasks.app.cost import (
     HOURLY_PRICES,
     cost_between,
     format_price,
@@ -15,6 +14,7 @@ from tasks.cost import (
     hourly_price,
     preview_cost,
 )
+from tasks.config import PreviewConfig
 
 LAUNCHED = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 

@@ -25,18 +25,18 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.exceptions import ObjectNotFound
 
 import flows.preview
-import tasks.locks
-import tasks.run_end
+import flows.run_end
+import tasks.run.locks
 from flows.crash_report import pr_crash_report
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.tags import parse_time
 from tasks.config import PreviewConfig
-from tasks.locks import pr_lock_name
-from tasks.sweep import sweep
-from tasks.tags import parse_time
+from tasks.run.locks import pr_lock_name
+from tasks.steps.sweep import sweep
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
 
@@ -181,8 +181,8 @@ def test_a_run_that_loses_its_lock_fails_before_its_next_change(
     def refused(lease_id: object, lease_seconds: float) -> None:
         raise RuntimeError("404: lease not found")
 
-    monkeypatch.setattr(tasks.locks, "_renew", refused)
-    monkeypatch.setattr(tasks.locks, "RENEWALS_PER_LEASE", 6000)  # renew every 10 ms
+    monkeypatch.setattr(tasks.run.locks, "_renew", refused)
+    monkeypatch.setattr(tasks.run.locks, "RENEWALS_PER_LEASE", 6000)  # renew every 10 ms
     guarded = flows.preview.guard
 
     def slow_guard(*args: Any, **kwargs: Any) -> Any:
@@ -237,7 +237,7 @@ def test_the_crash_report_flow_tells_the_pr_when_no_hook_ran(
     """The server-side path: a worker that runs no hooks (ECS, Kubernetes) still gets the PR
     told, by the pr-crash-report deployment its automation starts."""
     with monkeypatch.context() as patch:
-        patch.setattr(tasks.run_end, "report_run_end", lambda *a, **k: None)  # no hook
+        patch.setattr(flows.run_end, "report_run_end", lambda *a, **k: None)  # no hook
         kill_after(patch, "launch")
         with pytest.raises(Killed):
             pr_preview(REPO, 14, NEW, action="opened", config=config)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.aws import AwsClients
+from tasks.app.masking import MASK, mask_secrets
+from tasks.cloud.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.diagnose import (
+from tasks.steps.diagnose import (
     diagnose_evidence,
     diagnose_instance,
     evidence_sections,
     parameter_secrets,
 )
-from tasks.masking import MASK, mask_secrets
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
 from tests.support.ssm import (
     BOOTSTRAP_CHECK,

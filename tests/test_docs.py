@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = "docs/runbook.md"
-DIAGNOSE = "tasks/diagnose.py"
+DIAGNOSE = "tasks/steps/diagnose.py"
 # Where the code cites the documents: every text file under these, and these files.
 SOURCES = (
     "flows",
@@ -170,7 +170,7 @@ def reference_problems(docs: Mapping[str, str], repository: Repository) -> list[
 
 
 def signature_problems(runbook: str, diagnose_source: str) -> list[str]:
-    """The failure table of the runbook names every diagnosis key of ``tasks/diagnose.py``
+    """The failure table of the runbook names every diagnosis key of ``tasks/steps/diagnose.py``
     ``SIGNATURES``, and no key that is not there."""
     keys = SIGNATURE_KEY.findall(diagnose_source)
     problems = [] if keys else [f"no signature keys found in {DIAGNOSE}"]
@@ -251,8 +251,8 @@ Key `docker-missing`, and [the workflow](#s2), [the notes](design.md).
 """
 EXAMPLE_DOCS = {RUNBOOK: EXAMPLE_RUNBOOK, "docs/design.md": "# Design\n"}
 EXAMPLE_SOURCES = {
-    "tasks/preflight.py": '"""Preflight (runbook §2.3); see docs/design.md."""\n',
-    "tasks/comment.py": "# The comment (runbook §2 step 7), diagnosed as in §7.\n",
+    "tasks/steps/preflight.py": '"""Preflight (runbook §2.3); see docs/design.md."""\n',
+    "tasks/github/pull_request.py": "# The comment (runbook §2 step 7), diagnosed as in §7.\n",
     "bench/model.py": '"brevdev/ec2-coldboot-research docs/cold-baseline-results.md"\n',
 }
 
@@ -282,10 +282,13 @@ def test_complete_examples_have_no_problems() -> None:
 
 
 def test_a_made_up_citation_is_a_problem() -> None:
-    sources = {**EXAMPLE_SOURCES, "tasks/launch.py": "x = 1\n# Launch (runbook §12.4, §2.3)\n"}
+    sources = {
+        **EXAMPLE_SOURCES,
+        "tasks/steps/launch.py": "x = 1\n# Launch (runbook §12.4, §2.3)\n",
+    }
     problems = citation_problems(sources, EXAMPLE_DOCS)
     assert len(problems) == 1, problems
-    assert problems[0].startswith("tasks/launch.py:2 cites runbook §12.4")
+    assert problems[0].startswith("tasks/steps/launch.py:2 cites runbook §12.4")
     assert "anchor s12-4" in problems[0]
 
 
@@ -331,17 +334,18 @@ def test_a_cited_document_or_anchor_that_does_not_exist_is_a_problem() -> None:
 
 
 def test_a_reference_the_code_does_not_hold_is_a_problem() -> None:
-    files = {"tasks/tunnel.py": "def tunnel_argv(): ...\n", "deployments/iam": ""}
+    files = {"tasks/cloud/tunnel.py": "def tunnel_argv(): ...\n", "deployments/iam": ""}
     docs = {
         RUNBOOK: "[§9](#s9) and [notes](design.md#tenancy) and [it](../README.md)\n"
-        "`tasks/tunnel.py` `tunnel_argv`, `deployments/iam/`, `tasks/tunnel.py` `tunnel_cmd`,"
+        "`tasks/cloud/tunnel.py` `tunnel_argv`, `deployments/iam/`,"
+        " `tasks/cloud/tunnel.py` `tunnel_cmd`,"
         " `tasks/tunnels.py`\n",
         "docs/design.md": '<a id="tenancy"></a>\n## Tenancy\n',
     }
     assert reference_problems(docs, files.get) == [
         f"{RUNBOOK}:1 links to {RUNBOOK}#s9: no anchor",
         f"{RUNBOOK}:1 links to ../README.md, which does not exist",
-        f"{RUNBOOK}:2 names tunnel_cmd in tasks/tunnel.py, which has none",
+        f"{RUNBOOK}:2 names tunnel_cmd in tasks/cloud/tunnel.py, which has none",
         f"{RUNBOOK}:2 names tasks/tunnels.py, which does not exist",
     ]
 

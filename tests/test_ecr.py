@@ -23,9 +23,14 @@ import pytest
 from local_stack.instance.runtime import InstanceRuntime
 from local_stack.instance.world import push_sample_app
 from local_stack.registry import FakeRegistry
-from tasks.aws import SINGLE_ATTEMPT, AwsClients, build_clients
-from tasks.bake import render_bake_user_data
-from tasks.check_image import (
+from tasks.app.secrets import read_secrets
+from tasks.cloud.aws import SINGLE_ATTEMPT, AwsClients, build_clients
+from tasks.cloud.ecr import EcrRepository, ecr_login
+from tasks.cloud.on_instance import BOOTSTRAP_DONE, STATE_DIR
+from tasks.cloud.user_data import LaunchSpec, render_spare_user_data, render_user_data
+from tasks.config import ConfigError, PreviewConfig, load_config
+from tasks.steps.bake import render_bake_user_data
+from tasks.steps.check_image import (
     ImageCheck,
     ImageNotFound,
     RegistryAuthError,
@@ -33,13 +38,9 @@ from tasks.check_image import (
     check_image,
     wait_for_image,
 )
-from tasks.config import ConfigError, PreviewConfig, load_config
-from tasks.ecr import EcrRepository, ecr_login
-from tasks.launch import LaunchSpec, launch_instance, render_spare_user_data, render_user_data
-from tasks.on_instance import BOOTSTRAP_DONE, STATE_DIR
-from tasks.preflight import run_preflight
-from tasks.secrets import read_secrets
-from tasks.update import deploy_commands, deploy_in_place
+from tasks.steps.launch import launch_instance
+from tasks.steps.preflight import run_preflight
+from tasks.steps.update import deploy_commands, deploy_in_place
 from tests.fakes.aws_faults import attach, aws_faults
 from tests.support import REGION
 from tests.test_check_image import Clock

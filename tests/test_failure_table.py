@@ -40,15 +40,15 @@ from local_stack.instance.world import (
 )
 from local_stack.postgres import Postgres
 from local_stack.registry import FakeRegistry
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.run_instances import resolve_ami
+from tasks.cloud.ssm import run_command
+from tasks.cloud.tags import parse_time
 from tasks.config import PreviewConfig
-from tasks.diagnose import SIGNATURES, diagnose_instance
-from tasks.migrate import MigrationFailed, run_migrations
-from tasks.run_instances import resolve_ami
-from tasks.spares import check_spare, replenish_spares
-from tasks.ssm import run_command
-from tasks.tags import parse_time
-from tasks.wait_ready import parse_ready, ready_command
+from tasks.steps.diagnose import SIGNATURES, diagnose_instance
+from tasks.steps.migrate import MigrationFailed, run_migrations
+from tasks.steps.spares import check_spare, replenish_spares
+from tasks.steps.wait_ready import parse_ready, ready_command
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
 from tests.test_instance_runtime import instance_processes, port_forwarding, read, wait_for

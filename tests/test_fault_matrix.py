@@ -29,8 +29,8 @@ logs and artifacts:
   truth: after a preview run it is completed, ``success`` exactly when the preview is ready,
   ``failure`` (its summary carrying the diagnosis or the failure) when the run failed, ``neutral``
   when it rightly deployed nothing; never left queued or in progress. A teardown or a sweep ends a
-  preview, not a run of a commit (``tasks.report``: a teardown reports without a sha, the sweeper
-  tells only comments and deployments): they leave every check run exactly as it was. A
+  preview, not a run of a commit (``tasks.steps.report``: a teardown reports without a sha, the
+  sweeper tells only comments and deployments): they leave every check run exactly as it was. A
   permanent fault on a check-run route exempts the run, and one on the installation-token route
   exempts both this and the comment (nothing at all can be written);
 - ``secrets``:   no canary in user data, logs, artifacts, comments or requests to GitHub;
@@ -73,13 +73,15 @@ from local_stack.account import create_demo_account
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
-from tasks.aws import AwsClients, build_clients
-from tasks.comment import CommentState, PreviewState, marker, render_comment
+from tasks.cloud.aws import AwsClients, build_clients
+from tasks.cloud.db_rules import db_rules, revoke_db_rules
+from tasks.cloud.run_instances import resolve_ami
+from tasks.cloud.tags import format_time, parse_time
+from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig, load_config
-from tasks.db_access import db_rules, open_db_access, revoke_db_rules
-from tasks.launch import LaunchSpec, launch_instance
-from tasks.run_instances import resolve_ami
-from tasks.tags import format_time, parse_time
+from tasks.github.pull_request import CommentState, PreviewState, marker, render_comment
+from tasks.steps.db_access import open_db_access
+from tasks.steps.launch import launch_instance
 from tests.fakes.aws_faults import AwsFaults, aws_faults
 from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes

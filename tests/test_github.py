@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tasks.github import (
+from tasks.github.client import (
     GitHub,
     GitHubAuthError,
     GitHubNotFound,
@@ -20,9 +20,9 @@ from tasks.github import (
     deployment_environment,
     github_from_config,
 )
-from tasks.guards import check_pull
-from tasks.report import report_deployment
-from tasks.retry import is_transient
+from tasks.github.pull_request import report_deployment
+from tasks.run.retry import is_transient
+from tasks.steps.guards import check_pull
 from tests.fakes.github import FakeGitHub
 
 PAYLOADS = Path("/work/shared/github-payloads")

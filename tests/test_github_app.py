@@ -19,12 +19,12 @@ import jwt
 import pytest
 
 from deployments.events import event_from_delivery
-from tasks.budget import RunTimedOut, check_budget, run_budget
-from tasks.comment import PreviewState, marker, upsert_comment
 from tasks.config import ConfigError, PreviewConfig, load_config
-from tasks.github import GitHub, GitHubAuthError, GitHubPermissionError, github_from_config
-from tasks.github_app import TOKEN_PERMISSIONS, GitHubApp, GitHubAppKeyError, app_from_config
-from tasks.report import PullRequestReport
+from tasks.github.app import TOKEN_PERMISSIONS, GitHubApp, GitHubAppKeyError, app_from_config
+from tasks.github.client import GitHub, GitHubAuthError, GitHubPermissionError, github_from_config
+from tasks.github.pull_request import PreviewState, marker, upsert_comment
+from tasks.run.budget import RunTimedOut, check_budget, run_budget
+from tasks.steps.report import PullRequestReport
 from tests.fakes.aws_faults import attach, aws_faults
 from tests.fakes.github import APP_PERMISSIONS, FakeGitHub, app_key_pair
 from tests.support import CANARY_GHCR_TOKEN

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tasks.github_http import GitHubHTTP
-from tasks.github_sansio import GitHubError, GitHubPermissionError, GitHubUnavailable
+from tasks.github.http import GitHubHTTP
+from tasks.github.sansio import GitHubError, GitHubPermissionError, GitHubUnavailable
 
 BASE = "https://api.github.com"
 TOKEN = "ghp_transport_secret"

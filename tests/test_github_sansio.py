@@ -7,9 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks.errors import PreviewError
-from tasks.github_app import GitHubApp
-from tasks.github_sansio import (
+from tasks.github.app import GitHubApp
+from tasks.github.sansio import (
     Call,
     Credential,
     GitHubAuthError,
@@ -25,7 +24,8 @@ from tasks.github_sansio import (
     names_app,
     rate_limit_wait,
 )
-from tasks.retry import is_transient
+from tasks.run.errors import PreviewError
+from tasks.run.retry import is_transient
 
 REPO = "octo-org/app"
 NOW = 1_700_000_000.0

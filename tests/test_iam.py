@@ -48,28 +48,18 @@ from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
 from local_stack.registry import OCI_INDEX, FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
-from tasks.aws import AwsClients, build_clients
-from tasks.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
-from tasks.check_image import check_image
-from tasks.config import (
-    APP_KEY_PARAMETER_PREFIX,
-    ECR_REGISTRY_PATTERN,
-    ENV_PREFIX,
-    PreviewConfig,
-)
-from tasks.db_access import db_rule_description
-from tasks.ecr import ecr_repository
-from tasks.launch import (
-    LaunchSpec,
-    launch_instance,
-    preview_tags,
-    render_spare_user_data,
-    render_user_data,
-)
-from tasks.run_instances import resolve_ami
-from tasks.spares import SPARE, spare_tags
-from tasks.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
-from tasks.update import deploy_commands
+from tasks.cloud.aws import AwsClients, build_clients
+from tasks.cloud.db_rules import db_rule_description
+from tasks.cloud.ecr import ecr_repository
+from tasks.cloud.run_instances import resolve_ami
+from tasks.cloud.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
+from tasks.cloud.user_data import LaunchSpec, preview_tags, render_spare_user_data, render_user_data
+from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
+from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
+from tasks.steps.check_image import check_image
+from tasks.steps.launch import launch_instance
+from tasks.steps.spares import SPARE, spare_tags
+from tasks.steps.update import deploy_commands
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.iam_policy import Policy, Request, Verdict, evaluate, load_policy
@@ -927,13 +917,13 @@ def test_the_agent_policy_is_the_managed_one_without_its_parameter_reads() -> No
 def test_the_codes_fixes_send_people_to_the_projects_policies() -> None:
     """Where the doctor, the preflight and a diagnosis tell someone what the instance role
     needs, they name the project's policies, never the managed one."""
-    from tasks.diagnose import SIGNATURES
+    from tasks.steps.diagnose import SIGNATURES
 
     [unreachable] = [s for s in SIGNATURES if s.key == "ssm-unreachable"]
     assert INSTANCE_SSM_AGENT.name in unreachable.fix
     root = IAM.parents[1]
-    sources = [*root.glob("tasks/*.py"), *root.glob("deployments/**/*.py")]
-    for path in (root / "tasks/preflight.py", root / "deployments/cli/common.py"):
+    sources = [*root.glob("tasks/**/*.py"), *root.glob("deployments/**/*.py")]
+    for path in (root / "tasks/steps/preflight.py", root / "deployments/cli/common.py"):
         assert INSTANCE_SSM_AGENT.name in path.read_text(), path
     assert [p for p in sources if "AmazonSSMManagedInstanceCore" in p.read_text()] == []
 

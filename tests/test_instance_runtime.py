@@ -19,7 +19,7 @@ import pytest
 
 from local_stack.instance.runtime import STDERR_LIMIT, STDOUT_LIMIT, InstanceRuntime
 from local_stack.instance.sandbox import KernelFeatureMissing, check_kernel
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
 from tests.support.moto_state import state_of as state
 
 AMI = "ami-12c6146b"

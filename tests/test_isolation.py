@@ -17,9 +17,9 @@ import pytest
 
 from local_stack.images import ImageBuilder
 from local_stack.instance.runtime import InstanceRuntime
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.run_instances import resolve_ami, run_instances_params
 from tasks.config import PreviewConfig
-from tasks.run_instances import resolve_ami, run_instances_params
 from tests.test_instance_runtime import run
 
 # What a process asks IMDS for, with Python's standard library only (the base image's).
@@ -200,7 +200,7 @@ def test_every_accepted_compose_file_runs_on_real_containers_that_cannot_reach_t
     asked what it can see: no process of the instance (its init, dockerd), none of its network
     interfaces or addresses, none of its files outside the container's mounts, no Docker or
     containerd socket, and no IMDS token."""
-    from tasks.compose import check_compose, render_compose
+    from tasks.steps.compose import check_compose, render_compose
 
     checked = config.model_copy(update={"compose_path": "deploy/preview.compose.yml"})
     files = sorted(CORPUS.glob("*.yml"))
@@ -264,7 +264,7 @@ def test_every_accepted_compose_file_runs_on_real_containers_that_cannot_reach_t
 
 
 def run_long(aws: AwsClients, instance_id: str, script: list[str]) -> str:
-    from tasks.ssm import run_command
+    from tasks.cloud.ssm import run_command
 
     result = run_command(
         aws.ssm, instance_id, script, timeout_seconds=600, poll_seconds=0.5, comment="probe"

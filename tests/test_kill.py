@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tasks.config import PreviewConfig
-from tasks.sweep import sweep
+from tasks.steps.sweep import sweep
 from tests.support.installation import REPO, Installation
 from tests.support.moto_state import tags
 

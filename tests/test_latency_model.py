@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from bench import latency_model as model
+from tasks.app.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, hourly_price
 from tasks.config import PreviewConfig
-from tasks.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, hourly_price
 
 
 def test_the_cold_floor_is_the_one_issue_15_quotes() -> None:

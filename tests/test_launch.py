@@ -4,16 +4,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.tags import parse_time
+from tasks.cloud.user_data import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.config import PreviewConfig
-from tasks.launch import (
-    LaunchSpec,
-    client_token,
-    launch_instance,
-    render_spare_user_data,
-    render_user_data,
-)
-from tasks.tags import parse_time
+from tasks.steps.launch import client_token, launch_instance
 from tests.support import CANARIES
 from tests.support.moto_state import live, tags, user_data
 
@@ -116,7 +111,7 @@ def test_a_spare_pulls_the_default_branchs_image_unless_turned_off() -> None:
 
 def test_a_spare_that_cannot_name_one_image_says_so(caplog: pytest.LogCaptureFixture) -> None:
     config = PreviewConfig(allowed_repos=["octo-org/*"])  # no image, a pattern of repositories
-    with caplog.at_level("WARNING", logger="tasks.launch"):
+    with caplog.at_level("WARNING", logger="tasks.steps.launch"):
         script = render_spare_user_data(config)
     assert "step=base-layers" not in script and "docker pull" not in script
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

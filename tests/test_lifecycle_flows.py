@@ -17,9 +17,9 @@ from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import BOOTSTRAP_CHECK, HEALTH, MIGRATE, Reply, ScriptedInstances
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.tags import parse_time
 from tasks.config import PreviewConfig
-from tasks.tags import parse_time
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data

@@ -15,7 +15,7 @@ from prefect.server.api.server import SERVER_API_VERSION
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from local_stack.serve import serve_handler
-from tasks.locks import HeldLock, LockTimeout, delete_lock, hold
+from tasks.run.locks import HeldLock, LockTimeout, delete_lock, hold
 
 
 def test_a_failed_renewal_marks_the_lock_lost_after_its_attempts() -> None:
@@ -99,7 +99,7 @@ def test_a_busy_server_is_asked_again_with_a_short_retry_after(
 
     waits: list[float] = []
     monkeypatch.setattr("prefect.client.base.time.sleep", waits.append)
-    monkeypatch.setattr("tasks.locks.time.sleep", waits.append)
+    monkeypatch.setattr("tasks.run.locks.time.sleep", waits.append)
     with serve_handler(server) as url, temporary_settings({PREFECT_API_URL: f"{url}/api"}):
         assert delete_lock("pr-preview:o:r:9") is True
     assert seen == ["DELETE /api/v2/concurrency_limits/pr-preview:o:r:9"] * (busy_answers + 1)

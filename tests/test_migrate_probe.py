@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.on_instance import probe_command
 from tasks.config import PreviewConfig
-from tasks.migrate import MigrationFailed, migrate_commands, run_migrations
-from tasks.probe import ProbeFailed, probe_app, probe_command
-from tests.support.ssm import (
-    MIGRATE,
-    PROBE,
-    Reply,
-    ScriptedInstances,
-    probe_answer,
-)
+from tasks.steps.migrate import MigrationFailed, migrate_commands, run_migrations
+from tasks.steps.probe import ProbeFailed, probe_app
+from tests.support.ssm import MIGRATE, PROBE, Reply, ScriptedInstances, probe_answer
 
 DB_NOT_READY = Reply(
     stderr=(

@@ -29,7 +29,7 @@ from local_stack.postgres import (
     start_ephemeral,
 )
 from local_stack.processes import free_port
-from tasks.preflight import parse_database_url
+from tasks.steps.preflight import parse_database_url
 
 DEMO_PASSWORD = "pa/ss@w:rd%demo"
 ENCODED_DEMO_PASSWORD = "pa%2Fss%40w%3Ard%25demo"

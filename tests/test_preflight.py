@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from local_stack.account import DemoAccount
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
 from tasks.config import PreviewConfig
-from tasks.preflight import parse_database_url, run_preflight
+from tasks.steps.preflight import parse_database_url, run_preflight
 from tests.fakes.aws_faults import AwsFaults, attach
 from tests.support import CANARIES
 

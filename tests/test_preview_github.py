@@ -29,9 +29,9 @@ from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import BOOTSTRAP_CHECK, Reply, ScriptedInstances
 from local_stack.serve import serve_handler
-from tasks.aws import AwsClients
-from tasks.comment import marker
+from tasks.cloud.aws import AwsClients
 from tasks.config import PreviewConfig
+from tasks.github.pull_request import marker
 from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import live, tags

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from prefect.states import State
 
-import tasks.migrate
+import tasks.steps.migrate
 from flows.preview import pr_preview
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Reply, ScriptedInstances
 from tasks.config import PreviewConfig
-from tasks.migrate import SEEDED_BEFORE, seed_commands
+from tasks.steps.migrate import SEEDED_BEFORE, seed_commands
 from tests.support import CANARY_GHCR_TOKEN
 from tests.test_lifecycle_flows import SHA1, assert_no_secret, run_record
 from tests.test_shell_scripts import Sandbox, sandbox, sandbox_config  # noqa: F401 (fixture)
@@ -32,7 +32,7 @@ def test_a_preview_is_seeded_once_unless_every_deploy(
     monkeypatch: pytest.MonkeyPatch,
     every_deploy: bool,
 ) -> None:
-    monkeypatch.setattr(tasks.migrate, "SEEDED", str(sandbox.root / "seeded"))
+    monkeypatch.setattr(tasks.steps.migrate, "SEEDED", str(sandbox.root / "seeded"))
     (sandbox.root / "app").mkdir()
     config = sandbox_config(
         sandbox, seed_command="python -m app.seed --users 'a b'", seed_on_every_deploy=every_deploy
@@ -52,7 +52,7 @@ def test_a_failed_seed_is_not_marked_and_runs_again(
     sandbox: Sandbox,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tasks.migrate, "SEEDED", str(sandbox.root / "seeded"))
+    monkeypatch.setattr(tasks.steps.migrate, "SEEDED", str(sandbox.root / "seeded"))
     (sandbox.root / "app").mkdir()
     (sandbox.bin / "docker").write_text(
         '#!/bin/bash\necho "IntegrityError: duplicate" >&2\nexit 1\n'

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 
-import tasks.launch
-from tasks.app_env import AppFiles, app_env_commands, preview_env
-from tasks.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
+import tasks.cloud.user_data
+from tasks.app.app_env import AppFiles, app_env_commands, preview_env
+from tasks.cloud.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check, probe_command
+from tasks.cloud.user_data import LaunchSpec, compose_file, render_spare_user_data, render_user_data
 from tasks.config import PreviewConfig
-from tasks.diagnose import evidence_sections
-from tasks.launch import LaunchSpec, compose_file, render_spare_user_data, render_user_data
-from tasks.migrate import migrate_commands, seed_commands
-from tasks.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check
-from tasks.probe import probe_command
-from tasks.update import deploy_commands, health_commands, ttl_commands
-from tasks.wait_ready import ready_command
+from tasks.steps.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
+from tasks.steps.diagnose import evidence_sections
+from tasks.steps.migrate import migrate_commands, seed_commands
+from tasks.steps.update import deploy_commands, health_commands, ttl_commands
+from tasks.steps.wait_ready import ready_command
 
 SPEC = LaunchSpec("octo-org/app", 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d")
 TOKEN = "ghp_SandboxToken0123456789abcdefABCDEF"
@@ -131,7 +130,7 @@ def compose_call(app: Path) -> str:
 
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
-    monkeypatch.setattr(tasks.launch, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(tasks.cloud.user_data, "STATE_DIR", str(tmp_path / "state"))
     return Sandbox(tmp_path)
 
 
@@ -409,7 +408,7 @@ def test_user_data_writes_the_apps_settings_and_secrets_without_showing_them(
 
 
 def test_a_push_rewrites_the_settings_and_reads_the_secrets_again(sandbox: Sandbox) -> None:
-    """The in-place deploy's share (tasks/app_env.py): a changed setting and a rotated secret
+    """The in-place deploy's share (tasks/app/app_env.py): a changed setting and a rotated secret
     reach the env files on the next push, the secret on no command line."""
     folder = sandbox.root / "params" / "pr-preview" / "env"
     folder.mkdir(parents=True)

@@ -21,14 +21,14 @@ from flows.preview import PreviewResult, pr_preview
 from flows.spares import pr_spares
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Reply, ScriptedInstances
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.run_instances import resolve_ami
+from tasks.cloud.tags import TAG_PR, TAG_REPO, TAG_SHUTDOWN_AT, TAG_SPARE, parse_time
+from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
-from tasks.events import instance_event
-from tasks.launch import LaunchSpec
-from tasks.run_instances import resolve_ami
-from tasks.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spares
-from tasks.sweep import sweep
-from tasks.tags import TAG_PR, TAG_REPO, TAG_SHUTDOWN_AT, TAG_SPARE, parse_time
+from tasks.run.events import instance_event
+from tasks.steps.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spares
+from tasks.steps.sweep import sweep
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data
 from tests.support.moving_tags import moving_tags

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from tasks.aws import AwsClients
-from tasks.ssm import CommandTimeout, run_command
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.ssm import CommandTimeout, run_command
 from tests.support.ssm import Reply, ScriptedInstances, plain_instances
 
 ONE_ACCOUNT_PER_MODULE = True  # see tests/conftest.py: aws, account, config

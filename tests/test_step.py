@@ -10,9 +10,9 @@ from botocore.exceptions import ClientError
 from prefect import flow
 
 from tasks.config import PreviewConfig, load_config
-from tasks.locks import HeldLock, LockLost, _held
-from tasks.outcome import Outcome
-from tasks.step import step
+from tasks.run.locks import HeldLock, LockLost, _held
+from tasks.run.outcome import Outcome
+from tasks.run.step import step
 
 
 def throttled() -> ClientError:

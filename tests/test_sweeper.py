@@ -12,13 +12,13 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from flows.sweeper import ttl_sweeper
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.db_rules import DB_RULE_MARKER, db_rule_description
+from tasks.cloud.instances import Preview
+from tasks.cloud.tags import TAG_KEEP, format_time
 from tasks.config import PreviewConfig
-from tasks.db_access import DB_RULE_MARKER, db_rule_description
-from tasks.github import GitHub
-from tasks.instances import Preview
-from tasks.sweep import TERMINATED_EVENT, StickyExpiry, github_or_none, plan_sweep, sweep
-from tasks.tags import TAG_KEEP, format_time
+from tasks.github.client import GitHub
+from tasks.steps.sweep import TERMINATED_EVENT, StickyExpiry, github_or_none, plan_sweep, sweep
 from tests.fakes.github import FakeGitHub
 
 AMI = "ami-0123456789abcdef0"

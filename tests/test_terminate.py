@@ -4,12 +4,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.instances import find_previews, terminate_in_batches, terminate_outdated
+from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
-from tasks.instances import find_previews, terminate_in_batches, terminate_outdated
-from tasks.launch import LaunchSpec, launch_instance
-from tasks.teardown import teardown
-from tasks.terminate import NoRoom, capacity_victims, make_room
+from tasks.steps.launch import launch_instance
+from tasks.steps.teardown import teardown
+from tasks.steps.terminate import NoRoom, capacity_victims, make_room
 from tests.fakes.aws_faults import AwsFaults, attach
 from tests.support.moto_state import live, state_of, tags
 

@@ -6,8 +6,8 @@ import ssl
 
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
 
-from tasks.check_image import Registry
-from tasks.tls import prefect_tls_context, tls_context
+from tasks.run.tls import prefect_tls_context, tls_context
+from tasks.steps.check_image import Registry
 
 
 def test_every_client_shares_one_verifying_context() -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tasks.config import ConfigError, load_config
-from tasks.guards import check_event, check_pull, check_trigger
-from tasks.outcome import Outcome
+from tasks.run.outcome import Outcome
+from tasks.steps.guards import check_event, check_pull, check_trigger
 
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
 REPO = "Codertocat/Hello-World"

@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.on_instance import compose_command
+from tasks.cloud.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
 from tasks.config import PreviewConfig
-from tasks.on_instance import compose_command
-from tasks.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time
-from tasks.update import (
+from tasks.steps.update import (
     UpdateFailed,
     check_health,
     deploy_commands,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-import tasks.wait_ready
-from tasks.aws import AwsClients
+import tasks.steps.wait_ready
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.on_instance import port_check
 from tasks.config import PreviewConfig
-from tasks.on_instance import port_check
-from tasks.wait_ready import (
+from tasks.steps.wait_ready import (
     STAGES,
     AppDown,
     BootstrapFailed,
@@ -127,7 +127,7 @@ def test_an_agent_that_has_not_registered_is_asked_every_second_not_every_poll(
 ):
     """A refused SendCommand costs one API call: the agent is asked every AGENT_POLL_SECONDS
     (1 s; 20 ms here) while the later stages keep ``poll_seconds`` (2 s here)."""
-    monkeypatch.setattr(tasks.wait_ready, "AGENT_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(tasks.steps.wait_ready, "AGENT_POLL_SECONDS", 0.02)
     refusals = iter(range(5))
     scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
     slow = config.model_copy(update={"poll_seconds": 2.0})

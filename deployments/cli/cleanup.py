@@ -2,7 +2,7 @@
 
 ``--expired`` decides with the sweeper's ``plan_sweep``; ``--pr`` and ``--all`` decide by the
 request. Terminating and revoking the db-sg rules no live preview uses are the sweeper's steps
-(``tasks.sweep``), with the same retries.
+(``tasks.steps.sweep``), with the same retries.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from deployments.cli.common import (
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
+    from tasks.cloud.instances import TerminateResult
     from tasks.config import PreviewConfig
-    from tasks.instances import TerminateResult
 
 
 def _confirm(question: str) -> bool:
@@ -43,8 +43,8 @@ def _confirm(question: str) -> bool:
 
 def _terminate(ec2: EC2Client, config: PreviewConfig, ids: list[str]) -> TerminateResult:
     """The sweeper's terminate step; batches still throttled after its retries are failures."""
-    from tasks.instances import TerminateFailed
-    from tasks.sweep import terminate_expired
+    from tasks.cloud.instances import TerminateFailed
+    from tasks.steps.sweep import terminate_expired
 
     try:
         return terminate_expired(ec2, config, ids)
@@ -55,8 +55,8 @@ def _terminate(ec2: EC2Client, config: PreviewConfig, ids: list[str]) -> Termina
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from tasks.instances import find_previews
-    from tasks.sweep import (
+    from tasks.cloud.instances import find_previews
+    from tasks.steps.sweep import (
         Decision,
         find_sweep_candidates,
         ids_to_terminate,

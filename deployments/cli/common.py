@@ -15,15 +15,15 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tasks.errors import PreviewError
 from tasks.inputs import is_repo
+from tasks.run.errors import PreviewError
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
-    from tasks.aws import AwsClients
+    from tasks.cloud.aws import AwsClients
+    from tasks.cloud.instances import Preview
     from tasks.config import PreviewConfig
-    from tasks.instances import Preview
 
 PROG = "pr-preview"
 EXIT_WRONG = 1  # doctor: a check failed; cleanup: the operator said no
@@ -143,7 +143,7 @@ def _config(args: argparse.Namespace) -> PreviewConfig:
 
 def build_clients(config: PreviewConfig) -> AwsClients:
     """The boto3 clients of ``config``: what ``deployments.cli._clients`` is by default."""
-    from tasks.aws import build_clients as build
+    from tasks.cloud.aws import build_clients as build
 
     return build(config)
 
@@ -164,7 +164,7 @@ def find_one_running(
     ec2: EC2Client, config: PreviewConfig, pr_number: int, repo: str | None
 ) -> Preview:
     """The PR's running preview by its tags (runbook §6.3), or a one-line error saying why not."""
-    from tasks.instances import find_previews
+    from tasks.cloud.instances import find_previews
 
     previews = find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
     running = [preview for preview in previews if preview.state == "running"]
@@ -196,7 +196,7 @@ def _collect(
     clients: AwsClients, config: PreviewConfig, preview: Preview
 ) -> tuple[dict[str, str], list[str]]:
     """The §9 evidence of ``preview`` (unmasked) and the secrets to mask it with."""
-    from tasks.diagnose import collect_evidence, parameter_secrets
+    from tasks.steps.diagnose import collect_evidence, parameter_secrets
 
     secrets = parameter_secrets(clients.ssm, config)
     _say(
@@ -232,7 +232,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _describe_botocore(exc: BaseException, errors: Any) -> str | None:
-    from tasks.retry import ACCESS_DENIED_CODES
+    from tasks.run.retry import ACCESS_DENIED_CODES
 
     login = "run `aws sso login` (with --profile if you use one) or set AWS credentials"
     if isinstance(exc, errors.NoCredentialsError):

@@ -20,8 +20,8 @@ from deployments.cli.common import (
 
 if TYPE_CHECKING:
     from tasks.config import PreviewConfig
-    from tasks.diagnose import Diagnosis
-    from tasks.preflight import Check
+    from tasks.steps.diagnose import Diagnosis
+    from tasks.steps.preflight import Check
 
 _STATUS = {"pass": "ok", "warn": "warn", "fail": "FAIL"}
 
@@ -40,8 +40,8 @@ def instance_checks(
     evidence: Mapping[str, str], config: PreviewConfig, secrets: Sequence[str] = ()
 ) -> list[Check]:
     """Runbook §0 read from the §9 evidence: bootstrap, app up, DB TCP, DB connect."""
-    from tasks.masking import mask_secrets
-    from tasks.preflight import Check
+    from tasks.app.masking import mask_secrets
+    from tasks.steps.preflight import Check
 
     def text(name: str) -> str:
         return mask_secrets(evidence.get(name, ""), secrets)
@@ -88,8 +88,8 @@ def render_diagnosis(diagnosis: Diagnosis) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from tasks.diagnose import diagnose_evidence
-    from tasks.preflight import run_preflight
+    from tasks.steps.diagnose import diagnose_evidence
+    from tasks.steps.preflight import run_preflight
 
     config = _config(args)
     clients = _clients(config)

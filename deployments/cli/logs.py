@@ -8,8 +8,8 @@ from deployments.cli.common import _clients, _collect, _config, find_one_running
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from tasks.diagnose import evidence_sections
-    from tasks.masking import mask_secrets
+    from tasks.app.masking import mask_secrets
+    from tasks.steps.diagnose import evidence_sections
 
     config = _config(args)
     clients = _clients(config)

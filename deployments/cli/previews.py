@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 from deployments.cli.common import _clients, _config, _duration, _scope, _short, _table
 
 if TYPE_CHECKING:
+    from tasks.app.cost import PreviewCost
+    from tasks.cloud.instances import Preview
     from tasks.config import PreviewConfig
-    from tasks.cost import PreviewCost
-    from tasks.instances import Preview
 
 ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
 # Billed by the instance-hour from LaunchTime on; a stopped or gone instance is not.
@@ -31,7 +31,7 @@ def _expires(preview: Preview, now: datetime) -> str:
 
 def _cost_cells(cost: PreviewCost | None) -> list[str]:
     """COST SO FAR and AT EXPIRY: ``?`` for an unknown price, ``-`` where nothing applies."""
-    from tasks.cost import format_usd
+    from tasks.app.cost import format_usd
 
     if cost is None:
         return ["-", "-"]
@@ -43,7 +43,7 @@ def _cost_cells(cost: PreviewCost | None) -> list[str]:
 
 def _cost_lines(config: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
     """The total of the billed previews' costs and the price it rests on."""
-    from tasks.cost import PRICE_SOURCE, format_price, format_usd, hourly_price, missing_price
+    from tasks.app.cost import PRICE_SOURCE, format_price, format_usd, hourly_price, missing_price
 
     price = hourly_price(config)
     if price is None:
@@ -65,9 +65,9 @@ def _cost_lines(config: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tasks.cost import preview_cost
-    from tasks.instances import find_previews
-    from tasks.tags import LIVE_STATES
+    from tasks.app.cost import preview_cost
+    from tasks.cloud.instances import find_previews
+    from tasks.cloud.tags import LIVE_STATES
 
     config = _config(args)
     states = ALL_STATES if args.all_states else LIVE_STATES

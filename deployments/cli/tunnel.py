@@ -21,7 +21,7 @@ from deployments.cli.common import (
     _short,
     find_one_running,
 )
-from tasks.tunnel import tunnel_argv
+from tasks.cloud.tunnel import tunnel_argv
 
 SSM_PLUGIN = "session-manager-plugin"
 AWS_CLI_INSTALL_URL = (

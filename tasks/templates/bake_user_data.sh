@@ -1,9 +1,9 @@
 #!/bin/bash
-# pr-preview bake (tasks/bake.py): the stock AMI plus Docker, Compose and the current image's
+# pr-preview bake (tasks/steps/bake.py): the stock AMI plus Docker, Compose and the current image's
 # layers, made into an AMI once this builder has forgotten every secret and per-instance trace.
 # No secret is written here: the GHCR token is read from Parameter Store at boot with the
 # instance profile, used for one login and removed with it (an ECR image needs none: the
-# instance role logs in). Every value rendered into this script is shell-quoted by tasks/bake.py.
+# instance role logs in). Every value rendered into this script is shell-quoted by tasks/steps/bake.py.
 set -euo pipefail
 BAKE_DIR={{bake_dir}}
 APP_DIR={{app_dir}}

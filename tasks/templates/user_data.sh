@@ -3,7 +3,7 @@
 # No secret is written here: the GHCR token, DATABASE_URL and the app's secrets are read from
 # Parameter Store at boot with the instance profile, and only ever land in root-only files (an
 # ECR image needs no token: the instance role logs in). Every value rendered into this script
-# is shell-quoted by tasks/launch.py.
+# is shell-quoted by tasks/steps/launch.py.
 set -euo pipefail
 STATE_DIR={{state_dir}}
 APP_DIR={{app_dir}}
@@ -73,7 +73,7 @@ umask 077
 {{registry_token}}{{database_env}}
 chmod 600 "$APP_DIR/app.env"
 cd "$APP_DIR"
-# The app's settings (not secret) and its secrets from Parameter Store (tasks/app_env.py).
+# The app's settings (not secret) and its secrets from Parameter Store (tasks/app/app_env.py).
 {{preview_env}}
 {{read_secrets}}
 

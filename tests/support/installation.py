@@ -33,7 +33,7 @@ from local_stack.prefect_server import (
 )
 from local_stack.registry import FakeRegistry
 from local_stack.serve import serve_asgi, serve_handler
-from tasks.aws import AwsClients, build_clients
+from tasks.cloud.aws import AwsClients, build_clients
 from tasks.config import VARIABLE_NAME, PreviewConfig
 from tests.fakes.github import FakeGitHub
 from tests.support.moto_state import live, tags

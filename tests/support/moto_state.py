@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tasks.aws import AwsClients
+from tasks.cloud.aws import AwsClients
 
 
 def instances(aws: AwsClients, *, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,85 @@
+"""AWS clients, built when a run needs them and passed down to the steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.loaders import Loader, create_loader
+
+from tasks.cloud.ecr import ecr_repository
+from tasks.config import PreviewConfig
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ecr import ECRClient
+    from mypy_boto3_iam import IAMClient
+    from mypy_boto3_ssm import SSMClient
+
+# Retries belong to the Prefect tasks (one retry layer per call), so botocore makes one attempt.
+SINGLE_ATTEMPT = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+
+
+@cache
+def service_models() -> Loader:
+    """One loader of botocore's service models for every session of the process.
+
+    Each new session otherwise parses EC2's multi-megabyte JSON model again: most of the CPU
+    of building a run's clients. The models are read-only data, so sharing them is safe.
+    """
+    return create_loader()
+
+
+@dataclass(frozen=True)
+class AwsClients:
+    ec2: EC2Client
+    ssm: SSMClient
+    iam: IAMClient
+    ecr: ECRClient | None = None  # only when the configured image is in ECR, in its region
+
+
+def build_clients(config: PreviewConfig) -> AwsClients:
+    """Clients from the AwsCredentials block named in the config, else boto3's default chain.
+
+    ``AWS_ENDPOINT_URL`` (a moto server, say) is honoured on both paths: boto3 reads it itself,
+    and a block's own ``endpoint_url`` is passed explicitly because
+    ``get_boto3_session().client()`` would drop it. An ECR client only for an image in ECR,
+    in that registry's region. Fresh clients every time: prefect-aws's
+    ``get_client()`` caches them across calls, and with them any event handlers.
+    """
+    session: boto3.session.Session
+    params: dict[str, Any] = {}
+    if config.aws_credentials_block:
+        from prefect_aws import AwsCredentials
+
+        # _sync: a plain object even when called from inside a running event loop.
+        credentials: Any = AwsCredentials.load(  # type: ignore[call-arg]
+            config.aws_credentials_block, _sync=True
+        )
+        session = credentials.get_boto3_session()
+        params = credentials.aws_client_parameters.get_params_override()
+    else:
+        session = boto3.session.Session()
+    session._session.register_component("data_loader", service_models())
+    botocore_config = SINGLE_ATTEMPT
+    if isinstance(params.get("config"), Config):
+        botocore_config = params.pop("config").merge(SINGLE_ATTEMPT)
+    region = session.region_name or config.region
+    if config.region:
+        region = config.region
+
+    def client(service: str, in_region: str = region) -> Any:
+        return session.client(  # type: ignore[call-overload]
+            service, region_name=in_region, config=botocore_config, **params
+        )
+
+    ecr = ecr_repository(config)
+    return AwsClients(
+        ec2=client("ec2"),
+        ssm=client("ssm"),
+        iam=client("iam"),
+        ecr=client("ecr", ecr.region) if ecr else None,
+    )

@@ -1,0 +1,218 @@
+"""What the steps look for on the instance: the bootstrap marker files, the cloud-init log, the
+port check, the app probe's command and answer, and the on-instance shutdown timer — shared by
+launch, wait-ready, probe, update and diagnose so that the user data and every check agree."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+STATE_DIR = "/var/lib/pr-preview"
+
+
+BOOTSTRAP_DONE = f"{STATE_DIR}/bootstrap-done"
+
+
+BOOTSTRAP_FAILED = f"{STATE_DIR}/bootstrap-failed"
+
+
+# The user data's migrations on boot succeeded: a copy of the .env they migrated, so a later
+# deploy (a push in place rewrites .env) is never taken for one the boot migrated.
+MIGRATED = f"{STATE_DIR}/migrated"
+
+
+CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
+
+
+COMPOSE_FILE = "docker-compose.yml"
+
+
+def compose_command(app_dir: str) -> str:
+    """``docker compose`` on the preview's project with every path explicit: the file, the
+    env file its ``${APP_IMAGE}`` is read from, and the directory its relative paths resolve
+    against. Nothing comes from the working directory, and the app dir holds what root runs:
+    no container may mount it (tasks/app/compose_policy.py)."""
+    directory = shlex.quote(app_dir)
+    file, env = shlex.quote(f"{app_dir}/{COMPOSE_FILE}"), shlex.quote(f"{app_dir}/.env")
+    return f"docker compose --project-directory {directory} -f {file} --env-file {env}"
+
+
+def write_file(path: str, producer: str, *, literal: bool = False) -> str:
+    """Shell lines putting ``producer``'s output in ``path`` through a new file (mktemp: never
+    one that exists, so never a link) and a rename over ``path`` (which replaces a link instead
+    of writing through it). Needs ``set -e`` around it; the new file is 0600. ``literal``: the
+    producer prints single-quoted text with ``$`` in it on purpose (shellcheck is told)."""
+    target = shlex.quote(path)
+    lines = [f"tmp=$(mktemp {target}.XXXXXX)", f'{{ {producer}; }} > "$tmp"']
+    if literal:
+        lines.insert(1, "# shellcheck disable=SC2016")
+    return "\n".join([*lines, f'mv -fT "$tmp" {target}'])
+
+
+FAILED_PREFIX = "bootstrap failed at step: "
+
+
+# First stdout line: bootstrap-done | bootstrap-failed | bootstrap-pending; a failure adds
+# "bootstrap failed at step: <the marker's content>". cloud-init finished without any marker
+# means the script never ran or died without its trap: waiting longer cannot help.
+BOOTSTRAP_CHECK = [
+    f"if [ -f {BOOTSTRAP_FAILED} ]; then",
+    "  echo bootstrap-failed",
+    f"  marker=$(head -c 2000 {BOOTSTRAP_FAILED}) || marker='(marker unreadable)'",
+    f'  echo "{FAILED_PREFIX}$marker"',
+    f"elif [ -f {BOOTSTRAP_DONE} ]; then",
+    "  echo bootstrap-done",
+    "else",
+    "  # cloud-init status exits non-zero once cloud-init failed: its text is what counts.",
+    "  cloud_init=$(cloud-init status 2>&1) || true",
+    '  case "$cloud_init" in',
+    "    *'status: done'* | *'status: error'*)",
+    # The user data may have finished between the marker checks above and cloud-init's
+    # answer: look once more before calling it a failure.
+    f"      if [ -f {BOOTSTRAP_DONE} ]; then",
+    "        echo bootstrap-done",
+    f"      elif [ -f {BOOTSTRAP_FAILED} ]; then",
+    "        echo bootstrap-pending  # the next check reads the failed step from the marker",
+    "      else",
+    "        echo bootstrap-failed",
+    "        first_line=${cloud_init%%$'\\n'*}",
+    f'        echo "{FAILED_PREFIX}cloud-init ($first_line, no pr-preview marker)"',
+    "      fi",
+    "      ;;",
+    "    *)",
+    "      echo bootstrap-pending",
+    "      ;;",
+    "  esac",
+    "fi",
+]
+
+
+PORT_CHECK_TIMEOUT_SECONDS = 3
+
+
+# Precedes each tcp_check: the single quotes are the point (shellcheck exempts `bash -c '...'`
+# but not `timeout 3 bash -c '...'`).
+TCP_CHECK_DIRECTIVE = "# shellcheck disable=SC2016 # $1 and $2 are the inner bash's arguments"
+
+
+def tcp_check(host: str, port: str) -> str:
+    """A command that exits 0 when ``host``:``port`` accepts a TCP connection (bash's
+    ``/dev/tcp``, no nc needed). ``host`` and ``port`` are shell words — quoted values or
+    ``"$var"`` — that reach the inner bash as arguments, never as part of its script.
+    Put :data:`TCP_CHECK_DIRECTIVE` on the line before the command that holds it."""
+    return (
+        f"timeout {PORT_CHECK_TIMEOUT_SECONDS} bash -c 'echo > \"/dev/tcp/$1/$2\"'"
+        f" tcp-check {host} {port}"
+    )
+
+
+def port_check(port: int, host: str = "127.0.0.1") -> list[str]:
+    """Runbook §0's TCP check: exit 0 and ``APP PORT OPEN`` when the port accepts."""
+    shown = shlex.quote(str(port))
+    return [
+        TCP_CHECK_DIRECTIVE,
+        f"if {tcp_check(shlex.quote(host), shown)} 2>/dev/null; then",
+        f"  echo APP PORT OPEN {shown}",
+        "else",
+        f"  echo APP PORT CLOSED {shown}",
+        "  exit 1",
+        "fi",
+    ]
+
+
+APP_STATE_PREFIX = "APP STATE "
+
+
+def app_state_check(app_dir: str, service: str) -> list[str]:
+    """``APP STATE <state> <exit code> <restarts>`` of the app's container as Docker reports it
+    (running, restarting, exited, created, …; the last run's exit code, which a restarting
+    container keeps; how often its restart policy restarted it), or ``APP STATE unknown``."""
+    inspect = "'{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}'"
+    return [
+        f"id=$({compose_command(app_dir)} ps -a -q {shlex.quote(service)} 2>/dev/null) || id=''",
+        "id=${id%%$'\\n'*}",
+        f"state=$(docker inspect -f {inspect} \"$id\" 2>/dev/null) || state=''",
+        f'echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
+    ]
+
+
+def container_run(app_dir: str, service: str, command: str) -> str:
+    """``command`` in a one-off container of ``service`` (same image, env files and network as
+    the app). Its words are split as a shell would and each is quoted, so no shell — the
+    instance's root shell or one in the container — interprets it (``;``, ``$(...)`` or ``&&``
+    are plain arguments). A command that needs a shell says so: ``sh -c 'alembic upgrade head
+    && python -m app.seed'``."""
+    argv = " ".join(shlex.quote(word) for word in shlex.split(command))
+    return f"{compose_command(app_dir)} run --rm -T {shlex.quote(service)} {argv}"
+
+
+def timer_minutes(hours: float) -> int:
+    """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
+    return max(1, round(hours * 60))
+
+
+def timer_command(minutes: int) -> str:
+    """Move the on-instance shutdown timer (poweroff = terminate) to ``minutes`` from now."""
+    return f"shutdown -h +{int(minutes)} 'pr-preview TTL reached'"
+
+
+# The app probe (runbook §2.6): curl inside the instance; wait-ready asks it too, once the port
+# opens, so a ready preview costs one round trip less.
+CURL_MAX_SECONDS = 10
+TIMER_MOVED = "pr-preview-timer-moved"
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    path: str
+    status_code: int  # 0: no HTTP answer (refused, timed out)
+    latency_seconds: float | None
+    error: str = ""
+    timer_moved: bool = False  # the same command moved the shutdown timer (a healthy answer)
+
+    @property
+    def healthy(self) -> bool:
+        return 200 <= self.status_code < 400
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    instance_id: str
+    path: str
+    status_code: int
+    latency_seconds: float | None
+    attempts: int
+    answers: list[ProbeAnswer] = field(default_factory=list)
+    timer_moved: bool = False
+
+
+def probe_command(port: int, path: str, ready_ttl_minutes: int | None = None) -> list[str]:
+    url = shlex.quote(f"http://127.0.0.1:{port}{path}")
+    curl = (
+        f"curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
+        f" -w '%{{http_code}} %{{time_total}}' {url}"
+    )
+    if ready_ttl_minutes is None:
+        return [curl]
+    # curl's own exit status stays the command's; the timer moves on a 2xx/3xx answer only.
+    return [
+        f"answer=$({curl}) && status=0 || status=$?",
+        'echo "$answer"',
+        'case "$answer" in [23][0-9][0-9]\\ *)',
+        f"  {timer_command(ready_ttl_minutes)} >/dev/null 2>&1 && echo {TIMER_MOVED} ;;",
+        "esac",
+        'exit "$status"',
+    ]
+
+
+def parse_answer(path: str, stdout: str, stderr: str) -> ProbeAnswer:
+    """curl's ``-w '%{http_code} %{time_total}'``; anything else is no answer."""
+    words = stdout.strip().split()
+    error = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    try:
+        code = int(words[0])
+        latency: float | None = float(words[1])
+    except (IndexError, ValueError):
+        return ProbeAnswer(path, 0, None, error or f"unexpected curl output {stdout.strip()!r}")
+    moved = TIMER_MOVED in words[2:]
+    return ProbeAnswer(path, code, latency if code else None, error, timer_moved=moved)

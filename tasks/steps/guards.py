@@ -1,0 +1,223 @@
+"""What the preview must not run: closed PRs, unlabelled PRs in label mode, fork PRs not
+allow-listed, superseded pushes.
+
+Pure functions over the pull request as the REST API (or the webhook) returns it, so the flow
+can decide before anything is launched and the tests can feed real payloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.github.client import GitHub, GitHubError
+from tasks.inputs import label_names
+from tasks.run.outcome import Outcome
+from tasks.run.step import step
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The verdict (None: go ahead) and a sentence for the log and the PR comment."""
+
+    verdict: Outcome | None
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is None
+
+
+def _full_name(side: Mapping[str, Any] | None) -> str | None:
+    repo = (side or {}).get("repo")
+    if not isinstance(repo, Mapping):
+        return None
+    name = repo.get("full_name")
+    return str(name) if name else None
+
+
+LABEL_ACTIONS = frozenset({"labeled", "unlabeled"})
+
+
+def same_label(one: str | None, other: str) -> bool:
+    """GitHub label names are unique regardless of case."""
+    return one is not None and one.casefold() == other.casefold()
+
+
+def check_trigger(
+    trigger_mode: str, preview_label: str, action: str, label: str | None
+) -> GuardResult:
+    """Whether a label event concerns previews at all, from the configuration and the event
+    alone (before any client exists). Other actions pass: the PR's labels are the guard's."""
+    if action not in LABEL_ACTIONS:
+        return GuardResult(None, f"{action} is not a label event")
+    if trigger_mode != "label":
+        return GuardResult(
+            Outcome.LABEL_IGNORED,
+            f"trigger_mode is {trigger_mode}: labels neither start nor stop previews",
+        )
+    if not same_label(label, preview_label):
+        return GuardResult(
+            Outcome.LABEL_IGNORED,
+            f"the label {(label or '')[:50]!r} is not {preview_label!r}: nothing to do",
+        )
+    done = "added to" if action == "labeled" else "removed from"
+    return GuardResult(None, f"the {preview_label!r} label was {done} the pull request")
+
+
+def _not_labeled(which: str, required_label: str) -> GuardResult:
+    return GuardResult(
+        Outcome.NOT_LABELED,
+        f"{which} does not carry the {required_label!r} label (trigger_mode"
+        " label): no preview is launched; add the label to get one",
+    )
+
+
+def is_fork(pull: Mapping[str, Any]) -> bool:
+    """Head repository differs from the base one; a deleted head repository counts as a fork."""
+    head = _full_name(pull.get("head"))
+    base = _full_name(pull.get("base"))
+    return head is None or base is None or head.lower() != base.lower()
+
+
+def check_pull(
+    pull: Mapping[str, Any],
+    expected_repo: str,
+    head_sha: str,
+    allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
+) -> GuardResult:
+    """Whether a run for ``head_sha`` of this PR may launch a preview.
+
+    Checked in this order: closed (never launched), without ``required_label`` (label mode),
+    fork (refused unless the fork itself or the base repository is in ``allowed_fork_repos`` —
+    listing the base repository admits every fork), superseded (a newer push exists; its own
+    run will do the work).
+    """
+    number = pull.get("number")
+    base = _full_name(pull.get("base"))
+    if base is not None and base.lower() != expected_repo.lower():
+        raise ValueError(f"pull request #{number} belongs to {base}, not {expected_repo}")
+
+    state = pull.get("state")
+    if state != "open" or pull.get("merged"):
+        what = "merged" if pull.get("merged") else (state or "in an unknown state")
+        return GuardResult(
+            Outcome.CLOSED, f"pull request #{number} is {what}; no preview is launched"
+        )
+    if required_label is not None and not any(
+        same_label(name, required_label) for name in label_names(pull)
+    ):
+        return _not_labeled(f"pull request #{number}", required_label)
+
+    if is_fork(pull):
+        head = _full_name(pull.get("head"))
+        allowed = {name.lower() for name in allowed_fork_repos}
+        if expected_repo.lower() in allowed or (head is not None and head.lower() in allowed):
+            pass
+        elif head is None:
+            return GuardResult(
+                Outcome.REFUSED_FORK,
+                f"pull request #{number} comes from a fork that has been deleted; previews of "
+                f"forks run only for repositories in allowed_fork_repos",
+            )
+        else:
+            return GuardResult(
+                Outcome.REFUSED_FORK,
+                f"pull request #{number} comes from the fork {head}; previews run code from "
+                f"forks only when {head} (or {expected_repo}) is in allowed_fork_repos",
+            )
+
+    current = str((pull.get("head") or {}).get("sha") or "")
+    if current and current != head_sha:
+        return GuardResult(
+            Outcome.SUPERSEDED,
+            f"pull request #{number} now points at {current[:12]}, not {head_sha[:12]}; "
+            "the run for the newer push takes over",
+        )
+    return GuardResult(None, f"pull request #{number} at {head_sha[:12]} may be previewed")
+
+
+def check_event(
+    repo: str,
+    head_repo: str | None,
+    allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
+    labels: Sequence[str] | None = None,
+) -> GuardResult:
+    """The fork and label guards from the webhook's own fields, for runs without a GitHub
+    token. ``labels`` None (a run started by hand) is not checked: starting one asks for it."""
+    labelled = labels is None or any(same_label(name, required_label or "") for name in labels)
+    if required_label is not None and not labelled:
+        return _not_labeled("the pull request", required_label)
+    allowed = {name.lower() for name in allowed_fork_repos}
+    if head_repo and head_repo.lower() != repo.lower():
+        if repo.lower() in allowed or head_repo.lower() in allowed:
+            return GuardResult(None, f"fork {head_repo} is allow-listed")
+        return GuardResult(
+            Outcome.REFUSED_FORK,
+            f"the pull request comes from the fork {head_repo}; previews run code from forks "
+            f"only when {head_repo} (or {repo}) is in allowed_fork_repos",
+        )
+    return GuardResult(None, "no GitHub token: only the fork guard of the event was applied")
+
+
+@step(retry=False)
+def guard(
+    github: GitHub,
+    repo: str,
+    pr_number: int,
+    head_sha: str,
+    head_repo: str | None = None,
+    allowed_fork_repos: Iterable[str] = (),
+    required_label: str | None = None,
+    event_labels: Sequence[str] | None = None,
+) -> GuardResult:
+    """Read the pull request as it is now and decide whether this run may launch.
+
+    ``required_label`` (label mode) is checked on the PR's labels as GitHub holds them now —
+    an event's may be stale — and on ``event_labels`` only without a token."""
+    if not github.enabled:
+        return check_event(repo, head_repo, allowed_fork_repos, required_label, event_labels)
+    pull = github.get_pull(repo, pr_number)
+    return check_pull(pull, repo, head_sha, allowed_fork_repos, required_label)
+
+
+@step(retry=False)
+def confirm_closed(github: GitHub, repo: str, pr_number: int) -> GuardResult:
+    """Before a teardown: is the pull request really closed? A ``closed`` event for an open PR
+    is stale or forged, and must not take a live preview down. Without a token the event is
+    all there is to go by."""
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the closed event is taken as it is")
+    try:
+        state = github.pull_state(repo, pr_number)
+    except GitHubError as exc:  # after the client's retries: the event goes, as without a token
+        return GuardResult(None, f"GitHub could not confirm the PR is closed ({exc}); tearing down")
+    if state == "open":
+        return GuardResult(
+            Outcome.STILL_OPEN,
+            f"pull request #{pr_number} is open on GitHub: the closed event is stale or forged;"
+            " nothing was torn down",
+        )
+    return GuardResult(None, f"pull request #{pr_number} is closed")
+
+
+@step(retry=False)
+def confirm_unlabeled(github: GitHub, repo: str, pr_number: int, label: str) -> GuardResult:
+    """Before a teardown for a removed label: does the PR really no longer carry it? A stale
+    ``unlabeled`` event (the label was put back) must not take a live preview down."""
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the unlabeled event is taken as it is")
+    try:
+        pull = github.get_pull(repo, pr_number)
+    except GitHubError as exc:
+        return GuardResult(None, f"GitHub could not confirm the label is off ({exc}); tearing down")
+    if pull.get("state") == "open" and any(same_label(n, label) for n in label_names(pull)):
+        return GuardResult(
+            Outcome.STILL_LABELED,
+            f"pull request #{pr_number} carries the {label!r} label on GitHub: the unlabeled"
+            " event is stale; nothing was torn down",
+        )
+    return GuardResult(None, f"the {label!r} label is off pull request #{pr_number}")
