@@ -141,14 +141,17 @@ def _absolute_path(value: str) -> str:
     return value
 
 
-def _instance_parameter(value: str) -> str:
+def _parameter_under(prefix: str, why: str, value: str) -> str:
     _absolute_path(value)
-    if not value.startswith(PARAMETER_PREFIX):
-        raise ValueError(
-            f"{value!r} is not under {PARAMETER_PREFIX} (the only parameters the instance"
-            " role may read)"
-        )
+    if not value.startswith(prefix):
+        raise ValueError(f"{value!r} is not under {prefix}{why}")
     return value
+
+
+def _instance_parameter(value: str) -> str:
+    return _parameter_under(
+        PARAMETER_PREFIX, " (the only parameters the instance role may read)", value
+    )
 
 
 def _instance_parameter_path(value: str) -> str:
@@ -162,13 +165,12 @@ def _instance_parameter_path(value: str) -> str:
 
 
 def _app_key_parameter(value: str) -> str:
-    _absolute_path(value)
-    if not value.startswith(APP_KEY_PARAMETER_PREFIX):
-        raise ValueError(
-            f"{value!r} is not under {APP_KEY_PARAMETER_PREFIX}: the preview instances read"
-            f" {PARAMETER_PREFIX}*, and the App's key must stay out of their reach"
-        )
-    return value
+    return _parameter_under(
+        APP_KEY_PARAMETER_PREFIX,
+        f": the preview instances read {PARAMETER_PREFIX}*, and the App's key must stay out"
+        " of their reach",
+        value,
+    )
 
 
 def _repo_file_path(value: str) -> str:
