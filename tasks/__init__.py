@@ -24,10 +24,11 @@ Flows compose steps.
 
 Foundations — plain code the steps share; no ``@step`` in them, and they import no step:
 
-    cloud/   AWS: aws (clients), instances, tags, run_instances (the request, the AMI),
-             user_data (the bootstrap script, a preview's tags, ``LaunchSpec``), ssm (Run
-             Command), ecr, on_instance (marker files, scripts, the app probe's command and
-             answer), db_rules (db-sg rules opened for previews), tunnel (SSM port forwarding)
+    cloud/   AWS: aws (clients, waiters on our timing), instances, tags, run_instances (the
+             request, the AMI), user_data (the bootstrap script, a preview's tags,
+             ``LaunchSpec``), ssm (Run Command), ecr, on_instance (marker files, scripts, the
+             app probe's command and answer), db_rules (db-sg rules opened for previews),
+             tunnel (SSM port forwarding)
     github/  client (``GitHub``: the REST resources, errors re-exported), http (transport:
              retry, pagination), sansio (responses to errors, rate-limit waits), app (the App's
              JWT and tokens), pull_request (the sticky comment, the PR's deployment)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import WaiterError
 from botocore.loaders import Loader, create_loader
 
 from tasks.cloud.ecr import ecr_repository
 from tasks.config import PreviewConfig
 
 if TYPE_CHECKING:
+    from botocore.waiter import Waiter
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ecr import ECRClient
     from mypy_boto3_iam import IAMClient
@@ -83,3 +86,29 @@ def build_clients(config: PreviewConfig) -> AwsClients:
         iam=client("iam"),
         ecr=client("ecr", ecr.region) if ecr else None,
     )
+
+
+def wait_timed(
+    waiter: Waiter,
+    *,
+    timeout_seconds: float,
+    poll_seconds: float,
+    within: bool = False,
+    **params: object,
+) -> None:
+    """Run a botocore waiter with our timing: a poll every ``poll_seconds`` (fractions too, for
+    tests) until ``timeout_seconds``; with ``within`` the last poll stays inside the timeout,
+    else it may land just past it. Its ``WaiterError`` surfaces; ``gave_up`` reads it."""
+    delay = max(poll_seconds, 0.0)
+    if delay:
+        polls = timeout_seconds / delay
+        attempts = max(1, (int(polls) if within else math.ceil(polls)) + 1)
+    else:
+        attempts = 1
+    # botocore sleeps Delay as given; the stubs say int, tests need fractions of a second
+    waiter.wait(**params, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
+
+
+def gave_up(exc: WaiterError) -> bool:
+    """The waiter ran out of attempts, rather than seeing the resource fail."""
+    return "Max attempts exceeded" in str(exc.kwargs.get("reason", exc))

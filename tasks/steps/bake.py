@@ -32,6 +32,7 @@ from botocore.exceptions import ClientError, WaiterError
 from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.app.masking import mask_secrets
+from tasks.cloud.aws import gave_up, wait_timed
 from tasks.cloud.ecr import EcrRepository, ecr_login
 from tasks.cloud.on_instance import timer_command, timer_minutes
 from tasks.cloud.run_instances import baked_images, resolve_stock_ami, run_instances_params
@@ -387,17 +388,16 @@ def wait_image_available(
 ) -> None:
     """botocore's ``image_available`` waiter with our timing; ``BakeFailed`` when EC2 says the
     image failed, ``BakeTimeout`` when it is still pending at the deadline."""
-    delay = max(poll_seconds, 0.0)
-    attempts = max(1, int(timeout_seconds / delay) + 1) if delay else 1
     try:
-        ec2.get_waiter("image_available").wait(
+        wait_timed(
+            ec2.get_waiter("image_available"),
             ImageIds=[image_id],
-            # botocore sleeps Delay as given; the stubs say int, tests need fractions of a second
-            WaiterConfig={"Delay": delay, "MaxAttempts": attempts},  # type: ignore[typeddict-item]
+            timeout_seconds=timeout_seconds,
+            poll_seconds=poll_seconds,
+            within=True,
         )
     except WaiterError as exc:
-        reason = str(exc.kwargs.get("reason", exc))
-        if "Max attempts exceeded" in reason:
+        if gave_up(exc):
             raise BakeTimeout(
                 f"image {image_id} was not available within {timeout_seconds:g}s"
             ) from None

@@ -26,7 +26,6 @@ a timeout names its stage, so the failure message and the diagnosis start in the
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import ClientError, WaiterError
 from tenacity import RetryCallState, Retrying, retry_if_result
 
-from tasks.cloud.aws import AwsClients
+from tasks.cloud.aws import AwsClients, gave_up, wait_timed
 from tasks.cloud.on_instance import (
     APP_STATE_PREFIX,
     BOOTSTRAP_CHECK,
@@ -310,17 +309,15 @@ def wait_running(
     ec2: EC2Client, instance_id: str, *, timeout_seconds: float, poll_seconds: float
 ) -> int:
     """botocore's ``instance_running`` waiter with our timing; returns the attempts it took."""
-    delay = max(poll_seconds, 0.0)
-    attempts = max(1, math.ceil(timeout_seconds / delay) + 1) if delay else 1
     try:
-        ec2.get_waiter("instance_running").wait(
+        wait_timed(
+            ec2.get_waiter("instance_running"),
             InstanceIds=[instance_id],
-            # botocore sleeps Delay as given; the stubs say int, tests need fractions of a second
-            WaiterConfig={"Delay": delay, "MaxAttempts": attempts},  # type: ignore[typeddict-item]
+            timeout_seconds=timeout_seconds,
+            poll_seconds=poll_seconds,
         )
     except WaiterError as exc:
-        reason = str(exc.kwargs.get("reason", exc))
-        if "Max attempts exceeded" in reason:
+        if gave_up(exc):
             state = _state_of(exc.last_response)
             raise ReadyTimeout(STAGE_RUNNING, timeout_seconds, f"instance is {state}") from None
         raise InstanceNotRunning(f"{instance_id} is {_state_of(exc.last_response)}") from None
