@@ -50,7 +50,9 @@ def event_id(delivery_id: str) -> str:
         return str(uuid.uuid5(DELIVERY_NAMESPACE, delivery_id))
 
 
-def event_from_delivery(event_name: str, delivery_id: str, payload: dict[str, Any]) -> dict | None:
+def event_from_delivery(
+    event_name: str, delivery_id: str, payload: dict[str, Any]
+) -> dict[str, Any] | None:
     """The Prefect event for one GitHub delivery, or None when the flows do not handle it.
 
     The payload is small and flat: exactly what the deployment triggers in prefect.yaml

@@ -18,9 +18,10 @@ from typing import cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed
 
 from flows.run_end import state_hook
 from tasks.app.app_env import AppFiles, branch_or_empty, preview_env

@@ -49,7 +49,8 @@ from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
 from deployments.cli.logs import cmd_logs
 from deployments.cli.previews import cmd_list
 from deployments.cli.receiver import DEFAULT_SPOOL, cmd_receiver
-from deployments.cli.tunnel import check_session_tools, cmd_tunnel, tunnel_argv
+from deployments.cli.tunnel import check_session_tools, cmd_tunnel
+from tasks.cloud.tunnel import tunnel_argv
 
 __all__ = [
     "EXIT_ERROR",

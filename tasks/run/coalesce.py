@@ -102,8 +102,9 @@ def _cancel_waiting(client: Any, run_id: UUID, head: str) -> bool:
     A run is taken the way a worker takes it, Scheduled → Pending, which the server grants to
     one caller only (it refuses Pending → Pending and Running → Pending): a run a worker took
     meanwhile stays the worker's. Taken, it is cancelled — no process was ever started."""
+    from prefect.client.schemas.objects import State
     from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Cancelled, Pending, Scheduled, State
+    from prefect.states import Cancelled, Pending, Scheduled
 
     taken = client.set_flow_run_state(run_id, Pending(message="taken to be cancelled"))
     if taken.status != SetStateStatus.ACCEPT:

@@ -191,7 +191,7 @@ class Registry:
             )
         if response.status_code >= 400:
             raise RegistryError(f"HEAD {self.ref.base_url}{path} → {response.status_code}")
-        digest = response.headers.get("Docker-Content-Digest", "")
+        digest = str(response.headers.get("Docker-Content-Digest", ""))
         if DIGEST_PATTERN.fullmatch(digest):
             return digest
         return self._body_digest(path)
@@ -377,7 +377,7 @@ def wait_for_image(
                 return None
 
         def wait(state: RetryCallState) -> float:
-            backoff = min(cap, poll_seconds * 2 ** (state.attempt_number - 1))
+            backoff = min(cap, poll_seconds * 2.0 ** (state.attempt_number - 1))
             return max(0.0, min(backoff, deadline - clock()))
 
         def stop(state: RetryCallState) -> bool:

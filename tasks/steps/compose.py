@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
@@ -107,7 +107,8 @@ class _Loader(yaml.SafeLoader):
     """YAML as Compose's parser types keys: every plain scalar a string (``on`` stays ``on``),
     merge keys merged, Compose's ``!reset``/``!override`` tags read as their value."""
 
-    yaml_implicit_resolvers: ClassVar[dict[Any, list[tuple[str, Any]]]] = {
+    # PyYAML's stubs declare it per instance; a loader class shares one (hence no ClassVar).
+    yaml_implicit_resolvers = {  # noqa: RUF012
         first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith(":merge")]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
@@ -118,6 +119,7 @@ def _untagged(loader: yaml.SafeLoader, _: str, node: yaml.Node) -> Any:
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
         return loader.construct_sequence(node, deep=True)
+    assert isinstance(node, yaml.ScalarNode)  # the third and last kind of node
     return loader.construct_scalar(node)
 
 

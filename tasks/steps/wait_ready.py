@@ -360,7 +360,8 @@ def wait_until_ready(
     results: list[StageResult] = []
 
     def budget(stage: str) -> float:
-        return max(0.0, min(getattr(timeouts, _stage_key(stage)), deadline - time.monotonic()))
+        limit = float(getattr(timeouts, _stage_key(stage)))
+        return max(0.0, min(limit, deadline - time.monotonic()))
 
     # 1. running
     stage_start = time.monotonic()
