@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import tasks.steps.wait_ready
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.on_instance import port_check
 from tasks.config import PreviewConfig
+from tasks.run.budget import RunTimedOut, run_budget
 from tasks.steps.wait_ready import (
     STAGES,
     AppDown,
@@ -318,3 +321,18 @@ def test_port_check_gives_bash_the_host_and_port_as_arguments() -> None:
 
     assert """timeout 3 bash -c 'echo > "/dev/tcp/$1/$2"' tcp-check 'x$(reboot)' 8000""" in script
     assert "/dev/tcp/x" not in script
+
+
+def test_the_runs_budget_ends_the_wait_without_a_task_timeout(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """Called as a plain function (no Prefect task, so no task timeout): the run's budget, not
+    wait-ready's own 30 s, ends a bootstrap that never finishes — and says it was the budget."""
+    scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING)
+    patient = config.model_copy(update={"ready_timeout_seconds": 30.0})
+    started = time.monotonic()
+
+    with run_budget(1.0), pytest.raises(RunTimedOut, match="1 s budget at step wait-ready"):
+        wait_until_ready(aws.ec2, aws.ssm, instance, patient)
+
+    assert time.monotonic() - started < 10

@@ -50,6 +50,8 @@ from tasks.cloud.on_instance import (
 )
 from tasks.cloud.ssm import CommandTimeout, run_command
 from tasks.config import PreviewConfig
+from tasks.run.budget import check_budget
+from tasks.run.budget import remaining as run_budget_left
 from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
 from tasks.run.retry import error_code
@@ -357,6 +359,11 @@ def wait_until_ready(
     command_poll = command_poll_seconds if command_poll_seconds is not None else min(poll, 0.5)
     started = time.monotonic()
     deadline = started + config.ready_timeout_seconds
+    # The run's own budget ends the wait too, here rather than by Prefect's task timeout, which
+    # cannot always interrupt a step (a step on a thread, or beside another alarm handler).
+    left = run_budget_left()
+    if left is not None:
+        deadline = min(deadline, started + max(left, 0.0))
     results: list[StageResult] = []
 
     def budget(stage: str) -> float:
@@ -450,6 +457,7 @@ def wait_until_ready(
         return max(0.0, min(every, stage_start + limit - time.monotonic()))
 
     def give_up(_: RetryCallState) -> bool:
+        check_budget("wait-ready")  # RunTimedOut when it was the run's budget that ran out
         raise ReadyTimeout(stage, limit, detail)
 
     Retrying(
