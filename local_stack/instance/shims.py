@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,8 @@ STATUS_FILE = Path("/run/cloud-init/status.json")
 SHUTDOWN_FILE = Path("/run/pr-preview/shutdown-at")
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 DOCKERD_PID = Path("/run/docker.pid")
+MIRROR_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+MIRROR_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?/?")
 UNITS = Path("/var/lib/pr-preview-shim/units")
 # What AL2023's repositories answer for the packages the user data asks for.
 AL2023_PACKAGES = {"docker": "docker-25.0.8-1.amzn2023.0.1.x86_64"}
@@ -170,15 +173,25 @@ def dockerd_argv() -> list[str]:
     instance = os.environ.get("PR_PREVIEW_INSTANCE_ID", "")
     if instance:
         argv.append(f"--cgroup-parent=/pr-preview-{instance}")
-    for entry in filter(None, os.environ.get("PR_PREVIEW_REGISTRY_MIRRORS", "").split(",")):
-        host, _, url = entry.partition("=")
+    for host, url in registry_mirrors().items():
         if host == "docker.io":
             argv.append(f"--registry-mirror={url}")
         else:
             argv.append(f"--insecure-registry={host}")
-            with Path("/etc/hosts").open("a") as hosts:
-                hosts.write(f"127.0.0.1 {host}\n")
     return argv
+
+
+def registry_mirrors() -> dict[str, str]:
+    """``PR_PREVIEW_REGISTRY_MIRRORS`` as host → URL; a host that is not a plain DNS name, or a
+    URL that is not http(s), is refused: both end up on dockerd's command line and in
+    /etc/hosts."""
+    mirrors = {}
+    for entry in filter(None, os.environ.get("PR_PREVIEW_REGISTRY_MIRRORS", "").split(",")):
+        host, _, url = entry.partition("=")
+        if not MIRROR_HOST.fullmatch(host) or not MIRROR_URL.fullmatch(url):
+            raise ValueError(f"PR_PREVIEW_REGISTRY_MIRRORS: {entry!r} is not host=http://addr:port")
+        mirrors[host] = url
+    return mirrors
 
 
 def start_dockerd(timeout: float = 60.0) -> int:
@@ -186,6 +199,11 @@ def start_dockerd(timeout: float = 60.0) -> int:
     if dockerd_pid():
         return 0
     DOCKER_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    # A registry dockerd reaches by name: that name is this instance's loopback, where a
+    # bridge relays it to the local registry.
+    with Path("/etc/hosts").open("a") as hosts:
+        for host in registry_mirrors().keys() - {"docker.io"}:
+            hosts.write(f"127.0.0.1 {host}\n")
     log = Path("/var/log/docker.log")
     with log.open("ab") as output:
         process = subprocess.Popen(
