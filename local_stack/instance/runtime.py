@@ -59,19 +59,24 @@ class Execution:
     ended: datetime | None = None
     status: str = "InProgress"
     exit_code: int = -1
+    # The host's watcher and the API's request threads both poll: the one that kills a command
+    # past its timeout must also be the one that records it, or the other reads the kill's exit
+    # status and calls the command Failed.
+    _polling: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def poll(self) -> None:
-        if self.ended is not None:
-            return
-        code = self.process.poll()
-        elapsed = (datetime.now(UTC) - self.started).total_seconds()
-        if code is None and elapsed > self.timeout:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            self.process.wait()
-            self.finish("TimedOut", -1)
-        elif code is not None:
-            self.finish("Success" if code == 0 else "Failed", code)
+        with self._polling:
+            if self.ended is not None:
+                return
+            code = self.process.poll()
+            elapsed = (datetime.now(UTC) - self.started).total_seconds()
+            if code is None and elapsed > self.timeout:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                self.process.wait()
+                self.finish("TimedOut", -1)
+            elif code is not None:
+                self.finish("Success" if code == 0 else "Failed", code)
 
     def finish(self, status: str, code: int) -> None:
         self.ended, self.status, self.exit_code = datetime.now(UTC), status, code
