@@ -227,7 +227,7 @@ class Row:
     durations: list[float] = field(default_factory=list)  # run start → end
     failures: list[str] = field(default_factory=list)
     bottleneck: str = ""
-    folded: int = 0  # cancelled before they started (tasks/run/coalesce.py)
+    folded: int = 0  # cancelled before they started (flows/coalesce.py)
     ran: int = 0  # runs that started an interpreter
     own_start: list[float] = field(default_factory=list)  # webhook → its own run started
     limits: list[int] = field(default_factory=list)  # concurrency limits: before, loaded, closed

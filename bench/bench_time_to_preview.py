@@ -106,6 +106,7 @@ from local_stack.scripted_instance import MIGRATE, Call, ScriptedInstances  # no
 from local_stack.serve import serve_handler  # noqa: E402
 from tasks.app.cost import PRICE_SOURCE, SNAPSHOT_SOURCE  # noqa: E402
 from tasks.app.secrets import read_secrets  # noqa: E402
+from tasks.app.user_data import LaunchSpec, spare_base_layers  # noqa: E402
 from tasks.cloud.aws import AwsClients, build_clients  # noqa: E402
 from tasks.cloud.instances import (  # noqa: E402
     batches,
@@ -124,7 +125,6 @@ from tasks.cloud.tags import (  # noqa: E402
     TAG_SOURCE_AMI,
     format_time,
 )
-from tasks.cloud.user_data import LaunchSpec, spare_base_layers  # noqa: E402
 from tasks.config import (  # noqa: E402
     TRUSTED_FIELDS,
     TUNING_FIELDS,
@@ -558,15 +558,15 @@ def migrated_probed_confirmed(
     clients, config = setup.clients, setup.config
     if ready is None or not ready.migrated:
         with setup.step("migrate"):
-            run_migrations(clients.ssm, instance_id, config)
+            run_migrations(clients.ssm, config, instance_id)
     answer = ready.probe if ready is not None else None
     if answer is None:
         with setup.step("probe"):
             ready_ttl = timer_minutes(config.ttl_hours)
-            answer = probe_app(clients.ssm, instance_id, config, ready_ttl_minutes=ready_ttl)
+            answer = probe_app(clients.ssm, config, instance_id, ready_ttl_minutes=ready_ttl)
     with setup.step("confirm-TTL"):
         confirm_full_ttl(
-            clients.ec2, clients.ssm, instance_id, config, timer_moved=answer.timer_moved
+            clients.ec2, clients.ssm, config, instance_id, timer_moved=answer.timer_moved
         )
 
 
@@ -577,7 +577,7 @@ def image_and_health(setup: Setup, scenario: Scenario, instance_id: str) -> tupl
     secrets = read_secrets(clients.ssm, config)
     with setup.step("image check ∥ health"), ThreadPoolExecutor(max_workers=2) as pool:
         image = pool.submit(check_image.fn, config, REPO, PR, scenario.sha, secrets.ghcr_token)
-        health = pool.submit(check_health, clients.ec2, clients.ssm, instance_id, config)
+        health = pool.submit(check_health, clients.ec2, clients.ssm, config, instance_id)
         digest = image.result().digest
         return health.result().healthy, digest
 
@@ -599,7 +599,7 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
         if healthy:
             with setup.step("deploy"):
                 deploy_in_place(
-                    ec2, ssm, instance_id, config, repo=REPO, sha=scenario.sha, digest=digest
+                    ec2, ssm, config, instance_id, repo=REPO, sha=scenario.sha, digest=digest
                 )
             migrated_probed_confirmed(setup, instance_id)
             return "in-place"
@@ -613,14 +613,14 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
             spare = claim_spare(ec2, ssm, config, spec, ami_id=report.ami_id or "").instance_id
         if spare:
             with setup.step("deploy"):
-                deploy_in_place(ec2, ssm, spare, config, repo=REPO, sha=scenario.sha, digest=digest)
+                deploy_in_place(ec2, ssm, config, spare, repo=REPO, sha=scenario.sha, digest=digest)
             migrated_probed_confirmed(setup, spare)
             return "spare"
     launched = launch_instance(ec2, config, spec, ami_id=report.ami_id, subnet_id=report.subnet_id)
     with setup.step("wait-ready"):
         ready_ttl = timer_minutes(config.ttl_hours)
         ready = wait_until_ready(
-            ec2, ssm, launched.instance_id, config, ready_ttl_minutes=ready_ttl
+            ec2, ssm, config, launched.instance_id, ready_ttl_minutes=ready_ttl
         )
     migrated_probed_confirmed(setup, launched.instance_id, ready)
     return "launched"

@@ -92,8 +92,8 @@ def one_wait(
         wait_until_ready(
             clients.ec2,
             clients.ssm,
-            instance,
             config.model_copy(update={"poll_seconds": poll}),
+            instance,
         )
         lag = time.monotonic() - ready_at
     return lag, calls

@@ -23,20 +23,20 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows.coalesce import fold_or_go_on
 from flows.run_end import state_hook
 from tasks.app.app_env import AppFiles, branch_or_empty, preview_env
 from tasks.app.secrets import read_secrets
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.on_instance import ProbeResult, timer_minutes
 from tasks.cloud.ssm import CommandTimeout
 from tasks.cloud.tags import format_time
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
 from tasks.github.pull_request import PreviewState, flow_run_url
 from tasks.inputs import check_inputs
 from tasks.run.budget import grace, run_budget
-from tasks.run.coalesce import fold_or_go_on
 from tasks.run.errors import PreviewError
 from tasks.run.events import emit_instance_event
 from tasks.run.locks import FLEET_LOCK, LockLost, hold, pr_lock_name
@@ -139,17 +139,17 @@ def pr_preview(
     requested = requested_at or flow_run.get_scheduled_start_time() or datetime.now(UTC)
     with run_budget(settings.preview_timeout_seconds()):
         return _preview(
-            repo, pr_number, head_sha, action, head_repo, settings, requested, label, labels, branch
+            settings, repo, pr_number, head_sha, action, head_repo, requested, label, labels, branch
         )
 
 
 def _preview(
+    settings: PreviewConfig,
     repo: str,
     pr_number: int,
     head_sha: str,
     action: str,
     head_repo: str | None,
-    settings: PreviewConfig,
     requested_at: datetime,
     label: str | None = None,
     labels: list[str] | None = None,

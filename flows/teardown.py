@@ -65,7 +65,7 @@ def pr_teardown(
         return _nothing_done(repo, pr_number, trigger.verdict, trigger.reason)
     unlabeled = action == "unlabeled"
     with run_budget(settings.teardown_timeout_seconds()):
-        return _teardown(repo, pr_number, settings, unlabeled)
+        return _teardown(settings, repo, pr_number, unlabeled)
 
 
 def _nothing_done(repo: str, pr_number: int, outcome: Outcome, reason: str) -> TeardownResult:
@@ -80,7 +80,7 @@ def _nothing_done(repo: str, pr_number: int, outcome: Outcome, reason: str) -> T
 
 
 def _teardown(
-    repo: str, pr_number: int, settings: PreviewConfig, unlabeled: bool = False
+    settings: PreviewConfig, repo: str, pr_number: int, unlabeled: bool = False
 ) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings, ssm=clients.ssm)

@@ -22,23 +22,26 @@ Flows compose steps.
     bake                  the baked AMI
     db_access      §2.5   the optional database path
 
-Foundations — plain code the steps share; no ``@step`` in them, and they import no step:
+Foundations — plain code the steps share; no ``@step`` in them, and they import no step. They
+stand in layers, each importing only those above it (``tests/test_layout.py``):
 
+    run/     step (``@step``), retry, budget, outcome, prefect_context, events,
+             errors (``PreviewError``), tls, locks
     cloud/   AWS: aws (clients, waiters on our timing), instances, tags, run_instances (the
-             request, the AMI), user_data (the bootstrap script, a preview's tags,
-             ``LaunchSpec``), ssm (Run Command), ecr, on_instance (marker files, scripts, the
+             request, the AMI), ssm (Run Command), ecr, on_instance (marker files, scripts, the
              app probe's command and answer), db_rules (db-sg rules opened for previews),
              tunnel (SSM port forwarding)
+    app/     the previewed app on its instance: app_env, user_data (the bootstrap script, a
+             preview's tags, ``LaunchSpec``), compose_policy, secrets, masking, cost
     github/  client (``GitHub``: the REST resources, errors re-exported), http (transport:
              retry, pagination), sansio (responses to errors, rate-limit waits), app (the App's
              JWT and tokens), pull_request (the sticky comment, the PR's deployment)
-    app/     the previewed app: app_env, compose_policy, secrets, masking, cost
-    run/     step (``@step``), retry, budget, outcome, coalesce, prefect_context, events,
-             errors (``PreviewError``), tls, locks
+
     config   ``PreviewConfig``, what a run may tune          inputs   patterns
 
 A new AWS call goes in a cloud module and a step calls it; a new check of the instance is a
 script in cloud/on_instance; a new setting is a field of config with its group and description.
-What calls more than one step is flow code: flows/run_end, for one, reports a killed run from
-the flows' state hooks through the report step.
+What calls more than one step, or asks Prefect about other runs, is flow code: flows/run_end
+reports a killed run from the flows' state hooks through the report step, and flows/coalesce
+cancels a PR's waiting runs that GitHub has left behind.
 """

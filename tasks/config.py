@@ -3,7 +3,7 @@
 ``PreviewConfig`` is composed of one small model per concern — AWS placement, image and
 registry, app and database, timings, lifetimes and capacity, spares and baked AMIs, GitHub,
 triggers (:data:`GROUPS`) — each with its own checks; its fields stay flat
-(``config.region``, ``config.ttl_hours``), as do their ``PR_PREVIEW_<FIELD>`` names and the
+(``settings.region``, ``settings.ttl_hours``), as do their ``PR_PREVIEW_<FIELD>`` names and the
 Variable's keys. Checks that several fields share are annotated types (``Region``,
 ``AbsolutePath``, ``InstanceParameter``, ``RepoPattern``, ...).
 
@@ -11,7 +11,9 @@ Precedence, lowest first: the defaults below (the runbook's values), the JSON Pr
 ``pr-preview-config`` (when a Prefect API is reachable), ``PR_PREVIEW_<FIELD>`` environment
 variables, and the fields a flow run was given explicitly. A run's own ``config`` parameter
 may only tune (:data:`TUNING_FIELDS`): whoever can start a run cannot widen what a preview
-trusts (:data:`TRUSTED_FIELDS`, :func:`run_config`).
+trusts (:data:`TRUSTED_FIELDS`, :func:`run_config`). A ``PreviewConfig`` is passed by the name
+``settings`` everywhere, after the clients and before the subject:
+``migrate(clients, settings, instance_id)``.
 """
 
 from __future__ import annotations
@@ -999,12 +1001,12 @@ def load_config(
         merged.update(values)
         source.update(dict.fromkeys(values, origin))
     try:
-        config = PreviewConfig.model_validate(merged)
+        settings = PreviewConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     # Keep "explicitly set" meaning "set by someone", so the config can be layered again.
-    config.model_fields_set.intersection_update(merged)
-    return config
+    settings.model_fields_set.intersection_update(merged)
+    return settings
 
 
 def _describe(exc: ValidationError, source: Mapping[str, str]) -> str:

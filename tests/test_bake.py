@@ -31,10 +31,10 @@ from local_stack.instance.sandbox import hostname_of
 from local_stack.instance.world import push_sample_app
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Call, Reply, Responder, ScriptedInstances
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.run_instances import resolve_ami, resolve_stock_ami
 from tasks.cloud.tags import TAG_CREATED_AT, TAG_PURPOSE, TAG_SOURCE_AMI, parse_time
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
 from tasks.steps.bake import (
     BAKE_CHECK,
@@ -583,7 +583,7 @@ def test_a_real_bake_that_cannot_log_in_says_so_to_the_flows_check_and_forgets_t
     fs = real_instances.root / builder.instance_id / "fs"
     wait_for(lambda: (fs / BAKE_DIR.removeprefix("/") / "failed").exists(), 60, "the marker")
 
-    failure = read_bake_failure(aws.ssm, builder.instance_id, config)
+    failure = read_bake_failure(aws.ssm, config, builder.instance_id)
 
     assert failure is not None and failure.startswith("bake failed at step: ghcr-login\n")
     assert "unauthorized" in failure.lower()  # the registry's answer, from the log

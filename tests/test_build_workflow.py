@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tasks.cloud.user_data import render_spare_user_data
+from tasks.app.user_data import render_spare_user_data
 from tasks.config import PreviewConfig
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "deployments" / "github" / "build-image.yml"

@@ -16,10 +16,10 @@ import pytest
 from deployments import cli
 from local_stack.account import DemoAccount
 from tasks.app.cost import HOURLY_PRICES, PRICE_SOURCE
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.tags import TAG_KEEP, TAG_SHUTDOWN_AT, format_time, parse_time
 from tasks.cloud.tunnel import tunnel_command
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import ENV_PREFIX, PreviewConfig
 from tasks.steps.launch import launch_instance
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION

@@ -1,4 +1,4 @@
-"""A PR's waiting runs that GitHub has left behind are cancelled (tasks/run/coalesce.py), on a real
+"""A PR's waiting runs that GitHub has left behind are cancelled (flows/coalesce.py), on a real
 Prefect server and the fake GitHub: what is cancelled, what is left, what a worker took first."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.states import Pending, Running
 
+from flows.coalesce import Folded, _cancel_waiting, fold_waiting
 from tasks.github.client import GitHub
-from tasks.run.coalesce import Folded, _cancel_waiting, fold_waiting
 from tests.fakes.github import FakeGitHub
 
 REPO = "octo-org/hello-api"

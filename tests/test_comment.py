@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from tasks.app.cost import HOURLY_PRICES, preview_cost
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time, parse_time
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
 from tasks.github.client import GitHub
 from tasks.github.pull_request import (

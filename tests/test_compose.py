@@ -27,8 +27,8 @@ from flows.teardown import pr_teardown
 from local_stack.instance.world import PROJECT_DIR, SAMPLE_APP, push_app_source
 from local_stack.scripted_instance import ScriptedInstances
 from tasks.app.compose_policy import refusals
+from tasks.app.user_data import compose_file
 from tasks.cloud.aws import AwsClients
-from tasks.cloud.user_data import compose_file
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.steps import compose
 from tasks.steps.compose import (
@@ -96,7 +96,7 @@ def comments(path: Path, label: str) -> list[str]:
 
 def refusal(text: str, config: PreviewConfig | None = None) -> str:
     with pytest.raises(ComposeRefused) as refused:
-        check_compose(text, config or PreviewConfig(), f"{PATH}@1a2b3c4")
+        check_compose(config or PreviewConfig(), text, f"{PATH}@1a2b3c4")
     assert str(refused.value).startswith(f"{PATH}@1a2b3c4")
     return str(refused.value)
 
@@ -210,13 +210,13 @@ def test_every_benign_file_runs_with_its_values_as_compose_reads_them(path: Path
     rendered file, read by Compose again, is the checked one plus our additions only."""
     assert comments(path, "why")
     config = PreviewConfig()
-    checked = check_compose(path.read_text(), config, path.name)
-    rendered = render_compose(checked, config)
+    checked = check_compose(config, path.read_text(), path.name)
+    rendered = render_compose(config, checked)
 
     for line in comments(path, "value"):
         where, _, value = line.partition(" = ")
         assert at(json.loads(rendered), where) == json.loads(value), where
-    again = read_compose(rendered, config, "rendered")
+    again = read_compose(config, rendered, "rendered")
     assert again.document == expected_after_render(checked, config)
     assert again.env_files == {
         **{name: checked.env_files[name] for name in again.document["services"]},
@@ -228,8 +228,8 @@ def test_every_benign_file_runs_with_its_values_as_compose_reads_them(path: Path
 @pytest.mark.parametrize("path", BENIGN, ids=[p.stem for p in BENIGN])
 def test_an_ephemeral_database_joins_a_benign_file_and_passes_the_same_check(path: Path) -> None:
     config = PreviewConfig(database="ephemeral")
-    checked = check_compose(path.read_text(), config, path.name)
-    again = read_compose(render_compose(checked, config), config, "rendered")
+    checked = check_compose(config, path.read_text(), path.name)
+    again = read_compose(config, render_compose(config, checked), "rendered")
     db = again.document["services"]["db"]
     assert (db["image"], again.env_files["db"]) == ("postgres:16-alpine", ("db.env",))
     assert again.document["volumes"]["pgdata"] == {"name": "app_pgdata"}
@@ -240,7 +240,7 @@ def test_an_ephemeral_database_joins_a_benign_file_and_passes_the_same_check(pat
 @pytest.mark.parametrize("kind", ["external", "ephemeral"])
 def test_the_generated_file_passes_the_same_check(kind: str) -> None:
     config = PreviewConfig(database=kind)  # type: ignore[arg-type]
-    generated = read_compose(compose_file(config), config, "generated")
+    generated = read_compose(config, compose_file(config), "generated")
     assert refusals(generated.document, "app") == []
     assert generated.env_files["api"] == ("secrets.env", "preview.env", "app.env")
 
@@ -252,7 +252,7 @@ def test_yaml_1_1_would_have_changed_these_values() -> None:
     assert (as_yaml_1_1["user"], as_yaml_1_1["environment"]["BACKUP_AT"]) == (2013, 750)
     assert as_yaml_1_1["environment"]["FEATURE"] is True
     config = PreviewConfig()
-    worker = json.loads(render_compose(check_compose(text, config, PATH), config))["services"][
+    worker = json.loads(render_compose(config, check_compose(config, text, PATH)))["services"][
         "worker"
     ]
     assert (worker["user"], worker["environment"]["BACKUP_AT"]) == ("33:33", "12:30")
@@ -266,7 +266,7 @@ def test_nothing_of_the_orchestrators_environment_reaches_the_file(
     monkeypatch.setenv("NET", "host")
     text = (CORPUS / "benign" / "dollar-signs.yml").read_text()
     rendered = json.loads(
-        render_compose(check_compose(text, PreviewConfig(), PATH), PreviewConfig())
+        render_compose(PreviewConfig(), check_compose(PreviewConfig(), text, PATH))
     )
     assert rendered["services"]["api"]["environment"]["MODE"] == "preview mode"
     assert "host" in refusal(service(network_mode="${NET:-host}"))
@@ -279,7 +279,7 @@ def test_compose_that_hangs_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_services_are_named_in_the_files_order_from_the_rendered_json() -> None:
     config = PreviewConfig(database="ephemeral")
-    rendered = render_compose(check_compose(THREE_SERVICES, config, PATH), config)
+    rendered = render_compose(config, check_compose(config, THREE_SERVICES, PATH))
     assert list(json.loads(rendered)["services"]) == ["api", "worker", "cache", "db"]
     assert service_names(config, rendered) == ("api", "worker", "cache", "db")
     assert service_names(config, None) == ("api", "db")
@@ -322,7 +322,7 @@ def test_compose_is_found_beside_python_and_missing_compose_says_how_to_install(
 def test_a_three_service_file_runs_the_prs_image_with_our_env_files() -> None:
     for kind in ("external", "ephemeral"):
         config = PreviewConfig(database=kind)  # type: ignore[arg-type]
-        rendered = json.loads(render_compose(check_compose(THREE_SERVICES, config, PATH), config))
+        rendered = json.loads(render_compose(config, check_compose(config, THREE_SERVICES, PATH)))
         api = rendered["services"]["api"]
         assert api["image"] == "${APP_IMAGE}"
         assert api["env_file"] == ["secrets.env", "preview.env", "app.env"]

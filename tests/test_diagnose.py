@@ -271,7 +271,7 @@ def test_diagnose_collects_runbook_evidence_over_ssm(
     scripted_ssm.on(r"psycopg2", Reply(stdout=DB_TIMEOUT_CONNECT))
 
     diagnosis = diagnose_instance(
-        aws.ssm, instance, config, secrets=parameter_secrets(aws.ssm, config)
+        aws.ssm, config, instance, secrets=parameter_secrets(aws.ssm, config)
     )
 
     assert diagnosis.key == "db-sg-missing-rule"
@@ -294,7 +294,7 @@ def test_instance_without_ssm_is_diagnosed_as_unreachable(
     scripted_ssm.agent_offline(instance)
 
     diagnosis = diagnose_instance(
-        aws.ssm, instance, config, error="wait-ready stage 'ssm-agent' ..."
+        aws.ssm, config, instance, error="wait-ready stage 'ssm-agent' ..."
     )
 
     assert diagnosis.key == "ssm-unreachable"

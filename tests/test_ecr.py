@@ -24,10 +24,10 @@ from local_stack.instance.runtime import InstanceRuntime
 from local_stack.instance.world import push_sample_app
 from local_stack.registry import FakeRegistry
 from tasks.app.secrets import read_secrets
+from tasks.app.user_data import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.cloud.aws import SINGLE_ATTEMPT, AwsClients, build_clients
 from tasks.cloud.ecr import EcrRepository, ecr_login
 from tasks.cloud.on_instance import BOOTSTRAP_DONE, STATE_DIR
-from tasks.cloud.user_data import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.steps.bake import render_bake_user_data
 from tasks.steps.check_image import (
@@ -319,8 +319,8 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
     updated = deploy_in_place(
         aws.ec2,
         aws.ssm,
-        launched.instance_id,
         config,
+        launched.instance_id,
         repo=REPO,
         sha=SHA2,
         digest=pushed,

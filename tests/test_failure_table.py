@@ -345,9 +345,9 @@ def test_an_unencoded_password_in_database_url(world: World) -> None:
     )
     assert edit.ok, edit
     with pytest.raises(MigrationFailed) as failed:
-        run_migrations(world.aws.ssm, instance_id, world.config, timeout_seconds=60)
+        run_migrations(world.aws.ssm, world.config, instance_id, timeout_seconds=60)
     assert "invalid literal for int() with base 10" in str(failed.value)
-    diagnosis = diagnose_instance(world.aws.ssm, instance_id, world.config, error=failed.value)
+    diagnosis = diagnose_instance(world.aws.ssm, world.config, instance_id, error=failed.value)
     assert diagnosis.key == "database-url-encoding", diagnosis.markdown()
     assert "URL-encode the password" in diagnosis.fix
     assert PASSWORD not in diagnosis.markdown()  # the secret is masked in the evidence
@@ -395,7 +395,7 @@ def test_a_wrong_ghcr_token(world: World) -> None:
     )
     assert not pull.ok
     assert ": unauthorized" in pull.output
-    diagnosis = diagnose_instance(world.aws.ssm, instance_id, world.config, error=pull.output)
+    diagnosis = diagnose_instance(world.aws.ssm, world.config, instance_id, error=pull.output)
     assert diagnosis.key == "ghcr-unauthorized", diagnosis.markdown()
     assert "read:packages" in diagnosis.cause
 

@@ -73,11 +73,11 @@ from local_stack.account import create_demo_account
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.db_rules import db_rules, revoke_db_rules
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import format_time, parse_time
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig, load_config
 from tasks.github.pull_request import CommentState, PreviewState, marker, render_comment
 from tasks.steps.db_access import open_db_access

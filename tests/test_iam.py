@@ -48,12 +48,12 @@ from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
 from local_stack.registry import OCI_INDEX, FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
+from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data, render_user_data
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.db_rules import db_rule_description
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
-from tasks.cloud.user_data import LaunchSpec, preview_tags, render_spare_user_data, render_user_data
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image

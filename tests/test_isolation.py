@@ -217,7 +217,7 @@ def test_every_accepted_compose_file_runs_on_real_containers_that_cannot_reach_t
     ]
     expected: dict[str, list[str]] = {}
     for index, path in enumerate(files):
-        rendered = render_compose(check_compose(path.read_text(), checked, path.name), checked)
+        rendered = render_compose(checked, check_compose(checked, path.read_text(), path.name))
         project = f"probe{index}"
         document = probe_document(rendered, project)
         directory = f"/srv/{project}"

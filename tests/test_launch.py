@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tasks.app.user_data import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.tags import parse_time
-from tasks.cloud.user_data import LaunchSpec, render_spare_user_data, render_user_data
 from tasks.config import PreviewConfig
 from tasks.steps.launch import client_token, launch_instance
 from tests.support import CANARIES

@@ -1,6 +1,7 @@
-"""Steps apart from foundations: a step imports no other step, a foundation imports no step, and
-flows import only steps, foundations, each other and Prefect. Read from the source — every import,
-however nested — so a function-level import cannot hide an arrow."""
+"""Steps apart from foundations: a step imports no other step, a foundation imports no step nor a
+foundation of a later layer, and flows import only steps, foundations, each other and Prefect.
+Read from the source — every import, however nested — so a function-level import cannot hide an
+arrow."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ STEPS = "tasks.steps"
 # What a flow may use at run time besides the standard library; under TYPE_CHECKING it may name
 # any type (an EC2 client's, say) since that import never runs.
 FLOW_MAY_IMPORT = ("tasks", "flows", "prefect")
+# The foundations' layers, lowest first: a package imports only itself and those before it, even
+# under TYPE_CHECKING (tasks/__init__.py's map).
+LAYERS = ("tasks.run", "tasks.cloud", "tasks.app", "tasks.github")
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -54,12 +58,22 @@ def is_step(module: str) -> bool:
     return module.startswith(f"{STEPS}.")
 
 
+def layer(module: str) -> int | None:
+    return next(
+        (i for i, name in enumerate(LAYERS) if module == name or module.startswith(f"{name}.")),
+        None,
+    )
+
+
 def violations(root: Path) -> list[str]:
     """Every arrow of ``root``'s tasks/ and flows/ that the layout forbids, as a sentence."""
     wrong = []
     for path in sorted((root / "tasks").rglob("*.py")):
         name = module_name(root, path)
         for target, _ in imports(root, path):
+            below, above = layer(name), layer(target)
+            if below is not None and above is not None and above > below:
+                wrong.append(f"foundation {name} imports {target} of a later layer")
             if not is_step(target) or target == name:
                 continue
             if is_step(name):
@@ -100,7 +114,7 @@ def tiny(tmp_path: Path) -> Path:
         "tasks/steps/probe.py": "from . import launch\n",
         "tasks/cloud/__init__.py": "",
         "tasks/cloud/tags.py": "TAG = 'x'\n",
-        "tasks/cloud/user_data.py": "from tasks.steps import launch\n",
+        "tasks/app/user_data.py": "from tasks.steps import launch\n",
         "flows/__init__.py": "",
         "flows/preview.py": (
             "from typing import TYPE_CHECKING\nimport time\nfrom prefect import flow\n"
@@ -118,7 +132,7 @@ def tiny(tmp_path: Path) -> Path:
 
 def test_a_tiny_tree_with_every_wrong_arrow_is_caught(tiny: Path) -> None:
     assert violations(tiny) == [
-        "foundation tasks.cloud.user_data imports step tasks.steps.launch",
+        "foundation tasks.app.user_data imports step tasks.steps.launch",
         "step tasks.steps.probe imports step tasks.steps.launch: share it through a foundation",
         "step tasks.steps.spares imports step tasks.steps.launch: share it through a foundation",
         "flow flows.preview imports boto3: flows compose steps, they call nothing",

@@ -35,7 +35,7 @@ def test_migrate_fails_twice_then_passes(
 ):
     scripted_ssm.on(MIGRATE, DB_NOT_READY, DB_NOT_READY, MIGRATED)
 
-    result = run_migrations(aws.ssm, instance, config)
+    result = run_migrations(aws.ssm, config, instance)
 
     assert result.attempts == 3
     assert "Running upgrade" in result.output
@@ -49,7 +49,7 @@ def test_migrate_gives_up_at_its_timeout(
     scripted_ssm.on(MIGRATE, DB_NOT_READY)
 
     with pytest.raises(MigrationFailed) as raised:
-        run_migrations(aws.ssm, instance, config, timeout_seconds=0.2)
+        run_migrations(aws.ssm, config, instance, timeout_seconds=0.2)
 
     assert raised.value.attempts >= 2
     assert "Connection refused" in raised.value.output
@@ -68,7 +68,7 @@ def test_migrate_stops_at_once_when_waiting_cannot_help(
     )
 
     with pytest.raises(MigrationFailed) as raised:
-        run_migrations(aws.ssm, instance, config)
+        run_migrations(aws.ssm, config, instance)
 
     assert raised.value.attempts == 1
 
@@ -79,7 +79,7 @@ def test_probe_falls_back_from_healthz_to_docs(
     scripted_ssm.on(PROBE + "healthz", probe_answer(404, 0.002))
     scripted_ssm.on(PROBE + "docs", probe_answer(200, 0.031))
 
-    result = probe_app(aws.ssm, instance, config)
+    result = probe_app(aws.ssm, config, instance)
 
     assert (result.path, result.status_code, result.latency_seconds) == ("/docs", 200, 0.031)
     assert [(answer.path, answer.status_code) for answer in result.answers] == [
@@ -92,7 +92,7 @@ def test_probe_falls_back_from_healthz_to_docs(
 def test_probe_uses_healthz_when_it_answers(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
 ):
-    result = probe_app(aws.ssm, instance, config)
+    result = probe_app(aws.ssm, config, instance)
 
     assert (result.path, result.status_code) == ("/healthz", 200)
     assert scripted_ssm.count(PROBE + "docs", instance) == 0
@@ -106,7 +106,7 @@ def test_probe_retries_until_the_app_answers(
     scripted_ssm.on(PROBE + "healthz", probe_answer(0), probe_answer(0), probe_answer(200))
     scripted_ssm.on(PROBE + "docs", probe_answer(0))
 
-    result = probe_app(aws.ssm, instance, config)
+    result = probe_app(aws.ssm, config, instance)
 
     assert result.attempts == 3
     assert result.answers[0].error.startswith("curl: (7)")
@@ -120,7 +120,7 @@ def test_probe_fails_at_its_deadline_with_every_answer(
     scripted_ssm.on(PROBE + "docs", probe_answer(502))
 
     with pytest.raises(ProbeFailed) as raised:
-        probe_app(aws.ssm, instance, config, timeout_seconds=0.1)
+        probe_app(aws.ssm, config, instance, timeout_seconds=0.1)
 
     assert {answer.status_code for answer in raised.value.answers} == {404, 502}
     assert "/docs → 502" in str(raised.value)

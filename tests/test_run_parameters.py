@@ -28,8 +28,8 @@ from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import TUNING_FIELDS, VARIABLE_NAME, PreviewConfig
 from tasks.steps.launch import launch_instance
 from tests.fakes.github import FakeGitHub

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.cloud.user_data
+import tasks.app.user_data
 from tasks.app.app_env import AppFiles, app_env_commands, preview_env
+from tasks.app.user_data import LaunchSpec, compose_file, render_spare_user_data, render_user_data
 from tasks.cloud.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check, probe_command
-from tasks.cloud.user_data import LaunchSpec, compose_file, render_spare_user_data, render_user_data
 from tasks.config import PreviewConfig
 from tasks.steps.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.steps.diagnose import evidence_sections
@@ -130,7 +130,7 @@ def compose_call(app: Path) -> str:
 
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
-    monkeypatch.setattr(tasks.cloud.user_data, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(tasks.app.user_data, "STATE_DIR", str(tmp_path / "state"))
     return Sandbox(tmp_path)
 
 

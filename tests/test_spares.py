@@ -21,10 +21,10 @@ from flows.preview import PreviewResult, pr_preview
 from flows.spares import pr_spares
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Reply, ScriptedInstances
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import TAG_PR, TAG_REPO, TAG_SHUTDOWN_AT, TAG_SPARE, parse_time
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
 from tasks.run.events import instance_event
 from tasks.steps.spares import CLAIMED, SPARE, claim_spare, find_spares, replenish_spares

@@ -48,7 +48,7 @@ def test_eight_pushes_in_two_seconds_leave_one_preview_at_the_newest_sha(
     assert set(names) <= {"Superseded", "Completed"}, e2e.outcomes(mine)
     assert names.count("Superseded") >= 3, names
 
-    # Runs folded into a newer one (tasks/run/coalesce.py) ended before the lock; the rest took it
+    # Runs folded into a newer one (flows/coalesce.py) ended before the lock; the rest took it
     # one at a time.
     locked = [run for run in mine if not folded(run)]
     intervals = e2e.lock_intervals([run["id"] for run in locked])

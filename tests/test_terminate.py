@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import find_previews, terminate_in_batches, terminate_outdated
-from tasks.cloud.user_data import LaunchSpec
 from tasks.config import PreviewConfig
 from tasks.steps.launch import launch_instance
 from tasks.steps.teardown import teardown

@@ -74,7 +74,7 @@ def test_update_deploys_the_new_sha_and_moves_the_tags(
     before = all_instances(aws)
 
     result = deploy_in_place(
-        aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST, now=NOW
+        aws.ec2, aws.ssm, config, instance, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST, now=NOW
     )
 
     assert (result.previous_sha, result.sha, result.path) == (OLD_SHA, NEW_SHA, "in-place")
@@ -112,8 +112,8 @@ def test_failed_update_keeps_the_old_tags(
         deploy_in_place(
             aws.ec2,
             aws.ssm,
-            instance,
             config,
+            instance,
             repo="octo-org/app",
             sha=NEW_SHA,
             digest=DIGEST,
@@ -132,7 +132,7 @@ def test_update_refuses_an_instance_that_is_not_running(
 
     with pytest.raises(UpdateFailed, match="stopped"):
         deploy_in_place(
-            aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST
+            aws.ec2, aws.ssm, config, instance, repo="octo-org/app", sha=NEW_SHA, digest=DIGEST
         )
     assert scripted_ssm.commands(instance) == []
 
@@ -142,8 +142,8 @@ def test_update_rejects_what_is_not_a_sha(aws: AwsClients, config: PreviewConfig
         deploy_in_place(
             aws.ec2,
             aws.ssm,
-            "i-0",
             config,
+            "i-0",
             repo="octo-org/app",
             sha="main; rm -rf /",
             digest=DIGEST,
@@ -158,7 +158,7 @@ def test_update_pulls_only_a_manifest_digest(
 
     with pytest.raises(ValueError, match="not a manifest digest"):
         deploy_in_place(
-            aws.ec2, aws.ssm, instance, config, repo="octo-org/app", sha=NEW_SHA, digest=digest
+            aws.ec2, aws.ssm, config, instance, repo="octo-org/app", sha=NEW_SHA, digest=digest
         )
     assert scripted_ssm.commands(instance) == []
 
@@ -173,7 +173,7 @@ def test_health_says_healthy_only_when_bootstrapped_and_listening(
     aws.ec2.stop_instances(InstanceIds=[stopped])
 
     answers = {
-        instance: check_health(aws.ec2, aws.ssm, instance, config)
+        instance: check_health(aws.ec2, aws.ssm, config, instance)
         for instance in (healthy, closed, offline, stopped)
     }
 
@@ -186,7 +186,7 @@ def test_health_says_healthy_only_when_bootstrapped_and_listening(
 
 
 def test_health_of_a_missing_instance(aws: AwsClients, config: PreviewConfig):
-    answer = check_health(aws.ec2, aws.ssm, "i-0123456789abcdef0", config)
+    answer = check_health(aws.ec2, aws.ssm, config, "i-0123456789abcdef0")
 
     assert (answer.healthy, answer.reason) == (False, "instance not found")
 

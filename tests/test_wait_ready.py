@@ -58,7 +58,7 @@ def test_ready_after_the_bootstrap_marker_appears(
     )
     scripted_ssm.respond(PORT_CHECK, after_calls(2, before=PORT_CLOSED, then=PORT_OPEN))
 
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, config)
+    result = wait_until_ready(aws.ec2, aws.ssm, config, instance)
 
     assert [stage.stage for stage in result.stages] == list(STAGES)
     polls = {stage.stage: stage.polls for stage in result.stages}
@@ -79,7 +79,7 @@ def test_instance_that_stays_stopped_times_out_in_the_running_stage(
 
     with pytest.raises(ReadyTimeout) as raised:
         wait_until_ready(
-            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, instance_running=SHORT)
+            aws.ec2, aws.ssm, config, instance, timeouts=timeouts(config, instance_running=SHORT)
         )
 
     assert raised.value.stage == "instance-running"
@@ -92,7 +92,7 @@ def test_terminated_instance_fails_the_running_stage_at_once(
     aws.ec2.terminate_instances(InstanceIds=[instance])
 
     with pytest.raises(InstanceNotRunning) as raised:
-        wait_until_ready(aws.ec2, aws.ssm, instance, config)
+        wait_until_ready(aws.ec2, aws.ssm, config, instance)
     assert raised.value.stage == "instance-running"
 
 
@@ -103,7 +103,7 @@ def test_agent_that_never_registers_times_out_in_the_agent_stage(
 
     with pytest.raises(ReadyTimeout) as raised:
         wait_until_ready(
-            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, ssm_agent=SHORT)
+            aws.ec2, aws.ssm, config, instance, timeouts=timeouts(config, ssm_agent=SHORT)
         )
 
     assert raised.value.stage == "ssm-agent"
@@ -116,7 +116,7 @@ def test_agent_that_registers_late_is_waited_for(
     refusals = iter(range(3))
     scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
 
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, config)
+    result = wait_until_ready(aws.ec2, aws.ssm, config, instance)
 
     assert result.stages[1].stage == "ssm-agent" and result.stages[1].polls == 4
 
@@ -135,7 +135,7 @@ def test_an_agent_that_has_not_registered_is_asked_every_second_not_every_poll(
     scripted_ssm.agent_offline(instance, until=lambda: next(refusals, None) is None)
     slow = config.model_copy(update={"poll_seconds": 2.0})
 
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, slow)
+    result = wait_until_ready(aws.ec2, aws.ssm, slow, instance)
 
     agent = result.stages[1]
     assert (agent.stage, agent.polls) == ("ssm-agent", 6)
@@ -150,7 +150,7 @@ def test_an_instance_migrated_on_boot_is_probed_by_the_same_command(
     scripted_ssm.on(MIGRATED_CHECK, MIGRATED_ON_BOOT)
     scripted_ssm.respond(PROBE + "healthz", probe_responder(0))
 
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, config, ready_ttl_minutes=1440)
+    result = wait_until_ready(aws.ec2, aws.ssm, config, instance, ready_ttl_minutes=1440)
 
     assert result.migrated
     assert result.probe is not None
@@ -169,7 +169,7 @@ def test_the_probe_waits_for_the_migrations(
 ):
     """Not migrated on boot (the flow's migrate step runs first): the ready command does not
     probe, so no timer moves before the migrations ran."""
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, config, ready_ttl_minutes=1440)
+    result = wait_until_ready(aws.ec2, aws.ssm, config, instance, ready_ttl_minutes=1440)
 
     assert not result.migrated and result.probe is None
     assert scripted_ssm.count(PROBE, instance) == 0
@@ -212,7 +212,7 @@ def test_bootstrap_that_never_finishes_times_out_in_the_bootstrap_stage(
     # moto can take a tenth of a second; a few polls must fit whatever the load.
     with pytest.raises(ReadyTimeout) as raised:
         wait_until_ready(
-            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, bootstrap=1.0)
+            aws.ec2, aws.ssm, config, instance, timeouts=timeouts(config, bootstrap=1.0)
         )
 
     assert raised.value.stage == "bootstrap"
@@ -226,7 +226,7 @@ def test_bootstrap_failed_marker_fails_fast_with_its_step(
     scripted_ssm.on(BOOTSTRAP_CHECK, BOOTSTRAP_PENDING, bootstrap_failed("ghcr-login"))
 
     with pytest.raises(BootstrapFailed) as raised:
-        wait_until_ready(aws.ec2, aws.ssm, instance, config)
+        wait_until_ready(aws.ec2, aws.ssm, config, instance)
 
     assert raised.value.stage == "bootstrap"
     assert raised.value.step == "ghcr-login"
@@ -241,7 +241,7 @@ def test_closed_app_port_times_out_in_the_port_stage(
 
     with pytest.raises(ReadyTimeout) as raised:
         wait_until_ready(
-            aws.ec2, aws.ssm, instance, config, timeouts=timeouts(config, app_port=SHORT)
+            aws.ec2, aws.ssm, config, instance, timeouts=timeouts(config, app_port=SHORT)
         )
 
     assert raised.value.stage == "app-port"
@@ -261,7 +261,7 @@ def test_an_app_container_that_stays_down_ends_the_wait_without_the_timeout(
     quick = config.model_copy(update={"app_down_seconds": SHORT, "ready_timeout_seconds": 30})
 
     with pytest.raises(AppDown) as raised:
-        wait_until_ready(aws.ec2, aws.ssm, instance, quick)
+        wait_until_ready(aws.ec2, aws.ssm, quick, instance)
 
     assert raised.value.stage == "app-port"
     assert f"has been {state.split()[0]} (exit code 1)" in str(raised.value)
@@ -280,7 +280,7 @@ def test_a_crash_looping_app_behind_docker_s_port_proxy_ends_the_wait(
     quick = config.model_copy(update={"app_down_seconds": SHORT, "ready_timeout_seconds": 30})
 
     with pytest.raises(AppDown) as raised:
-        wait_until_ready(aws.ec2, aws.ssm, instance, quick, ready_ttl_minutes=60)
+        wait_until_ready(aws.ec2, aws.ssm, quick, instance, ready_ttl_minutes=60)
 
     assert "has been restarting (exit code 1, restarted 3 times)" in str(raised.value)
 
@@ -297,7 +297,7 @@ def test_a_container_that_comes_back_up_is_waited_for(
     )
     patient = config.model_copy(update={"app_down_seconds": 30.0})
 
-    result = wait_until_ready(aws.ec2, aws.ssm, instance, patient)
+    result = wait_until_ready(aws.ec2, aws.ssm, patient, instance)
 
     assert result.stages[-1].stage == "app-port"
     assert result.stages[-1].polls == 4
@@ -310,7 +310,7 @@ def test_the_overall_ready_timeout_bounds_every_stage(
     impatient = config.model_copy(update={"ready_timeout_seconds": SHORT})
 
     with pytest.raises(ReadyTimeout) as raised:
-        wait_until_ready(aws.ec2, aws.ssm, instance, impatient)
+        wait_until_ready(aws.ec2, aws.ssm, impatient, instance)
 
     assert raised.value.stage == "bootstrap"
     assert raised.value.timeout_seconds <= SHORT
@@ -333,6 +333,6 @@ def test_the_runs_budget_ends_the_wait_without_a_task_timeout(
     started = time.monotonic()
 
     with run_budget(1.0), pytest.raises(RunTimedOut, match="1 s budget at step wait-ready"):
-        wait_until_ready(aws.ec2, aws.ssm, instance, patient)
+        wait_until_ready(aws.ec2, aws.ssm, patient, instance)
 
     assert time.monotonic() - started < 10

@@ -41,13 +41,13 @@ def _confirm(question: str) -> bool:
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
-def _terminate(ec2: EC2Client, config: PreviewConfig, ids: list[str]) -> TerminateResult:
+def _terminate(ec2: EC2Client, settings: PreviewConfig, ids: list[str]) -> TerminateResult:
     """The sweeper's terminate step; batches still throttled after its retries are failures."""
     from tasks.cloud.instances import TerminateFailed
     from tasks.steps.sweep import terminate_expired
 
     try:
-        return terminate_expired(ec2, config, ids)
+        return terminate_expired(ec2, settings, ids)
     except TerminateFailed as exc:
         if exc.result is None:
             raise
@@ -64,10 +64,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         revoke_leftover_db_rules,
     )
 
-    config = _config(args)
-    clients = _clients(config)
+    settings = _config(args)
+    clients = _clients(settings)
     now = datetime.now(UTC)
-    previews = find_previews(clients.ec2, config.purpose_tag, repo=args.repo, pr_number=args.pr)
+    previews = find_previews(clients.ec2, settings.purpose_tag, repo=args.repo, pr_number=args.pr)
     if args.pr is not None and args.repo is None and len({p.repo for p in previews}) > 1:
         repos = ", ".join(
             sorted(p.repo or "no Repo tag" for p in {p.repo: p for p in previews}.values())
@@ -76,7 +76,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             f"PR #{args.pr} matches previews of several repos ({repos}): pass --repo owner/name"
         )
     if args.expired:
-        decisions = plan_sweep(previews, now, ttl_hours=config.ttl_hours)
+        decisions = plan_sweep(previews, now, ttl_hours=settings.ttl_hours)
     else:
         reason = f"requested: --pr {args.pr}" if args.pr is not None else "requested: --all"
         decisions = [
@@ -86,7 +86,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             for p in previews
         ]
     targets = ids_to_terminate(decisions)
-    scope = _scope(config, args.repo)
+    scope = _scope(settings, args.repo)
     if not decisions:
         print(f"No previews {scope}: nothing to terminate.")
         return 0
@@ -117,14 +117,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if not args.yes and not _confirm(question):
         print("Nothing was terminated.")
         return EXIT_WRONG
-    result = _terminate(clients.ec2, config, targets)
+    result = _terminate(clients.ec2, settings, targets)
     for iid in result.terminated:
         print(f"terminated {iid}")
     for iid in result.already_gone:
         print(f"already gone {iid}")
     # The sweeper's step 4: db-sg /32 rules (runbook §2.5) that no live preview, of any PR, uses.
-    live = find_sweep_candidates(clients.ec2, config)
-    for rule in revoke_leftover_db_rules(clients.ec2, config, live):
+    live = find_sweep_candidates(clients.ec2, settings)
+    for rule in revoke_leftover_db_rules(clients.ec2, settings, live):
         print(f"revoked db-sg rule {rule.cidr} ({rule.description})")
     if result.failed:
         first = next(iter(result.failed.values()))

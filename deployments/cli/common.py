@@ -109,9 +109,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _scope(config: PreviewConfig, repo: str | None) -> str:
-    tags = f"Purpose={config.purpose_tag}" + (f", Repo={repo}" if repo else "")
-    return f"in {config.region} ({tags})"
+def _scope(settings: PreviewConfig, repo: str | None) -> str:
+    tags = f"Purpose={settings.purpose_tag}" + (f", Repo={repo}" if repo else "")
+    return f"in {settings.region} ({tags})"
 
 
 # --- configuration, clients, --profile ------------------------------------------------------
@@ -141,32 +141,32 @@ def _config(args: argparse.Namespace) -> PreviewConfig:
     return load_config({"region": args.region} if args.region else None, env=os.environ)
 
 
-def build_clients(config: PreviewConfig) -> AwsClients:
-    """The boto3 clients of ``config``: what ``deployments.cli._clients`` is by default."""
+def build_clients(settings: PreviewConfig) -> AwsClients:
+    """The boto3 clients of ``settings``: what ``deployments.cli._clients`` is by default."""
     from tasks.cloud.aws import build_clients as build
 
-    return build(config)
+    return build(settings)
 
 
-def _clients(config: PreviewConfig) -> AwsClients:
+def _clients(settings: PreviewConfig) -> AwsClients:
     """A command's AWS clients, built by ``deployments.cli._clients`` as it is when called:
     that one name is where the clients can be replaced for every command (the tests share one
     moto's clients through it)."""
     from deployments import cli
 
-    return cli._clients(config)
+    return cli._clients(settings)
 
 
 # --- a PR's preview and its evidence --------------------------------------------------------
 
 
 def find_one_running(
-    ec2: EC2Client, config: PreviewConfig, pr_number: int, repo: str | None
+    ec2: EC2Client, settings: PreviewConfig, pr_number: int, repo: str | None
 ) -> Preview:
     """The PR's running preview by its tags (runbook §6.3), or a one-line error saying why not."""
     from tasks.cloud.instances import find_previews
 
-    previews = find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
+    previews = find_previews(ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
     running = [preview for preview in previews if preview.state == "running"]
     label = _pr_label(pr_number, repo)
     if not running:
@@ -177,7 +177,7 @@ def find_one_running(
                 " then try again (`pr-preview list` shows the state)"
             )
         raise CliError(
-            f"no preview for {label} in {config.region} (tag Purpose={config.purpose_tag}):"
+            f"no preview for {label} in {settings.region} (tag Purpose={settings.purpose_tag}):"
             " is the PR open and deployed? `pr-preview list` shows what runs"
         )
     if len(running) > 1:
@@ -193,17 +193,17 @@ def find_one_running(
 
 
 def _collect(
-    clients: AwsClients, config: PreviewConfig, preview: Preview
+    clients: AwsClients, settings: PreviewConfig, preview: Preview
 ) -> tuple[dict[str, str], list[str]]:
     """The §9 evidence of ``preview`` (unmasked) and the secrets to mask it with."""
     from tasks.steps.diagnose import collect_evidence, parameter_secrets
 
-    secrets = parameter_secrets(clients.ssm, config)
+    secrets = parameter_secrets(clients.ssm, settings)
     _say(
         f"Collecting runbook §9 evidence from {preview.instance_id}"
         f" ({_pr_label(preview.pr_number, preview.repo)}, sha {_short(preview.sha)}) over SSM…"
     )
-    evidence = collect_evidence(clients.ssm, preview.instance_id, config)
+    evidence = collect_evidence(clients.ssm, settings, preview.instance_id)
     unreachable = [text for text in evidence.values() if text.startswith("(SSM could not run")]
     if evidence and len(unreachable) == len(evidence):
         raise CliError(

@@ -37,7 +37,7 @@ def _last_line(text: str, default: str = "no output") -> str:
 
 
 def instance_checks(
-    evidence: Mapping[str, str], config: PreviewConfig, secrets: Sequence[str] = ()
+    settings: PreviewConfig, evidence: Mapping[str, str], secrets: Sequence[str] = ()
 ) -> list[Check]:
     """Runbook §0 read from the §9 evidence: bootstrap, app up, DB TCP, DB connect."""
     from tasks.app.masking import mask_secrets
@@ -56,11 +56,11 @@ def instance_checks(
         failed = [line for line in marker.splitlines() if "failed at step" in line]
         checks.append(Check("bootstrap", "fail", failed[0] if failed else _first_line(marker)))
     port = text("app-port")
-    if f"APP PORT OPEN {config.app_port}" in port:
-        checks.append(Check("app up", "pass", f"127.0.0.1:{config.app_port} accepts connections"))
+    if f"APP PORT OPEN {settings.app_port}" in port:
+        checks.append(Check("app up", "pass", f"127.0.0.1:{settings.app_port} accepts connections"))
     else:
         checks.append(Check("app up", "fail", _first_line(port)))
-    if config.database == "external":
+    if settings.database == "external":
         tcp = text("db-tcp")
         checks.append(Check("DB TCP", "pass" if "DB TCP OK" in tcp else "fail", _first_line(tcp)))
     connect = text("db-connect")
@@ -91,16 +91,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from tasks.steps.diagnose import diagnose_evidence
     from tasks.steps.preflight import run_preflight
 
-    config = _config(args)
-    clients = _clients(config)
-    report = run_preflight(clients, config)
-    print(f"Preflight (runbook §2.3) in {config.region}:")
+    settings = _config(args)
+    clients = _clients(settings)
+    report = run_preflight(clients, settings)
+    print(f"Preflight (runbook §2.3) in {settings.region}:")
     _print_checks(report.checks)
     healthy = report.passed
     if args.pr is not None:
-        preview = find_one_running(clients.ec2, config, args.pr, args.repo)
-        evidence, secrets = _collect(clients, config, preview)
-        checks = instance_checks(evidence, config, secrets)
+        preview = find_one_running(clients.ec2, settings, args.pr, args.repo)
+        evidence, secrets = _collect(clients, settings, preview)
+        checks = instance_checks(settings, evidence, secrets)
         print(
             f"\nOn {preview.instance_id} ({_pr_label(preview.pr_number, preview.repo)},"
             f" sha {_short(preview.sha)}), runbook §0:"

@@ -11,11 +11,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from tasks.app.masking import mask_secrets
     from tasks.steps.diagnose import evidence_sections
 
-    config = _config(args)
-    clients = _clients(config)
-    preview = find_one_running(clients.ec2, config, args.pr, args.repo)
-    evidence, secrets = _collect(clients, config, preview)
-    titles = {section.name: section.title for section in evidence_sections(config)}
+    settings = _config(args)
+    clients = _clients(settings)
+    preview = find_one_running(clients.ec2, settings, args.pr, args.repo)
+    evidence, secrets = _collect(clients, settings, preview)
+    titles = {section.name: section.title for section in evidence_sections(settings)}
     for name, text in evidence.items():
         lines = mask_secrets(text, secrets).rstrip().splitlines()
         print(f"==> {name}: {titles.get(name, name)} <==")

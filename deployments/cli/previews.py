@@ -41,24 +41,24 @@ def _cost_cells(cost: PreviewCost | None) -> list[str]:
     return [format_usd(cost.so_far), at_expiry]
 
 
-def _cost_lines(config: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
+def _cost_lines(settings: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
     """The total of the billed previews' costs and the price it rests on."""
     from tasks.app.cost import PRICE_SOURCE, format_price, format_usd, hourly_price, missing_price
 
-    price = hourly_price(config)
+    price = hourly_price(settings)
     if price is None:
-        return [f"Cost unknown: {missing_price(config.instance_type, config.region)}."]
+        return [f"Cost unknown: {missing_price(settings.instance_type, settings.region)}."]
     so_far = sum(cost.so_far or 0.0 for cost in costs)
     at_expiry = sum(cost.at_expiry or 0.0 for cost in costs)
     total = f"Total cost so far {format_usd(so_far)} · at expiry {format_usd(at_expiry)}"
     undated = sum(cost.at_expiry is None for cost in costs)
     if undated:
         total += f" (without the {undated} with no shutdown-at)"
-    if config.price_per_hour is not None:
+    if settings.price_per_hour is not None:
         basis = f"Priced at {format_price(price)} (price_per_hour)."
     else:
         basis = (
-            f"Priced as {config.instance_type} in {config.region} at {format_price(price)}:"
+            f"Priced as {settings.instance_type} in {settings.region} at {format_price(price)}:"
             f" {PRICE_SOURCE}; price_per_hour overrides it."
         )
     return [f"{total}.", basis]
@@ -69,12 +69,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from tasks.cloud.instances import find_previews
     from tasks.cloud.tags import LIVE_STATES
 
-    config = _config(args)
+    settings = _config(args)
     states = ALL_STATES if args.all_states else LIVE_STATES
     previews = find_previews(
-        _clients(config).ec2, config.purpose_tag, repo=args.repo, states=states
+        _clients(settings).ec2, settings.purpose_tag, repo=args.repo, states=states
     )
-    where = _scope(config, args.repo)
+    where = _scope(settings, args.repo)
     if not previews:
         print(f"No previews {where}.")
         return 0
@@ -83,7 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         key=lambda p: (p.pr_number is None, p.pr_number or 0, p.repo or "", p.launch_time)
     )
     costs = {
-        p.instance_id: preview_cost(config, p.launch_time, p.shutdown_at, now)
+        p.instance_id: preview_cost(settings, p.launch_time, p.shutdown_at, now)
         for p in previews
         if p.state in BILLED_STATES
     }
@@ -103,6 +103,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"]
     print(_table([*header, "COST SO FAR", "AT EXPIRY"], rows))
     print(f"\n{len(previews)} preview{'s' if len(previews) != 1 else ''} {where}.")
-    for line in _cost_lines(config, list(costs.values())):
+    for line in _cost_lines(settings, list(costs.values())):
         print(line)
     return 0

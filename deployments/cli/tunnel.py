@@ -85,14 +85,14 @@ def check_session_tools(which: Which = shutil.which, run: Run = subprocess.run) 
 
 
 def cmd_tunnel(args: argparse.Namespace) -> int:
-    config = _config(args)
-    local_port = args.local_port or config.app_port
+    settings = _config(args)
+    local_port = args.local_port or settings.app_port
     aws = None if args.print else check_session_tools()
-    preview = find_one_running(_clients(config).ec2, config, args.pr, args.repo)
+    preview = find_one_running(_clients(settings).ec2, settings, args.pr, args.repo)
     argv = tunnel_argv(
         preview.instance_id,
-        config.region,
-        app_port=config.app_port,
+        settings.region,
+        app_port=settings.app_port,
         local_port=local_port,
         profile=args.profile,
     )
@@ -101,7 +101,7 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         return 0
     _say(
         f"{_pr_label(preview.pr_number, preview.repo)} (sha {_short(preview.sha)}):"
-        f" forwarding 127.0.0.1:{local_port} to {preview.instance_id}:{config.app_port}."
+        f" forwarding 127.0.0.1:{local_port} to {preview.instance_id}:{settings.app_port}."
         f" Open http://127.0.0.1:{local_port}/docs — Ctrl+C ends the session."
     )
     sys.stdout.flush()

@@ -50,7 +50,7 @@ def branch_or_empty(branch: str | None) -> str:
 
 
 def preview_env(
-    config: PreviewConfig, repo: str, pr_number: int, sha: str, branch: str | None
+    settings: PreviewConfig, repo: str, pr_number: int, sha: str, branch: str | None
 ) -> dict[str, str]:
     """The non-secret variables of this preview: ours win over the configured ones."""
     fields = {
@@ -59,7 +59,7 @@ def preview_env(
         "repo": repo,
         "branch": branch_or_empty(branch),
     }
-    values = {name: template.format(**fields) for name, template in config.env.items()}
+    values = {name: template.format(**fields) for name, template in settings.env.items()}
     return {
         **values,
         "PR_NUMBER": fields["pr_number"],
@@ -75,15 +75,15 @@ def write_preview_env(app_dir: str, values: Mapping[str, str]) -> str:
     return write_file(f"{app_dir}/{PREVIEW_ENV_FILE}", f"printf '%s\\n' {lines}", literal=True)
 
 
-def read_secrets_script(config: PreviewConfig) -> str:
+def read_secrets_script(settings: PreviewConfig) -> str:
     """Shell writing ``secrets.env`` in the app dir (empty without a path) through a new file;
     needs the ``param`` and ``fail`` functions of the script around it."""
-    target = f"{config.app_dir}/{SECRETS_ENV_FILE}"
-    if config.env_parameter_path is None:
+    target = f"{settings.app_dir}/{SECRETS_ENV_FILE}"
+    if settings.env_parameter_path is None:
         return write_file(target, ":")
     return READ_SECRETS.format(
-        region=shlex.quote(config.region),
-        path=shlex.quote(config.env_parameter_path),
+        region=shlex.quote(settings.region),
+        path=shlex.quote(settings.env_parameter_path),
         file=shlex.quote(target),
     )
 
@@ -97,15 +97,15 @@ class AppFiles:
     compose: str | None = None
 
 
-def app_env_commands(config: PreviewConfig, app: AppFiles) -> list[str]:
+def app_env_commands(settings: PreviewConfig, app: AppFiles) -> list[str]:
     """An in-place deploy's share, in the app dir: the compose file, the settings, then the
     secrets re-read."""
-    region = shlex.quote(config.region)
+    region = shlex.quote(settings.region)
     compose = []
     if app.compose is not None:  # ${APP_IMAGE} in it is compose's to expand, from .env
         compose = [
             write_file(
-                f"{config.app_dir}/{COMPOSE_FILE}",
+                f"{settings.app_dir}/{COMPOSE_FILE}",
                 f"printf '%s\\n' {shlex.quote(app.compose)}",
                 literal=True,
             ),
@@ -116,6 +116,6 @@ def app_env_commands(config: PreviewConfig, app: AppFiles) -> list[str]:
         f"param() {{ aws ssm get-parameter --region {region} --with-decryption"
         ' --name "$1" --query Parameter.Value --output text; }',
         "umask 077",
-        write_preview_env(config.app_dir, app.env),
-        read_secrets_script(config),
+        write_preview_env(settings.app_dir, app.env),
+        read_secrets_script(settings),
     ]

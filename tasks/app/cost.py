@@ -36,12 +36,12 @@ SNAPSHOT_SOURCE = "AWS EBS pricing, snapshots, standard tier (aws.amazon.com/ebs
 HOURS_PER_MONTH = 730  # AWS's own monthly convention
 
 
-def hourly_price(config: PreviewConfig) -> float | None:
+def hourly_price(settings: PreviewConfig) -> float | None:
     """USD per hour of one preview instance, or None when neither the config nor the table
     knows ``instance_type`` in ``region``."""
-    if config.price_per_hour is not None:
-        return config.price_per_hour
-    return HOURLY_PRICES.get((config.region, config.instance_type))
+    if settings.price_per_hour is not None:
+        return settings.price_per_hour
+    return HOURLY_PRICES.get((settings.region, settings.instance_type))
 
 
 def cost_between(price: float, start: datetime, end: datetime) -> float:
@@ -84,14 +84,14 @@ class PreviewCost:
 
 
 def preview_cost(
-    config: PreviewConfig, launched_at: datetime, expires_at: datetime | None, now: datetime
+    settings: PreviewConfig, launched_at: datetime, expires_at: datetime | None, now: datetime
 ) -> PreviewCost:
     """The cost of a preview launched at ``launched_at`` (EC2's LaunchTime), as of ``now``.
 
     A preview still running past its ``shutdown-at`` costs until it is gone: its cost at expiry
     is never less than its cost so far.
     """
-    price = hourly_price(config)
+    price = hourly_price(settings)
     launched_at, now = _utc(launched_at), _utc(now)
     so_far = at_expiry = None
     if price is not None:
@@ -99,10 +99,10 @@ def preview_cost(
         if expires_at is not None:
             at_expiry = cost_between(price, launched_at, max(_utc(expires_at), now))
     return PreviewCost(
-        instance_type=config.instance_type,
-        region=config.region,
+        instance_type=settings.instance_type,
+        region=settings.region,
         price=price,
-        overridden=config.price_per_hour is not None,
+        overridden=settings.price_per_hour is not None,
         so_far=so_far,
         at_expiry=at_expiry,
     )

@@ -31,14 +31,14 @@ class RunSecrets:
         return [value for value in (self.ghcr_token, self.database_url) if value]
 
 
-def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
+def read_secrets(ssm: SSMClient, settings: PreviewConfig) -> RunSecrets:
     """Best effort: a parameter that cannot be read is None (preflight reports why). An ECR
     image needs no GHCR token: the instance logs in with its role, so it is not read."""
 
     retrying = Retrying(
         retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(config.task_retries + 1),
-        wait=wait_fixed(config.retry_delay_seconds),
+        stop=stop_after_attempt(settings.task_retries + 1),
+        wait=wait_fixed(settings.retry_delay_seconds),
         reraise=True,
     )
 
@@ -50,6 +50,6 @@ def read_secrets(ssm: SSMClient, config: PreviewConfig) -> RunSecrets:
         except (ClientError, BotoCoreError, KeyError):
             return None
 
-    in_ecr = ecr_repository(config) is not None
-    ghcr_token = None if in_ecr else read(config.ghcr_token_parameter)
-    return RunSecrets(ghcr_token, read(config.database_url_parameter))
+    in_ecr = ecr_repository(settings) is not None
+    ghcr_token = None if in_ecr else read(settings.ghcr_token_parameter)
+    return RunSecrets(ghcr_token, read(settings.database_url_parameter))

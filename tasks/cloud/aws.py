@@ -44,8 +44,8 @@ class AwsClients:
     ecr: ECRClient | None = None  # only when the configured image is in ECR, in its region
 
 
-def build_clients(config: PreviewConfig) -> AwsClients:
-    """Clients from the AwsCredentials block named in the config, else boto3's default chain.
+def build_clients(settings: PreviewConfig) -> AwsClients:
+    """Clients from the AwsCredentials block named in the settings, else boto3's default chain.
 
     ``AWS_ENDPOINT_URL`` (a moto server, say) is honoured on both paths: boto3 reads it itself,
     and a block's own ``endpoint_url`` is passed explicitly because
@@ -55,12 +55,12 @@ def build_clients(config: PreviewConfig) -> AwsClients:
     """
     session: boto3.session.Session
     params: dict[str, Any] = {}
-    if config.aws_credentials_block:
+    if settings.aws_credentials_block:
         from prefect_aws import AwsCredentials
 
         # _sync: a plain object even when called from inside a running event loop.
         credentials: Any = AwsCredentials.load(  # type: ignore[call-arg]
-            config.aws_credentials_block, _sync=True
+            settings.aws_credentials_block, _sync=True
         )
         session = credentials.get_boto3_session()
         params = credentials.aws_client_parameters.get_params_override()
@@ -70,16 +70,16 @@ def build_clients(config: PreviewConfig) -> AwsClients:
     botocore_config = SINGLE_ATTEMPT
     if isinstance(params.get("config"), Config):
         botocore_config = params.pop("config").merge(SINGLE_ATTEMPT)
-    region = session.region_name or config.region
-    if config.region:
-        region = config.region
+    region = session.region_name or settings.region
+    if settings.region:
+        region = settings.region
 
     def client(service: str, in_region: str = region) -> Any:
         return session.client(  # type: ignore[call-overload]
             service, region_name=in_region, config=botocore_config, **params
         )
 
-    ecr = ecr_repository(config)
+    ecr = ecr_repository(settings)
     return AwsClients(
         ec2=client("ec2"),
         ssm=client("ssm"),

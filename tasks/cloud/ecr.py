@@ -51,10 +51,10 @@ class EcrRepository:
         return f"{self.host}/{self.name}"
 
 
-def ecr_repository(config: PreviewConfig, repo: str = "") -> EcrRepository | None:
+def ecr_repository(settings: PreviewConfig, repo: str = "") -> EcrRepository | None:
     """The ECR repository ``repo``'s previews pull from, or None when their registry is not
     ECR (an ECR image is always the configured ``image``: the default is on GHCR)."""
-    return EcrRepository.parse(config.image_for(repo))
+    return EcrRepository.parse(settings.image_for(repo))
 
 
 def ecr_login(repository: EcrRepository) -> str:

@@ -288,7 +288,7 @@ def terminate_previews(
 
 def terminate_outdated(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     repo: str,
     pr_number: int,
     keep_sha: str | None,
@@ -298,14 +298,14 @@ def terminate_outdated(
     """The PR's live instances at any other sha than ``keep_sha`` (all of them when None)."""
     stale = [
         preview
-        for preview in find_previews(ec2, config.purpose_tag, repo=repo, pr_number=pr_number)
+        for preview in find_previews(ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
         if keep_sha is None or preview.sha != keep_sha
     ]
     return terminate_previews(
         ec2,
         stale,
         reason=f"replaced by {keep_sha[:7]}" if keep_sha else "pull request closed",
-        timeout_seconds=config.terminate_timeout_seconds,
-        poll_seconds=config.poll_seconds,
+        timeout_seconds=settings.terminate_timeout_seconds,
+        poll_seconds=settings.poll_seconds,
         wait=wait,
     )

@@ -34,11 +34,11 @@ class AmiNotFound(PreviewError):
     """No AMI matches the configuration; the message says which and where."""
 
 
-def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
+def resolve_ami(ec2: EC2Client, settings: PreviewConfig) -> ImageTypeDef:
     """The AMI a preview boots: the newest baked image when ``ami_strategy`` is ``baked`` and
     one exists, otherwise the stock AMI (``resolve_stock_ami``)."""
-    if config.ami_strategy == "baked":
-        baked = newest_baked_image(ec2, config)
+    if settings.ami_strategy == "baked":
+        baked = newest_baked_image(ec2, settings)
         if baked is not None:
             return baked
         run_logger(logger).warning(
@@ -46,20 +46,20 @@ def resolve_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
             " booting the stock AMI (Docker and Compose are installed at boot). Run the"
             " pr-preview-bake deployment to make one.",
             TAG_PURPOSE,
-            config.purpose_tag,
-            config.region,
+            settings.purpose_tag,
+            settings.region,
         )
-    return resolve_stock_ami(ec2, config)
+    return resolve_stock_ami(ec2, settings)
 
 
 def baked_images(
-    ec2: EC2Client, config: PreviewConfig, states: Sequence[str] = ("available",)
+    ec2: EC2Client, settings: PreviewConfig, states: Sequence[str] = ("available",)
 ) -> list[ImageTypeDef]:
     """This account's images with our Purpose tag in ``states``, oldest first (``by_age``)."""
     images = ec2.describe_images(
         Owners=["self"],
         Filters=[
-            {"Name": f"tag:{TAG_PURPOSE}", "Values": [config.purpose_tag]},
+            {"Name": f"tag:{TAG_PURPOSE}", "Values": [settings.purpose_tag]},
             {"Name": "state", "Values": list(states)},
         ],
     )["Images"]
@@ -74,42 +74,42 @@ def by_age(image: ImageTypeDef) -> tuple[str, datetime, str]:
     return image.get("CreationDate", ""), created, image["ImageId"]
 
 
-def newest_baked_image(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef | None:
+def newest_baked_image(ec2: EC2Client, settings: PreviewConfig) -> ImageTypeDef | None:
     """The newest available baked image, or None."""
-    found = baked_images(ec2, config)
+    found = baked_images(ec2, settings)
     return found[-1] if found else None
 
 
-def resolve_stock_ami(ec2: EC2Client, config: PreviewConfig) -> ImageTypeDef:
+def resolve_stock_ami(ec2: EC2Client, settings: PreviewConfig) -> ImageTypeDef:
     """The configured AMI, or the newest available image whose name matches ``ami_name``."""
-    if config.ami_id:
+    if settings.ami_id:
         try:
-            images = ec2.describe_images(ImageIds=[config.ami_id])["Images"]
+            images = ec2.describe_images(ImageIds=[settings.ami_id])["Images"]
         except ClientError as exc:
             if error_code(exc).startswith("InvalidAMIID"):
                 images = []
             else:
                 raise
         if not images:
-            raise AmiNotFound(f"AMI {config.ami_id} does not exist in {config.region}")
+            raise AmiNotFound(f"AMI {settings.ami_id} does not exist in {settings.region}")
         return images[0]
     images = ec2.describe_images(
-        Owners=config.ami_owners,
+        Owners=settings.ami_owners,
         Filters=[
-            {"Name": "name", "Values": [config.ami_name]},
+            {"Name": "name", "Values": [settings.ami_name]},
             {"Name": "state", "Values": ["available"]},
         ],
     )["Images"]
     if not images:
         raise AmiNotFound(
-            f"no available AMI named {config.ami_name!r} owned by {','.join(config.ami_owners)}"
-            f" in {config.region}"
+            f"no available AMI named {settings.ami_name!r} owned by {','.join(settings.ami_owners)}"
+            f" in {settings.region}"
         )
     return max(images, key=lambda image: (image.get("CreationDate", ""), image.get("Name", "")))
 
 
 def run_instances_params(
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     ami_id: str,
     subnet_id: str | None,
@@ -120,11 +120,11 @@ def run_instances_params(
     """The RunInstances request of a preview, shared by the DryRun and the real launch."""
     params: dict[str, Any] = {
         "ImageId": ami_id,
-        "InstanceType": config.instance_type,
+        "InstanceType": settings.instance_type,
         "MinCount": 1,
         "MaxCount": 1,
         "UserData": user_data,
-        "IamInstanceProfile": {"Name": config.instance_profile},
+        "IamInstanceProfile": {"Name": settings.instance_profile},
         # Hop limit 1: the PR's containers cannot reach the role's credentials through IMDS.
         "MetadataOptions": {
             "HttpTokens": "required",
@@ -135,8 +135,8 @@ def run_instances_params(
     }
     if subnet_id:
         params["SubnetId"] = subnet_id
-    if config.security_group_ids:
-        params["SecurityGroupIds"] = list(config.security_group_ids)
+    if settings.security_group_ids:
+        params["SecurityGroupIds"] = list(settings.security_group_ids)
     if tags:
         tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
         params["TagSpecifications"] = [

@@ -32,6 +32,8 @@ DOCUMENT = "AWS-RunShellScript"
 TERMINAL_STATUSES = frozenset({"Success", "Failed", "Cancelled", "TimedOut"})
 # On AWS the invocation appears a moment after SendCommand answers; until then this code.
 NOT_YET_CODE = "InvocationDoesNotExist"
+# SendCommand's answer while an instance's agent has not registered (or no longer answers).
+AGENT_NOT_REGISTERED_CODE = "InvalidInstanceId"
 # SendCommand's delivery timeout must lie in [30, 2592000] s; executionTimeout in [1, 172800] s.
 MIN_DELIVERY_TIMEOUT = 30
 MAX_EXECUTION_TIMEOUT = 172800
@@ -74,6 +76,11 @@ class CommandTimeout(PreviewError):
             f"SSM command {command_id} on {instance_id} still {last_status} after"
             f" {timeout_seconds:g}s"
         )
+
+
+def agent_not_registered(exc: ClientError) -> bool:
+    """Whether SendCommand refused ``exc`` because the instance's SSM agent has not registered."""
+    return error_code(exc) == AGENT_NOT_REGISTERED_CODE
 
 
 def poll_wait(poll_seconds: float, timeout_seconds: float) -> Callable[[RetryCallState], float]:

@@ -286,37 +286,37 @@ def key_from_parameter(
 
 
 def app_from_config(
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     ssm: SSMClient | None = None,
     clock: Callable[[], float] = time.time,
 ) -> GitHubApp | None:
     """The configured App, its key read from the Secret block or Parameter Store; None without
     ``github_app_id``. A key that cannot be read fails the run here, saying where to put it."""
-    if config.github_app_id is None:
+    if settings.github_app_id is None:
         return None
     pem: str | None = None
-    if config.github_app_private_key_secret_block:
-        where = f"Prefect Secret block {config.github_app_private_key_secret_block!r}"
-        pem = key_from_secret_block(config.github_app_private_key_secret_block)
-    elif config.github_app_private_key_parameter:
-        where = f"SecureString parameter {config.github_app_private_key_parameter}"
+    if settings.github_app_private_key_secret_block:
+        where = f"Prefect Secret block {settings.github_app_private_key_secret_block!r}"
+        pem = key_from_secret_block(settings.github_app_private_key_secret_block)
+    elif settings.github_app_private_key_parameter:
+        where = f"SecureString parameter {settings.github_app_private_key_parameter}"
         if ssm is None:
             from tasks.cloud.aws import build_clients
 
-            ssm = build_clients(config).ssm
+            ssm = build_clients(settings).ssm
         pem = key_from_parameter(
             ssm,
-            config.github_app_private_key_parameter,
-            attempts=config.task_retries + 1,
-            wait_seconds=config.retry_delay_seconds,
+            settings.github_app_private_key_parameter,
+            attempts=settings.task_retries + 1,
+            wait_seconds=settings.retry_delay_seconds,
         )
     else:  # the configuration's own check refuses this; kept for a config built by hand
         raise GitHubAppKeyError("github_app_id is set but no private key source is")
     if not pem:
         raise GitHubAppKeyError(
-            f"GitHub App id {config.github_app_id}: no private key in the {where}: store the"
+            f"GitHub App id {settings.github_app_id}: no private key in the {where}: store the"
             " App's .pem there (see the README's 'Create the GitHub App')"
         )
     check_private_key(pem, f"the GitHub App key in the {where}")
-    return GitHubApp(config.github_app_id, pem, config.github_app_installation_id, clock=clock)
+    return GitHubApp(settings.github_app_id, pem, settings.github_app_installation_id, clock=clock)

@@ -359,7 +359,7 @@ def token_from_secret_block(name: str) -> str | None:
 
 
 def github_from_config(
-    config: PreviewConfig,
+    settings: PreviewConfig,
     env: Mapping[str, str] = os.environ,
     transport: httpx.BaseTransport | None = None,
     *,
@@ -370,13 +370,13 @@ def github_from_config(
     ``github_app_id`` is set (no token is read then), else the token from the Secret block or
     ``GITHUB_TOKEN``. ``ssm`` reads an App key kept in Parameter Store."""
     base_url = env.get("GITHUB_API_URL") or DEFAULT_API_URL
-    app = app_from_config(config, ssm=ssm, clock=clock)
+    app = app_from_config(settings, ssm=ssm, clock=clock)
     if app is not None:
         logger.info("acting on GitHub as %s", app.label)
         return GitHub(None, base_url=base_url, transport=transport, clock=clock, app=app)
     token = None
     if api_reachable(env):
-        token = token_from_secret_block(config.github_token_secret_block)
+        token = token_from_secret_block(settings.github_token_secret_block)
     if not token:
         token = env.get("GITHUB_TOKEN") or None
     github = GitHub(token, base_url=base_url, transport=transport, clock=clock)

@@ -32,11 +32,12 @@ from botocore.exceptions import ClientError, WaiterError
 from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.app.masking import mask_secrets
+from tasks.app.user_data import EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.cloud.aws import gave_up, wait_timed
 from tasks.cloud.ecr import EcrRepository, ecr_login
 from tasks.cloud.on_instance import timer_command, timer_minutes
 from tasks.cloud.run_instances import baked_images, resolve_stock_ami, run_instances_params
-from tasks.cloud.ssm import CommandTimeout, poll_wait, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, poll_wait, run_command
 from tasks.cloud.tags import (
     TAG_CREATED_AT,
     TAG_NAME,
@@ -45,7 +46,6 @@ from tasks.cloud.tags import (
     TAG_SOURCE_AMI,
     format_time,
 )
-from tasks.cloud.user_data import EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.config import IMAGE_PATTERN, RUN_MARGIN_SECONDS, PreviewConfig
 from tasks.inputs import is_repo
 from tasks.run.errors import PreviewError
@@ -72,7 +72,6 @@ TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # The preview's install steps in user_data.sh, from the first marker up to the second.
 INSTALL_FROM, INSTALL_UNTIL = "\nstep=docker\n", "\nstep=secrets\n"
 BAKE_CHECK_TIMEOUT_SECONDS = 30.0
-NOT_REGISTERED_CODES = frozenset({"InvalidInstanceId"})
 GONE_IMAGE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
 GONE_SNAPSHOT_CODES = frozenset({"InvalidSnapshot.NotFound"})
 
@@ -119,7 +118,7 @@ class Pruned:
 # --- what the builder runs ------------------------------------------------------------------
 
 
-def bake_image_ref(config: PreviewConfig, repo: str | None, tag: str) -> str:
+def bake_image_ref(settings: PreviewConfig, repo: str | None, tag: str) -> str:
     """``image:tag`` of the image to pre-pull: the configured ``image``, else ``ghcr.io/<repo>``
     of a served repository. Checked whole before it reaches the user data."""
     if not TAG_PATTERN.fullmatch(tag):
@@ -127,20 +126,20 @@ def bake_image_ref(config: PreviewConfig, repo: str | None, tag: str) -> str:
     if repo is not None:
         if not is_repo(repo):
             raise ValueError(f"repo must be 'owner/name', got {repo!r}")
-        if not config.serves(repo):
-            raise ValueError(config.not_served(repo))
-    elif config.image is None:
+        if not settings.serves(repo):
+            raise ValueError(settings.not_served(repo))
+    elif settings.image is None:
         raise ValueError("set image in the configuration, or pass repo, to bake its layers")
-    image = config.image_for(repo or "")
+    image = settings.image_for(repo or "")
     if not IMAGE_PATTERN.fullmatch(image):
         raise ValueError(f"{image!r} is not an image repository name")
     return f"{image}:{tag}"
 
 
-def pull_compose_file(config: PreviewConfig, image_ref: str) -> str:
+def pull_compose_file(settings: PreviewConfig, image_ref: str) -> str:
     """A compose file naming what a preview will pull: its image, and its database's."""
     lines = ["services:", "  app:", f"    image: {image_ref}"]
-    if config.database == "ephemeral":
+    if settings.database == "ephemeral":
         lines += ["  db:", f"    image: {EPHEMERAL_DB_IMAGE}"]
     return "\n".join(lines)
 
@@ -173,7 +172,7 @@ def preview_install_steps() -> str:
     return template[start + 1 : end]
 
 
-def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: float) -> str:
+def render_bake_user_data(settings: PreviewConfig, image_ref: str, ttl_hours: float) -> str:
     """The builder's user data; it holds names, never secrets.
 
     Every value is shell-quoted where it is used (``image_ref`` and the config are validated as
@@ -184,17 +183,17 @@ def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: floa
     ecr = EcrRepository.parse(image_ref.rsplit(":", 1)[0])
     values = {
         "bake_dir": q(BAKE_DIR),
-        "app_dir": q(config.app_dir),
+        "app_dir": q(settings.app_dir),
         "pull_dir": q(PULL_DIR),
         "shutdown_timer": timer_command(timer_minutes(ttl_hours)),
         "compose_url": q(
-            f"{config.compose_release_url}/{config.compose_version}/docker-compose-linux-"
+            f"{settings.compose_release_url}/{settings.compose_version}/docker-compose-linux-"
         ),
-        "region": q(config.region),
-        "ghcr_token_parameter": q(config.ghcr_token_parameter),
+        "region": q(settings.region),
+        "ghcr_token_parameter": q(settings.ghcr_token_parameter),
         "registry": q(registry),
-        "registry_username": q(config.ghcr_username or owner),
-        "pull_compose_file": q(pull_compose_file(config, image_ref)),
+        "registry_username": q(settings.ghcr_username or owner),
+        "pull_compose_file": q(pull_compose_file(settings, image_ref)),
         "ecr_login": ecr_login(ecr) if ecr else "",
     }
     template = files("tasks").joinpath("templates/bake_user_data.sh").read_text()
@@ -206,15 +205,17 @@ def render_bake_user_data(config: PreviewConfig, image_ref: str, ttl_hours: floa
 # --- the builder ----------------------------------------------------------------------------
 
 
-def builder_ttl_hours(config: PreviewConfig, bake_seconds: float, image_seconds: float) -> float:
+def builder_ttl_hours(settings: PreviewConfig, bake_seconds: float, image_seconds: float) -> float:
     """The builder's shutdown-at: the short TTL, or the bake's own timeouts if they are longer,
     so neither the sweeper nor the on-instance timer takes it before its image is made."""
-    return max(config.failure_ttl_hours, (bake_seconds + image_seconds + RUN_MARGIN_SECONDS) / 3600)
+    return max(
+        settings.failure_ttl_hours, (bake_seconds + image_seconds + RUN_MARGIN_SECONDS) / 3600
+    )
 
 
-def builder_tags(config: PreviewConfig, now: datetime, ttl_hours: float) -> dict[str, str]:
+def builder_tags(settings: PreviewConfig, now: datetime, ttl_hours: float) -> dict[str, str]:
     return {
-        TAG_PURPOSE: config.purpose_tag,
+        TAG_PURPOSE: settings.purpose_tag,
         TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=ttl_hours)),
         TAG_NAME: BUILDER_NAME,
     }
@@ -222,7 +223,7 @@ def builder_tags(config: PreviewConfig, now: datetime, ttl_hours: float) -> dict
 
 def launch_builder_instance(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     source_ami: str,
     image_ref: str,
@@ -235,11 +236,11 @@ def launch_builder_instance(
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     digest = hashlib.sha256(f"bake/{attempt_key}".encode()).hexdigest()[:48]
     params = run_instances_params(
-        config,
+        settings,
         ami_id=source_ami,
-        subnet_id=config.subnet_id,
-        tags=builder_tags(config, now, ttl_hours),
-        user_data=render_bake_user_data(config, image_ref, ttl_hours),
+        subnet_id=settings.subnet_id,
+        tags=builder_tags(settings, now, ttl_hours),
+        user_data=render_bake_user_data(settings, image_ref, ttl_hours),
         client_token=f"pr-preview-bake-{digest}",
     )
     params["InstanceInitiatedShutdownBehavior"] = "stop"
@@ -253,7 +254,7 @@ def instance_state(ec2: EC2Client, instance_id: str) -> str:
     return str(instances[0]["State"]["Name"]) if instances else "terminated"
 
 
-def read_bake_failure(ssm: SSMClient, instance_id: str, config: PreviewConfig) -> str | None:
+def read_bake_failure(ssm: SSMClient, settings: PreviewConfig, instance_id: str) -> str | None:
     """What the builder's failure marker says, or None while it has none (or does not answer:
     its agent has not registered yet, or the seal has stopped it)."""
     try:
@@ -262,11 +263,11 @@ def read_bake_failure(ssm: SSMClient, instance_id: str, config: PreviewConfig) -
             instance_id,
             BAKE_CHECK,
             timeout_seconds=BAKE_CHECK_TIMEOUT_SECONDS,
-            poll_seconds=min(config.poll_seconds, 0.5),
+            poll_seconds=min(settings.poll_seconds, 0.5),
             comment="pr-preview bake: check",
         )
     except ClientError as exc:
-        if error_code(exc) in NOT_REGISTERED_CODES:
+        if agent_not_registered(exc):
             return None
         raise
     except CommandTimeout:
@@ -280,8 +281,8 @@ def read_bake_failure(ssm: SSMClient, instance_id: str, config: PreviewConfig) -
 def wait_until_sealed(
     ec2: EC2Client,
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeout_seconds: float,
     secrets: Iterable[str | None] = (),
@@ -305,7 +306,7 @@ def wait_until_sealed(
                 " sweeper or an eviction ended it)"
             )
         if last == "running":
-            failure = read_bake_failure(ssm, instance_id, config)
+            failure = read_bake_failure(ssm, settings, instance_id)
             if failure is not None:
                 raise BakeFailed(mask_secrets(failure, masked))
         return False
@@ -318,7 +319,7 @@ def wait_until_sealed(
 
     Retrying(
         stop=stop_after_delay(timeout_seconds),
-        wait=poll_wait(config.poll_seconds, timeout_seconds),
+        wait=poll_wait(settings.poll_seconds, timeout_seconds),
         retry=retry_if_result(lambda done: not done),
         retry_error_callback=give_up,
     )(sealed)
@@ -334,10 +335,10 @@ def image_name(now: datetime) -> str:
 
 
 def baked_image_tags(
-    config: PreviewConfig, source_ami: str, name: str, now: datetime
+    settings: PreviewConfig, source_ami: str, name: str, now: datetime
 ) -> dict[str, str]:
     return {
-        TAG_PURPOSE: config.purpose_tag,
+        TAG_PURPOSE: settings.purpose_tag,
         TAG_NAME: name,
         TAG_SOURCE_AMI: source_ami,
         TAG_CREATED_AT: format_time(now, precise=True),
@@ -346,7 +347,7 @@ def baked_image_tags(
 
 def create_baked_image(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     builder: Builder,
     *,
     image_ref: str,
@@ -360,7 +361,7 @@ def create_baked_image(
     name = image_name(now)
     tags: list[TagTypeDef] = [
         {"Key": key, "Value": value}
-        for key, value in baked_image_tags(config, builder.source_ami, name, now).items()
+        for key, value in baked_image_tags(settings, builder.source_ami, name, now).items()
     ]
     specifications: list[TagSpecificationTypeDef] = [
         {"ResourceType": "image", "Tags": tags},
@@ -456,11 +457,11 @@ def delete_baked_image(ec2: EC2Client, image: ImageTypeDef, pruned: Pruned) -> N
         pruned.snapshots.append(snapshot_id)
 
 
-def prune_images(ec2: EC2Client, config: PreviewConfig) -> Pruned:
+def prune_images(ec2: EC2Client, settings: PreviewConfig) -> Pruned:
     """Deregister the baked images beyond the newest ``baked_images_kept``, with snapshots."""
     pruned = Pruned()
-    images = baked_images(ec2, config, states=("available", "failed"))
-    for image in plan_prune(images, config.baked_images_kept):
+    images = baked_images(ec2, settings, states=("available", "failed"))
+    for image in plan_prune(images, settings.baked_images_kept):
         delete_baked_image(ec2, image, pruned)
     return pruned
 
@@ -469,15 +470,15 @@ def prune_images(ec2: EC2Client, config: PreviewConfig) -> Pruned:
 
 
 @step
-def stock_ami(ec2: EC2Client, config: PreviewConfig) -> str:
+def stock_ami(ec2: EC2Client, settings: PreviewConfig) -> str:
     """The AMI a stock preview boots: what the builder starts from."""
-    return str(resolve_stock_ami(ec2, config)["ImageId"])
+    return str(resolve_stock_ami(ec2, settings)["ImageId"])
 
 
 @step
 def launch_builder(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     source_ami: str,
     image_ref: str,
     ttl_hours: float,
@@ -485,7 +486,7 @@ def launch_builder(
 ) -> Builder:
     builder = launch_builder_instance(
         ec2,
-        config,
+        settings,
         source_ami=source_ami,
         image_ref=image_ref,
         ttl_hours=ttl_hours,
@@ -505,14 +506,14 @@ def launch_builder(
 def wait_sealed(
     ec2: EC2Client,
     ssm: SSMClient,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     instance_id: str,
     timeout_seconds: float,
     secrets: Sequence[str] = (),
 ) -> int:
     """Prefect wrapper: ``BakeFailed`` is not retried (it is the builder's answer)."""
     polls = wait_until_sealed(
-        ec2, ssm, instance_id, config, timeout_seconds=timeout_seconds, secrets=secrets
+        ec2, ssm, settings, instance_id, timeout_seconds=timeout_seconds, secrets=secrets
     )
     run_logger(logger).info("builder %s sealed and stopped (%d polls)", instance_id, polls)
     return polls
@@ -520,9 +521,9 @@ def wait_sealed(
 
 @step
 def create_image(
-    ec2: EC2Client, config: PreviewConfig, builder: Builder, image_ref: str, now: datetime
+    ec2: EC2Client, settings: PreviewConfig, builder: Builder, image_ref: str, now: datetime
 ) -> str:
-    image_id = create_baked_image(ec2, config, builder, image_ref=image_ref, now=now)
+    image_id = create_baked_image(ec2, settings, builder, image_ref=image_ref, now=now)
     run_logger(logger).info(
         "creating %s (%s) from %s", image_id, image_name(now), builder.instance_id
     )
@@ -531,16 +532,16 @@ def create_image(
 
 @step
 def wait_image(
-    ec2: EC2Client, config: PreviewConfig, image_id: str, timeout_seconds: float
+    ec2: EC2Client, settings: PreviewConfig, image_id: str, timeout_seconds: float
 ) -> None:
     wait_image_available(
-        ec2, image_id, timeout_seconds=timeout_seconds, poll_seconds=config.poll_seconds
+        ec2, image_id, timeout_seconds=timeout_seconds, poll_seconds=settings.poll_seconds
     )
 
 
 @step
-def prune_baked_images(ec2: EC2Client, config: PreviewConfig) -> Pruned:
-    pruned = prune_images(ec2, config)
+def prune_baked_images(ec2: EC2Client, settings: PreviewConfig) -> Pruned:
+    pruned = prune_images(ec2, settings)
     log = run_logger(logger)
     for image_id in pruned.images:
         log.info("deregistered %s (beyond baked_images_kept)", image_id)
@@ -555,7 +556,7 @@ def prune_baked_images(ec2: EC2Client, config: PreviewConfig) -> Pruned:
 
 
 @step
-def discard_image(ec2: EC2Client, config: PreviewConfig, image_id: str) -> Pruned:
+def discard_image(ec2: EC2Client, settings: PreviewConfig, image_id: str) -> Pruned:
     """A bake that failed after CreateImage: its image and snapshots must not stay behind."""
     pruned = Pruned()
     images = ec2.describe_images(ImageIds=[image_id])["Images"]

@@ -451,11 +451,12 @@ def _lookup(
 
 @step(retry=False)
 def check_image(
-    config: PreviewConfig,
+    settings: PreviewConfig,
     repo: str,
     pr_number: int,
     sha: str,
     ghcr_token: str | None,
+    *,
     transport: httpx.BaseTransport | None = None,
     ecr: ECRClient | None = None,
 ) -> ImageCheck:
@@ -465,14 +466,14 @@ def check_image(
     never logged; an ECR image needs none, it is asked through ``ecr`` (``AwsClients.ecr``).
     """
     log = run_logger(logger)
-    image = config.image_for(repo)
+    image = settings.image_for(repo)
     result = wait_for_image(
         image,
         sha,
-        timeout_seconds=config.image_wait_seconds,
-        poll_seconds=config.poll_seconds,
+        timeout_seconds=settings.image_wait_seconds,
+        poll_seconds=settings.poll_seconds,
         pr_number=pr_number,
-        username=config.registry_username(repo) if ghcr_token else None,
+        username=settings.registry_username(repo) if ghcr_token else None,
         password=ghcr_token,
         transport=transport,
         ecr=ecr,

@@ -31,7 +31,7 @@ import yaml
 
 from tasks.app.app_env import PREVIEW_ENV_FILE, SECRETS_ENV_FILE
 from tasks.app.compose_policy import NO_NEW_PRIVILEGES, place, refusals
-from tasks.cloud.user_data import EPHEMERAL_DB_IMAGE
+from tasks.app.user_data import EPHEMERAL_DB_IMAGE
 from tasks.config import PreviewConfig
 from tasks.github.client import GitHub
 from tasks.run.errors import PreviewError
@@ -73,9 +73,9 @@ class CheckedCompose:
     order: tuple[str, ...]
 
 
-def preview_env_files(config: PreviewConfig) -> tuple[str, ...]:
+def preview_env_files(settings: PreviewConfig) -> tuple[str, ...]:
     """The env files a preview's app dir holds, which any service may name in ``env_file``."""
-    return (*APP_ENV_FILES, DB_ENV_FILE) if config.database == "ephemeral" else APP_ENV_FILES
+    return (*APP_ENV_FILES, DB_ENV_FILE) if settings.database == "ephemeral" else APP_ENV_FILES
 
 
 def project_name(app_dir: str) -> str:
@@ -126,7 +126,7 @@ def _untagged(loader: yaml.SafeLoader, _: str, node: yaml.Node) -> Any:
 _Loader.add_multi_constructor("!", _untagged)
 
 
-def _outline(text: str, config: PreviewConfig, where: str) -> dict[str, Any]:
+def _outline(settings: PreviewConfig, text: str, where: str) -> dict[str, Any]:
     """What must be settled before Compose may read the file: it reads other files (include,
     extends from a file, env_file, label_file) from wherever the file says, so every such path
     is judged here, on the text, and Compose only ever finds this file and our placeholders."""
@@ -159,7 +159,7 @@ def _outline(text: str, config: PreviewConfig, where: str) -> dict[str, Any]:
             )
         problems += [
             f"service {name}: {why}"
-            for why in _env_file_problems(service.get("env_file"), preview_env_files(config))
+            for why in _env_file_problems(service.get("env_file"), preview_env_files(settings))
         ]
     _refuse(problems, where)
     return document
@@ -204,17 +204,17 @@ def _marker(env_file: str) -> str:
     return "PR_PREVIEW_ENV_FILE_" + re.sub(r"\W", "_", env_file).upper()
 
 
-def read_compose(text: str, config: PreviewConfig, where: str) -> CheckedCompose:
+def read_compose(settings: PreviewConfig, text: str, where: str) -> CheckedCompose:
     """The file as Compose reads it, ``ComposeRefused`` when Compose cannot read it or the text
     reaches for other files. Nothing is judged against the allow-list yet."""
-    outline = _outline(text, config, where)
-    ours = preview_env_files(config)
+    outline = _outline(settings, text, where)
+    ours = preview_env_files(settings)
     with tempfile.TemporaryDirectory(prefix="pr-preview-compose-") as directory:  # 0700
         path = Path(directory) / COMPOSE_FILE
         path.write_text(text, encoding="utf-8")
         for env_file in ours:  # placeholders of the files the app dir will hold
             (Path(directory) / env_file).write_text(f"{_marker(env_file)}=1\n")
-        argv = [compose_binary(), "-p", project_name(config.app_dir), "-f", str(path)]
+        argv = [compose_binary(), "-p", project_name(settings.app_dir), "-f", str(path)]
         argv += ["--project-directory", directory, "config", "--format", "json"]
         argv += ["--no-path-resolution"]  # paths stay as written: judged against the app dir
         try:
@@ -290,33 +290,33 @@ def _compose_error(stderr: str) -> str:
     return text
 
 
-def check_compose(text: str, config: PreviewConfig, where: str) -> CheckedCompose:
+def check_compose(settings: PreviewConfig, text: str, where: str) -> CheckedCompose:
     """The file as Compose reads it when it may run as a preview; ``ComposeRefused`` naming
     every problem otherwise. ``where`` (path@sha) is for the messages."""
-    checked = read_compose(text, config, where)
+    checked = read_compose(settings, text, where)
     services = checked.document.get("services") or {}
-    if config.app_service not in services:
-        if config.app_service in checked.order:
+    if settings.app_service not in services:
+        if settings.app_service in checked.order:
             raise ComposeRefused(
-                f"{where}: service {config.app_service} (app_service) has profiles, so it would"
+                f"{where}: service {settings.app_service} (app_service) has profiles, so it would"
                 " not start; remove its profiles"
             )
         names = ", ".join(sorted(services)) or "none"
         raise ComposeRefused(
-            f"{where} has no service {config.app_service!r} (app_service); it has: {names}"
+            f"{where} has no service {settings.app_service!r} (app_service); it has: {names}"
         )
     problems = []
-    if config.database == "ephemeral" and EPHEMERAL_DB_SERVICE in services:
+    if settings.database == "ephemeral" and EPHEMERAL_DB_SERVICE in services:
         problems.append(
             f"it has a service named {EPHEMERAL_DB_SERVICE!r}, which database: ephemeral adds"
             " itself; rename yours or use database: external"
         )
-    problems += refusals(checked.document, project_name(config.app_dir))
+    problems += refusals(checked.document, project_name(settings.app_dir))
     _refuse(problems, where)
     return checked
 
 
-def render_compose(checked: CheckedCompose, config: PreviewConfig) -> str:
+def render_compose(settings: PreviewConfig, checked: CheckedCompose) -> str:
     """The checked file as the instance runs it: Compose's own reading, every service with
     no-new-privileges, the app service on the PR's image with our env files (after its own),
     and with ``database: ephemeral`` our db service beside theirs. Written as JSON, which
@@ -329,13 +329,13 @@ def render_compose(checked: CheckedCompose, config: PreviewConfig) -> str:
     }
     for name, service in services.items():
         env_files = checked.env_files.get(name, ())
-        if name == config.app_service:
+        if name == settings.app_service:
             service["image"] = APP_IMAGE
             env_files = (*(f for f in env_files if f not in APP_ENV_FILES), *APP_ENV_FILES)
         if env_files:
             service["env_file"] = list(env_files)
-    app = services[config.app_service]
-    if config.database == "ephemeral":
+    app = services[settings.app_service]
+    if settings.database == "ephemeral":
         app.setdefault("depends_on", {})[EPHEMERAL_DB_SERVICE] = {
             "condition": "service_started",
             "required": True,
@@ -346,7 +346,7 @@ def render_compose(checked: CheckedCompose, config: PreviewConfig) -> str:
             "env_file": [DB_ENV_FILE],
             "environment": {"POSTGRES_DB": "app", "POSTGRES_USER": "app"},
             "image": EPHEMERAL_DB_IMAGE,
-            "networks": {network: None for network in _networks_of(config.app_service, services)},
+            "networks": {network: None for network in _networks_of(settings.app_service, services)},
             "restart": "unless-stopped",
             "volumes": [
                 {
@@ -359,7 +359,7 @@ def render_compose(checked: CheckedCompose, config: PreviewConfig) -> str:
         }
         document["volumes"] = {
             **(document.get("volumes") or {}),
-            "pgdata": {"name": f"{project_name(config.app_dir)}_pgdata"},
+            "pgdata": {"name": f"{project_name(settings.app_dir)}_pgdata"},
         }
     for service in services.values():
         options = service.setdefault("security_opt", [])
@@ -393,24 +393,24 @@ def _app_image(value: Any) -> Any:
     return value
 
 
-def service_names(config: PreviewConfig, compose: str | None) -> tuple[str, ...]:
+def service_names(settings: PreviewConfig, compose: str | None) -> tuple[str, ...]:
     """The services a preview runs: the checked file's, or the generated file's."""
     if compose is not None:
         return tuple(json.loads(compose)["services"])
-    db = (EPHEMERAL_DB_SERVICE,) if config.database == "ephemeral" else ()
-    return (config.app_service, *db)
+    db = (EPHEMERAL_DB_SERVICE,) if settings.database == "ephemeral" else ()
+    return (settings.app_service, *db)
 
 
-def compose_for(github: GitHub, config: PreviewConfig, repo: str, sha: str) -> str:
+def compose_for(github: GitHub, settings: PreviewConfig, repo: str, sha: str) -> str:
     """Fetch ``compose_path`` at ``sha``, check it and render it for the instance."""
-    assert config.compose_path is not None
-    where = f"{config.compose_path}@{sha[:12]}"
+    assert settings.compose_path is not None
+    where = f"{settings.compose_path}@{sha[:12]}"
     if not github.enabled:
         raise ComposeRefused(
             f"compose_path is set but no GitHub token or App is configured to fetch {where}"
         )
-    text = github.get_file(repo, config.compose_path, sha)
-    rendered = render_compose(check_compose(text, config, where), config)
+    text = github.get_file(repo, settings.compose_path, sha)
+    rendered = render_compose(settings, check_compose(settings, text, where))
     if len(rendered.encode()) > MAX_RENDERED_BYTES:
         raise ComposeRefused(
             f"{where} is {len(rendered.encode())} bytes as Compose reads it (anchors, extends"
@@ -421,6 +421,6 @@ def compose_for(github: GitHub, config: PreviewConfig, repo: str, sha: str) -> s
 
 
 @step(retry=False)
-def fetch_compose(github: GitHub, config: PreviewConfig, repo: str, sha: str) -> str:
+def fetch_compose(github: GitHub, settings: PreviewConfig, repo: str, sha: str) -> str:
     """Prefect wrapper: the repository's compose file, checked, before anything launches."""
-    return compose_for(github, config, repo, sha)
+    return compose_for(github, settings, repo, sha)

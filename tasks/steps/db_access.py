@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 @step(needs_lock=True)
-def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> str | None:
+def open_db_access(ec2: EC2Client, settings: PreviewConfig, instance_id: str) -> str | None:
     """Admit the instance's public IP/32 on db-sg 5432; the CIDR, or None when off or no IP."""
-    if not (config.db_sg_open_public_ip and config.db_security_group_id):
+    if not (settings.db_sg_open_public_ip and settings.db_security_group_id):
         return None
     reservation = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
     public_ip = reservation["Instances"][0].get("PublicIpAddress")
@@ -36,7 +36,7 @@ def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> s
     cidr = f"{public_ip}/32"
     try:
         ec2.authorize_security_group_ingress(
-            GroupId=config.db_security_group_id,
+            GroupId=settings.db_security_group_id,
             IpPermissions=[
                 {
                     "IpProtocol": "tcp",
@@ -53,10 +53,14 @@ def open_db_access(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> s
 
 
 @step(needs_lock=True)
-def close_db_access(ec2: EC2Client, config: PreviewConfig, instance_ids: list[str]) -> list[DbRule]:
+def close_db_access(
+    ec2: EC2Client, settings: PreviewConfig, instance_ids: list[str]
+) -> list[DbRule]:
     """Revoke the db-sg rules opened for ``instance_ids`` (teardown)."""
-    if not (config.db_sg_open_public_ip and config.db_security_group_id):
+    if not (settings.db_sg_open_public_ip and settings.db_security_group_id):
         return []
     ids = set(instance_ids)
-    mine = [rule for rule in db_rules(ec2, config.db_security_group_id) if rule.instance_id in ids]
-    return revoke_db_rules(ec2, config.db_security_group_id, mine)
+    mine = [
+        rule for rule in db_rules(ec2, settings.db_security_group_id) if rule.instance_id in ids
+    ]
+    return revoke_db_rules(ec2, settings.db_security_group_id, mine)

@@ -84,11 +84,11 @@ class Section:
     commands: tuple[str, ...]
 
 
-def evidence_sections(config: PreviewConfig) -> list[Section]:
+def evidence_sections(settings: PreviewConfig) -> list[Section]:
     """Runbook §9 (and §0, §5, §8): what to read on the instance when a preview fails."""
-    app_dir = shlex.quote(config.app_dir)
-    compose = compose_command(config.app_dir)
-    service = shlex.quote(config.app_service)
+    app_dir = shlex.quote(settings.app_dir)
+    compose = compose_command(settings.app_dir)
+    service = shlex.quote(settings.app_service)
     sections = [
         Section("compose-ps", f"{compose} ps -a", (f"{compose} ps -a 2>&1 || true",)),
         Section(
@@ -123,11 +123,11 @@ def evidence_sections(config: PreviewConfig) -> list[Section]:
         ),
         Section(
             "app-port",
-            f"TCP 127.0.0.1:{config.app_port}",
-            tuple(port_check(config.app_port)),
+            f"TCP 127.0.0.1:{settings.app_port}",
+            tuple(port_check(settings.app_port)),
         ),
     ]
-    if config.database == "external":
+    if settings.database == "external":
         sections.append(
             Section(
                 "db-tcp",
@@ -153,18 +153,18 @@ def evidence_sections(config: PreviewConfig) -> list[Section]:
 
 def collect_evidence(
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeout_seconds: float = 60.0,
     poll_seconds: float | None = None,
 ) -> dict[str, str]:
     """Each section's output (unmasked) by name. Sections are sent together and then awaited;
     one that cannot run says why in its text instead of raising — this runs while failing."""
-    poll = min(config.poll_seconds, 1.0) if poll_seconds is None else poll_seconds
+    poll = min(settings.poll_seconds, 1.0) if poll_seconds is None else poll_seconds
     evidence: dict[str, str] = {}
     sent: list[tuple[Section, str]] = []
-    for section in evidence_sections(config):
+    for section in evidence_sections(settings):
         try:
             command_id = send_shell(
                 ssm,
@@ -479,35 +479,35 @@ def diagnose_evidence(
 
 def diagnose_instance(
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     error: BaseException | str | None = None,
     secrets: Sequence[str] = (),
     timeout_seconds: float = 60.0,
 ) -> Diagnosis:
     """Collect the §9 evidence on ``instance_id`` and diagnose it."""
-    evidence = collect_evidence(ssm, instance_id, config, timeout_seconds=timeout_seconds)
+    evidence = collect_evidence(ssm, settings, instance_id, timeout_seconds=timeout_seconds)
     return diagnose_evidence(evidence, error=error, secrets=secrets, instance_id=instance_id)
 
 
-def parameter_secrets(ssm: SSMClient, config: PreviewConfig) -> list[str]:
+def parameter_secrets(ssm: SSMClient, settings: PreviewConfig) -> list[str]:
     """The GHCR token and DATABASE_URL as Parameter Store holds them, so that exactly these
     values are masked too. Best effort: a parameter that cannot be read is skipped."""
-    return read_secrets(ssm, config).values
+    return read_secrets(ssm, settings).values
 
 
 @step
 def diagnose(
     clients: AwsClients,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     instance_id: str,
     error: str | None = None,
     artifact_key: str | None = None,
 ) -> Diagnosis:
     """Prefect wrapper: publishes the diagnosis as a markdown artifact and returns it."""
-    secrets = parameter_secrets(clients.ssm, config)
-    diagnosis = diagnose_instance(clients.ssm, instance_id, config, error=error, secrets=secrets)
+    secrets = parameter_secrets(clients.ssm, settings)
+    diagnosis = diagnose_instance(clients.ssm, settings, instance_id, error=error, secrets=secrets)
     create_markdown_artifact(
         markdown=diagnosis.markdown(),
         key=artifact_key,

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from tasks.app.user_data import LaunchSpec, preview_tags, render_user_data
 from tasks.cloud.instances import find_previews
 from tasks.cloud.run_instances import resolve_ami, run_instances_params
 from tasks.cloud.tags import format_time
-from tasks.cloud.user_data import LaunchSpec, preview_tags, render_user_data
 from tasks.config import PreviewConfig
 from tasks.run.prefect_context import run_logger
 from tasks.run.step import step
@@ -44,7 +44,7 @@ def client_token(spec: LaunchSpec, attempt_key: str = "") -> str:
 
 def launch_instance(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     spec: LaunchSpec,
     *,
     ami_id: str | None = None,
@@ -55,7 +55,7 @@ def launch_instance(
     """Launch the preview of ``spec``, or return the live instance that already serves it."""
     existing = find_previews(
         ec2,
-        config.purpose_tag,
+        settings.purpose_tag,
         repo=spec.repo,
         pr_number=spec.pr_number,
         sha=spec.sha,
@@ -72,23 +72,23 @@ def launch_instance(
             launched_at=found.launch_time,
         )
     now = (now or datetime.now(UTC)).replace(microsecond=0)
-    image_id = ami_id or resolve_ami(ec2, config)["ImageId"]
+    image_id = ami_id or resolve_ami(ec2, settings)["ImageId"]
     # Provisional: the short TTL until the preview is ready (confirm_ttl), so a run that dies
     # half-way never leaves a long-lived instance behind.
-    tags = preview_tags(config, spec, now, config.failure_ttl_hours)
+    tags = preview_tags(settings, spec, now, settings.failure_ttl_hours)
     params = run_instances_params(
-        config,
+        settings,
         ami_id=image_id,
-        subnet_id=subnet_id or config.subnet_id,
+        subnet_id=subnet_id or settings.subnet_id,
         tags=tags,
-        user_data=render_user_data(config, spec),
+        user_data=render_user_data(settings, spec),
         client_token=client_token(spec, attempt_key),
     )
     instance = ec2.run_instances(**params)["Instances"][0]
     return LaunchResult(
         instance_id=instance["InstanceId"],
         sha=spec.sha,
-        shutdown_at=now + timedelta(hours=config.failure_ttl_hours),
+        shutdown_at=now + timedelta(hours=settings.failure_ttl_hours),
         reused=False,
         ami_id=image_id,
         launched_at=instance.get("LaunchTime"),
@@ -98,14 +98,14 @@ def launch_instance(
 @step(needs_lock=True)
 def launch(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     spec: LaunchSpec,
     ami_id: str | None = None,
     subnet_id: str | None = None,
     attempt_key: str = "",
 ) -> LaunchResult:
     result = launch_instance(
-        ec2, config, spec, ami_id=ami_id, subnet_id=subnet_id, attempt_key=attempt_key
+        ec2, settings, spec, ami_id=ami_id, subnet_id=subnet_id, attempt_key=attempt_key
     )
     verb = "reused" if result.reused else "launched"
     run_logger(logger).info(

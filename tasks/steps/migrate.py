@@ -88,14 +88,16 @@ def last_error(output: str) -> str:
     return mask_secrets((errors or lines or [""])[-1])[:500]
 
 
-def migrate_commands(config: PreviewConfig, command: str | None = None) -> list[str]:
+def migrate_commands(settings: PreviewConfig, command: str | None = None) -> list[str]:
     """``migration_command`` (or ``command``) in a one-off container of the app service; its
     words reach the container as arguments (:func:`tasks.cloud.on_instance.container_run`). The
     user data's migrations on boot run the same container (tasks/steps/launch.py)."""
-    run = container_run(config.app_dir, config.app_service, command or config.migration_command)
+    run = container_run(
+        settings.app_dir, settings.app_service, command or settings.migration_command
+    )
     return [
         "set -eu",
-        f"cd {shlex.quote(config.app_dir)}",
+        f"cd {shlex.quote(settings.app_dir)}",
         # SSM returns only the first 24,000 characters of stdout and 8,000 of stderr, and a
         # traceback's last line is the one that says what failed: print the end of both.
         "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
@@ -106,34 +108,34 @@ def migrate_commands(config: PreviewConfig, command: str | None = None) -> list[
     ]
 
 
-def seed_commands(config: PreviewConfig) -> list[str]:
+def seed_commands(settings: PreviewConfig) -> list[str]:
     """``seed_command`` in the app service, like a migration, once per instance: a marker in
     the state dir says it succeeded (a relaunched preview, with its fresh database, seeds
     again); ``seed_on_every_deploy`` seeds after every deploy."""
-    assert config.seed_command is not None
+    assert settings.seed_command is not None
     marker = shlex.quote(SEEDED)
     skip = f"if [ -f {marker} ]; then echo {shlex.quote(SEEDED_BEFORE)}; exit 0; fi"
-    once = [] if config.seed_on_every_deploy else [skip]
-    run = migrate_commands(config, config.seed_command)
+    once = [] if settings.seed_on_every_deploy else [skip]
+    run = migrate_commands(settings, settings.seed_command)
     return [*run[:2], *once, *run[2:-1], f'if [ "$status" = 0 ]; then touch {marker}; fi', run[-1]]
 
 
 def run_migrations(
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeout_seconds: float | None = None,
     backoff_max_seconds: float | None = None,
 ) -> MigrateResult:
-    """Run ``config.migration_command`` until it succeeds, at most ``migrate_timeout_seconds``.
+    """Run ``settings.migration_command`` until it succeeds, at most ``migrate_timeout_seconds``.
 
     Backoff starts at ``poll_seconds`` and grows to ``backoff_max_seconds`` (default: six
     polls), jittered, so a database that is still starting is not hammered.
     """
-    timeout = config.migrate_timeout_seconds if timeout_seconds is None else timeout_seconds
-    backoff_max = backoff_max_seconds or config.poll_seconds * 6
-    commands = migrate_commands(config)
+    timeout = settings.migrate_timeout_seconds if timeout_seconds is None else timeout_seconds
+    backoff_max = backoff_max_seconds or settings.poll_seconds * 6
+    commands = migrate_commands(settings)
     started = time.monotonic()
     attempts = 0
     last_output = ""
@@ -148,7 +150,7 @@ def run_migrations(
                 instance_id,
                 commands,
                 timeout_seconds=remaining,
-                poll_seconds=min(config.poll_seconds, 1.0),
+                poll_seconds=min(settings.poll_seconds, 1.0),
                 comment="pr-preview migrate",
             )
         except CommandTimeout as exc:
@@ -174,7 +176,7 @@ def run_migrations(
 
     result = Retrying(
         stop=stop_after_delay(timeout),
-        wait=wait_random_exponential(multiplier=config.poll_seconds, max=backoff_max),
+        wait=wait_random_exponential(multiplier=settings.poll_seconds, max=backoff_max),
         retry=retry_if_result(lambda result: result is None or not result.ok),
         retry_error_callback=give_up,
     )(attempt)
@@ -197,15 +199,15 @@ class SeedResult:
     output: str
 
 
-def run_seed(ssm: SSMClient, instance_id: str, config: PreviewConfig) -> SeedResult:
+def run_seed(ssm: SSMClient, settings: PreviewConfig, instance_id: str) -> SeedResult:
     """One run of ``seed_command`` (a seed is not retried: it may have half-written data)."""
     try:
         result = run_command(
             ssm,
             instance_id,
-            seed_commands(config),
-            timeout_seconds=config.migrate_timeout_seconds,
-            poll_seconds=min(config.poll_seconds, 1.0),
+            seed_commands(settings),
+            timeout_seconds=settings.migrate_timeout_seconds,
+            poll_seconds=min(settings.poll_seconds, 1.0),
             comment="pr-preview seed",
         )
     except CommandTimeout as exc:
@@ -223,11 +225,11 @@ def run_seed(ssm: SSMClient, instance_id: str, config: PreviewConfig) -> SeedRes
 
 
 @step(needs_lock=True)
-def seed(clients: AwsClients, config: PreviewConfig, instance_id: str) -> SeedResult:
+def seed(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> SeedResult:
     """Prefect wrapper: the output's tail goes to the run's log, failed or not."""
     log = run_logger(logger)
     try:
-        result = run_seed(clients.ssm, instance_id, config)
+        result = run_seed(clients.ssm, settings, instance_id)
     except SeedFailed as exc:
         log.error("seed output (tail):\n%s", exc.output[-SEED_LOG_TAIL:] or "(none)")
         raise
@@ -239,9 +241,9 @@ def seed(clients: AwsClients, config: PreviewConfig, instance_id: str) -> SeedRe
 
 
 @step(needs_lock=True)
-def migrate(clients: AwsClients, config: PreviewConfig, instance_id: str) -> MigrateResult:
+def migrate(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> MigrateResult:
     """Prefect wrapper; ``MigrationFailed`` is final (the backoff already waited)."""
-    result = run_migrations(clients.ssm, instance_id, config)
+    result = run_migrations(clients.ssm, settings, instance_id)
     run_logger(logger).info(
         "migrations ran on %s after %d attempt(s) in %.1fs",
         instance_id,

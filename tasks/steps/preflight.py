@@ -149,25 +149,29 @@ def parse_database_url(value: str) -> tuple[str, int]:
     return host, port
 
 
-def run_preflight(clients: AwsClients, config: PreviewConfig) -> PreflightReport:
+def run_preflight(clients: AwsClients, settings: PreviewConfig) -> PreflightReport:
     """Every check of runbook §2.3 plus the database path, in order; never raises for a failed
     check. The AMI and subnet checks record what they found on the report for the later ones."""
     report = PreflightReport()
     ec2, ssm = clients.ec2, clients.ssm
-    _check(report, "ami", _ami, ec2, config, report)
-    _check(report, "subnet", _subnet, ec2, config, report)
-    _check(report, "security groups", _security_groups, ec2, config, report.vpc_id)
-    _check(report, "instance profile", _instance_profile, clients.iam, config)
-    _check(report, "run-instances dry run", _dry_run, ec2, config, report.ami_id, report.subnet_id)
-    if config.db_security_group_id:
-        _check(report, "db-sg ingress", _db_security_group, ec2, config)
-    ecr = ecr_repository(config)
+    _check(report, "ami", _ami, ec2, settings, report)
+    _check(report, "subnet", _subnet, ec2, settings, report)
+    _check(report, "security groups", _security_groups, ec2, settings, report.vpc_id)
+    _check(report, "instance profile", _instance_profile, clients.iam, settings)
+    _check(
+        report, "run-instances dry run", _dry_run, ec2, settings, report.ami_id, report.subnet_id
+    )
+    if settings.db_security_group_id:
+        _check(report, "db-sg ingress", _db_security_group, ec2, settings)
+    ecr = ecr_repository(settings)
     if ecr is None:
-        _check(report, "ghcr token parameter", _parameter_exists, ssm, config.ghcr_token_parameter)
+        _check(
+            report, "ghcr token parameter", _parameter_exists, ssm, settings.ghcr_token_parameter
+        )
     else:
         report.add("registry", "pass", f"{ecr.host} is ECR: the instance role logs in, no token")
-    if config.database == "external":
-        _check(report, "database url", _database_url, ssm, config)
+    if settings.database == "external":
+        _check(report, "database url", _database_url, ssm, settings)
     return report
 
 
@@ -187,14 +191,14 @@ def _check(
     report.add(name, status, detail)
 
 
-def _ami(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
+def _ami(ec2: EC2Client, settings: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
     """The AMI resolves (its id goes on the report even if its architecture is wrong) and runs on
     the instance type."""
-    image = _aws("ec2:DescribeImages", lambda: resolve_ami(ec2, config))
+    image = _aws("ec2:DescribeImages", lambda: resolve_ami(ec2, settings))
     report.ami_id = image["ImageId"]
     types = _aws(
         "ec2:DescribeInstanceTypes",
-        lambda: ec2.describe_instance_types(InstanceTypes=[config.instance_type])[  # type: ignore[list-item]
+        lambda: ec2.describe_instance_types(InstanceTypes=[settings.instance_type])[  # type: ignore[list-item]
             "InstanceTypes"
         ],
     )
@@ -202,24 +206,24 @@ def _ami(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> tupl
     arch = image.get("Architecture", "?")
     if arch not in supported:
         raise _CheckFailed(
-            f"{image['ImageId']} is {arch} but {config.instance_type} runs"
+            f"{image['ImageId']} is {arch} but {settings.instance_type} runs"
             f" {', '.join(supported) or 'nothing known'}"
         )
     return "pass", f"{image['ImageId']} ({image.get('Name', '?')}, {arch})"
 
 
-def _subnet(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
+def _subnet(ec2: EC2Client, settings: PreviewConfig, report: PreflightReport) -> tuple[Status, str]:
     """The configured subnet exists, or the region has a default one; it and its VPC go on the
     report."""
-    if config.subnet_id:
+    if settings.subnet_id:
         try:
             subnets = _aws(
                 "ec2:DescribeSubnets",
-                lambda: ec2.describe_subnets(SubnetIds=[config.subnet_id or ""])["Subnets"],
+                lambda: ec2.describe_subnets(SubnetIds=[settings.subnet_id or ""])["Subnets"],
             )
         except ClientError as exc:
             if error_code(exc) == "InvalidSubnetID.NotFound":
-                raise _CheckFailed(f"subnet {config.subnet_id} does not exist") from exc
+                raise _CheckFailed(f"subnet {settings.subnet_id} does not exist") from exc
             raise
     else:
         subnets = _aws(
@@ -232,7 +236,7 @@ def _subnet(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> t
             raise _CheckFailed("subnet_id is not set and the region has no default subnet")
     chosen = sorted(subnets, key=lambda s: s["AvailabilityZone"])[0]
     report.subnet_id, report.vpc_id = chosen["SubnetId"], chosen["VpcId"]
-    origin = "" if config.subnet_id else "default subnet, "
+    origin = "" if settings.subnet_id else "default subnet, "
     return (
         "pass",
         f"{chosen['SubnetId']} ({origin}{chosen['VpcId']}, {chosen['AvailabilityZone']})",
@@ -240,15 +244,15 @@ def _subnet(ec2: EC2Client, config: PreviewConfig, report: PreflightReport) -> t
 
 
 def _security_groups(
-    ec2: EC2Client, config: PreviewConfig, vpc_id: str | None
+    ec2: EC2Client, settings: PreviewConfig, vpc_id: str | None
 ) -> tuple[Status, str]:
     """The configured security groups exist and are in the subnet's VPC (``vpc_id``, if known)."""
-    if not config.security_group_ids:
+    if not settings.security_group_ids:
         return "warn", "none set: the VPC's default security group will be used"
     try:
         groups = _aws(
             "ec2:DescribeSecurityGroups",
-            lambda: ec2.describe_security_groups(GroupIds=config.security_group_ids)[
+            lambda: ec2.describe_security_groups(GroupIds=settings.security_group_ids)[
                 "SecurityGroups"
             ],
         )
@@ -259,7 +263,7 @@ def _security_groups(
             ) from exc
         raise
     found = {group["GroupId"]: group for group in groups}
-    missing = [gid for gid in config.security_group_ids if gid not in found]
+    missing = [gid for gid in settings.security_group_ids if gid not in found]
     if missing:
         raise _CheckFailed(f"security group(s) {', '.join(missing)} do not exist")
     foreign = [gid for gid, g in found.items() if vpc_id and g["VpcId"] != vpc_id]
@@ -270,37 +274,37 @@ def _security_groups(
     return "pass", ", ".join(f"{gid} ({g.get('GroupName', '?')})" for gid, g in found.items())
 
 
-def _instance_profile(iam: IAMClient, config: PreviewConfig) -> tuple[Status, str]:
+def _instance_profile(iam: IAMClient, settings: PreviewConfig) -> tuple[Status, str]:
     """The instance profile exists and holds a role."""
     try:
         profile = _aws(
             "iam:GetInstanceProfile",
-            lambda: iam.get_instance_profile(InstanceProfileName=config.instance_profile),
+            lambda: iam.get_instance_profile(InstanceProfileName=settings.instance_profile),
         )["InstanceProfile"]
     except ClientError as exc:
         if error_code(exc) == "NoSuchEntity":
             raise _CheckFailed(
-                f"instance profile {config.instance_profile} does not exist — create it, its"
+                f"instance profile {settings.instance_profile} does not exist — create it, its"
                 " role with deployments/iam/instance-role-policy.json and"
                 " instance-ssm-agent-policy.json (see deployments/iam/README.md)"
             ) from exc
         raise
     roles = ", ".join(role["RoleName"] for role in profile.get("Roles", [])) or "no role!"
     status: Status = "pass" if profile.get("Roles") else "fail"
-    return status, f"{config.instance_profile} (role: {roles})"
+    return status, f"{settings.instance_profile} (role: {roles})"
 
 
 def _dry_run(
-    ec2: EC2Client, config: PreviewConfig, ami_id: str | None, subnet_id: str | None
+    ec2: EC2Client, settings: PreviewConfig, ami_id: str | None, subnet_id: str | None
 ) -> tuple[Status, str]:
     """The real launch request, on the AMI and subnet found by the checks before, as a DryRun."""
     if not ami_id:
         raise _CheckFailed("skipped: no AMI")
     params = run_instances_params(
-        config,
+        settings,
         ami_id=ami_id,
         subnet_id=subnet_id,
-        tags={"Purpose": config.purpose_tag},
+        tags={"Purpose": settings.purpose_tag},
     )
     try:
         ec2.run_instances(DryRun=True, **params)
@@ -314,7 +318,7 @@ def _dry_run(
         if code in ACCESS_DENIED_CODES:
             raise _CheckFailed(
                 f"{code}: ec2:RunInstances refused (it needs ec2:RunInstances, ec2:CreateTags"
-                f" and iam:PassRole on {config.instance_profile}) — runbook §7"
+                f" and iam:PassRole on {settings.instance_profile}) — runbook §7"
             ) from exc
         if is_transient(exc):
             raise
@@ -322,9 +326,9 @@ def _dry_run(
     raise _CheckFailed("the DryRun launch did not answer DryRunOperation")
 
 
-def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, str]:
+def _db_security_group(ec2: EC2Client, settings: PreviewConfig) -> tuple[Status, str]:
     """db-sg admits the preview's security groups on 5432, and not the whole internet."""
-    group_id = config.db_security_group_id or ""
+    group_id = settings.db_security_group_id or ""
     try:
         group = _aws(
             "ec2:DescribeSecurityGroups",
@@ -343,7 +347,7 @@ def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, s
         if not covers:
             continue
         sources = {pair.get("GroupId") for pair in rule.get("UserIdGroupPairs", [])}
-        admits_api = admits_api or bool(sources & set(config.security_group_ids))
+        admits_api = admits_api or bool(sources & set(settings.security_group_ids))
         open_to_world = (
             open_to_world
             or any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
@@ -351,7 +355,7 @@ def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, s
         )
     if not admits_api:
         raise _CheckFailed(
-            f"{group_id} does not admit {', '.join(config.security_group_ids) or 'the preview'}"
+            f"{group_id} does not admit {', '.join(settings.security_group_ids) or 'the preview'}"
             " on 5432: the app will time out on the DB — add an inbound rule referencing api-sg"
             " (runbook §5, §7)"
         )
@@ -360,7 +364,7 @@ def _db_security_group(ec2: EC2Client, config: PreviewConfig) -> tuple[Status, s
             "warn",
             f"security finding: {group_id} admits 0.0.0.0/0 on 5432 — remove it (runbook §1)",
         )
-    return "pass", f"{group_id} admits {', '.join(config.security_group_ids)} on 5432"
+    return "pass", f"{group_id} admits {', '.join(settings.security_group_ids)} on 5432"
 
 
 def _parameter_exists(ssm: SSMClient, name: str) -> tuple[Status, str]:
@@ -376,9 +380,9 @@ def _parameter_exists(ssm: SSMClient, name: str) -> tuple[Status, str]:
     return "pass", f"{name} ({found[0].get('Type', '?')})"
 
 
-def _database_url(ssm: SSMClient, config: PreviewConfig) -> tuple[Status, str]:
+def _database_url(ssm: SSMClient, settings: PreviewConfig) -> tuple[Status, str]:
     """The DATABASE_URL parameter exists and parses (its value is never reported)."""
-    name = config.database_url_parameter
+    name = settings.database_url_parameter
     try:
         value = _aws(
             "ssm:GetParameter",
@@ -399,10 +403,10 @@ def _database_url(ssm: SSMClient, config: PreviewConfig) -> tuple[Status, str]:
 
 @step
 def preflight(
-    clients: AwsClients, config: PreviewConfig, key: str | None = None
+    clients: AwsClients, settings: PreviewConfig, key: str | None = None
 ) -> PreflightReport:
     """Run every check, publish the report as a markdown artifact, raise if any check failed."""
-    report = run_preflight(clients, config)
+    report = run_preflight(clients, settings)
     create_markdown_artifact(
         markdown=report.markdown(), key=key, description="pr-preview preflight report"
     )

@@ -48,22 +48,22 @@ class ProbeFailed(PreviewError):
 
 def probe_once(
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     command_timeout: float,
     ready_ttl_minutes: int | None = None,
 ) -> list[ProbeAnswer]:
     """Each path in order until one answers healthy."""
     answers: list[ProbeAnswer] = []
-    for path in config.probe_paths:
+    for path in settings.probe_paths:
         try:
             result = run_command(
                 ssm,
                 instance_id,
-                probe_command(config.app_port, path, ready_ttl_minutes),
+                probe_command(settings.app_port, path, ready_ttl_minutes),
                 timeout_seconds=command_timeout,
-                poll_seconds=min(config.poll_seconds, 1.0),
+                poll_seconds=min(settings.poll_seconds, 1.0),
                 comment=f"pr-preview probe {path}"[:100],
             )
         except CommandTimeout as exc:
@@ -78,15 +78,15 @@ def probe_once(
 
 def probe_app(
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeout_seconds: float | None = None,
     command_timeout_seconds: float = CURL_MAX_SECONDS + 20,
     ready_ttl_minutes: int | None = None,
 ) -> ProbeResult:
     """Look until a probe path answers 2xx/3xx, at most ``probe_timeout_seconds``."""
-    timeout = config.probe_timeout_seconds if timeout_seconds is None else timeout_seconds
+    timeout = settings.probe_timeout_seconds if timeout_seconds is None else timeout_seconds
     started = time.monotonic()
     answers: list[ProbeAnswer] = []
     attempts = 0
@@ -97,8 +97,8 @@ def probe_app(
         remaining = max(0.0, timeout - (time.monotonic() - started))
         found = probe_once(
             ssm,
+            settings,
             instance_id,
-            config,
             command_timeout=min(command_timeout_seconds, remaining),
             ready_ttl_minutes=ready_ttl_minutes,
         )
@@ -106,7 +106,7 @@ def probe_app(
         return found[-1] if found and found[-1].healthy else None
 
     def give_up(state: RetryCallState) -> ProbeAnswer:
-        last = answers[-len(config.probe_paths) :]
+        last = answers[-len(settings.probe_paths) :]
         seen = "; ".join(
             f"{answer.path} → {answer.status_code or answer.error or 'no answer'}"
             for answer in last
@@ -119,7 +119,7 @@ def probe_app(
 
     healthy = Retrying(
         stop=stop_after_delay(timeout),
-        wait=poll_wait(config.poll_seconds, timeout),
+        wait=poll_wait(settings.poll_seconds, timeout),
         retry=retry_if_result(lambda answer: answer is None),
         retry_error_callback=give_up,
     )(attempt)
@@ -138,12 +138,12 @@ def probe_app(
 @step
 def probe(
     clients: AwsClients,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     instance_id: str,
     ready_ttl_minutes: int | None = None,
 ) -> ProbeResult:
     """Prefect wrapper; ``ProbeFailed`` is final (the deadline already passed)."""
-    result = probe_app(clients.ssm, instance_id, config, ready_ttl_minutes=ready_ttl_minutes)
+    result = probe_app(clients.ssm, settings, instance_id, ready_ttl_minutes=ready_ttl_minutes)
     run_logger(logger).info(
         "%s answered %d on %s in %s after %d attempt(s)",
         result.path,

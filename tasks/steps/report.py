@@ -169,7 +169,7 @@ class PullRequestReport:
     """Tells the pull request each state of the run: one comment, one deployment, one check."""
 
     github: GitHub
-    config: PreviewConfig
+    settings: PreviewConfig
     repo: str
     pr_number: int
     sha: str | None
@@ -199,7 +199,7 @@ class PullRequestReport:
         """
         cost = None
         if launched_at is not None:
-            cost = preview_cost(self.config, launched_at, expires_at, self.clock())
+            cost = preview_cost(self.settings, launched_at, expires_at, self.clock())
         comment = post_comment(
             self.github,
             CommentState(
@@ -208,21 +208,21 @@ class PullRequestReport:
                 pr_number=self.pr_number,
                 sha=self.sha,
                 instance_id=instance_id,
-                region=self.config.region,
+                region=self.settings.region,
                 expires_at=expires_at,
-                app_port=self.config.app_port,
+                app_port=self.settings.app_port,
                 diagnosis=diagnosis,
                 flow_run_url=self.run_url,
                 detail=detail,
                 cost=cost,
                 services=self.services,
                 variables=self.variables,
-                secrets_path=self.config.env_parameter_path,
+                secrets_path=self.settings.env_parameter_path,
             ),
             secrets=self.secrets,
         )
         target = DEPLOYMENT_STATES.get(state)
-        if target and self.github.enabled and self.config.github_deployments:
+        if target and self.github.enabled and self.settings.github_deployments:
             self.deployment_id = deployment_status(
                 self.github,
                 self.repo,

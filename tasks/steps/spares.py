@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import terminate_in_batches
 from tasks.cloud.on_instance import BOOTSTRAP_DONE, BOOTSTRAP_FAILED
 from tasks.cloud.run_instances import resolve_ami, run_instances_params
-from tasks.cloud.ssm import CommandTimeout, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
 from tasks.cloud.tags import (
     TAG_NAME,
     TAG_PURPOSE,
@@ -42,14 +43,11 @@ from tasks.cloud.tags import (
 )
 from tasks.config import PreviewConfig
 from tasks.run.prefect_context import run_logger
-from tasks.run.retry import error_code
 from tasks.run.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ssm import SSMClient
-
-    from tasks.cloud.user_data import LaunchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,27 +93,27 @@ class Spare:
             tags={tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])},
         )
 
-    def current(self, config: PreviewConfig, ami_id: str) -> bool:
+    def current(self, settings: PreviewConfig, ami_id: str) -> bool:
         """Built from the AMI and type a launch would use now."""
-        return self.image_id == ami_id and self.instance_type == config.instance_type
+        return self.image_id == ami_id and self.instance_type == settings.instance_type
 
 
-def spare_tags(config: PreviewConfig, now: datetime) -> dict[str, str]:
+def spare_tags(settings: PreviewConfig, now: datetime) -> dict[str, str]:
     return {
-        TAG_PURPOSE: config.purpose_tag,
+        TAG_PURPOSE: settings.purpose_tag,
         TAG_SPARE: SPARE,
-        TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=config.spare_ttl_hours)),
+        TAG_SHUTDOWN_AT: format_time(now + timedelta(hours=settings.spare_ttl_hours)),
         TAG_UPDATED_AT: format_time(now, precise=True),
         TAG_NAME: SPARE_NAME,
     }
 
 
 def find_spares(
-    ec2: EC2Client, config: PreviewConfig, *, states: tuple[str, ...] = ("pending", "running")
+    ec2: EC2Client, settings: PreviewConfig, *, states: tuple[str, ...] = ("pending", "running")
 ) -> list[Spare]:
     """Our unclaimed spares in ``states``, oldest first."""
     filters: list[Any] = [
-        {"Name": f"tag:{TAG_PURPOSE}", "Values": [config.purpose_tag]},
+        {"Name": f"tag:{TAG_PURPOSE}", "Values": [settings.purpose_tag]},
         {"Name": f"tag:{TAG_SPARE}", "Values": [SPARE]},
         {"Name": "instance-state-name", "Values": list(states)},
     ]
@@ -130,22 +128,20 @@ def find_spares(
 
 def launch_spare(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     ami_id: str,
     subnet_id: str | None,
     now: datetime | None = None,
 ) -> str:
     """One spare: the preview's user data up to the app, on the spare's own TTL."""
-    from tasks.cloud.user_data import render_spare_user_data
-
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     params = run_instances_params(
-        config,
+        settings,
         ami_id=ami_id,
         subnet_id=subnet_id,
-        tags=spare_tags(config, now),
-        user_data=render_spare_user_data(config),
+        tags=spare_tags(settings, now),
+        user_data=render_spare_user_data(settings),
         client_token=f"pr-preview-spare-{uuid.uuid4().hex}",
     )
     return ec2.run_instances(**params)["Instances"][0]["InstanceId"]
@@ -159,7 +155,7 @@ class SpareCheck:
 
 
 def check_spare(
-    ssm: SSMClient, config: PreviewConfig, instance_id: str, *, timeout_seconds: float = 30.0
+    ssm: SSMClient, settings: PreviewConfig, instance_id: str, *, timeout_seconds: float = 30.0
 ) -> SpareCheck:
     """Is the spare bootstrapped with a Docker that answers? One SSM command."""
     try:
@@ -168,11 +164,11 @@ def check_spare(
             instance_id,
             SPARE_CHECK,
             timeout_seconds=timeout_seconds,
-            poll_seconds=min(config.poll_seconds, 0.5),
+            poll_seconds=min(settings.poll_seconds, 0.5),
             comment="pr-preview spare check",
         )
     except ClientError as exc:
-        if error_code(exc) != "InvalidInstanceId":
+        if not agent_not_registered(exc):
             raise
         return SpareCheck(False, True, "its SSM agent has not registered yet")
     except CommandTimeout:
@@ -192,7 +188,7 @@ class Claim:
 def claim_spare(
     ec2: EC2Client,
     ssm: SSMClient,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     spec: LaunchSpec,
     *,
     ami_id: str,
@@ -200,16 +196,14 @@ def claim_spare(
 ) -> Claim:
     """Take the oldest ready spare of the current type and AMI for ``spec`` (hold the fleet
     lock: a spare is claimed once). Broken spares met on the way are terminated."""
-    from tasks.cloud.user_data import preview_tags
-
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     claim = Claim()
-    for spare in find_spares(ec2, config, states=("running",)):
-        if not spare.current(config, ami_id):
+    for spare in find_spares(ec2, settings, states=("running",)):
+        if not spare.current(settings, ami_id):
             continue  # pr-spares rotates it
         if spare.shutdown_at is None or spare.shutdown_at <= now + CLAIM_MARGIN:
             continue  # the sweeper's
-        checked = check_spare(ssm, config, spare.instance_id)
+        checked = check_spare(ssm, settings, spare.instance_id)
         if checked.booting:
             claim.skipped[spare.instance_id] = checked.reason
             continue
@@ -221,7 +215,7 @@ def claim_spare(
         # The PR's tags on the short TTL; no Sha until the deploy moves it, so a run that
         # dies here leaves an instance a later run replaces, never one it takes as ready.
         tags = {
-            **preview_tags(config, spec, now, config.failure_ttl_hours),
+            **preview_tags(settings, spec, now, settings.failure_ttl_hours),
             TAG_SHA: "",
             TAG_SPARE: CLAIMED,
         }
@@ -231,19 +225,19 @@ def claim_spare(
             Tags=[{"Key": key, "Value": value} for key, value in tags.items()],
         )
         claim.instance_id = spare.instance_id
-        claim.shutdown_at = now + timedelta(hours=config.failure_ttl_hours)
+        claim.shutdown_at = now + timedelta(hours=settings.failure_ttl_hours)
         return claim
     return claim
 
 
 @step(needs_lock=True)
 def claim(
-    clients: AwsClients, config: PreviewConfig, spec: LaunchSpec, ami_id: str | None
+    clients: AwsClients, settings: PreviewConfig, spec: LaunchSpec, ami_id: str | None
 ) -> Claim:
     """Prefect wrapper of :func:`claim_spare`; a claim that finds nothing returns empty.
     Without ``ami_id``, spares are matched against the AMI a launch would resolve."""
-    image = ami_id or resolve_ami(clients.ec2, config)["ImageId"]
-    found = claim_spare(clients.ec2, clients.ssm, config, spec, ami_id=image)
+    image = ami_id or resolve_ami(clients.ec2, settings)["ImageId"]
+    found = claim_spare(clients.ec2, clients.ssm, settings, spec, ami_id=image)
     log = run_logger(logger)
     for instance_id, reason in found.terminated.items():
         log.warning("spare %s terminated, not claimed: %s", instance_id, reason)
@@ -268,7 +262,7 @@ class Replenished:
 
 def replenish_spares(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     ami_id: str,
     subnet_id: str | None,
@@ -279,28 +273,28 @@ def replenish_spares(
     now = now or datetime.now(UTC)
     result = Replenished()
     current: list[Spare] = []
-    for spare in find_spares(ec2, config):
-        if not spare.current(config, ami_id):
+    for spare in find_spares(ec2, settings):
+        if not spare.current(settings, ami_id):
             result.rotated[spare.instance_id] = (
                 f"built from {spare.image_id} ({spare.instance_type}); current is"
-                f" {ami_id} ({config.instance_type})"
+                f" {ami_id} ({settings.instance_type})"
             )
         elif spare.shutdown_at is None or spare.shutdown_at <= now + CLAIM_MARGIN:
             result.rotated[spare.instance_id] = "at the end of its spare TTL"
         else:
             current.append(spare)
     # Newest kept: the oldest go first when there are too many.
-    excess = max(0, len(current) - config.warm_spares)
+    excess = max(0, len(current) - settings.warm_spares)
     for spare in current[:excess]:
-        result.rotated[spare.instance_id] = f"beyond warm_spares={config.warm_spares}"
+        result.rotated[spare.instance_id] = f"beyond warm_spares={settings.warm_spares}"
     result.kept = [spare.instance_id for spare in current[excess:]]
     if result.rotated:
         ended = terminate_in_batches(ec2, list(result.rotated))
         if ended.failed:
             raise RuntimeError(f"could not rotate spares: {ended.failed}")
-    for _ in range(config.warm_spares - len(result.kept)):
+    for _ in range(settings.warm_spares - len(result.kept)):
         result.launched.append(
-            launch_spare(ec2, config, ami_id=ami_id, subnet_id=subnet_id, now=now)
+            launch_spare(ec2, settings, ami_id=ami_id, subnet_id=subnet_id, now=now)
         )
     return result
 
@@ -320,15 +314,15 @@ def _replenished_markdown(result: Replenished) -> str:
 
 @step(needs_lock=True)
 def replenish(
-    clients: AwsClients, config: PreviewConfig, ami_id: str, subnet_id: str | None
+    clients: AwsClients, settings: PreviewConfig, ami_id: str, subnet_id: str | None
 ) -> Replenished:
     """Prefect wrapper of :func:`replenish_spares`."""
-    result = replenish_spares(clients.ec2, config, ami_id=ami_id, subnet_id=subnet_id)
+    result = replenish_spares(clients.ec2, settings, ami_id=ami_id, subnet_id=subnet_id)
     run_logger(logger).info(
         "spares: %d launched, %d rotated, %d kept (warm_spares=%d)",
         len(result.launched),
         len(result.rotated),
         len(result.kept),
-        config.warm_spares,
+        settings.warm_spares,
     )
     return result

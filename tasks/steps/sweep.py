@@ -328,9 +328,9 @@ def expired_pulls(report: SweepReport) -> dict[PullKey, Decision]:
 
 
 @step
-def find_sweep_candidates(ec2: EC2Client, config: PreviewConfig) -> list[Preview]:
+def find_sweep_candidates(ec2: EC2Client, settings: PreviewConfig) -> list[Preview]:
     """Every live instance with our Purpose tag, across all pages."""
-    return find_previews(ec2, config.purpose_tag)
+    return find_previews(ec2, settings.purpose_tag)
 
 
 @step(retry=False)
@@ -341,7 +341,7 @@ def look_up_pull_requests(github: PullRequests, keys: list[PullKey]) -> dict[Pul
 
 @step
 def terminate_expired(
-    ec2: EC2Client, config: PreviewConfig, ids: list[str], batch_size: int = TERMINATE_BATCH
+    ec2: EC2Client, settings: PreviewConfig, ids: list[str], batch_size: int = TERMINATE_BATCH
 ) -> TerminateResult:
     """Terminate in batches of 1,000; a failed batch is recorded and the others still run.
     Batches refused only by throttling or a 5xx fail the task so that its retries run."""
@@ -355,11 +355,11 @@ def terminate_expired(
 
 @step
 def revoke_leftover_db_rules(
-    ec2: EC2Client, config: PreviewConfig, live: list[Preview], dry_run: bool = False
+    ec2: EC2Client, settings: PreviewConfig, live: list[Preview], dry_run: bool = False
 ) -> list[DbRule]:
     """Revoke db-sg's temporary ``/32`` rules on 5432 that no live preview uses any more."""
-    group_id = config.db_security_group_id
-    if not (config.db_sg_open_public_ip and group_id):
+    group_id = settings.db_security_group_id
+    if not (settings.db_sg_open_public_ip and group_id):
         return []
     leftovers = leftover_db_rules(db_rules(ec2, group_id), live)
     return leftovers if dry_run else revoke_db_rules(ec2, group_id, leftovers)
@@ -405,19 +405,19 @@ def publish_sweep_report(report: SweepReport, key: str = ARTIFACT_KEY) -> None:
     run_logger(logger).info(report.summary())
 
 
-def github_or_none(config: PreviewConfig) -> PullRequests | None:
+def github_or_none(settings: PreviewConfig) -> PullRequests | None:
     """The GitHub client when one is configured; without it the sweep goes by tags alone."""
     try:
-        github = github_from_config(config)
+        github = github_from_config(settings)
     except Exception as exc:  # no token must not stop the TTL sweep
         run_logger(logger).warning("GitHub not configured (%s): sweeping by tags alone", exc)
         return None
-    return StickyExpiry(github, config.region) if github.enabled else None
+    return StickyExpiry(github, settings.region) if github.enabled else None
 
 
 def sweep(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     *,
     dry_run: bool = False,
     github: PullRequests | None = None,
@@ -435,10 +435,10 @@ def sweep(
     log = run_logger(logger)
 
     # 1. Every live instance with our Purpose tag (runbook §9's describe-instances, paginated).
-    previews = find_sweep_candidates(ec2, config)
+    previews = find_sweep_candidates(ec2, settings)
 
     # 2. Decide by tags; ask GitHub only about PRs whose previews the tags would keep.
-    ttl, max_age = config.ttl_hours, max_age_hours
+    ttl, max_age = settings.ttl_hours, max_age_hours
     decisions = plan_sweep(previews, now, ttl_hours=ttl, max_age_hours=max_age)
     lookups = pulls_to_look_up(decisions) if github is not None and github.enabled else []
     if github is not None and lookups:
@@ -459,7 +459,7 @@ def sweep(
     # 3. Terminate in batches of 1,000 (runbook §9's terminate-instances).
     if report.to_terminate and not dry_run:
         try:
-            result = terminate_expired(ec2, config, report.to_terminate, batch_size)
+            result = terminate_expired(ec2, settings, report.to_terminate, batch_size)
         except TerminateFailed as exc:  # still throttled after the task's retries
             if exc.result is None:
                 raise
@@ -477,7 +477,7 @@ def sweep(
     if report.terminated:
         announce_terminations(report, emit, github)
     # 5. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
-    report.revoked_rules = revoke_leftover_db_rules(ec2, config, report.live, dry_run)
+    report.revoked_rules = revoke_leftover_db_rules(ec2, settings, report.live, dry_run)
     for rule in report.revoked_rules:
         log.info(
             "%s db-sg rule %s (%s)",

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 
 @step(needs_lock=True)
-def teardown(ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int) -> Terminated:
+def teardown(ec2: EC2Client, settings: PreviewConfig, repo: str, pr_number: int) -> Terminated:
     """Terminate every live instance tagged with this repo and PR; nothing else is touched."""
-    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha=None)
+    result = terminate_outdated(ec2, settings, repo, pr_number, keep_sha=None)
     logger = run_logger(module_logger)
     if result.instance_ids:
         logger.info("tore down %s for %s#%d", ", ".join(result.instance_ids), repo, pr_number)

@@ -70,7 +70,7 @@ def capacity_victims(
 
 def make_room(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     repo: str,
     pr_number: int,
     *,
@@ -78,18 +78,18 @@ def make_room(
     requested_at: datetime | None = None,
 ) -> Terminated:
     victims = capacity_victims(
-        find_previews(ec2, config.purpose_tag),
+        find_previews(ec2, settings.purpose_tag),
         repo,
         pr_number,
-        config.max_previews,
+        settings.max_previews,
         requested_at,
     )
     return terminate_previews(
         ec2,
         victims,
-        reason=f"evicted: max_previews={config.max_previews}",
-        timeout_seconds=config.terminate_timeout_seconds,
-        poll_seconds=config.poll_seconds,
+        reason=f"evicted: max_previews={settings.max_previews}",
+        timeout_seconds=settings.terminate_timeout_seconds,
+        poll_seconds=settings.poll_seconds,
         wait=wait,
     )
 
@@ -105,7 +105,7 @@ def _log(result: Terminated) -> None:
 @step(needs_lock=True)
 def terminate(
     ec2: EC2Client,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     repo: str,
     pr_number: int,
     keep_sha: str | None,
@@ -116,9 +116,9 @@ def terminate(
     Unlike the runbook it does not wait for ``terminated``: ``TerminateInstances`` frees the
     slot at once, and waiting would put ~30 s of shutdown on the way to every new preview.
     """
-    result = terminate_outdated(ec2, config, repo, pr_number, keep_sha, wait=False)
+    result = terminate_outdated(ec2, settings, repo, pr_number, keep_sha, wait=False)
     if keep_sha is not None:
-        evicted = make_room(ec2, config, repo, pr_number, wait=False, requested_at=requested_at)
+        evicted = make_room(ec2, settings, repo, pr_number, wait=False, requested_at=requested_at)
         result.instance_ids += evicted.instance_ids
         result.already_gone += evicted.already_gone
         result.reasons.update(evicted.reasons)
@@ -127,7 +127,7 @@ def terminate(
 
 
 @step(needs_lock=True)
-def terminate_instance(ec2: EC2Client, config: PreviewConfig, instance_id: str) -> Terminated:
+def terminate_instance(ec2: EC2Client, settings: PreviewConfig, instance_id: str) -> Terminated:
     """Terminate one instance by id, e.g. a failed preview that could not be put on a short TTL."""
     result = terminate_in_batches(ec2, [instance_id])
     if result.failed:

@@ -36,7 +36,7 @@ from tasks.cloud.on_instance import (
     timer_minutes,
     write_file,
 )
-from tasks.cloud.ssm import CommandTimeout, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
 from tasks.cloud.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time, parse_time
 from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
@@ -106,8 +106,8 @@ def describe_preview(ec2: EC2Client, instance_id: str) -> Preview | None:
 def check_health(
     ec2: EC2Client,
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeout_seconds: float = 30.0,
 ) -> Health:
@@ -118,20 +118,20 @@ def check_health(
         return Health(instance_id, False, "instance not found")
     if preview.state != "running":
         return Health(instance_id, False, f"instance is {preview.state}")
-    commands = health_commands(config)
+    commands = health_commands(settings)
     try:
         result = run_command(
             ssm,
             instance_id,
             commands,
             timeout_seconds=timeout_seconds,
-            poll_seconds=min(config.poll_seconds, 1.0),
+            poll_seconds=min(settings.poll_seconds, 1.0),
             comment="pr-preview health",
         )
     except CommandTimeout:
         return Health(instance_id, False, "SSM command timed out")
     except ClientError as exc:
-        if error_code(exc) == "InvalidInstanceId":
+        if agent_not_registered(exc):
             return Health(instance_id, False, "SSM agent not reachable")
         raise
     if result.ok and "healthy" in result.stdout.split():
@@ -140,9 +140,9 @@ def check_health(
     return Health(instance_id, False, reason)
 
 
-def health_commands(config: PreviewConfig) -> list[str]:
+def health_commands(settings: PreviewConfig) -> list[str]:
     """Bootstrapped and the app port open; ``healthy`` on the last line when both hold."""
-    port = shlex.quote(str(config.app_port))
+    port = shlex.quote(str(settings.app_port))
     return [
         HEALTH_MARKER,
         f"test -f {BOOTSTRAP_DONE} || {{ echo 'bootstrap not done'; exit 1; }}",
@@ -153,44 +153,45 @@ def health_commands(config: PreviewConfig) -> list[str]:
 
 
 def deploy_commands(
-    config: PreviewConfig, repo: str, image_ref: str, app: AppFiles | None = None
+    settings: PreviewConfig, repo: str, image_ref: str, app: AppFiles | None = None
 ) -> list[str]:
     """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated, an ECR
     password lasts 12 hours: :func:`registry_login`), pull, recreate, move the timer.
     With ``app`` also rewrite the app's settings (and compose file) and re-read its secrets on
     the instance (tasks/app/app_env.py): a change takes effect on this push."""
-    app_dir = shlex.quote(config.app_dir)
+    app_dir = shlex.quote(settings.app_dir)
     line = shlex.quote(f"APP_IMAGE={image_ref}")
-    ttl_minutes = timer_minutes(config.failure_ttl_hours)  # provisional until confirm_ttl
+    ttl_minutes = timer_minutes(settings.failure_ttl_hours)  # provisional until confirm_ttl
     return [
         "set -euo pipefail",
         'export HOME="${HOME:-/root}"',
         f"cd {app_dir}",
         write_file(
-            f"{config.app_dir}/.env", f"grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}"
+            f"{settings.app_dir}/.env",
+            f"grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}",
         ),
-        *(app_env_commands(config, app) if app is not None else []),
-        registry_login(config, repo),
-        f"{compose_command(config.app_dir)} pull {shlex.quote(config.app_service)}",
-        f"{compose_command(config.app_dir)} up -d",
+        *(app_env_commands(settings, app) if app is not None else []),
+        registry_login(settings, repo),
+        f"{compose_command(settings.app_dir)} pull {shlex.quote(settings.app_service)}",
+        f"{compose_command(settings.app_dir)} up -d",
         f"{timer_command(ttl_minutes)} || true",
         f"echo updated to {shlex.quote(image_ref)}",
     ]
 
 
-def registry_login(config: PreviewConfig, repo: str) -> str:
+def registry_login(settings: PreviewConfig, repo: str) -> str:
     """One line: the login of a push, the token going from Parameter Store straight into
     ``docker login`` — or, for an ECR image, the instance role's ECR password
     (tasks/cloud/ecr.py)."""
-    ecr = ecr_repository(config, repo)
+    ecr = ecr_repository(settings, repo)
     if ecr is not None:
         return ecr_login(ecr)
     q = shlex.quote
     return (
-        f"aws ssm get-parameter --region {q(config.region)} --with-decryption"
-        f" --name {q(config.ghcr_token_parameter)} --query Parameter.Value"
-        f" --output text | docker login {q(config.image_for(repo).split('/', 1)[0])}"
-        f" -u {q(config.registry_username(repo))} --password-stdin"
+        f"aws ssm get-parameter --region {q(settings.region)} --with-decryption"
+        f" --name {q(settings.ghcr_token_parameter)} --query Parameter.Value"
+        f" --output text | docker login {q(settings.image_for(repo).split('/', 1)[0])}"
+        f" -u {q(settings.registry_username(repo))} --password-stdin"
     )
 
 
@@ -213,8 +214,8 @@ def move_tags(
 def deploy_in_place(
     ec2: EC2Client,
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     repo: str,
     sha: str,
@@ -231,20 +232,20 @@ def deploy_in_place(
     """
     if not is_sha(sha):
         raise ValueError(f"{sha!r} is not a git sha")
-    image_ref = config.pinned_image(repo, sha, digest)
+    image_ref = settings.pinned_image(repo, sha, digest)
     started = time.monotonic()
     preview = describe_preview(ec2, instance_id)
     if preview is None or preview.state != "running":
         state = preview.state if preview else "gone"
         raise UpdateFailed(f"{instance_id} is {state}: cannot update in place")
-    timeout = config.ready_timeout_seconds if timeout_seconds is None else timeout_seconds
+    timeout = settings.ready_timeout_seconds if timeout_seconds is None else timeout_seconds
     try:
         result = run_command(
             ssm,
             instance_id,
-            deploy_commands(config, repo, image_ref, app),
+            deploy_commands(settings, repo, image_ref, app),
             timeout_seconds=timeout,
-            poll_seconds=min(config.poll_seconds, 1.0),
+            poll_seconds=min(settings.poll_seconds, 1.0),
             comment=f"pr-preview update to {sha[:12]}",
         )
     except CommandTimeout as exc:
@@ -260,7 +261,7 @@ def deploy_in_place(
         ec2,
         instance_id,
         sha=sha,
-        ttl_hours=config.failure_ttl_hours,
+        ttl_hours=settings.failure_ttl_hours,
         now=now or datetime.now(UTC),
     )
     return UpdateResult(
@@ -275,16 +276,16 @@ def deploy_in_place(
     )
 
 
-def ttl_commands(config: PreviewConfig) -> list[str]:
+def ttl_commands(settings: PreviewConfig) -> list[str]:
     """The full TTL of a ready preview, on the instance."""
-    return [timer_command(timer_minutes(config.ttl_hours))]
+    return [timer_command(timer_minutes(settings.ttl_hours))]
 
 
 def confirm_full_ttl(
     ec2: EC2Client,
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     now: datetime | None = None,
     timer_moved: bool = False,
@@ -299,14 +300,14 @@ def confirm_full_ttl(
         result = run_command(
             ssm,
             instance_id,
-            ttl_commands(config),
+            ttl_commands(settings),
             timeout_seconds=60,
-            poll_seconds=min(config.poll_seconds, 1.0),
+            poll_seconds=min(settings.poll_seconds, 1.0),
             comment="pr-preview confirm TTL",
         )
         if not result.ok:
             raise UpdateFailed(f"could not move the shutdown timer of {instance_id}", result.output)
-    shutdown_at = ((now or datetime.now(UTC)) + timedelta(hours=config.ttl_hours)).replace(
+    shutdown_at = ((now or datetime.now(UTC)) + timedelta(hours=settings.ttl_hours)).replace(
         microsecond=0
     )
     ec2.create_tags(
@@ -317,10 +318,10 @@ def confirm_full_ttl(
 
 @step(needs_lock=True)
 def confirm_ttl(
-    clients: AwsClients, config: PreviewConfig, instance_id: str, timer_moved: bool = False
+    clients: AwsClients, settings: PreviewConfig, instance_id: str, timer_moved: bool = False
 ) -> datetime:
     shutdown_at = confirm_full_ttl(
-        clients.ec2, clients.ssm, instance_id, config, timer_moved=timer_moved
+        clients.ec2, clients.ssm, settings, instance_id, timer_moved=timer_moved
     )
     run_logger(logger).info("%s is ready: shutdown-at %s", instance_id, format_time(shutdown_at))
     return shutdown_at
@@ -344,21 +345,21 @@ def set_short_ttl(
 
 
 @step
-def preview_health(clients: AwsClients, config: PreviewConfig, instance_id: str) -> Health:
-    health = check_health(clients.ec2, clients.ssm, instance_id, config)
+def preview_health(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> Health:
+    health = check_health(clients.ec2, clients.ssm, settings, instance_id)
     run_logger(logger).info("%s: %s", instance_id, health.reason)
     return health
 
 
 @step
 def in_place_candidate(
-    ec2: EC2Client, config: PreviewConfig, repo: str, pr_number: int, sha: str
+    ec2: EC2Client, settings: PreviewConfig, repo: str, pr_number: int, sha: str
 ) -> str | None:
     """The PR's one running instance at another sha, which a push may update in place."""
     running = [
         preview
         for preview in find_previews(
-            ec2, config.purpose_tag, repo=repo, pr_number=pr_number, states=("running",)
+            ec2, settings.purpose_tag, repo=repo, pr_number=pr_number, states=("running",)
         )
         if preview.sha != sha
     ]
@@ -368,7 +369,7 @@ def in_place_candidate(
 @step(needs_lock=True)
 def update_in_place(
     clients: AwsClients,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     instance_id: str,
     repo: str,
     sha: str,
@@ -377,7 +378,7 @@ def update_in_place(
 ) -> UpdateResult:
     """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
     result = deploy_in_place(
-        clients.ec2, clients.ssm, instance_id, config, repo=repo, sha=sha, digest=digest, app=app
+        clients.ec2, clients.ssm, settings, instance_id, repo=repo, sha=sha, digest=digest, app=app
     )
     run_logger(logger).info(
         "%s updated in place %s → %s in %.1fs (shutdown-at %s)",
@@ -391,8 +392,8 @@ def update_in_place(
 
 
 @step
-def shorten_ttl(clients: AwsClients, config: PreviewConfig, instance_id: str) -> TtlChange:
-    change = set_short_ttl(clients.ec2, instance_id, config.failure_ttl_hours)
+def shorten_ttl(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> TtlChange:
+    change = set_short_ttl(clients.ec2, instance_id, settings.failure_ttl_hours)
     run_logger(logger).info(
         "%s shutdown-at %s%s",
         instance_id,

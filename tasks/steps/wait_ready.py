@@ -15,7 +15,7 @@
 Stages 2–4 are one SSM command (:func:`ready_command`), sent again until it says ready: its
 first answer proves the agent, and each line it prints starts with a marker the parser looks
 for (:func:`parse_ready`). The same command says whether the user data migrated on boot the
-image the instance runs (``tasks/cloud/user_data.py``), and — asked with ``ready_ttl_minutes``
+image the instance runs (``tasks/app/user_data.py``), and — asked with ``ready_ttl_minutes``
 — once it did and the port is open, it probes the app and moves the shutdown timer as the probe step
 would: the flow then skips its migrate and probe steps.
 
@@ -48,13 +48,12 @@ from tasks.cloud.on_instance import (
     port_check,
     probe_command,
 )
-from tasks.cloud.ssm import CommandTimeout, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
 from tasks.config import PreviewConfig
 from tasks.run.budget import check_budget
 from tasks.run.budget import remaining as run_budget_left
 from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
-from tasks.run.retry import error_code
 from tasks.run.step import step
 
 if TYPE_CHECKING:
@@ -150,8 +149,8 @@ class StageTimeouts:
     app_port: float
 
     @classmethod
-    def from_config(cls, config: PreviewConfig, **overrides: float) -> StageTimeouts:
-        budget = config.ready_timeout_seconds
+    def from_config(cls, settings: PreviewConfig, **overrides: float) -> StageTimeouts:
+        budget = settings.ready_timeout_seconds
         values = dict.fromkeys(("instance_running", "ssm_agent", "bootstrap", "app_port"), budget)
         values.update(overrides)
         return cls(**values)
@@ -173,7 +172,6 @@ class ReadyResult:
     probe: ProbeResult | None = None  # the ready command's healthy probe (the timer moved)
 
 
-NOT_REGISTERED_CODES = frozenset({"InvalidInstanceId"})
 AGENT_POLL_SECONDS = 1.0  # how often to ask an agent that has not registered (capped by poll)
 
 READY_MARKER = "# pr-preview-ready"
@@ -195,13 +193,13 @@ def _function(
     return [f"{SECTION}{section}", f"{name}() {opened}", *(f"  {line}" for line in lines), closed]
 
 
-def ready_command(config: PreviewConfig, ready_ttl_minutes: int | None = None) -> list[str]:
+def ready_command(settings: PreviewConfig, ready_ttl_minutes: int | None = None) -> list[str]:
     """Wait-ready's one command: the bootstrap marker, then — once bootstrapped — whether the
     boot migrated the image in ``.env``, the app port, and compose's view of the app while the
     port is closed. With ``ready_ttl_minutes``, an instance migrated on boot whose port is open
     is probed (each of ``probe_paths`` until one answers 2xx/3xx, which moves the shutdown
     timer to ``ready_ttl_minutes``). Always exits 0: the answer is in the marked lines."""
-    env_file = shlex.quote(f"{config.app_dir}/.env")
+    env_file = shlex.quote(f"{settings.app_dir}/.env")
     lines = [
         f"{READY_MARKER} (wait-ready: bootstrap, migrated on boot, app port, probe)",
         *_function("bootstrap_state", "bootstrap", BOOTSTRAP_CHECK),
@@ -216,12 +214,14 @@ def ready_command(config: PreviewConfig, ready_ttl_minutes: int | None = None) -
                 "fi",
             ],
         ),
-        *_function("app_port", "app-port", port_check(config.app_port), subshell=True),
-        *_function("app_state", "app-state", app_state_check(config.app_dir, config.app_service)),
+        *_function("app_port", "app-port", port_check(settings.app_port), subshell=True),
+        *_function(
+            "app_state", "app-state", app_state_check(settings.app_dir, settings.app_service)
+        ),
     ]
-    paths = list(config.probe_paths) if ready_ttl_minutes is not None else []
+    paths = list(settings.probe_paths) if ready_ttl_minutes is not None else []
     for index, path in enumerate(paths):
-        probe = probe_command(config.app_port, path, ready_ttl_minutes)
+        probe = probe_command(settings.app_port, path, ready_ttl_minutes)
         lines += _function(f"probe_{index}", f"probe {path}", probe, subshell=True)
     lines += [
         f"{SECTION}run",
@@ -337,8 +337,8 @@ def _state_of(response: object) -> str:
 def wait_until_ready(
     ec2: EC2Client,
     ssm: SSMClient,
+    settings: PreviewConfig,
     instance_id: str,
-    config: PreviewConfig,
     *,
     timeouts: StageTimeouts | None = None,
     ready_ttl_minutes: int | None = None,
@@ -354,11 +354,11 @@ def wait_until_ready(
     each read interval adds to the lag); ``poll_seconds`` is how often a stage looks again,
     ``AGENT_POLL_SECONDS`` (at most ``poll_seconds``) while the agent has not answered.
     """
-    timeouts = timeouts or StageTimeouts.from_config(config)
-    poll = config.poll_seconds
+    timeouts = timeouts or StageTimeouts.from_config(settings)
+    poll = settings.poll_seconds
     command_poll = command_poll_seconds if command_poll_seconds is not None else min(poll, 0.5)
     started = time.monotonic()
-    deadline = started + config.ready_timeout_seconds
+    deadline = started + settings.ready_timeout_seconds
     # The run's own budget ends the wait too, here rather than by Prefect's task timeout, which
     # cannot always interrupt a step (a step on a thread, or beside another alarm handler).
     left = run_budget_left()
@@ -377,7 +377,7 @@ def wait_until_ready(
     results.append(StageResult(STAGE_RUNNING, time.monotonic() - stage_start, polls))
 
     # 2.–4. one command, asked again until it says the agent, the bootstrap and the port are done
-    commands = ready_command(config, ready_ttl_minutes)
+    commands = ready_command(settings, ready_ttl_minutes)
     stage, stage_start, limit, polls = STAGE_AGENT, time.monotonic(), budget(STAGE_AGENT), 0
     detail = ""
     down_since: float | None = None
@@ -402,12 +402,12 @@ def wait_until_ready(
             )
         except ClientError as exc:
             # Before the agent registers, AWS refuses SendCommand: "not yet", like a timeout.
-            if error_code(exc) in NOT_REGISTERED_CODES:
+            if agent_not_registered(exc):
                 return None, "the SSM agent does not answer yet"
             raise
         except CommandTimeout as exc:
             return None, str(exc) if stage != STAGE_AGENT else "the SSM agent does not answer yet"
-        answer = parse_ready(result.stdout, config.probe_paths)
+        answer = parse_ready(result.stdout, settings.probe_paths)
         if not answer.bootstrap and not result.ok:
             return answer, f"the ready check exited {result.exit_code}"
         return answer, ""
@@ -434,18 +434,18 @@ def wait_until_ready(
         if answer.port_open:
             # Docker's port proxy accepts before the app listens (and between its restarts).
             waiting = (
-                f"127.0.0.1:{config.app_port} accepts connections (Docker's port proxy) but"
+                f"127.0.0.1:{settings.app_port} accepts connections (Docker's port proxy) but"
                 " the app gives no HTTP answer"
             )
         else:
-            waiting = f"nothing accepts connections on 127.0.0.1:{config.app_port}"
+            waiting = f"nothing accepts connections on 127.0.0.1:{settings.app_port}"
         down = app_down(answer.app_state)
         if down is None:
             down_since, detail = None, waiting
             return False
         down_since = now if down_since is None else down_since
-        if now - down_since >= config.app_down_seconds:
-            raise AppDown(down, now - down_since, config.app_port)
+        if now - down_since >= settings.app_down_seconds:
+            raise AppDown(down, now - down_since, settings.app_port)
         detail = f"{waiting}; the app's container is {down}"
         return False
 
@@ -489,7 +489,7 @@ def wait_until_ready(
 @step
 def wait_ready(
     clients: AwsClients,
-    config: PreviewConfig,
+    settings: PreviewConfig,
     instance_id: str,
     timeouts: StageTimeouts | None = None,
     ready_ttl_minutes: int | None = None,
@@ -498,8 +498,8 @@ def wait_ready(
     result = wait_until_ready(
         clients.ec2,
         clients.ssm,
+        settings,
         instance_id,
-        config,
         timeouts=timeouts,
         ready_ttl_minutes=ready_ttl_minutes,
     )

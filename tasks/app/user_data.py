@@ -117,10 +117,10 @@ class LaunchSpec:
 
 
 def preview_tags(
-    config: PreviewConfig, spec: LaunchSpec, now: datetime, ttl_hours: float
+    settings: PreviewConfig, spec: LaunchSpec, now: datetime, ttl_hours: float
 ) -> dict[str, str]:
     return {
-        TAG_PURPOSE: config.purpose_tag,
+        TAG_PURPOSE: settings.purpose_tag,
         TAG_REPO: spec.repo,
         TAG_PR: str(spec.pr_number),
         TAG_SHA: spec.sha,
@@ -131,19 +131,19 @@ def preview_tags(
     }
 
 
-def compose_file(config: PreviewConfig) -> str:
+def compose_file(settings: PreviewConfig) -> str:
     """The compose file of the instance; the app port is bound to loopback only (runbook §1)."""
-    port = config.app_port
+    port = settings.app_port
     service = [
         "services:",
-        f"  {config.app_service}:",
+        f"  {settings.app_service}:",
         "    image: ${APP_IMAGE}",
         # Later files win: our DATABASE_URL and PR_* over the secrets and settings.
         f"    env_file: [{SECRETS_ENV_FILE}, {PREVIEW_ENV_FILE}, app.env]",
         f'    ports: ["127.0.0.1:{port}:{port}"]',
         "    restart: unless-stopped",
     ]
-    if config.database == "ephemeral":
+    if settings.database == "ephemeral":
         service += ["    depends_on: [db]"]
         service += [
             "  db:",
@@ -174,15 +174,15 @@ fi
 """
 
 
-def migrate_on_boot(config: PreviewConfig) -> str:
+def migrate_on_boot(settings: PreviewConfig) -> str:
     """The user data's migrations on boot, or nothing where one attempt right after ``up``
     could not reach the database: with ``db_sg_open_public_ip`` db-sg admits the instance only
     once the flow opened it, and an ephemeral database is itself still starting then."""
-    if config.db_sg_open_public_ip or config.database == "ephemeral":
+    if settings.db_sg_open_public_ip or settings.database == "ephemeral":
         return ""
     values = {
-        "timeout": str(max(1, math.ceil(config.migrate_timeout_seconds))),
-        "run": container_run(config.app_dir, config.app_service, config.migration_command),
+        "timeout": str(max(1, math.ceil(settings.migrate_timeout_seconds))),
+        "run": container_run(settings.app_dir, settings.app_service, settings.migration_command),
     }
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], MIGRATE_ON_BOOT)
 
@@ -207,49 +207,51 @@ unset GHCR_TOKEN
 """
 
 
-def spare_base_layers(config: PreviewConfig) -> str:
+def spare_base_layers(settings: PreviewConfig) -> str:
     """The spare's step pulling ``image:spare_base_tag``: of the configured image, else of the
     one served repository named exactly; empty without a tag or a single image to name."""
-    if not config.spare_base_tag:
+    if not settings.spare_base_tag:
         return ""
-    named = [repo for repo in config.allowed_repos if is_repo(repo)]
-    repo = "" if config.image else named[0] if len(named) == 1 else None
-    if repo is None or not IMAGE_PATTERN.fullmatch(image := config.image_for(repo)):
+    named = [repo for repo in settings.allowed_repos if is_repo(repo)]
+    repo = "" if settings.image else named[0] if len(named) == 1 else None
+    if repo is None or not IMAGE_PATTERN.fullmatch(image := settings.image_for(repo)):
         run_logger(logger).warning(
             "spare_base_tag %s: no single image to pull (image unset, allowed_repos %s);"
             " spares hold no base layers and a claim pulls the whole image — set `image`, or"
             " name one repository in allowed_repos",
-            config.spare_base_tag,
-            ", ".join(config.allowed_repos) or "empty",
+            settings.spare_base_tag,
+            ", ".join(settings.allowed_repos) or "empty",
         )
         return ""
     q = shlex.quote
-    ecr = ecr_repository(config, repo)
+    ecr = ecr_repository(settings, repo)
     registry = q(image.split("/", 1)[0])
     ghcr_login = (
         f"printf '%s\\n' \"$GHCR_TOKEN\" | docker login {registry}"
-        f" -u {q(config.registry_username(repo))} \\\n    --password-stdin"
+        f" -u {q(settings.registry_username(repo))} \\\n    --password-stdin"
     )
     values = {
-        "base_ref": q(f"{image}:{config.spare_base_tag}"),
+        "base_ref": q(f"{image}:{settings.spare_base_tag}"),
         "login": ecr_login(ecr) if ecr else ghcr_login,
     }
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], BASE_LAYERS)
 
 
-def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
+def render_user_data(settings: PreviewConfig, spec: LaunchSpec) -> str:
     """The bootstrap script of runbook §3 for this preview; it holds names, never secrets.
 
     Every value is shell-quoted where it is used (the config is validated at load as well),
     and placeholders are filled in one pass, so a value never introduces another placeholder.
     """
     check_inputs(spec.repo, spec.pr_number, spec.sha)
-    image = config.image_for(spec.repo)
+    image = settings.image_for(spec.repo)
     built = f"{image}:{spec.sha}"
-    pulled = built if spec.digest is None else config.pinned_image(spec.repo, spec.sha, spec.digest)
+    pulled = (
+        built if spec.digest is None else settings.pinned_image(spec.repo, spec.sha, spec.digest)
+    )
     q = shlex.quote
     return _render(
-        config,
+        settings,
         # A comment line: check_inputs above admits no character that could end it.
         what=f"{spec.repo}#{spec.pr_number} at {spec.sha}",
         app_image_line=q(f"APP_IMAGE={pulled}"),
@@ -257,23 +259,24 @@ def render_user_data(config: PreviewConfig, spec: LaunchSpec) -> str:
         build_image_line=q(f"APP_IMAGE={built}"),
         tarball_url=q(f"https://api.github.com/repos/{spec.repo}/tarball/{spec.sha}"),
         registry=q(image.split("/", 1)[0]),
-        registry_username=q(config.registry_username(spec.repo)),
+        registry_username=q(settings.registry_username(spec.repo)),
         spare_stop="",
         preview_env=write_preview_env(
-            config.app_dir, preview_env(config, spec.repo, spec.pr_number, spec.sha, spec.branch)
+            settings.app_dir,
+            preview_env(settings, spec.repo, spec.pr_number, spec.sha, spec.branch),
         ),
-        compose_file=q(spec.compose or compose_file(config)),
-        migrate_on_boot=migrate_on_boot(config),
+        compose_file=q(spec.compose or compose_file(settings)),
+        migrate_on_boot=migrate_on_boot(settings),
     )
 
 
-def render_spare_user_data(config: PreviewConfig) -> str:
+def render_spare_user_data(settings: PreviewConfig) -> str:
     """The same bootstrap up to the app, for a warm spare: no repository, no image, no login.
     The script ends where the spare stops."""
     q = shlex.quote
-    stop = SPARE_STOP.replace("{{base_layers}}", spare_base_layers(config))
+    stop = SPARE_STOP.replace("{{base_layers}}", spare_base_layers(settings))
     script = _render(
-        config,
+        settings,
         what="warm spare",
         app_image_line=q("APP_IMAGE="),
         build_ref="",
@@ -289,33 +292,33 @@ def render_spare_user_data(config: PreviewConfig) -> str:
     return script[: script.index(stop) + len(stop)] + "\n"
 
 
-def _render(config: PreviewConfig, **values: str) -> str:
+def _render(settings: PreviewConfig, **values: str) -> str:
     q = shlex.quote
-    if config.database == "external":
+    if settings.database == "external":
         database_env = EXTERNAL_DATABASE_ENV.replace(
-            "{{parameter}}", q(config.database_url_parameter)
+            "{{parameter}}", q(settings.database_url_parameter)
         )
     else:
         database_env = EPHEMERAL_DATABASE_ENV
     values.update(
         state_dir=q(STATE_DIR),
-        app_dir=q(config.app_dir),
-        app_service=q(config.app_service),
+        app_dir=q(settings.app_dir),
+        app_service=q(settings.app_service),
         shutdown_timer=timer_command(
             timer_minutes(
-                config.spare_ttl_hours if values["spare_stop"] else config.failure_ttl_hours
+                settings.spare_ttl_hours if values["spare_stop"] else settings.failure_ttl_hours
             )
         ),
         compose_url=q(
-            f"{config.compose_release_url}/{config.compose_version}/docker-compose-linux-"
+            f"{settings.compose_release_url}/{settings.compose_version}/docker-compose-linux-"
         ),
-        region=q(config.region),
-        ghcr_token_parameter=q(config.ghcr_token_parameter),
+        region=q(settings.region),
+        ghcr_token_parameter=q(settings.ghcr_token_parameter),
         database_env=database_env,
-        read_secrets=read_secrets_script(config),
+        read_secrets=read_secrets_script(settings),
     )
-    values.setdefault("compose_file", q(compose_file(config)))
-    ecr = ecr_repository(config)
+    values.setdefault("compose_file", q(compose_file(settings)))
+    ecr = ecr_repository(settings)
     values["ecr_login"] = ecr_login(ecr) if ecr else ""
     template = files("tasks").joinpath("templates/user_data.sh").read_text()
     # The registry's fixed text first, then every value in one pass.
