@@ -19,6 +19,7 @@ from typing import cast
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -29,6 +30,7 @@ from tasks.app.app_env import AppFiles, branch_or_empty, preview_env
 from tasks.app.secrets import read_secrets
 from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients, build_clients
+from tasks.cloud.databases import PreviewDatabase, database_name
 from tasks.cloud.on_instance import ProbeResult, timer_minutes
 from tasks.cloud.ssm import CommandTimeout
 from tasks.cloud.tags import format_time
@@ -44,6 +46,7 @@ from tasks.run.outcome import Outcome
 from tasks.run.prefect_context import rename_run
 from tasks.steps.check_image import check_image
 from tasks.steps.compose import fetch_compose, service_names
+from tasks.steps.database import create_database, drop_database, hand_over_database
 from tasks.steps.db_access import open_db_access
 from tasks.steps.diagnose import diagnose
 from tasks.steps.guards import check_trigger, guard
@@ -90,6 +93,7 @@ class PreviewResult:
     branch: str = ""  # the PR's head branch, when the event named one
     compose: str | None = field(default=None, repr=False)  # compose_path's file, checked
     image: str = ""  # image:sha@digest, the manifest the check saw and the instance pulled
+    database: str = ""  # database: per-preview — the preview's own database and its size
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
@@ -98,6 +102,7 @@ class PreviewResult:
             ("path", self.path or "—"),
             ("sha", f"`{self.sha}`"),
             ("image", f"`{self.image}`" if self.image else "—"),
+            ("database", self.database or "—"),
             ("instance", f"`{self.instance_id or '—'}` ({self.region})"),
             ("expires at", expires),
             ("replaced", ", ".join(self.replaced) or "—"),
@@ -239,7 +244,10 @@ def _preview(
                 result.compose = fetch_compose(github, settings, repo, head_sha)
             report.services = service_names(settings, result.compose)
             report.variables = tuple(sorted([*_app_env(settings, result).env, "DATABASE_URL"]))
-            _deploy(clients, settings, result, secrets.ghcr_token, requested_at)
+            try:
+                _deploy(clients, settings, result, secrets.ghcr_token, requested_at)
+            finally:
+                report.database = result.database or None
         except NoRoom as exc:
             result.status, result.reason = Outcome.NO_ROOM, str(exc)
             logger.info("not launching: %s", exc)
@@ -293,16 +301,28 @@ def _deploy(
     #    launch is needed); else preflight.
     #    Every pull below names the manifest digest the check saw, not the tag.
     instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
+    # database: per-preview — its database beside the image check, before anything launches.
+    creating = None
+    if settings.database == "per-preview":
+        creating = create_database.submit(clients, settings, repo, pr_number)
     image = check_image.submit(settings, repo, pr_number, sha, ghcr_token, ecr=clients.ecr)
-    if instance_id:
-        checking = preview_health.submit(clients, settings, instance_id)
-        digest = image.result().digest
-        health = checking.result()
-        checked = None
-    else:
-        checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
-        checked.result()  # a launch's own checks fail first, as they did before the image's
-        digest = image.result().digest
+    try:
+        if instance_id:
+            checking = preview_health.submit(clients, settings, instance_id)
+            digest = image.result().digest
+            health = checking.result()
+            checked = None
+        else:
+            checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
+            checked.result()  # a launch's own checks fail first, as they did before the image's
+            digest = image.result().digest
+        database = creating.result() if creating is not None else None
+    except Exception:
+        with grace():
+            _drop_new_database(clients, settings, result, creating)
+        raise
+    if database is not None:
+        result.database = f"`{database.name}` ({database.size()})"
     result.image = settings.pinned_image(repo, sha, digest)
 
     # 2. In place: the PR's instance runs a healthy older sha → deploy the new one on it.
@@ -315,7 +335,7 @@ def _deploy(
                 )
                 result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
                 result.launched_at = updated.launched_at
-                _migrate_and_probe(clients, settings, result)
+                _migrate_and_probe(clients, settings, result, database=database)
                 result.status, result.path = "ready", "in-place"
                 return
             except CANNOT_TAKE_THE_PUSH as exc:
@@ -349,7 +369,7 @@ def _deploy(
                 attempt_key=str(flow_run.get_id() or ""),
             )
     if claimed is not None and claimed.instance_id is not None:
-        _deploy_on_spare(clients, settings, result, claimed.instance_id, digest)
+        _deploy_on_spare(clients, settings, result, claimed.instance_id, digest, database)
         return
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
     result.launched_at = launched.launched_at
@@ -368,11 +388,14 @@ def _deploy(
     #    data migrated on boot (unless it could not reach the database): wait-ready's command
     #    says so and then probes as well — unless a seed must run between the two.
     try:
-        ready_ttl = None if settings.seed_command else timer_minutes(settings.ttl_hours)
+        if database is not None:  # before the boot reads it: only this instance may
+            hand_over_database(clients, settings, database, launched.instance_id)
+        seeding = _seeds(settings, database)
+        ready_ttl = None if seeding else timer_minutes(settings.ttl_hours)
         ready = wait_ready(clients, settings, launched.instance_id, ready_ttl_minutes=ready_ttl)
         # Optional (runbook §2.5, off by default): the public IP/32 on db-sg before migrating.
         open_db_access(clients.ec2, settings, launched.instance_id)
-        _migrate_and_probe(clients, settings, result, ready)
+        _migrate_and_probe(clients, settings, result, ready, database=database)
     except Exception as exc:
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
@@ -385,6 +408,7 @@ def _deploy_on_spare(
     result: PreviewResult,
     instance_id: str,
     digest: str,
+    database: PreviewDatabase | None,
 ) -> None:
     """A claimed spare: deployed as a push deploys in place (pulling ``digest``, the checked
     manifest), with a launch's guarantees (the short TTL until ready, the diagnosis on failure).
@@ -392,13 +416,15 @@ def _deploy_on_spare(
     result.instance_id, result.path = instance_id, "spare"
     emit_instance_event("spare.claimed", instance_id, result.repo, result.pr_number, sha=result.sha)
     try:
+        if database is not None:  # the deploy below reads it
+            hand_over_database(clients, settings, database, instance_id)
         app = _app_env(settings, result)
         updated = update_in_place(
             clients, settings, instance_id, result.repo, result.sha, digest, app
         )
         result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
         open_db_access(clients.ec2, settings, instance_id)
-        _migrate_and_probe(clients, settings, result)
+        _migrate_and_probe(clients, settings, result, database=database)
     except Exception as exc:
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
@@ -407,7 +433,38 @@ def _deploy_on_spare(
 
 def _app_env(settings: PreviewConfig, result: PreviewResult) -> AppFiles:
     env = preview_env(settings, result.repo, result.pr_number, result.sha, result.branch)
-    return AppFiles(env, result.compose)
+    parameter = None
+    if settings.database == "per-preview":
+        parameter = settings.database_parameter(database_name(result.repo, result.pr_number))
+    return AppFiles(env, result.compose, parameter)
+
+
+def _seeds(settings: PreviewConfig, database: PreviewDatabase | None) -> bool:
+    """Whether this deploy runs ``seed_command``: with a database of the preview's own, only
+    on a database just made (a clone of the template only with ``seed_on_template``) or with
+    ``seed_on_every_deploy``; otherwise the seed step's own once-per-instance rule decides."""
+    if not settings.seed_command:
+        return False
+    if database is None or settings.seed_on_every_deploy:
+        return True
+    return database.created and (not database.from_template or settings.seed_on_template)
+
+
+def _drop_new_database(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    creating: PrefectFuture[PreviewDatabase] | None,
+) -> None:
+    """Nothing launched: a database this run made goes again (one it kept stays)."""
+    if creating is None:
+        return
+    try:
+        made = creating.result()
+    except Exception:
+        return  # not made, or its own failure already said why
+    if made.created:
+        drop_database(clients, settings, result.repo, result.pr_number)
 
 
 def _failed_after_launch(
@@ -447,13 +504,15 @@ def _migrate_and_probe(
     settings: PreviewConfig,
     result: PreviewResult,
     ready: ReadyResult | None = None,
+    *,
+    database: PreviewDatabase | None = None,
 ) -> None:
     """Migrate, seed, probe, full TTL. ``ready``: a launch's wait-ready, whose command may have
     found the image migrated on boot and probed it; a deploy in place always migrates."""
     instance_id = result.instance_id or ""
     if ready is None or not ready.migrated:
         migrate(clients, settings, instance_id)
-    if settings.seed_command:
+    if _seeds(settings, database):
         seed(clients, settings, instance_id)
     # The command that sees the app healthy moves the on-instance timer to the full TTL.
     ready_ttl = timer_minutes(settings.ttl_hours)

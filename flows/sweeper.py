@@ -6,7 +6,8 @@ flow or a lost webhook left behind, and touches nothing without our Purpose tag 
 ``pr-preview:keep=true``.
 
 1. list every preview   2. decide by tags (and GitHub)   3. terminate in batches
-4. announce: events, "expired" comments   5. revoke leftover db-sg rules   6. report
+4. announce: events, "expired" comments   5. revoke leftover db-sg rules
+6. drop the databases of previews that are gone (database: per-preview)   7. report
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tasks.cloud.aws import build_clients
 from tasks.config import RunOverrides, run_config
 from tasks.run.budget import run_budget
 from tasks.run.errors import PreviewError
+from tasks.steps.database import sweep_databases
 from tasks.steps.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
 
 
@@ -34,9 +36,14 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
         report = sweep(
             clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
         )
+        # 6. Preview databases whose preview is gone (database: per-preview).
+        if settings.database == "per-preview":
+            databases = sweep_databases(clients, settings, report.live_pulls(), dry_run=dry_run)
+            report.dropped_databases, report.failed_databases = databases.dropped, databases.failed
     publish_sweep_report(report)
-    if report.failed:
+    if report.failed or report.failed_databases:
         raise SweepIncomplete(
-            f"{len(report.failed)} previews could not be terminated; see the ttl-sweep artifact"
+            f"{len(report.failed)} previews could not be terminated and"
+            f" {len(report.failed_databases)} databases not dropped; see the ttl-sweep artifact"
         )
     return report

@@ -24,6 +24,7 @@ from tasks.run.events import emit_instance_event
 from tasks.run.locks import delete_lock, hold, pr_lock_name
 from tasks.run.outcome import Outcome
 from tasks.run.prefect_context import rename_run
+from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
 from tasks.steps.guards import check_trigger, confirm_closed, confirm_unlabeled
 from tasks.steps.report import PullRequestReport
@@ -36,6 +37,7 @@ class TeardownResult:
     pr_number: int
     terminated: list[str] = field(default_factory=list)
     already_gone: list[str] = field(default_factory=list)
+    database: str | None = None  # database: per-preview — the one dropped
 
 
 @flow(
@@ -120,6 +122,20 @@ def _teardown(
             raise
         for instance_id in removed.instance_ids:
             emit_instance_event("terminated", instance_id, repo, pr_number, reason=why)
+        # 1b. Its own database, role and DATABASE_URL parameter (database: per-preview); the
+        #     sweeper drops any this step leaves.
+        dropped = None
+        if settings.database == "per-preview":
+            try:
+                dropped = drop_database(clients, settings, repo, pr_number)
+            except Exception as exc:
+                with grace():
+                    report.tell(
+                        PreviewState.FAILED,
+                        diagnosis=f"the preview is gone, its database not: {exc}; the TTL"
+                        " sweeper drops it",
+                    )
+                raise
 
         # 2. Tell the pull request: the comment says torn down, the deployment goes inactive.
         report.tell(
@@ -133,11 +149,14 @@ def _teardown(
     # 4. A closed PR needs no lock any more (a reopened one creates it again).
     if not unlabeled:
         delete_lock(lock)
-    result = TeardownResult(repo, pr_number, removed.instance_ids, removed.already_gone)
+    result = TeardownResult(
+        repo, pr_number, removed.instance_ids, removed.already_gone, database=dropped
+    )
     create_markdown_artifact(
         markdown=(
             f"## Teardown of {repo}#{pr_number}\n\n"
             f"terminated: {', '.join(result.terminated) or 'nothing was running'}"
+            + (f"\n\ndatabase dropped: `{dropped}`" if dropped else "")
         ),
         key=f"pr-{pr_number}-teardown",
         description="pr-preview teardown",

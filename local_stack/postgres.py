@@ -204,7 +204,15 @@ class Postgres:
         logger.info("postgres on port %d stopped", self.port)
 
 
-def start_ephemeral(data_dir: Path, port: int, user: str, password: str, db: str) -> Postgres:
+def start_ephemeral(
+    data_dir: Path,
+    port: int,
+    user: str,
+    password: str,
+    db: str,
+    *,
+    socket_dir: Path | None = None,
+) -> Postgres:
     """Start postgres the way the ``postgres`` image does, and return without waiting for it.
 
     An empty or missing ``data_dir`` gets a new cluster first (before this returns): superuser
@@ -213,15 +221,23 @@ def start_ephemeral(data_dir: Path, port: int, user: str, password: str, db: str
     The server listens on 127.0.0.1:``port``; call ``wait_ready`` before connecting and ``stop``
     at the end. It also gets SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG):
     start it from a thread that outlives it, not from a pool's worker thread.
+
+    ``socket_dir``: a database host's admin door as well — a Unix socket there on which the
+    superuser, and only it, logs in by peer authentication as the system user the server
+    runs as (``sudo -u postgres psql`` on the host: :mod:`local_stack.db_host`).
     """
-    run_as = _server_user()
+    run_as = server_user()
     data_dir.mkdir(parents=True, exist_ok=True)
     if run_as is not None:
         _hand_over(data_dir, run_as)
+        if socket_dir is not None:
+            entry = pwd.getpwnam(run_as)
+            os.chown(socket_dir, entry.pw_uid, entry.pw_gid)
     if not (data_dir / "PG_VERSION").exists():
-        _init_cluster(data_dir, user, password, db, run_as)
+        _init_cluster(data_dir, user, password, db, run_as, peer_admin=socket_dir is not None)
+    sockets = str(socket_dir) if socket_dir is not None else ""
     command = [str(bin_dir() / "postgres"), "-D", str(data_dir), "-p", str(port)]
-    command += ["-c", f"listen_addresses={LISTEN_HOST}", "-c", "unix_socket_directories="]
+    command += ["-c", f"listen_addresses={LISTEN_HOST}", "-c", f"unix_socket_directories={sockets}"]
     command += ["-c", "fsync=off"]
     with (data_dir / LOG_NAME).open("ab") as log:
         process = subprocess.Popen(
@@ -237,14 +253,18 @@ def start_ephemeral(data_dir: Path, port: int, user: str, password: str, db: str
 
 
 @contextmanager
-def postgres_server(data_dir: Path, *, timeout: float = 30) -> Iterator[Postgres]:
+def postgres_server(
+    data_dir: Path, *, timeout: float = 30, socket_dir: Path | None = None
+) -> Iterator[Postgres]:
     """A new server on 127.0.0.1 and a free port, superuser ``postgres`` with a random password,
     ready when the block starts; stopped with every process it started when the block ends,
-    however it ends."""
+    however it ends. ``socket_dir``: see :func:`start_ephemeral`."""
     if (data_dir / "PG_VERSION").exists():
         raise PostgresError(f"{data_dir} holds a cluster already: give an empty or new directory")
     password = secrets.token_urlsafe(24)
-    server = start_ephemeral(data_dir, free_port(), "postgres", password, "postgres")
+    server = start_ephemeral(
+        data_dir, free_port(), "postgres", password, "postgres", socket_dir=socket_dir
+    )
     try:
         server.wait_ready(timeout)
         yield server
@@ -252,12 +272,27 @@ def postgres_server(data_dir: Path, *, timeout: float = 30) -> Iterator[Postgres
         server.stop()
 
 
-def _init_cluster(data_dir: Path, user: str, password: str, db: str, run_as: str | None) -> None:
-    """initdb; password-only TCP access from 127.0.0.1; then, in single-user mode (no client
-    ever sees the cluster without a password), the superuser's password and the database."""
+def _init_cluster(
+    data_dir: Path,
+    user: str,
+    password: str,
+    db: str,
+    run_as: str | None,
+    *,
+    peer_admin: bool = False,
+) -> None:
+    """initdb; password-only TCP access from 127.0.0.1 (and, with ``peer_admin``, the superuser
+    by peer authentication on the Unix socket, as the system user the server runs as); then,
+    in single-user mode (no client ever sees the cluster without a password), the superuser's
+    password and the database."""
     settings = ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"]
     _run([str(bin_dir() / "initdb"), "-D", str(data_dir), "-U", user, *settings], run_as)
-    (data_dir / "pg_hba.conf").write_text(f"host all all {LISTEN_HOST}/32 scram-sha-256\n")
+    hba = [f"host all all {LISTEN_HOST}/32 scram-sha-256"]
+    if peer_admin:
+        system_user = run_as or pwd.getpwuid(os.geteuid()).pw_name
+        hba.insert(0, f"local all {user} peer map=admin")
+        (data_dir / "pg_ident.conf").write_text(f"admin {system_user} {user}\n")
+    (data_dir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
     statements = [f"ALTER ROLE {quote_ident(user)} PASSWORD {quote_literal(password)};"]
     if db != "postgres":
         statements.append(f"CREATE DATABASE {quote_ident(db)} OWNER {quote_ident(user)};")
@@ -287,7 +322,7 @@ def prepare_host() -> None:
     """Do now, on the host, what starting a server as root needs to write outside its data
     dir: the system user and ``o+x`` on the way to the binaries. A local instance sees the
     host read-only, so its ephemeral database cannot do it there."""
-    run_as = _server_user()
+    run_as = server_user()
     if run_as is None:
         return
     target = bin_dir().resolve()
@@ -298,7 +333,7 @@ def prepare_host() -> None:
             directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
-def _server_user() -> str | None:
+def server_user() -> str | None:
     """The system user postgres runs as: ourselves (None) unless we are root."""
     if os.geteuid() != 0:
         return None

@@ -93,6 +93,13 @@ USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # (!$&'()*;), and %-escapes.
 PROBE_PATH_PATTERN = re.compile(r"/(?:[A-Za-z0-9._~:@+,=/-]|%[0-9A-Fa-f]{2})*")
 COMMAND_MAX_LENGTH = 1000
+INSTANCE_ID_PATTERN = re.compile(r"i-[0-9a-f]{8,17}")
+# A PostgreSQL identifier we create or name: lower case, never quoted into meaning, at most
+# NAMEDATALEN - 1 bytes.
+PG_IDENTIFIER_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Where previews reach the database host: a DNS name or an IPv4 address.
+HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+URL_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]{0,30}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 ENV_FIELDS = frozenset({"pr_number", "sha", "repo", "branch"})
 RESERVED_ENV = frozenset({"PR_NUMBER", "GIT_SHA", "PR_BRANCH", "DATABASE_URL", "APP_IMAGE"})
@@ -308,6 +315,15 @@ DownloadUrl = Annotated[
         "an http(s) URL of a host[:port] and letters, digits and ._~- path segments",
     ),
 ]
+InstanceId = Annotated[str, Whole(INSTANCE_ID_PATTERN, "an EC2 instance id (i-<hex>)")]
+PgIdentifier = Annotated[
+    str,
+    Whole(
+        PG_IDENTIFIER_PATTERN, "a PostgreSQL name of lower-case letters, digits and _ (63 at most)"
+    ),
+]
+Hostname = Annotated[str, Whole(HOSTNAME_PATTERN, "a host name or IPv4 address")]
+UrlScheme = Annotated[str, Whole(URL_SCHEME_PATTERN, "a URL scheme (e.g. postgresql+asyncpg)")]
 ServiceName = Annotated[
     str, Whole(SERVICE_PATTERN, "a compose service name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)")
 ]
@@ -451,9 +467,11 @@ class AppAndDatabase(_Group):
         description="The repository's own compose file (e.g. deploy/preview.compose.yml),"
         " fetched at the PR's sha and checked before launch; unset: a generated one.",
     )
-    database: Literal["external", "ephemeral"] = Field(
+    database: Literal["external", "per-preview", "ephemeral"] = Field(
         "external",
-        description="external: DATABASE_URL from Parameter Store; ephemeral: a db: service.",
+        description="external: one DATABASE_URL from Parameter Store, shared by every preview;"
+        " per-preview: a database and role of the preview's own on the database host (the"
+        " default once db_instance_id is set); ephemeral: a db: service beside the app.",
     )
     database_url_parameter: InstanceParameter = Field(
         "/pr-preview/database-url",
@@ -496,6 +514,44 @@ class AppAndDatabase(_Group):
         min_length=1,
         description="Paths the probe asks the app for from inside the instance, in order; the"
         " first 2xx/3xx answer makes the preview healthy.",
+    )
+
+
+class PreviewDatabases(_Group):
+    """A database of each preview's own on the runbook's PostgreSQL host (``database:
+    per-preview``): created before the launch, dropped with the preview (docs/design.md)."""
+
+    db_instance_id: InstanceId | None = Field(
+        None,
+        description="The database host's EC2 instance: pr-preview administers it over SSM Run"
+        " Command (sudo -u postgres psql, peer authentication: no admin password anywhere).",
+    )
+    db_host: Hostname | None = Field(
+        None,
+        description="Where previews reach the database host; unset: its private IP address.",
+    )
+    db_port: int = Field(5432, ge=1, le=65535, description="The database host's port.")
+    database_url_scheme: UrlScheme = Field(
+        "postgresql+asyncpg", description="The scheme of a preview's DATABASE_URL."
+    )
+    template_database: PgIdentifier | None = Field(
+        None,
+        description="The production-like database every preview database is cloned from"
+        " (CREATE DATABASE … TEMPLATE); unset: an empty database.",
+    )
+    seed_on_template: bool = Field(
+        False, description="Run seed_command on a database cloned from the template as well."
+    )
+    database_parameter_path: InstanceParameterPath = Field(
+        "/pr-preview/databases",
+        description="Where each preview's DATABASE_URL is kept, one SecureString per preview;"
+        " an instance may read only its own preview's.",
+    )
+    template_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=600,
+        description="How long a clone waits for the template's last connection to close.",
     )
 
 
@@ -722,6 +778,7 @@ class PreviewConfig(
     SparesAndBaking,
     LifetimesAndCapacity,
     Timings,
+    PreviewDatabases,
     AppAndDatabase,
     ImageAndRegistry,
     AwsPlacement,
@@ -729,16 +786,39 @@ class PreviewConfig(
     """Everything a preview needs to know about the AWS account, the app and the timings: one
     model per concern, its fields flat. Rules across concerns live here."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_preview_with_a_database_host(cls, data: Any) -> Any:
+        """With a database host and no ``database`` given, each preview gets its own."""
+        if isinstance(data, dict) and data.get("db_instance_id") and "database" not in data:
+            return {**data, "database": "per-preview"}
+        return data
+
     @model_validator(mode="after")
     def _secrets_stay_ours(self) -> Self:
         path = self.env_parameter_path
-        for name in (self.ghcr_token_parameter, self.database_url_parameter):
-            if path is not None and name.startswith(path + "/"):
+        names = (self.ghcr_token_parameter, self.database_url_parameter)
+        for name in (*names, self.database_parameter_path):
+            if path is not None and (name == path or name.startswith(path + "/")):
                 raise ValueError(
                     f"env_parameter_path {path} holds {name}: the app would get it as a"
                     " variable; choose a path of its own (e.g. /pr-preview/env)"
                 )
+        if path is not None and path.startswith(self.database_parameter_path + "/"):
+            raise ValueError(
+                f"env_parameter_path {path} is below database_parameter_path: choose a path of"
+                " its own (e.g. /pr-preview/env)"
+            )
+        if self.database == "per-preview" and self.db_instance_id is None:
+            raise ValueError(
+                "database: per-preview needs db_instance_id, the database host's EC2 instance"
+                " (or choose database: external or ephemeral)"
+            )
         return self
+
+    def database_parameter(self, database: str) -> str:
+        """The SecureString holding the DATABASE_URL of the preview database ``database``."""
+        return f"{self.database_parameter_path}/{database}"
 
 
 # The concerns, in reading order: every field of PreviewConfig is in exactly one.
@@ -746,6 +826,7 @@ GROUPS: tuple[type[BaseModel], ...] = (
     AwsPlacement,
     ImageAndRegistry,
     AppAndDatabase,
+    PreviewDatabases,
     Timings,
     LifetimesAndCapacity,
     SparesAndBaking,
@@ -787,6 +868,12 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "db_security_group_id": "the database's security group",
         "db_sg_open_public_ip": "whether the database is opened to a preview's public IP",
         "env_parameter_path": "the parameters the app gets as secrets",
+        "db_instance_id": "the database host pr-preview administers",
+        "db_host": "where the previews' DATABASE_URL points",
+        "db_port": "where the previews' DATABASE_URL points",
+        "database_url_scheme": "the previews' DATABASE_URL",
+        "template_database": "the data every preview database starts from",
+        "database_parameter_path": "where each preview's DATABASE_URL is kept",
         # whom pr-preview serves, and as whom it speaks
         "allowed_repos": "which repositories are served",
         "allowed_fork_repos": "which forks' code is run",
@@ -813,6 +900,8 @@ TUNING_FIELDS = frozenset(
         "app_service",
         "probe_paths",
         "seed_on_every_deploy",
+        "seed_on_template",
+        "template_wait_seconds",
         "ttl_hours",
         "failure_ttl_hours",
         "max_previews",

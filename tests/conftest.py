@@ -17,6 +17,8 @@ import pytest
 from moto import mock_aws
 
 from local_stack.account import DemoAccount, create_demo_account
+from local_stack.db_host import DbHost, launch_db_host
+from local_stack.db_host import db_host as local_db_host
 from local_stack.instance.relay import Bridge
 from local_stack.instance.runtime import InstanceRuntime
 from local_stack.postgres import Postgres, postgres_server
@@ -177,6 +179,18 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """A real PostgreSQL on 127.0.0.1 for the module's tests."""
     with postgres_server(tmp_path_factory.mktemp("postgres") / "data") as server:
         yield server
+
+
+@pytest.fixture
+def db_host(
+    aws: AwsClients, account: DemoAccount, scripted_ssm: ScriptedInstances, tmp_path: Path
+) -> Iterator[DbHost]:
+    """The runbook's database host for ``database: per-preview``: an instance in moto whose
+    SSM commands run in real bash beside a real PostgreSQL (``local_stack.db_host``)."""
+    instance_id = launch_db_host(aws.ec2, account.db_sg_id)
+    with local_db_host(tmp_path / "db-host", instance_id) as host:
+        host.serve(scripted_ssm)
+        yield host
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from tasks.cloud.on_instance import COMPOSE_FILE, write_file
 from tasks.config import PreviewConfig
 
 PREVIEW_ENV_FILE = "preview.env"
+DATABASE_ENV_FILE = "app.env"
 SECRETS_ENV_FILE = "secrets.env"
 # Git allows more in a branch name; what is outside this reaches the app as an empty PR_BRANCH.
 BRANCH_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+@-]{0,254}")
@@ -43,6 +44,29 @@ for name in $names; do  # word splitting on purpose: names hold no whitespace
 done
 mv -fT "$secrets" {file}
 unset value secrets"""
+
+
+# A per-preview database's DATABASE_URL (database: per-preview) into app.env, through a new
+# file. The flow tags the parameter with this instance's ARN right after the launch or the
+# claim, and only then may the instance's role read it: a first refusal is waited out.
+# Needs ``param`` and ``fail`` and ``set -e`` around it.
+READ_PREVIEW_DATABASE = """for _ in 1 2 3 4 5 6 7 8 9 10; do
+  database_url=$(param {parameter}) && [ -n "$database_url" ] && break
+  database_url=""
+  sleep 3
+done
+[ -n "$database_url" ] || fail "cannot read this preview's DATABASE_URL ("{parameter}")"
+case $database_url in *$'\\n'*) fail "this preview's DATABASE_URL holds a line break";; esac
+{write}
+unset database_url"""
+
+
+def read_preview_database_script(app_dir: str, parameter: str) -> str:
+    """Shell writing ``app.env`` from the preview's own ``DATABASE_URL`` parameter."""
+    write = write_file(
+        f"{app_dir}/{DATABASE_ENV_FILE}", "printf 'DATABASE_URL=%s\\n' \"$database_url\""
+    )
+    return READ_PREVIEW_DATABASE.format(parameter=shlex.quote(parameter), write=write)
 
 
 def branch_or_empty(branch: str | None) -> str:
@@ -95,6 +119,9 @@ class AppFiles:
 
     env: Mapping[str, str]
     compose: str | None = None
+    # database: per-preview — the parameter of the preview's own DATABASE_URL, re-read on
+    # every deploy (a claimed spare gets its database this way)
+    database_parameter: str | None = None
 
 
 def app_env_commands(settings: PreviewConfig, app: AppFiles) -> list[str]:
@@ -118,4 +145,9 @@ def app_env_commands(settings: PreviewConfig, app: AppFiles) -> list[str]:
         "umask 077",
         write_preview_env(settings.app_dir, app.env),
         read_secrets_script(settings),
+        *(
+            [read_preview_database_script(settings.app_dir, app.database_parameter)]
+            if app.database_parameter
+            else []
+        ),
     ]

@@ -12,12 +12,15 @@ from datetime import datetime, timedelta
 from importlib.resources import files
 
 from tasks.app.app_env import (
+    DATABASE_ENV_FILE,
     PREVIEW_ENV_FILE,
     SECRETS_ENV_FILE,
     preview_env,
+    read_preview_database_script,
     read_secrets_script,
     write_preview_env,
 )
+from tasks.cloud.databases import database_name
 from tasks.cloud.ecr import ecr_login, ecr_repository
 from tasks.cloud.on_instance import STATE_DIR, container_run, timer_command, timer_minutes
 from tasks.cloud.tags import (
@@ -267,6 +270,7 @@ def render_user_data(settings: PreviewConfig, spec: LaunchSpec) -> str:
         ),
         compose_file=q(spec.compose or compose_file(settings)),
         migrate_on_boot=migrate_on_boot(settings),
+        database_env=database_env(settings, spec),
     )
 
 
@@ -288,18 +292,28 @@ def render_spare_user_data(settings: PreviewConfig) -> str:
         # The PR that claims the spare writes it.
         preview_env=f': | put "$APP_DIR/{PREVIEW_ENV_FILE}"',
         migrate_on_boot="",  # past the spare's stop: its PR's deploy migrates
+        database_env=database_env(settings, None),
     )
     return script[: script.index(stop) + len(stop)] + "\n"
 
 
+def database_env(settings: PreviewConfig, spec: LaunchSpec | None) -> str:
+    """The user data's share of DATABASE_URL: the shared parameter, the preview's own (a
+    spare's is written by the deploy of the PR that claims it), or the ephemeral database."""
+    if settings.database == "external":
+        return EXTERNAL_DATABASE_ENV.replace(
+            "{{parameter}}", shlex.quote(settings.database_url_parameter)
+        )
+    if settings.database == "per-preview":
+        if spec is None:
+            return f': | put "$APP_DIR/{DATABASE_ENV_FILE}"'
+        parameter = settings.database_parameter(database_name(spec.repo, spec.pr_number))
+        return read_preview_database_script(settings.app_dir, parameter)
+    return EPHEMERAL_DATABASE_ENV
+
+
 def _render(settings: PreviewConfig, **values: str) -> str:
     q = shlex.quote
-    if settings.database == "external":
-        database_env = EXTERNAL_DATABASE_ENV.replace(
-            "{{parameter}}", q(settings.database_url_parameter)
-        )
-    else:
-        database_env = EPHEMERAL_DATABASE_ENV
     values.update(
         state_dir=q(STATE_DIR),
         app_dir=q(settings.app_dir),
@@ -314,7 +328,6 @@ def _render(settings: PreviewConfig, **values: str) -> str:
         ),
         region=q(settings.region),
         ghcr_token_parameter=q(settings.ghcr_token_parameter),
-        database_env=database_env,
         read_secrets=read_secrets_script(settings),
     )
     values.setdefault("compose_file", q(compose_file(settings)))

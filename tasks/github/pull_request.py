@@ -76,6 +76,7 @@ class CommentState:
     services: tuple[str, ...] = ()  # what the preview runs (compose services)
     variables: tuple[str, ...] = ()  # the names the app's environment gets, never values
     secrets_path: str | None = None  # env_parameter_path: its parameters' names are not read
+    database: str | None = None  # database: per-preview — its name and size
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ def _app_lines(status: CommentState) -> list[str]:
         if status.secrets_path:
             names += f" and a secret per parameter under `{status.secrets_path}`"
         lines.append(f"Variables: {names}")
+    if status.database:
+        lines.append(f"Database: {status.database}")
     return [*lines, ""] if lines else []
 
 

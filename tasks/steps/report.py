@@ -181,6 +181,7 @@ class PullRequestReport:
     check_concluded: bool = False
     services: tuple[str, ...] = ()  # shown once known (the compose file is checked first)
     variables: tuple[str, ...] = ()
+    database: str | None = None  # `name` (size), once the preview's own database is made
 
     def tell(
         self,
@@ -218,6 +219,7 @@ class PullRequestReport:
                 services=self.services,
                 variables=self.variables,
                 secrets_path=self.settings.env_parameter_path,
+                database=self.database,
             ),
             secrets=self.secrets,
         )

@@ -222,6 +222,9 @@ class SweepReport:
     terminate_calls: int = 0
     pr_lookups: int = 0
     revoked_rules: list[DbRule] = field(default_factory=list)
+    # database: per-preview — what the sweeper's database step dropped (or would) and could not
+    dropped_databases: list[str] = field(default_factory=list)
+    failed_databases: dict[str, str] = field(default_factory=dict)
 
     @property
     def to_terminate(self) -> list[str]:
@@ -247,6 +250,7 @@ class SweepReport:
             "terminate_calls": self.terminate_calls,
             "pr_lookups": self.pr_lookups,
             "revoked_rules": len(self.revoked_rules),
+            "dropped_databases": len(self.dropped_databases),
         }
 
     def outcome(self, decision: Decision) -> str:
@@ -296,7 +300,17 @@ class SweepReport:
             f"{verb} {done}, kept {counts['kept']}, already gone {counts['already_gone']}, "
             f"failed {counts['failed']}, db-sg rules "
             f"{'to revoke' if self.dry_run else 'revoked'} {counts['revoked_rules']}"
+            + (
+                f", preview databases {'to drop' if self.dry_run else 'dropped'}"
+                f" {counts['dropped_databases']}"
+                if self.dropped_databases or self.failed_databases
+                else ""
+            )
         )
+
+    def live_pulls(self) -> list[tuple[str, int]]:
+        """(repo, PR) of every preview still running once the sweep is done."""
+        return sorted({key for preview in self.live if (key := _pull_key(preview))})
 
 
 def terminated_event(decision: Decision) -> dict[str, Any]:

@@ -9,8 +9,11 @@ Conditions are judged against the request's context (``aws:RequestTag/Purpose``,
 ``ec2:MetadataHttpTokens``, ``kms:EncryptionContext:PARAMETER_ARN``, …) as IAM judges them:
 operators AND together, keys within an operator AND together, the values of one key OR together;
 a key missing from the context fails a condition, except under a negated operator, ``…IfExists``,
-``ForAllValues:`` and ``Null``. An operator it does not know is an error, never a guess: a
-policy using one needs this evaluator taught first.
+``ForAllValues:`` and ``Null``. A policy variable in a condition's value
+(``${ec2:SourceInstanceARN}``) is the request's value of that key; a key the request lacks makes
+the condition fail, whatever the operator, as IAM does. An operator it does not know is an error,
+never a guess: a policy
+using one needs this evaluator taught first.
 """
 
 from __future__ import annotations
@@ -91,11 +94,37 @@ def glob_matches(pattern: str, text: str, *, case_sensitive: bool = True) -> boo
 def conditions_hold(block: Mapping[str, Mapping[str, Any]], context: Mapping[str, Any]) -> bool:
     """Every operator of a statement's ``Condition`` holds for ``context``."""
     present = {key.lower(): value for key, value in context.items()}
-    return all(
-        _operator_holds(operator, key.lower(), _values(wanted), present)
-        for operator, keys in block.items()
-        for key, wanted in keys.items()
-    )
+    for operator, keys in block.items():
+        for key, wanted in keys.items():
+            values = _substituted(_values(wanted), present)
+            if values is None or not _operator_holds(operator, key.lower(), values, present):
+                return False
+    return True
+
+
+_VARIABLE = re.compile(r"\$\{([^}]+)\}")
+
+
+def _substituted(values: list[str], context: Mapping[str, ContextValue]) -> list[str] | None:
+    """``values`` with each ``${key}`` replaced by the request's value; None when a key is
+    missing (IAM then fails the condition)."""
+    found: list[str] = []
+    for value in values:
+        missing = False
+
+        def replace(match: re.Match[str]) -> str:
+            nonlocal missing
+            given = context.get(match.group(1).lower())
+            if given is None or not isinstance(given, str):
+                missing = True
+                return ""
+            return given
+
+        text = _VARIABLE.sub(replace, value)
+        if missing:
+            return None
+        found.append(text)
+    return found
 
 
 # --- the operators --------------------------------------------------------------------------
