@@ -85,6 +85,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose mistakes are our one-line errors instead of usage + exit."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            # What was not understood may be a secret typed where a file name belongs: name the
+            # options only, never the values.
+            options = [word for word in message.split()[2:] if word.startswith("-")]
+            message = f"unrecognized arguments: {' '.join(options) or '(values not shown)'}"
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -115,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
-        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, parents=[common], allow_abbrev=False
+        )
         sub.set_defaults(handler=handler)
         return sub
 

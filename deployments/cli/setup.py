@@ -139,7 +139,8 @@ def read_secret(path: str, what: str, check: str) -> Secret:
         try:
             text, source = Path(path).read_text(), path
         except OSError as exc:
-            raise CliError(f"{what}: cannot read {path}: {exc.strerror}") from None
+            # The path is not echoed: a value typed in its place may be the secret itself.
+            raise CliError(f"{what}: cannot read the file given: {exc.strerror}") from None
     text = text.strip()
     problem = None
     if not text:
