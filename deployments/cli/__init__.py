@@ -6,6 +6,9 @@
     pr-preview doctor [--pr 42]   preflight, and the §0 checks on PR 42's instance with a diagnosis
     pr-preview cleanup --expired  §9's manual clean-up through the TTL sweeper's own code
     pr-preview receiver | demo    the signed-webhook receiver; the moto demo
+    pr-preview setup --stack S    from the deployed stack to a working installation
+    pr-preview teardown-all       every preview, spare and baked image gone: the stack deletes
+    pr-preview acceptance         a real account's check: open, push, close, timed and priced
 
 The configuration is the flows': ``PR_PREVIEW_*`` environment variables, and the Prefect
 Variable ``pr-preview-config`` when ``PREFECT_API_URL`` is set. Every failure is one line
@@ -28,6 +31,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from deployments.cli.acceptance import cmd_acceptance
 from deployments.cli.cleanup import cmd_cleanup
 from deployments.cli.common import (
     EXIT_ERROR,
@@ -40,6 +44,8 @@ from deployments.cli.common import (
     _positive,
     _pr_number,
     _repo,
+    _repo_pattern,
+    _sha,
     build_clients,
     describe_error,
     find_one_running,
@@ -49,6 +55,9 @@ from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
 from deployments.cli.logs import cmd_logs
 from deployments.cli.previews import cmd_list
 from deployments.cli.receiver import DEFAULT_SPOOL, cmd_receiver
+from deployments.cli.setup import cmd_setup
+from deployments.cli.stack import stack_name
+from deployments.cli.teardown_all import cmd_teardown_all
 from deployments.cli.tunnel import check_session_tools, cmd_tunnel
 from tasks.cloud.tunnel import tunnel_argv
 
@@ -76,6 +85,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose mistakes are our one-line errors instead of usage + exit."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            # What was not understood may be a secret typed where a file name belongs: name the
+            # options only, never the values.
+            options = [word for word in message.split()[2:] if word.startswith("-")]
+            message = f"unrecognized arguments: {' '.join(options) or '(values not shown)'}"
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -106,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
-        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, parents=[common], allow_abbrev=False
+        )
         sub.set_defaults(handler=handler)
         return sub
 
@@ -184,6 +200,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     receiver.add_argument(
         "--secret-block", help="Prefect Secret block with the webhook secret (if no env var)"
+    )
+
+    setup = command(
+        "setup",
+        "Configure Prefect from a deployed stack (deployments/aws/pr-preview.yaml) and store"
+        " the secrets; idempotent.",
+        cmd_setup,
+    )
+    setup.add_argument("--stack", type=stack_name, required=True, help="the stack's name")
+    setup.add_argument(
+        "--allow",
+        action="append",
+        type=_repo_pattern,
+        metavar="OWNER/NAME",
+        help="a repository to preview (allowed_repos; owner/* for all of an owner); repeatable",
+    )
+    setup.add_argument("--github-app-id", type=_positive, help="the GitHub App's ID")
+    setup.add_argument(
+        "--github-app-key", metavar="FILE", help="the GitHub App's private key (.pem file, or -)"
+    )
+    setup.add_argument(
+        "--ghcr-token-file", metavar="FILE", help="file holding the GHCR token (- for stdin)"
+    )
+    setup.add_argument(
+        "--database-url-file", metavar="FILE", help="file holding the DATABASE_URL (- for stdin)"
+    )
+    setup.add_argument(
+        "--replace-secrets", action="store_true", help="overwrite secrets that are stored already"
+    )
+    setup.add_argument(
+        "--redeploy", action="store_true", help="run prefect deploy --all even if all exist"
+    )
+    setup.add_argument(
+        "--dry-run", action="store_true", help="say what would change, change nothing"
+    )
+
+    teardown_all = command(
+        "teardown-all",
+        "Terminate every preview and spare, remove baked images and setup's secrets, so the"
+        " stack deletes cleanly.",
+        cmd_teardown_all,
+    )
+    teardown_all.add_argument("--stack", type=stack_name, required=True, help="the stack's name")
+    teardown_all.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    teardown_all.add_argument("--dry-run", action="store_true", help="only list what would go")
+    teardown_all.add_argument(
+        "--delete-stack", action="store_true", help="then delete the stack and wait for it"
+    )
+
+    acceptance = command(
+        "acceptance",
+        "On a real account: open a preview, push, close; print each step's time and the cost.",
+        cmd_acceptance,
+    )
+    acceptance.add_argument("--stack", type=stack_name, required=True, help="the stack's name")
+    acceptance.add_argument("--repo", type=_repo, required=True, help="owner/name")
+    acceptance.add_argument("--pr", type=_pr_number, required=True, help="a PR without a preview")
+    acceptance.add_argument("--sha", type=_sha, required=True, help="the first commit's image")
+    acceptance.add_argument("--second-sha", type=_sha, required=True, help="the pushed one")
+    acceptance.add_argument(
+        "--spend-money", action="store_true", help="confirm: this launches real instances"
     )
 
     demo = command("demo", "Run the lifecycle demo on moto (make demo).", cmd_demo)

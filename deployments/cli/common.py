@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tasks.inputs import is_repo
+from tasks.inputs import is_repo, is_repo_pattern, is_sha
 from tasks.run.errors import PreviewError
 
 if TYPE_CHECKING:
@@ -53,6 +53,19 @@ def _pr_number(text: str) -> int:
 def _repo(text: str) -> str:
     if not is_repo(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not owner/name")
+    return text
+
+
+def _repo_pattern(text: str) -> str:
+    """``owner/name`` or ``owner/*``: an ``allowed_repos`` entry."""
+    if is_repo_pattern(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not owner/name or owner/*")
+
+
+def _sha(text: str) -> str:
+    if not is_sha(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a commit sha (hex digits)")
     return text
 
 
