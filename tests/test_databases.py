@@ -292,7 +292,7 @@ def test_two_previews_have_their_own_databases_and_only_their_instance_reads_the
     role = {"instance-role": load_policy(Path(INSTANCE_ROLE))}
 
     def read(parameter: str, tags: dict[str, str], by: str) -> str:
-        context = {f"ssm:resourceTag/{k}": v for k, v in tags.items()}
+        context = {f"aws:ResourceTag/{k}": v for k, v in tags.items()}
         context["ec2:SourceInstanceARN"] = by
         resource = f"arn:aws:ssm:{REGION}:123456789012:parameter/pr-preview/databases/{parameter}"
         return evaluate(role, Request("ssm:GetParameter", resource, context)).decision

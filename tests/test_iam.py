@@ -46,10 +46,12 @@ from flows.spares import pr_spares
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
+from local_stack.db_host import DbHost
 from local_stack.registry import OCI_INDEX, FakeRegistry
 from local_stack.scripted_instance import MIGRATE, Reply, ScriptedInstances
 from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data, render_user_data
 from tasks.cloud.aws import AwsClients, build_clients
+from tasks.cloud.databases import database_name
 from tasks.cloud.db_rules import db_rule_description
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
@@ -57,6 +59,7 @@ from tasks.cloud.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image
+from tasks.steps.database import TAG_USED_AT, create_database
 from tasks.steps.launch import launch_instance
 from tasks.steps.spares import SPARE, spare_tags
 from tasks.steps.update import deploy_commands
@@ -75,6 +78,7 @@ MANAGED_SSM_CORE = Path(__file__).parent / "data" / "iam" / "AmazonSSMManagedIns
 ACCOUNT = "123456789012"
 PURPOSE = PreviewConfig.model_fields["purpose_tag"].default
 DB_SG_PLACEHOLDER = "arn:aws:ec2:*:*:security-group/DB_SECURITY_GROUP_ID"
+DB_HOST_PLACEHOLDER = "arn:aws:ec2:*:*:instance/DB_INSTANCE_ID"
 ECR_REPOSITORY = "ECR_REPOSITORY"  # the placeholder of the configured ECR repositories
 ECR_PLACEHOLDER = f"arn:aws:ecr:*:*:repository/{ECR_REPOSITORY}"
 ECR_IMAGE = "123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/octo-org/app"
@@ -331,6 +335,8 @@ def implied_actions(requests: Requests) -> set[str]:
         implied.add("ec2:CreateTags")
     if any(params.get("WithDecryption") for params in requests.of("ssm.GetParameter")):
         implied.add("kms:Decrypt")  # a SecureString is decrypted with the caller's KMS rights
+    if any(p.get("Type") == "SecureString" for p in requests.of("ssm.PutParameter")):
+        implied.add("kms:Encrypt")  # ... and encrypted with them when it is stored
     return implied
 
 
@@ -404,6 +410,16 @@ def seed_expired_preview_and_leftover_rule(aws: AwsClients, config: PreviewConfi
     return expired.instance_id
 
 
+def seed_orphan_database(aws: AwsClients, config: PreviewConfig) -> None:
+    """With the fixture's clients (not recorded): a killed run's database, long unused."""
+    made = create_database(aws, config, REPO, 47)
+    aws.ssm.add_tags_to_resource(
+        ResourceType="Parameter",
+        ResourceId=made.parameter,
+        Tags=[{"Key": TAG_USED_AT, "Value": "2026-01-01T00:00:00Z"}],
+    )
+
+
 def record(
     aws: AwsClients,
     account: DemoAccount,
@@ -411,6 +427,7 @@ def record(
     registry: FakeRegistry,
     scripted_ssm: ScriptedInstances,
     monkeypatch: pytest.MonkeyPatch,
+    db_host: DbHost,
 ) -> Recording:
     """A preview's whole life, a failed run, the sweeper and the operator's commands."""
     config.image = f"{registry.host}/octo-org/app"
@@ -461,6 +478,15 @@ def record(
     def closed() -> None:
         assert pr_teardown(REPO, 42, config=config).terminated
 
+    def own_database() -> None:
+        # database: per-preview — made, handed to the instance, dropped; on from here on, so
+        # the sweeper below drops a gone preview's database too.
+        config.db_instance_id = db_host.instance_id
+        config.database = "per-preview"
+        result = pr_preview(REPO, 46, SHA1, action="opened", config=config)
+        assert (result.status, result.path) == ("ready", "launched") and result.database
+        assert pr_teardown(REPO, 46, config=config).database
+
     def failed() -> None:
         # The migration never finishes: the command is cancelled, the run diagnosed over SSM.
         scripted_ssm.on(MIGRATE, Reply(pending_reads=-1))
@@ -475,6 +501,7 @@ def record(
     def swept() -> None:
         report = ttl_sweeper(config=config)
         assert (report.terminated, len(report.revoked_rules)) == (expired, 1)
+        assert report.dropped_databases == [database_name(REPO, 47)]
 
     def command(*argv: str, code: int = 0) -> Callable[[], None]:
         def run() -> None:
@@ -489,6 +516,7 @@ def record(
         ("teardown", closed),
         ("warm spare launched", spares_made),
         ("warm spare claimed", spare_claimed),
+        ("a database of its own", own_database),
         ("failed and diagnosed", failed),
         ("ttl sweeper", swept),
         ("pr-preview list", command("list")),
@@ -508,11 +536,13 @@ def record(
         for name, phase in phases:
             if name == "ttl sweeper":
                 expired.append(seed_expired_preview_and_leftover_rule(aws, config))
+                seed_orphan_database(aws, config)
             before = Counter(faults.calls)
             phase()
             recording.phases[name] = faults.calls - before
     recording.requests, recording.calls = requests, faults.calls
-    assert all(state_of(aws, i["InstanceId"]) == "terminated" for i in instances(aws))
+    ours = [i for i in instances(aws) if i["InstanceId"] != db_host.instance_id]
+    assert all(state_of(aws, i["InstanceId"]) == "terminated" for i in ours)
     recording.on_instances = [c.command for c in scripted_ssm.calls] + [
         user_data(aws, i["InstanceId"]) for i in instances(aws)
     ]
@@ -540,8 +570,9 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
     scripted_ssm: ScriptedInstances,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    db_host: DbHost,
 ) -> None:
-    recording = record(aws, account, config, registry, scripted_ssm, monkeypatch)
+    recording = record(aws, account, config, registry, scripted_ssm, monkeypatch, db_host)
     capsys.readouterr()
     table = phase_table(recording)
     silent = [name for name, calls in recording.phases.items() if not calls]
@@ -608,6 +639,24 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
     for params in requests.of("ssm.GetParameter"):
         arn = f"arn:aws:ssm:{REGION}:123456789012:parameter{params['Name']}"
         assert any(covers(s, arn) for s in allowing(ORCHESTRATOR, "ssm:GetParameter")), arn
+    # A preview's own database: its parameter written, tagged and deleted under one path only,
+    # and the database host the one instance without our Purpose tag that gets commands.
+    kept = "ssm.PutParameter", "ssm.AddTagsToResource", "ssm.DeleteParameter"
+    for operation in (*kept, "ssm.ListTagsForResource"):
+        assert requests.of(operation), f"no {operation}; recorded:\n{table}"
+        for params in requests.of(operation):
+            name = params.get("Name") or params["ResourceId"]
+            arn = f"arn:aws:ssm:{REGION}:123456789012:parameter{name}"
+            assert name.startswith("/pr-preview/databases/pr_"), params
+            assert any(covers(s, arn) for s in allowing(ORCHESTRATOR, iam_action(operation)))
+    unconditioned = [s for s in allowing(ORCHESTRATOR, "ssm:SendCommand") if not s.get("Condition")]
+    assert sorted(r for s in unconditioned for r in as_list(s["Resource"])) == [
+        DB_HOST_PLACEHOLDER,
+        "arn:aws:ssm:*:*:document/AWS-RunShellScript",
+    ]
+    targets = {i for params in requests.of("ssm.SendCommand") for i in params["InstanceIds"]}
+    ours = {i["InstanceId"] for i in instances(aws) if tags_of(i).get("Purpose") == PURPOSE}
+    assert targets - ours == {db_host.instance_id}
     for params in requests.of("iam.GetInstanceProfile"):
         arn = f"arn:aws:iam::123456789012:instance-profile/{params['InstanceProfileName']}"
         assert any(covers(s, arn) for s in allowing(ORCHESTRATOR, "iam:GetInstanceProfile"))
@@ -726,8 +775,10 @@ def test_the_conditions_hold_structurally() -> None:
         for statement in statements(path):
             assert statement.get("Sid"), statement
             assert not {"NotAction", "NotResource", "Principal"} & set(statement), statement
-            if statement["Effect"] == "Deny":  # the App's key, kept from the instances only
-                assert path == INSTANCE_ROLE and "pr-preview-app" in json.dumps(statement)
+            if statement["Effect"] == "Deny":  # the App's key, another preview's database URL
+                text = json.dumps(statement)
+                assert path == INSTANCE_ROLE, statement
+                assert "pr-preview-app" in text or "pr-preview/databases" in text, statement
                 continue
             assert statement["Effect"] == "Allow", statement
             assert not [a for a in as_list(statement["Action"]) if "*" in a], statement
@@ -783,6 +834,8 @@ def test_the_conditions_hold_structurally() -> None:
             resources = as_list(statement["Resource"])
             if resources == ["arn:aws:ssm:*:*:document/AWS-RunShellScript"]:
                 continue  # SendCommand's document: the instance is the other resource it needs
+            if resources == [DB_HOST_PLACEHOLDER] and action == "ssm:SendCommand":
+                continue  # the database host, by its id (database: per-preview)
             assert resources == [INSTANCE_ARN], statement
             assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
 
@@ -1089,6 +1142,10 @@ ACCEPTED_FINDINGS = {
     "orchestrator-policy.json RESOURCE_MISMATCH TerminateAndCommandOnlyOurInstances": (
         "SendCommand is split the same way: the Purpose tag condition applies to the instance;"
         " the AWS-RunShellScript document has no tags and is allowed in its own statement."
+    ),
+    "orchestrator-policy.json RESOURCE_MISMATCH CommandTheDatabaseHost": (
+        "the database host's share of that split: commands to the one instance"
+        " db_instance_id names (DB_INSTANCE_ID), with the document allowed in its own statement."
     ),
     "instance-role-policy.json CREDENTIALS_EXPOSURE ecr:getauthorizationtoken": (
         "the instance logs in to ECR with it (`aws ecr get-login-password`, piped into `docker"

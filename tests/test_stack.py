@@ -22,6 +22,7 @@ from deployments import aws as stack
 from tests.test_iam import ECR_PLACEHOLDER, INSTANCE_ROLE, INSTANCE_SSM_AGENT, ORCHESTRATOR
 
 DB_SG = "sg-0a1b2c3d4e5f60718"
+DB_HOST = "i-0db0123456789abcd"  # the database host (database: per-preview)
 ECR = "octo-org/app"
 ROLE = "pr-preview-PreviewInstanceRole-ABC123"
 PROFILE = "pr-preview-PreviewInstanceProfile-DEF456"
@@ -57,6 +58,7 @@ def filled(policy: dict[str, Any], *, db: bool, ecr: bool) -> dict[str, Any]:
     """A JSON policy as deployments/iam/README.md says to fill it by hand."""
     text = json.dumps(policy)
     text = text.replace("DB_SECURITY_GROUP_ID", DB_SG).replace("ECR_REPOSITORY", ECR)
+    text = text.replace("DB_INSTANCE_ID", DB_HOST)
     text = text.replace("instance-profile/ec2-pr-preview-ssm", f"instance-profile/{PROFILE}")
     text = text.replace("role/ec2-pr-preview-ssm", f"role/{ROLE}")
     result: dict[str, Any] = json.loads(text)
@@ -67,7 +69,7 @@ def filled(policy: dict[str, Any], *, db: bool, ecr: bool) -> dict[str, Any]:
         )
         if not ecr and all(action.startswith("ecr:") for action in actions):
             continue
-        if not db and DB_SG in json.dumps(statement):
+        if not db and (DB_SG in json.dumps(statement) or DB_HOST in json.dumps(statement)):
             continue
         kept.append(statement)
     return {**result, "Statement": kept}
@@ -78,11 +80,12 @@ def stack_policies(*, db: bool, ecr: bool) -> dict[str, dict[str, Any]]:
     template = loaded()
     refs = {
         "DatabaseSecurityGroupId": DB_SG if db else "",
+        "DatabaseHostInstanceId": DB_HOST if db else "",
         "EcrRepository": ECR if ecr else "",
         "PreviewInstanceRole": ROLE,
         "PreviewInstanceProfile": PROFILE,
     }
-    conditions = {"HasDatabase": db, "UseEcr": ecr}
+    conditions = {"HasDatabase": db, "HasDatabaseHost": db, "UseEcr": ecr}
     found = {}
     for resource in template["Resources"].values():
         for policy in resource.get("Properties", {}).get("Policies", []):
@@ -109,6 +112,7 @@ def test_the_stacks_policies_are_the_json_files_with_their_placeholders_filled(
     assert found == expected
     text = json.dumps(found)
     assert "DB_SECURITY_GROUP_ID" not in text and "ECR_REPOSITORY" not in text
+    assert "DB_INSTANCE_ID" not in text
     assert "ec2-pr-preview-ssm" not in text
     assert (ECR_PLACEHOLDER.replace("ECR_REPOSITORY", ECR) in text) is ecr
 

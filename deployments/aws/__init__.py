@@ -41,6 +41,7 @@ INSTANCE_PROFILE_PLACEHOLDER = "ec2-pr-preview-ssm"
 # under which a statement naming it is kept (None: always).
 PLACEHOLDERS: dict[str, tuple[str, str | None]] = {
     "DB_SECURITY_GROUP_ID": ("${DatabaseSecurityGroupId}", "HasDatabase"),
+    "DB_INSTANCE_ID": ("${DatabaseHostInstanceId}", "HasDatabaseHost"),
     "ECR_REPOSITORY": ("${EcrRepository}", "UseEcr"),
     f"instance-profile/{INSTANCE_PROFILE_PLACEHOLDER}": (
         "instance-profile/${PreviewInstanceProfile}",
@@ -229,6 +230,13 @@ def template() -> dict[str, Any]:
             "Description": "The database's security group (db-sg), which gets one rule admitting"
             " the previews on DatabasePort; empty: no shared database (database: ephemeral).",
         },
+        "DatabaseHostInstanceId": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": "^(i-[0-9a-f]{8,17})?$",
+            "Description": "The database host's EC2 instance (database: per-preview): the"
+            " orchestrator may send it commands; empty: no database per preview.",
+        },
         "DatabasePort": {
             "Type": "Number",
             "Default": 5432,
@@ -266,6 +274,7 @@ def template() -> dict[str, Any]:
     }
     conditions = {
         "HasDatabase": _not_empty("DatabaseSecurityGroupId"),
+        "HasDatabaseHost": _not_empty("DatabaseHostInstanceId"),
         "UseEcr": _not_empty("EcrRepository"),
         "CreateEcr": {
             "Fn::And": [
@@ -375,6 +384,11 @@ def template() -> dict[str, Any]:
             "Condition": "HasDatabase",
             "Description": "db_security_group_id",
             "Value": {"Ref": "DatabaseSecurityGroupId"},
+        },
+        "DatabaseHostInstanceId": {
+            "Condition": "HasDatabaseHost",
+            "Description": "db_instance_id",
+            "Value": {"Ref": "DatabaseHostInstanceId"},
         },
         "InstanceProfileName": {
             "Description": "instance_profile",

@@ -21,7 +21,11 @@ REQUIRED_OUTPUTS = {
     "PreviewSecurityGroupId": "security_group_ids",
     "InstanceProfileName": "instance_profile",
 }
-OPTIONAL_OUTPUTS = {"DatabaseSecurityGroupId": "db_security_group_id", "Image": "image"}
+OPTIONAL_OUTPUTS = {
+    "DatabaseSecurityGroupId": "db_security_group_id",
+    "DatabaseHostInstanceId": "db_instance_id",
+    "Image": "image",
+}
 KEY_OUTPUT = "AppSecretsKeyArn"
 READY = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE"}
 

@@ -12,8 +12,7 @@ a key missing from the context fails a condition, except under a negated operato
 ``ForAllValues:`` and ``Null``. A policy variable in a condition's value
 (``${ec2:SourceInstanceARN}``) is the request's value of that key; a key the request lacks makes
 the condition fail, whatever the operator, as IAM does. An operator it does not know is an error,
-never a guess: a policy
-using one needs this evaluator taught first.
+never a guess: a policy using one needs this evaluator taught first.
 """
 
 from __future__ import annotations
