@@ -10,11 +10,15 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import socket
+import sqlite3
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -34,6 +38,7 @@ from deployments.receiver import (
     signature_header,
     verify_signature,
 )
+from deployments.spool import Spool
 from local_stack.serve import serve_asgi
 
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
@@ -296,17 +301,110 @@ def test_a_form_encoded_delivery_is_read_like_json(
     assert prefect.posted == [event_from_delivery("pull_request", delivery, json.loads(raw))]
 
 
-def test_a_redelivery_posts_the_same_event_id_and_the_server_keeps_one(
-    client: TestClient, prefect: FakePrefectEvents
+class Clock:
+    """The spool's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture(params=["no-spool", "spool"])
+def clocked(
+    request: pytest.FixtureRequest, prefect: FakePrefectEvents, tmp_path: Path
+) -> Iterator[tuple[TestClient, Clock]]:
+    """A receiver on a hand-moved clock, with and without a spool file."""
+    clock = Clock()
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        spool_path=tmp_path / "spool.sqlite3" if request.param == "spool" else None,
+        retry_seconds=3600,
+        clock=clock,
+    )
+    with TestClient(app) as test_client:
+        yield test_client, clock
+
+
+def test_redeliver_after_the_first_run_was_lost_emits_again_under_a_new_id(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
 ) -> None:
+    """GitHub's Redeliver sends the same GUID and body. The first event reached Prefect, but its
+    run was lost; Prefect drops an event id it has seen, so the repeat needs a new one."""
+    client, clock = clocked
     body = payload_bytes("pull_request.opened.json")
     delivery = str(uuid.uuid4())
 
     first = deliver(client, "pull_request", body, delivery=delivery)
+    clock.advance(61)
     again = deliver(client, "pull_request", body, delivery=delivery)
 
-    assert first.status_code == again.status_code == 200
-    assert [e["id"] for e in prefect.posted] == [delivery, delivery]
+    assert (first.status_code, first.json()["outcome"]) == (200, "emitted")
+    assert (again.status_code, again.json()["outcome"]) == (200, "emitted")
+    assert again.json()["repeat_of"] == delivery
+    assert len(prefect.stored) == 2  # two events Prefect keeps: two runs, not one
+    kept_first, kept_again = prefect.stored.values()
+    assert kept_first["id"] == delivery and kept_again["id"] == again.json()["id"] != delivery
+    for key in ("event", "resource", "payload"):
+        assert kept_again[key] == kept_first[key]
+
+
+def test_a_redelivery_while_recent_is_a_duplicate_and_is_not_emitted(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
+) -> None:
+    client, clock = clocked
+    body = payload_bytes("pull_request.opened.json")
+    delivery = str(uuid.uuid4())
+
+    first = deliver(client, "pull_request", body, delivery=delivery)
+    clock.advance(59)
+    again = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert first.json()["outcome"] == "emitted"
+    assert again.status_code == 200
+    assert again.json()["outcome"] == "duplicate" and again.json()["id"] == delivery
+    assert "reached Prefect" in again.json()["detail"]
+    assert [e["id"] for e in prefect.posted] == [delivery]
+
+
+def test_a_signed_body_replayed_under_a_new_delivery_id_is_a_duplicate(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
+) -> None:
+    """The signature covers the body, not X-GitHub-Delivery: the body is the delivery."""
+    client, _ = clocked
+    body = payload_bytes("pull_request.opened.json")
+    original = str(uuid.uuid4())
+
+    deliver(client, "pull_request", body, delivery=original)
+    replayed = deliver(client, "pull_request", body, delivery=str(uuid.uuid4()))
+
+    assert replayed.json()["outcome"] == "duplicate" and replayed.json()["id"] == original
+    assert [e["id"] for e in prefect.posted] == [original]
+
+
+def test_a_delivery_prefect_refused_is_taken_again_at_once(prefect: FakePrefectEvents) -> None:
+    """Without a spool a refused event is a 502: GitHub's Redeliver then is no duplicate."""
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    body = payload_bytes("pull_request.opened.json")
+    delivery = str(uuid.uuid4())
+    with TestClient(app) as client:
+        prefect.fail_with = 503
+        refused = deliver(client, "pull_request", body, delivery=delivery)
+        prefect.fail_with = None
+        again = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert refused.status_code == 502
+    assert (again.status_code, again.json()["outcome"], again.json()["id"]) == (
+        200,
+        "emitted",
+        delivery,
+    )
     assert list(prefect.stored) == [delivery]
 
 
@@ -544,7 +642,7 @@ def test_one_log_line_per_delivery_and_never_the_secret(
     deliver(client, "push", payload_bytes("push.json"))
     deliver(client, "pull_request", b"{")
     prefect.fail_with = 503
-    deliver(client, "pull_request", opened)
+    deliver(client, "pull_request", payload_bytes("pull_request.reopened.json"))
 
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
     assert len(lines) == 6
@@ -649,6 +747,8 @@ def test_deliveries_wait_in_the_spool_and_reach_prefect_in_order_once(
         ]
         again = deliver(client, "pull_request", opened(2), delivery=ids[1])  # a redelivery
         assert [a.status_code for a in answers] == [202, 202, 202] and again.status_code == 202
+        assert again.json()["outcome"] == "duplicate" and again.json()["id"] == ids[1]
+        assert "still waits for Prefect" in again.json()["detail"]
         assert {a.json()["outcome"] for a in answers} == {"spooled"}
         assert prefect.posted == []
 
@@ -739,3 +839,94 @@ def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
     assert good.status_code == 200 and good_took < 1.0
     assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers[:2]
     assert cut_off_after < 5
+
+
+# -- the spool's neighbours: its files, its age ---------------------------------------------------
+
+
+def test_the_spool_and_its_wal_files_are_private_from_the_start(tmp_path: Path) -> None:
+    """SQLite gives -wal and -shm the mode of the database file when it creates them."""
+    path = tmp_path / "state" / "pr-preview" / "spool.sqlite3"
+    previous = os.umask(0o022)
+    try:
+        spool = Spool(path)
+        spool.admit({"id": str(uuid.uuid4()), "event": "x"}, "0" * 64)
+        modes = {
+            p.name: oct(p.stat().st_mode & 0o777)
+            for p in (path.parent, path, *(path.with_name(path.name + s) for s in ("-wal", "-shm")))
+        }
+        spool.close()
+    finally:
+        os.umask(previous)
+
+    assert modes == {
+        "pr-preview": "0o700",
+        "spool.sqlite3": "0o600",
+        "spool.sqlite3-wal": "0o600",
+        "spool.sqlite3-shm": "0o600",
+    }
+
+
+def test_posted_deliveries_are_pruned_and_pending_ones_kept(tmp_path: Path) -> None:
+    clock = Clock()
+    spool = Spool(tmp_path / "spool.sqlite3", keep=timedelta(days=7), clock=clock)
+    old = spool.admit({"id": str(uuid.uuid4())}, "a" * 64)
+    spool.mark_posted(old.seq)
+    waiting = spool.admit({"id": str(uuid.uuid4())}, "b" * 64)
+    clock.advance(timedelta(days=7, seconds=1).total_seconds())
+    recent = spool.admit({"id": str(uuid.uuid4())}, "c" * 64)
+    spool.mark_posted(recent.seq)
+
+    assert spool.prune() == 1
+    assert spool.count() == 2
+    assert [item.seq for item in spool.pending()] == [waiting.seq]
+    assert spool.posted(str(recent.event["id"])) and not spool.posted(str(old.event["id"]))
+    spool.close()
+
+
+def test_the_receiver_prunes_its_spool_as_it_runs(
+    prefect: FakePrefectEvents, tmp_path: Path
+) -> None:
+    clock = Clock()
+    path = tmp_path / "spool.sqlite3"
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        spool_path=path,
+        retry_seconds=0.05,
+        clock=clock,
+    )
+    with TestClient(app) as client:
+        assert deliver(client, "pull_request", opened(1)).status_code == 200
+        clock.advance(timedelta(days=8).total_seconds())
+        deadline = time.monotonic() + 5
+        while _rows(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _rows(path) == 0
+
+
+def test_a_spool_written_before_bodies_were_recorded_still_opens(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TABLE deliveries (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT"
+            " NULL UNIQUE, event TEXT NOT NULL, accepted_at TEXT NOT NULL, posted_at TEXT)"
+        )
+        db.execute(
+            "INSERT INTO deliveries (event_id, event, accepted_at)"
+            " VALUES ('e1', '{\"id\": \"e1\"}', '2026-01-01T00:00:00+00:00')"
+        )
+        db.commit()
+
+    spool = Spool(path)
+    fresh = spool.admit({"id": "e2"}, "d" * 64)
+
+    assert [item.event["id"] for item in spool.pending()] == ["e1", "e2"]
+    assert fresh.outcome == "new"
+    spool.close()
+
+
+def _rows(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT count(*) FROM deliveries").fetchone()[0])
