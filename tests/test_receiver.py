@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import select
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from deployments.receiver import (
     LOGGER_NAME,
     create_app,
     resolve_secret,
+    server_options,
     signature_header,
     verify_signature,
 )
@@ -795,28 +800,62 @@ def test_without_a_spool_a_prefect_outage_is_a_502(prefect: FakePrefectEvents) -
         assert deliver(client, "pull_request", opened(8)).status_code == 502
 
 
-def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
+@dataclass
+class Trickle:
+    """One slow client: what it sends at once, then one byte of ``drip`` every ``every`` s."""
+
+    opening: bytes
+    drip: bytes
+    every: float = 0.5
+    held: float = -1.0  # seconds until the server closed the connection; -1: it never did
+    answer: bytes = b""
+
+    def run(self, address: tuple[str, int], give_up_after: float) -> None:
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(self.opening)
+            for byte in itertools.cycle(self.drip):
+                if time.monotonic() - started > give_up_after:
+                    return
+                try:
+                    if select.select([sock], [], [], self.every)[0]:
+                        data = sock.recv(4096)
+                        if not data:
+                            break
+                        self.answer += data
+                        continue
+                    sock.sendall(bytes([byte]))
+                except OSError:  # reset or broken pipe: the server hung up
+                    break
+        self.held = time.monotonic() - started
+
+
+@pytest.mark.server  # real uvicorn and ~10 s of real time
+def test_slow_clients_are_cut_off_while_a_good_delivery_answers_at_once(
     prefect: FakePrefectEvents,
 ) -> None:
-    """Against real uvicorn: twenty clients that send headers and then trickle their body."""
-    app = create_app(
-        SECRET,
-        prefect_api_url=PREFECT_API,
-        http_transport=prefect.transport,
-        read_timeout_seconds=1.0,
-    )
+    """Against real uvicorn with the receiver's own settings: twenty clients trickle their
+    headers and twenty their body, a byte every half second, all at once."""
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
     body = payload_bytes("pull_request.opened.json")
-    with serve_asgi(app) as url:
+    headers_then = b"POST /webhook HTTP/1.1\r\nHost: receiver\r\nX-GitHub-Event: pull_request\r\n"
+    slow_headers = [Trickle(headers_then, b"X-Slow: " + b"a" * 64) for _ in range(20)]
+    slow_bodies = [
+        Trickle(
+            headers_then + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10],
+            body[10:],
+        )
+        for _ in range(20)
+    ]
+    with serve_asgi(app, **server_options()) as url:
         host, port = url.removeprefix("http://").split(":")
-        slow = []
-        for _ in range(20):
-            sock = socket.create_connection((host, int(port)), timeout=10)
-            sock.sendall(
-                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body[:10]
-            )
-            slow.append(sock)
+        threads = [
+            threading.Thread(target=slow.run, args=((host, int(port)), 20.0))
+            for slow in slow_headers + slow_bodies
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # let them all connect and start trickling (not a correctness wait)
         started = time.monotonic()
         good = httpx.post(
             f"{url}/webhook",
@@ -830,15 +869,54 @@ def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
             timeout=10,
         )
         good_took = time.monotonic() - started
-        answers = []
-        for sock in slow:
-            answers.append(sock.recv(200).decode(errors="replace"))
-            sock.close()
-    cut_off_after = time.monotonic() - started
+        for thread in threads:
+            thread.join(timeout=25)
 
-    assert good.status_code == 200 and good_took < 1.0
-    assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers[:2]
-    assert cut_off_after < 5
+    assert good.status_code == 200 and good_took < 1.0, good_took
+    assert [event["event"] for event in prefect.posted] == ["github.pull_request.opened"]
+    held = [slow.held for slow in slow_headers + slow_bodies]
+    assert all(0 < seconds < 15 for seconds in held), held
+    assert all(s.answer.startswith(b"HTTP/1.1 408 ") for s in slow_headers + slow_bodies)
+    assert all(b"headers did not arrive within 5 s" in s.answer for s in slow_headers)
+    assert all(b"the body did not arrive within 10 s" in s.answer for s in slow_bodies)
+
+
+def test_requests_past_the_connection_limit_are_refused_at_once(
+    prefect: FakePrefectEvents,
+) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    with serve_asgi(app, **server_options(max_connections=4)) as url:
+        held = [httpx.Client(base_url=url, timeout=5) for _ in range(3)]
+        try:
+            # each answered, then kept alive: the server counts three open connections
+            assert [client.get("/healthz").status_code for client in held] == [200] * 3
+            started = time.monotonic()
+            refused = httpx.get(f"{url}/healthz", timeout=5)
+            refused_took = time.monotonic() - started
+        finally:
+            for client in held:
+                client.close()
+        deadline = time.monotonic() + 5
+        while (after := httpx.get(f"{url}/healthz", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, "the limit was not released"
+
+    assert refused.status_code == 503 and refused.headers["connection"] == "close"
+    assert refused_took < 1.0
+    assert after.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"header_timeout_seconds": 0}, "header_timeout_seconds"),
+        ({"max_connections": 1}, "max_connections"),
+    ],
+)
+def test_server_options_refuse_settings_that_cannot_work(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        server_options(**options)
 
 
 # -- the spool's neighbours: its files, its age ---------------------------------------------------
