@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -137,18 +138,22 @@ def start(kind: str, sink_url: str | None = None) -> Server:
 
 
 def requests(body: bytes, count: int) -> list[bytes]:
-    """Signed deliveries as GitHub sends them, each with its own delivery GUID."""
+    """Signed deliveries as GitHub sends them, each its own body and delivery GUID (the
+    receiver answers a repeated body `duplicate` without emitting it)."""
     from deployments.receiver import signature_header
 
-    head = (
-        "POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: GitHub-Hookshot/bench\r\n"
-        "Content-Type: application/json\r\nX-GitHub-Event: pull_request\r\n"
-        f"X-Hub-Signature-256: {signature_header(SECRET, body)}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-    )
-    return [
-        (head + f"X-GitHub-Delivery: {uuid.uuid4()}\r\n\r\n").encode() + body for _ in range(count)
-    ]
+    payload = json.loads(body)
+    batch = []
+    for seq in range(count):
+        one = json.dumps(payload | {"bench_seq": seq}).encode()
+        head = (
+            "POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: GitHub-Hookshot/bench\r\n"
+            "Content-Type: application/json\r\nX-GitHub-Event: pull_request\r\n"
+            f"X-Hub-Signature-256: {signature_header(SECRET, one)}\r\n"
+            f"Content-Length: {len(one)}\r\nX-GitHub-Delivery: {uuid.uuid4()}\r\n\r\n"
+        )
+        batch.append(head.encode() + one)
+    return batch
 
 
 async def _worker(

@@ -79,7 +79,7 @@ def event_from_delivery(
     if number < 1:
         raise MalformedDelivery(f"pull_request.number {number} is not a positive integer")
     if not is_sha(head_sha):
-        raise MalformedDelivery("pull_request.head.sha is not 7-40 lowercase hex digits")
+        raise MalformedDelivery("pull_request.head.sha is not 7-40 or 64 lowercase hex digits")
     if head_repo is not None and not is_repo(head_repo):
         raise MalformedDelivery("pull_request.head.repo.full_name is not owner/name")
     sender = _optional_str(payload.get("sender"), "login")

@@ -3,10 +3,13 @@
 Open-source Prefect has no inbound webhook endpoint, so this small ASGI app takes GitHub's
 deliveries, checks `X-Hub-Signature-256`, maps a handled `pull_request` delivery to the event
 of `deployments.events` and posts it to `POST {PREFECT_API_URL}/events`. The event id is the
-delivery GUID, so the server drops redeliveries. Bad input gets a 4xx, never a 500. With a
-spool (the default of `pr-preview receiver`) an accepted delivery is on disk before GitHub
-hears 2xx and reaches Prefect when Prefect answers again; without one, a Prefect API that does
-not take the event gets a 502, so GitHub shows the failure and it can be redelivered by hand.
+delivery GUID. Bad input gets a 4xx, never a 500. With a spool (the default of `pr-preview
+receiver`) an accepted delivery is on disk before GitHub hears 2xx and reaches Prefect when
+Prefect answers again; without one, a Prefect API that does not take the event gets a 502, so
+GitHub shows the failure and it can be redelivered by hand. A repeat of a delivery (the same
+signed body) is answered `duplicate` while it is recent and emitted again after that
+(`deployments.spool`). Under uvicorn (`serve`) a client gets `header_timeout_seconds` for its
+headers and `read_timeout_seconds` for its body, and requests past `max_connections` get 503.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -33,13 +37,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deployments.events import MalformedDelivery, event_from_delivery
-from deployments.spool import Spool
+from deployments.spool import Admission, Spool
 from tasks.run.errors import PreviewError
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 GITHUB_MAX_BODY_BYTES = 25 * 1024 * 1024  # GitHub's own cap on a delivery
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # pull_request deliveries are tens of KB
+DEFAULT_READ_TIMEOUT_SECONDS = 10.0  # GitHub itself gives up on a delivery after 10 s
+DEFAULT_HEADER_TIMEOUT_SECONDS = 5.0  # headers + body: a request is answered within 15 s
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_REPEAT_AFTER_SECONDS = 60.0
+CLOSE = {"Connection": "close"}  # the request was not read to its end: the connection is done
 SECRET_ENV = "GITHUB_WEBHOOK_SECRET"
 LOGGER_NAME = "pr_preview.receiver"
 
@@ -187,7 +196,9 @@ def create_app(
     env: Mapping[str, str] | None = None,
     spool_path: Path | None = None,
     retry_seconds: float = 5.0,
-    read_timeout_seconds: float = 10.0,
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    repeat_after_seconds: float = DEFAULT_REPEAT_AFTER_SECONDS,
+    clock: Callable[[], datetime] | None = None,
 ) -> Starlette:
     """The receiver app: `POST /webhook` for GitHub, `GET /healthz` for probes.
 
@@ -199,6 +210,11 @@ def create_app(
     before it is answered, and posted from there in arrival order, now or — while Prefect is
     down — every `retry_seconds` and after a restart: 200 when Prefect took it at once, 202
     when it waits in the spool. Without one, a Prefect that does not take the event is a 502.
+
+    A delivery whose signed body was taken less than `repeat_after_seconds` ago (or still waits
+    in the spool) is answered `duplicate` and not emitted; an older one is emitted again under a
+    new event id, so that GitHub's Redeliver restarts what the first one did not. `clock` is the
+    spool's clock (tests).
     """
     if not secret and not insecure_no_signature:
         raise ValueError(
@@ -220,8 +236,8 @@ def create_app(
     logger = logging.getLogger(LOGGER_NAME)
     if not secret:
         logger.warning("receiver accepts UNSIGNED deliveries (--insecure-no-signature)")
-    spool = Spool(spool_path) if spool_path is not None else None
-    deliver = _Courier(emit, spool, logger)
+    spool = Spool(spool_path, repeat_after=timedelta(seconds=repeat_after_seconds), clock=clock)
+    deliver = _Courier(emit, spool, durable=spool_path is not None, logger=logger)
 
     async def webhook(request: Request) -> Response:
         log = _DeliveryLog(
@@ -238,7 +254,13 @@ def create_app(
             status, body = await _handle(request, raw, log, secret, deliver)
         except _Reject as reject:
             log.outcome, log.detail = reject.outcome, reject.detail
-            status, body = reject.status, {"outcome": reject.outcome, "detail": reject.detail}
+            log.status = reject.status
+            log.write(logger)
+            return JSONResponse(
+                {"outcome": reject.outcome, "detail": reject.detail},
+                status_code=reject.status,
+                headers=CLOSE if reject.status in (408, 413) else None,
+            )
         except Exception:
             log.outcome, log.status = "error", 500
             logger.exception("delivery=%s unexpected error", log.delivery)
@@ -253,16 +275,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        retrying = asyncio.create_task(deliver.keep_draining(retry_seconds)) if spool else None
+        tending = asyncio.create_task(deliver.keep_tending(retry_seconds))
         try:
             yield
         finally:
-            if retrying is not None:
-                retrying.cancel()
-                with suppress(asyncio.CancelledError):
-                    await retrying
-            if spool is not None:
-                spool.close()
+            tending.cancel()
+            with suppress(asyncio.CancelledError):
+                await tending
+            spool.close()
             if events_api is not None:
                 await events_api.aclose()
 
@@ -275,31 +295,41 @@ def create_app(
     )
 
 
-class _Courier:
-    """Takes each event to Prefect: straight through, or through the spool when there is one."""
+@dataclass(frozen=True)
+class _Delivered:
+    outcome: str  # emitted, spooled or duplicate
+    admission: Admission
 
-    def __init__(self, emit: Emit, spool: Spool | None, logger: logging.Logger) -> None:
-        self.emit, self.spool, self.logger = emit, spool, logger
+
+class _Courier:
+    """Takes each event to Prefect: straight through, or through the spool file when there is
+    one; either way the spool recognises a repeat first."""
+
+    def __init__(self, emit: Emit, spool: Spool, *, durable: bool, logger: logging.Logger) -> None:
+        self.emit, self.spool, self.durable, self.logger = emit, spool, durable, logger
         self._draining = asyncio.Lock()
 
-    async def __call__(self, event: dict[str, Any]) -> str:
-        if self.spool is None:
-            try:
-                await self.emit(event)
-            except Exception as exc:
-                raise _Reject(502, "emit-failed", str(exc) or type(exc).__name__) from exc
-            return "emitted"
+    async def __call__(self, event: dict[str, Any], body_sha256: str) -> _Delivered:
         try:
-            await asyncio.to_thread(self.spool.put, event)  # on disk before we answer
+            admission = await asyncio.to_thread(self.spool.admit, event, body_sha256)
         except Exception as exc:
             raise _Reject(503, "spool-failed", f"could not keep the delivery: {exc}") from exc
+        if admission.outcome == "duplicate":
+            return _Delivered("duplicate", admission)
+        if not self.durable:
+            try:
+                await self.emit(admission.event)
+            except Exception as exc:
+                await asyncio.to_thread(self.spool.forget, admission.seq)  # may come again
+                raise _Reject(502, "emit-failed", str(exc) or type(exc).__name__) from exc
+            await asyncio.to_thread(self.spool.mark_posted, admission.seq)
+            return _Delivered("emitted", admission)
         await self.drain()
-        posted = await asyncio.to_thread(self.spool.posted, str(event["id"]))
-        return "emitted" if posted else "spooled"
+        posted = await asyncio.to_thread(self.spool.posted, str(admission.event["id"]))
+        return _Delivered("emitted" if posted else "spooled", admission)
 
     async def drain(self) -> int:
         """Post pending events in arrival order; stop at the first that Prefect refuses."""
-        assert self.spool is not None
         posted = 0
         async with self._draining:
             while batch := await asyncio.to_thread(self.spool.pending):
@@ -317,9 +347,12 @@ class _Courier:
                     posted += 1
         return posted
 
-    async def keep_draining(self, every: float) -> None:
+    async def keep_tending(self, every: float) -> None:
+        """Post what waits in the spool file, and prune what is old, every ``every`` seconds."""
         while True:
-            await self.drain()
+            if self.durable:
+                await self.drain()
+            await asyncio.to_thread(self.spool.prune)
             await asyncio.sleep(every)
 
 
@@ -348,13 +381,25 @@ async def _handle(
     if event is None:
         log.outcome = "ignored"
         return 202, {"outcome": "ignored"}
-    outcome = await deliver(event)
-    log.outcome = outcome
-    return (200 if outcome == "emitted" else 202), {
-        "outcome": outcome,
+    delivered = await deliver(event, hashlib.sha256(raw).hexdigest())
+    admission = delivered.admission
+    log.outcome = delivered.outcome
+    answer: dict[str, Any] = {
+        "outcome": delivered.outcome,
         "event": event["event"],
-        "id": event["id"],
+        "id": admission.event["id"],
     }
+    if admission.repeat_of:
+        answer["repeat_of"] = admission.repeat_of
+    if delivered.outcome == "duplicate":
+        window = deliver.spool.repeat_after.total_seconds()
+        answer["detail"] = (
+            f"the same delivery was taken at {admission.first_accepted_at} and "
+            + ("still waits for Prefect" if admission.pending else "reached Prefect")
+            + f"; a repeat is emitted again once it is {window:g} s old"
+        )
+        return (202 if admission.pending else 200), answer
+    return (200 if delivered.outcome == "emitted" else 202), answer
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -406,6 +451,86 @@ def _pr_label(payload: dict[str, Any]) -> str:
     return f"{name or '?'}#{number}"
 
 
+def server_options(
+    *,
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> dict[str, Any]:
+    """uvicorn's settings for the receiver (`uvicorn.Config(app, **server_options())`).
+
+    A connection gets `header_timeout_seconds` for each request's headers (the app bounds the
+    body), and a request that arrives while `max_connections` connections are open is answered
+    503 and closed at once rather than queued.
+    """
+    if header_timeout_seconds <= 0:
+        raise ValueError("header_timeout_seconds must be positive")
+    if max_connections < 2:
+        raise ValueError("max_connections must be at least 2")
+    return {
+        "http": _header_deadline_protocol(header_timeout_seconds),
+        "limit_concurrency": max_connections,
+        "timeout_keep_alive": 5,
+        "access_log": False,
+    }
+
+
+def _header_deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, but a connection whose request headers are not all in within
+    `seconds` (of connecting, or of the previous response) is answered 408 and closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    logger = logging.getLogger(LOGGER_NAME)
+    body = f"request headers did not arrive within {seconds:g} s".encode()
+    timed_out = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before a pipelined request is read: its headers are on time
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # the headers are in; the app bounds the body
+            started = bool(self.conn.trailing_data[0]) or self.conn.their_state is not h11.IDLE
+            if started:
+                logger.info("connection from %s closed: %s", _peer(self.client), body.decode())
+                self.transport.write(timed_out)
+            self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
 def serve(
     host: str,
     port: int,
@@ -415,6 +540,8 @@ def serve(
     prefect_api_url: str | None = None,
     log_level: str = "info",
     spool_path: Path | None = None,
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Run the receiver with uvicorn until interrupted (`pr-preview receiver`).
 
@@ -428,6 +555,9 @@ def serve(
         prefect_api_url = PREFECT_API_URL.value()
         if not prefect_api_url:
             raise ValueError("set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    options = server_options(
+        header_timeout_seconds=header_timeout_seconds, max_connections=max_connections
+    )
     app = create_app(
         secret,
         prefect_api_url=prefect_api_url,
@@ -440,7 +570,4 @@ def serve(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(log_level.upper())
-    # A client that trickles its request is cut off; GitHub sends a delivery at once.
-    uvicorn.run(
-        app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=10
-    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **options)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAGE = 200
-SHA = re.compile(r"[0-9a-f]{40}")
+SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a whole SHA-1 or SHA-256 commit id
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ def report_run_end(
         return None
     repo, pr_number, sha = found
     settings = _config(parameters)
+    if not settings.serves(repo):  # a run's parameters name the repository: check it first
+        log.warning("not telling %s#%d: %s", repo, pr_number, settings.not_served(repo))
+        return None
     clients = build_clients(settings)
     left = find_previews(clients.ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
     mine = [p for p in left if sha is None or p.sha == sha] or left

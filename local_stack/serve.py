@@ -58,12 +58,19 @@ def serve_handler(handler: Handler, host: str = "127.0.0.1") -> Iterator[str]:
 
 @contextmanager
 def serve_asgi(
-    app: Any, host: str = "127.0.0.1", lifespan: Literal["auto", "on", "off"] = "auto"
+    app: Any,
+    host: str = "127.0.0.1",
+    lifespan: Literal["auto", "on", "off"] = "auto",
+    **options: Any,
 ) -> Iterator[str]:
-    """Run an ASGI ``app`` with uvicorn in a thread until the block ends; yields its base URL."""
+    """Run an ASGI ``app`` with uvicorn in a thread until the block ends; yields its base URL.
+
+    ``options`` go to ``uvicorn.Config`` (the receiver's ``server_options()``)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan=lifespan)
+    config = uvicorn.Config(
+        app, host=host, port=0, log_level="warning", lifespan=lifespan, **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="local-asgi", daemon=True)
     thread.start()

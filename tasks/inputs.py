@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}")
+SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}|[0-9a-f]{64}")
+"""A SHA-1 commit id (abbreviated to at least 7, or whole), or a whole SHA-256 one."""
 
 
 def is_repo(value: str) -> bool:
@@ -24,7 +25,7 @@ def is_repo(value: str) -> bool:
 
 
 def is_sha(value: str) -> bool:
-    """7 to 40 lowercase hex digits."""
+    """7 to 40 lowercase hex digits (SHA-1), or 64 (a SHA-256 repository's commit)."""
     return SHA_PATTERN.fullmatch(value) is not None
 
 
@@ -35,7 +36,7 @@ def check_inputs(repo: str, pr_number: int, head_sha: str | None = None) -> None
     if isinstance(pr_number, bool) or not isinstance(pr_number, int) or pr_number < 1:
         raise ValueError(f"pr_number must be a positive integer, got {pr_number!r}")
     if head_sha is not None and (not isinstance(head_sha, str) or not is_sha(head_sha)):
-        raise ValueError(f"head_sha must be 7-40 lowercase hex digits, got {head_sha!r}")
+        raise ValueError(f"head_sha must be 7-40 or 64 lowercase hex digits, got {head_sha!r}")
 
 
 def is_repo_pattern(value: str) -> bool:

@@ -463,6 +463,31 @@ def test_logs_prints_the_evidence_with_secrets_masked(
     assert "line 5" not in logs and "settings" in logs and "replica" in logs
 
 
+def test_logs_shows_the_prs_terminal_escapes_instead_of_obeying_them(
+    aws: AwsClients,
+    config: PreviewConfig,
+    ami: str,
+    scripted_ssm: ScriptedInstances,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The app's output is the pull request's code talking: it must not drive the terminal."""
+    instance = launch(aws, config, ami, "octo-org/logs", 106)
+    scripted_ssm.healthy(instance_id=instance)
+    hostile = (
+        "api-1  | \x1b]0;owned\x07title \x1b[2Jcleared\n"
+        "api-1  | all good\rDATABASE fine\x9b31m \u202eevil\tend\n"
+    )
+    scripted_ssm.on(r"logs --no-color --tail=200 api", Reply(stdout=hostile), instance_id=instance)
+
+    code, out, _ = run(capsys, "logs", "106")
+
+    assert code == 0
+    logs = out.split("==> compose-logs")[1].split("==>")[0]
+    assert "api-1  | \\x1b]0;owned\\x07title \\x1b[2Jcleared" in logs
+    assert "api-1  | all good\\rDATABASE fine\\x9b31m \\u202eevil\tend" in logs
+    assert not any(ch in out for ch in "\x1b\x07\r\x9b\u202e")
+
+
 # --- doctor ---------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from deployments.events import (
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
 TEMPLATE = Path(__file__).parents[1] / "deployments" / "prefect-webhook-template.json.j2"
 DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+FORM = "application/x-www-form-urlencoded"
 HANDLED_NAMES = {f"github.pull_request.{action}" for action in HANDLED_ACTIONS}
 
 
@@ -337,14 +339,19 @@ def test_every_event_is_one_the_prefect_events_api_accepts(
 # -- the Prefect Cloud webhook template ------------------------------------------------------
 
 
-def render_template(event_name: str, body: Any, delivery: str = DELIVERY) -> dict[str, Any]:
+def render_template(
+    event_name: str,
+    body: Any,
+    delivery: str = DELIVERY,
+    content_type: str = "application/json",
+) -> dict[str, Any]:
     """Render the template as Prefect does user templates (sandboxed Jinja, chainable
     undefined) with Cloud's context: method, case-insensitive headers and the parsed body."""
     from prefect.server.utilities.user_templates import render_user_template_sync
 
     headers = httpx.Headers(
         {
-            "Content-Type": "application/json",
+            "Content-Type": content_type,
             "X-GitHub-Event": event_name,
             "X-GitHub-Delivery": delivery,
             "X-Hub-Signature-256": "sha256=not-checked-by-cloud",
@@ -378,7 +385,7 @@ def test_the_cloud_template_makes_the_same_event_as_the_receiver(
         return
     for key in ("event", "resource", "related", "payload"):
         assert rendered[key] == mapped[key], key
-    assert rendered["id"] == mapped["id"]
+    assert "id" not in rendered  # Cloud gives each delivery, a redelivery too, a new id
     assert datetime.fromisoformat(rendered["occurred"]) == datetime.fromisoformat(
         mapped["occurred"]
     )
@@ -393,18 +400,195 @@ def test_the_cloud_template_flags_what_the_receiver_refuses(edit: Any) -> None:
     assert "payload" not in rendered  # Cloud then keeps its debugging payload: headers, body
 
 
-def test_the_cloud_template_leaves_the_id_to_cloud_when_the_delivery_is_not_a_guid() -> None:
-    rendered = render_template(*load("pull_request.opened.json"), delivery="delivery-42")
-
-    assert "id" not in rendered
+def test_the_cloud_template_leaves_the_id_to_cloud_so_that_redeliver_emits_again() -> None:
+    """Cloud drops an event id it has seen; GitHub's Redeliver repeats the delivery GUID."""
+    for delivery in (DELIVERY, "delivery-42"):
+        assert "id" not in render_template(*load("pull_request.opened.json"), delivery=delivery)
 
 
 def test_the_cloud_template_copes_with_a_body_that_is_not_json() -> None:
-    rendered = render_template("pull_request", "payload=%7B%7D")
+    rendered = render_template("pull_request", "{not json")
 
-    assert rendered["event"] == "github.ignored.pull_request"
+    assert rendered["event"] == "github.delivery.malformed"
 
 
 def _with_delivery(delivery: tuple[str, dict[str, Any]]) -> tuple[str, str, dict[str, Any]]:
     event_name, body = delivery
     return event_name, DELIVERY, body
+
+
+# -- one corpus, both paths ------------------------------------------------------------------
+
+
+def _set(path: str, value: object) -> Any:
+    def edit(body: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        target = body
+        for key in parents:
+            target = target[key]
+        target[last] = value
+
+    return edit
+
+
+SHA256_HEAD = "0123456789abcdef" * 4
+EDGE_CASES: dict[str, tuple[str, Any, str]] = {
+    # name: (documented delivery it edits, the edit, the outcome both paths must give)
+    "sha256-head": (
+        "pull_request.synchronize.json",
+        _set("pull_request.head.sha", SHA256_HEAD),
+        "emitted",
+    ),
+    "head-sha-HEAD": ("pull_request.opened.json", _set("pull_request.head.sha", "HEAD"), "refused"),
+    "head-sha-63": ("pull_request.opened.json", _set("pull_request.head.sha", "a" * 63), "refused"),
+    "head-sha-upper": (
+        "pull_request.opened.json",
+        _set("pull_request.head.sha", "A" * 40),
+        "refused",
+    ),
+    "pr-number-0": ("pull_request.opened.json", _set("pull_request.number", 0), "refused"),
+    "repo-x": (
+        "pull_request.opened.json",
+        _set("pull_request.base.repo.full_name", "x"),
+        "refused",
+    ),
+    "repo-dotdot": (
+        "pull_request.closed.json",
+        _set("pull_request.base.repo.full_name", "../.."),
+        "refused",
+    ),
+    "repo-three-parts": (
+        "pull_request.opened.json",
+        _set("pull_request.base.repo.full_name", "a/b/c"),
+        "refused",
+    ),
+    "head-repo-x": (
+        "pull_request.opened.json",
+        _set("pull_request.head.repo.full_name", "x"),
+        "refused",
+    ),
+    "edited": ("pull_request.opened.json", _set("action", "edited"), "ignored"),
+}
+CLOUD_DIFFERS = {"form-encoded": "form-encoded"}
+"""Where Prefect Cloud's outcome differs from the receiver's (README, step 7): a template
+cannot parse the JSON inside GitHub's form encoding, so Cloud flags it instead."""
+
+
+def corpus() -> list[Any]:
+    """Every documented delivery as JSON and form-encoded, and the edge cases, with the
+    outcome the receiver gives: emitted, ignored or refused."""
+    cases = []
+    for name in all_payload_files():
+        event_name, body = load(name)
+        outcome = "emitted" if event_name == "pull_request" else "ignored"
+        cases.append(pytest.param(event_name, body, "json", outcome, id=name))
+        cases.append(pytest.param(event_name, body, "form-encoded", outcome, id=f"{name}-form"))
+    for key, (name, edit, outcome) in EDGE_CASES.items():
+        cases.append(pytest.param(*variant(name, edit), "json", outcome, id=key))
+    return cases
+
+
+def _receiver_outcome(event_name: str, body: dict[str, Any], encoding: str) -> tuple[str, Any]:
+    import warnings
+
+    from deployments.receiver import create_app, signature_header
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    emitted: list[dict[str, Any]] = []
+
+    async def emit(event: dict[str, Any]) -> None:
+        emitted.append(event)
+
+    raw = json.dumps(body).encode()
+    content_type = "application/json"
+    if encoding == "form-encoded":
+        raw, content_type = urlencode({"payload": raw.decode()}).encode(), FORM
+    with TestClient(create_app("corpus-secret", emit)) as client:
+        answer = client.post(
+            "/webhook",
+            content=raw,
+            headers={
+                "Content-Type": content_type,
+                "X-GitHub-Event": event_name,
+                "X-GitHub-Delivery": DELIVERY,
+                "X-Hub-Signature-256": signature_header("corpus-secret", raw),
+            },
+        )
+    outcome = answer.json()["outcome"]
+    if answer.status_code == 400:
+        return "refused", None
+    assert answer.status_code in (200, 202), answer.text
+    assert len(emitted) == (outcome == "emitted")
+    return ("ignored" if outcome in ("ignored", "pong") else outcome), (
+        emitted[0] if emitted else None
+    )
+
+
+def _cloud_outcome(event_name: str, body: dict[str, Any], encoding: str) -> tuple[str, Any]:
+    context_body: Any = body
+    if encoding == "form-encoded":  # Cloud parses a form into a flat mapping of its fields
+        context_body = {"payload": json.dumps(body)}
+    rendered = render_template(
+        event_name,
+        context_body,
+        content_type=FORM if encoding == "form-encoded" else "application/json",
+    )
+    name = rendered["event"]
+    if name in HANDLED_NAMES:
+        return "emitted", rendered
+    if name.startswith("github.ignored."):
+        return "ignored", None
+    if name in ("github.pull_request.malformed", "github.delivery.malformed"):
+        assert "payload" not in rendered  # Cloud keeps its debugging payload
+        return "refused", None
+    if name == "github.delivery.form-encoded":
+        return "form-encoded", None
+    raise AssertionError(f"unexpected event {name}")
+
+
+@pytest.mark.parametrize(("event_name", "body", "encoding", "expected"), corpus())
+def test_the_receiver_and_the_cloud_template_give_one_table_of_outcomes(
+    event_name: str, body: dict[str, Any], encoding: str, expected: str
+) -> None:
+    """GitHub's documented deliveries and the edges, replayed through the receiver (signed,
+    over HTTP) and through the Cloud template (Prefect's own renderer)."""
+    from prefect.events import Event
+
+    by_receiver, posted = _receiver_outcome(event_name, body, encoding)
+    by_cloud, rendered = _cloud_outcome(event_name, body, encoding)
+
+    assert by_receiver == expected
+    assert by_cloud == CLOUD_DIFFERS.get(encoding, expected)
+    if posted is not None and rendered is not None:
+        Event.model_validate(rendered)
+        for key in ("event", "resource", "related", "payload"):
+            assert rendered[key] == posted[key], key
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"X-GitHub-Delivery": DELIVERY}, "load"),
+        ({"X-GitHub-Event": "pull_request", "X-GitHub-Delivery": DELIVERY}, "not json"),
+        ({"X-GitHub-Event": "pull_request"}, "load"),
+    ],
+    ids=["no-event-header", "not-json", "no-delivery-id"],
+)
+def test_deliveries_the_receiver_refuses_are_flagged_by_the_cloud_template(
+    headers: dict[str, str], body: str
+) -> None:
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    context_body: Any = load("pull_request.opened.json")[1] if body == "load" else body
+    rendered = json.loads(
+        render_user_template_sync(
+            TEMPLATE.read_text(),
+            {"method": "POST", "headers": httpx.Headers(headers), "body": context_body},
+        )
+    )
+
+    assert rendered["event"] in ("github.delivery.malformed", "github.pull_request.malformed")
+    assert "payload" not in rendered

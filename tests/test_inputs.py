@@ -22,11 +22,20 @@ def test_bad_repositories_are_refused_whole(repo: str) -> None:
         check_inputs(repo, 1)
 
 
-@pytest.mark.parametrize("sha", ["abcdef1\n", "ABCDEF1", "abc", "g" * 40, "a" * 41])
+@pytest.mark.parametrize(
+    "sha", ["abcdef1\n", "ABCDEF1", "abc", "g" * 40, "a" * 41, "a" * 63, "a" * 65, "A" * 64]
+)
 def test_bad_shas_are_refused_whole(sha: str) -> None:
     assert not is_sha(sha)
-    with pytest.raises(ValueError, match="7-40 lowercase hex"):
+    with pytest.raises(ValueError, match="7-40 or 64 lowercase hex"):
         check_inputs("a/b", 1, sha)
+
+
+@pytest.mark.parametrize("sha", ["abcdef1", "0" * 40, "0123456789abcdef" * 4], ids=len)
+def test_sha1_and_sha256_commit_ids_are_taken(sha: str) -> None:
+    """GitHub serves SHA-256 repositories: their commit ids are 64 hex digits."""
+    assert is_sha(sha)
+    check_inputs("a/b", 1, sha)
 
 
 @pytest.mark.parametrize("number", [0, -1, True])

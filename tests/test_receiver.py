@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
+import os
+import select
 import socket
+import sqlite3
+import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -31,9 +39,11 @@ from deployments.receiver import (
     LOGGER_NAME,
     create_app,
     resolve_secret,
+    server_options,
     signature_header,
     verify_signature,
 )
+from deployments.spool import Spool
 from local_stack.serve import serve_asgi
 
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
@@ -296,17 +306,110 @@ def test_a_form_encoded_delivery_is_read_like_json(
     assert prefect.posted == [event_from_delivery("pull_request", delivery, json.loads(raw))]
 
 
-def test_a_redelivery_posts_the_same_event_id_and_the_server_keeps_one(
-    client: TestClient, prefect: FakePrefectEvents
+class Clock:
+    """The spool's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture(params=["no-spool", "spool"])
+def clocked(
+    request: pytest.FixtureRequest, prefect: FakePrefectEvents, tmp_path: Path
+) -> Iterator[tuple[TestClient, Clock]]:
+    """A receiver on a hand-moved clock, with and without a spool file."""
+    clock = Clock()
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        spool_path=tmp_path / "spool.sqlite3" if request.param == "spool" else None,
+        retry_seconds=3600,
+        clock=clock,
+    )
+    with TestClient(app) as test_client:
+        yield test_client, clock
+
+
+def test_redeliver_after_the_first_run_was_lost_emits_again_under_a_new_id(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
 ) -> None:
+    """GitHub's Redeliver sends the same GUID and body. The first event reached Prefect, but its
+    run was lost; Prefect drops an event id it has seen, so the repeat needs a new one."""
+    client, clock = clocked
     body = payload_bytes("pull_request.opened.json")
     delivery = str(uuid.uuid4())
 
     first = deliver(client, "pull_request", body, delivery=delivery)
+    clock.advance(61)
     again = deliver(client, "pull_request", body, delivery=delivery)
 
-    assert first.status_code == again.status_code == 200
-    assert [e["id"] for e in prefect.posted] == [delivery, delivery]
+    assert (first.status_code, first.json()["outcome"]) == (200, "emitted")
+    assert (again.status_code, again.json()["outcome"]) == (200, "emitted")
+    assert again.json()["repeat_of"] == delivery
+    assert len(prefect.stored) == 2  # two events Prefect keeps: two runs, not one
+    kept_first, kept_again = prefect.stored.values()
+    assert kept_first["id"] == delivery and kept_again["id"] == again.json()["id"] != delivery
+    for key in ("event", "resource", "payload"):
+        assert kept_again[key] == kept_first[key]
+
+
+def test_a_redelivery_while_recent_is_a_duplicate_and_is_not_emitted(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
+) -> None:
+    client, clock = clocked
+    body = payload_bytes("pull_request.opened.json")
+    delivery = str(uuid.uuid4())
+
+    first = deliver(client, "pull_request", body, delivery=delivery)
+    clock.advance(59)
+    again = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert first.json()["outcome"] == "emitted"
+    assert again.status_code == 200
+    assert again.json()["outcome"] == "duplicate" and again.json()["id"] == delivery
+    assert "reached Prefect" in again.json()["detail"]
+    assert [e["id"] for e in prefect.posted] == [delivery]
+
+
+def test_a_signed_body_replayed_under_a_new_delivery_id_is_a_duplicate(
+    clocked: tuple[TestClient, Clock], prefect: FakePrefectEvents
+) -> None:
+    """The signature covers the body, not X-GitHub-Delivery: the body is the delivery."""
+    client, _ = clocked
+    body = payload_bytes("pull_request.opened.json")
+    original = str(uuid.uuid4())
+
+    deliver(client, "pull_request", body, delivery=original)
+    replayed = deliver(client, "pull_request", body, delivery=str(uuid.uuid4()))
+
+    assert replayed.json()["outcome"] == "duplicate" and replayed.json()["id"] == original
+    assert [e["id"] for e in prefect.posted] == [original]
+
+
+def test_a_delivery_prefect_refused_is_taken_again_at_once(prefect: FakePrefectEvents) -> None:
+    """Without a spool a refused event is a 502: GitHub's Redeliver then is no duplicate."""
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    body = payload_bytes("pull_request.opened.json")
+    delivery = str(uuid.uuid4())
+    with TestClient(app) as client:
+        prefect.fail_with = 503
+        refused = deliver(client, "pull_request", body, delivery=delivery)
+        prefect.fail_with = None
+        again = deliver(client, "pull_request", body, delivery=delivery)
+
+    assert refused.status_code == 502
+    assert (again.status_code, again.json()["outcome"], again.json()["id"]) == (
+        200,
+        "emitted",
+        delivery,
+    )
     assert list(prefect.stored) == [delivery]
 
 
@@ -544,7 +647,7 @@ def test_one_log_line_per_delivery_and_never_the_secret(
     deliver(client, "push", payload_bytes("push.json"))
     deliver(client, "pull_request", b"{")
     prefect.fail_with = 503
-    deliver(client, "pull_request", opened)
+    deliver(client, "pull_request", payload_bytes("pull_request.reopened.json"))
 
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
     assert len(lines) == 6
@@ -649,6 +752,8 @@ def test_deliveries_wait_in_the_spool_and_reach_prefect_in_order_once(
         ]
         again = deliver(client, "pull_request", opened(2), delivery=ids[1])  # a redelivery
         assert [a.status_code for a in answers] == [202, 202, 202] and again.status_code == 202
+        assert again.json()["outcome"] == "duplicate" and again.json()["id"] == ids[1]
+        assert "still waits for Prefect" in again.json()["detail"]
         assert {a.json()["outcome"] for a in answers} == {"spooled"}
         assert prefect.posted == []
 
@@ -695,28 +800,62 @@ def test_without_a_spool_a_prefect_outage_is_a_502(prefect: FakePrefectEvents) -
         assert deliver(client, "pull_request", opened(8)).status_code == 502
 
 
-def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
+@dataclass
+class Trickle:
+    """One slow client: what it sends at once, then one byte of ``drip`` every ``every`` s."""
+
+    opening: bytes
+    drip: bytes
+    every: float = 0.5
+    held: float = -1.0  # seconds until the server closed the connection; -1: it never did
+    answer: bytes = b""
+
+    def run(self, address: tuple[str, int], give_up_after: float) -> None:
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(self.opening)
+            for byte in itertools.cycle(self.drip):
+                if time.monotonic() - started > give_up_after:
+                    return
+                try:
+                    if select.select([sock], [], [], self.every)[0]:
+                        data = sock.recv(4096)
+                        if not data:
+                            break
+                        self.answer += data
+                        continue
+                    sock.sendall(bytes([byte]))
+                except OSError:  # reset or broken pipe: the server hung up
+                    break
+        self.held = time.monotonic() - started
+
+
+@pytest.mark.server  # real uvicorn and ~10 s of real time
+def test_slow_clients_are_cut_off_while_a_good_delivery_answers_at_once(
     prefect: FakePrefectEvents,
 ) -> None:
-    """Against real uvicorn: twenty clients that send headers and then trickle their body."""
-    app = create_app(
-        SECRET,
-        prefect_api_url=PREFECT_API,
-        http_transport=prefect.transport,
-        read_timeout_seconds=1.0,
-    )
+    """Against real uvicorn with the receiver's own settings: twenty clients trickle their
+    headers and twenty their body, a byte every half second, all at once."""
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
     body = payload_bytes("pull_request.opened.json")
-    with serve_asgi(app) as url:
+    headers_then = b"POST /webhook HTTP/1.1\r\nHost: receiver\r\nX-GitHub-Event: pull_request\r\n"
+    slow_headers = [Trickle(headers_then, b"X-Slow: " + b"a" * 64) for _ in range(20)]
+    slow_bodies = [
+        Trickle(
+            headers_then + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10],
+            body[10:],
+        )
+        for _ in range(20)
+    ]
+    with serve_asgi(app, **server_options()) as url:
         host, port = url.removeprefix("http://").split(":")
-        slow = []
-        for _ in range(20):
-            sock = socket.create_connection((host, int(port)), timeout=10)
-            sock.sendall(
-                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body[:10]
-            )
-            slow.append(sock)
+        threads = [
+            threading.Thread(target=slow.run, args=((host, int(port)), 20.0))
+            for slow in slow_headers + slow_bodies
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # let them all connect and start trickling (not a correctness wait)
         started = time.monotonic()
         good = httpx.post(
             f"{url}/webhook",
@@ -730,12 +869,142 @@ def test_slow_senders_are_cut_off_and_do_not_delay_a_good_delivery(
             timeout=10,
         )
         good_took = time.monotonic() - started
-        answers = []
-        for sock in slow:
-            answers.append(sock.recv(200).decode(errors="replace"))
-            sock.close()
-    cut_off_after = time.monotonic() - started
+        for thread in threads:
+            thread.join(timeout=25)
 
-    assert good.status_code == 200 and good_took < 1.0
-    assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers[:2]
-    assert cut_off_after < 5
+    assert good.status_code == 200 and good_took < 1.0, good_took
+    assert [event["event"] for event in prefect.posted] == ["github.pull_request.opened"]
+    held = [slow.held for slow in slow_headers + slow_bodies]
+    assert all(0 < seconds < 15 for seconds in held), held
+    assert all(s.answer.startswith(b"HTTP/1.1 408 ") for s in slow_headers + slow_bodies)
+    assert all(b"headers did not arrive within 5 s" in s.answer for s in slow_headers)
+    assert all(b"the body did not arrive within 10 s" in s.answer for s in slow_bodies)
+
+
+def test_requests_past_the_connection_limit_are_refused_at_once(
+    prefect: FakePrefectEvents,
+) -> None:
+    app = create_app(SECRET, prefect_api_url=PREFECT_API, http_transport=prefect.transport)
+    with serve_asgi(app, **server_options(max_connections=4)) as url:
+        held = [httpx.Client(base_url=url, timeout=5) for _ in range(3)]
+        try:
+            # each answered, then kept alive: the server counts three open connections
+            assert [client.get("/healthz").status_code for client in held] == [200] * 3
+            started = time.monotonic()
+            refused = httpx.get(f"{url}/healthz", timeout=5)
+            refused_took = time.monotonic() - started
+        finally:
+            for client in held:
+                client.close()
+        deadline = time.monotonic() + 5
+        while (after := httpx.get(f"{url}/healthz", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, "the limit was not released"
+
+    assert refused.status_code == 503 and refused.headers["connection"] == "close"
+    assert refused_took < 1.0
+    assert after.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"header_timeout_seconds": 0}, "header_timeout_seconds"),
+        ({"max_connections": 1}, "max_connections"),
+    ],
+)
+def test_server_options_refuse_settings_that_cannot_work(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        server_options(**options)
+
+
+# -- the spool's neighbours: its files, its age ---------------------------------------------------
+
+
+def test_the_spool_and_its_wal_files_are_private_from_the_start(tmp_path: Path) -> None:
+    """SQLite gives -wal and -shm the mode of the database file when it creates them."""
+    path = tmp_path / "state" / "pr-preview" / "spool.sqlite3"
+    previous = os.umask(0o022)
+    try:
+        spool = Spool(path)
+        spool.admit({"id": str(uuid.uuid4()), "event": "x"}, "0" * 64)
+        modes = {
+            p.name: oct(p.stat().st_mode & 0o777)
+            for p in (path.parent, path, *(path.with_name(path.name + s) for s in ("-wal", "-shm")))
+        }
+        spool.close()
+    finally:
+        os.umask(previous)
+
+    assert modes == {
+        "pr-preview": "0o700",
+        "spool.sqlite3": "0o600",
+        "spool.sqlite3-wal": "0o600",
+        "spool.sqlite3-shm": "0o600",
+    }
+
+
+def test_posted_deliveries_are_pruned_and_pending_ones_kept(tmp_path: Path) -> None:
+    clock = Clock()
+    spool = Spool(tmp_path / "spool.sqlite3", keep=timedelta(days=7), clock=clock)
+    old = spool.admit({"id": str(uuid.uuid4())}, "a" * 64)
+    spool.mark_posted(old.seq)
+    waiting = spool.admit({"id": str(uuid.uuid4())}, "b" * 64)
+    clock.advance(timedelta(days=7, seconds=1).total_seconds())
+    recent = spool.admit({"id": str(uuid.uuid4())}, "c" * 64)
+    spool.mark_posted(recent.seq)
+
+    assert spool.prune() == 1
+    assert spool.count() == 2
+    assert [item.seq for item in spool.pending()] == [waiting.seq]
+    assert spool.posted(str(recent.event["id"])) and not spool.posted(str(old.event["id"]))
+    spool.close()
+
+
+def test_the_receiver_prunes_its_spool_as_it_runs(
+    prefect: FakePrefectEvents, tmp_path: Path
+) -> None:
+    clock = Clock()
+    path = tmp_path / "spool.sqlite3"
+    app = create_app(
+        SECRET,
+        prefect_api_url=PREFECT_API,
+        http_transport=prefect.transport,
+        spool_path=path,
+        retry_seconds=0.05,
+        clock=clock,
+    )
+    with TestClient(app) as client:
+        assert deliver(client, "pull_request", opened(1)).status_code == 200
+        clock.advance(timedelta(days=8).total_seconds())
+        deadline = time.monotonic() + 5
+        while _rows(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _rows(path) == 0
+
+
+def test_a_spool_written_before_bodies_were_recorded_still_opens(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TABLE deliveries (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT"
+            " NULL UNIQUE, event TEXT NOT NULL, accepted_at TEXT NOT NULL, posted_at TEXT)"
+        )
+        db.execute(
+            "INSERT INTO deliveries (event_id, event, accepted_at)"
+            " VALUES ('e1', '{\"id\": \"e1\"}', '2026-01-01T00:00:00+00:00')"
+        )
+        db.commit()
+
+    spool = Spool(path)
+    fresh = spool.admit({"id": "e2"}, "d" * 64)
+
+    assert [item.event["id"] for item in spool.pending()] == ["e1", "e2"]
+    assert fresh.outcome == "new"
+    spool.close()
+
+
+def _rows(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT count(*) FROM deliveries").fetchone()[0])

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,25 @@ def _say(text: str = "") -> None:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def for_terminal(text: str) -> str:
+    """``text`` safe to print: every control character but newline and tab, and every
+    bidirectional override, shown escaped (``\\x1b``) instead of acted on by the terminal.
+
+    What an instance prints is the pull request's code talking: an escape sequence in it could
+    retitle the window, clear the screen, rewrite a line with ``\\r`` or hide text."""
+    return "".join(
+        ch
+        if ch in "\n\t" or not (unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS)
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 def _duration(delta: timedelta) -> str:

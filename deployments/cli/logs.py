@@ -1,10 +1,10 @@
-"""``pr-preview logs``: the runbook §9 evidence of a PR's instance, collected over SSM, masked."""
+"""``pr-preview logs``: the runbook §9 evidence of a PR's instance over SSM, masked, escaped."""
 
 from __future__ import annotations
 
 import argparse
 
-from deployments.cli.common import _clients, _collect, _config, find_one_running
+from deployments.cli.common import _clients, _collect, _config, find_one_running, for_terminal
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     evidence, secrets = _collect(clients, settings, preview)
     titles = {section.name: section.title for section in evidence_sections(settings)}
     for name, text in evidence.items():
-        lines = mask_secrets(text, secrets).rstrip().splitlines()
+        lines = for_terminal(mask_secrets(text, secrets)).rstrip().splitlines()
         print(f"==> {name}: {titles.get(name, name)} <==")
         print("\n".join(lines[-args.tail :]) if lines else "(no output)")
         print()

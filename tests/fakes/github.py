@@ -392,7 +392,7 @@ class FakeGitHub:
             (repo + r"/check-runs", "POST", ("checks:write",), self._create_check_run),
             (repo + r"/check-runs/(\d+)", "PATCH", ("checks:write",), self._update_check_run),
             (
-                repo + r"/commits/([0-9a-f]{7,40})/check-runs",
+                repo + r"/commits/([0-9a-f]{7,40}|[0-9a-f]{64})/check-runs",
                 "GET",
                 ("checks:read",),
                 self._list_check_runs,

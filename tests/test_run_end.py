@@ -1,0 +1,37 @@
+"""The report about a dead run: it goes only to a repository that pr-preview serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from flows.run_end import report_run_end
+from local_stack.serve import serve_handler
+from tasks.config import PreviewConfig
+from tests.fakes.github import FakeGitHub
+
+
+@pytest.fixture
+def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
+    fake = FakeGitHub()
+    with serve_handler(fake.handle) as url:
+        fake.base_url = url
+        monkeypatch.setenv("GITHUB_API_URL", url)
+        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+        yield fake
+
+
+@pytest.mark.parametrize("state", ["CRASHED", "CANCELLED"])
+def test_a_dead_run_of_a_repository_not_served_tells_nobody(
+    config: PreviewConfig, github: FakeGitHub, state: str
+) -> None:
+    """Run parameters can name any repository; the report posts only where previews run."""
+    assert not config.serves("evil-org/app")
+    parameters = {"repo": "evil-org/app", "pr_number": 14, "head_sha": "f" * 40}
+
+    told = report_run_end("pr-preview", parameters, state, run_id=None, message="killed")
+
+    assert told is None
+    assert github.requests == []
+    assert github.comment_bodies("evil-org/app", 14) == []
