@@ -7,10 +7,11 @@ PostgreSQL, and the host's shell behind SSM Run Command.
   (scram-sha-256, relayed into local instances at 172.31.39.125:5432), with an admin door: a
   Unix socket on which only the superuser logs in, by peer authentication, as the system user
   the server runs as.
-- **Its shell**: a command sent to the instance runs in real bash on this machine with the
-  server's binaries on the PATH, ``PGHOST`` at the socket and the local ``sudo`` shim, so the
-  flow's ``sudo -u postgres psql`` is PostgreSQL's own peer authentication at work. Wired into
-  moto's SSM through :class:`~local_stack.scripted_instance.ScriptedInstances` (``serve``).
+- **Its shell**: a command sent to the instance runs in real bash with ``psql`` reaching the
+  socket and the local ``sudo`` shim, so the flow's ``sudo -u postgres psql`` is PostgreSQL's
+  own peer authentication at work. Two ways: on this machine, wired into moto's SSM through
+  :class:`~local_stack.scripted_instance.ScriptedInstances` (``serve``, the tests); or as a
+  real local instance whose user data (``user_data``) installs that ``psql`` (``make demo``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
+import shlex
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 DB_HOST_IP = "172.31.39.125"
 DB_HOST_NAME = "db-server"
 COMMAND_TIMEOUT = 300
+CLIENTS = ("psql", "pg_dump", "pg_restore")  # what a database host has of PostgreSQL's
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,34 @@ class DbHost:
             check=False,
         )
         return Reply(stdout=done.stdout, stderr=done.stderr, exit_code=done.returncode)
+
+    def user_data(self) -> str:
+        """The bootstrap of a real local instance that is this host: ``psql`` in
+        /usr/local/bin speaking to the server's admin socket, and the system user that stands
+        for ``postgres`` (the sudo shim reads it)."""
+        user = self.env()["PR_PREVIEW_POSTGRES_USER"]
+        variables = " ".join(
+            f"{name}={shlex.quote(self.env()[name])}"
+            for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
+        )
+        lines = [
+            "#!/bin/bash",
+            "# The local database host: PostgreSQL serves beside this instance",
+            "# (local_stack/db_host.py); here are its clients and its admin door.",
+            "set -euo pipefail",
+            "mkdir -p /run/pr-preview-db-host",
+            f"echo {shlex.quote(user)} > /run/pr-preview-db-host/postgres-user",
+        ]
+        for program in CLIENTS:
+            lines += [
+                f"cat > /usr/local/bin/{program} <<'CLIENT'",
+                "#!/bin/bash",
+                f"export {variables}",
+                f'exec {shlex.quote(str(bin_dir() / program))} "$@"',
+                "CLIENT",
+                f"chmod 755 /usr/local/bin/{program}",
+            ]
+        return "\n".join([*lines, "echo 'database host ready'"])
 
     def serve(self, fake: ScriptedInstances) -> None:
         """Answer every command sent to this instance by running it."""

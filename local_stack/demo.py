@@ -194,31 +194,30 @@ def run(keep: bool, db: str = "sqlite") -> int:
         # Imported after the environment is set: Prefect reads its settings at import.
         from deployments.receiver import create_app
         from local_stack.account import (
-            DEMO_DB_PASSWORD,
             DEMO_GHCR_TOKEN,
             DEMO_OWNER,
             create_demo_account,
         )
-        from local_stack.instance.world import db_server, push_sample_app
+        from local_stack.db_host import DB_HOST_IP, db_host, launch_db_host
+        from local_stack.instance.world import DB_PORT, push_sample_app
         from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
         from local_stack.registry import FakeRegistry
         from local_stack.serve import serve_asgi, serve_handler
         from tasks.cloud.aws import build_clients
+        from tasks.cloud.databases import database_name
         from tasks.config import VARIABLE_NAME, load_config
 
         banner("1. AWS, as the runbook describes it — on moto; the db-server on PostgreSQL")
-        database = stack_exit.enter_context(
-            db_server(
-                Path(tmp) / "db-server", role="app", password=DEMO_DB_PASSWORD, database="app"
-            )
-        )
-        moto.bridge(*database.bridge)
         clients = build_clients(load_config({"region": "ap-northeast-1"}, use_variable=False))
-        account = create_demo_account(clients, database_url=database.database_url)
+        account = create_demo_account(clients)
+        database = stack_exit.enter_context(db_host(Path(tmp) / "db-server", ""))
+        db_instance = launch_db_host(clients.ec2, account.db_sg_id, database.user_data())
+        moto.bridge(f"{DB_HOST_IP}:{DB_PORT}", f"{database.postgres.host}:{database.postgres.port}")
         say(f"   moto on {aws} (AWS_ENDPOINT_URL); subnet {account.subnet_id}")
         say(
-            f"   db-server: PostgreSQL on 127.0.0.1:{database.postgres.port}, seen by instances"
-            f" at {database.bridge[0]}; DATABASE_URL with its password URL-encoded"
+            f"   db-server {db_instance}: PostgreSQL on 127.0.0.1:{database.postgres.port}, seen"
+            f" by instances at {DB_HOST_IP}:{DB_PORT}; each preview gets a database and role of"
+            " its own there (database: per-preview), made over SSM with sudo -u postgres psql"
         )
         say(f"   api-sg {account.api_sg_id}; db-sg {account.db_sg_id} admits api-sg on 5432")
         say(f"   instance profile {account.instance_profile}; SecureStrings in Parameter Store")
@@ -243,6 +242,7 @@ def run(keep: bool, db: str = "sqlite") -> int:
                 VARIABLE_NAME,
                 {
                     **account.config_values(),
+                    "db_instance_id": db_instance,
                     "image": image,
                     "poll_seconds": 0.2,
                     "retry_delay_seconds": 0.5,
@@ -288,12 +288,13 @@ def run(keep: bool, db: str = "sqlite") -> int:
                 if not failed:
                     say("   same instance, new sha: deployed in place, no new EC2 boot")
                 failed += show_app(tunnel, SECOND_SHA)
+                own = database_name(REPO, PR_NUMBER)
                 tables = database.postgres.execute(
                     "select string_agg(tablename, ' ' order by tablename) from pg_tables"
                     " where schemaname = 'public'",
-                    database="app",
+                    database=own,
                 )
-                say(f"   db-server tables after the migrations: {tables.strip()}")
+                say(f"   db-server: the preview's own database {own}, tables {tables.strip()}")
 
                 banner(f"5. PR #{PR_NUMBER} closed")
                 deliver("closed", SECOND_SHA)
@@ -318,7 +319,11 @@ def run(keep: bool, db: str = "sqlite") -> int:
                         f" `pr-preview tunnel {PR_NUMBER}` reaches it with"
                         f" PATH={SHIMS}:$PATH PR_PREVIEW_RUNTIME_ROOT={moto.instances_root}"
                     )
-                    say(f"   export PREFECT_API_URL={stack.api_url} AWS_ENDPOINT_URL={aws}")
+                    say(
+                        f"   export PREFECT_API_URL={stack.api_url} AWS_ENDPOINT_URL={aws}"
+                        " AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo"
+                        " AWS_DEFAULT_REGION=ap-northeast-1"
+                    )
                     say(
                         "   prefect deployment run 'pr-preview/pr-preview'"
                         f" -p repo={REPO} -p pr_number={PR_NUMBER} -p head_sha={FIRST_SHA}"

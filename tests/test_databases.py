@@ -329,3 +329,55 @@ def test_two_previews_have_their_own_databases_and_only_their_instance_reads_the
         report = ttl_sweeper(config=per_preview)
     assert report.dropped_databases == [b]
     assert b not in db_host.databases() and parameters(aws) == []
+
+
+def test_refresh_template_swaps_in_a_copy_no_one_can_open(
+    aws: AwsClients,
+    per_preview: PreviewConfig,
+    db_host: DbHost,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db_host.postgres.execute("CREATE DATABASE prod")
+    db_host.postgres.execute(
+        "CREATE TABLE people (id int PRIMARY KEY, email text);"
+        " INSERT INTO people SELECT n, 'masked-' || n || '@example.invalid'"
+        " FROM generate_series(1, 100) n;",
+        database="prod",
+    )
+    per_preview.template_database = "prod_template"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from deployments import cli
+
+    # doctor: the host answers, the template is missing and says how to make it.
+    assert cli.main(["doctor"]) != 0
+    said = capsys.readouterr().out
+    assert "database host answers SSM and psql" in said
+    assert "prod_template is missing: pr-preview refresh-template" in said
+
+    assert cli.main(["refresh-template", "--from-database", "prod"]) == 0
+    assert "Template prod_template" in capsys.readouterr().out
+    allowed = db_host.postgres.execute(
+        "SELECT datallowconn FROM pg_database WHERE datname = 'prod_template'"
+    )
+    assert allowed.strip() == "f"  # a clone never waits for a connection to it
+    made = create_database(aws, per_preview, REPO, 41)
+    url = stored(aws, made.name)[0]
+    assert login(db_host, url, made.name, "select count(*) from people") == "100"
+    assert login(db_host, url, made.name, "alter table people add column age int") == ""
+
+    # Refreshed again from a changed source: new clones see it, the preview keeps its own.
+    db_host.postgres.execute("DELETE FROM people WHERE id > 10", database="prod")
+    assert cli.main(["refresh-template", "--from-database", "prod"]) == 0
+    later = create_database(aws, per_preview, REPO, 42)
+    assert (
+        login(db_host, stored(aws, later.name)[0], later.name, "select count(*) from people")
+        == "10"
+    )
+    assert login(db_host, url, made.name, "select count(*) from people") == "100"
+    capsys.readouterr()
+    assert cli.main(["doctor"]) in (0, 1)  # the account's preflight is moto's business
+    assert re.search(r"ok\s+template database exists\s+prod_template", capsys.readouterr().out)
+    # A name that is not a PostgreSQL name never reaches the host.
+    assert cli.main(["refresh-template", "--from-database", "prod; drop database prod"]) == 2
+    assert "a PostgreSQL name" in capsys.readouterr().err and "prod" in db_host.databases()

@@ -50,6 +50,7 @@ from deployments.cli.common import (
     describe_error,
     find_one_running,
 )
+from deployments.cli.databases import cmd_refresh_template
 from deployments.cli.demo import cmd_demo
 from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
 from deployments.cli.logs import cmd_logs
@@ -59,7 +60,9 @@ from deployments.cli.setup import cmd_setup
 from deployments.cli.stack import stack_name
 from deployments.cli.teardown_all import cmd_teardown_all
 from deployments.cli.tunnel import check_session_tools, cmd_tunnel
+from tasks.cloud.databases import DUMP_PATH_PATTERN
 from tasks.cloud.tunnel import tunnel_argv
+from tasks.config import PG_IDENTIFIER_PATTERN
 
 __all__ = [
     "EXIT_ERROR",
@@ -108,6 +111,18 @@ def _common_options() -> _Parser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
     )
     return common
+
+
+def _pg_name(value: str) -> str:
+    if not PG_IDENTIFIER_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError("a PostgreSQL name: lower-case letters, digits, _")
+    return value
+
+
+def _host_path(value: str) -> str:
+    if not DUMP_PATH_PATTERN.fullmatch(value) or "/../" in f"{value}/" or "/./" in f"{value}/":
+        raise argparse.ArgumentTypeError("an absolute path of letters, digits and ._- segments")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     repo_option(cleanup)
     cleanup.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would go")
+
+    refresh = command(
+        "refresh-template",
+        "Rebuild template_database on the database host from a database or a dump file there"
+        " (database: per-preview); mask personal data in the source first (README).",
+        cmd_refresh_template,
+    )
+    source = refresh.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from-database", type=_pg_name, metavar="NAME", help="a database on the host"
+    )
+    source.add_argument(
+        "--from-dump", type=_host_path, metavar="PATH", help="a pg_dump -Fc file on the host"
+    )
 
     receiver = command("receiver", "Run the signed GitHub webhook receiver.", cmd_receiver)
     receiver.add_argument("--host", default="127.0.0.1")

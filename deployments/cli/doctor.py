@@ -97,6 +97,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"Preflight (runbook §2.3) in {settings.region}:")
     _print_checks(report.checks)
     healthy = report.passed
+    if settings.database == "per-preview":
+        from tasks.steps.database import database_host_checks
+        from tasks.steps.preflight import Check
+
+        found = database_host_checks(clients, settings)
+        print(f"\nDatabase host {settings.db_instance_id} (database: per-preview):")
+        _print_checks([Check(name, "pass" if ok else "fail", detail) for name, ok, detail in found])
+        healthy = healthy and all(ok for _, ok, _ in found)
     if args.pr is not None:
         preview = find_one_running(clients.ec2, settings, args.pr, args.repo)
         evidence, secrets = _collect(clients, settings, preview)

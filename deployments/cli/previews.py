@@ -101,7 +101,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         for p in previews
     ]
     header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"]
-    print(_table([*header, "COST SO FAR", "AT EXPIRY"], rows))
+    header += ["COST SO FAR", "AT EXPIRY"]
+    if settings.database == "per-preview":  # each preview's own database and its size
+        from tasks.cloud.databases import database_name, human_size
+        from tasks.steps.database import preview_databases
+
+        sizes = preview_databases(_clients(settings), settings)
+        header.append("DATABASE")
+        for preview, row in zip(previews, rows, strict=True):
+            name = None
+            if preview.repo and preview.pr_number is not None:
+                name = database_name(preview.repo, preview.pr_number)
+            size = sizes.get(name or "")
+            row.append(f"{name} ({human_size(size)})" if name and size is not None else "-")
+    print(_table(header, rows))
     print(f"\n{len(previews)} preview{'s' if len(previews) != 1 else ''} {where}.")
     for line in _cost_lines(settings, list(costs.values())):
         print(line)

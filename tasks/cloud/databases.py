@@ -318,6 +318,56 @@ def template_check_commands(template: str) -> list[str]:
     ]
 
 
+# A new template, built beside the old one and swapped in: from a source database on the host
+# (pg_dump, so the source may stay in use) or from a custom-format dump file on the host. The
+# template takes no connections: a clone never waits for one, and no preview role opens it.
+_SWAP_SQL = """SELECT EXISTS (SELECT FROM pg_database WHERE datname = :'template') AS had \\gset
+\\if :had
+ALTER DATABASE :"template" WITH ALLOW_CONNECTIONS false;
+DROP DATABASE :"template" WITH (FORCE);
+\\endif
+ALTER DATABASE :"next" RENAME TO :"template";
+ALTER DATABASE :"template" WITH ALLOW_CONNECTIONS false;
+REVOKE ALL ON DATABASE :"template" FROM PUBLIC;
+SELECT pg_database_size(:'template');"""
+_NEXT_SQL = """DROP DATABASE IF EXISTS :"next" WITH (FORCE);
+CREATE DATABASE :"next";"""
+DUMP_PATH_PATTERN = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
+
+
+def refresh_template_commands(
+    template: str, *, source_database: str | None = None, dump_file: str | None = None
+) -> list[str]:
+    """Bash rebuilding ``template`` from ``source_database`` or ``dump_file`` (a path on the
+    host, custom format) into ``<template>_next``, then swapping it in; prints the new size."""
+    if (source_database is None) == (dump_file is None):
+        raise ValueError("give exactly one of source_database and dump_file")
+    if dump_file is not None and (
+        not DUMP_PATH_PATTERN.fullmatch(dump_file) or "/../" in f"{dump_file}/"
+    ):
+        raise ValueError(f"{dump_file[:100]!r} is not an absolute path of plain segments")
+    following = f"{template}_next"[:MAX_IDENTIFIER]
+    names = {"next": following, "template": template}
+    q = shlex.quote
+    if source_database is not None:
+        load = (
+            f"sudo -u postgres pg_dump -Fc --no-owner --no-acl -d {q(source_database)}"
+            f" | sudo -u postgres pg_restore --no-owner --no-acl -d {q(following)}"
+        )
+    else:
+        load = (
+            f"sudo -u postgres pg_restore --no-owner --no-acl -d {q(following)}"
+            f" {q(dump_file or '')}"
+        )
+    return [
+        *_PREAMBLE,
+        _psql(_NEXT_SQL, {"next": following}, then=f"|| exit {CREATE_REFUSED}"),
+        f"{load} || {{ echo 'loading the template failed' >&2; exit {CREATE_REFUSED}; }}",
+        _capture("size", _SWAP_SQL, names, then=f" || exit {CREATE_REFUSED}"),
+        'echo "pr-preview-template: $size"',
+    ]
+
+
 def parse_listing(stdout: str) -> dict[str, int]:
     return {found["name"]: int(found["size"]) for found in LISTED_LINE.finditer(stdout)}
 

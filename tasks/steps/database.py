@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,9 @@ from tasks.cloud.databases import (
     new_password,
     parse_listing,
     password_of,
+    refresh_template_commands,
     scram_verifier,
+    template_check_commands,
     unexpected,
 )
 from tasks.cloud.ssm import CommandResult, CommandTimeout, agent_not_registered, run_command
@@ -62,6 +65,7 @@ logger = logging.getLogger(__name__)
 TAG_PREVIEW_INSTANCE = "pr-preview:instance"
 TAG_USED_AT = "pr-preview:used-at"
 ADMIN_COMMENT = "pr-preview database"
+TEMPLATE_LINE = re.compile(r"^pr-preview-template: (?P<size>\d+)$", re.MULTILINE)
 
 
 @step(needs_lock=True)
@@ -191,6 +195,60 @@ def sweep_databases(
     return sweep
 
 
+@step(retry=False)
+def refresh_template(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    *,
+    source_database: str | None = None,
+    dump_file: str | None = None,
+) -> int:
+    """Rebuild ``template_database`` from a database or a dump file on the host; the size."""
+    template = settings.template_database
+    if template is None:
+        raise DatabaseFailed("set template_database first: the name the template gets")
+    commands = refresh_template_commands(
+        template, source_database=source_database, dump_file=dump_file
+    )
+    result = _on_db_host(clients.ssm, settings, commands, what=f"refreshing {template}")
+    found = TEMPLATE_LINE.search(result.stdout) if result.ok else None
+    if found is None:
+        raise _admin_failure(settings, template, result)
+    run_logger(logger).info("template %s refreshed (%s bytes)", template, found["size"])
+    return int(found["size"])
+
+
+def database_host_checks(
+    clients: AwsClients, settings: PreviewConfig
+) -> list[tuple[str, bool, str]]:
+    """``pr-preview doctor``'s look at the database host: (check, passed, detail)."""
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        found = preview_databases(clients, settings)
+    except DatabaseFailed as exc:
+        return [("database host answers SSM and psql", False, str(exc))]
+    checks.append(
+        (
+            "database host answers SSM and psql",
+            True,
+            f"{settings.db_instance_id}: {len(found)} preview database(s)",
+        )
+    )
+    if settings.template_database:
+        commands = template_check_commands(settings.template_database)
+        result = _on_db_host(clients.ssm, settings, commands, what="looking for the template")
+        checks.append(
+            (
+                "template database exists",
+                result.ok,
+                settings.template_database
+                if result.ok
+                else f"{settings.template_database} is missing: pr-preview refresh-template",
+            )
+        )
+    return checks
+
+
 def preview_databases(clients: AwsClients, settings: PreviewConfig) -> dict[str, int]:
     """Every preview database on the host, with its size in bytes."""
     commands = list_commands(settings.template_database)
@@ -299,14 +357,14 @@ def _admin_failure(settings: PreviewConfig, name: str, result: CommandResult) ->
     if result.exit_code == NO_TEMPLATE:
         return TemplateMissing(
             f"the template database {settings.template_database} does not exist on {host}:"
-            " create it (pr-preview db refresh-template) or unset template_database"
+            " create it (pr-preview refresh-template) or unset template_database"
         )
     if result.exit_code == TEMPLATE_BUSY:
         return TemplateBusy(
             f"the template database {settings.template_database} on {host} kept a connection"
             f" open for {settings.template_wait_seconds:g} s ({detail}): PostgreSQL clones"
             " only a template nobody is connected to; close it, or set ALLOW_CONNECTIONS false"
-            " on the template (pr-preview db refresh-template does)"
+            " on the template (pr-preview refresh-template does)"
         )
     if result.exit_code == NO_POSTGRES:
         return DatabaseFailed(f"{host} has no psql: is it the database host? ({detail})")
