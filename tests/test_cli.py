@@ -471,7 +471,7 @@ def test_logs_shows_the_prs_terminal_escapes_instead_of_obeying_them(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The app's output is the pull request's code talking: it must not drive the terminal."""
-    instance = launch(aws, config, ami, "octo-org/logs", 106)
+    instance = launch(aws, config, ami, "octo-org/logs", 108)
     scripted_ssm.healthy(instance_id=instance)
     hostile = (
         "api-1  | \x1b]0;owned\x07title \x1b[2Jcleared\n"
@@ -479,7 +479,7 @@ def test_logs_shows_the_prs_terminal_escapes_instead_of_obeying_them(
     )
     scripted_ssm.on(r"logs --no-color --tail=200 api", Reply(stdout=hostile), instance_id=instance)
 
-    code, out, _ = run(capsys, "logs", "106")
+    code, out, _ = run(capsys, "logs", "108")
 
     assert code == 0
     logs = out.split("==> compose-logs")[1].split("==>")[0]

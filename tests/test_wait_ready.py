@@ -19,6 +19,7 @@ from tasks.steps.wait_ready import (
     InstanceNotRunning,
     ReadyTimeout,
     StageTimeouts,
+    app_down,
     parse_ready,
     wait_until_ready,
 )
@@ -272,17 +273,26 @@ def test_a_crash_looping_app_behind_docker_s_port_proxy_ends_the_wait(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
 ):
     """Docker's port proxy accepts while the app's container is between two restarts, and
-    curl gets no HTTP answer: the restart count, not the port, says the app is down."""
+    curl gets no HTTP answer: the restart count, not the port, says the app is down. Caught
+    running between restarts, the container shows exit code 0 (Docker clears it on start):
+    the code told is the one seen while it was down, or none."""
     scripted_ssm.on(MIGRATED_CHECK, MIGRATED_ON_BOOT)
     scripted_ssm.on(PORT_CHECK, PORT_OPEN)
-    scripted_ssm.on(APP_STATE, Reply(stdout="APP STATE running 1 3\n"))
+    scripted_ssm.on(
+        APP_STATE,
+        Reply(stdout="APP STATE restarting 1 3\n"),
+        Reply(stdout="APP STATE running 0 4\n"),
+    )
     scripted_ssm.respond(PROBE, probe_responder(0))  # no path gives any HTTP answer
     quick = config.model_copy(update={"app_down_seconds": SHORT, "ready_timeout_seconds": 30})
 
     with pytest.raises(AppDown) as raised:
         wait_until_ready(aws.ec2, aws.ssm, quick, instance, ready_ttl_minutes=60)
 
-    assert "has been restarting (exit code 1, restarted 3 times)" in str(raised.value)
+    assert "has been restarting (exit code 1, restarted 4 times)" in str(raised.value)
+    assert app_down("running 0 4") == "restarting (restarted 4 times)"
+    assert app_down("running 0 4", "137") == "restarting (exit code 137, restarted 4 times)"
+    assert app_down("exited 2") == "exited (exit code 2)" and app_down("running 0 1") is None
 
 
 def test_a_container_that_comes_back_up_is_waited_for(

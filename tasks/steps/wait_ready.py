@@ -116,20 +116,33 @@ DOWN_STATES = frozenset({"exited", "dead", "restarting"})
 CRASH_LOOP_RESTARTS = 2
 
 
-def app_down(state: str | None) -> str | None:
+def app_down(state: str | None, last_exit: str | None = None) -> str | None:
     """How the app's container is down (``restarting (exit code 1, restarted 3 times)``), from
-    ``<status> <exit code> <restarts>``; None while it is not (or nobody can say)."""
+    ``<status> <exit code> <restarts>``; None while it is not (or nobody can say).
+
+    A crash-looping container caught between two restarts is ``running`` with exit code 0:
+    Docker clears the code when it starts the container again. ``last_exit``, the code an
+    earlier look saw while it was down, is the one to tell; without one, none is told."""
     words = (state or "").split()
     if not words:
         return None
     status = words[0]
-    code = words[1] if len(words) > 1 else "?"
+    code: str | None = words[1] if len(words) > 1 else "?"
     restarts = int(words[2]) if len(words) > 2 and words[2].isdigit() else 0
     if status not in DOWN_STATES and restarts < CRASH_LOOP_RESTARTS:
         return None
+    if status == "running":
+        code = last_exit
     shown = "restarting" if restarts >= CRASH_LOOP_RESTARTS else status
-    again = f", restarted {restarts} times" if restarts else ""
-    return f"{shown} (exit code {code}{again})"
+    again = f"restarted {restarts} times" if restarts else ""
+    told = [f"exit code {code}"] if code is not None else []
+    return f"{shown} ({', '.join([*told, again] if again else told) or 'down'})"
+
+
+def exit_seen(state: str | None, last_exit: str | None) -> str | None:
+    """The exit code ``state`` shows of a container that is down, else ``last_exit``."""
+    words = (state or "").split()
+    return words[1] if len(words) > 1 and words[0] in DOWN_STATES else last_exit
 
 
 class InstanceNotRunning(ReadyError):
@@ -381,6 +394,7 @@ def wait_until_ready(
     stage, stage_start, limit, polls = STAGE_AGENT, time.monotonic(), budget(STAGE_AGENT), 0
     detail = ""
     down_since: float | None = None
+    last_exit: str | None = None  # the app container's exit code, last seen while it was down
     ready: list[ReadyAnswer] = []
 
     def enter(next_stage: str, now: float) -> None:
@@ -413,7 +427,7 @@ def wait_until_ready(
         return answer, ""
 
     def attempt() -> bool:
-        nonlocal polls, detail, down_since
+        nonlocal polls, detail, down_since, last_exit
         polls += 1
         answer, detail = ask()
         now = time.monotonic()
@@ -439,7 +453,8 @@ def wait_until_ready(
             )
         else:
             waiting = f"nothing accepts connections on 127.0.0.1:{settings.app_port}"
-        down = app_down(answer.app_state)
+        last_exit = exit_seen(answer.app_state, last_exit)
+        down = app_down(answer.app_state, last_exit)
         if down is None:
             down_since, detail = None, waiting
             return False
