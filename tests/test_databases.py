@@ -20,7 +20,7 @@ from flows.teardown import pr_teardown
 from local_stack.account import DemoAccount
 from local_stack.db_host import DB_HOST_IP, DbHost
 from local_stack.registry import FakeRegistry
-from local_stack.scripted_instance import ScriptedInstances
+from local_stack.scripted_instance import Reply, ScriptedInstances
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.databases import (
     DatabaseHostUnreachable,
@@ -381,3 +381,40 @@ def test_refresh_template_swaps_in_a_copy_no_one_can_open(
     # A name that is not a PostgreSQL name never reaches the host.
     assert cli.main(["refresh-template", "--from-database", "prod; drop database prod"]) == 2
     assert "a PostgreSQL name" in capsys.readouterr().err and "prod" in db_host.databases()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_claimed_spare_reads_the_database_of_the_pr_that_claimed_it(
+    aws: AwsClients,
+    per_preview: PreviewConfig,
+    db_host: DbHost,
+    registry: FakeRegistry,
+    scripted_ssm: ScriptedInstances,
+) -> None:
+    """A spare boots with no database (it serves no PR yet); the claim hands it the PR's
+    parameter, and the deploy on it writes app.env from that parameter."""
+    from tasks.cloud.run_instances import resolve_ami
+    from tasks.steps.spares import replenish_spares
+    from tests.support.moto_state import ssm_commands
+
+    per_preview.image = f"{registry.host}/octo-org/app"
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    registry.push("octo-org/app", SHA1, private=True)
+    scripted_ssm.healthy()
+    scripted_ssm.on(r"echo spare-ready", Reply(stdout="spare-ready\n"))
+    per_preview.warm_spares = 1
+    ami = str(resolve_ami(aws.ec2, per_preview)["ImageId"])
+    [spare] = replenish_spares(
+        aws.ec2, per_preview, ami_id=ami, subnet_id=per_preview.subnet_id
+    ).launched
+    assert "/pr-preview/databases/" not in user_data(aws, spare)
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        claimed = pr_preview(REPO, 51, SHA1, action="opened", config=per_preview)
+
+    assert (claimed.path, claimed.instance_id) == ("spare", spare)
+    name = database_name(REPO, 51)
+    assert stored(aws, name)[1][TAG_PREVIEW_INSTANCE].endswith(f"/{spare}")
+    [deploy] = [text for text in ssm_commands(aws, spare) if "APP_IMAGE=" in text]
+    assert f"param /pr-preview/databases/{name}" in deploy and "app.env" in deploy
+    assert name in db_host.databases()
