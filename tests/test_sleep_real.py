@@ -4,18 +4,28 @@ shutdown timer, behind moto's StopInstances/StartInstances (local_stack/instance
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+import time
+from typing import Any
+
 import httpx
 import pytest
 
+from deployments.cli.tunnel import forward_when_accepted, wake_if_asleep
 from flows.preview import pr_preview
 from flows.sleep import pr_sleep, pr_wake
+from local_stack.instance.sandbox import SHIMS
 from tasks.cloud.ssm import run_command
 from tasks.cloud.tags import parse_time
+from tasks.cloud.tunnel import tunnel_argv
 from tasks.steps.sleep import sleep_instance
 from tests import test_failure_table as failure_table
+from tests.support import REGION
 from tests.support.moto_state import state_of, tags
 from tests.test_failure_table import REPO, SHA1, SHA2, World, database_tables
-from tests.test_instance_runtime import instance_processes, port_forwarding
+from tests.test_instance_runtime import free_port, instance_processes, port_forwarding
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 # The failure table's world: the sample app's images, a db-server, real instances.
@@ -90,3 +100,42 @@ def test_a_night_asleep_an_idle_stop_and_a_push_that_wakes_it_in_place(world: Wo
     assert len(world.aws.ec2.describe_instances()["Reservations"]) == 1  # no new instance
     with port_forwarding(world.runtime, instance_id) as url:
         assert SHA2 in httpx.get(url, timeout=10).text
+
+    # Asleep once more: `pr-preview tunnel 42` wakes it and starts the session again while
+    # Session Manager still refuses the instance (3 s after Run Command takes it, here).
+    assert pr_sleep(config=world.config).changed == [instance_id]
+    world.runtime.session_delay_seconds = 3
+    assert wake_if_asleep(world.aws, world.config, 42, None) == instance_id
+    port = free_port()
+    argv = [str(SHIMS / "aws"), *tunnel_argv(instance_id, REGION, local_port=port)[1:]]
+    sessions: list[subprocess.Popen[str]] = []
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
+        env = {**os.environ, "PR_PREVIEW_RUNTIME_ROOT": str(world.runtime.root)}
+        sessions.append(subprocess.Popen(*args, env=env, **kwargs))
+        return sessions[-1]
+
+    ended: list[int] = []
+    forwarding = threading.Thread(
+        target=lambda: ended.append(
+            forward_when_accepted(argv, wait_seconds=60, retry_seconds=0.5, popen=popen)
+        )
+    )
+    forwarding.start()
+    try:
+        page = ""
+        deadline = time.monotonic() + 60
+        while SHA2 not in page and time.monotonic() < deadline and forwarding.is_alive():
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert SHA2 in page
+        assert len(sessions) >= 2  # refused (TargetNotConnected) first, then accepted
+        assert sessions[0].returncode == 254
+    finally:
+        for session in sessions:
+            if session.poll() is None:
+                session.terminate()
+        forwarding.join(15)
+    assert ended == [0]
