@@ -52,7 +52,13 @@ from local_stack.scripted_instance import (
     ScriptedInstances,
     probe_reply,
 )
-from tasks.app.cost import HOURS_PER_MONTH, SNAPSHOT_GB_MONTH, format_usd, hourly_price
+from tasks.app.cost import (
+    HOURS_PER_MONTH,
+    SNAPSHOT_GB_MONTH,
+    format_usd,
+    hourly_price,
+    volume_hourly_price,
+)
 from tasks.config import PreviewConfig
 
 
@@ -178,6 +184,21 @@ TUNNEL_REFUSED_AFTER_START = Measurement(
     " Session Manager port forwarding refused sessions (TargetNotConnected) for over 90 s while"
     " SendCommand already worked",
 )
+START_INSTANCES_API = Measurement(
+    1.76,
+    "brevdev/ec2-coldboot-research docs/start-stopped-results.md (m7i.large, AL2023):"
+    " start-instances 1764 ms",
+)
+PENDING_TO_RUNNING_AFTER_START = Measurement(
+    16.4,
+    "brevdev/ec2-coldboot-research docs/start-stopped-results.md: pending→running 16372 ms",
+)
+SESSION_RETRY = Measurement(
+    5.0,
+    "a choice (deployments/cli/tunnel.py RETRY_SECONDS): how often `pr-preview tunnel` starts"
+    " the session again while Session Manager answers TargetNotConnected; half of it is waited"
+    " on average",
+)
 AGENT_POLL = Measurement(
     1.0,
     "a choice (change F4, tasks/steps/wait_ready.py AGENT_POLL_SECONDS): how often wait-ready asks"
@@ -211,6 +232,9 @@ REFERENCES: dict[str, Measurement] = {
     "hibernate resume → SSH": HIBERNATE_RESUME,
     "warm pool claim by tags (AWS CLI)": WARM_POOL_CLAIM,
     "port forwarding refused after start": TUNNEL_REFUSED_AFTER_START,
+    "StartInstances API": START_INSTANCES_API,
+    "pending → running after a start": PENDING_TO_RUNNING_AFTER_START,
+    "tunnel session retry": SESSION_RETRY,
 }
 
 API_LATENCY = {"RunInstances": RUN_INSTANCES_API.seconds}
@@ -436,6 +460,105 @@ def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
         Leg("probe", ssm + PROBE_CURL.seconds),
     ]
     return Composition("push in place", tuple(legs), changes)
+
+
+def _wake_legs() -> list[Leg]:
+    """A sleeping preview started: the API, pending→running, the agent (its registration after
+    running, the published low end; Docker has restarted the app well before), the re-arm."""
+    return [
+        Leg("StartInstances", START_INSTANCES_API.seconds),
+        Leg("pending→running", PENDING_TO_RUNNING_AFTER_START.seconds),
+        Leg("SSM agent after running", SSM_AGENT_REGISTRATION.seconds),
+        Leg("re-arm the shutdown timer", SSM_COMMAND.seconds),
+    ]
+
+
+def wake_by_push() -> Composition:
+    """A push to a sleeping preview: wake, probe, then the push in place."""
+    legs = [*_wake_legs(), Leg("probe", SSM_COMMAND.seconds + PROBE_CURL.seconds)]
+    return Composition("push wakes a sleeping preview", (*legs, *push_in_place().legs))
+
+
+def wake_by_tunnel() -> Composition:
+    """``pr-preview tunnel`` on a sleeping preview: wake, then port forwarding retried until
+    Session Manager accepts, ~90 s after the start (the published refusal)."""
+    legs = _wake_legs()
+    woken = sum(leg.seconds for leg in legs) - START_INSTANCES_API.seconds
+    refused = max(0.0, TUNNEL_REFUSED_AFTER_START.seconds - woken)
+    legs += [
+        Leg("TargetNotConnected until ~90 s after the start", refused),
+        Leg("retry granularity (half an interval)", SESSION_RETRY.seconds / 2),
+    ]
+    return Composition("tunnel wakes a sleeping preview", tuple(legs))
+
+
+# --- what sleeping saves a month (prices from tasks/app/cost.py)
+WORK_WEEK_HOURS = 5 * 10.0  # weekdays 09:00–19:00: prefect.yaml's pr-sleep/pr-wake window
+WEEK_HOURS = 7 * 24.0
+IDLE_STOP_MINUTES = 30
+REVIEW_PATTERN = (
+    "ASSUMPTION (no published review-activity study found): per working day 3 reviews of"
+    " 20 min and 4 pushes deployed in ~2 min, each followed by the idle window before the"
+    " stop; 21.7 working days a month"
+)
+REVIEWS_PER_DAY, REVIEW_MINUTES, PUSHES_PER_DAY, PUSH_MINUTES = 3, 20, 4, 2
+WORKING_DAYS_PER_MONTH = HOURS_PER_MONTH / WEEK_HOURS * 5
+
+
+@dataclass(frozen=True)
+class SleepPlan:
+    name: str
+    running_hours: float  # a month
+    how: str
+
+
+def sleep_plans(idle_minutes: int = IDLE_STOP_MINUTES) -> list[SleepPlan]:
+    """One preview's running hours a month: always on, asleep nights and weekends, stopped
+    after ``idle_minutes`` idle with the review pattern above."""
+    scheduled = HOURS_PER_MONTH * WORK_WEEK_HOURS / WEEK_HOURS
+    per_day = (
+        REVIEWS_PER_DAY * (REVIEW_MINUTES + idle_minutes)
+        + PUSHES_PER_DAY * (PUSH_MINUTES + idle_minutes)
+    ) / 60
+    return [
+        SleepPlan("always on", HOURS_PER_MONTH, f"{HOURS_PER_MONTH} h"),
+        SleepPlan(
+            "asleep nights and weekends",
+            scheduled,
+            f"{WORK_WEEK_HOURS:g} of {WEEK_HOURS:g} h a week",
+        ),
+        SleepPlan(
+            f"idle-stop at {idle_minutes} min",
+            per_day * WORKING_DAYS_PER_MONTH,
+            f"{per_day:.2f} h a working day × {WORKING_DAYS_PER_MONTH:.1f} days",
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class MonthlyCost:
+    plan: SleepPlan
+    instance_usd: float
+    volume_usd: float
+
+    @property
+    def usd(self) -> float:
+        return self.instance_usd + self.volume_usd
+
+
+def monthly_costs(config: PreviewConfig, plans: list[SleepPlan]) -> list[MonthlyCost] | None:
+    """Each plan's month: running hours at the instance price, stopped hours at the root
+    volume's (tasks/app/cost.py); None without a price for the instance type."""
+    price = hourly_price(config)
+    if price is None:
+        return None
+    volume = volume_hourly_price(config.region)
+    return [
+        MonthlyCost(
+            plan, plan.running_hours * price, (HOURS_PER_MONTH - plan.running_hours) * volume
+        )
+        for plan in plans
+    ]
 
 
 # --- what a lever costs a month (prices from tasks/app/cost.py)

@@ -2,7 +2,8 @@
 
 0. guards: not allowed, closed, fork, superseded (before anything costs money)
 1. preflight ∥ build-image check             (§2.3, §2.1)
-2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot)
+2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot); a
+   sleeping one is woken first
 3. terminate the old instance, make room, claim a warm spare or launch (§2.4, §3)
 4. wait-ready → migrate → probe               (§2.4, §2.6); a launched instance migrates
    on boot, and the one command wait-ready sends then probes too
@@ -55,6 +56,7 @@ from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
 from tasks.steps.preflight import preflight
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
+from tasks.steps.sleep import WakeFailed, sleeping_previews, wake
 from tasks.steps.spares import claim
 from tasks.steps.terminate import NoRoom, terminate, terminate_instance
 from tasks.steps.update import (
@@ -296,6 +298,10 @@ def _deploy(
     repo, pr_number, sha = result.repo, result.pr_number, result.sha
     logger = get_run_logger()
 
+    # 0. A push to a sleeping preview wakes it (start, agent, timer, app answering): the push
+    #    then deploys on it in place, as on any running preview — no new instance.
+    _wake_for_push(clients, settings, repo, pr_number)
+
     # 1. The build-image check, beside what the path needs: with a running preview of an older
     #    sha, its health (an in-place deploy launches nothing, so preflight waits until a
     #    launch is needed); else preflight.
@@ -400,6 +406,25 @@ def _deploy(
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
     result.status = "ready"
+
+
+def _wake_for_push(
+    clients: AwsClients, settings: PreviewConfig, repo: str, pr_number: int
+) -> str | None:
+    """Start the PR's one sleeping preview; None (and the run launches instead) when there is
+    none or it cannot wake (past its TTL, its agent or app never answering)."""
+    asleep = sleeping_previews(clients, settings, repo=repo, pr_number=pr_number)
+    if len(asleep) != 1:
+        return None
+    instance_id = asleep[0].instance_id
+    try:
+        wake(clients, settings, instance_id)
+        probe(clients, settings, instance_id)
+    except (WakeFailed, ProbeFailed) as exc:
+        get_run_logger().warning("%s did not wake healthy (%s): relaunching", instance_id, exc)
+        return None
+    emit_instance_event("woke", instance_id, repo, pr_number, by="push")
+    return instance_id
 
 
 def _deploy_on_spare(

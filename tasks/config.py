@@ -1,8 +1,8 @@
 """One typed configuration for every flow, task and command, grouped by what each setting is for.
 
 ``PreviewConfig`` is composed of one small model per concern — AWS placement, image and
-registry, app and database, timings, lifetimes and capacity, spares and baked AMIs, GitHub,
-triggers (:data:`GROUPS`) — each with its own checks; its fields stay flat
+registry, app and database, timings, lifetimes and capacity, sleep and wake, spares and baked
+AMIs, GitHub, triggers (:data:`GROUPS`) — each with its own checks; its fields stay flat
 (``settings.region``, ``settings.ttl_hours``), as do their ``PR_PREVIEW_<FIELD>`` names and the
 Variable's keys. Checks that several fields share are annotated types (``Region``,
 ``AbsolutePath``, ``InstanceParameter``, ``RepoPattern``, ...).
@@ -652,6 +652,37 @@ class LifetimesAndCapacity(_Group):
     )
 
 
+class SleepAndWake(_Group):
+    """Pay for a preview only while someone can look at it: stopped at night (the pr-sleep and
+    pr-wake schedules of prefect.yaml) and when idle, started again by a push or a tunnel."""
+
+    idle_stop_minutes: int | None = Field(
+        None,
+        ge=5,
+        le=7 * 24 * 60,
+        description="The sweeper stops a preview nobody used this long (no SSM session, no"
+        " connection to the app port, as the instance itself samples them); unset: never.",
+    )
+    wake_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long a wake waits for a started preview to run and its SSM agent to"
+        " answer (EC2 start ~21 s, the agent's registration after it).",
+    )
+    sleep_lock_wait_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a scheduled stop waits for a PR's lock; a preview being deployed"
+        " stays awake.",
+    )
+    session_wait_seconds: float = Field(
+        180.0,
+        gt=0,
+        description="How long `pr-preview tunnel` retries port forwarding after a wake while"
+        " Session Manager refuses the target (TargetNotConnected for up to ~90 s after a start).",
+    )
+
+
 class SparesAndBaking(_Group):
     """Faster previews: warm spares a new PR claims, and AMIs baked with Docker and the image."""
 
@@ -776,6 +807,7 @@ class PreviewConfig(
     Triggers,
     GitHubIdentity,
     SparesAndBaking,
+    SleepAndWake,
     LifetimesAndCapacity,
     Timings,
     PreviewDatabases,
@@ -829,6 +861,7 @@ GROUPS: tuple[type[BaseModel], ...] = (
     PreviewDatabases,
     Timings,
     LifetimesAndCapacity,
+    SleepAndWake,
     SparesAndBaking,
     GitHubIdentity,
     Triggers,
@@ -917,6 +950,10 @@ TUNING_FIELDS = frozenset(
         "lock_lease_seconds",
         "lock_wait_seconds",
         "github_deployments",
+        "idle_stop_minutes",
+        "wake_timeout_seconds",
+        "sleep_lock_wait_seconds",
+        "session_wait_seconds",
     }
 )
 

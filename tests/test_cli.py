@@ -269,6 +269,7 @@ LIST_COLUMNS = (
     "EXPIRES IN",
     "COST SO FAR",
     "AT EXPIRY",
+    "SAVED ASLEEP",
 )
 
 
@@ -341,6 +342,7 @@ def test_list_shows_the_previews_sorted_by_pr(
         "-",
         "-",
         "-",
+        "-",
     ]
 
     code, out, _ = run(capsys, "list", "--repo", "octo-org/nothing-here")
@@ -386,6 +388,39 @@ def test_list_shows_each_previews_cost_and_the_total(
         f"Priced as t3.small in {REGION} at $0.0272/h: {PRICE_SOURCE};"
         " price_per_hour overrides it.",
     ]
+
+
+def test_list_shows_a_sleeping_preview_its_running_cost_and_what_sleeping_saved(
+    aws: AwsClients, config: PreviewConfig, ami: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ran 2 h of its 10, asleep the last 8: the instance price for 2 h, the volume's for 8
+    (gp3, 8 GiB in Tokyo), against 10 h at the instance price around the clock."""
+    repo = "octo-org/sleepy"
+    hours = timedelta(hours=1)
+    asleep = launch(aws, config, ami, repo, 5, launched_ago=10 * hours, expires_in=14 * hours)
+    slept_at = format_time(datetime.now(UTC) - 8 * hours)
+    aws.ec2.create_tags(
+        Resources=[asleep],
+        Tags=[
+            {"Key": "sleep-state", "Value": "scheduled"},
+            {"Key": "slept-at", "Value": slept_at},
+            {"Key": "ran-seconds", "Value": "7200"},
+        ],
+    )
+    aws.ec2.stop_instances(InstanceIds=[asleep])
+
+    code, out, _ = run(capsys, "list", "--repo", repo)
+
+    assert code == 0
+    [row], _ = list_rows(out)
+    assert row["STATE"] in (
+        "stopped: asleep (scheduled) 8h00m",
+        "stopped: asleep (scheduled) 7h59m",
+    )
+    volume = 0.096 * 8 / 730
+    so_far = 2 * 0.0272 + 8 * volume
+    assert (row["COST SO FAR"], row["SAVED ASLEEP"]) == (usd(so_far), usd(10 * 0.0272 - so_far))
+    assert row["AT EXPIRY"] == usd(so_far + 14 * volume)  # asleep until its shutdown-at
 
 
 def test_list_prices_by_price_per_hour_or_says_the_price_is_unknown(

@@ -42,6 +42,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from deployments import cli
 from flows.bake import pr_preview_bake
 from flows.preview import pr_preview
+from flows.sleep import pr_sleep, pr_wake
 from flows.spares import pr_spares
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
@@ -55,7 +56,19 @@ from tasks.cloud.databases import database_name
 from tasks.cloud.db_rules import db_rule_description
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
-from tasks.cloud.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG_SPARE, format_time
+from tasks.cloud.tags import (
+    TAG_NAME,
+    TAG_PR,
+    TAG_PURPOSE,
+    TAG_RAN_SECONDS,
+    TAG_SHUTDOWN_AT,
+    TAG_SLEEP_STATE,
+    TAG_SLEPT_AT,
+    TAG_SLEPT_SECONDS,
+    TAG_SPARE,
+    TAG_WOKE_AT,
+    format_time,
+)
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image
@@ -66,7 +79,7 @@ from tasks.steps.update import deploy_commands
 from tests.fakes.aws_faults import aws_faults
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.iam_policy import Policy, Request, Verdict, evaluate, load_policy
-from tests.support.moto_state import instances, state_of, user_data
+from tests.support.moto_state import instances, live, state_of, user_data
 from tests.test_bake import CHECK, seals_after, seed_baked_image, snapshot_of, snapshot_tags_in_moto
 
 IAM = Path(__file__).resolve().parents[1] / "deployments" / "iam"
@@ -475,6 +488,16 @@ def record(
         result = pr_preview(REPO, 42, SHA2, action="synchronize", config=config)
         assert (result.status, result.path) == ("ready", "in-place")
 
+    def asleep() -> None:
+        assert pr_sleep(config=config).changed == [preview_of(42)]
+
+    def awake() -> None:
+        assert pr_wake(config=config).changed == [preview_of(42)]
+
+    def preview_of(pr: int) -> str:
+        [found] = [i for i in live(aws) if tags_of(i).get(TAG_PR) == str(pr)]
+        return str(found["InstanceId"])
+
     def closed() -> None:
         assert pr_teardown(REPO, 42, config=config).terminated
 
@@ -513,6 +536,8 @@ def record(
         ("bake", baked),
         ("preview opened", opened),
         ("push deployed in place", pushed),
+        ("scheduled sleep", asleep),
+        ("scheduled wake", awake),
         ("teardown", closed),
         ("warm spare launched", spares_made),
         ("warm spare claimed", spare_claimed),
@@ -556,6 +581,7 @@ def phase_table(recording: Recording) -> str:
 
 
 SPARE_CONDITION = f"aws:ResourceTag/{TAG_SPARE}"
+SLEEP_TAGS = {TAG_SLEEP_STATE, TAG_SLEPT_AT, TAG_WOKE_AT, TAG_RAN_SECONDS, TAG_SLEPT_SECONDS}
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -805,8 +831,9 @@ def test_the_conditions_hold_structurally() -> None:
             assert keys == image_keys, statement  # only on what CreateImage makes
             assert as_list(statement["Resource"]) == [IMAGE_ARN, SNAPSHOT_ARN], statement
             continue
-        assert keys and keys <= launch_keys, statement
+        assert keys and keys <= launch_keys | SLEEP_TAGS, statement
         if condition(statement, "StringEquals", "ec2:CreateAction") == ["RunInstances"]:
+            assert keys <= launch_keys, statement
             continue
         assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
         assert as_list(statement["Resource"]) == [INSTANCE_ARN]
@@ -814,7 +841,8 @@ def test_the_conditions_hold_structurally() -> None:
             # Only an unclaimed spare gets a PR; whose instance it is never moves.
             assert keys == launch_keys - {TAG_PURPOSE}, statement
             continue
-        assert keys == {"Sha", "updated-at", "shutdown-at"}  # Purpose, Repo, PR never move
+        # Purpose, Repo, PR never move; a sleep and a wake move only their own tags.
+        assert keys == {"Sha", "updated-at", "shutdown-at", *SLEEP_TAGS}
 
     for statement in allowing(ORCHESTRATOR, "ec2:RunInstances"):
         launched = [r for r in as_list(statement["Resource"]) if r == "*" or "instance/" in r]
@@ -829,7 +857,8 @@ def test_the_conditions_hold_structurally() -> None:
             )
             assert hops == ["1"], statement
 
-    for action in ("ec2:TerminateInstances", "ssm:SendCommand"):
+    on_our_instances = ("ec2:StopInstances", "ec2:StartInstances", "ec2:DeleteTags")
+    for action in ("ec2:TerminateInstances", "ssm:SendCommand", *on_our_instances):
         for statement in allowing(ORCHESTRATOR, action):
             resources = as_list(statement["Resource"])
             if resources == ["arn:aws:ssm:*:*:document/AWS-RunShellScript"]:
@@ -838,6 +867,9 @@ def test_the_conditions_hold_structurally() -> None:
                 continue  # the database host, by its id (database: per-preview)
             assert resources == [INSTANCE_ARN], statement
             assert condition(statement, "StringEquals", "aws:ResourceTag/Purpose") == [PURPOSE]
+    [untag] = allowing(ORCHESTRATOR, "ec2:DeleteTags")
+    assert condition(untag, "ForAllValues:StringEquals", "aws:TagKeys") == [TAG_SLEEP_STATE]
+    assert condition(untag, "Null", "aws:TagKeys") == ["false"]
 
     for action in ("ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress"):
         [statement] = allowing(ORCHESTRATOR, action)

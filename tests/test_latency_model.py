@@ -165,3 +165,42 @@ def test_reading_a_command_still_running_is_not_taken_out_of_its_time() -> None:
     _answered(latency, "GetCommandInvocation", {"Status": "Success"}, moto=1.0)
     assert world.moto_seconds == pytest.approx(1.0, abs=0.05)
     assert world.api_calls == 3
+
+
+def test_a_wake_by_push_and_by_tunnel_add_the_published_start_and_agent_figures() -> None:
+    woken = (
+        model.START_INSTANCES_API.seconds
+        + model.PENDING_TO_RUNNING_AFTER_START.seconds
+        + model.SSM_AGENT_REGISTRATION.seconds
+        + model.SSM_COMMAND.seconds
+    )
+    probe = model.SSM_COMMAND.seconds + model.PROBE_CURL.seconds
+    assert model.wake_by_push().floor == pytest.approx(woken + probe + model.push_in_place().floor)
+    # The tunnel waits out Session Manager's refusal (~90 s after the start), not the agent.
+    tunnel = model.wake_by_tunnel()
+    refused_until = model.START_INSTANCES_API.seconds + model.TUNNEL_REFUSED_AFTER_START.seconds
+    assert tunnel.floor == pytest.approx(refused_until + model.SESSION_RETRY.seconds / 2)
+    assert tunnel.floor > model.wake_by_push().floor - model.push_in_place().floor
+
+
+def test_a_month_of_one_preview_asleep_costs_a_fraction_of_always_on() -> None:
+    config = PreviewConfig(instance_type="t3.small", region="ap-northeast-1")
+    plans = model.sleep_plans(30)
+    costs = model.monthly_costs(config, plans)
+    assert costs is not None
+    always, scheduled, idle = costs
+    assert always.usd == pytest.approx(730 * 0.0272) and always.volume_usd == 0
+    # 50 of 168 hours a week running; the rest the 8 GiB gp3 volume alone.
+    running = 730 * 50 / 168
+    volume_hour = 0.096 * 8 / 730
+    assert scheduled.usd == pytest.approx(running * 0.0272 + (730 - running) * volume_hour)
+    day = (3 * (20 + 30) + 4 * (2 + 30)) / 60
+    assert idle.plan.running_hours == pytest.approx(day * 730 / 168 * 5)
+    assert always.usd / scheduled.usd == pytest.approx(3.08, abs=0.01)
+    assert always.usd / idle.usd == pytest.approx(5.84, abs=0.01)
+    # A shorter idle window stops it sooner.
+    shorter = model.monthly_costs(config, model.sleep_plans(10))
+    assert shorter is not None and shorter[2].usd < idle.usd
+    assert (
+        model.monthly_costs(config.model_copy(update={"instance_type": "c7i.large"}), plans) is None
+    )

@@ -1,4 +1,6 @@
-"""``pr-preview list``: the previews, their PR, sha, instance, state, age, time left and cost."""
+"""``pr-preview list``: the previews, their PR, sha, instance, state (asleep: why and since
+when), age, time left, cost so far (running hours, and the volume while stopped) and what
+sleeping saved against running around the clock."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ if TYPE_CHECKING:
     from tasks.config import PreviewConfig
 
 ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
-# Billed by the instance-hour from LaunchTime on; a stopped or gone instance is not.
+# Billed by the instance-hour while running, by its volume while asleep; the cost of one
+# stopped by someone else, or gone, is not known from its tags.
 BILLED_STATES = ("pending", "running")
+ASLEEP_STATES = ("stopping", "stopped")
 
 
 def _expires(preview: Preview, now: datetime) -> str:
@@ -39,6 +43,21 @@ def _cost_cells(cost: PreviewCost | None) -> list[str]:
         return ["?", "?"]
     at_expiry = format_usd(cost.at_expiry) if cost.at_expiry is not None else "-"
     return [format_usd(cost.so_far), at_expiry]
+
+
+def _billed(preview: Preview) -> bool:
+    return preview.state in BILLED_STATES or (
+        preview.state in ASLEEP_STATES and preview.sleep_state is not None
+    )
+
+
+def _state(preview: Preview, now: datetime) -> str:
+    """``running``, or ``stopped: asleep (scheduled) 2h05m`` for a preview pr-preview stopped."""
+    if preview.sleep_state and preview.state in ASLEEP_STATES:
+        since = preview.slept_at
+        slept = f" {_duration(now - since)}" if since else ""
+        return f"{preview.state}: asleep ({preview.sleep_state}){slept}"
+    return preview.state
 
 
 def _cost_lines(settings: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
@@ -65,7 +84,7 @@ def _cost_lines(settings: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tasks.app.cost import preview_cost
+    from tasks.app.cost import format_usd, sleeping_cost
     from tasks.cloud.instances import find_previews
     from tasks.cloud.tags import LIVE_STATES
 
@@ -82,10 +101,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     previews.sort(
         key=lambda p: (p.pr_number is None, p.pr_number or 0, p.repo or "", p.launch_time)
     )
-    costs = {
-        p.instance_id: preview_cost(settings, p.launch_time, p.shutdown_at, now)
-        for p in previews
-        if p.state in BILLED_STATES
+    lives = {p.instance_id: sleeping_cost(settings, p, now) for p in previews if _billed(p)}
+    costs = {instance_id: life.cost for instance_id, life in lives.items()}
+    saved = {
+        instance_id: format_usd(life.saved) if life.saved is not None else "?"
+        for instance_id, life in lives.items()
     }
     rows = [
         [
@@ -93,15 +113,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             p.repo or "-",
             _short(p.sha),
             p.instance_id,
-            p.state,
+            _state(p, now),
             f"{_duration(now - p.launch_time)} ago",
             _expires(p, now) if p.state in LIVE_STATES else "-",
             *_cost_cells(costs.get(p.instance_id)),
+            saved.get(p.instance_id, "-"),
         ]
         for p in previews
     ]
     header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"]
-    header += ["COST SO FAR", "AT EXPIRY"]
+    header += ["COST SO FAR", "AT EXPIRY", "SAVED ASLEEP"]
     if settings.database == "per-preview":  # each preview's own database and its size
         from tasks.cloud.databases import database_name, human_size
         from tasks.steps.database import preview_databases

@@ -1,4 +1,9 @@
-"""``pr-preview tunnel``: forward a local port to a PR's preview over SSM (runbook §6)."""
+"""``pr-preview tunnel``: forward a local port to a PR's preview over SSM (runbook §6).
+
+A sleeping preview is woken first (started, its agent answering, its shutdown timer re-armed);
+Session Manager may then refuse the instance (``TargetNotConnected``) well after Run Command
+takes it, so the session is started again, saying so, until it is accepted or
+``session_wait_seconds`` pass."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from deployments.cli.common import (
     CliError,
@@ -23,6 +30,10 @@ from deployments.cli.common import (
 )
 from tasks.cloud.tunnel import tunnel_argv
 
+if TYPE_CHECKING:
+    from tasks.cloud.aws import AwsClients
+    from tasks.config import PreviewConfig
+
 SSM_PLUGIN = "session-manager-plugin"
 AWS_CLI_INSTALL_URL = (
     "https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html"
@@ -33,6 +44,9 @@ SSM_PLUGIN_INSTALL_URL = (
 )
 _AWS_CLI_VERSION = re.compile(r"aws-cli/(\d+)\.(\d+)\S*")
 
+SESSION_STARTED = "Starting session with SessionId"
+NOT_CONNECTED = "TargetNotConnected"
+RETRY_SECONDS = 5.0
 Which = Callable[[str], str | None]
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -84,11 +98,76 @@ def check_session_tools(which: Which = shutil.which, run: Run = subprocess.run) 
     return aws
 
 
+def wake_if_asleep(
+    clients: AwsClients, settings: PreviewConfig, pr_number: int, repo: str | None
+) -> str | None:
+    """Start the PR's sleeping preview when it has no running one; its id, or None."""
+    from tasks.cloud.instances import find_previews
+    from tasks.steps.sleep import WakeFailed, wake_instance
+
+    previews = find_previews(clients.ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
+    asleep = [p for p in previews if p.state in ("stopping", "stopped") and p.sleep_state]
+    if any(p.state == "running" for p in previews) or len(asleep) != 1:
+        return None
+    instance_id = asleep[0].instance_id
+    _say(f"{_pr_label(pr_number, repo)} is asleep ({asleep[0].sleep_state}): waking {instance_id}…")
+    try:
+        woke = wake_instance(clients, settings, instance_id)
+    except WakeFailed as exc:
+        raise CliError(f"could not wake {instance_id}: {_one_line(exc)}") from exc
+    _say(f"{instance_id} is running and its agent answers ({woke.seconds:.0f} s).")
+    return instance_id
+
+
+def forward_when_accepted(
+    argv: list[str],
+    *,
+    wait_seconds: float,
+    retry_seconds: float = RETRY_SECONDS,
+    popen: Callable[..., subprocess.Popen[str]] = subprocess.Popen,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Start the session; while Session Manager answers ``TargetNotConnected`` start it again
+    every ``retry_seconds``, saying so, until ``wait_seconds`` pass. Once accepted, its output
+    goes to the terminal until it ends; returns its exit status."""
+    deadline = clock() + wait_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        process = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stderr is not None
+        for line in process.stdout:
+            if SESSION_STARTED in line:
+                print(line, end="", flush=True)
+                for rest in process.stdout:
+                    print(rest, end="", flush=True)
+                return process.wait()
+        error = process.stderr.read()
+        code = process.wait()
+        if NOT_CONNECTED not in error:
+            raise CliError(f"`{shlex.join(argv)}` failed (exit {code}): {_one_line(error)[-300:]}")
+        left = deadline - clock()
+        if left <= 0:
+            raise CliError(
+                f"Session Manager still refuses the instance ({NOT_CONNECTED}) after"
+                f" {wait_seconds:g} s and {attempt} attempts: try again in a minute"
+            )
+        pause = min(retry_seconds, left)
+        _say(
+            f"Session Manager does not accept the instance yet ({NOT_CONNECTED}, usual for up to"
+            f" ~90 s after a start): trying again in {pause:.0f} s…"
+        )
+        sleep(pause)
+
+
 def cmd_tunnel(args: argparse.Namespace) -> int:
     settings = _config(args)
     local_port = args.local_port or settings.app_port
     aws = None if args.print else check_session_tools()
-    preview = find_one_running(_clients(settings).ec2, settings, args.pr, args.repo)
+    clients = _clients(settings)
+    woken = wake_if_asleep(clients, settings, args.pr, args.repo)
+    preview = find_one_running(clients.ec2, settings, args.pr, args.repo)
     argv = tunnel_argv(
         preview.instance_id,
         settings.region,
@@ -105,6 +184,10 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         f" Open http://127.0.0.1:{local_port}/docs — Ctrl+C ends the session."
     )
     sys.stdout.flush()
+    if woken is not None:
+        return forward_when_accepted(
+            [aws or "aws", *argv[1:]], wait_seconds=settings.session_wait_seconds
+        )
     try:
         os.execv(aws or "aws", argv)
     except OSError as exc:

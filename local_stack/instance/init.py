@@ -12,6 +12,10 @@ namespaces (``unshare``). In order:
    from then on the "SSM agent" counts as registered (``<sockets>/agent-ready``);
 4. the user data runs as root with bash, its output in ``/var/log/cloud-init-output.log``, and
    ``/run/cloud-init/status.json`` follows its progress for the ``cloud-init`` shim;
+   — on a restart (a stopped instance started) the user data does not run again: enabled
+   units start (dockerd, which restarts the containers whose policy says so), and port
+   forwarding is let in only ``session_delay_seconds`` after Run Command (Session Manager's
+   reconnection after a start);
 5. PID 1 then reaps orphans until the instance is terminated (SIGKILL from the host ends the
    namespace and every process in it).
 """
@@ -25,6 +29,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +41,7 @@ CLOUD_INIT_VERSION = "22.2.2"  # what AL2023 ships
 USER_DATA_SCRIPT = "/var/lib/cloud/instance/scripts/part-001"
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
 STATUS_FILE = "/run/cloud-init/status.json"
+ENABLED_DOCKER = Path("/var/lib/pr-preview-shim/units/docker.enabled")  # the systemctl shim's
 
 
 def run(*argv: str) -> None:
@@ -108,9 +114,33 @@ def start_relays(config: dict[str, Any]) -> RelayLoop:
         relays.tcp_to_unix(
             f"out-{index}", bridge.inside_host, bridge.inside_port, sockets / f"out-{index}.sock"
         )
-    relays.port_chooser("in", sockets / "in.sock")
+    delay = float(config.get("session_delay_seconds") or 0) if config.get("restart") else 0.0
+    if delay:
+        timer = threading.Timer(delay, relays.port_chooser, ("in", sockets / "in.sock"))
+        timer.daemon = True
+        timer.start()
+    else:
+        relays.port_chooser("in", sockets / "in.sock")
     (sockets / "agent-ready").write_text(str(os.getpid()))
     return relays
+
+
+def start_units(config: dict[str, Any]) -> int:
+    """A restart's boot: cloud-init has nothing left to run, enabled units start (systemd)."""
+    write_status("done")
+    if not ENABLED_DOCKER.exists():
+        return 0
+    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    with open(OUTPUT_LOG, "ab", buffering=0) as log:
+        return subprocess.run(
+            ["systemctl", "start", "docker"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd="/",
+            check=False,
+        ).returncode
 
 
 def write_status(status: str, **extra: Any) -> None:
@@ -194,7 +224,10 @@ def main(argv: list[str]) -> int:
     build_filesystem(config)
     build_network(config)
     start_relays(config)
-    boot(config, started)
+    if config.get("restart"):
+        start_units(config)
+    else:
+        boot(config, started)
     reap_forever()
     return 0
 

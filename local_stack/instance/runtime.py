@@ -1,10 +1,12 @@
 """Instances that run for real: moto's EC2 and SSM wired to local sandboxes.
 
 Every instance RunInstances creates gets a :class:`~local_stack.instance.sandbox.Sandbox` that
-boots its user data; TerminateInstances/StopInstances end it; SendCommand runs the command text
-in real bash inside it, and GetCommandInvocation reports what really happened: InProgress while
-it runs, then the exit code, stdout (first 24,000 characters) and stderr (first 8,000), as AWS
-does, with the real start, end and duration. An instance whose agent is not up yet (its init
+boots its user data; TerminateInstances/StopInstances end it (a stopped one keeps its disk,
+and StartInstances boots it again from there: :meth:`InstanceRuntime.restart`); SendCommand
+runs the command text in real bash inside it, and GetCommandInvocation reports what really
+happened: InProgress while it runs, then the exit code, stdout (first 24,000 characters) and
+stderr (first 8,000), as AWS does, with the real start, end and duration. An instance whose
+agent is not up yet (its init
 has not started) is refused with InvalidInstanceId, as AWS refuses an unregistered one.
 
 The on-instance shutdown timer is honoured: when ``/run/pr-preview/shutdown-at`` falls due the
@@ -116,6 +118,8 @@ class InstanceRuntime:
     # Extra environment for the instances of one PR (a test breaking one thing on purpose).
     pr_env: dict[int, dict[str, str]] = field(default_factory=dict)
     on_shutdown: Callable[[str], None] | None = None
+    # After a start, how much later than Run Command Session Manager accepts the instance.
+    session_delay_seconds: float = 0.0
     sandboxes: dict[str, Sandbox] = field(default_factory=dict)
     executions: dict[tuple[str, str], Execution] = field(default_factory=dict)
 
@@ -176,6 +180,41 @@ class InstanceRuntime:
         with self._lock:
             self.sandboxes[instance_id] = sandbox
         log.info("instance %s booting in %s", instance_id, root)
+
+    def restart(
+        self, instance_id: str, private_ip: str, metadata: MetadataOptions | None = None
+    ) -> None:
+        """A stopped instance started: the same disk booted again, its user data not run."""
+        root = self.root / instance_id
+        sockets = self._sockets / instance_id
+        with self._lock:
+            bridges = list(self.bridges)
+            env = dict(self.env)
+            if instance_id in self.sandboxes:
+                return  # running already
+        for index, bridge in enumerate(bridges):
+            self._relays.unix_to_tcp(
+                f"{instance_id}/out-{index}",
+                sockets / f"out-{index}.sock",
+                bridge.host_host,
+                bridge.host_port,
+            )
+        sandbox = self._spawner.submit(
+            Sandbox.start,
+            instance_id,
+            root,
+            user_data="",
+            private_ip=private_ip,
+            bridges=bridges,
+            sockets=sockets,
+            env={**env, "PR_PREVIEW_RUNTIME_ROOT": str(self.root)},
+            metadata=metadata,
+            restart=True,
+            session_delay_seconds=self.session_delay_seconds,
+        ).result()
+        with self._lock:
+            self.sandboxes[instance_id] = sandbox
+        log.info("instance %s started again from its disk", instance_id)
 
     def metadata_of(self, instance: Any, region: str) -> MetadataOptions:
         """What IMDS tells ``instance`` (a moto Instance): its launch's MetadataOptions and the
@@ -302,6 +341,7 @@ class InstanceRuntime:
             "run": InstanceBackend.run_instances,
             "terminate": InstanceBackend.terminate_instances,
             "stop": InstanceBackend.stop_instances,
+            "start": InstanceBackend.start_instances,
             "send": backend_cls.send_command,
             "get": ssm_models.Command.get_invocation,
         }
@@ -331,6 +371,17 @@ class InstanceRuntime:
             result = saved["stop"](backend, instance_ids)
             for instance, _ in result:
                 runtime.terminate(instance.id)
+            return result
+
+        def start_instances(backend: Any, instance_ids: list[str]) -> Any:
+            result = saved["start"](backend, instance_ids)
+            for instance, previous in result:
+                if previous.name == "stopped":
+                    runtime.restart(
+                        instance.id,
+                        instance.private_ip or "172.31.0.10",
+                        runtime.metadata_of(instance, backend.region_name),
+                    )
             return result
 
         def send_command(backend: Any, *args: Any, **kwargs: Any) -> Any:
@@ -370,6 +421,7 @@ class InstanceRuntime:
             (InstanceBackend, "run_instances", run_instances),
             (InstanceBackend, "terminate_instances", terminate_instances),
             (InstanceBackend, "stop_instances", stop_instances),
+            (InstanceBackend, "start_instances", start_instances),
             (backend_cls, "send_command", send_command),
             (ssm_models.Command, "get_invocation", get_invocation),
         ]

@@ -167,7 +167,15 @@ class Sandbox:
         boot_seconds: float = 0.0,
         log: Path | None = None,
         metadata: MetadataOptions | None = None,
+        restart: bool = False,
+        session_delay_seconds: float = 0.0,
     ) -> Sandbox:
+        """Boot the instance; with ``restart``, boot it again from its disk (a stopped instance
+        started): ``/run`` is empty as a tmpfs is, the user data does not run again, enabled
+        units start, and Session Manager takes ``session_delay_seconds`` longer than Run
+        Command to accept the instance (the agent's reconnection)."""
+        if restart:
+            shutil.rmtree(root / "fs" / "run", ignore_errors=True)
         for target in WRITABLE:
             (root / "fs" / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
         sockets.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,8 @@ class Sandbox:
         hosts.write_text(
             f"127.0.0.1 localhost\n::1 localhost\n{private_ip} {hostname_of(private_ip)}\n"
         )
-        (root / "user-data").write_text(user_data)
+        if not restart:
+            (root / "user-data").write_text(user_data)
         addresses = sorted(
             {private_ip} | {b.inside_host for b in bridges if not b.inside_host.startswith("127.")}
         )
@@ -198,6 +207,8 @@ class Sandbox:
             "sockets": str(sockets),
             "user_data_file": str(root / "user-data"),
             "boot_seconds": boot_seconds,
+            "restart": restart,
+            "session_delay_seconds": session_delay_seconds,
             "env": {
                 "PATH": f"{SHIMS}:{SYSTEM_PATH}",
                 "LANG": "C.UTF-8",

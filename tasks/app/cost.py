@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from tasks.cloud.instances import Preview
 from tasks.config import PreviewConfig
 
 PRICE_SOURCE = (
@@ -34,6 +35,10 @@ HOURLY_PRICES: dict[tuple[str, str], float] = {
 SNAPSHOT_GB_MONTH = 0.05
 SNAPSHOT_SOURCE = "AWS EBS pricing, snapshots, standard tier (aws.amazon.com/ebs/pricing)"
 HOURS_PER_MONTH = 730  # AWS's own monthly convention
+# A stopped preview still pays for its root volume: gp3, USD per GB-month, and AL2023's 8 GiB.
+VOLUME_GB_MONTH: dict[str, float] = {"ap-northeast-1": 0.096, "us-east-1": 0.08}
+VOLUME_SOURCE = "AWS EBS pricing, gp3 volumes (aws.amazon.com/ebs/pricing), as listed in 2025"
+ROOT_VOLUME_GB = 8
 
 
 def hourly_price(settings: PreviewConfig) -> float | None:
@@ -42,6 +47,11 @@ def hourly_price(settings: PreviewConfig) -> float | None:
     if settings.price_per_hour is not None:
         return settings.price_per_hour
     return HOURLY_PRICES.get((settings.region, settings.instance_type))
+
+
+def volume_hourly_price(region: str, gb: int = ROOT_VOLUME_GB) -> float:
+    """USD per hour of a stopped preview's root volume (0 for a region the table lacks)."""
+    return VOLUME_GB_MONTH.get(region, 0.0) * gb / HOURS_PER_MONTH
 
 
 def cost_between(price: float, start: datetime, end: datetime) -> float:
@@ -106,6 +116,48 @@ def preview_cost(
         so_far=so_far,
         at_expiry=at_expiry,
     )
+
+
+@dataclass(frozen=True)
+class SleepingCost:
+    """A preview's cost over its life so far, counting running hours at the instance price and
+    stopped hours at its volume's, and what running around the clock would have cost."""
+
+    cost: PreviewCost
+    running_hours: float
+    stopped_hours: float
+    always_on: float | None
+
+    @property
+    def saved(self) -> float | None:
+        if self.always_on is None or self.cost.so_far is None:
+            return None
+        return max(0.0, self.always_on - self.cost.so_far)
+
+
+def sleeping_cost(settings: PreviewConfig, preview: Preview, now: datetime) -> SleepingCost:
+    """The cost of ``preview`` as of ``now`` from its tags (tasks/cloud/power.py): until its
+    ``shutdown-at`` it runs on if it runs now, and stays asleep if it sleeps now."""
+    price, now = hourly_price(settings), _utc(now)
+    volume = volume_hourly_price(settings.region)
+    ran, slept = preview.ran_seconds(now) / 3600, preview.slept_seconds(now) / 3600
+    so_far = at_expiry = always_on = None
+    if price is not None:
+        so_far = ran * price + slept * volume
+        always_on = (ran + slept) * price
+        expires_at = preview.shutdown_at
+        if expires_at is not None:
+            rate = price if preview.state in ("pending", "running") else volume
+            at_expiry = so_far + max(0.0, (_utc(expires_at) - now).total_seconds()) / 3600 * rate
+    cost = PreviewCost(
+        instance_type=settings.instance_type,
+        region=settings.region,
+        price=price,
+        overridden=settings.price_per_hour is not None,
+        so_far=so_far,
+        at_expiry=at_expiry,
+    )
+    return SleepingCost(cost, ran, slept, always_on)
 
 
 def _utc(moment: datetime) -> datetime:

@@ -20,10 +20,15 @@ from tasks.cloud.tags import (
     TAG_KEEP,
     TAG_PR,
     TAG_PURPOSE,
+    TAG_RAN_SECONDS,
     TAG_REPO,
     TAG_SHA,
     TAG_SHUTDOWN_AT,
+    TAG_SLEEP_STATE,
+    TAG_SLEPT_AT,
+    TAG_SLEPT_SECONDS,
     TAG_UPDATED_AT,
+    TAG_WOKE_AT,
     TERMINATE_BATCH,
     parse_time,
 )
@@ -77,6 +82,37 @@ class Preview:
     def keep(self) -> bool:
         return self.tags.get(TAG_KEEP, "").lower() == "true"
 
+    @property
+    def sleep_state(self) -> str | None:
+        """Why pr-preview stopped it (``scheduled``, ``idle``, ``manual``), or None."""
+        return self.tags.get(TAG_SLEEP_STATE) or None
+
+    @property
+    def slept_at(self) -> datetime | None:
+        return parse_time(self.tags.get(TAG_SLEPT_AT))
+
+    @property
+    def running_since(self) -> datetime:
+        """Start of its current run: the last wake (``woke-at``), else EC2's LaunchTime
+        (which AWS moves at every start; the tag holds when it does not)."""
+        woke = parse_time(self.tags.get(TAG_WOKE_AT))
+        return max(woke, self.launch_time) if woke else self.launch_time
+
+    def ran_seconds(self, now: datetime) -> float:
+        """Seconds it has run, over all its runs: billed instance time."""
+        before = _seconds_tag(self.tags.get(TAG_RAN_SECONDS))
+        if self.state in ("pending", "running"):
+            return before + max(0.0, (now - self.running_since).total_seconds())
+        return before
+
+    def slept_seconds(self, now: datetime) -> float:
+        """Seconds it has been stopped, over all its sleeps: billed as its volume only."""
+        before = _seconds_tag(self.tags.get(TAG_SLEPT_SECONDS))
+        slept_at = self.slept_at
+        if self.state in ("stopping", "stopped") and slept_at is not None:
+            return before + max(0.0, (now - slept_at).total_seconds())
+        return before
+
     @classmethod
     def from_instance(cls, instance: Any) -> Preview:
         launch = instance.get("LaunchTime") or datetime.now(UTC)
@@ -89,6 +125,30 @@ class Preview:
             tags={tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])},
             public_ip=instance.get("PublicIpAddress"),
         )
+
+
+def describe_preview(ec2: EC2Client, instance_id: str) -> Preview | None:
+    """The instance as a ``Preview``, or None when EC2 no longer knows it."""
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in (
+            "InvalidInstanceID.NotFound",
+            "InvalidInstanceID.Malformed",
+        ):
+            return None
+        raise
+    instances = [instance for r in reservations for instance in r["Instances"]]
+    return Preview.from_instance(instances[0]) if instances else None
+
+
+def _seconds_tag(value: str | None) -> float:
+    """A seconds tag; missing or unparsable counts as none (logged by nobody: it only lowers a
+    cost estimate, never a decision)."""
+    try:
+        return max(0.0, float(value or 0))
+    except ValueError:
+        return 0.0
 
 
 def preview_filters(

@@ -17,6 +17,15 @@ TAG_SPARE = "pr-preview:spare"
 # A baked image: the stock AMI it was built from and when.
 TAG_SOURCE_AMI = "pr-preview:source-ami"
 TAG_CREATED_AT = "created-at"
+# Asleep: stopped by pr-preview, and why (scheduled, idle, manual); the wake clears it.
+TAG_SLEEP_STATE = "sleep-state"
+TAG_SLEPT_AT = "slept-at"
+TAG_WOKE_AT = "woke-at"
+# What a preview's cost rests on across stops: running seconds before the current run, and
+# stopped seconds of the sleeps it woke from (EC2's LaunchTime restarts at every start).
+TAG_RAN_SECONDS = "ran-seconds"
+TAG_SLEPT_SECONDS = "slept-seconds"
+SLEEP_REASONS = ("scheduled", "idle", "manual")
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS

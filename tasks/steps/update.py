@@ -26,7 +26,7 @@ from tasks.app.app_env import AppFiles, app_env_commands
 from tasks.app.masking import mask_secrets
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.ecr import ecr_login, ecr_repository
-from tasks.cloud.instances import Preview, find_previews
+from tasks.cloud.instances import describe_preview, find_previews
 from tasks.cloud.on_instance import (
     BOOTSTRAP_DONE,
     TCP_CHECK_DIRECTIVE,
@@ -42,7 +42,6 @@ from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
 from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
-from tasks.run.retry import error_code
 from tasks.run.step import step
 
 if TYPE_CHECKING:
@@ -89,18 +88,6 @@ class TtlChange:
     before: datetime | None
     after: datetime
     changed: bool
-
-
-def describe_preview(ec2: EC2Client, instance_id: str) -> Preview | None:
-    """The instance as a ``Preview``, or None when EC2 no longer knows it."""
-    try:
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    except ClientError as exc:
-        if error_code(exc) in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
-            return None
-        raise
-    instances = [instance for r in reservations for instance in r["Instances"]]
-    return Preview.from_instance(instances[0]) if instances else None
 
 
 def check_health(
