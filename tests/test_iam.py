@@ -59,6 +59,7 @@ from tasks.cloud.tags import TAG_NAME, TAG_PR, TAG_PURPOSE, TAG_SHUTDOWN_AT, TAG
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image
+from tasks.steps.command import extend_preview, pr_previews, start_preview, stop_preview
 from tasks.steps.database import TAG_USED_AT, create_database
 from tasks.steps.launch import launch_instance
 from tasks.steps.spares import SPARE, spare_tags
@@ -475,6 +476,16 @@ def record(
         result = pr_preview(REPO, 42, SHA2, action="synchronize", config=config)
         assert (result.status, result.path) == ("ready", "in-place")
 
+    def commanded() -> None:
+        # /preview stop, start and extend: the command flow's own steps on PR 42's preview.
+        clients = build_clients(config)  # as the command flow builds them: recorded
+        [preview] = pr_previews(clients.ec2, config, REPO, 42)
+        stop_preview(clients, config, preview.instance_id)
+        assert state_of(aws, preview.instance_id) == "stopped"
+        start_preview(clients, config, preview)
+        assert state_of(aws, preview.instance_id) == "running"
+        assert extend_preview(clients, config, preview, 2.0) > datetime.now(UTC)
+
     def closed() -> None:
         assert pr_teardown(REPO, 42, config=config).terminated
 
@@ -513,6 +524,7 @@ def record(
         ("bake", baked),
         ("preview opened", opened),
         ("push deployed in place", pushed),
+        ("commands: stop, start, extend", commanded),
         ("teardown", closed),
         ("warm spare launched", spares_made),
         ("warm spare claimed", spare_claimed),
@@ -829,7 +841,12 @@ def test_the_conditions_hold_structurally() -> None:
             )
             assert hops == ["1"], statement
 
-    for action in ("ec2:TerminateInstances", "ssm:SendCommand"):
+    for action in (
+        "ec2:TerminateInstances",
+        "ssm:SendCommand",
+        "ec2:StopInstances",
+        "ec2:StartInstances",
+    ):
         for statement in allowing(ORCHESTRATOR, action):
             resources = as_list(statement["Resource"])
             if resources == ["arn:aws:ssm:*:*:document/AWS-RunShellScript"]:
