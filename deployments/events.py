@@ -12,16 +12,24 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.inputs import is_repo, is_sha, label_names
+from tasks.github.commands import command_line
+from tasks.inputs import is_bot, is_login, is_repo, is_sha, label_names
 from tasks.run.errors import PreviewError
 
 HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed", "labeled", "unlabeled"})
 MAX_LABELS = 100  # GitHub allows 100 labels on an issue
 
+COMMAND_EVENT = "github.issue_comment.command"
 ROUTES: Mapping[tuple[str, str], str] = {
-    ("pull_request", action): f"github.pull_request.{action}" for action in sorted(HANDLED_ACTIONS)
+    **{
+        ("pull_request", action): f"github.pull_request.{action}"
+        for action in sorted(HANDLED_ACTIONS)
+    },
+    ("issue_comment", "created"): COMMAND_EVENT,
 }
-"""(X-GitHub-Event, payload action) → Prefect event name; anything else is not emitted."""
+"""(X-GitHub-Event, payload action) → Prefect event name; anything else is not emitted. A new
+comment is emitted only when it is a ``/preview`` command on a pull request by a person (not a
+bot): every other comment is ignored."""
 
 DELIVERY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/pr-preview/deliveries")
 """Namespace for event ids derived from delivery ids that are not UUIDs themselves."""
@@ -65,6 +73,8 @@ def event_from_delivery(
     name = route(event_name, action if isinstance(action, str) else None)
     if name is None:
         return None
+    if name == COMMAND_EVENT:
+        return _command_event(delivery_id, payload)
 
     pr = _field(payload, "pull_request", dict)
     number = _field(pr, "number", int, "pull_request")
@@ -123,6 +133,61 @@ def event_from_delivery(
             "label": label,
             "labels": label_names(pr)[:MAX_LABELS],
             "branch": head.get("ref") if isinstance(head.get("ref"), str) else None,
+        },
+    }
+
+
+def _command_event(delivery_id: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``/preview`` comment on a pull request: the command's line, who wrote it, where.
+    None for any other comment — on an issue, by a bot, or not a command."""
+    issue = payload.get("issue")
+    comment = payload.get("comment")
+    if not isinstance(issue, dict) or not isinstance(comment, dict):
+        raise MalformedDelivery("missing or invalid field issue or comment")
+    if not isinstance(issue.get("pull_request"), dict):
+        return None  # a comment on an issue
+    body = comment.get("body")
+    user: dict[str, Any] = comment["user"] if isinstance(comment.get("user"), dict) else {}
+    login = user.get("login")
+    if not isinstance(body, str) or (command := command_line(body)) is None:
+        return None
+    if user.get("type") == "Bot" or (isinstance(login, str) and is_bot(login)):
+        return None  # our own App's comments, and every other bot's
+    number = _field(issue, "number", int, "issue")
+    comment_id = _field(comment, "id", int, "comment")
+    repo = _field(_field(payload, "repository", dict), "full_name", str, "repository")
+    if not is_repo(repo):
+        raise MalformedDelivery(f"repository.full_name {repo[:100]!r} is not owner/name")
+    if number < 1 or comment_id < 1:
+        raise MalformedDelivery("issue.number and comment.id must be positive integers")
+    if not isinstance(login, str) or not is_login(login):
+        raise MalformedDelivery("comment.user.login is not a GitHub login")
+    return {
+        "id": event_id(delivery_id),
+        "occurred": _occurred(comment.get("created_at")),
+        "event": COMMAND_EVENT,
+        "resource": {
+            "prefect.resource.id": f"github.pr.{repo}/{number}",
+            "prefect.resource.name": f"{repo}#{number}",
+        },
+        "related": [
+            {
+                "prefect.resource.id": f"github.repo.{repo}",
+                "prefect.resource.role": "repository",
+                "prefect.resource.name": repo,
+            },
+            {
+                "prefect.resource.id": f"github.user.{login}",
+                "prefect.resource.role": "sender",
+                "prefect.resource.name": login,
+            },
+        ],
+        "payload": {
+            "repo": repo,
+            "pr_number": number,
+            "comment_id": comment_id,
+            "commenter": login,
+            "command": command,
         },
     }
 

@@ -18,6 +18,7 @@ Flows compose steps.
     report         §2.7   what the pull request sees: the comment, deployment, check run
     diagnose       §7     why it failed, in the failure table's words
     teardown       §2.8   one pull request's previews gone
+    command               a /preview command: who may give it, its reaction, stop/start/extend
     sweep          §9     expired previews gone
     bake                  the baked AMI
     db_access      §2.5   the optional database path
@@ -35,7 +36,8 @@ stand in layers, each importing only those above it (``tests/test_layout.py``):
              preview's tags, ``LaunchSpec``), compose_policy, secrets, masking, cost
     github/  client (``GitHub``: the REST resources, errors re-exported), http (transport:
              retry, pagination), sansio (responses to errors, rate-limit waits), app (the App's
-             JWT and tokens), pull_request (the sticky comment, the PR's deployment)
+             JWT and tokens), pull_request (the sticky comment, the PR's deployment),
+             commands (the strict grammar of /preview comments)
 
     config   ``PreviewConfig``, what a run may tune          inputs   patterns
 

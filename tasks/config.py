@@ -637,6 +637,13 @@ class LifetimesAndCapacity(_Group):
         description="Lifetime of a preview until it is ready, and of a failed one, kept for a"
         " look.",
     )
+    max_ttl_hours: float = Field(
+        72.0,
+        gt=0,
+        le=24 * 14,
+        description="The furthest a preview's shutdown-at may be moved from now, by"
+        " `/preview extend` in a pull request or `pr-preview extend`.",
+    )
     max_previews: int = Field(
         1,
         ge=1,
@@ -910,6 +917,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         # whom pr-preview serves, and as whom it speaks
         "allowed_repos": "which repositories are served",
         "allowed_fork_repos": "which forks' code is run",
+        "max_ttl_hours": "how long a pull request's writers may keep a preview alive",
         "trigger_mode": "which pull requests get a preview",
         "preview_label": "which pull requests get a preview",
         "github_token_secret_block": "the GitHub identity of the bot",

@@ -14,6 +14,8 @@ from typing import Any
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 SHA_PATTERN = re.compile(r"[0-9a-f]{7,40}|[0-9a-f]{64}")
 """A SHA-1 commit id (abbreviated to at least 7, or whole), or a whole SHA-256 one."""
+LOGIN_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})")
+"""A person's GitHub login: letters, digits and hyphens, at most 39 (a bot's ``[bot]`` is not)."""
 
 
 def is_repo(value: str) -> bool:
@@ -27,6 +29,16 @@ def is_repo(value: str) -> bool:
 def is_sha(value: str) -> bool:
     """7 to 40 lowercase hex digits (SHA-1), or 64 (a SHA-256 repository's commit)."""
     return SHA_PATTERN.fullmatch(value) is not None
+
+
+def is_login(value: str) -> bool:
+    """A person's GitHub login, safe in a URL path and an @-mention."""
+    return isinstance(value, str) and LOGIN_PATTERN.fullmatch(value) is not None
+
+
+def is_bot(login: str) -> bool:
+    """An App's bot user (``<slug>[bot]``): GitHub gives no person brackets in a login."""
+    return login.lower().endswith("[bot]")
 
 
 def check_inputs(repo: str, pr_number: int, head_sha: str | None = None) -> None:

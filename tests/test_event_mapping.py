@@ -78,7 +78,30 @@ def odd_labels(body: dict[str, Any]) -> None:
     body["pull_request"]["labels"] = [{"name": "preview"}, "not-a-label", {"name": 7}, {}]
 
 
+def on_pull(body_text: str, **user: Any) -> Any:
+    """A new comment ``body_text`` on a pull request (GitHub marks its issue ``pull_request``)."""
+
+    def edit(body: dict[str, Any]) -> None:
+        body["issue"]["pull_request"] = {
+            "url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/1"
+        }
+        body["comment"]["body"] = body_text
+        body["comment"]["user"].update(user)
+
+    return edit
+
+
+COMMENT = "issue_comment.created.json"
 VARIANTS = {
+    "command-extend": (COMMENT, on_pull("/preview extend 8h\r\nfor the demo, please")),
+    "command-status-padded": (COMMENT, on_pull("  /preview  \n")),
+    "command-unknown": (COMMENT, on_pull("/preview launch-the-missiles; rm -rf /")),
+    "command-too-long": (COMMENT, on_pull("/preview stop" + " " * 300 + "x")),
+    "command-by-a-bot": (COMMENT, on_pull("/preview destroy", type="Bot")),
+    "command-by-our-app": (COMMENT, on_pull("/preview", login="pr-preview[bot]")),
+    "comment-not-a-command": (COMMENT, on_pull("looks good; /preview later")),
+    "comment-prefix-only": (COMMENT, on_pull("/previewing soon")),
+    "command-on-an-issue": (COMMENT, lambda b: b["comment"].update(body="/preview")),
     "unlabeled-preview": ("pull_request.labeled.json", unlabeled_preview),
     "synchronize-odd-labels": ("pull_request.synchronize.json", odd_labels),
     "closed-merged": ("pull_request.closed.json", merged),
@@ -106,7 +129,65 @@ def test_routing_table_covers_exactly_the_handled_pull_request_actions() -> None
         ("pull_request", "reopened"): "github.pull_request.reopened",
         ("pull_request", "synchronize"): "github.pull_request.synchronize",
         ("pull_request", "unlabeled"): "github.pull_request.unlabeled",
+        ("issue_comment", "created"): "github.issue_comment.command",
     }
+
+
+def test_a_command_on_a_pull_request_maps_to_its_first_line_and_author() -> None:
+    event = event_from_delivery(*_with_delivery(variant(*VARIANTS["command-extend"])))
+
+    assert event == {
+        "id": DELIVERY,
+        "occurred": "2019-05-15T15:20:21+00:00",
+        "event": "github.issue_comment.command",
+        "resource": {
+            "prefect.resource.id": "github.pr.Codertocat/Hello-World/1",
+            "prefect.resource.name": "Codertocat/Hello-World#1",
+        },
+        "related": [
+            {
+                "prefect.resource.id": "github.repo.Codertocat/Hello-World",
+                "prefect.resource.role": "repository",
+                "prefect.resource.name": "Codertocat/Hello-World",
+            },
+            {
+                "prefect.resource.id": "github.user.Codertocat",
+                "prefect.resource.role": "sender",
+                "prefect.resource.name": "Codertocat",
+            },
+        ],
+        "payload": {
+            "repo": "Codertocat/Hello-World",
+            "pr_number": 1,
+            "comment_id": 492700400,
+            "commenter": "Codertocat",
+            "command": "/preview extend 8h",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "command-by-a-bot",
+        "command-by-our-app",
+        "comment-not-a-command",
+        "comment-prefix-only",
+        "command-on-an-issue",
+    ],
+)
+def test_comments_that_are_no_command_of_a_person_on_a_pull_request_make_no_event(
+    key: str,
+) -> None:
+    assert event_from_delivery(*_with_delivery(variant(*VARIANTS[key]))) is None
+
+
+def test_a_long_command_line_is_cut_and_marked_so_that_it_parses_as_nothing() -> None:
+    event = event_from_delivery(*_with_delivery(variant(*VARIANTS["command-too-long"])))
+
+    assert event is not None
+    command = event["payload"]["command"]
+    assert len(command) == 201 and command.endswith("…") and command.startswith("/preview stop")
 
 
 def test_opened_maps_to_the_full_event() -> None:
@@ -270,6 +351,39 @@ def _drop_base_name(body: dict[str, Any]) -> None:
 
 def _head_not_object(body: dict[str, Any]) -> None:
     body["pull_request"]["head"] = "main"
+
+
+def _bad_login(body: dict[str, Any]) -> None:
+    on_pull("/preview")(body)
+    body["comment"]["user"]["login"] = "../../admin"
+
+
+def _string_issue_number(body: dict[str, Any]) -> None:
+    on_pull("/preview stop")(body)
+    body["issue"]["number"] = "1"
+
+
+def _no_comment_id(body: dict[str, Any]) -> None:
+    on_pull("/preview stop")(body)
+    del body["comment"]["id"]
+
+
+def _odd_repository(body: dict[str, Any]) -> None:
+    on_pull("/preview stop")(body)
+    body["repository"]["full_name"] = "a/b/c"
+
+
+MALFORMED_COMMANDS = [_bad_login, _string_issue_number, _no_comment_id, _odd_repository]
+
+
+@pytest.mark.parametrize("edit", MALFORMED_COMMANDS, ids=lambda f: f.__name__.strip("_"))
+def test_a_command_missing_a_field_is_malformed_on_both_paths(edit: Any) -> None:
+    event_name, body = variant(COMMENT, edit)
+    with pytest.raises(MalformedDelivery):
+        event_from_delivery(event_name, DELIVERY, body)
+    rendered = render_template(event_name, body)
+    assert rendered["event"] == "github.issue_comment.malformed"
+    assert "payload" not in rendered
 
 
 MALFORMED = [

@@ -72,6 +72,7 @@ from tasks.cloud.tags import (
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image
+from tasks.steps.command import extend_preview, pr_previews, start_preview, stop_preview
 from tasks.steps.database import TAG_USED_AT, create_database
 from tasks.steps.launch import launch_instance
 from tasks.steps.spares import SPARE, spare_tags
@@ -498,6 +499,16 @@ def record(
         [found] = [i for i in live(aws) if tags_of(i).get(TAG_PR) == str(pr)]
         return str(found["InstanceId"])
 
+    def commanded() -> None:
+        # /preview stop, start and extend: the command flow's own steps on PR 42's preview.
+        clients = build_clients(config)  # as the command flow builds them: recorded
+        [preview] = pr_previews(clients.ec2, config, REPO, 42)
+        stop_preview(clients, config, preview.instance_id)
+        assert state_of(aws, preview.instance_id) == "stopped"
+        start_preview(clients, config, preview)
+        assert state_of(aws, preview.instance_id) == "running"
+        assert extend_preview(clients, config, preview, 2.0) > datetime.now(UTC)
+
     def closed() -> None:
         assert pr_teardown(REPO, 42, config=config).terminated
 
@@ -538,6 +549,7 @@ def record(
         ("push deployed in place", pushed),
         ("scheduled sleep", asleep),
         ("scheduled wake", awake),
+        ("commands: stop, start, extend", commanded),
         ("teardown", closed),
         ("warm spare launched", spares_made),
         ("warm spare claimed", spare_claimed),

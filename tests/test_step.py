@@ -136,4 +136,7 @@ def test_outcomes_name_the_completed_state() -> None:
         "Not Labeled",
         "Label Ignored",
         "Still Labeled",
+        "Not Permitted",
+        "Bad Command",
+        "Bot",
     ]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from tasks.cloud.aws import wait_timed
 from tasks.cloud.tags import (
     LIVE_STATES,
     TAG_KEEP,
@@ -368,4 +369,25 @@ def terminate_outdated(
         timeout_seconds=settings.terminate_timeout_seconds,
         poll_seconds=settings.poll_seconds,
         wait=wait,
+    )
+
+
+def stop_instance(ec2: EC2Client, instance_id: str, *, timeout_seconds: float, poll: float) -> None:
+    """Stop one preview (``/preview stop``) and wait until EC2 says stopped; its disk, tags and
+    shutdown-at stay, so the sweeper still ends it on time."""
+    ec2.stop_instances(InstanceIds=[instance_id])
+    waiter = ec2.get_waiter("instance_stopped")
+    wait_timed(
+        waiter, timeout_seconds=timeout_seconds, poll_seconds=poll, InstanceIds=[instance_id]
+    )
+
+
+def start_instance(
+    ec2: EC2Client, instance_id: str, *, timeout_seconds: float, poll: float
+) -> None:
+    """Start one stopped preview (``/preview start``) and wait until EC2 says running."""
+    ec2.start_instances(InstanceIds=[instance_id])
+    waiter = ec2.get_waiter("instance_running")
+    wait_timed(
+        waiter, timeout_seconds=timeout_seconds, poll_seconds=poll, InstanceIds=[instance_id]
     )

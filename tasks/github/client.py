@@ -40,6 +40,7 @@ from tasks.github.sansio import (
     checked_sha,
     message_of,
 )
+from tasks.inputs import is_login
 from tasks.run.prefect_context import api_reachable
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from tasks.config import PreviewConfig
 
 __all__ = [
+    "WRITE_PERMISSIONS",
     "CheckConclusion",
     "CheckStatus",
     "DeploymentState",
@@ -60,6 +62,7 @@ __all__ = [
     "GitHubRateLimited",
     "GitHubUnavailable",
     "Identity",
+    "Reaction",
     "deployment_environment",
     "github_from_config",
     "latest_deployment_id",
@@ -78,6 +81,11 @@ COMMENT_PERMISSION = "pull-requests: write / issues: write"
 DEPLOYMENT_PERMISSION = "deployments: write"
 CHECKS_PERMISSION = "checks: write"
 CONTENTS_PERMISSION = "contents: read"
+METADATA_PERMISSION = "metadata: read"
+
+WRITE_PERMISSIONS = frozenset({"admin", "write"})
+"""The collaborator permissions (GitHub folds maintain into write) that may command previews."""
+Reaction = Literal["+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,30 @@ class GitHub:
         path = f"/repos/{checked_repo(repo)}/issues/comments/{int(comment_id)}"
         response = self._http.patch(path, {"body": body}, repo=repo, permission=COMMENT_PERMISSION)
         return dict(response.json())
+
+    def create_reaction(self, repo: str, comment_id: int, content: Reaction) -> dict[str, Any]:
+        """React to an issue comment (201 new, 200 when we already had)."""
+        path = f"/repos/{checked_repo(repo)}/issues/comments/{int(comment_id)}/reactions"
+        response = self._http.post(
+            path, {"content": content}, repo=repo, permission=COMMENT_PERMISSION
+        )
+        return dict(response.json())
+
+    # --- collaborators
+
+    def collaborator_permission(self, repo: str, login: str) -> str:
+        """``login``'s permission on ``repo`` as GitHub says it now: ``admin``, ``write``,
+        ``read`` or ``none`` (GitHub's 404 for someone who is no collaborator is ``none``).
+        ``login`` must be a checked login (``tasks.inputs.is_login``): it is part of the URL."""
+        if not is_login(login):
+            raise ValueError(f"not a GitHub login: {login[:50]!r}")
+        path = f"/repos/{checked_repo(repo)}/collaborators/{login}/permission"
+        try:
+            answer = self._http.get(path, repo=repo, permission=METADATA_PERMISSION).json()
+        except GitHubNotFound:
+            return "none"
+        permission = answer.get("permission") if isinstance(answer, dict) else None
+        return permission if permission in ("admin", "write", "read") else "none"
 
     # --- deployments (the PR page shows the preview's state)
 

@@ -37,6 +37,8 @@ class PreviewState(StrEnum):
     REFUSED = "refused"
     CRASHED = "crashed"
     CANCELLED = "cancelled"
+    STOPPED = "stopped"
+    ABSENT = "absent"
 
 
 _HEADLINES = {
@@ -49,6 +51,8 @@ _HEADLINES = {
     PreviewState.REFUSED: "🚫 Preview refused",
     PreviewState.CRASHED: "💥 Preview run crashed",
     PreviewState.CANCELLED: "⏹ Preview run cancelled",
+    PreviewState.STOPPED: "⏸ Preview stopped",
+    PreviewState.ABSENT: "💤 No preview running",
 }
 
 
@@ -150,7 +154,11 @@ def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> 
     if status.region:
         rows.append(("Region", f"`{status.region}`"))
     expires = _expires(status.expires_at)
-    if expires and state not in (PreviewState.TORN_DOWN, PreviewState.EXPIRED):
+    if expires and state not in (
+        PreviewState.TORN_DOWN,
+        PreviewState.EXPIRED,
+        PreviewState.ABSENT,
+    ):
         rows.append(("Expires at", f"{expires} (the instance terminates itself)"))
     if rows:
         lines += ["| | |", "| --- | --- |"]

@@ -17,6 +17,9 @@ class Outcome(StrEnum):
     NOT_LABELED = "not_labeled"  # trigger_mode label: the PR does not carry preview_label
     LABEL_IGNORED = "label_ignored"  # a label event that asks for nothing
     STILL_LABELED = "still_labeled"  # an unlabeled event, but GitHub says the label is there
+    NOT_PERMITTED = "not_permitted"  # a /preview command of someone without write access
+    BAD_COMMAND = "bad_command"  # a /preview command outside the grammar
+    BOT = "bot"  # a /preview command a bot wrote
 
     @property
     def state_name(self) -> str:

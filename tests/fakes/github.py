@@ -129,6 +129,8 @@ class FakeGitHub:
     issued: dict[str, IssuedToken] = field(default_factory=dict)
     check_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (repo, ref, path)
+    # (repo, login) → admin, maintain, write, triage or read; anyone else is no collaborator
+    collaborators: dict[tuple[str, str], str] = field(default_factory=dict)
     mint: Any = new_format_token  # () -> str: the next installation token
     _faults: deque[httpx.Response] = field(default_factory=deque)
     _next_id: int = 1000
@@ -150,9 +152,23 @@ class FakeGitHub:
     def add_comment(self, repo: str, number: int, body: str, user: str = "someone") -> int:
         comment_id = self._id()
         self.comments.setdefault((repo.lower(), number), []).append(
-            {"id": comment_id, "body": body, "user": self.user(user)}
+            {"id": comment_id, "body": body, "user": self.user(user), "reactions": []}
         )
         return comment_id
+
+    def add_collaborator(self, repo: str, login: str, role: str) -> None:
+        """``login`` collaborates on ``repo`` as ``role``: admin, maintain, write, triage, read."""
+        if role not in ROLE_PERMISSIONS:
+            raise ValueError(f"unknown role {role!r}")
+        self.collaborators[(repo.lower(), login.lower())] = role
+
+    def reactions(self, repo: str, comment_id: int) -> list[tuple[str, str]]:
+        """(content, login) of each reaction on comment ``comment_id``, oldest first."""
+        for (name, _), comments in self.comments.items():
+            for comment in comments:
+                if name == repo.lower() and comment["id"] == comment_id:
+                    return [(r["content"], r["user"]["login"]) for r in comment["reactions"]]
+        return []
 
     def add_app(
         self, app_id: int, slug: str, public_key: str, installations: dict[int, str]
@@ -386,6 +402,14 @@ class FakeGitHub:
             (repo + r"/issues/(\d+)/comments", "GET", read_comments, self._list_comments),
             (repo + r"/issues/(\d+)/comments", "POST", write_comments, self._create_comment),
             (repo + r"/issues/comments/(\d+)", "PATCH", write_comments, self._update_comment),
+            (
+                repo + r"/issues/comments/(\d+)/reactions",
+                "POST",
+                write_comments,
+                self._create_reaction,
+            ),
+            # Every installation holds metadata:read; a token reads what its user can see.
+            (repo + r"/collaborators/([^/]+)/permission", "GET", (), self._get_permission),
             (repo + r"/deployments", "GET", ("deployments:read",), self._list_deployments),
             (repo + r"/deployments", "POST", deployments, self._create_deployment),
             (repo + r"/deployments/(\d+)/statuses", "POST", deployments, self._create_status),
@@ -447,7 +471,7 @@ class FakeGitHub:
         key = (repo.lower(), int(number))
         if key not in self.comments:
             return _error(404, "Not Found")
-        comment = {"id": self._id(), "body": body["body"], "user": self._author()}
+        comment = {"id": self._id(), "body": body["body"], "user": self._author(), "reactions": []}
         self.comments[key].append(comment)
         return httpx.Response(201, json=comment)
 
@@ -460,6 +484,47 @@ class FakeGitHub:
                     comment["body"] = body["body"]
                     return httpx.Response(200, json=comment)
         return _error(404, "Not Found")
+
+    def _create_reaction(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, comment_id: str
+    ) -> httpx.Response:
+        """201 for a new reaction, 200 when this user already reacted so; 422 for another
+        content."""
+        if not isinstance(body, dict) or body.get("content") not in REACTIONS:
+            return _error(422, "Validation Failed")
+        for (name, _), comments in self.comments.items():
+            for comment in comments:
+                if name == repo.lower() and comment["id"] == int(comment_id):
+                    author = self._author()
+                    for reaction in comment["reactions"]:
+                        if (reaction["content"], reaction["user"]["id"]) == (
+                            body["content"],
+                            author["id"],
+                        ):
+                            return httpx.Response(200, json=reaction)
+                    reaction = {"id": self._id(), "content": body["content"], "user": author}
+                    comment["reactions"].append(reaction)
+                    return httpx.Response(201, json=reaction)
+        return _error(404, "Not Found")
+
+    def _get_permission(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, login: str
+    ) -> httpx.Response:
+        """GitHub's answer: the legacy ``permission`` (maintain → write, triage → read) and the
+        ``role_name``; 404 for someone who is no collaborator."""
+        if not self._known_repo(repo):
+            return _error(404, "Not Found")
+        role = self.collaborators.get((repo.lower(), login.lower()))
+        if role is None:
+            return _error(404, f"{login} is not a user")
+        return httpx.Response(
+            200,
+            json={
+                "permission": ROLE_PERMISSIONS[role],
+                "role_name": role,
+                "user": self.user(login),
+            },
+        )
 
     def _list_deployments(
         self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str
@@ -595,6 +660,15 @@ class FakeGitHub:
         headers = {"Link": ", ".join(links)} if links else {}
         return httpx.Response(200, json=chunk, headers=headers)
 
+
+ROLE_PERMISSIONS = {
+    "admin": "admin",
+    "maintain": "write",
+    "write": "write",
+    "triage": "read",
+    "read": "read",
+}
+REACTIONS = {"+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes"}
 
 CHECK_STATUSES = {"queued", "in_progress", "completed"}
 CHECK_CONCLUSIONS = {

@@ -41,7 +41,7 @@ from tests.support.moto_state import live, tags
 REPO = "octo-org/hello-api"
 SECRET = "e2e-webhook-secret"
 TOKEN = "good-token"
-DEPLOYMENTS = ("pr-preview/pr-preview", "pr-teardown/pr-teardown")
+DEPLOYMENTS = ("pr-preview/pr-preview", "pr-teardown/pr-teardown", "pr-command/pr-command")
 
 
 @dataclass

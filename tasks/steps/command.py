@@ -1,0 +1,155 @@
+"""What a ``/preview`` command does: who may give one, its acknowledgement, and the changes to
+the PR's preview that only a command makes (stop, start, extend).
+
+Who may command is asked of GitHub afresh each time (the collaborator permission API: write or
+admin); a comment's ``author_association`` says how someone is related to the repository, not
+what they may do in it now. The commands that launch or end a preview (redeploy, destroy) are
+the preview and teardown steps, composed by ``flows/command.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from tasks.cloud.aws import AwsClients
+from tasks.cloud.instances import Preview, find_previews, start_instance, stop_instance
+from tasks.cloud.on_instance import timer_command, timer_minutes
+from tasks.cloud.ssm import run_command
+from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time
+from tasks.config import PreviewConfig
+from tasks.github.client import WRITE_PERMISSIONS, GitHub, GitHubError, Reaction
+from tasks.run.errors import PreviewError
+from tasks.run.prefect_context import run_logger
+from tasks.run.step import step
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ssm import SSMClient
+
+logger = logging.getLogger(__name__)
+
+TIMER_TIMEOUT_SECONDS = 60.0
+
+
+class TimerNotMoved(PreviewError):
+    """The on-instance shutdown timer did not take the new expiry: nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Authorization:
+    login: str
+    permission: str  # admin, write, read or none, as GitHub says it now
+
+    @property
+    def ok(self) -> bool:
+        return self.permission in WRITE_PERMISSIONS
+
+
+@step(retry=False)
+def authorize(github: GitHub, repo: str, login: str) -> Authorization:
+    """``login``'s permission on ``repo``, asked now; the client retries by itself."""
+    found = Authorization(login, github.collaborator_permission(repo, login))
+    run_logger(logger).info("@%s has %s permission on %s", login, found.permission, repo)
+    return found
+
+
+@step(retry=False)
+def acknowledge(github: GitHub, repo: str, comment_id: int, reaction: Reaction) -> bool:
+    """React to the command's comment; a reaction GitHub refuses is logged, never fatal."""
+    try:
+        github.create_reaction(repo, comment_id, reaction)
+    except GitHubError as exc:
+        run_logger(logger).warning("no reaction on comment %d: %s", comment_id, exc)
+        return False
+    return True
+
+
+@step(retry=False)
+def reply(github: GitHub, repo: str, pr_number: int, body: str) -> None:
+    """A comment of its own for the commenter (the sticky comment stays the preview's)."""
+    github.create_issue_comment(repo, pr_number, body)
+
+
+@step
+def pr_previews(
+    ec2: EC2Client, settings: PreviewConfig, repo: str, pr_number: int
+) -> list[Preview]:
+    """The PR's live previews (pending, running, stopping, stopped), oldest first."""
+    return find_previews(ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
+
+
+@step(needs_lock=True)
+def stop_preview(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> None:
+    """Stop the instance; its shutdown-at stays, so the sweeper ends it on time."""
+    stop_instance(
+        clients.ec2,
+        instance_id,
+        timeout_seconds=settings.terminate_timeout_seconds,
+        poll=settings.poll_seconds,
+    )
+    run_logger(logger).info("%s stopped", instance_id)
+
+
+def move_timer(
+    ssm: SSMClient, settings: PreviewConfig, instance_id: str, shutdown_at: datetime
+) -> None:
+    """The on-instance timer to ``shutdown_at`` (it does not survive a stop, and a tag alone
+    would not move it)."""
+    minutes = timer_minutes(max((shutdown_at - datetime.now(UTC)).total_seconds(), 60) / 3600)
+    result = run_command(
+        ssm,
+        instance_id,
+        [timer_command(minutes)],
+        timeout_seconds=TIMER_TIMEOUT_SECONDS,
+        poll_seconds=min(settings.poll_seconds, 1.0),
+        comment="pr-preview move the shutdown timer",
+    )
+    if not result.ok:
+        raise TimerNotMoved(f"the shutdown timer of {instance_id} did not move: {result.output}")
+
+
+@step(needs_lock=True)
+def start_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview) -> None:
+    """Start a stopped preview and put its shutdown timer back at its shutdown-at (a preview
+    whose shutdown-at has passed or cannot be read gets the short TTL)."""
+    start_instance(
+        clients.ec2,
+        preview.instance_id,
+        timeout_seconds=settings.ready_timeout_seconds,
+        poll=settings.poll_seconds,
+    )
+    now = datetime.now(UTC)
+    shutdown_at = preview.shutdown_at
+    if shutdown_at is None or shutdown_at <= now:
+        shutdown_at = (now + timedelta(hours=settings.failure_ttl_hours)).replace(microsecond=0)
+        clients.ec2.create_tags(
+            Resources=[preview.instance_id],
+            Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
+        )
+    move_timer(clients.ssm, settings, preview.instance_id, shutdown_at)
+    run_logger(logger).info("%s started, shutdown-at %s", preview.instance_id, shutdown_at)
+
+
+def extended_until(settings: PreviewConfig, hours: float, now: datetime) -> datetime:
+    """``hours`` from ``now``, never past ``max_ttl_hours`` from now."""
+    return (now + timedelta(hours=min(hours, settings.max_ttl_hours))).replace(microsecond=0)
+
+
+@step(needs_lock=True)
+def extend_preview(
+    clients: AwsClients, settings: PreviewConfig, preview: Preview, hours: float
+) -> datetime:
+    """Move the preview's expiry to ``hours`` from now (at most ``max_ttl_hours``): the timer
+    on a running instance first, then ``shutdown-at``; a stopped one gets its timer on start."""
+    shutdown_at = extended_until(settings, hours, datetime.now(UTC))
+    if preview.state == "running":
+        move_timer(clients.ssm, settings, preview.instance_id, shutdown_at)
+    clients.ec2.create_tags(
+        Resources=[preview.instance_id],
+        Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
+    )
+    run_logger(logger).info("%s shutdown-at %s", preview.instance_id, format_time(shutdown_at))
+    return shutdown_at

@@ -1,0 +1,150 @@
+"""``/preview`` commands end to end on the shared installation: a comment's delivery → receiver
+→ Prefect event → pr-command run → the preview in moto and the pull request in the fake GitHub.
+
+One test drives the commands in sequence on one pull request: each delivery costs a run.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from local_stack.prefect_server import signed_delivery
+from tasks.cloud.tags import TAG_SHUTDOWN_AT, parse_time
+from tasks.github.pull_request import marker
+from tests.support.installation import REPO, SECRET, Installation
+from tests.support.moto_state import live, tags
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("installation")]
+
+COMMANDS = "pr-command/pr-command"
+PR = 31
+SHA = "c" * 40
+
+
+def comment(
+    e2e: Installation, body: str, login: str, *, bot: bool = False
+) -> tuple[httpx.Response, int]:
+    """What GitHub does when ``login`` comments ``body`` on the PR: the comment exists, a
+    delivery is sent (its own comment id and time: every delivery's body differs)."""
+    comment_id = e2e.github.add_comment(REPO, PR, body, user=login)
+    user = {"login": login, "id": 7, "type": "Bot" if bot else "User"}
+    payload: dict[str, Any] = {
+        "action": "created",
+        "issue": {
+            "number": PR,
+            "pull_request": {"url": f"https://api.github.com/repos/{REPO}/pulls/{PR}"},
+        },
+        "comment": {
+            "id": comment_id,
+            "body": body,
+            "user": user,
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "author_association": "OWNER",  # says nothing about what they may do now
+        },
+        "repository": {"full_name": REPO},
+        "sender": user,
+    }
+    return signed_delivery(e2e.receiver, SECRET, "issue_comment", payload), comment_id
+
+
+def command(e2e: Installation, body: str, login: str, done: int) -> tuple[dict[str, Any], int]:
+    """Comment ``body`` as ``login`` and wait for the PR's ``done``-th command run."""
+    answer, comment_id = comment(e2e, body, login)
+    assert answer.status_code == 200, answer.text
+    runs = e2e.wait_for_pr_runs(COMMANDS, PR, done, timeout=180)
+    [run] = [r for r in runs if r["parameters"]["comment_id"] == comment_id]
+    return run, comment_id
+
+
+def sticky(e2e: Installation) -> str:
+    [body] = [b for b in e2e.github.comment_bodies(REPO, PR) if b.startswith(marker(REPO, PR))]
+    return body
+
+
+def replies(e2e: Installation) -> list[str]:
+    """What the bot wrote besides the sticky comment (and the command the test wrote as it)."""
+    return [
+        c["body"]
+        for c in e2e.github.comments[(REPO.lower(), PR)]
+        if c["user"]["login"] == e2e.github.bot_login
+        and not c["body"].startswith(("<!--", "/preview"))
+    ]
+
+
+def ours(e2e: Installation) -> list[dict[str, Any]]:
+    return [i for i in live(e2e.aws) if tags(i).get("PR") == str(PR)]
+
+
+def test_writers_command_the_preview_and_nobody_else_does(e2e: Installation) -> None:
+    e2e.github.add_collaborator(REPO, "wanda", "write")
+    e2e.github.add_collaborator(REPO, "rhea", "read")
+    assert e2e.deliver("opened", PR, SHA).status_code == 200
+    [launched] = e2e.wait_for_pr_runs("pr-preview/pr-preview", PR, 1, timeout=180)
+    assert launched["state_type"] == "COMPLETED", e2e.outcomes([launched])
+    [instance] = ours(e2e)
+    first = instance["InstanceId"]
+
+    # A reader (whatever the comment's author_association says) changes nothing.
+    run, comment_id = command(e2e, "/preview destroy", "rhea", 1)
+    assert run["state_name"] == "Not Permitted", e2e.outcomes([run])
+    assert [i["InstanceId"] for i in ours(e2e)] == [first]
+    assert e2e.github.reactions(REPO, comment_id) == [("confused", e2e.github.bot_login)]
+    [refusal] = replies(e2e)
+    assert refusal.startswith("@rhea only people with write access to octo-org/hello-api")
+    assert "`read`" in refusal
+
+    # Bots, our own App among them, are not even emitted.
+    for login, bot in (("renovate[bot]", True), ("dependabot", True), ("pr-preview[bot]", False)):
+        ignored, _ = comment(e2e, "/preview destroy", login, bot=bot)
+        assert (ignored.status_code, ignored.json()["outcome"]) == (202, "ignored")
+
+    # A writer stops the preview; the comment is acknowledged and the sticky comment says so.
+    run, comment_id = command(e2e, "/preview stop", "wanda", 2)
+    assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+    assert e2e.github.reactions(REPO, comment_id) == [("eyes", e2e.github.bot_login)]
+    [stopped] = ours(e2e)
+    assert (stopped["InstanceId"], stopped["State"]["Name"]) == (first, "stopped")
+    assert "Preview stopped" in sticky(e2e) and "`/preview stop` by @wanda" in sticky(e2e)
+
+    # … starts it again …
+    run, _ = command(e2e, "/preview start", "wanda", 3)
+    assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+    [started] = ours(e2e)
+    assert (started["InstanceId"], started["State"]["Name"]) == (first, "running")
+    assert "Preview ready" in sticky(e2e) and "Started" in sticky(e2e)
+
+    # … extends it: shutdown-at moves to 8 h from now …
+    run, _ = command(e2e, "/preview extend 8h", "wanda", 4)
+    assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+    shutdown_at = parse_time(tags(ours(e2e)[0])[TAG_SHUTDOWN_AT])
+    assert shutdown_at is not None
+    expected = datetime.now(UTC) + timedelta(hours=8)
+    assert abs(shutdown_at - expected) < timedelta(minutes=5)
+    assert "Extended: `/preview extend 8h` by @wanda" in sticky(e2e)
+
+    # … but not past max_ttl_hours, and an unknown command gets the list of commands.
+    run, _ = command(e2e, "/preview extend 999h", "wanda", 5)
+    assert run["state_name"] == "Bad Command", e2e.outcomes([run])
+    assert parse_time(tags(ours(e2e)[0])[TAG_SHUTDOWN_AT]) == shutdown_at
+    assert "at most 72 hours" in replies(e2e)[-1] and "`/preview redeploy`" in replies(e2e)[-1]
+    run, _ = command(e2e, "/preview launch; rm -rf /", "wanda", 6)
+    assert run["state_name"] == "Bad Command", e2e.outcomes([run])
+    assert "`launch;` is not a command" in replies(e2e)[-1]
+
+    # Redeploy: the PR's head launched afresh on a new instance.
+    run, _ = command(e2e, "/preview redeploy", "wanda", 7)
+    assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+    [again] = ours(e2e)
+    assert again["InstanceId"] != first and tags(again)["Sha"] == SHA
+    assert "Preview ready" in sticky(e2e)
+
+    # Destroy: nothing of the PR is left running.
+    run, _ = command(e2e, "/preview destroy", "wanda", 8)
+    assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+    assert ours(e2e) == []
+    assert "Destroyed: `/preview destroy` by @wanda" in sticky(e2e)
+    assert len(replies(e2e)) == 3  # the refusal and the two lists of commands
