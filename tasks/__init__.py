@@ -22,6 +22,7 @@ Flows compose steps.
     sweep          §9     expired previews gone
     bake                  the baked AMI
     db_access      §2.5   the optional database path
+    database              a database of each preview's own: made, handed over, dropped, swept
 
 Foundations — plain code the steps share; no ``@step`` in them, and they import no step. They
 stand in layers, each importing only those above it (``tests/test_layout.py``):
@@ -31,6 +32,7 @@ stand in layers, each importing only those above it (``tests/test_layout.py``):
     cloud/   AWS: aws (clients, waiters on our timing), instances, tags, run_instances (the
              request, the AMI), ssm (Run Command), ecr, on_instance (marker files, scripts, the
              app probe's command and answer), db_rules (db-sg rules opened for previews),
+             databases (a preview database's name, URL and the database host's scripts),
              tunnel (SSM port forwarding)
     app/     the previewed app on its instance: app_env, user_data (the bootstrap script, a
              preview's tags, ``LaunchSpec``), compose_policy, secrets, masking, cost
