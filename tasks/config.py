@@ -84,6 +84,9 @@ RELATIVE_PATH_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 PARAMETER_PREFIX = "/pr-preview/"  # what the shipped IAM policies let the instance read
 # The GitHub App's key: read by the orchestrator only, never under what instances may read.
 APP_KEY_PARAMETER_PREFIX = "/pr-preview-app/"
+# Each preview database's DATABASE_URL, one SecureString per preview: the instance role's policy
+# denies every one whose tag does not name the reading instance (deployments/iam/), by this path.
+DATABASE_PARAMETER_PATH = "/pr-preview/databases"
 # A Prefect block name as Prefect accepts it.
 BLOCK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 COMPOSE_VERSION_PATTERN = re.compile(r"v\d+\.\d+\.\d+")
@@ -542,11 +545,6 @@ class PreviewDatabases(_Group):
     seed_on_template: bool = Field(
         False, description="Run seed_command on a database cloned from the template as well."
     )
-    database_parameter_path: InstanceParameterPath = Field(
-        "/pr-preview/databases",
-        description="Where each preview's DATABASE_URL is kept, one SecureString per preview;"
-        " an instance may read only its own preview's.",
-    )
     template_wait_seconds: float = Field(
         30.0,
         ge=0,
@@ -837,15 +835,15 @@ class PreviewConfig(
     def _secrets_stay_ours(self) -> Self:
         path = self.env_parameter_path
         names = (self.ghcr_token_parameter, self.database_url_parameter)
-        for name in (*names, self.database_parameter_path):
+        for name in (*names, DATABASE_PARAMETER_PATH):
             if path is not None and (name == path or name.startswith(path + "/")):
                 raise ValueError(
                     f"env_parameter_path {path} holds {name}: the app would get it as a"
                     " variable; choose a path of its own (e.g. /pr-preview/env)"
                 )
-        if path is not None and path.startswith(self.database_parameter_path + "/"):
+        if path is not None and path.startswith(DATABASE_PARAMETER_PATH + "/"):
             raise ValueError(
-                f"env_parameter_path {path} is below database_parameter_path: choose a path of"
+                f"env_parameter_path {path} is below {DATABASE_PARAMETER_PATH}: choose a path of"
                 " its own (e.g. /pr-preview/env)"
             )
         if self.database == "per-preview" and self.db_instance_id is None:
@@ -857,7 +855,7 @@ class PreviewConfig(
 
     def database_parameter(self, database: str) -> str:
         """The SecureString holding the DATABASE_URL of the preview database ``database``."""
-        return f"{self.database_parameter_path}/{database}"
+        return f"{DATABASE_PARAMETER_PATH}/{database}"
 
 
 # The concerns, in reading order: every field of PreviewConfig is in exactly one.
@@ -913,7 +911,6 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "db_port": "where the previews' DATABASE_URL points",
         "database_url_scheme": "the previews' DATABASE_URL",
         "template_database": "the data every preview database starts from",
-        "database_parameter_path": "where each preview's DATABASE_URL is kept",
         # whom pr-preview serves, and as whom it speaks
         "allowed_repos": "which repositories are served",
         "allowed_fork_repos": "which forks' code is run",

@@ -418,3 +418,19 @@ def test_a_claimed_spare_reads_the_database_of_the_pr_that_claimed_it(
     [deploy] = [text for text in ssm_commands(aws, spare) if "APP_IMAGE=" in text]
     assert f"param /pr-preview/databases/{name}" in deploy and "app.env" in deploy
     assert name in db_host.databases()
+
+
+def test_the_instance_roles_deny_covers_the_path_the_code_writes() -> None:
+    """The Deny that keeps each preview's URL to its own instance names the path the flow
+    writes the parameters under, and the path itself (GetParametersByPath)."""
+    from tasks.config import DATABASE_PARAMETER_PATH
+
+    policy = load_policy(INSTANCE_ROLE)
+    [deny] = [s for s in policy["Statement"] if "databases" in str(s.get("Resource"))]
+    assert deny["Effect"] == "Deny" and deny["Action"] == "ssm:GetParameter*"
+    assert sorted(deny["Resource"]) == [
+        f"arn:aws:ssm:*:*:parameter{DATABASE_PARAMETER_PATH}",
+        f"arn:aws:ssm:*:*:parameter{DATABASE_PARAMETER_PATH}/*",
+    ]
+    settings = PreviewConfig.model_validate({"db_instance_id": "i-0123456789abcdef0"})
+    assert settings.database_parameter("pr_x_1").startswith(DATABASE_PARAMETER_PATH + "/")

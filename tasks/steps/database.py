@@ -1,7 +1,7 @@
 """A database of each preview's own (``database: per-preview``, tasks/cloud/databases.py).
 
 - ``create_database`` — before the launch, beside the image check: the preview's
-  ``DATABASE_URL`` is stored first (a SecureString under ``database_parameter_path``, tagged
+  ``DATABASE_URL`` is stored first (a SecureString under ``/pr-preview/databases``, tagged
   with the pull request), then the database host makes sure of role and database: created
   from ``template_database`` or empty, or kept as it is for a push and a relaunch.
 - ``hand_over_database`` — once the instance exists: the parameter is tagged with the
@@ -52,7 +52,7 @@ from tasks.cloud.databases import (
 )
 from tasks.cloud.ssm import CommandResult, CommandTimeout, agent_not_registered, run_command
 from tasks.cloud.tags import TAG_PR, TAG_PURPOSE, TAG_REPO, format_time, parse_time
-from tasks.config import PreviewConfig
+from tasks.config import DATABASE_PARAMETER_PATH, PreviewConfig
 from tasks.run.prefect_context import run_logger
 from tasks.run.step import step
 
@@ -311,9 +311,7 @@ def _preview_parameters(ssm: SSMClient, settings: PreviewConfig) -> dict[str, di
     """The preview databases' parameters (by database name) with their tags."""
     found: dict[str, dict[str, str]] = {}
     paginator = ssm.get_paginator("describe_parameters")
-    filters: Any = [
-        {"Key": "Path", "Option": "OneLevel", "Values": [settings.database_parameter_path]}
-    ]
+    filters: Any = [{"Key": "Path", "Option": "OneLevel", "Values": [DATABASE_PARAMETER_PATH]}]
     for page in paginator.paginate(ParameterFilters=filters):
         for parameter in page.get("Parameters", []):
             name = parameter["Name"]
