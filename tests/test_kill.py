@@ -28,7 +28,7 @@ from tests.support.moto_state import tags
 
 pytestmark = [pytest.mark.crash, pytest.mark.xdist_group("installation")]
 
-LEASE = 30.0
+LEASE = 60.0
 REPOSSESSOR = 5.0  # PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS of the local stack
 FIRST, SECOND = "a1" * 20, "b2" * 20
 
