@@ -44,7 +44,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from tasks.inputs import is_repo_pattern, repo_allowed
+from tasks.inputs import is_path_glob, is_repo_pattern, repo_allowed
 from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import api_reachable
 
@@ -291,6 +291,15 @@ def _repo_pattern(value: str) -> str:
     return value
 
 
+def _path_glob(value: str) -> str:
+    if not is_path_glob(value):
+        raise ValueError(
+            f"{value[:100]!r} is not a path pattern: letters, digits, _ . - / and the wildcards"
+            " *, ** (a whole segment) and ?, no '.' or '..' segment (e.g. docs/** or *.md)"
+        )
+    return value
+
+
 def _empty_is_none(value: object) -> object:
     return None if value == "" else value
 
@@ -340,6 +349,7 @@ ContainerCommand = Annotated[str, AfterValidator(_container_command)]
 AppEnv = Annotated[dict[str, str], AfterValidator(_app_env)]
 ProbePath = Annotated[str, AfterValidator(_probe_path)]
 RepoPattern = Annotated[str, AfterValidator(_repo_pattern)]
+PathGlob = Annotated[str, AfterValidator(_path_glob)]
 # A field that is on by default and set empty to turn it off, as null does.
 OffWhenEmpty = BeforeValidator(_empty_is_none)
 
@@ -795,6 +805,23 @@ class Triggers(_Group):
         max_length=50,
         description="The GitHub label that asks for a preview when trigger_mode is label.",
     )
+    skip_drafts: bool = Field(
+        True,
+        description="A draft pull request gets no preview: ready_for_review launches one,"
+        " converted_to_draft tears it down; `/preview redeploy` launches one anyway.",
+    )
+    paths: list[PathGlob] = Field(
+        default_factory=list,
+        max_length=100,
+        description="gitignore-style patterns (e.g. src/**, *.py): a pull request none of whose"
+        " changed files matches one gets no preview; empty: every file counts.",
+    )
+    paths_ignore: list[PathGlob] = Field(
+        default_factory=list,
+        max_length=100,
+        description="gitignore-style patterns (e.g. docs/**, *.md) of changed files that do not"
+        " ask for a preview; a pull request that changes only such files gets none.",
+    )
 
     def serves(self, repo: str) -> bool:
         return repo_allowed(repo, self.allowed_repos)
@@ -920,6 +947,9 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "max_ttl_hours": "how long a pull request's writers may keep a preview alive",
         "trigger_mode": "which pull requests get a preview",
         "preview_label": "which pull requests get a preview",
+        "skip_drafts": "which pull requests get a preview",
+        "paths": "which pull requests get a preview",
+        "paths_ignore": "which pull requests get a preview",
         "github_token_secret_block": "the GitHub identity of the bot",
         "github_app_id": "the GitHub identity of the bot",
         "github_app_installation_id": "the GitHub identity of the bot",
