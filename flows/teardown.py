@@ -28,7 +28,7 @@ from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
 from tasks.steps.guards import check_trigger, confirm_closed, confirm_draft, confirm_unlabeled
 from tasks.steps.report import PullRequestReport
-from tasks.steps.teardown import teardown
+from tasks.steps.teardown import run_teardown_command, teardown
 
 Cause = Literal["closed", "unlabeled", "draft"]
 
@@ -124,8 +124,11 @@ def _teardown(
             "draft": "converted to a draft",
             "closed": "pull request closed",
         }[cause]
-        # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
+        # 1. The app's teardown_command on each running preview (bounded; its failure is
+        #    logged, never blocking), then terminate exactly this PR's instances (tags
+        #    Purpose, Repo, PR) and wait for them.
         try:
+            run_teardown_command(clients, settings, repo, pr_number)
             removed = teardown(clients.ec2, settings, repo, pr_number)
         except Exception as exc:
             with grace():

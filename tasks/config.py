@@ -508,6 +508,12 @@ class AppAndDatabase(_Group):
     seed_on_every_deploy: bool = Field(
         False, description="Seed after every deploy's migration, not only a preview's first."
     )
+    teardown_command: ContainerCommand | None = Field(
+        None,
+        description="Run in the app service of a running preview before teardown terminates it"
+        " (e.g. python -m app.unregister), split into arguments like migration_command; bounded"
+        " by teardown_command_timeout_seconds, and its failure never blocks the teardown.",
+    )
     env: AppEnv = Field(
         default_factory=dict,
         description="Variables of the app's environment; values may use {pr_number}, {sha},"
@@ -596,6 +602,13 @@ class Timings(_Group):
     probe_timeout_seconds: float = Field(
         120.0, gt=0, description="How long the probe looks for a probe path that answers."
     )
+    teardown_command_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="How long teardown_command may run on each instance before the teardown"
+        " goes on without it.",
+    )
     image_wait_seconds: float = Field(
         1200.0,
         ge=0,
@@ -625,7 +638,12 @@ class Timings(_Group):
         return 2 * self.lock_wait_seconds + stages + RUN_MARGIN_SECONDS
 
     def teardown_timeout_seconds(self) -> float:
-        return self.lock_wait_seconds + self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
+        return (
+            self.lock_wait_seconds
+            + self.teardown_command_timeout_seconds
+            + self.terminate_timeout_seconds
+            + RUN_MARGIN_SECONDS
+        )
 
     def sweep_timeout_seconds(self) -> float:
         return self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
@@ -928,6 +946,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "app_dir": "where root keeps the compose and env files; bind mounts stay below it",
         "migration_command": "a command run beside the app's secrets",
         "seed_command": "a command run beside the app's secrets",
+        "teardown_command": "a command run beside the app's secrets",
         "env": "the app's environment",
         # the app's data and secrets
         "database": "where the app's database comes from",
@@ -984,6 +1003,7 @@ TUNING_FIELDS = frozenset(
         "app_down_seconds",
         "migrate_timeout_seconds",
         "probe_timeout_seconds",
+        "teardown_command_timeout_seconds",
         "image_wait_seconds",
         "lock_lease_seconds",
         "lock_wait_seconds",
