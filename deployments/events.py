@@ -16,7 +16,18 @@ from tasks.github.commands import command_line
 from tasks.inputs import is_bot, is_login, is_repo, is_sha, label_names
 from tasks.run.errors import PreviewError
 
-HANDLED_ACTIONS = frozenset({"opened", "reopened", "synchronize", "closed", "labeled", "unlabeled"})
+HANDLED_ACTIONS = frozenset(
+    {
+        "opened",
+        "reopened",
+        "synchronize",
+        "closed",
+        "labeled",
+        "unlabeled",
+        "ready_for_review",
+        "converted_to_draft",
+    }
+)
 MAX_LABELS = 100  # GitHub allows 100 labels on an issue
 
 COMMAND_EVENT = "github.issue_comment.command"
@@ -133,6 +144,7 @@ def event_from_delivery(
             "label": label,
             "labels": label_names(pr)[:MAX_LABELS],
             "branch": head.get("ref") if isinstance(head.get("ref"), str) else None,
+            "draft": pr.get("draft") is True,
         },
     }
 

@@ -260,6 +260,7 @@ def _redeploy(
         pr_number,
         sha,
         action="redeploy",
+        force=True,
         head_repo=full_name if isinstance(full_name, str) else None,
         config=config,
         branch=head.get("ref") if isinstance(head.get("ref"), str) else None,

@@ -50,7 +50,7 @@ from tasks.steps.compose import fetch_compose, service_names
 from tasks.steps.database import create_database, drop_database, hand_over_database
 from tasks.steps.db_access import open_db_access
 from tasks.steps.diagnose import diagnose
-from tasks.steps.guards import check_trigger, guard
+from tasks.steps.guards import check_paths, check_trigger, guard
 from tasks.steps.launch import launch
 from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
 from tasks.steps.preflight import preflight
@@ -132,6 +132,8 @@ def pr_preview(
     label: str | None = None,
     labels: list[str] | None = None,
     branch: str | None = None,
+    draft: bool = False,
+    force: bool = False,
 ) -> PreviewResult:
     """Give pull request ``repo#pr_number`` a working preview of ``head_sha``.
 
@@ -139,14 +141,27 @@ def pr_preview(
     receipt time): it orders previews for ``max_previews``. Without it, the run's scheduled
     start stands in. ``label`` (of a ``labeled`` event) and ``labels`` (the PR's, as the event
     saw them) matter with ``trigger_mode: label`` only. ``branch`` is the PR's head branch
-    (``PR_BRANCH`` in the app's environment).
+    (``PR_BRANCH`` in the app's environment). ``draft`` is the event's view of the PR, used
+    only without a GitHub token. ``force`` (``/preview redeploy``) launches a draft, or a PR
+    whose changed files match no ``paths``, anyway.
     """
     check_inputs(repo, pr_number, head_sha)
     settings = run_config(config)
     requested = requested_at or flow_run.get_scheduled_start_time() or datetime.now(UTC)
     with run_budget(settings.preview_timeout_seconds()):
         return _preview(
-            settings, repo, pr_number, head_sha, action, head_repo, requested, label, labels, branch
+            settings,
+            repo,
+            pr_number,
+            head_sha,
+            action,
+            head_repo,
+            requested,
+            label,
+            labels,
+            branch,
+            draft=draft,
+            force=force,
         )
 
 
@@ -161,6 +176,9 @@ def _preview(
     label: str | None = None,
     labels: list[str] | None = None,
     branch: str | None = None,
+    *,
+    draft: bool = False,
+    force: bool = False,
 ) -> PreviewResult:
     logger = get_run_logger()
     result = PreviewResult(repo, pr_number, head_sha, status="skipped", region=settings.region)
@@ -211,7 +229,8 @@ def _preview(
         report.check_run(),
         hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait),
     ):
-        # 0. Guards: a closed PR, a fork not allow-listed, or a newer push launch nothing.
+        # 0. Guards: a closed PR, a draft, a fork not allow-listed, a newer push, or changed
+        #    files that ask for no preview launch nothing (``force``: drafts and paths do).
         try:
             verdict = guard(
                 github,
@@ -222,7 +241,13 @@ def _preview(
                 settings.allowed_fork_repos,
                 required_label,
                 labels,
+                skip_drafts=settings.skip_drafts and not force,
+                event_draft=draft,
             )
+            if verdict.ok and not force:
+                verdict = check_paths(
+                    github, repo, pr_number, settings.paths, settings.paths_ignore
+                )
         except Exception as exc:
             with grace():
                 report.tell(
@@ -236,6 +261,8 @@ def _preview(
             logger.info("not launching: %s", verdict.reason)
             if outcome is Outcome.REFUSED_FORK:
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
+            elif outcome is Outcome.NO_MATCHING_PATHS:
+                report.tell(PreviewState.SKIPPED, detail=verdict.reason)
             else:
                 report.skipped(outcome.state_name, verdict.reason)
             return _ended_as(outcome, result)

@@ -1,10 +1,10 @@
-"""Tear down one pull request's preview when it closes (runbook §2.8), or when it loses the
-preview label (``trigger_mode: label``)."""
+"""Tear down one pull request's preview when it closes (runbook §2.8), when it loses the
+preview label (``trigger_mode: label``), or when it becomes a draft (``skip_drafts``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -26,9 +26,11 @@ from tasks.run.outcome import Outcome
 from tasks.run.prefect_context import rename_run
 from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
-from tasks.steps.guards import check_trigger, confirm_closed, confirm_unlabeled
+from tasks.steps.guards import check_trigger, confirm_closed, confirm_draft, confirm_unlabeled
 from tasks.steps.report import PullRequestReport
-from tasks.steps.teardown import teardown
+from tasks.steps.teardown import run_teardown_command, teardown
+
+Cause = Literal["closed", "unlabeled", "draft"]
 
 
 @dataclass
@@ -56,7 +58,8 @@ def pr_teardown(
     """Terminate every instance of ``repo#pr_number``; other PRs and untagged instances stay.
 
     ``action`` ``unlabeled`` with ``label`` the preview label (``trigger_mode: label``) tears
-    down the same way; any other label changes nothing."""
+    down the same way; any other label changes nothing. ``converted_to_draft`` tears down
+    with ``skip_drafts`` only."""
     check_inputs(repo, pr_number)
     settings = run_config(config)
     if not settings.serves(repo):
@@ -65,9 +68,12 @@ def pr_teardown(
     if not trigger.ok:
         assert trigger.verdict is not None
         return _nothing_done(repo, pr_number, trigger.verdict, trigger.reason)
-    unlabeled = action == "unlabeled"
+    if action == "converted_to_draft" and not settings.skip_drafts:
+        why = "skip_drafts is off: a draft keeps its preview"
+        return _nothing_done(repo, pr_number, Outcome.DRAFT_IGNORED, why)
+    causes: dict[str, Cause] = {"unlabeled": "unlabeled", "converted_to_draft": "draft"}
     with run_budget(settings.teardown_timeout_seconds()):
-        return _teardown(settings, repo, pr_number, unlabeled)
+        return _teardown(settings, repo, pr_number, causes.get(action, "closed"))
 
 
 def _nothing_done(repo: str, pr_number: int, outcome: Outcome, reason: str) -> TeardownResult:
@@ -82,7 +88,10 @@ def _nothing_done(repo: str, pr_number: int, outcome: Outcome, reason: str) -> T
 
 
 def _teardown(
-    settings: PreviewConfig, repo: str, pr_number: int, unlabeled: bool = False
+    settings: PreviewConfig,
+    repo: str,
+    pr_number: int,
+    cause: Cause = "closed",
 ) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings, ssm=clients.ssm)
@@ -99,18 +108,27 @@ def _teardown(
     lock = pr_lock_name(repo, pr_number)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with github, hold(lock, lease_seconds=lease, timeout_seconds=wait):
-        # 0. Only a pull request that GitHub says is closed, or no longer labelled (a forged
-        #    or stale event changes nothing).
-        if unlabeled:
+        # 0. Only a pull request that GitHub says is closed, no longer labelled, or a draft (a
+        #    forged or stale event changes nothing).
+        if cause == "unlabeled":
             confirmed = confirm_unlabeled(github, repo, pr_number, settings.preview_label)
+        elif cause == "draft":
+            confirmed = confirm_draft(github, repo, pr_number)
         else:
             confirmed = confirm_closed(github, repo, pr_number)
         if not confirmed.ok:
             assert confirmed.verdict is not None
             return _nothing_done(repo, pr_number, confirmed.verdict, confirmed.reason)
-        why = "preview label removed" if unlabeled else "pull request closed"
-        # 1. Terminate exactly this PR's instances (tags Purpose, Repo, PR) and wait for them.
+        why = {
+            "unlabeled": "preview label removed",
+            "draft": "converted to a draft",
+            "closed": "pull request closed",
+        }[cause]
+        # 1. The app's teardown_command on each running preview (bounded; its failure is
+        #    logged, never blocking), then terminate exactly this PR's instances (tags
+        #    Purpose, Repo, PR) and wait for them.
         try:
+            run_teardown_command(clients, settings, repo, pr_number)
             removed = teardown(clients.ec2, settings, repo, pr_number)
         except Exception as exc:
             with grace():
@@ -141,13 +159,17 @@ def _teardown(
         report.tell(
             PreviewState.TORN_DOWN,
             instance_id=", ".join(removed.instance_ids) or None,
-            detail=f"The `{settings.preview_label}` label was removed." if unlabeled else None,
+            detail={
+                "unlabeled": f"The `{settings.preview_label}` label was removed.",
+                "draft": "The pull request was converted to a draft: marking it ready for"
+                " review, or `/preview redeploy`, launches a new preview.",
+            }.get(cause),
         )
         # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
         close_db_access(clients.ec2, settings, removed.instance_ids)
 
     # 4. A closed PR needs no lock any more (a reopened one creates it again).
-    if not unlabeled:
+    if cause == "closed":
         delete_lock(lock)
     result = TeardownResult(
         repo, pr_number, removed.instance_ids, removed.already_gone, database=dropped

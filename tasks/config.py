@@ -44,7 +44,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from tasks.inputs import is_repo_pattern, repo_allowed
+from tasks.inputs import is_path_glob, is_repo_pattern, repo_allowed
 from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import api_reachable
 
@@ -294,6 +294,15 @@ def _repo_pattern(value: str) -> str:
     return value
 
 
+def _path_glob(value: str) -> str:
+    if not is_path_glob(value):
+        raise ValueError(
+            f"{value[:100]!r} is not a path pattern: letters, digits, _ . - / and the wildcards"
+            " *, ** (a whole segment) and ?, no '.' or '..' segment (e.g. docs/** or *.md)"
+        )
+    return value
+
+
 def _empty_is_none(value: object) -> object:
     return None if value == "" else value
 
@@ -343,6 +352,7 @@ ContainerCommand = Annotated[str, AfterValidator(_container_command)]
 AppEnv = Annotated[dict[str, str], AfterValidator(_app_env)]
 ProbePath = Annotated[str, AfterValidator(_probe_path)]
 RepoPattern = Annotated[str, AfterValidator(_repo_pattern)]
+PathGlob = Annotated[str, AfterValidator(_path_glob)]
 # A field that is on by default and set empty to turn it off, as null does.
 OffWhenEmpty = BeforeValidator(_empty_is_none)
 
@@ -501,6 +511,12 @@ class AppAndDatabase(_Group):
     seed_on_every_deploy: bool = Field(
         False, description="Seed after every deploy's migration, not only a preview's first."
     )
+    teardown_command: ContainerCommand | None = Field(
+        None,
+        description="Run in the app service of a running preview before teardown terminates it"
+        " (e.g. python -m app.unregister), split into arguments like migration_command; bounded"
+        " by teardown_command_timeout_seconds, and its failure never blocks the teardown.",
+    )
     env: AppEnv = Field(
         default_factory=dict,
         description="Variables of the app's environment; values may use {pr_number}, {sha},"
@@ -584,6 +600,13 @@ class Timings(_Group):
     probe_timeout_seconds: float = Field(
         120.0, gt=0, description="How long the probe looks for a probe path that answers."
     )
+    teardown_command_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="How long teardown_command may run on each instance before the teardown"
+        " goes on without it.",
+    )
     image_wait_seconds: float = Field(
         1200.0,
         ge=0,
@@ -613,7 +636,12 @@ class Timings(_Group):
         return 2 * self.lock_wait_seconds + stages + RUN_MARGIN_SECONDS
 
     def teardown_timeout_seconds(self) -> float:
-        return self.lock_wait_seconds + self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
+        return (
+            self.lock_wait_seconds
+            + self.teardown_command_timeout_seconds
+            + self.terminate_timeout_seconds
+            + RUN_MARGIN_SECONDS
+        )
 
     def sweep_timeout_seconds(self) -> float:
         return self.terminate_timeout_seconds + RUN_MARGIN_SECONDS
@@ -793,6 +821,23 @@ class Triggers(_Group):
         max_length=50,
         description="The GitHub label that asks for a preview when trigger_mode is label.",
     )
+    skip_drafts: bool = Field(
+        True,
+        description="A draft pull request gets no preview: ready_for_review launches one,"
+        " converted_to_draft tears it down; `/preview redeploy` launches one anyway.",
+    )
+    paths: list[PathGlob] = Field(
+        default_factory=list,
+        max_length=100,
+        description="gitignore-style patterns (e.g. src/**, *.py): a pull request none of whose"
+        " changed files matches one gets no preview; empty: every file counts.",
+    )
+    paths_ignore: list[PathGlob] = Field(
+        default_factory=list,
+        max_length=100,
+        description="gitignore-style patterns (e.g. docs/**, *.md) of changed files that do not"
+        " ask for a preview; a pull request that changes only such files gets none.",
+    )
 
     def serves(self, repo: str) -> bool:
         return repo_allowed(repo, self.allowed_repos)
@@ -899,6 +944,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "app_dir": "where root keeps the compose and env files; bind mounts stay below it",
         "migration_command": "a command run beside the app's secrets",
         "seed_command": "a command run beside the app's secrets",
+        "teardown_command": "a command run beside the app's secrets",
         "env": "the app's environment",
         # the app's data and secrets
         "database": "where the app's database comes from",
@@ -917,6 +963,9 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "max_ttl_hours": "how long a pull request's writers may keep a preview alive",
         "trigger_mode": "which pull requests get a preview",
         "preview_label": "which pull requests get a preview",
+        "skip_drafts": "which pull requests get a preview",
+        "paths": "which pull requests get a preview",
+        "paths_ignore": "which pull requests get a preview",
         "github_token_secret_block": "the GitHub identity of the bot",
         "github_app_id": "the GitHub identity of the bot",
         "github_app_installation_id": "the GitHub identity of the bot",
@@ -951,6 +1000,7 @@ TUNING_FIELDS = frozenset(
         "app_down_seconds",
         "migrate_timeout_seconds",
         "probe_timeout_seconds",
+        "teardown_command_timeout_seconds",
         "image_wait_seconds",
         "lock_lease_seconds",
         "lock_wait_seconds",

@@ -78,3 +78,47 @@ def label_names(pull: Mapping[str, Any]) -> list[str]:
         for item in labels
         if isinstance(item, Mapping) and isinstance(item.get("name"), str)
     ]
+
+
+PATH_GLOB_PATTERN = re.compile(r"[A-Za-z0-9_.*?/-]{1,200}")
+"""A ``paths``/``paths_ignore`` pattern: letters, digits, ``_.-/`` and the wildcards ``*``,
+``**`` and ``?``; no brackets, braces, ``!`` or backslash."""
+
+
+def is_path_glob(value: str) -> bool:
+    """A strict gitignore-style pattern: allowed characters, no empty, ``.`` or ``..`` segment
+    (a trailing ``/`` for a directory is allowed), ``**`` only as a whole segment."""
+    if not isinstance(value, str) or not PATH_GLOB_PATTERN.fullmatch(value):
+        return False
+    segments = value.strip("/").split("/") if value.strip("/") else []
+    if not segments or value.startswith("//") or "//" in value:
+        return False
+    return all(part not in (".", "..") and ("**" not in part or part == "**") for part in segments)
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """gitignore's rules: a pattern with a ``/`` before its end is anchored at the repository's
+    root, one without matches at any depth; ``*`` and ``?`` stay within a segment, ``**`` spans
+    segments; a matched directory matches every file below it."""
+    body = pattern.rstrip("/")
+    anchored = "/" in body
+    parts = []
+    for index, segment in enumerate(body.lstrip("/").split("/")):
+        if segment == "**":
+            parts.append("(?:[^/]+/)*" if index < body.lstrip("/").count("/") else ".*")
+            continue
+        text = "".join(
+            "[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char)
+            for char in segment
+        )
+        parts.append(text + "/")
+    regex = "".join(parts)
+    regex = regex[:-1] if regex.endswith("/") else regex
+    prefix = "" if anchored else "(?:[^/]+/)*"
+    # The pattern names the file itself or a directory above it.
+    return re.compile(f"{prefix}{regex}(?:/.*)?")
+
+
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
+    """Whether the repository path ``path`` matches one of the gitignore-style ``patterns``."""
+    return any(_glob_regex(pattern).fullmatch(path) for pattern in patterns)

@@ -69,6 +69,20 @@ def quoted_title(body: dict[str, Any]) -> None:
     body["pull_request"]["title"] = "Fix \"quotes\", <tags> & {{ braces }}\n'end'"
 
 
+def converted_to_draft(body: dict[str, Any]) -> None:
+    body["action"] = "converted_to_draft"
+    body["pull_request"]["draft"] = True
+
+
+def ready_for_review(body: dict[str, Any]) -> None:
+    body["action"] = "ready_for_review"
+    body["pull_request"]["draft"] = False
+
+
+def opened_as_draft(body: dict[str, Any]) -> None:
+    body["pull_request"]["draft"] = True
+
+
 def unlabeled_preview(body: dict[str, Any]) -> None:
     body["action"] = "unlabeled"
     body["label"] = {"name": "preview", "color": "0e8a16"}
@@ -103,6 +117,9 @@ VARIANTS = {
     "comment-prefix-only": (COMMENT, on_pull("/previewing soon")),
     "command-on-an-issue": (COMMENT, lambda b: b["comment"].update(body="/preview")),
     "unlabeled-preview": ("pull_request.labeled.json", unlabeled_preview),
+    "converted-to-draft": ("pull_request.synchronize.json", converted_to_draft),
+    "ready-for-review": ("pull_request.synchronize.json", ready_for_review),
+    "opened-as-draft": ("pull_request.opened.json", opened_as_draft),
     "synchronize-odd-labels": ("pull_request.synchronize.json", odd_labels),
     "closed-merged": ("pull_request.closed.json", merged),
     "opened-fork": ("pull_request.opened.json", fork_head),
@@ -124,7 +141,9 @@ def every_delivery() -> list[Any]:
 def test_routing_table_covers_exactly_the_handled_pull_request_actions() -> None:
     assert dict(ROUTES) == {
         ("pull_request", "closed"): "github.pull_request.closed",
+        ("pull_request", "converted_to_draft"): "github.pull_request.converted_to_draft",
         ("pull_request", "labeled"): "github.pull_request.labeled",
+        ("pull_request", "ready_for_review"): "github.pull_request.ready_for_review",
         ("pull_request", "opened"): "github.pull_request.opened",
         ("pull_request", "reopened"): "github.pull_request.reopened",
         ("pull_request", "synchronize"): "github.pull_request.synchronize",
@@ -224,8 +243,24 @@ def test_opened_maps_to_the_full_event() -> None:
             "label": None,
             "labels": ["bug"],
             "branch": "changes",
+            "draft": False,
         },
     }
+
+
+@pytest.mark.parametrize(
+    ("key", "event", "draft"),
+    [
+        ("converted-to-draft", "github.pull_request.converted_to_draft", True),
+        ("ready-for-review", "github.pull_request.ready_for_review", False),
+        ("opened-as-draft", "github.pull_request.opened", True),
+    ],
+)
+def test_draft_events_carry_the_prs_draft_flag(key: str, event: str, draft: bool) -> None:
+    found = event_from_delivery(*_with_delivery(variant(*VARIANTS[key])))
+
+    assert found is not None
+    assert (found["event"], found["payload"]["draft"]) == (event, draft)
 
 
 def test_label_events_carry_the_label_and_the_prs_labels() -> None:

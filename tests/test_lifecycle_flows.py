@@ -21,7 +21,7 @@ from tasks.cloud.aws import AwsClients
 from tasks.cloud.tags import parse_time
 from tasks.config import PreviewConfig
 from tests.fakes.aws_faults import aws_faults
-from tests.support import CANARIES, CANARY_GHCR_TOKEN
+from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data
 from tests.support.moving_tags import moving_tags
 
@@ -278,3 +278,30 @@ def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(
         ]
         assert f'echo APP_IMAGE={image}:{SHA2}@{checked}; }} > "$tmp"' in deploy
         assert repointed not in deploy
+
+
+def test_the_teardown_command_runs_first_and_its_failure_blocks_nothing(
+    aws: AwsClients,
+    config: PreviewConfig,
+    scripted_ssm: ScriptedInstances,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config.teardown_command = "python -m app.unregister --pr 43 '$(reboot)'"
+    scripted_ssm.on(
+        r"app\.unregister",
+        Reply(stdout=f"cannot reach {CANARY_DATABASE_URL}\n", stderr="Traceback…\n", exit_code=3),
+    )
+    launched = pr_preview(REPO, 43, SHA1, action="opened", config=config)
+    assert launched.status == "ready"
+    assert scripted_ssm.count(r"app\.unregister") == 0  # a teardown's, not a deploy's
+
+    closed = pr_teardown(REPO, 43, config=config, return_state=True)
+    assert closed.result().terminated == [launched.instance_id]
+    assert live(aws) == []
+    [sent] = scripted_ssm.commands(launched.instance_id, r"app\.unregister")
+    # In the app service, each word one argument: no shell reads the $(...).
+    assert "run --rm -T api python -m app.unregister --pr 43 '$(reboot)'" in sent
+    logs = [record.getMessage() for record in caplog.records]
+    [failed] = [message for message in logs if "failed (exit 3); terminating anyway" in message]
+    assert "cannot reach postgresql+asyncpg://" in failed  # the output, masked
+    assert_no_secret(*logs)

@@ -24,6 +24,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
 
+from flows.command import pr_command
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
@@ -500,3 +501,73 @@ def test_an_apps_check_run_fails_with_the_diagnosis_and_is_neutral_for_a_fork(
     assert github.check_runs[REPO][-1]["output"]["title"] == "🚫 Preview refused"
     assert len(live(aws)) == 1  # only the failed preview, kept for debugging
     assert_app_only(github)
+
+
+def test_a_draft_waits_for_ready_for_review_and_goes_when_it_is_a_draft_again(
+    aws: AwsClients, config: PreviewConfig, app_github: FakeGitHub
+) -> None:
+    github = app_github
+    github.add_pull(REPO, {**pull(80, SHA1), "draft": True})
+
+    drafted = pr_preview(REPO, 80, SHA1, action="opened", config=config, return_state=True)
+    assert drafted.is_completed() and drafted.name == "Draft"
+    assert live(aws) == [] and bot_comments(github, 80) == []
+    assert github.check_run_states(REPO, SHA1) == [[("queued", None), ("completed", "neutral")]]
+    summary = github.check_runs[REPO][-1]["output"]["summary"]
+    assert "ready for review" in summary and "`/preview redeploy`" in summary
+
+    github.pulls[(REPO, 80)]["draft"] = False
+    ready = pr_preview(REPO, 80, SHA1, action="ready_for_review", config=config)
+    assert ready.status == "ready"
+    assert [i["InstanceId"] for i in live(aws)] == [ready.instance_id]
+
+    # An event that says draft while GitHub says ready for review is stale: nothing goes.
+    stale = pr_teardown(REPO, 80, config=config, action="converted_to_draft", return_state=True)
+    assert stale.name == "Not Draft" and "stale" in (stale.message or "")
+    assert [i["InstanceId"] for i in live(aws)] == [ready.instance_id]
+
+    github.pulls[(REPO, 80)]["draft"] = True
+    gone = pr_teardown(REPO, 80, config=config, action="converted_to_draft")
+    assert gone.terminated == [ready.instance_id] and live(aws) == []
+    [body] = bot_comments(github, 80)
+    assert body.splitlines()[1] == "### 🧹 Preview torn down"
+    assert "converted to a draft" in body
+    assert_app_only(github)
+
+
+def test_changed_files_that_ask_for_nothing_launch_nothing_until_redeploy_forces_it(
+    aws: AwsClients, config: PreviewConfig, github: FakeGitHub
+) -> None:
+    config.paths_ignore = ["site/", "*.md"]
+    config.github_deployments = False
+    github.add_pull(REPO, pull(81, SHA1))
+    # 130 files: two pages of GitHub's files API at 100 a page.
+    names = [f"site/page-{n}.txt" for n in range(129)] + ["src/README.md"]
+    github.set_changed_files(REPO, 81, names)
+
+    skipped = pr_preview(REPO, 81, SHA1, action="opened", config=config, return_state=True)
+    assert skipped.is_completed() and skipped.name == "No Matching Paths"
+    assert live(aws) == []
+    pages = [r.params.get("page", "1") for r in github.sent("GET", "/pulls/81/files")]
+    assert pages == ["1", "2"]
+    [body] = bot_comments(github, 81)
+    assert body.splitlines()[1] == "### ⏭ No preview needed"
+    assert "None of the 130 files" in body and "paths_ignore: `site/`, `*.md`" in body
+    assert "`/preview redeploy`" in body and "page-1" not in body  # no file name is echoed
+
+    # /preview redeploy from someone with write access launches it anyway — as a draft, too.
+    github.pulls[(REPO, 81)]["draft"] = True
+    github.add_collaborator(REPO, "wanda", "write")
+    comment = github.add_comment(REPO, 81, "/preview redeploy", user="wanda")
+    done = pr_command(REPO, 81, "/preview redeploy", comment, "wanda", config=config)
+    assert done.outcome == "redeployed: ready"
+    [instance] = live(aws)
+    assert tags(instance)["PR"] == "81"
+    [body] = bot_comments(github, 81)
+    assert body.splitlines()[1] == "### ✅ Preview ready"
+
+    # A change that counts launches without being asked.
+    github.pulls[(REPO, 82)] = {**pull(82, SHA2), "draft": False}
+    github.comments[(REPO, 82)] = []
+    github.set_changed_files(REPO, 82, ["site/guide.txt", "src/app.py"])
+    assert pr_preview(REPO, 82, SHA2, action="opened", config=config).status == "ready"

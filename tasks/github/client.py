@@ -206,6 +206,12 @@ class GitHub:
             return "closed"
         return None
 
+    def list_pull_files(self, repo: str, number: int) -> list[dict[str, Any]]:
+        """The files the pull request changes (``filename``, ``status``), all pages; GitHub
+        lists at most 3,000."""
+        path = f"/repos/{checked_repo(repo)}/pulls/{int(number)}/files"
+        return list(self._http.paginate(path, repo=repo))
+
     # --- repository contents
 
     def get_file(self, repo: str, path: str, ref: str) -> str:

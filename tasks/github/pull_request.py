@@ -39,6 +39,7 @@ class PreviewState(StrEnum):
     CANCELLED = "cancelled"
     STOPPED = "stopped"
     ABSENT = "absent"
+    SKIPPED = "skipped"  # paths/paths_ignore: the changed files ask for no preview
 
 
 _HEADLINES = {
@@ -53,6 +54,7 @@ _HEADLINES = {
     PreviewState.CANCELLED: "⏹ Preview run cancelled",
     PreviewState.STOPPED: "⏸ Preview stopped",
     PreviewState.ABSENT: "💤 No preview running",
+    PreviewState.SKIPPED: "⏭ No preview needed",
 }
 
 

@@ -17,6 +17,10 @@ class Outcome(StrEnum):
     NOT_LABELED = "not_labeled"  # trigger_mode label: the PR does not carry preview_label
     LABEL_IGNORED = "label_ignored"  # a label event that asks for nothing
     STILL_LABELED = "still_labeled"  # an unlabeled event, but GitHub says the label is there
+    DRAFT = "draft"  # skip_drafts: the pull request is a draft
+    NOT_DRAFT = "not_draft"  # a converted_to_draft event, but GitHub says it is ready
+    DRAFT_IGNORED = "draft_ignored"  # converted_to_draft while drafts are previewed
+    NO_MATCHING_PATHS = "no_matching_paths"  # paths/paths_ignore: no changed file asks for one
     NOT_PERMITTED = "not_permitted"  # a /preview command of someone without write access
     BAD_COMMAND = "bad_command"  # a /preview command outside the grammar
     BOT = "bot"  # a /preview command a bot wrote

@@ -1,5 +1,5 @@
-"""What the preview must not run: closed PRs, unlabelled PRs in label mode, fork PRs not
-allow-listed, superseded pushes.
+"""What the preview must not run: closed PRs, unlabelled PRs in label mode, drafts, fork PRs
+not allow-listed, superseded pushes, and PRs whose changed files ask for no preview.
 
 Pure functions over the pull request as the REST API (or the webhook) returns it, so the flow
 can decide before anything is launched and the tests can feed real payloads.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.github.client import GitHub, GitHubError
-from tasks.inputs import label_names
+from tasks.inputs import label_names, path_matches
 from tasks.run.outcome import Outcome
 from tasks.run.step import step
 
@@ -74,6 +74,14 @@ def _not_labeled(which: str, required_label: str) -> GuardResult:
     )
 
 
+def _draft(which: str) -> GuardResult:
+    return GuardResult(
+        Outcome.DRAFT,
+        f"{which} is a draft: no preview is launched (skip_drafts). Mark it ready for review,"
+        " or comment `/preview redeploy`, to get one",
+    )
+
+
 def is_fork(pull: Mapping[str, Any]) -> bool:
     """Head repository differs from the base one; a deleted head repository counts as a fork."""
     head = _full_name(pull.get("head"))
@@ -87,13 +95,14 @@ def check_pull(
     head_sha: str,
     allowed_fork_repos: Iterable[str] = (),
     required_label: str | None = None,
+    skip_drafts: bool = False,
 ) -> GuardResult:
     """Whether a run for ``head_sha`` of this PR may launch a preview.
 
     Checked in this order: closed (never launched), without ``required_label`` (label mode),
-    fork (refused unless the fork itself or the base repository is in ``allowed_fork_repos`` —
-    listing the base repository admits every fork), superseded (a newer push exists; its own
-    run will do the work).
+    a draft (with ``skip_drafts``), fork (refused unless the fork itself or the base
+    repository is in ``allowed_fork_repos`` — listing the base repository admits every fork),
+    superseded (a newer push exists; its own run will do the work).
     """
     number = pull.get("number")
     base = _full_name(pull.get("base"))
@@ -110,6 +119,8 @@ def check_pull(
         same_label(name, required_label) for name in label_names(pull)
     ):
         return _not_labeled(f"pull request #{number}", required_label)
+    if skip_drafts and pull.get("draft") is True:
+        return _draft(f"pull request #{number}")
 
     if is_fork(pull):
         head = _full_name(pull.get("head"))
@@ -145,12 +156,16 @@ def check_event(
     allowed_fork_repos: Iterable[str] = (),
     required_label: str | None = None,
     labels: Sequence[str] | None = None,
+    draft: bool = False,
 ) -> GuardResult:
-    """The fork and label guards from the webhook's own fields, for runs without a GitHub
-    token. ``labels`` None (a run started by hand) is not checked: starting one asks for it."""
+    """The fork, label and draft guards from the webhook's own fields, for runs without a
+    GitHub token. ``labels`` None (a run started by hand) is not checked: starting one asks for
+    it. ``draft``: the event's PR is a draft and drafts are skipped."""
     labelled = labels is None or any(same_label(name, required_label or "") for name in labels)
     if required_label is not None and not labelled:
         return _not_labeled("the pull request", required_label)
+    if draft:
+        return _draft("the pull request")
     allowed = {name.lower() for name in allowed_fork_repos}
     if head_repo and head_repo.lower() != repo.lower():
         if repo.lower() in allowed or head_repo.lower() in allowed:
@@ -173,15 +188,93 @@ def guard(
     allowed_fork_repos: Iterable[str] = (),
     required_label: str | None = None,
     event_labels: Sequence[str] | None = None,
+    skip_drafts: bool = False,
+    event_draft: bool = False,
 ) -> GuardResult:
     """Read the pull request as it is now and decide whether this run may launch.
 
-    ``required_label`` (label mode) is checked on the PR's labels as GitHub holds them now —
-    an event's may be stale — and on ``event_labels`` only without a token."""
+    ``required_label`` (label mode) and ``skip_drafts`` are checked on the PR as GitHub holds
+    it now — an event's may be stale — and on ``event_labels``/``event_draft`` only without a
+    token."""
     if not github.enabled:
-        return check_event(repo, head_repo, allowed_fork_repos, required_label, event_labels)
+        draft = skip_drafts and event_draft
+        return check_event(repo, head_repo, allowed_fork_repos, required_label, event_labels, draft)
     pull = github.get_pull(repo, pr_number)
-    return check_pull(pull, repo, head_sha, allowed_fork_repos, required_label)
+    return check_pull(pull, repo, head_sha, allowed_fork_repos, required_label, skip_drafts)
+
+
+def check_changed_files(
+    pr_number: int,
+    files: Sequence[str],
+    changed_files: int | None,
+    paths: Sequence[str],
+    paths_ignore: Sequence[str],
+) -> GuardResult:
+    """Whether the pull request's changed ``files`` ask for a preview under ``paths`` and
+    ``paths_ignore``. A list shorter than GitHub's ``changed_files`` count (its files API stops
+    at 3,000) launches: an unseen file may match. The reason names counts and patterns only,
+    never a file name."""
+    wanted = [name for name in files if not paths or path_matches(name, paths)]
+    kept = [name for name in wanted if not path_matches(name, paths_ignore)]
+    if kept:
+        return GuardResult(None, f"{len(kept)} of {len(files)} changed files ask for a preview")
+    if changed_files is not None and changed_files > len(files):
+        return GuardResult(
+            None, f"GitHub listed {len(files)} of {changed_files} changed files: launching"
+        )
+    rules = []
+    if paths:
+        rules.append("paths: " + ", ".join(f"`{p}`" for p in paths))
+    if paths_ignore:
+        rules.append("paths_ignore: " + ", ".join(f"`{p}`" for p in paths_ignore))
+    return GuardResult(
+        Outcome.NO_MATCHING_PATHS,
+        f"None of the {len(files)} files pull request #{pr_number} changes asks for a preview"
+        f" ({'; '.join(rules)}): no preview is launched. Comment `/preview redeploy` to get"
+        " one anyway.",
+    )
+
+
+@step(retry=False)
+def check_paths(
+    github: GitHub,
+    repo: str,
+    pr_number: int,
+    paths: Sequence[str],
+    paths_ignore: Sequence[str],
+) -> GuardResult:
+    """Read the pull request's changed files (every page) and judge them by ``paths`` and
+    ``paths_ignore``. Without a token, or with neither set, every pull request asks."""
+    if not (paths or paths_ignore):
+        return GuardResult(None, "no path filters")
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the changed files are unknown; launching")
+    files = github.list_pull_files(repo, pr_number)
+    names = [str(item["filename"]) for item in files if isinstance(item.get("filename"), str)]
+    count = github.get_pull(repo, pr_number).get("changed_files")
+    total = count if isinstance(count, int) and not isinstance(count, bool) else None
+    return check_changed_files(pr_number, names, total, paths, paths_ignore)
+
+
+@step(retry=False)
+def confirm_draft(github: GitHub, repo: str, pr_number: int) -> GuardResult:
+    """Before a teardown for ``converted_to_draft``: is the pull request still a draft? A stale
+    event (it was marked ready again) must not take a live preview down."""
+    if not github.enabled:
+        return GuardResult(None, "no GitHub token: the converted_to_draft event is taken as it is")
+    try:
+        pull = github.get_pull(repo, pr_number)
+    except GitHubError as exc:
+        return GuardResult(
+            None, f"GitHub could not confirm the PR is a draft ({exc}); tearing down"
+        )
+    if pull.get("state") == "open" and pull.get("draft") is not True:
+        return GuardResult(
+            Outcome.NOT_DRAFT,
+            f"pull request #{pr_number} is ready for review on GitHub: the converted_to_draft"
+            " event is stale; nothing was torn down",
+        )
+    return GuardResult(None, f"pull request #{pr_number} is a draft")
 
 
 @step(retry=False)

@@ -59,6 +59,7 @@ CHECK_RUN_STATES: dict[PreviewState, CheckTarget] = {
     PreviewState.UPDATED: ("completed", "success"),
     PreviewState.FAILED: ("completed", "failure"),
     PreviewState.REFUSED: ("completed", "neutral"),
+    PreviewState.SKIPPED: ("completed", "neutral"),
     PreviewState.CRASHED: ("completed", "failure"),
     PreviewState.CANCELLED: ("completed", "cancelled"),
 }

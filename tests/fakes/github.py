@@ -129,6 +129,7 @@ class FakeGitHub:
     issued: dict[str, IssuedToken] = field(default_factory=dict)
     check_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (repo, ref, path)
+    pull_files: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # changed files
     # (repo, login) → admin, maintain, write, triage or read; anyone else is no collaborator
     collaborators: dict[tuple[str, str], str] = field(default_factory=dict)
     mint: Any = new_format_token  # () -> str: the next installation token
@@ -145,6 +146,11 @@ class FakeGitHub:
     def add_pull(self, repo: str, pull: dict[str, Any]) -> None:
         self.pulls[(repo.lower(), int(pull["number"]))] = pull
         self.comments.setdefault((repo.lower(), int(pull["number"])), [])
+
+    def set_changed_files(self, repo: str, number: int, names: list[str]) -> None:
+        """What the pull request changes; its ``changed_files`` count follows, as GitHub's."""
+        self.pull_files[(repo.lower(), number)] = list(names)
+        self.pulls[(repo.lower(), number)]["changed_files"] = len(names)
 
     def add_file(self, repo: str, ref: str, path: str, text: str) -> None:
         self.files[(repo.lower(), ref, path)] = text
@@ -399,6 +405,7 @@ class FakeGitHub:
         return [
             (r"/user", "GET", (), self._get_user),
             (repo + r"/pulls/(\d+)", "GET", ("pull_requests:read",), self._get_pull),
+            (repo + r"/pulls/(\d+)/files", "GET", ("pull_requests:read",), self._list_files),
             (repo + r"/issues/(\d+)/comments", "GET", read_comments, self._list_comments),
             (repo + r"/issues/(\d+)/comments", "POST", write_comments, self._create_comment),
             (repo + r"/issues/comments/(\d+)", "PATCH", write_comments, self._update_comment),
@@ -456,6 +463,16 @@ class FakeGitHub:
         if pull is None:
             return _error(404, "Not Found")
         return httpx.Response(200, json=pull)
+
+    def _list_files(
+        self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, number: str
+    ) -> httpx.Response:
+        """The pull request's changed files, paged as GitHub pages them (Link headers)."""
+        pull = self.pulls.get((repo.lower(), int(number)))
+        if pull is None:
+            return _error(404, "Not Found")
+        files = self.pull_files.get((repo.lower(), int(number)), [])
+        return self._page(request, [{"filename": name, "status": "modified"} for name in files])
 
     def _list_comments(
         self, request: httpx.Request, granted: frozenset[str], body: Any, repo: str, number: str
