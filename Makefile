@@ -64,9 +64,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
-# The flow image of the ECS and Kubernetes work pools (deployments/pools); needs Docker.
-image:
-	docker build -t $(or $(IMAGE),pr-preview-flows:dev) .
+# The flow image of the ECS and Kubernetes work pools (deployments/pools), built without Docker
+# Hub as the Dockerfile describes it (local_stack/images.py): Debian's Python, this venv's
+# Prefect and the project's code, as an archive for `docker load`. Where Docker Hub is reachable,
+# `docker build -t pr-preview-flows:dev .` builds the same from prefecthq/prefect.
+image: $(STAMP)
+	$(BIN)/python -m local_stack.images flow-image --tag $(or $(IMAGE),pr-preview-flows:dev) \
+		--out build/pr-preview-flows.tar
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/actionlint
