@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +310,7 @@ def test_a_preview_run_is_a_fargate_task_of_the_flow_image_as_the_pool_configure
     assert (final["state_type"], final["state"]["name"]) == ("COMPLETED", "Not Allowed")
     assert "elsewhere/app is not in allowed_repos" in final["state"]["message"]
     print(
-        f"preview run: task in moto and Failed as it should in {time.monotonic() - started:.1f} s"
+        f"preview run: created → Not Allowed in its container in {time.monotonic() - started:.1f} s"
     )
 
 
@@ -330,7 +331,11 @@ def test_a_sweep_completes_in_its_container(ecs_world: EcsWorld) -> None:
         "tasks"
     ]
     assert stopped["lastStatus"] == "STOPPED" and stopped["desiredStatus"] == "STOPPED"
-    print(f"sweep run: created → Completed in a container in {time.monotonic() - started:.1f} s")
+    created, running = (datetime.fromisoformat(final[key]) for key in ("created", "start_time"))
+    print(
+        f"sweep run: created → Running {(running - created).total_seconds():.1f} s,"
+        f" → Completed in a container {time.monotonic() - started:.1f} s"
+    )
 
 
 def test_a_container_that_exits_non_zero_leaves_its_run_crashed(ecs_world: EcsWorld) -> None:
