@@ -38,6 +38,7 @@ def test_signed_delivery_starts_the_preview_with_the_event_parameters(
         "label": None,
         "labels": [],
         "branch": "feature",
+        "draft": False,
     }
     # When the server received the event: before the run was even created.
     received = datetime.fromisoformat(requested_at.replace(" ", "T"))
