@@ -28,8 +28,20 @@ def die_with_parent() -> None:
     """``preexec_fn``: the child leads a process group of its own (so stopping it takes its
     children, the worker's flow runs, along) and gets SIGTERM when its parent dies (Linux)."""
     os.setpgid(0, 0)
+    _death_signal(signal.SIGTERM)
+
+
+def killed_with_parent() -> None:
+    """``preexec_fn`` for a child that ignores SIGTERM by design: ``unshare --fork`` leaves
+    SIGTERM and SIGINT to the process it forked, so a local instance would outlive a runtime
+    that died without stopping it. SIGKILL then, and ``--kill-child`` takes the instance."""
+    os.setpgid(0, 0)
+    _death_signal(signal.SIGKILL)
+
+
+def _death_signal(signum: int) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, signum)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:

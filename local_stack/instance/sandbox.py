@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from local_stack.instance.relay import Bridge
-from local_stack.processes import die_with_parent
+from local_stack.processes import die_with_parent, killed_with_parent
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "bin"
@@ -245,7 +245,7 @@ class Sandbox:
                     "PYTHONDONTWRITEBYTECODE": "1",
                     "PR_PREVIEW_INSTANCE_ID": instance_id,
                 },
-                preexec_fn=die_with_parent,
+                preexec_fn=killed_with_parent,
             )
             service = start_metadata_service(
                 instance_id, root, process, private_ip, metadata or MetadataOptions(), output
