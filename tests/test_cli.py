@@ -835,3 +835,32 @@ def test_help_is_fast_and_lists_every_command(capsys: pytest.CaptureFixture[str]
     assert code == 0
     for command in ("tunnel", "list", "logs", "doctor", "cleanup", "receiver", "demo"):
         assert command in out
+
+
+def test_extend_moves_the_expiry_and_the_timer_within_the_bound(
+    aws: AwsClients,
+    config: PreviewConfig,
+    ami: str,
+    scripted_ssm: ScriptedInstances,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    instance = launch(aws, config, ami, "octo-org/extend", 111, expires_in=timedelta(hours=1))
+
+    def shutdown_at() -> datetime | None:
+        [found] = aws.ec2.describe_instances(InstanceIds=[instance])["Reservations"]
+        tags = {t["Key"]: t["Value"] for t in found["Instances"][0]["Tags"]}
+        return parse_time(tags.get(TAG_SHUTDOWN_AT))
+
+    before = shutdown_at()
+    code, out, err = run(capsys, "extend", "111", "999h", "--repo", "octo-org/extend")
+    assert code == 2 and "at most" in err and "max_ttl_hours" in err
+    assert shutdown_at() == before and scripted_ssm.count(r"shutdown -h", instance) == 0
+
+    code, out, _ = run(capsys, "extend", "111", "8h", "--repo", "octo-org/extend")
+    assert code == 0, out
+    moved = shutdown_at()
+    assert moved is not None
+    assert abs((moved - (datetime.now(UTC) + timedelta(hours=8))).total_seconds()) < 120
+    assert f"expires at {format_time(moved)}" in out and instance in out
+    # The on-instance timer moves with the tag (a tag alone would not stop the instance).
+    assert scripted_ssm.count(r"shutdown -h \+4[78][0-9] ", instance) == 1

@@ -53,6 +53,7 @@ from deployments.cli.common import (
 from deployments.cli.databases import cmd_refresh_template
 from deployments.cli.demo import cmd_demo
 from deployments.cli.doctor import cmd_doctor, instance_checks, render_diagnosis
+from deployments.cli.extend import cmd_extend
 from deployments.cli.logs import cmd_logs
 from deployments.cli.previews import cmd_list
 from deployments.cli.receiver import DEFAULT_SPOOL, cmd_receiver
@@ -159,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "--all-states", action="store_true", help="include shutting-down and terminated ones"
     )
+
+    extend = command(
+        "extend",
+        "Move a PR's preview expiry to DURATION from now (8h, 90m; at most max_ttl_hours), as"
+        " /preview extend does: the shutdown-at tag and the on-instance timer.",
+        cmd_extend,
+    )
+    extend.add_argument("pr", type=_pr_number, help="pull request number")
+    extend.add_argument("duration", help="whole hours or minutes: 8h, 90m")
+    repo_option(extend)
 
     logs = command("logs", "Print the runbook §9 evidence of a PR's instance.", cmd_logs)
     logs.add_argument("pr", type=_pr_number, help="pull request number")
