@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,17 @@ def run(*argv: str) -> int:
 
 
 @pytest.fixture
-def prefect_api(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The test server's URL in the environment, as an operator's shell has it; no Variable."""
+def prefect_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test server's URL in the environment, as an operator's shell has it; no Variable
+    before, and none after: the server is the session's, and every other flow test's runs
+    would read a Variable left there."""
     url = PREFECT_API_URL.value()
     monkeypatch.setenv("PREFECT_API_URL", url)
     Variable.unset(VARIABLE_NAME)
-    return str(url)
+    try:
+        yield str(url)
+    finally:
+        Variable.unset(VARIABLE_NAME)
 
 
 @pytest.fixture
