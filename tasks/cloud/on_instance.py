@@ -146,6 +146,21 @@ def container_run(app_dir: str, service: str, command: str) -> str:
     return f"{compose_command(app_dir)} run --rm -T {shlex.quote(service)} {argv}"
 
 
+def container_script(app_dir: str, service: str, command: str, tail_bytes: int) -> list[str]:
+    """:func:`container_run` from the app dir, keeping only the last ``tail_bytes`` of what it
+    printed: SSM returns only the first 24,000 characters of stdout and 8,000 of stderr, and a
+    traceback's last line is the one that says what failed. Exits with the command's status."""
+    return [
+        "set -eu",
+        f"cd {shlex.quote(app_dir)}",
+        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
+        "status=0",
+        f'{container_run(app_dir, service, command)} >"$log" 2>&1 || status=$?',
+        f'tail -c {int(tail_bytes)} "$log"',
+        'exit "$status"',
+    ]
+
+
 def timer_minutes(hours: float) -> int:
     """The on-instance shutdown timer (``shutdown -h +N``) for a TTL of ``hours``."""
     return max(1, round(hours * 60))

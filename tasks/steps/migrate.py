@@ -27,7 +27,7 @@ from tenacity import (
 
 from tasks.app.masking import mask_secrets
 from tasks.cloud.aws import AwsClients
-from tasks.cloud.on_instance import STATE_DIR, container_run
+from tasks.cloud.on_instance import STATE_DIR, container_script
 from tasks.cloud.ssm import CommandResult, CommandTimeout, run_command
 from tasks.config import PreviewConfig
 from tasks.run.errors import PreviewError
@@ -92,20 +92,12 @@ def migrate_commands(settings: PreviewConfig, command: str | None = None) -> lis
     """``migration_command`` (or ``command``) in a one-off container of the app service; its
     words reach the container as arguments (:func:`tasks.cloud.on_instance.container_run`). The
     user data's migrations on boot run the same container (tasks/steps/launch.py)."""
-    run = container_run(
-        settings.app_dir, settings.app_service, command or settings.migration_command
+    return container_script(
+        settings.app_dir,
+        settings.app_service,
+        command or settings.migration_command,
+        MIGRATE_OUTPUT_BYTES,
     )
-    return [
-        "set -eu",
-        f"cd {shlex.quote(settings.app_dir)}",
-        # SSM returns only the first 24,000 characters of stdout and 8,000 of stderr, and a
-        # traceback's last line is the one that says what failed: print the end of both.
-        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
-        "status=0",
-        f'{run} >"$log" 2>&1 || status=$?',
-        f'tail -c {MIGRATE_OUTPUT_BYTES} "$log"',
-        'exit "$status"',
-    ]
 
 
 def seed_commands(settings: PreviewConfig) -> list[str]:

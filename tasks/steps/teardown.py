@@ -4,14 +4,13 @@ own ``teardown_command`` had its say."""
 from __future__ import annotations
 
 import logging
-import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tasks.app.masking import mask_secrets
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import Terminated, find_previews, terminate_outdated
-from tasks.cloud.on_instance import container_run
+from tasks.cloud.on_instance import container_script
 from tasks.cloud.ssm import run_command
 from tasks.config import PreviewConfig
 from tasks.run.prefect_context import run_logger
@@ -36,16 +35,9 @@ def teardown_command_script(settings: PreviewConfig) -> list[str]:
     """``teardown_command`` in a one-off container of the app service (its words reach it as
     arguments: :func:`tasks.cloud.on_instance.container_run`); only the tail of its output."""
     assert settings.teardown_command is not None
-    run = container_run(settings.app_dir, settings.app_service, settings.teardown_command)
-    return [
-        "set -eu",
-        f"cd {shlex.quote(settings.app_dir)}",
-        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
-        "status=0",
-        f'{run} >"$log" 2>&1 || status=$?',
-        f'tail -c {OUTPUT_TAIL} "$log"',
-        'exit "$status"',
-    ]
+    return container_script(
+        settings.app_dir, settings.app_service, settings.teardown_command, OUTPUT_TAIL
+    )
 
 
 @step(retry=False, needs_lock=True)
