@@ -16,6 +16,7 @@ from prefect import flow
 from prefect.events import emit_event
 
 from tasks.cloud.aws import build_clients
+from tasks.cloud.databases import DatabaseFailed
 from tasks.config import RunOverrides, run_config
 from tasks.run.budget import run_budget
 from tasks.run.errors import PreviewError
@@ -38,8 +39,13 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
         )
         # 6. Preview databases whose preview is gone (database: per-preview).
         if settings.database == "per-preview":
-            databases = sweep_databases(clients, settings, report.live_pulls(), dry_run=dry_run)
-            report.dropped_databases, report.failed_databases = databases.dropped, databases.failed
+            try:
+                databases = sweep_databases(clients, settings, report.live_pulls(), dry_run=dry_run)
+            except DatabaseFailed as exc:  # the host: the report still tells what went
+                report.failed_databases = {settings.db_instance_id or "database host": str(exc)}
+            else:
+                report.dropped_databases = databases.dropped
+                report.failed_databases = databases.failed
     publish_sweep_report(report)
     if report.failed or report.failed_databases:
         raise SweepIncomplete(

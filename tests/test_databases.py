@@ -381,6 +381,11 @@ def test_refresh_template_swaps_in_a_copy_no_one_can_open(
     # A name that is not a PostgreSQL name never reaches the host.
     assert cli.main(["refresh-template", "--from-database", "prod; drop database prod"]) == 2
     assert "a PostgreSQL name" in capsys.readouterr().err and "prod" in db_host.databases()
+    # Nor below the command line: a connection string is no database name to pg_dump.
+    from tasks.cloud.databases import refresh_template_commands
+
+    with pytest.raises(ValueError, match="not a PostgreSQL name"):
+        refresh_template_commands("prod_template", source_database="host=evil dbname=x")
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -434,3 +439,14 @@ def test_the_instance_roles_deny_covers_the_path_the_code_writes() -> None:
     ]
     settings = PreviewConfig.model_validate({"db_instance_id": "i-0123456789abcdef0"})
     assert settings.database_parameter("pr_x_1").startswith(DATABASE_PARAMETER_PATH + "/")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_sweep_with_the_database_host_away_still_reports_and_fails(
+    aws: AwsClients, per_preview: PreviewConfig, db_host: DbHost, scripted_ssm: ScriptedInstances
+) -> None:
+    scripted_ssm.agent_offline(db_host.instance_id)
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        state = ttl_sweeper(config=per_preview, return_state=True)
+    assert state.is_failed()
+    assert "1 databases not dropped" in (state.message or "")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
-from tasks.config import PreviewConfig
+from tasks.config import PG_IDENTIFIER_PATTERN, PreviewConfig
 from tasks.run.errors import PreviewError
 
 if TYPE_CHECKING:
@@ -342,6 +342,10 @@ def refresh_template_commands(
     host, custom format) into ``<template>_next``, then swapping it in; prints the new size."""
     if (source_database is None) == (dump_file is None):
         raise ValueError("give exactly one of source_database and dump_file")
+    # A name, never a connection string: pg_dump -d reads "host=… dbname=…" as one.
+    for name in (template, source_database):
+        if name is not None and not PG_IDENTIFIER_PATTERN.fullmatch(name):
+            raise ValueError(f"{name[:100]!r} is not a PostgreSQL name (lower case, digits, _)")
     if dump_file is not None and (
         not DUMP_PATH_PATTERN.fullmatch(dump_file) or "/../" in f"{dump_file}/"
     ):
