@@ -19,9 +19,11 @@ import pytest
 from prefect.variables import Variable
 
 from tasks.config import ConfigError, load_config
+from tasks.github.client import GitHub
 from tasks.run.approvals import approval_name, approved_sha, forget_approval, record_approval
 from tasks.run.outcome import Outcome
-from tasks.steps.guards import check_approval, check_event, check_pull
+from tasks.steps.guards import check_approval, check_event, check_pull, guard
+from tests.fakes.github import FakeGitHub
 
 PAYLOADS = Path(__file__).parent / "data" / "github-payloads"
 REPO = "Codertocat/Hello-World"
@@ -123,3 +125,16 @@ def test_an_approval_is_a_prefect_variable_naming_its_pull_request(approvals: No
     assert forget_approval(REPO, 7) is True
     assert approved_sha(REPO, 7) is None
     assert forget_approval(REPO, 7) is False
+
+
+def test_the_guard_reads_the_approval_with_a_token_and_without_one(approvals: None) -> None:
+    fake = FakeGitHub()
+    fake.add_pull(REPO, fork_pull(number=7))
+    with_token = GitHub("good-token", base_url=fake.base_url, transport=fake.transport)
+    for github in (with_token, GitHub(None)):
+        waiting = guard(github, REPO, 7, SHA, FORK, fork_previews="approve")
+        assert waiting.verdict is Outcome.AWAITING_APPROVAL
+    record_approval(REPO, 7, SHA, "wanda")
+    for github in (with_token, GitHub(None)):
+        assert guard(github, REPO, 7, SHA, FORK, fork_previews="approve").ok
+    assert len(fake.sent("GET", "/pulls/7")) == 2

@@ -276,9 +276,9 @@ def guard(
     token. With ``fork_previews: approve``, a fork's approval is read only for a fork."""
     if not github.enabled:
         draft = skip_drafts and event_draft
-        forked = bool(head_repo) and not fork_allowed(repo, head_repo, allowed_fork_repos)
-        approved = fork_previews == "approve" and forked
-        approved = approved and approved_sha(repo, pr_number) == head_sha
+        approved = False
+        if fork_previews == "approve" and head_repo and head_repo.lower() != repo.lower():
+            approved = approved_sha(repo, pr_number) == head_sha
         return check_event(
             repo,
             head_repo,
