@@ -1,6 +1,7 @@
 """The preview of one pull request: the runbook's workflow (§2) as a Prefect flow.
 
-0. guards: not allowed, closed, fork, superseded (before anything costs money)
+0. guards: not allowed, closed, fork (or a fork's commit not approved), superseded (before
+   anything costs money)
 1. preflight ∥ build-image check             (§2.3, §2.1)
 2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot); a
    sleeping one is woken first
@@ -229,8 +230,9 @@ def _preview(
         report.check_run(),
         hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait),
     ):
-        # 0. Guards: a closed PR, a draft, a fork not allow-listed, a newer push, or changed
-        #    files that ask for no preview launch nothing (``force``: drafts and paths do).
+        # 0. Guards: a closed PR, a draft, a fork not allow-listed (or its commit not approved),
+        #    a newer push, or changed files that ask for no preview launch nothing (``force``:
+        #    drafts and paths do).
         try:
             verdict = guard(
                 github,
@@ -243,6 +245,7 @@ def _preview(
                 labels,
                 skip_drafts=settings.skip_drafts and not force,
                 event_draft=draft,
+                fork_previews=settings.fork_previews,
             )
             if verdict.ok and not force:
                 verdict = check_paths(
@@ -261,6 +264,8 @@ def _preview(
             logger.info("not launching: %s", verdict.reason)
             if outcome is Outcome.REFUSED_FORK:
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
+            elif outcome is Outcome.AWAITING_APPROVAL:
+                report.tell(PreviewState.AWAITING_APPROVAL, detail=verdict.reason)
             elif outcome is Outcome.NO_MATCHING_PATHS:
                 report.tell(PreviewState.SKIPPED, detail=verdict.reason)
             else:

@@ -40,6 +40,7 @@ class PreviewState(StrEnum):
     STOPPED = "stopped"
     ABSENT = "absent"
     SKIPPED = "skipped"  # paths/paths_ignore: the changed files ask for no preview
+    AWAITING_APPROVAL = "awaiting_approval"  # fork_previews approve: a fork's commit not approved
 
 
 _HEADLINES = {
@@ -55,6 +56,7 @@ _HEADLINES = {
     PreviewState.STOPPED: "⏸ Preview stopped",
     PreviewState.ABSENT: "💤 No preview running",
     PreviewState.SKIPPED: "⏭ No preview needed",
+    PreviewState.AWAITING_APPROVAL: "✋ Preview awaiting approval",
 }
 
 
