@@ -13,7 +13,7 @@ namespaces (``unshare``). In order:
 4. the user data runs as root with bash, its output in ``/var/log/cloud-init-output.log``, and
    ``/run/cloud-init/status.json`` follows its progress for the ``cloud-init`` shim;
    — on a restart (a stopped instance started) the user data does not run again: enabled
-   units start (dockerd, which restarts the containers whose policy says so), and port
+   units start (dockerd, which restarts the containers whose policy says so; timers), and port
    forwarding is let in only ``session_delay_seconds`` after Run Command (Session Manager's
    reconnection after a start);
 5. PID 1 then reaps orphans until the instance is terminated (SIGKILL from the host ends the
@@ -41,7 +41,8 @@ CLOUD_INIT_VERSION = "22.2.2"  # what AL2023 ships
 USER_DATA_SCRIPT = "/var/lib/cloud/instance/scripts/part-001"
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
 STATUS_FILE = "/run/cloud-init/status.json"
-ENABLED_DOCKER = Path("/var/lib/pr-preview-shim/units/docker.enabled")  # the systemctl shim's
+UNITS = Path("/var/lib/pr-preview-shim/units")  # the systemctl shim's enabled units
+ENABLED_DOCKER = UNITS / "docker.enabled"
 
 
 def run(*argv: str) -> None:
@@ -128,19 +129,23 @@ def start_relays(config: dict[str, Any]) -> RelayLoop:
 def start_units(config: dict[str, Any]) -> int:
     """A restart's boot: cloud-init has nothing left to run, enabled units start (systemd)."""
     write_status("done")
-    if not ENABLED_DOCKER.exists():
-        return 0
+    units = [["docker"]] if ENABLED_DOCKER.exists() else []
+    units += [[p.name.removesuffix(".enabled")] for p in sorted(UNITS.glob("*.timer.enabled"))]
     env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    status = 0
     with open(OUTPUT_LOG, "ab", buffering=0) as log:
-        return subprocess.run(
-            ["systemctl", "start", "docker"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd="/",
-            check=False,
-        ).returncode
+        for unit in units:
+            code = subprocess.run(
+                ["systemctl", "start", *unit],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd="/",
+                check=False,
+            ).returncode
+            status = status or code
+    return status
 
 
 def write_status(status: str, **extra: Any) -> None:

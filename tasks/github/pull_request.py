@@ -38,6 +38,7 @@ class PreviewState(StrEnum):
     CRASHED = "crashed"
     CANCELLED = "cancelled"
     STOPPED = "stopped"
+    SLEEPING = "sleeping"  # stopped by the schedule or for idleness; wakes on demand
     ABSENT = "absent"
     SKIPPED = "skipped"  # paths/paths_ignore: the changed files ask for no preview
 
@@ -53,6 +54,7 @@ _HEADLINES = {
     PreviewState.CRASHED: "💥 Preview run crashed",
     PreviewState.CANCELLED: "⏹ Preview run cancelled",
     PreviewState.STOPPED: "⏸ Preview stopped",
+    PreviewState.SLEEPING: "😴 Preview asleep",
     PreviewState.ABSENT: "💤 No preview running",
     PreviewState.SKIPPED: "⏭ No preview needed",
 }
