@@ -244,6 +244,7 @@ def parse_answer(path: str, stdout: str, stderr: str) -> ProbeAnswer:
 LAST_ACTIVITY = f"{STATE_DIR}/last-activity"
 ACTIVITY_UNIT = "pr-preview-activity"
 ACTIVITY_SCRIPT = "/usr/local/lib/pr-preview/sample-activity"
+SYSTEM_UNITS = "/etc/systemd/system"
 ACTIVITY_INTERVAL = "1min"
 ACTIVITY_PREFIX = "ACTIVITY "
 
@@ -266,7 +267,8 @@ def activity_sample(port: int) -> list[str]:
     filter_ = f"( sport = :{strict_port(port)} )"
     return [
         "sessions=$(pgrep -c --ns 1 --nslist pid -x ssm-session-worker) || sessions=0",
-        f"connections=$(ss -Htn state established {shlex.quote(filter_)} | wc -l) || connections=0",
+        f"established=$(ss -Htn state established {shlex.quote(filter_)}) || established=''",
+        'connections=$(grep -c . <<<"$established") || connections=0',
         'if [ "$sessions" -gt 0 ] || [ "$connections" -gt 0 ]; then',
         *(
             "  " + line
@@ -291,15 +293,19 @@ def activity_read(port: int) -> list[str]:
 def activity_timer(port: int) -> str:
     """User-data lines that install the sampler, its service and its minute timer, and start
     the timer (enabled: it starts again at every boot, after a stop and start too)."""
-    script = "\n".join(["#!/bin/bash", "# pr-preview: is anyone using this preview?", "set -eu"])
-    script += "\n" + "\n".join(activity_sample(port)) + "\n"
+    q, script_path = shlex.quote, ACTIVITY_SCRIPT
+    service_path, timer_path = (
+        f"{SYSTEM_UNITS}/{ACTIVITY_UNIT}.{kind}" for kind in ("service", "timer")
+    )
+    head = ["#!/bin/bash", "# pr-preview: is anyone using this preview?", "set -eu"]
+    script = "\n".join([*head, *activity_sample(port)])
     service = "\n".join(
         [
             "[Unit]",
             "Description=pr-preview activity sample (SSM sessions, connections to the app)",
             "[Service]",
             "Type=oneshot",
-            f"ExecStart={ACTIVITY_SCRIPT}",
+            f"ExecStart={script_path}",
         ]
     )
     timer = "\n".join(
@@ -314,15 +320,15 @@ def activity_timer(port: int) -> str:
             "WantedBy=timers.target",
         ]
     )
-    units = "/etc/systemd/system"
     return "\n".join(
         [
-            f"mkdir -p {ACTIVITY_SCRIPT.rsplit('/', 1)[0]}",
-            f"printf '%s' {shlex.quote(script)} | put {ACTIVITY_SCRIPT}",
-            f"chmod 755 {ACTIVITY_SCRIPT}",
-            f"printf '%s\\n' {shlex.quote(service)} | put {units}/{ACTIVITY_UNIT}.service",
-            f"printf '%s\\n' {shlex.quote(timer)} | put {units}/{ACTIVITY_UNIT}.timer",
-            f"chmod 644 {units}/{ACTIVITY_UNIT}.service {units}/{ACTIVITY_UNIT}.timer",
+            f"mkdir -p {q(script_path.rsplit('/', 1)[0])} {q(SYSTEM_UNITS)}",
+            "# shellcheck disable=SC2016 # the sampler's $variables are its own to expand",
+            f"printf '%s\\n' {q(script)} | put {q(script_path)}",
+            f"chmod 755 {q(script_path)}",
+            f"printf '%s\\n' {q(service)} | put {q(service_path)}",
+            f"printf '%s\\n' {q(timer)} | put {q(timer_path)}",
+            f"chmod 644 {q(service_path)} {q(timer_path)}",
             "systemctl daemon-reload",
             f"systemctl enable --now {ACTIVITY_UNIT}.timer",
         ]
