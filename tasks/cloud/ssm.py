@@ -244,7 +244,7 @@ def run_on_each(
     instance's trouble never hides another's answer.
 
     SendCommand refuses the whole call when one instance's agent is not registered; that batch
-    is then sent one instance at a time, so only that one goes without.
+    is then sent again in halves, and so on, so only that one goes without.
     """
     started = time.monotonic()
     sent: dict[str, str] = {}
@@ -262,8 +262,9 @@ def run_on_each(
             except ClientError as exc:
                 if not agent_not_registered(exc):
                     raise
-                if len(group) > 1:
-                    groups += [[instance_id] for instance_id in group]
+                if len(group) > 1:  # halves: the others still go in few calls
+                    middle = len(group) // 2
+                    groups += [group[:middle], group[middle:]]
                 else:
                     outcome[group[0]] = "its SSM agent is not registered"
                 continue
