@@ -120,12 +120,8 @@ def test_a_night_asleep_an_idle_stop_and_a_push_that_wakes_it_in_place(world: Wo
     assert idle_stop(world, datetime.now(UTC)).changed == []  # used a moment ago
     assert idle_stop(world, later).changed == [instance_id]
     assert state_of(world.aws, instance_id) == "stopped"
-    asleep = tags(
-        world.aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][
-            0
-        ]
-    )
-    assert asleep["sleep-state"] == "idle"
+    [reservation] = world.aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    assert tags(reservation["Instances"][0])["sleep-state"] == "idle"
 
     # A push wakes it and deploys the new sha on the same instance.
     pushed = pr_preview(
