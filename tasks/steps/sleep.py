@@ -166,14 +166,15 @@ def note_activity(
     now: datetime,
 ) -> list[str]:
     """Keep each preview's last activity as its ``active-at`` tag (what ``pr-preview list``
-    shows idle time from): ``now`` for one in use now, else what its timer recorded, when
-    that is newer than the tag. Returns the instances tagged."""
+    shows idle time from): what its instance recorded, when that is newer than the tag; the
+    instance's own clock (a sample in use writes it), ``now`` only for one in use that could
+    not write it. Returns the instances tagged."""
     tagged = []
     for preview in previews:
         read = activity.get(preview.instance_id)
         if not isinstance(read, Activity):
             continue
-        last = now if read.active_now else read.last
+        last = read.last or (now if read.active_now else None)
         if last is None or (preview.active_at is not None and last <= preview.active_at):
             continue
         clients.ec2.create_tags(
