@@ -15,7 +15,6 @@ import pytest
 
 from flows.sweeper import ttl_sweeper
 from local_stack.scripted_instance import Reply, ScriptedInstances
-from local_stack.serve import serve_handler
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import Preview
 from tasks.cloud.on_instance import Activity, activity_read, parse_activity, strict_port
@@ -23,7 +22,7 @@ from tasks.cloud.ssm import run_on_each
 from tasks.cloud.tags import TAG_ACTIVE_AT, TAG_KEEP, TAG_UPDATED_AT, format_time
 from tasks.config import PreviewConfig
 from tasks.steps.sleep import ACTIVITY_COMMENT, plan_idle
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, served_github
 from tests.support.moto_state import state_of, tags
 from tests.test_sweeper import AMI, preview_tags
 
@@ -98,11 +97,7 @@ def test_the_activity_read_is_parsed_strictly_and_the_port_is_an_integer() -> No
 
 @pytest.fixture
 def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    fake = FakeGitHub()
-    with serve_handler(fake.handle) as url:
-        fake.base_url = url
-        monkeypatch.setenv("GITHUB_API_URL", url)
-        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+    with served_github(monkeypatch) as fake:
         yield fake
 
 

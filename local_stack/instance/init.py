@@ -33,7 +33,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from local_stack.instance.relay import Bridge, RelayLoop
 
@@ -131,21 +131,25 @@ def start_units(config: dict[str, Any]) -> int:
     write_status("done")
     units = [["docker"]] if ENABLED_DOCKER.exists() else []
     units += [[p.name.removesuffix(".enabled")] for p in sorted(UNITS.glob("*.timer.enabled"))]
-    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
     status = 0
     with open(OUTPUT_LOG, "ab", buffering=0) as log:
         for unit in units:
-            code = subprocess.run(
-                ["systemctl", "start", *unit],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd="/",
-                check=False,
-            ).returncode
-            status = status or code
+            status = as_root(config, ["systemctl", "start", *unit], log) or status
     return status
+
+
+def as_root(config: dict[str, Any], argv: list[str], log: BinaryIO) -> int:
+    """``argv`` as root from ``/`` with the instance's environment, its output in ``log``."""
+    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd="/",
+        check=False,
+    ).returncode
 
 
 def write_status(status: str, **extra: Any) -> None:
@@ -169,7 +173,6 @@ def boot(config: dict[str, Any], started: float) -> int:
     script.write_text(Path(config["user_data_file"]).read_text())
     script.chmod(0o700)
     Path(OUTPUT_LOG).parent.mkdir(parents=True, exist_ok=True)
-    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
     delay = float(config.get("boot_seconds", 0))
     if delay:
         time.sleep(delay)
@@ -178,18 +181,9 @@ def boot(config: dict[str, Any], started: float) -> int:
             f"Cloud-init v. {CLOUD_INIT_VERSION} running 'modules:final' at {now()}."
             f" Up {time.monotonic() - started:.2f} seconds.\n".encode()
         )
-        if script.read_text().strip():
-            status = subprocess.run(
-                ["/bin/bash", str(script)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd="/",
-                check=False,
-            ).returncode
-        else:
-            status = 0
+        status = (
+            as_root(config, ["/bin/bash", str(script)], log) if script.read_text().strip() else 0
+        )
         if status != 0:
             log.write(
                 f"{now()} - cc_scripts_user.py[WARNING]: Failed to run module scripts-user"
