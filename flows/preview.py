@@ -34,6 +34,7 @@ from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.databases import PreviewDatabase, database_name
 from tasks.cloud.on_instance import ProbeResult, timer_minutes
+from tasks.cloud.power import WakeFailed
 from tasks.cloud.ssm import CommandTimeout
 from tasks.cloud.tags import format_time
 from tasks.config import PreviewConfig, RunOverrides, run_config
@@ -57,7 +58,7 @@ from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
 from tasks.steps.preflight import preflight
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
-from tasks.steps.sleep import WakeFailed, sleeping_previews, wake
+from tasks.steps.sleep import sleeping_previews, wake
 from tasks.steps.spares import claim
 from tasks.steps.terminate import NoRoom, terminate, terminate_instance
 from tasks.steps.update import (

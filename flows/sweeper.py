@@ -7,7 +7,8 @@ flow or a lost webhook left behind, and touches nothing without our Purpose tag 
 
 1. list every preview   2. decide by tags (and GitHub)   3. terminate in batches
 4. announce: events, "expired" comments   5. revoke leftover db-sg rules
-6. drop the databases of previews that are gone (database: per-preview)   7. report
+6. drop the databases of previews that are gone (database: per-preview)
+7. put idle previews to sleep (idle_stop_minutes)   8. report
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ from __future__ import annotations
 from prefect import flow
 from prefect.events import emit_event
 
+from flows.sleep import stop_idle_previews
 from tasks.cloud.aws import build_clients
 from tasks.cloud.databases import DatabaseFailed
 from tasks.config import RunOverrides, run_config
 from tasks.run.budget import run_budget
 from tasks.run.errors import PreviewError
 from tasks.steps.database import sweep_databases
-from tasks.steps.sweep import SweepReport, github_or_none, publish_sweep_report, sweep
+from tasks.steps.sleep import ACTIVITY_TIMEOUT_SECONDS
+from tasks.steps.sweep import (
+    StickyExpiry,
+    SweepReport,
+    github_or_none,
+    publish_sweep_report,
+    sweep,
+)
 
 
 class SweepIncomplete(PreviewError):
@@ -33,9 +42,13 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
     """Terminate previews past their TTL, with a closed PR, or too old to judge; report all."""
     settings = run_config(config)
     clients = build_clients(settings)
-    with run_budget(settings.sweep_timeout_seconds()):
+    budget = settings.sweep_timeout_seconds()
+    if settings.idle_stop_minutes is not None:  # one activity read, a few locks
+        budget += ACTIVITY_TIMEOUT_SECONDS + 4 * settings.sleep_lock_wait_seconds
+    with run_budget(budget):
+        report_github = github_or_none(settings)
         report = sweep(
-            clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
+            clients.ec2, settings, dry_run=dry_run, github=report_github, emit=emit_event
         )
         # 6. Preview databases whose preview is gone (database: per-preview).
         if settings.database == "per-preview":
@@ -46,6 +59,19 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
             else:
                 report.dropped_databases = databases.dropped
                 report.failed_databases = databases.failed
+        # 7. Previews nobody used for idle_stop_minutes: asleep until a push or a tunnel.
+        if settings.idle_stop_minutes is not None:
+            github = report_github if isinstance(report_github, StickyExpiry) else None
+            idle = stop_idle_previews(
+                clients,
+                settings,
+                report.live,
+                github.github if github else None,
+                now=report.now,
+                dry_run=dry_run,
+            )
+            report.idle = {row["instance"]: row["outcome"] for row in idle.rows}
+            report.slept_idle = idle.changed
     publish_sweep_report(report)
     if report.failed or report.failed_databases:
         raise SweepIncomplete(

@@ -57,6 +57,7 @@ from tasks.cloud.db_rules import db_rule_description
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import (
+    TAG_ACTIVE_AT,
     TAG_NAME,
     TAG_PR,
     TAG_PURPOSE,
@@ -533,7 +534,13 @@ def record(
     expired: list[str] = []
 
     def swept() -> None:
+        # idle_stop_minutes: the sweeper reads each running preview's activity and keeps it.
+        config.idle_stop_minutes = 30
+        used = format_time(datetime.now(UTC) - timedelta(minutes=5))
+        scripted_ssm.on(r"LAST-ACTIVITY", Reply(stdout=f"ACTIVITY 0 0\nLAST-ACTIVITY {used}\n"))
         report = ttl_sweeper(config=config)
+        assert report.idle and not report.slept_idle
+        config.idle_stop_minutes = None
         assert (report.terminated, len(report.revoked_rules)) == (expired, 1)
         assert report.dropped_databases == [database_name(REPO, 47)]
 
@@ -593,7 +600,14 @@ def phase_table(recording: Recording) -> str:
 
 
 SPARE_CONDITION = f"aws:ResourceTag/{TAG_SPARE}"
-SLEEP_TAGS = {TAG_SLEEP_STATE, TAG_SLEPT_AT, TAG_WOKE_AT, TAG_RAN_SECONDS, TAG_SLEPT_SECONDS}
+SLEEP_TAGS = {
+    TAG_SLEEP_STATE,
+    TAG_SLEPT_AT,
+    TAG_WOKE_AT,
+    TAG_RAN_SECONDS,
+    TAG_SLEPT_SECONDS,
+    TAG_ACTIVE_AT,
+}
 
 
 # --- the tests ------------------------------------------------------------------------------

@@ -7,18 +7,13 @@ from collections.abc import Iterator
 import pytest
 
 from flows.run_end import report_run_end
-from local_stack.serve import serve_handler
 from tasks.config import PreviewConfig
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, served_github
 
 
 @pytest.fixture
 def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    fake = FakeGitHub()
-    with serve_handler(fake.handle) as url:
-        fake.base_url = url
-        monkeypatch.setenv("GITHUB_API_URL", url)
-        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+    with served_github(monkeypatch) as fake:
         yield fake
 
 

@@ -27,12 +27,11 @@ from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
-from local_stack.serve import serve_handler
 from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.config import TUNING_FIELDS, VARIABLE_NAME, PreviewConfig
 from tasks.steps.launch import launch_instance
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, served_github
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import instances
 
@@ -43,11 +42,7 @@ FLOWS: list[Flow[..., Any]] = [pr_preview, pr_teardown, ttl_sweeper, pr_spares, 
 
 @pytest.fixture
 def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    fake = FakeGitHub()
-    with serve_handler(fake.handle) as url:
-        fake.base_url = url
-        monkeypatch.setenv("GITHUB_API_URL", url)
-        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+    with served_github(monkeypatch) as fake:
         yield fake
 
 

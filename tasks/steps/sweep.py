@@ -225,6 +225,9 @@ class SweepReport:
     # database: per-preview — what the sweeper's database step dropped (or would) and could not
     dropped_databases: list[str] = field(default_factory=list)
     failed_databases: dict[str, str] = field(default_factory=dict)
+    # idle_stop_minutes — each running preview's idleness as judged, and those put to sleep
+    idle: dict[str, str] = field(default_factory=dict)
+    slept_idle: list[str] = field(default_factory=list)
 
     @property
     def to_terminate(self) -> list[str]:
@@ -251,6 +254,7 @@ class SweepReport:
             "pr_lookups": self.pr_lookups,
             "revoked_rules": len(self.revoked_rules),
             "dropped_databases": len(self.dropped_databases),
+            "slept_idle": len(self.slept_idle),
         }
 
     def outcome(self, decision: Decision) -> str:
@@ -287,6 +291,7 @@ class SweepReport:
                     "decision": decision.action,
                     "reason": decision.reason,
                     "outcome": self._outcome(decision, terminated, already_gone),
+                    "idle": self.idle.get(preview.instance_id, "-"),
                 }
             )
         return rows
@@ -306,6 +311,7 @@ class SweepReport:
                 if self.dropped_databases or self.failed_databases
                 else ""
             )
+            + (f", asleep for idleness {counts['slept_idle']}" if self.idle else "")
         )
 
     def live_pulls(self) -> list[tuple[str, int]]:
