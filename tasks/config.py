@@ -19,6 +19,7 @@ trusts (:data:`TRUSTED_FIELDS`, :func:`run_config`). A ``PreviewConfig`` is pass
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -303,6 +304,16 @@ def _path_glob(value: str) -> str:
     return value
 
 
+def _container_pool(value: str) -> str:
+    try:
+        network = ipaddress.IPv4Network(value)
+    except ValueError as exc:
+        raise ValueError(f"{value[:60]!r} is not an IPv4 network (e.g. 172.17.0.0/16)") from exc
+    if not network.is_private or network.prefixlen > 24:
+        raise ValueError(f"{value} must be a private IPv4 network of /24 or wider")
+    return str(network)
+
+
 def _empty_is_none(value: object) -> object:
     return None if value == "" else value
 
@@ -327,6 +338,7 @@ DownloadUrl = Annotated[
         "an http(s) URL of a host[:port] and letters, digits and ._~- path segments",
     ),
 ]
+ContainerPool = Annotated[str, AfterValidator(_container_pool)]
 InstanceId = Annotated[str, Whole(INSTANCE_ID_PATTERN, "an EC2 instance id (i-<hex>)")]
 PgIdentifier = Annotated[
     str,
@@ -496,6 +508,13 @@ class AppAndDatabase(_Group):
     )
     db_sg_open_public_ip: bool = Field(
         False, description="Runbook §2.5: add the preview's public IP/32 to db-sg on 5432."
+    )
+    container_address_pool: ContainerPool = Field(
+        "172.17.0.0/16",
+        description="Where Docker on the instance takes its networks' subnets from (/24 each):"
+        " never the VPC's range, or a compose file with enough networks would route the"
+        " database's address into a container (Docker's own pools reach 172.31.0.0/16, AWS's"
+        " default VPC); preflight checks it against the subnet and the database host.",
     )
     migration_command: ContainerCommand = Field(
         "alembic upgrade head",
@@ -957,6 +976,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "database_url_parameter": "the parameter holding DATABASE_URL",
         "db_security_group_id": "the database's security group",
         "db_sg_open_public_ip": "whether the database is opened to a preview's public IP",
+        "container_address_pool": "which addresses the instance's containers cannot reach",
         "env_parameter_path": "the parameters the app gets as secrets",
         "db_instance_id": "the database host pr-preview administers",
         "db_host": "where the previews' DATABASE_URL points",

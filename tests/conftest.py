@@ -56,7 +56,9 @@ def weight(item: pytest.Item) -> int:
     return 1 if "prefect_server" in fixtures else 0
 
 
-@pytest.hookimpl(trylast=True)
+# tryfirst: before pytest's own -m filter reads the server mark; still after pytest-randomly's
+# shuffle, which runs in a wrapper around every plain implementation.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark what needs a Prefect server or other processes, so `make test-fast` can leave it;
     then send the long tests out first.

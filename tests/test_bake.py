@@ -407,6 +407,8 @@ def test_the_builder_installs_with_the_previews_own_lines(config: PreviewConfig)
     assert steps.startswith("step=docker\n") and steps.endswith("docker compose version\n")
     assert "if ! command -v docker" in steps and "if ! docker compose version" in steps
     rendered = steps.replace("{{compose_url}}", "https://github.com/docker/compose/releases/")
+    rendered = rendered.replace("{{docker_daemon_json}}", "/etc/docker/daemon.json")
+    rendered = rendered.replace("{{container_address_pool}}", config.container_address_pool)
     assert rendered.split("https://github.com/docker/compose/releases/")[0] in script
     assert "{{" not in script
     assert "seal </dev/null" in script and "shutdown -h now" in script

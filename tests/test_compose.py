@@ -12,6 +12,7 @@ rendered, in the instance's user data, then the next sha's in the in-place deplo
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -425,6 +426,7 @@ def test_three_services_run_on_a_real_instance_and_end_with_it(
     github.add_pull(REPO, pull(52, SHA1))
     github.add_file(REPO, SHA1, PATH, REAL_THREE_SERVICES.format(cache=f"{cache}:7"))
     world.config.compose_path = PATH
+    world.config.container_address_pool = "10.250.0.0/16"
 
     ready = pr_preview(REPO, 52, SHA1, action="opened", config=world.config, return_state=True)
 
@@ -433,10 +435,26 @@ def test_three_services_run_on_a_real_instance_and_end_with_it(
     worker, cache = containers(b"preview-worker"), containers(b"http.server\x006379")
     assert worker and cache  # each in a PID namespace of its own, inside the instance's
     assert all(b"NoNewPrivs:\t1" in read(pid, "status") for pid in worker + cache)
+    # The compose network's addresses come from the configured pool, not Docker's defaults.
+    pool = ipaddress.ip_network(world.config.container_address_pool)
+    addresses = container_addresses(worker[0])
+    assert addresses and all(ipaddress.ip_address(a) in pool for a in addresses), addresses
     github.add_pull(REPO, pull(52, SHA1, state="closed"))
     pr_teardown(REPO, 52, config=world.config)
     wait_for(lambda: not instance_processes(result.instance_id or ""), timeout=10)
     wait_for(lambda: not containers(b"preview-worker") + containers(b"http.server\x006379"), 10)
+
+
+def container_addresses(pid: int) -> list[str]:
+    """The IPv4 addresses of the container that ``pid`` runs in, but loopback."""
+    shown = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", "ip", "-4", "-o", "addr", "show"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = [line.split()[3].split("/")[0] for line in shown.splitlines()]
+    return [address for address in found if not address.startswith("127.")]
 
 
 def containers(marker: bytes) -> list[int]:

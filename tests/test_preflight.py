@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from local_stack.account import DemoAccount
@@ -68,6 +70,35 @@ def test_missing_subnet_and_group_fail(aws: AwsClients, config: PreviewConfig) -
     report = run_preflight(aws, config)
     assert "subnet-0000000000000000a does not exist" in detail(report, "subnet")
     assert statuses(report)["security groups"] == "fail"
+
+
+def test_a_container_pool_over_the_subnet_or_the_database_fails_naming_both(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    """Docker's default pools reach 172.31.0.0/16, the default VPC the runbook's db-server
+    (172.31.39.125) lives in: a pool there would route the database into a container."""
+    subnet = aws.ec2.describe_subnets(SubnetIds=[config.subnet_id or ""])["Subnets"][0]
+    config.container_address_pool = subnet["CidrBlock"].rsplit(".", 2)[0] + ".0.0/16"
+    report = run_preflight(aws, config)
+    assert statuses(report)["subnet"] == "fail"
+    assert f"overlaps subnet {config.subnet_id} ({subnet['CidrBlock']})" in detail(report, "subnet")
+
+    url = aws.ssm.get_parameter(Name=config.database_url_parameter, WithDecryption=True)
+    host, _ = parse_database_url(url["Parameter"]["Value"])
+    config.container_address_pool = host.rsplit(".", 1)[0] + ".0/24"
+    assert not ipaddress.ip_network(config.container_address_pool).overlaps(
+        ipaddress.ip_network(subnet["CidrBlock"])
+    ), "the account's database host should be outside the previews' subnet"
+    report = run_preflight(aws, config)
+    assert statuses(report)["subnet"] == "pass"
+    assert statuses(report)["database url"] == "fail"
+    assert f"overlaps the database host ({host})" in detail(report, "database url")
+    assert "set container_address_pool to a private range outside the VPC" in detail(
+        report, "database url"
+    )
+
+    config.container_address_pool = "10.250.0.0/16"  # outside both: passes
+    assert run_preflight(aws, config).passed
 
 
 def test_missing_instance_profile_fails(aws: AwsClients, config: PreviewConfig) -> None:

@@ -8,6 +8,7 @@ nothing else, to show that configuration and data reach commands as arguments, n
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -40,6 +41,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 # The real tools the scripts may use; everything else in the sandbox is a stub.
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
 REAL_TOOLS += ("find", "mktemp", "mv", "sort", "tail", "touch", "tr", "uname")
+REAL_TOOLS += ("cmp", "dirname")
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {
     "shutdown": STUB_LOG,
@@ -86,6 +88,8 @@ class Sandbox:
             found = shutil.which(tool)
             assert found, f"{tool} is needed to run the scripts"
             (self.bin / tool).symlink_to(found)
+        # This interpreter, not a version manager's shim that needs a PATH of its own.
+        (self.bin / "python3").symlink_to(sys.executable)
         for name, body in STUBS.items():
             stub = self.bin / name
             stub.write_text("#!/bin/bash\n" + body)
@@ -134,6 +138,9 @@ def compose_call(app: Path) -> str:
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
     monkeypatch.setattr(tasks.app.user_data, "STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(
+        tasks.app.user_data, "DOCKER_DAEMON_JSON", str(tmp_path / "docker" / "daemon.json")
+    )
     # The activity timer's files (tasks/cloud/on_instance.py) go below the sandbox too.
     monkeypatch.setattr(on_instance, "ACTIVITY_SCRIPT", str(tmp_path / "lib" / "sample-activity"))
     monkeypatch.setattr(on_instance, "SYSTEM_UNITS", str(tmp_path / "units"))
@@ -289,6 +296,33 @@ def test_user_data_boots_in_the_sandbox(sandbox: Sandbox, database: str) -> None
         assert migrated.read_text() == (app / ".env").read_text()
     else:
         assert ran_migrations not in sandbox.calls and not migrated.exists()
+
+
+def test_docker_takes_its_networks_from_the_pool_and_keeps_what_an_ami_set(
+    sandbox: Sandbox,
+) -> None:
+    """Compose networks never get the VPC's addresses: daemon.json names the configured pool,
+    keeps a baked AMI's other settings, and a running Docker restarts only when it changed."""
+    daemon = sandbox.root / "docker" / "daemon.json"
+    daemon.parent.mkdir()
+    daemon.write_text('{"log-driver": "journald"}\n')
+    config = sandbox_config(sandbox, container_address_pool="10.250.0.0/16")
+
+    assert sandbox.run(render_user_data(config, SPEC)).returncode == 0
+    assert json.loads(daemon.read_text()) == {
+        "log-driver": "journald",
+        "default-address-pools": [{"base": "10.250.0.0/16", "size": 24}],
+    }
+    first = sandbox.calls
+    assert "systemctl is-active --quiet docker" in first
+
+    # The same pool again (a reboot of a baked AMI): nothing is written, nothing restarted.
+    before = daemon.stat().st_mtime_ns
+    assert sandbox.run(render_user_data(config, SPEC)).returncode == 0
+    assert daemon.stat().st_mtime_ns == before
+    assert sandbox.calls.count("systemctl is-active --quiet docker") == first.count(
+        "systemctl is-active --quiet docker"
+    )
 
 
 def test_migrations_that_fail_on_boot_leave_them_to_the_flow(sandbox: Sandbox) -> None:

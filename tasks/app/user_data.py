@@ -101,6 +101,8 @@ cd "$APP_DIR"
 compose pull {{app_service}}"""
 
 
+# Docker's own settings on the instance: the user data sets its address pools there.
+DOCKER_DAEMON_JSON = "/etc/docker/daemon.json"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -334,6 +336,8 @@ def _render(settings: PreviewConfig, **values: str) -> str:
         ),
         activity_timer=activity_timer(settings.app_port),
         region=q(settings.region),
+        container_address_pool=q(settings.container_address_pool),
+        docker_daemon_json=q(DOCKER_DAEMON_JSON),
         ghcr_token_parameter=q(settings.ghcr_token_parameter),
         read_secrets=read_secrets_script(settings),
     )

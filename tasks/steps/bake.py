@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError, WaiterError
 from tenacity import Retrying, retry_if_result, stop_after_delay
 
 from tasks.app.masking import mask_secrets
-from tasks.app.user_data import EPHEMERAL_DB_IMAGE, PLACEHOLDER
+from tasks.app.user_data import DOCKER_DAEMON_JSON, EPHEMERAL_DB_IMAGE, PLACEHOLDER
 from tasks.cloud.aws import gave_up, wait_timed
 from tasks.cloud.ecr import EcrRepository, ecr_login
 from tasks.cloud.on_instance import timer_command, timer_minutes
@@ -190,6 +190,8 @@ def render_bake_user_data(settings: PreviewConfig, image_ref: str, ttl_hours: fl
             f"{settings.compose_release_url}/{settings.compose_version}/docker-compose-linux-"
         ),
         "region": q(settings.region),
+        "container_address_pool": q(settings.container_address_pool),
+        "docker_daemon_json": q(DOCKER_DAEMON_JSON),
         "ghcr_token_parameter": q(settings.ghcr_token_parameter),
         "registry": q(registry),
         "registry_username": q(settings.ghcr_username or owner),

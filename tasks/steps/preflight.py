@@ -6,6 +6,7 @@ permission names the action that was refused (runbook §7, ``UnauthorizedOperati
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -236,10 +237,32 @@ def _subnet(ec2: EC2Client, settings: PreviewConfig, report: PreflightReport) ->
             raise _CheckFailed("subnet_id is not set and the region has no default subnet")
     chosen = sorted(subnets, key=lambda s: s["AvailabilityZone"])[0]
     report.subnet_id, report.vpc_id = chosen["SubnetId"], chosen["VpcId"]
+    if clash := pool_clash(settings, chosen.get("CidrBlock", ""), f"subnet {chosen['SubnetId']}"):
+        raise _CheckFailed(clash)
+    if settings.db_host and (clash := pool_clash(settings, settings.db_host, "db_host")):
+        raise _CheckFailed(clash)
     origin = "" if settings.subnet_id else "default subnet, "
     return (
         "pass",
         f"{chosen['SubnetId']} ({origin}{chosen['VpcId']}, {chosen['AvailabilityZone']})",
+    )
+
+
+def pool_clash(settings: PreviewConfig, address: str, what: str) -> str | None:
+    """Why ``container_address_pool`` cannot be used beside ``address`` (an IP address or a
+    network; a host name is not judged), or None: a container network cut from the pool over
+    it would route that address into the container instead of the VPC."""
+    pool = ipaddress.IPv4Network(settings.container_address_pool)
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return None
+    if network.version != 4 or not network.overlaps(pool):
+        return None
+    return (
+        f"container_address_pool {pool} overlaps {what} ({address}): Docker on the instance"
+        " would route it to a container network — set container_address_pool to a private range"
+        " outside the VPC"
     )
 
 
@@ -398,6 +421,8 @@ def _database_url(ssm: SSMClient, settings: PreviewConfig) -> tuple[Status, str]
         host, port = parse_database_url(value)
     except ValueError as exc:
         raise _CheckFailed(f"the DATABASE_URL in {name} does not parse: {exc}") from None
+    if clash := pool_clash(settings, host, "the database host"):
+        raise _CheckFailed(clash)
     return "pass", f"{name} parses (host {host}, port {port})"
 
 

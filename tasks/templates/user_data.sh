@@ -47,6 +47,28 @@ step=docker
 if ! command -v docker >/dev/null 2>&1; then
   dnf -y install docker
 fi
+# Container networks come from container_address_pool, never the VPC's range (read any
+# daemon.json a baked or custom AMI brought, keep its other settings; restart a running
+# Docker only when the pool changed).
+DAEMON_JSON={{docker_daemon_json}}
+mkdir -p "$(dirname "$DAEMON_JSON")"
+daemon_json=$(python3 -c '
+import json, sys
+try:
+    with open(sys.argv[1]) as f:
+        settings = json.load(f)
+except FileNotFoundError:
+    settings = {}
+settings["default-address-pools"] = [{"base": sys.argv[2], "size": 24}]
+print(json.dumps(settings, indent=2, sort_keys=True))
+' "$DAEMON_JSON" {{container_address_pool}})
+if ! printf '%s\n' "$daemon_json" | cmp -s - "$DAEMON_JSON"; then
+  daemon_tmp=$(mktemp "$DAEMON_JSON.XXXXXX")
+  printf '%s\n' "$daemon_json" > "$daemon_tmp"
+  chmod 644 "$daemon_tmp"
+  mv -fT "$daemon_tmp" "$DAEMON_JSON"
+  if systemctl is-active --quiet docker; then systemctl restart docker; fi
+fi
 systemctl enable --now docker
 usermod -aG docker ec2-user || true
 usermod -aG docker ssm-user || true
