@@ -41,6 +41,7 @@ from tasks.steps.command import (
     stop_preview,
 )
 from tasks.steps.database import drop_database
+from tasks.steps.dns import preview_name, remove_name
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
 from tasks.steps.teardown import teardown
@@ -174,6 +175,7 @@ def _under_lock(
         removed = teardown(clients.ec2, settings, result.repo, result.pr_number)
         if settings.database == "per-preview":
             drop_database(clients, settings, result.repo, result.pr_number)
+        remove_name(clients, settings, result.repo, result.pr_number)
         report.tell(
             PreviewState.TORN_DOWN,
             instance_id=", ".join(removed.instance_ids) or None,
@@ -190,6 +192,8 @@ def _under_lock(
         return
     preview = previews[-1]  # the newest: a PR has one outside a replacement
     report.sha = preview.sha
+    report.dns_name = preview_name(clients, settings, result.repo, result.pr_number)
+    report.pinned_by = settings.keep_label if preview.pinned else None
     shutdown_at = preview.shutdown_at
     state = PreviewState.STOPPED if preview.state in ("stopping", "stopped") else PreviewState.READY
     detail = by

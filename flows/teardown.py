@@ -26,6 +26,7 @@ from tasks.run.outcome import Outcome
 from tasks.run.prefect_context import rename_run
 from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
+from tasks.steps.dns import remove_name
 from tasks.steps.guards import check_trigger, confirm_closed, confirm_draft, confirm_unlabeled
 from tasks.steps.report import PullRequestReport
 from tasks.steps.teardown import run_teardown_command, teardown
@@ -40,6 +41,7 @@ class TeardownResult:
     terminated: list[str] = field(default_factory=list)
     already_gone: list[str] = field(default_factory=list)
     database: str | None = None  # database: per-preview — the one dropped
+    dns_name: str | None = None  # dns_zone_id — the name removed
 
 
 @flow(
@@ -154,6 +156,12 @@ def _teardown(
                         " sweeper drops it",
                     )
                 raise
+        # 1c. Its name in the VPC (dns_zone_id); the sweeper removes any this step leaves.
+        name = None
+        try:
+            name = remove_name(clients, settings, repo, pr_number)
+        except Exception as exc:
+            get_run_logger().warning("the name of %s#%d not removed: %s", repo, pr_number, exc)
 
         # 2. Tell the pull request: the comment says torn down, the deployment goes inactive.
         report.tell(
@@ -172,7 +180,7 @@ def _teardown(
     if cause == "closed":
         delete_lock(lock)
     result = TeardownResult(
-        repo, pr_number, removed.instance_ids, removed.already_gone, database=dropped
+        repo, pr_number, removed.instance_ids, removed.already_gone, dropped, name
     )
     create_markdown_artifact(
         markdown=(

@@ -7,6 +7,7 @@ can decide before anything is launched and the tests can feed real payloads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,12 @@ from tasks.run.step import step
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The verdict (None: go ahead) and a sentence for the log and the PR comment."""
+    """The verdict (None: go ahead) and a sentence for the log and the PR comment; ``labels``:
+    the pull request's labels as the guard read them (None: not known)."""
 
     verdict: Outcome | None
     reason: str
+    labels: tuple[str, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -198,9 +201,14 @@ def guard(
     token."""
     if not github.enabled:
         draft = skip_drafts and event_draft
-        return check_event(repo, head_repo, allowed_fork_repos, required_label, event_labels, draft)
+        verdict = check_event(
+            repo, head_repo, allowed_fork_repos, required_label, event_labels, draft
+        )
+        labels = None if event_labels is None else tuple(event_labels)
+        return dataclasses.replace(verdict, labels=labels)
     pull = github.get_pull(repo, pr_number)
-    return check_pull(pull, repo, head_sha, allowed_fork_repos, required_label, skip_drafts)
+    verdict = check_pull(pull, repo, head_sha, allowed_fork_repos, required_label, skip_drafts)
+    return dataclasses.replace(verdict, labels=tuple(label_names(pull)))
 
 
 def check_changed_files(

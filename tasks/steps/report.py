@@ -183,6 +183,8 @@ class PullRequestReport:
     services: tuple[str, ...] = ()  # shown once known (the compose file is checked first)
     variables: tuple[str, ...] = ()
     database: str | None = None  # `name` (size), once the preview's own database is made
+    dns_name: str | None = None  # dns_zone_id: the preview's name, once published
+    pinned_by: str | None = None  # the keep label, while it pins the preview
 
     def tell(
         self,
@@ -221,6 +223,8 @@ class PullRequestReport:
                 variables=self.variables,
                 secrets_path=self.settings.env_parameter_path,
                 database=self.database,
+                dns_name=self.dns_name,
+                pinned_by=self.pinned_by,
             ),
             secrets=self.secrets,
         )
