@@ -17,7 +17,6 @@ from typing import Any, cast
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.preview import pr_preview
@@ -25,7 +24,7 @@ from tasks.cloud.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import GitHub, github_from_config
 from tasks.github.commands import BadCommand, Command, Verb, parse_command, usage
-from tasks.github.pull_request import PreviewState, flow_run_url
+from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs, is_bot, is_login, is_sha
 from tasks.run.budget import run_budget
 from tasks.run.errors import PreviewError
@@ -43,7 +42,7 @@ from tasks.steps.command import (
 from tasks.steps.database import drop_database
 from tasks.steps.dns import preview_name, remove_name
 from tasks.steps.probe import ProbeFailed, probe
-from tasks.steps.report import PullRequestReport
+from tasks.steps.report import PullRequestReport, run_report
 from tasks.steps.teardown import teardown
 
 
@@ -146,14 +145,7 @@ def _command(
             )
             result.outcome = "nothing to approve"
             return result
-        report = PullRequestReport(
-            github,
-            settings,
-            repo,
-            pr_number,
-            sha=None,
-            run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
-        )
+        report = run_report(github, settings, repo, pr_number)
         lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
         with hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait):
             _under_lock(clients, settings, report, parsed, result)

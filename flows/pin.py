@@ -17,13 +17,12 @@ from typing import cast
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from tasks.cloud.aws import build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
-from tasks.github.pull_request import PreviewState, flow_run_url
+from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs
 from tasks.run.budget import run_budget
 from tasks.run.locks import hold, pr_lock_name
@@ -32,7 +31,7 @@ from tasks.run.prefect_context import rename_run
 from tasks.steps.command import pr_previews
 from tasks.steps.dns import preview_name
 from tasks.steps.pin import check_keep_event, confirm_keep_label, pin_preview, unpin_preview
-from tasks.steps.report import PullRequestReport
+from tasks.steps.report import run_report
 
 
 @dataclass
@@ -80,14 +79,7 @@ def _pin(settings: PreviewConfig, result: PinResult) -> PinResult:
     repo, pr_number, keep_label = result.repo, result.pr_number, settings.keep_label or ""
     clients = build_clients(settings)
     github = github_from_config(settings, ssm=clients.ssm)
-    report = PullRequestReport(
-        github,
-        settings,
-        repo,
-        pr_number,
-        sha=None,
-        run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
-    )
+    report = run_report(github, settings, repo, pr_number)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with github, hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait):
         # 1. The label as GitHub holds it now (a stale or forged event changes nothing).

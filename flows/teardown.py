@@ -10,14 +10,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.run_end import state_hook
 from tasks.cloud.aws import build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
-from tasks.github.pull_request import PreviewState, flow_run_url
+from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs
 from tasks.run.budget import grace, run_budget
 from tasks.run.events import emit_instance_event
@@ -28,7 +27,7 @@ from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
 from tasks.steps.dns import remove_name
 from tasks.steps.guards import check_trigger, confirm_closed, confirm_draft, confirm_unlabeled
-from tasks.steps.report import PullRequestReport
+from tasks.steps.report import run_report
 from tasks.steps.teardown import run_teardown_command, teardown
 
 Cause = Literal["closed", "unlabeled", "draft"]
@@ -97,14 +96,7 @@ def _teardown(
 ) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings, ssm=clients.ssm)
-    report = PullRequestReport(
-        github,
-        settings,
-        repo,
-        pr_number,
-        sha=None,
-        run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
-    )
+    report = run_report(github, settings, repo, pr_number)
 
     # Waits only for a run of this same PR, never for another PR's preview.
     lock = pr_lock_name(repo, pr_number)

@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
+from deployments import cli
 from flows.preview import pr_preview
 from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
@@ -289,3 +290,27 @@ def test_the_flows_name_a_ready_preview_remove_it_at_teardown_and_sweep_what_is_
     assert report.removed_names == [names[43]]
     assert set(zone.a_records()) == {f"db.{ZONE}", f"pr-notes.{ZONE}"}
     assert zone.unrelated() == sorted(UNRELATED, key=_by_name)
+
+
+def test_list_shows_each_previews_name_and_a_pinned_one(
+    aws: AwsClients,
+    config: PreviewConfig,
+    zone: Zone,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the configuration: the environment
+    monkeypatch.setattr(cli, "_clients", lambda settings: zone.clients)
+    named = launch(aws, config, 42)
+    publish_name(zone.clients, config, REPO, 42, named)
+    pinned = launch(aws, config, 43)
+    aws.ec2.create_tags(Resources=[pinned], Tags=[{"Key": TAG_PINNED, "Value": "true"}])
+
+    assert cli.main(["list", "--repo", REPO]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "NAME"
+    [first] = [line for line in lines if line.startswith("#42 ")]
+    [second] = [line for line in lines if line.startswith("#43 ")]
+    assert first.endswith("pr-42.hello-api.octo-org.previews.internal") and named in first
+    assert second.endswith(" -") and "(pinned)" in second

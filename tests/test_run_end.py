@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from flows.run_end import report_run_end
-from local_stack.serve import serve_handler
 from tasks.config import PreviewConfig
 from tests.fakes.github import FakeGitHub
 
 
 @pytest.fixture
-def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    fake = FakeGitHub()
-    with serve_handler(fake.handle) as url:
-        fake.base_url = url
-        monkeypatch.setenv("GITHUB_API_URL", url)
-        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
-        yield fake
+def github(github_api: FakeGitHub) -> FakeGitHub:
+    return github_api
 
 
 @pytest.mark.parametrize("state", ["CRASHED", "CANCELLED"])

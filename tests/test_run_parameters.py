@@ -10,7 +10,7 @@ posted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,6 @@ from flows.sweeper import ttl_sweeper
 from flows.teardown import pr_teardown
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import ScriptedInstances
-from local_stack.serve import serve_handler
 from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.config import TUNING_FIELDS, VARIABLE_NAME, PreviewConfig
@@ -42,13 +41,8 @@ FLOWS: list[Flow[..., Any]] = [pr_preview, pr_teardown, ttl_sweeper, pr_spares, 
 
 
 @pytest.fixture
-def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    fake = FakeGitHub()
-    with serve_handler(fake.handle) as url:
-        fake.base_url = url
-        monkeypatch.setenv("GITHUB_API_URL", url)
-        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
-        yield fake
+def github(github_api: FakeGitHub) -> FakeGitHub:
+    return github_api
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from tasks.run.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_route53 import Route53Client
+    from mypy_boto3_route53.type_defs import ResourceRecordSetOutputTypeDef
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +70,27 @@ def publish_name(
     return shown(name)
 
 
-@step
-def preview_name(
+def _held(
     clients: AwsClients, settings: PreviewConfig, repo: str, pr_number: int
-) -> str | None:
-    """The PR's name when the zone holds its record; None without one or ``dns_zone_id``."""
+) -> tuple[Route53Client, str, ResourceRecordSetOutputTypeDef] | None:
+    """The client, the zone's id and the PR's record as the zone holds it; None without
+    ``dns_zone_id`` or without a record."""
     zone = _zone(clients, settings)
     if zone is None:
         return None
     route53, zone_id = zone
     name = record_name(repo, pr_number, zone_name(route53, zone_id))
-    return shown(name) if find_record(route53, zone_id, name) is not None else None
+    record = find_record(route53, zone_id, name)
+    return None if record is None else (route53, zone_id, record)
+
+
+@step
+def preview_name(
+    clients: AwsClients, settings: PreviewConfig, repo: str, pr_number: int
+) -> str | None:
+    """The PR's name when the zone holds its record; None without one or ``dns_zone_id``."""
+    held = _held(clients, settings, repo, pr_number)
+    return None if held is None else shown(held[2]["Name"])
 
 
 @step(needs_lock=True)
@@ -87,17 +98,13 @@ def remove_name(
     clients: AwsClients, settings: PreviewConfig, repo: str, pr_number: int
 ) -> str | None:
     """Delete the PR's record, whatever address it holds; None when there was none."""
-    zone = _zone(clients, settings)
-    if zone is None:
+    held = _held(clients, settings, repo, pr_number)
+    if held is None:
         return None
-    route53, zone_id = zone
-    name = record_name(repo, pr_number, zone_name(route53, zone_id))
-    record = find_record(route53, zone_id, name)
-    if record is None:
-        return None
+    route53, zone_id, record = held
     delete_records(route53, zone_id, [record])
-    run_logger(logger).info("%s removed", shown(name))
-    return shown(name)
+    run_logger(logger).info("%s removed", shown(record["Name"]))
+    return shown(record["Name"])
 
 
 @step

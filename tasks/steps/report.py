@@ -25,6 +25,7 @@ from tasks.github.pull_request import (
     CommentResult,
     CommentState,
     PreviewState,
+    flow_run_url,
     headline,
     marker,
     render_comment,
@@ -287,6 +288,17 @@ class PullRequestReport:
         if lines and lines[0].startswith("### "):
             lines.pop(0)
         return "\n".join(lines).strip() or "—"
+
+
+def run_report(
+    github: GitHub, settings: PreviewConfig, repo: str, pr_number: int
+) -> PullRequestReport:
+    """The report of the flow run under way about a pull request, before it knows the sha its
+    preview runs (a teardown, a command, the keep label): its comment links to the run."""
+    from prefect.runtime import flow_run
+
+    run_url = flow_run_url(settings.prefect_ui_url, flow_run.get_id())
+    return PullRequestReport(github, settings, repo, pr_number, sha=None, run_url=run_url)
 
 
 def artifact_key(pr_number: int) -> str:
