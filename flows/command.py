@@ -4,8 +4,9 @@
 1. who commands: write access, asked of GitHub now — anyone else gets a reply naming the rule
 2. acknowledge with a reaction; a command outside the grammar gets a reply listing the commands
 3. under the PR's lock: status, stop, start, extend, destroy — or, for redeploy, the PR's
-   preview torn down and launched afresh by the preview flow (which takes the lock itself)
-4. the sticky comment says where the preview stands
+   preview torn down and launched afresh by the preview flow (which takes the lock itself);
+   for approve, a fork's head commit approved and previewed by the preview flow
+4. the sticky comment and the check run of the preview's commit say where the preview stands
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from tasks.github.commands import BadCommand, Command, Verb, parse_command, usag
 from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs, is_bot, is_login, is_sha
 from tasks.run.budget import run_budget
-from tasks.run.errors import PreviewError
 from tasks.run.locks import hold, pr_lock_name
 from tasks.run.outcome import Outcome
 from tasks.steps.command import (
     acknowledge,
+    approve_commit,
     authorize,
     extend_preview,
     pr_previews,
@@ -41,6 +42,7 @@ from tasks.steps.command import (
 )
 from tasks.steps.database import drop_database
 from tasks.steps.dns import preview_name, remove_name
+from tasks.steps.guards import check_approval
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport, run_report
 from tasks.steps.teardown import teardown
@@ -137,14 +139,8 @@ def _command(
         if parsed.verb is Verb.REDEPLOY:
             return _redeploy(clients, settings, github, result, config)
         if parsed.verb is Verb.APPROVE:
-            reply(
-                github,
-                repo,
-                pr_number,
-                f"@{commenter} this pull request's previews need no approval: nothing was done.",
-            )
-            result.outcome = "nothing to approve"
-            return result
+            assert parsed.sha is not None
+            return _approve(settings, github, result, parsed.sha, config)
         report = run_report(github, settings, repo, pr_number)
         lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
         with hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait):
@@ -163,6 +159,8 @@ def _under_lock(
     by = f"`{command.text()}` by @{result.commenter}."
     previews = pr_previews(clients.ec2, settings, result.repo, result.pr_number)
     result.instance_ids = [p.instance_id for p in previews]
+    if previews:  # the check run of the commit the preview runs tells the command's end too
+        report.sha = previews[-1].sha
     if command.verb is Verb.DESTROY:
         removed = teardown(clients.ec2, settings, result.repo, result.pr_number)
         if settings.database == "per-preview":
@@ -183,7 +181,6 @@ def _under_lock(
         result.outcome = "no preview"
         return
     preview = previews[-1]  # the newest: a PR has one outside a replacement
-    report.sha = preview.sha
     report.dns_name = preview_name(clients, settings, result.repo, result.pr_number)
     report.pinned_by = settings.keep_label if preview.pinned else None
     shutdown_at = preview.shutdown_at
@@ -220,8 +217,49 @@ def _under_lock(
     result.outcome, result.shutdown_at = str(state), shutdown_at
 
 
-class NotRedeployable(PreviewError):
-    """GitHub's view of the pull request leaves nothing to redeploy."""
+def _head(pull: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """The pull request's head sha (when it is one), repository and branch, as GitHub says."""
+    head: dict[str, Any] = pull["head"] if isinstance(pull.get("head"), dict) else {}
+    sha, ref = head.get("sha"), head.get("ref")
+    head_repo: dict[str, Any] = head["repo"] if isinstance(head.get("repo"), dict) else {}
+    full_name = head_repo.get("full_name")
+    return (
+        sha if isinstance(sha, str) and is_sha(sha) else None,
+        full_name if isinstance(full_name, str) else None,
+        ref if isinstance(ref, str) else None,
+    )
+
+
+def _approve(
+    settings: PreviewConfig,
+    github: GitHub,
+    result: CommandResult,
+    sha: str,
+    config: RunOverrides | None,
+) -> CommandResult:
+    """Approve ``sha`` when it is the fork's head now, then preview it: the preview flow finds
+    the approval and takes the PR's lock itself. A later push is not approved."""
+    repo, pr_number = result.repo, result.pr_number
+    pull = github.get_pull(repo, pr_number)
+    verdict = check_approval(pull, repo, sha, settings.allowed_fork_repos, settings.fork_previews)
+    if not verdict.ok:
+        assert verdict.verdict is not None
+        reply(github, repo, pr_number, f"@{result.commenter} {verdict.reason}.")
+        return _nothing_done(result, verdict.verdict, verdict.reason)
+    _, head_repo, branch = _head(pull)
+    approve_commit(repo, pr_number, sha, result.commenter)
+    launched = pr_preview(
+        repo,
+        pr_number,
+        sha,
+        action="approve",
+        head_repo=head_repo,
+        config=config,
+        branch=branch,
+    )
+    result.instance_ids = [launched.instance_id] if launched.instance_id else []
+    result.outcome, result.shutdown_at = f"approved: {launched.status}", launched.shutdown_at
+    return result
 
 
 def _redeploy(
@@ -235,9 +273,8 @@ def _redeploy(
     flow, as a subflow, takes the lock itself and tells the sticky comment."""
     repo, pr_number = result.repo, result.pr_number
     pull = github.get_pull(repo, pr_number)
-    head: dict[str, Any] = pull["head"] if isinstance(pull.get("head"), dict) else {}
-    sha = head.get("sha")
-    if pull.get("state") != "open" or not isinstance(sha, str) or not is_sha(sha):
+    sha, head_repo, branch = _head(pull)
+    if pull.get("state") != "open" or sha is None:
         reply(
             github,
             repo,
@@ -249,17 +286,15 @@ def _redeploy(
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait):
         removed = teardown(clients.ec2, settings, repo, pr_number)
-    head_repo: dict[str, Any] = head["repo"] if isinstance(head.get("repo"), dict) else {}
-    full_name = head_repo.get("full_name")
     launched = pr_preview(
         repo,
         pr_number,
         sha,
         action="redeploy",
         force=True,
-        head_repo=full_name if isinstance(full_name, str) else None,
+        head_repo=head_repo,
         config=config,
-        branch=head.get("ref") if isinstance(head.get("ref"), str) else None,
+        branch=branch,
     )
     result.instance_ids = removed.instance_ids + (
         [launched.instance_id] if launched.instance_id else []

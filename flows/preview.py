@@ -1,6 +1,7 @@
 """The preview of one pull request: the runbook's workflow (§2) as a Prefect flow.
 
-0. guards: not allowed, closed, fork, superseded (before anything costs money)
+0. guards: not allowed, closed, fork (or a fork's commit not approved), superseded (before
+   anything costs money)
 1. preflight ∥ build-image check             (§2.3, §2.1)
 2. in place when the PR's instance is healthy (a push costs seconds, not an EC2 boot); a
    sleeping one is woken first
@@ -34,6 +35,7 @@ from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.databases import PreviewDatabase, database_name
 from tasks.cloud.on_instance import ProbeResult, timer_minutes
+from tasks.cloud.power import WakeFailed
 from tasks.cloud.ssm import CommandTimeout
 from tasks.cloud.tags import format_time
 from tasks.config import PreviewConfig, RunOverrides, run_config
@@ -59,7 +61,7 @@ from tasks.steps.pin import follow_label
 from tasks.steps.preflight import preflight
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
-from tasks.steps.sleep import WakeFailed, sleeping_previews, wake
+from tasks.steps.sleep import sleeping_previews, wake
 from tasks.steps.spares import claim
 from tasks.steps.terminate import NoRoom, terminate, terminate_instance
 from tasks.steps.update import (
@@ -235,8 +237,9 @@ def _preview(
         report.check_run(),
         hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait),
     ):
-        # 0. Guards: a closed PR, a draft, a fork not allow-listed, a newer push, or changed
-        #    files that ask for no preview launch nothing (``force``: drafts and paths do).
+        # 0. Guards: a closed PR, a draft, a fork not allow-listed (or its commit not approved),
+        #    a newer push, or changed files that ask for no preview launch nothing (``force``:
+        #    drafts and paths do).
         try:
             verdict = guard(
                 github,
@@ -249,6 +252,7 @@ def _preview(
                 labels,
                 skip_drafts=settings.skip_drafts and not force,
                 event_draft=draft,
+                fork_previews=settings.fork_previews,
             )
             pull_labels = verdict.labels  # the keep label's, after the deploy
             if verdict.ok and not force:
@@ -268,6 +272,8 @@ def _preview(
             logger.info("not launching: %s", verdict.reason)
             if outcome is Outcome.REFUSED_FORK:
                 report.tell(PreviewState.REFUSED, detail=verdict.reason)
+            elif outcome is Outcome.AWAITING_APPROVAL:
+                report.tell(PreviewState.AWAITING_APPROVAL, detail=verdict.reason)
             elif outcome is Outcome.NO_MATCHING_PATHS:
                 report.tell(PreviewState.SKIPPED, detail=verdict.reason)
             else:

@@ -9,7 +9,8 @@ flow or a lost webhook left behind, and touches nothing without our Purpose tag 
 4. announce: events, "expired" comments; warn the PRs whose preview expires within the hour
 5. revoke leftover db-sg rules   6. renew the expiry of pinned previews
 7. drop the databases of previews that are gone (database: per-preview)
-8. remove the names of previews that are gone (dns_zone_id)   9. report
+8. put idle previews to sleep (idle_stop_minutes)
+9. remove the names of previews that are gone (dns_zone_id)   10. report
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.events import emit_event
 
+from flows.sleep import stop_idle_previews
 from tasks.cloud.aws import build_clients
 from tasks.cloud.databases import DatabaseFailed
 from tasks.config import RunOverrides, run_config
@@ -24,7 +26,9 @@ from tasks.run.budget import run_budget
 from tasks.run.errors import PreviewError
 from tasks.steps.database import sweep_databases
 from tasks.steps.dns import sweep_names
+from tasks.steps.sleep import ACTIVITY_TIMEOUT_SECONDS
 from tasks.steps.sweep import (
+    StickyExpiry,
     SweepReport,
     github_or_none,
     publish_sweep_report,
@@ -42,9 +46,13 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
     """Terminate previews past their TTL, with a closed PR, or too old to judge; report all."""
     settings = run_config(config)
     clients = build_clients(settings)
-    with run_budget(settings.sweep_timeout_seconds()):
+    budget = settings.sweep_timeout_seconds()
+    if settings.idle_stop_minutes is not None:  # one activity read, a few locks
+        budget += ACTIVITY_TIMEOUT_SECONDS + 4 * settings.sleep_lock_wait_seconds
+    with run_budget(budget):
+        report_github = github_or_none(settings)
         report = sweep(
-            clients.ec2, settings, dry_run=dry_run, github=github_or_none(settings), emit=emit_event
+            clients.ec2, settings, dry_run=dry_run, github=report_github, emit=emit_event
         )
         # 6. Pinned previews: their expiry, and the timer with it, kept ahead.
         renewals = renew_pinned(clients, settings, report.live, report.now, dry_run)
@@ -58,7 +66,20 @@ def ttl_sweeper(dry_run: bool = False, config: RunOverrides | None = None) -> Sw
             else:
                 report.dropped_databases = databases.dropped
                 report.failed_databases = databases.failed
-        # 8. Names in the VPC whose preview is gone (dns_zone_id).
+        # 8. Previews nobody used for idle_stop_minutes: asleep until a push or a tunnel.
+        if settings.idle_stop_minutes is not None:
+            github = report_github if isinstance(report_github, StickyExpiry) else None
+            idle = stop_idle_previews(
+                clients,
+                settings,
+                report.live,
+                github.github if github else None,
+                now=report.now,
+                dry_run=dry_run,
+            )
+            report.idle = {row["instance"]: row["outcome"] for row in idle.rows}
+            report.slept_idle = idle.changed
+        # 9. Names in the VPC whose preview is gone (dns_zone_id).
         names_failed = ""
         try:
             report.removed_names = sweep_names(clients, settings, dry_run)

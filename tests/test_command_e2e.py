@@ -1,7 +1,8 @@
 """``/preview`` commands end to end on the shared installation: a comment's delivery → receiver
 → Prefect event → pr-command run → the preview in moto and the pull request in the fake GitHub.
 
-One test drives the commands in sequence on one pull request: each delivery costs a run.
+One test drives the commands in sequence on one pull request: each delivery costs a run; one
+more has a fork's pull request wait for, and get, a writer's approval.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from local_stack.prefect_server import signed_delivery
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, parse_time
 from tasks.github.pull_request import marker
+from tasks.run.approvals import approval_name
 from tests.support.installation import REPO, SECRET, Installation
 from tests.support.moto_state import live, tags
 
@@ -26,17 +28,17 @@ SHA = "c" * 40
 
 
 def comment(
-    e2e: Installation, body: str, login: str, *, bot: bool = False
+    e2e: Installation, body: str, login: str, *, bot: bool = False, pr: int = PR
 ) -> tuple[httpx.Response, int]:
     """What GitHub does when ``login`` comments ``body`` on the PR: the comment exists, a
     delivery is sent (its own comment id and time: every delivery's body differs)."""
-    comment_id = e2e.github.add_comment(REPO, PR, body, user=login)
+    comment_id = e2e.github.add_comment(REPO, pr, body, user=login)
     user = {"login": login, "id": 7, "type": "Bot" if bot else "User"}
     payload: dict[str, Any] = {
         "action": "created",
         "issue": {
-            "number": PR,
-            "pull_request": {"url": f"https://api.github.com/repos/{REPO}/pulls/{PR}"},
+            "number": pr,
+            "pull_request": {"url": f"https://api.github.com/repos/{REPO}/pulls/{pr}"},
         },
         "comment": {
             "id": comment_id,
@@ -51,11 +53,13 @@ def comment(
     return signed_delivery(e2e.receiver, SECRET, "issue_comment", payload), comment_id
 
 
-def command(e2e: Installation, body: str, login: str, done: int) -> tuple[dict[str, Any], int]:
+def command(
+    e2e: Installation, body: str, login: str, done: int, *, pr: int = PR
+) -> tuple[dict[str, Any], int]:
     """Comment ``body`` as ``login`` and wait for the PR's ``done``-th command run."""
-    answer, comment_id = comment(e2e, body, login)
+    answer, comment_id = comment(e2e, body, login, pr=pr)
     assert answer.status_code == 200, answer.text
-    runs = e2e.wait_for_pr_runs(COMMANDS, PR, done, timeout=180)
+    runs = e2e.wait_for_pr_runs(COMMANDS, pr, done, timeout=180)
     [run] = [r for r in runs if r["parameters"]["comment_id"] == comment_id]
     return run, comment_id
 
@@ -148,3 +152,23 @@ def test_writers_command_the_preview_and_nobody_else_does(e2e: Installation) -> 
     assert ours(e2e) == []
     assert "Destroyed: `/preview destroy` by @wanda" in sticky(e2e)
     assert len(replies(e2e)) == 3  # the refusal and the two lists of commands
+
+
+def test_a_forks_pull_request_waits_until_a_writer_approves_its_commit(e2e: Installation) -> None:
+    pr, fork = 32, "outsider/hello-api"
+    e2e.configure(fork_previews="approve")
+    e2e.github.add_collaborator(REPO, "wanda", "write")
+    try:
+        assert e2e.deliver("opened", pr, SHA, head_repo=fork).status_code == 200
+        [waiting] = e2e.wait_for_pr_runs("pr-preview/pr-preview", pr, 1, timeout=180)
+        assert waiting["state_name"] == "Awaiting Approval", e2e.outcomes([waiting])
+        assert e2e.live_for(pr) == []
+        assert f"`/preview approve {SHA}`" in e2e.github.comment_bodies(REPO, pr)[0]
+
+        run, _ = command(e2e, f"/preview approve {SHA}", "wanda", 1, pr=pr)
+        assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
+        [instance] = e2e.live_for(pr)
+        assert tags(instance)["Sha"] == SHA
+    finally:
+        with e2e.stack.client() as http:
+            http.delete(f"/variables/name/{approval_name(REPO, pr)}")

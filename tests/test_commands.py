@@ -20,7 +20,8 @@ REPO = "octo-org/app"
         ("/preview stop", Command(Verb.STOP)),
         ("/preview   start ", Command(Verb.START)),
         ("/preview destroy", Command(Verb.DESTROY)),
-        ("/preview approve", Command(Verb.APPROVE)),
+        (f"/preview approve {'ab12' * 10}", Command(Verb.APPROVE, sha="ab12" * 10)),
+        (f"/preview approve {'cd' * 32}", Command(Verb.APPROVE, sha="cd" * 32)),  # SHA-256
         ("/preview extend 8h", Command(Verb.EXTEND, 8.0)),
         ("/preview extend 90m", Command(Verb.EXTEND, 1.5)),
         ("/preview extend 72h", Command(Verb.EXTEND, 72.0)),
@@ -44,6 +45,11 @@ def test_the_grammar_gives_each_command(text: str, command: Command) -> None:
         ("/preview extend 1.5h", "is not a duration"),
         ("/preview extend 8h;reboot", "is not a duration"),
         ("/preview extend $(id)h", "is not a duration"),
+        ("/preview approve", "takes the whole sha"),
+        ("/preview approve 1a2b3c4", "takes the whole sha"),  # cheap to collide with
+        (f"/preview approve {'AB12' * 10}", "takes the whole sha"),
+        (f"/preview approve {'ab12' * 10} {'ab12' * 10}", "takes the whole sha"),
+        (f"/preview approve {'ab12' * 10};id", "takes the whole sha"),
         ("/preview extend 73h", "at most 72 hours"),
         ("/preview extend 4321m", "at most 72 hours"),
         ("/preview stop" + " " * 200 + "…", "one short line"),
@@ -59,7 +65,8 @@ def test_anything_else_is_a_bad_command_saying_why(text: str, why: str) -> None:
 
 
 def test_the_canonical_text_parses_back_to_the_same_command() -> None:
-    for command in (Command(Verb.STATUS), Command(Verb.STOP), Command(Verb.EXTEND, 1.5)):
+    approve = Command(Verb.APPROVE, sha="0f" * 20)
+    for command in (Command(Verb.STATUS), Command(Verb.STOP), Command(Verb.EXTEND, 1.5), approve):
         assert parse_command(command.text(), max_ttl_hours=72) == command
     assert Command(Verb.EXTEND, 8.0).text() == "/preview extend 8h"
 

@@ -14,7 +14,7 @@ from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time
 from tasks.config import PreviewConfig
 from tasks.steps.command import extend_preview
 from tasks.steps.pin import pin_preview, unpin_preview
-from tests.test_instance_runtime import AMI, run
+from tests.test_instance_runtime import AMI, run, wait_for
 
 TIMER = "/run/pr-preview/shutdown-at"
 
@@ -39,7 +39,11 @@ def booted_preview(aws: AwsClients, config: PreviewConfig) -> str:
         ],
     )
     instance_id: str = reservation["Instances"][0]["InstanceId"]
-    assert run(aws, instance_id, "true")["Status"] == "Success"  # its agent answers
+    wait_for(  # its agent answers, and its user data has set the timer
+        lambda: (
+            "status: done" in run(aws, instance_id, "cloud-init status")["StandardOutputContent"]
+        )
+    )
     return instance_id
 
 

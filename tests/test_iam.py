@@ -60,6 +60,7 @@ from tasks.cloud.dns import record_name
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import (
+    TAG_ACTIVE_AT,
     TAG_NAME,
     TAG_PINNED,
     TAG_PR,
@@ -628,7 +629,13 @@ def record(
     leftover_names: list[str] = []
 
     def swept() -> None:
+        # idle_stop_minutes: the sweeper reads each running preview's activity and keeps it.
+        config.idle_stop_minutes = 30
+        used = format_time(datetime.now(UTC) - timedelta(minutes=5))
+        scripted_ssm.on(r"LAST-ACTIVITY", Reply(stdout=f"ACTIVITY 0 0\nLAST-ACTIVITY {used}\n"))
         report = ttl_sweeper(config=config)
+        assert report.idle and not report.slept_idle
+        config.idle_stop_minutes = None
         assert (report.terminated, len(report.revoked_rules)) == (expired, 1)
         assert report.dropped_databases == [database_name(REPO, 47)]
         assert report.removed_names == leftover_names
@@ -692,7 +699,14 @@ def phase_table(recording: Recording) -> str:
 
 
 SPARE_CONDITION = f"aws:ResourceTag/{TAG_SPARE}"
-SLEEP_TAGS = {TAG_SLEEP_STATE, TAG_SLEPT_AT, TAG_WOKE_AT, TAG_RAN_SECONDS, TAG_SLEPT_SECONDS}
+SLEEP_TAGS = {
+    TAG_SLEEP_STATE,
+    TAG_SLEPT_AT,
+    TAG_WOKE_AT,
+    TAG_RAN_SECONDS,
+    TAG_SLEPT_SECONDS,
+    TAG_ACTIVE_AT,
+}
 # The keep label's pin and the expiry warning's claim, moved on our instances only.
 EXPIRY_TAGS = {TAG_PINNED, TAG_WARNED_FOR}
 

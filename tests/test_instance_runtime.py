@@ -371,3 +371,40 @@ def test_a_machine_without_namespaces_is_told_what_to_enable(
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(KernelFeatureMissing, match="apt-get install util-linux"):
         check_kernel()
+
+
+TICK_USER_DATA = """#!/bin/bash
+set -euo pipefail
+printf '#!/bin/bash\\ndate +%%s.%%N >> /var/lib/tick.log\\n' > /usr/local/bin/tick
+chmod 755 /usr/local/bin/tick
+printf '[Service]\\nType=oneshot\\nExecStart=/usr/local/bin/tick\\n' \\
+  > /etc/systemd/system/tick.service
+printf '[Timer]\\nOnBootSec=1min\\nOnUnitActiveSec=1min\\n[Install]\\nWantedBy=timers.target\\n' \\
+  > /etc/systemd/system/tick.timer
+systemctl daemon-reload
+systemctl enable --now tick.timer
+"""
+
+
+def test_an_enabled_timer_runs_its_service_and_starts_again_after_a_stop_and_start(
+    aws: AwsClients, real_instances: InstanceRuntime
+) -> None:
+    """What the activity timer of the user data rests on (tasks/cloud/on_instance.py); the
+    local stack shortens its minute to a fifth of a second."""
+    real_instances.apply({"env": {"PR_PREVIEW_TIMER_SECONDS": "0.2"}})
+    instance_id = boot(aws, TICK_USER_DATA)
+
+    def ticks() -> int:
+        found = run(aws, instance_id, "cat /var/lib/tick.log 2>/dev/null || true")
+        return len(found["StandardOutputContent"].split())
+
+    wait_for(lambda: ticks() >= 2)
+    active = run(aws, instance_id, "systemctl is-active tick.timer")
+    assert (active["ResponseCode"], active["StandardOutputContent"]) == (0, "active\n")
+    assert run(aws, instance_id, "systemctl is-active nothing.timer")["ResponseCode"] == 4
+
+    aws.ec2.stop_instances(InstanceIds=[instance_id])
+    wait_for(lambda: state(aws, instance_id) == "stopped")
+    aws.ec2.start_instances(InstanceIds=[instance_id])
+    kept = ticks()  # the log the disk kept; it grows again: the timer started with the instance
+    wait_for(lambda: ticks() >= kept + 2)

@@ -33,6 +33,7 @@ from local_stack.serve import serve_handler
 from tasks.cloud.aws import AwsClients
 from tasks.config import PreviewConfig
 from tasks.github.pull_request import marker
+from tasks.run.approvals import approved_sha, forget_approval
 from tests.fakes.github import FakeGitHub, app_key_pair
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.moto_state import live, tags
@@ -571,3 +572,80 @@ def test_changed_files_that_ask_for_nothing_launch_nothing_until_redeploy_forces
     github.comments[(REPO, 82)] = []
     github.set_changed_files(REPO, 82, ["site/guide.txt", "src/app.py"])
     assert pr_preview(REPO, 82, SHA2, action="opened", config=config).status == "ready"
+
+
+@pytest.fixture
+def forgets_approvals() -> Iterator[None]:
+    """The approvals a test records go with it (a closed PR's teardown forgets them too)."""
+    yield
+    forget_approval(REPO, 90)
+
+
+def test_a_forks_commit_waits_for_a_writers_approval_and_a_later_push_waits_again(
+    aws: AwsClients, config: PreviewConfig, app_github: FakeGitHub, forgets_approvals: None
+) -> None:
+    github = app_github
+    config.fork_previews = "approve"
+    github.add_pull(REPO, pull(90, SHA1, head_repo=FORK))
+    github.add_collaborator(REPO, "wanda", "write")
+    github.add_collaborator(REPO, "rhea", "read")
+
+    def command(text: str, login: str) -> Any:
+        comment = github.add_comment(REPO, 90, text, user=login)
+        return pr_command(REPO, 90, text, comment, login, config=config, return_state=True)
+
+    def sticky() -> str:
+        [body] = bot_comments(github, 90)
+        return body
+
+    # The fork's PR waits: no instance, a comment saying who may approve what, a neutral check.
+    waiting = pr_preview(
+        REPO, 90, SHA1, action="opened", head_repo=FORK, config=config, return_state=True
+    )
+    assert waiting.is_completed() and waiting.name == "Awaiting Approval"
+    assert live(aws) == []
+    assert sticky().splitlines()[1] == "### ✋ Preview awaiting approval"
+    assert f"`/preview approve {SHA1}`" in sticky() and "write access to octo-org/app" in sticky()
+    assert github.check_run_states(REPO, SHA1) == [[("queued", None), ("completed", "neutral")]]
+    assert github.check_runs[REPO][-1]["output"]["title"] == "✋ Preview awaiting approval"
+
+    # A reader's approval approves nothing.
+    refused = command(f"/preview approve {SHA1}", "rhea")
+    assert refused.name == "Not Permitted"
+    assert live(aws) == [] and approved_sha(REPO, 90) is None
+
+    # A writer's approval of the head: recorded for that sha, and its preview runs.
+    approved = command(f"/preview approve {SHA1}", "wanda")
+    assert approved.is_completed() and approved.result().outcome == "approved: ready"
+    [instance] = live(aws)
+    assert tags(instance)["Sha"] == SHA1 and tags(instance)["PR"] == "90"
+    assert approved_sha(REPO, 90) == SHA1
+    assert sticky().splitlines()[1] == "### ✅ Preview ready"
+    assert github.check_run_states(REPO, SHA1)[-1][-1] == ("completed", "success")
+
+    # A command ends in the check run of the preview's commit too.
+    assert command("/preview stop", "wanda").is_completed()
+    assert github.check_run_states(REPO, SHA1)[-1] == [("completed", "neutral")]
+    assert github.check_runs[REPO][-1]["output"]["title"] == "⏸ Preview stopped"
+
+    # The fork pushes: the approval does not cover the new commit, which waits again.
+    github.pulls[(REPO, 90)] = pull(90, SHA2, head_repo=FORK)
+    pushed = pr_preview(
+        REPO, 90, SHA2, action="synchronize", head_repo=FORK, config=config, return_state=True
+    )
+    assert pushed.name == "Awaiting Approval"
+    assert [tags(i)["Sha"] for i in live(aws)] == [SHA1]  # nothing of SHA2 runs
+    assert f"`/preview approve {SHA2}`" in sticky()
+
+    # Approving the commit before the push now does nothing, and says so.
+    stale = command(f"/preview approve {SHA1}", "wanda")
+    assert stale.name == "Not The Head"
+    [answer] = [b for b in github.comment_bodies(REPO, 90) if b.startswith("@wanda")]
+    assert "not the head" in answer and f"`/preview approve {SHA2}`" in answer
+    assert [tags(i)["Sha"] for i in live(aws)] == [SHA1] and approved_sha(REPO, 90) == SHA1
+
+    # Closed: the preview goes, and so does the approval.
+    github.pulls[(REPO, 90)] = pull(90, SHA2, head_repo=FORK, state="closed")
+    assert pr_teardown(REPO, 90, config=config).terminated == [instance["InstanceId"]]
+    assert approved_sha(REPO, 90) is None
+    assert_app_only(github)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from flows.run_end import report_run_end
 from tasks.config import PreviewConfig
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, served_github
 
 
 @pytest.fixture
-def github(github_api: FakeGitHub) -> FakeGitHub:
-    return github_api
+def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
+    with served_github(monkeypatch) as fake:
+        yield fake
 
 
 @pytest.mark.parametrize("state", ["CRASHED", "CANCELLED"])

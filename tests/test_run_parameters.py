@@ -10,7 +10,7 @@ posted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,7 +31,7 @@ from tasks.app.user_data import LaunchSpec
 from tasks.cloud.aws import AwsClients
 from tasks.config import TUNING_FIELDS, VARIABLE_NAME, PreviewConfig
 from tasks.steps.launch import launch_instance
-from tests.fakes.github import FakeGitHub
+from tests.fakes.github import FakeGitHub, served_github
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import instances
 
@@ -41,8 +41,9 @@ FLOWS: list[Flow[..., Any]] = [pr_preview, pr_teardown, ttl_sweeper, pr_spares, 
 
 
 @pytest.fixture
-def github(github_api: FakeGitHub) -> FakeGitHub:
-    return github_api
+def github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
+    with served_github(monkeypatch) as fake:
+        yield fake
 
 
 @pytest.fixture

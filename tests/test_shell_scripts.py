@@ -8,6 +8,7 @@ nothing else, to show that configuration and data reach commands as arguments, n
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import pytest
 import tasks.app.user_data
 from tasks.app.app_env import AppFiles, app_env_commands, preview_env
 from tasks.app.user_data import LaunchSpec, compose_file, render_spare_user_data, render_user_data
+from tasks.cloud import on_instance
 from tasks.cloud.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check, probe_command
 from tasks.config import PreviewConfig
 from tasks.steps.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
 from tasks.steps.diagnose import evidence_sections
 from tasks.steps.migrate import migrate_commands, seed_commands
+from tasks.steps.spares import spare_check
 from tasks.steps.update import deploy_commands, health_commands, ttl_commands
 from tasks.steps.wait_ready import ready_command
 
@@ -131,6 +134,9 @@ def compose_call(app: Path) -> str:
 @pytest.fixture
 def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
     monkeypatch.setattr(tasks.app.user_data, "STATE_DIR", str(tmp_path / "state"))
+    # The activity timer's files (tasks/cloud/on_instance.py) go below the sandbox too.
+    monkeypatch.setattr(on_instance, "ACTIVITY_SCRIPT", str(tmp_path / "lib" / "sample-activity"))
+    monkeypatch.setattr(on_instance, "SYSTEM_UNITS", str(tmp_path / "units"))
     return Sandbox(tmp_path)
 
 
@@ -185,6 +191,8 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
             ),
         ),
         "confirm-ttl": ttl_commands(config),
+        "activity-read": on_instance.activity_read(config.app_port),
+        "spare-check": spare_check(30),
     }
     for index, path in enumerate(config.probe_paths):
         scripts[f"probe-{index}"] = probe_command(config.app_port, path)
@@ -192,6 +200,17 @@ def ssm_scripts(config: PreviewConfig) -> dict[str, list[str]]:
     for section in evidence_sections(config):
         scripts[f"diagnose-{section.name}"] = list(section.commands)
     return scripts
+
+
+def activity_sampler(user_data: str) -> str:
+    """The sampler script the user data writes, read back from its ``printf``."""
+    line = next(
+        line
+        for line in user_data.split("\nprintf '%s\\n' ")
+        if line.startswith("'#!/bin/bash\n# pr-preview: is anyone")
+    )
+    [script] = shlex.split(line.split(" | put ")[0])
+    return script
 
 
 def all_scripts() -> dict[str, str]:
@@ -203,6 +222,8 @@ def all_scripts() -> dict[str, str]:
         found[f"bake-user-data-{label}.sh"] = render_bake_user_data(config, image_ref, 1.0)
         for name, commands in ssm_scripts(config).items():
             found[f"{name}-{label}.sh"] = "\n".join(commands) + "\n"
+        # The activity sampler the user data installs, as its own file.
+        found[f"sample-activity-{label}.sh"] = activity_sampler(render_user_data(config, SPEC))
     return {
         name: text if text.startswith("#!") else "#!/bin/bash\n" + text
         for name, text in found.items()

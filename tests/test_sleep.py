@@ -15,10 +15,11 @@ from flows.sleep import BEING_DEPLOYED, pr_sleep, pr_wake
 from local_stack.scripted_instance import ScriptedInstances
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import Preview, describe_preview
+from tasks.cloud.power import WakeFailed, wake_instance
 from tasks.cloud.tags import TAG_KEEP, TAG_SPARE, format_time, parse_time
 from tasks.config import PreviewConfig
 from tasks.run.locks import hold, pr_lock_name
-from tasks.steps.sleep import WakeFailed, plan_sleep, sleep_instance, wake_instance
+from tasks.steps.sleep import plan_sleep, sleep_instance
 from tasks.steps.sweep import sweep
 from tests.support.moto_state import state_of, tags
 from tests.test_sweeper import preview_tags, run

@@ -5,9 +5,12 @@ shutdown timer, behind moto's StopInstances/StartInstances (local_stack/instance
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -15,12 +18,13 @@ import pytest
 
 from deployments.cli.tunnel import forward_when_accepted, wake_if_asleep
 from flows.preview import pr_preview
-from flows.sleep import pr_sleep, pr_wake
+from flows.sleep import PowerReport, pr_sleep, pr_wake, stop_idle_previews
 from local_stack.instance.sandbox import SHIMS
+from tasks.cloud.instances import find_previews
+from tasks.cloud.on_instance import ACTIVITY_SCRIPT, ACTIVITY_UNIT, LAST_ACTIVITY
 from tasks.cloud.ssm import run_command
 from tasks.cloud.tags import parse_time
 from tasks.cloud.tunnel import tunnel_argv
-from tasks.steps.sleep import sleep_instance
 from tests import test_failure_table as failure_table
 from tests.support import REGION
 from tests.support.moto_state import state_of, tags
@@ -33,6 +37,7 @@ database = failure_table.database
 world = failure_table.world
 
 KEEPSAKE = "/var/lib/pr-preview-test/keepsake"
+APP_PORT = shlex.quote("( sport = :8000 )")
 
 
 def on_instance(world: World, instance_id: str, command: str) -> str:
@@ -41,6 +46,12 @@ def on_instance(world: World, instance_id: str, command: str) -> str:
     )
     assert result.ok, result.output
     return result.stdout.strip()
+
+
+def idle_stop(world: World, now: datetime) -> PowerReport:
+    """The sweeper's idle stop, judged at ``now``."""
+    live = find_previews(world.aws.ec2, world.config.purpose_tag)
+    return stop_idle_previews(world.aws, world.config, live, None, now=now)
 
 
 def comments(world: World, instance_id: str) -> dict[str, str]:
@@ -72,6 +83,9 @@ def test_a_night_asleep_an_idle_stop_and_a_push_that_wakes_it_in_place(world: Wo
     [reservation] = world.aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
     after = tags(reservation["Instances"][0])
     assert "sleep-state" not in after
+    # The activity timer is enabled: it started again with the instance.
+    timer = f"systemctl is-active {ACTIVITY_UNIT}.timer"
+    assert on_instance(world, instance_id, timer) == "active"
     shutdown_at = parse_time(after["shutdown-at"])
     assert shutdown_at is not None
     sandbox = world.runtime.sandboxes[instance_id]
@@ -85,9 +99,31 @@ def test_a_night_asleep_an_idle_stop_and_a_push_that_wakes_it_in_place(world: Wo
     with port_forwarding(world.runtime, instance_id) as url:
         assert SHA1 in httpx.get(url, timeout=10).text
 
-    # Idle: stopped again; a push wakes it and deploys the new sha on the same instance.
-    assert sleep_instance(world.aws, world.config, instance_id, "idle") is not None
+    # Idle: the instance samples its use. A connection held open through port forwarding
+    # keeps it awake through the sweeper's idle stop, even judged minutes from now; closed,
+    # the same stop puts it to sleep once idle_stop_minutes have passed since that use.
+    world.config.idle_stop_minutes = 5
+    later = datetime.now(UTC) + timedelta(minutes=6)
+    with port_forwarding(world.runtime, instance_id) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            held = ""
+            deadline = time.monotonic() + 10
+            while not held and time.monotonic() < deadline:
+                held = on_instance(world, instance_id, f"ss -Htn state established {APP_PORT}")
+            assert on_instance(world, instance_id, ACTIVITY_SCRIPT) == "ACTIVITY 0 1"
+            awake = idle_stop(world, later)
+        assert awake.changed == [] and state_of(world.aws, instance_id) == "running"
+        assert awake.rows[0]["outcome"] == "in use now (0 sessions, 1 connections)"
+    recorded = parse_time(on_instance(world, instance_id, f"cat {LAST_ACTIVITY}"))
+    assert recorded is not None and later - recorded > timedelta(minutes=5)
+    assert idle_stop(world, datetime.now(UTC)).changed == []  # used a moment ago
+    assert idle_stop(world, later).changed == [instance_id]
     assert state_of(world.aws, instance_id) == "stopped"
+    [reservation] = world.aws.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    assert tags(reservation["Instances"][0])["sleep-state"] == "idle"
+
+    # A push wakes it and deploys the new sha on the same instance.
     pushed = pr_preview(
         REPO, 42, SHA2, action="synchronize", config=world.config, return_state=True
     )

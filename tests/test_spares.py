@@ -18,6 +18,7 @@ import yaml
 
 import flows.preview
 from flows.preview import PreviewResult, pr_preview
+from flows.sleep import pr_sleep, pr_wake
 from flows.spares import pr_spares
 from local_stack.registry import FakeRegistry
 from local_stack.scripted_instance import Reply, ScriptedInstances
@@ -273,3 +274,40 @@ def test_a_claim_starts_pr_spares_through_its_trigger_in_prefect_yaml() -> None:
     pattern = trigger["match"]["prefect.resource.id"]
     assert fnmatch.fnmatchcase(claimed["resource"]["prefect.resource.id"], pattern)
     assert [s["cron"] for s in raw["schedules"]] == ["*/30 * * * *"]
+
+
+def test_spares_sleep_with_the_schedule_count_while_asleep_and_a_claim_at_night_starts_one(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances
+) -> None:
+    make_spares(aws, config, 2)
+    first, second = (spare.instance_id for spare in find_spares(aws.ec2, config))  # oldest first
+
+    # The night: both stopped with the previews, asleep for the schedule.
+    night = pr_sleep(config=config)
+    assert sorted(night.spares) == sorted([first, second])
+    assert {state_of(aws, i) for i in (first, second)} == {"stopped"}
+    assert live_by_id(aws)[first]["sleep-state"] == "scheduled"
+    # Asleep, they still count: pr-spares launches no running replacement at night.
+    kept = replenish_spares(aws.ec2, config, ami_id=current_ami(aws, config), subnet_id=None)
+    assert (kept.launched, sorted(kept.kept)) == ([], sorted([first, second]))
+    # A claim that cannot start a spare never takes a stopped one.
+    spec, ami = LaunchSpec(REPO, 14, SHA), current_ami(aws, config)
+    passed = claim_spare(aws.ec2, aws.ssm, config, spec, ami_id=ami)
+    assert passed.instance_id is None
+    assert set(passed.skipped.values()) == {"asleep, and this claim cannot wake it"}
+
+    # A PR opened at night: the oldest spare is started (timer re-armed), checked, claimed.
+    result = pr_preview(REPO, 14, SHA, action="opened", config=config)
+    assert (result.status, result.path, result.instance_id) == ("ready", "spare", first)
+    assert state_of(aws, first) == "running"
+    assert "sleep-state" not in live_by_id(aws)[first]
+    rearm = scripted_ssm.commands(first, r"shutdown -h")[0]
+    check = scripted_ssm.commands(first, SPARE_CHECK)[-1]
+    assert scripted_ssm.commands(first).index(rearm) < scripted_ssm.commands(first).index(check)
+    assert state_of(aws, second) == "stopped"
+
+    # The morning: the other spare is started again by the wake.
+    morning = pr_wake(config=config)
+    assert morning.spares == [second] and not morning.failed
+    assert state_of(aws, second) == "running"
+    assert "sleep-state" not in live_by_id(aws)[second]

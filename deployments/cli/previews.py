@@ -1,6 +1,7 @@
 """``pr-preview list``: the previews, their PR, sha, instance, state (asleep: why and since
-when), age, time left, cost so far (running hours, and the volume while stopped) and what
-sleeping saved against running around the clock."""
+when), age, last activity and idle time (as the sweeper last read them from the instance),
+time left, cost so far (running hours, and the volume while stopped) and what sleeping saved
+against running around the clock."""
 
 from __future__ import annotations
 
@@ -60,6 +61,17 @@ def _state(preview: Preview, now: datetime) -> str:
         slept = f" {_duration(now - since)}" if since else ""
         return f"{preview.state}: asleep ({preview.sleep_state}){slept}"
     return preview.state
+
+
+def _activity_cells(preview: Preview, now: datetime) -> list[str]:
+    """LAST ACTIVE (an SSM session or a connection to the app, as the sweeper last read it
+    from the instance) and IDLE (since then, its last deploy or its wake): running PR previews
+    only — a stopped one sleeps, a spare serves nobody."""
+    if preview.state != "running" or preview.pr_number is None:
+        return ["-", "-"]
+    active_at = preview.active_at
+    last = f"{_duration(now - active_at)} ago" if active_at else "never seen"
+    return [last, _duration(now - preview.idle_since())]
 
 
 def _cost_lines(settings: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
@@ -136,13 +148,15 @@ def cmd_list(args: argparse.Namespace) -> int:
             p.instance_id,
             _state(p, now),
             f"{_duration(now - p.launch_time)} ago",
+            *_activity_cells(p, now),
             _expires(p, now) if p.state in LIVE_STATES else "-",
             *_cost_cells(costs.get(p.instance_id)),
             saved.get(p.instance_id, "-"),
         ]
         for p in previews
     ]
-    header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "EXPIRES IN"]
+    header = ["PR", "REPO", "SHA", "INSTANCE", "STATE", "LAUNCHED", "LAST ACTIVE", "IDLE"]
+    header += ["EXPIRES IN"]
     header += ["COST SO FAR", "AT EXPIRY", "SAVED ASLEEP"]
     if settings.database == "per-preview":  # each preview's own database and its size
         from tasks.cloud.databases import database_name, human_size
@@ -165,4 +179,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"\n{len(previews)} preview{'s' if len(previews) != 1 else ''} {where}.")
     for line in _cost_lines(settings, list(costs.values())):
         print(line)
+    if settings.idle_stop_minutes is not None:
+        print(
+            f"The sweeper puts a preview to sleep after {settings.idle_stop_minutes} min idle"
+            " (idle_stop_minutes); LAST ACTIVE is as of its last read."
+        )
     return 0

@@ -103,7 +103,7 @@ def wake_if_asleep(
 ) -> str | None:
     """Start the PR's sleeping preview when it has no running one; its id, or None."""
     from tasks.cloud.instances import find_previews
-    from tasks.steps.sleep import WakeFailed, wake_instance
+    from tasks.cloud.power import WakeFailed, wake_instance
 
     previews = find_previews(clients.ec2, settings.purpose_tag, repo=repo, pr_number=pr_number)
     asleep = [p for p in previews if p.state in ("stopping", "stopped") and p.sleep_state]

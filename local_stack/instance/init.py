@@ -13,7 +13,7 @@ namespaces (``unshare``). In order:
 4. the user data runs as root with bash, its output in ``/var/log/cloud-init-output.log``, and
    ``/run/cloud-init/status.json`` follows its progress for the ``cloud-init`` shim;
    — on a restart (a stopped instance started) the user data does not run again: enabled
-   units start (dockerd, which restarts the containers whose policy says so), and port
+   units start (dockerd, which restarts the containers whose policy says so; timers), and port
    forwarding is let in only ``session_delay_seconds`` after Run Command (Session Manager's
    reconnection after a start);
 5. PID 1 then reaps orphans until the instance is terminated (SIGKILL from the host ends the
@@ -33,7 +33,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from local_stack.instance.relay import Bridge, RelayLoop
 
@@ -41,7 +41,8 @@ CLOUD_INIT_VERSION = "22.2.2"  # what AL2023 ships
 USER_DATA_SCRIPT = "/var/lib/cloud/instance/scripts/part-001"
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
 STATUS_FILE = "/run/cloud-init/status.json"
-ENABLED_DOCKER = Path("/var/lib/pr-preview-shim/units/docker.enabled")  # the systemctl shim's
+UNITS = Path("/var/lib/pr-preview-shim/units")  # the systemctl shim's enabled units
+ENABLED_DOCKER = UNITS / "docker.enabled"
 
 
 def run(*argv: str) -> None:
@@ -128,19 +129,27 @@ def start_relays(config: dict[str, Any]) -> RelayLoop:
 def start_units(config: dict[str, Any]) -> int:
     """A restart's boot: cloud-init has nothing left to run, enabled units start (systemd)."""
     write_status("done")
-    if not ENABLED_DOCKER.exists():
-        return 0
-    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    units = [["docker"]] if ENABLED_DOCKER.exists() else []
+    units += [[p.name.removesuffix(".enabled")] for p in sorted(UNITS.glob("*.timer.enabled"))]
+    status = 0
     with open(OUTPUT_LOG, "ab", buffering=0) as log:
-        return subprocess.run(
-            ["systemctl", "start", "docker"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd="/",
-            check=False,
-        ).returncode
+        for unit in units:
+            status = as_root(config, ["systemctl", "start", *unit], log) or status
+    return status
+
+
+def as_root(config: dict[str, Any], argv: list[str], log: BinaryIO) -> int:
+    """``argv`` as root from ``/`` with the instance's environment, its output in ``log``."""
+    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd="/",
+        check=False,
+    ).returncode
 
 
 def write_status(status: str, **extra: Any) -> None:
@@ -164,7 +173,6 @@ def boot(config: dict[str, Any], started: float) -> int:
     script.write_text(Path(config["user_data_file"]).read_text())
     script.chmod(0o700)
     Path(OUTPUT_LOG).parent.mkdir(parents=True, exist_ok=True)
-    env = {**config["env"], "HOME": "/root", "USER": "root", "LOGNAME": "root"}
     delay = float(config.get("boot_seconds", 0))
     if delay:
         time.sleep(delay)
@@ -173,18 +181,9 @@ def boot(config: dict[str, Any], started: float) -> int:
             f"Cloud-init v. {CLOUD_INIT_VERSION} running 'modules:final' at {now()}."
             f" Up {time.monotonic() - started:.2f} seconds.\n".encode()
         )
-        if script.read_text().strip():
-            status = subprocess.run(
-                ["/bin/bash", str(script)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd="/",
-                check=False,
-            ).returncode
-        else:
-            status = 0
+        status = (
+            as_root(config, ["/bin/bash", str(script)], log) if script.read_text().strip() else 0
+        )
         if status != 0:
             log.write(
                 f"{now()} - cc_scripts_user.py[WARNING]: Failed to run module scripts-user"

@@ -37,6 +37,7 @@ WRITABLE = (
     "/run",
     "/root/.docker",
     "/etc/docker",
+    "/etc/systemd/system",
     "/usr/local/bin",
     "/usr/local/lib",
 )

@@ -10,8 +10,10 @@ in the tests instead of passing against a shim that nods.
   puts the real Docker Engine (the host's, offered in the instance's local repository) in the
   instance's own /usr/local/bin; ``PR_PREVIEW_DNF_SECONDS`` models its duration,
   ``PR_PREVIEW_DNF_OFFLINE=1`` its repository being out of reach.
-- ``systemctl``: the docker unit only — ``enable --now``/``start`` runs the real dockerd in the
-  instance's namespaces (its own data root, overlay2), ``stop``, ``status``, ``is-active``.
+- ``systemctl``: the docker unit — ``enable --now``/``start`` runs the real dockerd in the
+  instance's namespaces (its own data root, overlay2), ``stop``, ``status``, ``is-active`` —
+  and timer units from /etc/systemd/system (``daemon-reload``, ``enable --now``, ``start``,
+  ``stop``, ``is-active``): a process of the instance runs the service on the timer's schedule.
 - ``shutdown -h +N``: writes ``/run/pr-preview/shutdown-at``; the host terminates the instance
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
 - ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
@@ -48,6 +50,9 @@ DOCKERD_PID = Path("/run/docker.pid")
 MIRROR_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 MIRROR_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?/?")
 UNITS = Path("/var/lib/pr-preview-shim/units")
+SYSTEM_UNITS = Path("/etc/systemd/system")
+TIMERS = Path("/run/pr-preview-shim/timers")  # the started timers' processes, gone at a stop
+UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # What AL2023's repositories answer for the packages the user data asks for.
 AL2023_PACKAGES = {"docker": "docker-25.0.8-1.amzn2023.0.1.x86_64"}
 
@@ -102,6 +107,11 @@ def install(package: str) -> None:
 
 def systemctl(argv: list[str]) -> int:
     args = [a for a in argv if a != "--no-pager"]
+    if args == ["daemon-reload"]:
+        return 0  # unit files are read when a unit starts
+    named = [a for a in args if not a.startswith("-")][1:]
+    if named and all(name.endswith(".timer") for name in named):
+        return timer_units(args[0], [name.removesuffix(".timer") for name in named], args)
     units = [a.removesuffix(".service") for a in args if not a.startswith("-")][1:]
     if not args or units != ["docker"]:
         if units and units != ["docker"]:
@@ -149,6 +159,105 @@ def systemctl(argv: list[str]) -> int:
             print(f"   Main PID: {pid} (dockerd)")
         return 0 if pid else 3
     return refuse("systemctl", argv)
+
+
+def timer_units(verb: str, names: list[str], args: list[str]) -> int:
+    """Timer units written to /etc/systemd/system, as systemd runs them: ``enable [--now]``,
+    ``start``, ``stop``, ``is-active``. A started timer is a process of the instance that runs
+    its service's ``ExecStart`` after ``OnBootSec`` and then every ``OnUnitActiveSec``
+    (``PR_PREVIEW_TIMER_SECONDS`` shortens both in the local stack); an enabled one starts again
+    when a stopped instance is started (``init.start_units``)."""
+    for name in names:
+        if not UNIT_NAME.fullmatch(name) or not (SYSTEM_UNITS / f"{name}.timer").is_file():
+            print(f"Unit {name}.timer could not be found.", file=sys.stderr)
+            return 4 if verb in ("status", "is-active") else 5
+    UNITS.mkdir(parents=True, exist_ok=True)
+    if verb in ("enable", "start"):
+        for name in names:
+            if verb == "enable":
+                (UNITS / f"{name}.timer.enabled").touch()
+                print(
+                    f"Created symlink /etc/systemd/system/timers.target.wants/{name}.timer"
+                    f" → /etc/systemd/system/{name}.timer.",
+                    file=sys.stderr,
+                )
+            if verb == "start" or "--now" in args:
+                start_timer(name)
+        return 0
+    if verb == "stop":
+        for name in names:
+            pid = timer_pid(name)
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+            (TIMERS / f"{name}.pid").unlink(missing_ok=True)
+        return 0
+    if verb == "is-active":
+        active = all(timer_pid(name) for name in names)
+        for name in names:
+            print("active" if timer_pid(name) else "inactive")
+        return 0 if active else 3
+    return refuse("systemctl", args)
+
+
+def unit_values(path: Path) -> dict[str, str]:
+    """``Key=value`` lines of a unit file (sections flattened: the keys used differ)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";", "[")):
+            values[key.strip()] = value.strip()
+    return values
+
+
+def time_span(text: str) -> float:
+    """systemd's time span for the forms unit files here use: ``90``, ``30s``, ``1min``, ``2h``."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*(s|sec|m|min|h)?", text.strip())
+    if match is None:
+        raise ValueError(f"time span {text!r} is not one the local instance's systemd reads")
+    return float(match.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}.get(
+        match.group(2) or "s", 1
+    )
+
+
+def timer_pid(name: str) -> int | None:
+    try:
+        pid = int((TIMERS / f"{name}.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def start_timer(name: str) -> None:
+    if timer_pid(name):
+        return
+    TIMERS.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "local_stack.instance.shims", "timer-loop", name],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    (TIMERS / f"{name}.pid").write_text(str(process.pid))
+
+
+def timer_loop(argv: list[str]) -> int:
+    """The started timer ``argv[0]``: its service's command on the timer's schedule, its
+    output in the journal's stead (``/var/log/<name>.log``)."""
+    [name] = argv
+    timer = unit_values(SYSTEM_UNITS / f"{name}.timer")
+    command = unit_values(SYSTEM_UNITS / f"{name}.service")["ExecStart"]
+    scaled = os.environ.get("PR_PREVIEW_TIMER_SECONDS")
+    first = float(scaled) if scaled else time_span(timer.get("OnBootSec", "0"))
+    every = float(scaled) if scaled else time_span(timer["OnUnitActiveSec"])
+    time.sleep(first)
+    with Path(f"/var/log/{name}.log").open("ab") as log:
+        while True:
+            subprocess.run(
+                command.split(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=False
+            )
+            time.sleep(every)
 
 
 def dockerd_argv() -> list[str]:
@@ -476,6 +585,7 @@ TOOLS = {
     "shutdown": shutdown,
     "cloud-init": cloud_init,
     "aws": aws,
+    "timer-loop": timer_loop,
 }
 
 

@@ -22,7 +22,13 @@ from tasks.app.app_env import (
 )
 from tasks.cloud.databases import database_name
 from tasks.cloud.ecr import ecr_login, ecr_repository
-from tasks.cloud.on_instance import STATE_DIR, container_run, timer_command, timer_minutes
+from tasks.cloud.on_instance import (
+    STATE_DIR,
+    activity_timer,
+    container_run,
+    timer_command,
+    timer_minutes,
+)
 from tasks.cloud.tags import (
     TAG_NAME,
     TAG_PR,
@@ -326,6 +332,7 @@ def _render(settings: PreviewConfig, **values: str) -> str:
         compose_url=q(
             f"{settings.compose_release_url}/{settings.compose_version}/docker-compose-linux-"
         ),
+        activity_timer=activity_timer(settings.app_port),
         region=q(settings.region),
         ghcr_token_parameter=q(settings.ghcr_token_parameter),
         read_secrets=read_secrets_script(settings),

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from tasks.cloud.aws import wait_timed
 from tasks.cloud.tags import (
     LIVE_STATES,
+    TAG_ACTIVE_AT,
     TAG_KEEP,
     TAG_PINNED,
     TAG_PR,
@@ -111,6 +112,18 @@ class Preview:
         (which AWS moves at every start; the tag holds when it does not)."""
         woke = parse_time(self.tags.get(TAG_WOKE_AT))
         return max(woke, self.launch_time) if woke else self.launch_time
+
+    @property
+    def active_at(self) -> datetime | None:
+        """The instance's last sampled activity, as the sweeper last read it."""
+        return parse_time(self.tags.get(TAG_ACTIVE_AT))
+
+    def idle_since(self, active_at: datetime | None = None) -> datetime:
+        """Since when nobody used it: its last activity (``active_at``, just read, or the
+        tag), its last deploy (``updated-at``) or the start of its current run, whichever is
+        latest."""
+        moments = [self.updated_at, self.running_since, active_at, self.active_at]
+        return max(moment for moment in moments if moment is not None)
 
     def ran_seconds(self, now: datetime) -> float:
         """Seconds it has run, over all its runs: billed instance time."""

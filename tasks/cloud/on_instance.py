@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from datetime import datetime
+
+from tasks.cloud.tags import parse_time
 
 STATE_DIR = "/var/lib/pr-preview"
 
@@ -231,3 +234,135 @@ def parse_answer(path: str, stdout: str, stderr: str) -> ProbeAnswer:
         return ProbeAnswer(path, 0, None, error or f"unexpected curl output {stdout.strip()!r}")
     moved = TIMER_MOVED in words[2:]
     return ProbeAnswer(path, code, latency if code else None, error, timer_moved=moved)
+
+
+# Idle sampling (issue 31): a systemd timer on the instance samples, every minute, whether
+# anyone uses the preview, and writes the time to LAST_ACTIVITY when someone does. The file is
+# root's, in the state dir, which no container may mount (tasks/app/compose_policy.py allows
+# bind mounts below the app dir only): a PR's code can neither forge nor erase it, and one
+# instance's file says nothing about another's.
+LAST_ACTIVITY = f"{STATE_DIR}/last-activity"
+ACTIVITY_UNIT = "pr-preview-activity"
+ACTIVITY_SCRIPT = "/usr/local/lib/pr-preview/sample-activity"
+SYSTEM_UNITS = "/etc/systemd/system"
+ACTIVITY_INTERVAL = "1min"
+ACTIVITY_PREFIX = "ACTIVITY "
+
+
+def strict_port(port: object) -> int:
+    """``port`` if it is a TCP port number (an int, not a bool, in 1..65535); it reaches a
+    shell script and an ``ss`` filter, so nothing else passes."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"app port must be an integer in 1..65535, got {port!r}")
+    return port
+
+
+def activity_sample(port: int) -> list[str]:
+    """Shell lines that sample activity now and print ``ACTIVITY <sessions> <connections>``:
+    Session Manager's session workers (port forwarding and shells: one process per session) in
+    the host's PID namespace — a container's processes live in another, whatever they are
+    called — and TCP connections established to the app port in the host's network namespace
+    (where Session Manager's port forwarding lands; containers have their own). When either is
+    non-zero the time is written to :data:`LAST_ACTIVITY`."""
+    filter_ = f"( sport = :{strict_port(port)} )"
+    return [
+        "sessions=$(pgrep -c --ns 1 --nslist pid -x ssm-session-worker) || sessions=0",
+        f"established=$(ss -Htn state established {shlex.quote(filter_)}) || established=''",
+        'connections=$(grep -c . <<<"$established") || connections=0',
+        'if [ "$sessions" -gt 0 ] || [ "$connections" -gt 0 ]; then',
+        *(
+            "  " + line
+            for line in write_file(LAST_ACTIVITY, "date -u +%Y-%m-%dT%H:%M:%SZ").splitlines()
+        ),
+        "fi",
+        f'echo "{ACTIVITY_PREFIX}$sessions $connections"',
+    ]
+
+
+def activity_read(port: int) -> list[str]:
+    """The sweeper's command: a sample now, then the last activity the timer recorded
+    (``LAST-ACTIVITY <time>``, or ``none``)."""
+    return [
+        "set -eu",
+        *activity_sample(port),
+        f"last=$(head -c 40 {LAST_ACTIVITY} 2>/dev/null) || last=none",
+        'echo "LAST-ACTIVITY ${last:-none}"',
+    ]
+
+
+def activity_timer(port: int) -> str:
+    """User-data lines that install the sampler, its service and its minute timer, and start
+    the timer (enabled: it starts again at every boot, after a stop and start too)."""
+    q, script_path = shlex.quote, ACTIVITY_SCRIPT
+    service_path, timer_path = (
+        f"{SYSTEM_UNITS}/{ACTIVITY_UNIT}.{kind}" for kind in ("service", "timer")
+    )
+    head = ["#!/bin/bash", "# pr-preview: is anyone using this preview?", "set -eu"]
+    script = "\n".join([*head, *activity_sample(port)])
+    service = "\n".join(
+        [
+            "[Unit]",
+            "Description=pr-preview activity sample (SSM sessions, connections to the app)",
+            "[Service]",
+            "Type=oneshot",
+            f"ExecStart={script_path}",
+        ]
+    )
+    timer = "\n".join(
+        [
+            "[Unit]",
+            "Description=pr-preview activity sample every minute",
+            "[Timer]",
+            f"OnBootSec={ACTIVITY_INTERVAL}",
+            f"OnUnitActiveSec={ACTIVITY_INTERVAL}",
+            "AccuracySec=10s",
+            "[Install]",
+            "WantedBy=timers.target",
+        ]
+    )
+    return "\n".join(
+        [
+            f"mkdir -p {q(script_path.rsplit('/', 1)[0])} {q(SYSTEM_UNITS)}",
+            "# shellcheck disable=SC2016 # the sampler's $variables are its own to expand",
+            f"printf '%s\\n' {q(script)} | put {q(script_path)}",
+            f"chmod 755 {q(script_path)}",
+            f"printf '%s\\n' {q(service)} | put {q(service_path)}",
+            f"printf '%s\\n' {q(timer)} | put {q(timer_path)}",
+            f"chmod 644 {q(service_path)} {q(timer_path)}",
+            "systemctl daemon-reload",
+            f"systemctl enable --now {ACTIVITY_UNIT}.timer",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What one instance said of its use: sessions and connections now, and the last time
+    its timer saw any (None: never, or not readable)."""
+
+    sessions: int
+    connections: int
+    last: datetime | None
+
+    @property
+    def active_now(self) -> bool:
+        return self.sessions > 0 or self.connections > 0
+
+
+def parse_activity(stdout: str) -> Activity | None:
+    """The answer of :func:`activity_read`, or None when it is not one (never guessed)."""
+    sessions = connections = None
+    last: datetime | None = None
+    for line in stdout.splitlines():
+        words = line.split()
+        if (
+            line.startswith(ACTIVITY_PREFIX)
+            and len(words) == 3
+            and all(w.isdigit() for w in words[1:])
+        ):
+            sessions, connections = int(words[1]), int(words[2])
+        elif words[:1] == ["LAST-ACTIVITY"] and len(words) == 2 and words[1] != "none":
+            last = parse_time(words[1])
+    if sessions is None or connections is None:
+        return None
+    return Activity(sessions, connections, last)

@@ -38,6 +38,7 @@ AGENT_NOT_REGISTERED_CODE = "InvalidInstanceId"
 MIN_DELIVERY_TIMEOUT = 30
 MAX_EXECUTION_TIMEOUT = 172800
 COMMENT_LIMIT = 100
+SEND_BATCH = 50  # the most instance ids one SendCommand accepts
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,21 @@ def poll_wait(poll_seconds: float, timeout_seconds: float) -> Callable[[RetryCal
 
 def send_shell(
     ssm: SSMClient,
-    instance_id: str,
+    instance_id: str | Sequence[str],
     commands: Sequence[str],
     *,
     timeout_seconds: float,
     comment: str | None = None,
 ) -> str:
-    """Send ``commands`` as one shell script to one instance; returns the command id.
+    """Send ``commands`` as one shell script to one instance (or to each of up to 50);
+    returns the command id.
 
     ``executionTimeout`` makes the instance kill the script at our deadline too.
     """
+    instance_ids = [instance_id] if isinstance(instance_id, str) else list(instance_id)
     execution_timeout = min(MAX_EXECUTION_TIMEOUT, max(1, math.ceil(timeout_seconds)))
     params: dict[str, Any] = {
-        "InstanceIds": [instance_id],
+        "InstanceIds": instance_ids,
         "DocumentName": DOCUMENT,
         "Parameters": {"commands": list(commands), "executionTimeout": [str(execution_timeout)]},
         "TimeoutSeconds": max(MIN_DELIVERY_TIMEOUT, execution_timeout),
@@ -224,3 +227,58 @@ def cancel_quietly(ssm: SSMClient, command_id: str, instance_id: str) -> None:
         ssm.cancel_command(CommandId=command_id, InstanceIds=[instance_id])
     except Exception as exc:  # moto lacks CancelCommand; AWS may say it already finished
         logger.debug("cancelling SSM command %s failed: %s", command_id, exc)
+
+
+def run_on_each(
+    ssm: SSMClient,
+    instance_ids: Sequence[str],
+    commands: Sequence[str],
+    *,
+    timeout_seconds: float,
+    poll_seconds: float,
+    comment: str | None = None,
+) -> dict[str, CommandResult | str]:
+    """Run ``commands`` on every instance of ``instance_ids`` with one SendCommand per 50, and
+    wait for each outcome within one ``timeout_seconds`` for all. Each instance gets its result,
+    or why there is none (its agent is not registered, it did not answer in time): one
+    instance's trouble never hides another's answer.
+
+    SendCommand refuses the whole call when one instance's agent is not registered; that batch
+    is then sent again in halves, and so on, so only that one goes without.
+    """
+    started = time.monotonic()
+    sent: dict[str, str] = {}
+    outcome: dict[str, CommandResult | str] = {}
+    ids = list(dict.fromkeys(instance_ids))
+    for start in range(0, len(ids), SEND_BATCH):
+        batch = ids[start : start + SEND_BATCH]
+        groups = [batch]
+        while groups:
+            group = groups.pop()
+            try:
+                command_id = send_shell(
+                    ssm, group, commands, timeout_seconds=timeout_seconds, comment=comment
+                )
+            except ClientError as exc:
+                if not agent_not_registered(exc):
+                    raise
+                if len(group) > 1:  # halves: the others still go in few calls
+                    middle = len(group) // 2
+                    groups += [group[:middle], group[middle:]]
+                else:
+                    outcome[group[0]] = "its SSM agent is not registered"
+                continue
+            sent.update(dict.fromkeys(group, command_id))
+    for instance_id, command_id in sent.items():
+        remaining = timeout_seconds - (time.monotonic() - started)
+        try:
+            outcome[instance_id] = wait_command(
+                ssm,
+                command_id,
+                instance_id,
+                timeout_seconds=max(poll_seconds, remaining),
+                poll_seconds=poll_seconds,
+            )
+        except CommandTimeout:
+            outcome[instance_id] = f"no answer within {timeout_seconds:g} s"
+    return outcome

@@ -18,6 +18,7 @@ TAG_PINNED = "pr-preview:pinned"
 TAG_WARNED_FOR = "pr-preview:warned-for"
 # A warm spare: running and bootstrapped, serving no PR (no Repo/PR/Sha until claimed).
 TAG_SPARE = "pr-preview:spare"
+SPARE = "true"  # its value on an unclaimed spare; "claimed" once a PR took it over
 # A baked image: the stock AMI it was built from and when.
 TAG_SOURCE_AMI = "pr-preview:source-ami"
 TAG_CREATED_AT = "created-at"
@@ -30,6 +31,9 @@ TAG_WOKE_AT = "woke-at"
 TAG_RAN_SECONDS = "ran-seconds"
 TAG_SLEPT_SECONDS = "slept-seconds"
 SLEEP_REASONS = ("scheduled", "idle", "manual")
+# The instance's last sampled activity (an SSM session, a connection to the app port), as the
+# sweeper last read it from the instance (tasks/cloud/on_instance.py): what idle time runs from.
+TAG_ACTIVE_AT = "active-at"
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 TERMINATE_BATCH = 1000  # the most instance ids one TerminateInstances call accepts on AWS

@@ -2,7 +2,8 @@
 strict parser a comment's text reaches.
 
 A fixed grammar, no I/O: ``/preview`` alone, or ``/preview <verb>`` with ``extend`` taking one
-duration (``8h``, ``90m``) bounded by ``max_ttl_hours``. Anything else is a ``BadCommand`` whose
+duration (``8h``, ``90m``) bounded by ``max_ttl_hours`` and ``approve`` the commit's whole sha
+(an abbreviation is cheap to collide with). Anything else is a ``BadCommand`` whose
 message lists the commands. The webhook mapping keeps only a comment's first line
 (``command_line``); nothing of it goes further than ``parse_command``.
 """
@@ -20,6 +21,7 @@ MAX_COMMAND_CHARS = 200
 """Longer first lines are cut and marked with ``…``, which no command contains."""
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _DURATION = re.compile(r"([1-9][0-9]{0,3})([hm])")
+_WHOLE_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 class Verb(StrEnum):
@@ -39,7 +41,7 @@ USAGE: tuple[tuple[str, str], ...] = (
     ("/preview start", "start a stopped preview again"),
     ("/preview extend 8h", "move the expiry to that long from now (`90m` works too)"),
     ("/preview destroy", "terminate the preview now"),
-    ("/preview approve", "run a fork's preview of the current head (maintainers)"),
+    ("/preview approve <sha>", "preview this commit of a fork, read and approved by you"),
 )
 
 
@@ -57,11 +59,14 @@ class BadCommand(PreviewError):
 class Command:
     verb: Verb
     hours: float | None = None  # extend: how long from now
+    sha: str | None = None  # approve: the commit approved
 
     def text(self) -> str:
         """The command as written in canonical form (``/preview extend 8h``)."""
         if self.verb is Verb.STATUS:
             return PREFIX
+        if self.sha is not None:
+            return f"{PREFIX} {self.verb} {self.sha}"
         if self.hours is None:
             return f"{PREFIX} {self.verb}"
         minutes = round(self.hours * 60)
@@ -95,6 +100,13 @@ def parse_command(text: str, max_ttl_hours: float) -> Command:
         raise BadCommand(f"`{words[1][:40]}` is not a command")
     verb = Verb(words[1])
     arguments = words[2:]
+    if verb is Verb.APPROVE:
+        if len(arguments) != 1 or not _WHOLE_SHA.fullmatch(arguments[0]):
+            raise BadCommand(
+                f"`{PREFIX} approve` takes the whole sha of the commit approved (40 hex digits,"
+                " as the pull request's preview comment gives it)"
+            )
+        return Command(verb, sha=arguments[0])
     if verb is not Verb.EXTEND:
         if arguments:
             raise BadCommand(f"`{PREFIX} {verb}` takes no argument")

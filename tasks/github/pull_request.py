@@ -38,8 +38,10 @@ class PreviewState(StrEnum):
     CRASHED = "crashed"
     CANCELLED = "cancelled"
     STOPPED = "stopped"
+    SLEEPING = "sleeping"  # stopped by the schedule or for idleness; wakes on demand
     ABSENT = "absent"
     SKIPPED = "skipped"  # paths/paths_ignore: the changed files ask for no preview
+    AWAITING_APPROVAL = "awaiting_approval"  # fork_previews approve: a fork's commit not approved
 
 
 _HEADLINES = {
@@ -53,8 +55,10 @@ _HEADLINES = {
     PreviewState.CRASHED: "💥 Preview run crashed",
     PreviewState.CANCELLED: "⏹ Preview run cancelled",
     PreviewState.STOPPED: "⏸ Preview stopped",
+    PreviewState.SLEEPING: "😴 Preview asleep",
     PreviewState.ABSENT: "💤 No preview running",
     PreviewState.SKIPPED: "⏭ No preview needed",
+    PreviewState.AWAITING_APPROVAL: "✋ Preview awaiting approval",
 }
 
 

@@ -24,6 +24,9 @@ class Outcome(StrEnum):
     NOT_PERMITTED = "not_permitted"  # a /preview command of someone without write access
     BAD_COMMAND = "bad_command"  # a /preview command outside the grammar
     BOT = "bot"  # a /preview command a bot wrote
+    AWAITING_APPROVAL = "awaiting_approval"  # fork_previews approve: this commit is not approved
+    NOTHING_TO_APPROVE = "nothing_to_approve"  # /preview approve where no approval is asked for
+    NOT_THE_HEAD = "not_the_head"  # /preview approve of a commit the PR no longer points at
 
     @property
     def state_name(self) -> str:

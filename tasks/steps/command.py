@@ -1,5 +1,5 @@
 """What a ``/preview`` command does: who may give one, its acknowledgement, and the changes to
-the PR's preview that only a command makes (stop, start, extend).
+the PR's preview that only a command makes (stop, start, extend, a fork's commit approved).
 
 Who may command is asked of GitHub afresh each time (the collaborator permission API: write or
 admin); a comment's ``author_association`` says how someone is related to the repository, not
@@ -20,6 +20,7 @@ from tasks.cloud.instances import Preview, find_previews, start_instance, stop_i
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time
 from tasks.config import PreviewConfig
 from tasks.github.client import WRITE_PERMISSIONS, GitHub, GitHubError, Reaction
+from tasks.run.approvals import record_approval
 from tasks.run.prefect_context import run_logger
 from tasks.run.step import step
 
@@ -62,6 +63,13 @@ def acknowledge(github: GitHub, repo: str, comment_id: int, reaction: Reaction) 
 def reply(github: GitHub, repo: str, pr_number: int, body: str) -> None:
     """A comment of its own for the commenter (the sticky comment stays the preview's)."""
     github.create_issue_comment(repo, pr_number, body)
+
+
+@step(retry=False)
+def approve_commit(repo: str, pr_number: int, sha: str, login: str) -> None:
+    """Record that ``login`` (write access, asked of GitHub just now) approved ``sha``, the
+    fork's head: its preview may run, and no other commit's (``tasks/run/approvals.py``)."""
+    record_approval(repo, pr_number, sha, login)
 
 
 @step

@@ -1,5 +1,6 @@
 """What the preview must not run: closed PRs, unlabelled PRs in label mode, drafts, fork PRs
-not allow-listed, superseded pushes, and PRs whose changed files ask for no preview.
+not allow-listed (or, with ``fork_previews: approve``, not approved for this commit), superseded
+pushes, and PRs whose changed files ask for no preview.
 
 Pure functions over the pull request as the REST API (or the webhook) returns it, so the flow
 can decide before anything is launched and the tests can feed real payloads.
@@ -14,6 +15,7 @@ from typing import Any
 
 from tasks.github.client import GitHub, GitHubError
 from tasks.inputs import label_names, path_matches
+from tasks.run.approvals import approved_sha
 from tasks.run.outcome import Outcome
 from tasks.run.step import step
 
@@ -92,6 +94,38 @@ def is_fork(pull: Mapping[str, Any]) -> bool:
     return head is None or base is None or head.lower() != base.lower()
 
 
+def fork_allowed(repo: str, head_repo: str | None, allowed_fork_repos: Iterable[str]) -> bool:
+    """The fork itself, or the base repository (admitting every fork), is allow-listed."""
+    allowed = {name.lower() for name in allowed_fork_repos}
+    return repo.lower() in allowed or (head_repo is not None and head_repo.lower() in allowed)
+
+
+def _awaiting_approval(which: str, head_repo: str, repo: str, sha: str) -> GuardResult:
+    return GuardResult(
+        Outcome.AWAITING_APPROVAL,
+        f"{which} comes from the fork {head_repo}: its code runs in a preview only once"
+        f" someone with write access to {repo} has read this commit and approves it by"
+        f" commenting `/preview approve {sha}`. Each new push waits for its own approval"
+        " (fork_previews: approve)",
+    )
+
+
+def _refused_fork(which: str, head_repo: str, repo: str) -> GuardResult:
+    return GuardResult(
+        Outcome.REFUSED_FORK,
+        f"{which} comes from the fork {head_repo}; previews run code from forks only when"
+        f" {head_repo} (or {repo}) is in allowed_fork_repos",
+    )
+
+
+def _superseded(number: object, current: str, head_sha: str) -> GuardResult:
+    return GuardResult(
+        Outcome.SUPERSEDED,
+        f"pull request #{number} now points at {current[:12]}, not {head_sha[:12]}; "
+        "the run for the newer push takes over",
+    )
+
+
 def check_pull(
     pull: Mapping[str, Any],
     expected_repo: str,
@@ -99,13 +133,17 @@ def check_pull(
     allowed_fork_repos: Iterable[str] = (),
     required_label: str | None = None,
     skip_drafts: bool = False,
+    fork_previews: str = "refuse",
+    approved_sha: str | None = None,
 ) -> GuardResult:
     """Whether a run for ``head_sha`` of this PR may launch a preview.
 
     Checked in this order: closed (never launched), without ``required_label`` (label mode),
     a draft (with ``skip_drafts``), fork (refused unless the fork itself or the base
-    repository is in ``allowed_fork_repos`` — listing the base repository admits every fork),
-    superseded (a newer push exists; its own run will do the work).
+    repository is in ``allowed_fork_repos`` — listing the base repository admits every fork;
+    with ``fork_previews: approve``, a newer push supersedes the run first, then it waits
+    unless ``approved_sha`` is ``head_sha``), superseded (a newer push exists; its own run
+    will do the work).
     """
     number = pull.get("number")
     base = _full_name(pull.get("base"))
@@ -125,31 +163,24 @@ def check_pull(
     if skip_drafts and pull.get("draft") is True:
         return _draft(f"pull request #{number}")
 
-    if is_fork(pull):
-        head = _full_name(pull.get("head"))
-        allowed = {name.lower() for name in allowed_fork_repos}
-        if expected_repo.lower() in allowed or (head is not None and head.lower() in allowed):
-            pass
-        elif head is None:
+    current = str((pull.get("head") or {}).get("sha") or "")
+    head = _full_name(pull.get("head"))
+    if is_fork(pull) and not fork_allowed(expected_repo, head, allowed_fork_repos):
+        if head is None:
             return GuardResult(
                 Outcome.REFUSED_FORK,
                 f"pull request #{number} comes from a fork that has been deleted; previews of "
                 f"forks run only for repositories in allowed_fork_repos",
             )
-        else:
-            return GuardResult(
-                Outcome.REFUSED_FORK,
-                f"pull request #{number} comes from the fork {head}; previews run code from "
-                f"forks only when {head} (or {expected_repo}) is in allowed_fork_repos",
-            )
+        if fork_previews != "approve":
+            return _refused_fork(f"pull request #{number}", head, expected_repo)
+        if current and current != head_sha:  # never ask approval for a commit gone by
+            return _superseded(number, current, head_sha)
+        if approved_sha != head_sha:
+            return _awaiting_approval(f"pull request #{number}", head, expected_repo, head_sha)
 
-    current = str((pull.get("head") or {}).get("sha") or "")
     if current and current != head_sha:
-        return GuardResult(
-            Outcome.SUPERSEDED,
-            f"pull request #{number} now points at {current[:12]}, not {head_sha[:12]}; "
-            "the run for the newer push takes over",
-        )
+        return _superseded(number, current, head_sha)
     return GuardResult(None, f"pull request #{number} at {head_sha[:12]} may be previewed")
 
 
@@ -160,25 +191,71 @@ def check_event(
     required_label: str | None = None,
     labels: Sequence[str] | None = None,
     draft: bool = False,
+    fork_previews: str = "refuse",
+    approved: bool = False,
+    head_sha: str = "",
 ) -> GuardResult:
     """The fork, label and draft guards from the webhook's own fields, for runs without a
     GitHub token. ``labels`` None (a run started by hand) is not checked: starting one asks for
-    it. ``draft``: the event's PR is a draft and drafts are skipped."""
+    it. ``draft``: the event's PR is a draft and drafts are skipped. ``approved``: with
+    ``fork_previews: approve``, ``head_sha`` is the commit approved."""
     labelled = labels is None or any(same_label(name, required_label or "") for name in labels)
     if required_label is not None and not labelled:
         return _not_labeled("the pull request", required_label)
     if draft:
         return _draft("the pull request")
-    allowed = {name.lower() for name in allowed_fork_repos}
     if head_repo and head_repo.lower() != repo.lower():
-        if repo.lower() in allowed or head_repo.lower() in allowed:
+        if fork_allowed(repo, head_repo, allowed_fork_repos):
             return GuardResult(None, f"fork {head_repo} is allow-listed")
-        return GuardResult(
-            Outcome.REFUSED_FORK,
-            f"the pull request comes from the fork {head_repo}; previews run code from forks "
-            f"only when {head_repo} (or {repo}) is in allowed_fork_repos",
-        )
+        if fork_previews != "approve":
+            return _refused_fork("the pull request", head_repo, repo)
+        if not approved:
+            return _awaiting_approval("the pull request", head_repo, repo, head_sha)
+        return GuardResult(None, f"{head_sha[:12]} of the fork {head_repo} is approved")
     return GuardResult(None, "no GitHub token: only the fork guard of the event was applied")
+
+
+def check_approval(
+    pull: Mapping[str, Any],
+    repo: str,
+    sha: str,
+    allowed_fork_repos: Iterable[str],
+    fork_previews: str,
+) -> GuardResult:
+    """Whether ``/preview approve <sha>`` approves anything: an open fork's PR not
+    allow-listed, with ``fork_previews: approve``, whose head is ``sha`` now. GitHub's head,
+    not the comment's, is what gets approved: a commit pushed after the comment never is."""
+    number = pull.get("number")
+    head = _full_name(pull.get("head"))
+    current = str((pull.get("head") or {}).get("sha") or "")
+    if pull.get("state") != "open":
+        return GuardResult(
+            Outcome.NOTHING_TO_APPROVE, f"pull request #{number} is not open: nothing to approve"
+        )
+    if not is_fork(pull) or fork_allowed(repo, head, allowed_fork_repos):
+        return GuardResult(
+            Outcome.NOTHING_TO_APPROVE,
+            f"pull request #{number} needs no approval: its previews run without one",
+        )
+    if head is None:
+        return GuardResult(
+            Outcome.NOTHING_TO_APPROVE,
+            f"pull request #{number} comes from a fork that has been deleted: nothing to approve",
+        )
+    if fork_previews != "approve":
+        return GuardResult(
+            Outcome.NOTHING_TO_APPROVE,
+            f"previews of forks are refused here (fork_previews: {fork_previews}, and {head} is"
+            " not in allowed_fork_repos): an approval would change nothing",
+        )
+    if current != sha:
+        return GuardResult(
+            Outcome.NOT_THE_HEAD,
+            f"{sha[:12]} is not the head of pull request #{number} any more (it is"
+            f" {current[:12]} now): nothing was approved. Read the new commit; to preview it,"
+            f" comment `/preview approve {current}`",
+        )
+    return GuardResult(None, f"{sha[:12]} of the fork {head} may be approved")
 
 
 @step(retry=False)
@@ -193,21 +270,45 @@ def guard(
     event_labels: Sequence[str] | None = None,
     skip_drafts: bool = False,
     event_draft: bool = False,
+    fork_previews: str = "refuse",
 ) -> GuardResult:
     """Read the pull request as it is now and decide whether this run may launch.
 
     ``required_label`` (label mode) and ``skip_drafts`` are checked on the PR as GitHub holds
     it now — an event's may be stale — and on ``event_labels``/``event_draft`` only without a
-    token."""
+    token. With ``fork_previews: approve``, a fork's approval is read only for a fork."""
     if not github.enabled:
         draft = skip_drafts and event_draft
+        approved = False
+        if fork_previews == "approve" and head_repo and head_repo.lower() != repo.lower():
+            approved = approved_sha(repo, pr_number) == head_sha
         verdict = check_event(
-            repo, head_repo, allowed_fork_repos, required_label, event_labels, draft
+            repo,
+            head_repo,
+            allowed_fork_repos,
+            required_label,
+            event_labels,
+            draft,
+            fork_previews,
+            approved,
+            head_sha,
         )
         labels = None if event_labels is None else tuple(event_labels)
         return dataclasses.replace(verdict, labels=labels)
     pull = github.get_pull(repo, pr_number)
-    verdict = check_pull(pull, repo, head_sha, allowed_fork_repos, required_label, skip_drafts)
+    approval = None
+    if fork_previews == "approve" and is_fork(pull):
+        approval = approved_sha(repo, pr_number)
+    verdict = check_pull(
+        pull,
+        repo,
+        head_sha,
+        allowed_fork_repos,
+        required_label,
+        skip_drafts,
+        fork_previews,
+        approval,
+    )
     return dataclasses.replace(verdict, labels=tuple(label_names(pull)))
 
 

@@ -53,7 +53,8 @@ DEPLOYMENT_STATES: dict[PreviewState, DeploymentState] = {
 }
 
 CheckTarget = tuple[CheckStatus, CheckConclusion | None]
-# Torn down and expired are not here: they end a preview, not a run of a commit.
+# A check run is on a commit: a report without a sha (a teardown's, the sweeper's) posts none.
+# Stopped and torn down reach a commit's check through a command on its preview.
 CHECK_RUN_STATES: dict[PreviewState, CheckTarget] = {
     PreviewState.LAUNCHING: ("in_progress", None),
     PreviewState.READY: ("completed", "success"),
@@ -61,6 +62,9 @@ CHECK_RUN_STATES: dict[PreviewState, CheckTarget] = {
     PreviewState.FAILED: ("completed", "failure"),
     PreviewState.REFUSED: ("completed", "neutral"),
     PreviewState.SKIPPED: ("completed", "neutral"),
+    PreviewState.AWAITING_APPROVAL: ("completed", "neutral"),
+    PreviewState.STOPPED: ("completed", "neutral"),
+    PreviewState.TORN_DOWN: ("completed", "neutral"),
     PreviewState.CRASHED: ("completed", "failure"),
     PreviewState.CANCELLED: ("completed", "cancelled"),
 }

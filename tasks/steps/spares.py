@@ -13,12 +13,17 @@ A spare that failed its bootstrap or whose Docker does not answer is terminated,
 claimed. The flow asks for a replacement without waiting for it: ``pr-preview.spare.claimed``
 starts the ``pr-spares`` deployment, which also rotates spares of an AMI or type that is no
 longer current.
+
+Spares follow the sleep schedule (flows/sleep.py): stopped at night, started in the morning.
+A claim at night starts a stopped spare before it checks it; a stopped spare counts as one of
+``warm_spares``, so nothing launches a running replacement for it.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,9 +34,11 @@ from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import terminate_in_batches
 from tasks.cloud.on_instance import BOOTSTRAP_DONE, BOOTSTRAP_FAILED
+from tasks.cloud.power import wake_instance
 from tasks.cloud.run_instances import resolve_ami, run_instances_params
 from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
 from tasks.cloud.tags import (
+    SPARE,
     TAG_NAME,
     TAG_PURPOSE,
     TAG_SHA,
@@ -42,6 +49,7 @@ from tasks.cloud.tags import (
     parse_time,
 )
 from tasks.config import PreviewConfig
+from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
 from tasks.run.step import step
 
@@ -51,7 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SPARE = "true"  # the marker's value on a spare
 CLAIMED = "claimed"  # its value once a PR took the instance over
 SPARE_NAME = "pr-preview-spare"
 # A spare this close to its shutdown-at is not claimed: the claim would race the sweeper.
@@ -59,13 +66,25 @@ CLAIM_MARGIN = timedelta(minutes=10)
 
 # Exit codes of the spare check: 0 ready, BOOTING not yet, anything else broken.
 BOOTING = 3
-SPARE_CHECK = [
-    f"if [ -f {BOOTSTRAP_FAILED} ]; then echo 'bootstrap failed'; exit 2; fi",
-    f"if [ ! -f {BOOTSTRAP_DONE} ]; then echo 'bootstrap not done yet'; exit {BOOTING}; fi",
-    "if ! docker version >/dev/null 2>&1; then echo 'docker does not answer'; exit 1; fi",
-    "if ! docker compose version >/dev/null 2>&1; then echo 'docker compose missing'; exit 1; fi",
-    "echo spare-ready",
-]
+# A spare just woken from its sleep: Docker starts with the instance, beside the SSM agent.
+WOKEN_DOCKER_WAIT_SECONDS = 30
+
+
+def spare_check(docker_wait_seconds: int = 0) -> list[str]:
+    """The spare's readiness check; ``docker_wait_seconds``: how long Docker may take to
+    answer (a spare that just started)."""
+    return [
+        f"if [ -f {BOOTSTRAP_FAILED} ]; then echo 'bootstrap failed'; exit 2; fi",
+        f"if [ ! -f {BOOTSTRAP_DONE} ]; then echo 'bootstrap not done yet'; exit {BOOTING}; fi",
+        f"for _ in $(seq 1 {int(docker_wait_seconds)}); do",
+        "  docker version >/dev/null 2>&1 && break",
+        "  sleep 1",
+        "done",
+        "if ! docker version >/dev/null 2>&1; then echo 'docker does not answer'; exit 1; fi",
+        "if ! docker compose version >/dev/null 2>&1; then echo 'docker compose missing'; exit 1;"
+        " fi",
+        "echo spare-ready",
+    ]
 
 
 @dataclass(frozen=True)
@@ -155,15 +174,20 @@ class SpareCheck:
 
 
 def check_spare(
-    ssm: SSMClient, settings: PreviewConfig, instance_id: str, *, timeout_seconds: float = 30.0
+    ssm: SSMClient,
+    settings: PreviewConfig,
+    instance_id: str,
+    *,
+    timeout_seconds: float = 30.0,
+    docker_wait_seconds: int = 0,
 ) -> SpareCheck:
     """Is the spare bootstrapped with a Docker that answers? One SSM command."""
     try:
         result = run_command(
             ssm,
             instance_id,
-            SPARE_CHECK,
-            timeout_seconds=timeout_seconds,
+            spare_check(docker_wait_seconds),
+            timeout_seconds=timeout_seconds + docker_wait_seconds,
             poll_seconds=min(settings.poll_seconds, 0.5),
             comment="pr-preview spare check",
         )
@@ -183,6 +207,7 @@ class Claim:
     shutdown_at: datetime | None = None
     terminated: dict[str, str] = field(default_factory=dict)  # broken spare → why
     skipped: dict[str, str] = field(default_factory=dict)  # spare still booting → why
+    woken: list[str] = field(default_factory=list)  # asleep spares started on the way
 
 
 def claim_spare(
@@ -193,17 +218,35 @@ def claim_spare(
     *,
     ami_id: str,
     now: datetime | None = None,
+    wake: Callable[[str], object] | None = None,
 ) -> Claim:
     """Take the oldest ready spare of the current type and AMI for ``spec`` (hold the fleet
-    lock: a spare is claimed once). Broken spares met on the way are terminated."""
+    lock: a spare is claimed once). Broken spares met on the way are terminated.
+
+    Running spares first; then, when nothing runs (the night: the sleep schedule stopped
+    them), a stopped one is started with ``wake`` (start, its agent, its shutdown timer) and
+    checked like any other. Without ``wake`` a stopped spare is never claimed."""
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     claim = Claim()
-    for spare in find_spares(ec2, settings, states=("running",)):
+    found = find_spares(ec2, settings, states=("running", "stopped"))
+    for spare in sorted(found, key=lambda spare: spare.state != "running"):
         if not spare.current(settings, ami_id):
             continue  # pr-spares rotates it
         if spare.shutdown_at is None or spare.shutdown_at <= now + CLAIM_MARGIN:
             continue  # the sweeper's
-        checked = check_spare(ssm, settings, spare.instance_id)
+        docker_wait = 0
+        if spare.state == "stopped":
+            if wake is None:
+                claim.skipped[spare.instance_id] = "asleep, and this claim cannot wake it"
+                continue
+            try:
+                wake(spare.instance_id)
+            except PreviewError as exc:
+                claim.skipped[spare.instance_id] = f"asleep, and did not wake: {exc}"
+                continue
+            claim.woken.append(spare.instance_id)
+            docker_wait = WOKEN_DOCKER_WAIT_SECONDS
+        checked = check_spare(ssm, settings, spare.instance_id, docker_wait_seconds=docker_wait)
         if checked.booting:
             claim.skipped[spare.instance_id] = checked.reason
             continue
@@ -237,8 +280,17 @@ def claim(
     """Prefect wrapper of :func:`claim_spare`; a claim that finds nothing returns empty.
     Without ``ami_id``, spares are matched against the AMI a launch would resolve."""
     image = ami_id or resolve_ami(clients.ec2, settings)["ImageId"]
-    found = claim_spare(clients.ec2, clients.ssm, settings, spec, ami_id=image)
+    found = claim_spare(
+        clients.ec2,
+        clients.ssm,
+        settings,
+        spec,
+        ami_id=image,
+        wake=lambda instance_id: wake_instance(clients, settings, instance_id),
+    )
     log = run_logger(logger)
+    for instance_id in found.woken:
+        log.info("spare %s was asleep: started for the claim", instance_id)
     for instance_id, reason in found.terminated.items():
         log.warning("spare %s terminated, not claimed: %s", instance_id, reason)
     for instance_id, reason in found.skipped.items():
@@ -273,7 +325,8 @@ def replenish_spares(
     now = now or datetime.now(UTC)
     result = Replenished()
     current: list[Spare] = []
-    for spare in find_spares(ec2, settings):
+    # Spares asleep for the night count: the wake schedule starts them in the morning.
+    for spare in find_spares(ec2, settings, states=("pending", "running", "stopping", "stopped")):
         if not spare.current(settings, ami_id):
             result.rotated[spare.instance_id] = (
                 f"built from {spare.image_id} ({spare.instance_type}); current is"

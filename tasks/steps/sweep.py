@@ -309,6 +309,9 @@ class SweepReport:
     failed_renewals: dict[str, str] = field(default_factory=dict)
     # dns_zone_id: the names removed (would be) because their preview is gone
     removed_names: list[str] = field(default_factory=list)
+    # idle_stop_minutes — each running preview's idleness as judged, and those put to sleep
+    idle: dict[str, str] = field(default_factory=dict)
+    slept_idle: list[str] = field(default_factory=list)
 
     @property
     def to_terminate(self) -> list[str]:
@@ -338,6 +341,7 @@ class SweepReport:
             "warned": len(self.warned),
             "renewed": len(self.renewed),
             "removed_names": len(self.removed_names),
+            "slept_idle": len(self.slept_idle),
         }
 
     def outcome(self, decision: Decision) -> str:
@@ -381,6 +385,7 @@ class SweepReport:
                     "decision": decision.action,
                     "reason": decision.reason,
                     "outcome": self._outcome(decision, terminated, already_gone),
+                    "idle": self.idle.get(preview.instance_id, "-"),
                 }
             )
         return rows
@@ -409,6 +414,7 @@ class SweepReport:
                 )
                 if counts[key]
             )
+            + (f", asleep for idleness {counts['slept_idle']}" if self.idle else "")
         )
 
     def live_pulls(self) -> list[tuple[str, int]]:

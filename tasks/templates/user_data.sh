@@ -38,6 +38,11 @@ step=shutdown-timer
 # Second line of defence behind the shutdown-at tag: power off (= terminate) when the TTL ends.
 {{shutdown_timer}} || true
 
+step=activity-timer
+# Idle sampling: every minute, whether anyone uses the preview (an SSM session, a connection
+# to the app port) goes to a root-only file the sweeper reads (tasks/cloud/on_instance.py).
+{{activity_timer}}
+
 step=docker
 if ! command -v docker >/dev/null 2>&1; then
   dnf -y install docker

@@ -19,12 +19,14 @@ exists) and holds only those permissions (403 for the rest; ``write`` includes `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import secrets
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +34,7 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -733,3 +736,17 @@ def _error(status: int, message: str) -> httpx.Response:
     return httpx.Response(
         status, json={"message": message, "documentation_url": "https://docs.github.com/rest"}
     )
+
+
+@contextlib.contextmanager
+def served_github(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
+    """A FakeGitHub over HTTP where a run's ``github_from_config`` finds it: its URL as
+    ``GITHUB_API_URL`` and a token it takes as ``GITHUB_TOKEN``."""
+    from local_stack.serve import serve_handler
+
+    fake = FakeGitHub()
+    with serve_handler(fake.handle) as url:
+        fake.base_url = url
+        monkeypatch.setenv("GITHUB_API_URL", url)
+        monkeypatch.setenv("GITHUB_TOKEN", "good-token")
+        yield fake
