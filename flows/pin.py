@@ -20,7 +20,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from tasks.cloud.aws import build_clients
-from tasks.config import PreviewConfig, RunOverrides, run_config
+from tasks.config import RUN_MARGIN_SECONDS, PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
 from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs
@@ -62,7 +62,8 @@ def pr_pin(
     if not verdict.ok:
         assert verdict.verdict is not None
         return _nothing_done(result, verdict.verdict, verdict.reason)
-    with run_budget(settings.lock_wait_seconds + settings.terminate_timeout_seconds):
+    # The PR's lock, then a timer command and a tag per preview: well inside the margin.
+    with run_budget(settings.lock_wait_seconds + RUN_MARGIN_SECONDS):
         return _pin(settings, result)
 
 

@@ -115,8 +115,9 @@ def pin_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview) 
         set_expiry(
             clients.ec2, clients.ssm, preview, until, poll=settings.poll_seconds, tags=pinned
         )
-    run_logger(logger).info("%s pinned, shutdown-at %s", preview.instance_id, until)
-    return until or preview.shutdown_at
+    shutdown_at = until or preview.shutdown_at
+    run_logger(logger).info("%s pinned, shutdown-at %s", preview.instance_id, shutdown_at)
+    return shutdown_at
 
 
 @step(needs_lock=True)
