@@ -18,7 +18,6 @@ from typing import Any, cast
 from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.preview import pr_preview
@@ -26,7 +25,7 @@ from tasks.cloud.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import GitHub, github_from_config
 from tasks.github.commands import BadCommand, Command, Verb, parse_command, usage
-from tasks.github.pull_request import PreviewState, flow_run_url
+from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs, is_bot, is_login, is_sha
 from tasks.run.budget import run_budget
 from tasks.run.locks import hold, pr_lock_name
@@ -42,9 +41,10 @@ from tasks.steps.command import (
     stop_preview,
 )
 from tasks.steps.database import drop_database
+from tasks.steps.dns import preview_name, remove_name
 from tasks.steps.guards import check_approval
 from tasks.steps.probe import ProbeFailed, probe
-from tasks.steps.report import PullRequestReport
+from tasks.steps.report import PullRequestReport, run_report
 from tasks.steps.teardown import teardown
 
 
@@ -141,14 +141,7 @@ def _command(
         if parsed.verb is Verb.APPROVE:
             assert parsed.sha is not None
             return _approve(settings, github, result, parsed.sha, config)
-        report = PullRequestReport(
-            github,
-            settings,
-            repo,
-            pr_number,
-            sha=None,
-            run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
-        )
+        report = run_report(github, settings, repo, pr_number)
         lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
         with hold(pr_lock_name(repo, pr_number), lease_seconds=lease, timeout_seconds=wait):
             _under_lock(clients, settings, report, parsed, result)
@@ -172,6 +165,10 @@ def _under_lock(
         removed = teardown(clients.ec2, settings, result.repo, result.pr_number)
         if settings.database == "per-preview":
             drop_database(clients, settings, result.repo, result.pr_number)
+        try:  # a name left behind is the sweeper's to remove
+            remove_name(clients, settings, result.repo, result.pr_number)
+        except Exception as exc:
+            get_run_logger().warning("the name of the preview not removed: %s", exc)
         report.tell(
             PreviewState.TORN_DOWN,
             instance_id=", ".join(removed.instance_ids) or None,
@@ -187,6 +184,8 @@ def _under_lock(
         result.outcome = "no preview"
         return
     preview = previews[-1]  # the newest: a PR has one outside a replacement
+    report.dns_name = preview_name(clients, settings, result.repo, result.pr_number)
+    report.pinned_by = settings.keep_label if preview.pinned else None
     shutdown_at = preview.shutdown_at
     state = PreviewState.STOPPED if preview.state in ("stopping", "stopped") else PreviewState.READY
     detail = by

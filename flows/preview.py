@@ -8,7 +8,8 @@
 3. terminate the old instance, make room, claim a warm spare or launch (§2.4, §3)
 4. wait-ready → migrate → probe               (§2.4, §2.6); a launched instance migrates
    on boot, and the one command wait-ready sends then probes too
-5. tell the pull request                      (§2.7)
+5. its pin follows the keep label; its name in the VPC (§11, with dns_zone_id)
+6. tell the pull request                      (§2.7)
 A failure after launch diagnoses the instance (§7, §9) and leaves it on the short TTL.
 """
 
@@ -52,9 +53,11 @@ from tasks.steps.compose import fetch_compose, service_names
 from tasks.steps.database import create_database, drop_database, hand_over_database
 from tasks.steps.db_access import open_db_access
 from tasks.steps.diagnose import diagnose
+from tasks.steps.dns import publish_name
 from tasks.steps.guards import check_paths, check_trigger, guard
 from tasks.steps.launch import launch
 from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
+from tasks.steps.pin import follow_label
 from tasks.steps.preflight import preflight
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
@@ -98,6 +101,8 @@ class PreviewResult:
     compose: str | None = field(default=None, repr=False)  # compose_path's file, checked
     image: str = ""  # image:sha@digest, the manifest the check saw and the instance pulled
     database: str = ""  # database: per-preview — the preview's own database and its size
+    dns_name: str = ""  # dns_zone_id: pr-<n>.<repo name>.<owner>.<zone> → its private IP
+    pinned: bool = False  # the PR carries the keep label: the sweeper keeps it
 
     def markdown(self) -> str:
         expires = format_time(self.shutdown_at) if self.shutdown_at else "—"
@@ -107,6 +112,7 @@ class PreviewResult:
             ("sha", f"`{self.sha}`"),
             ("image", f"`{self.image}`" if self.image else "—"),
             ("database", self.database or "—"),
+            ("name", self.dns_name or "—"),
             ("instance", f"`{self.instance_id or '—'}` ({self.region})"),
             ("expires at", expires),
             ("replaced", ", ".join(self.replaced) or "—"),
@@ -248,6 +254,7 @@ def _preview(
                 event_draft=draft,
                 fork_previews=settings.fork_previews,
             )
+            pull_labels = verdict.labels  # the keep label's, after the deploy
             if verdict.ok and not force:
                 verdict = check_paths(
                     github, repo, pr_number, settings.paths, settings.paths_ignore
@@ -305,7 +312,10 @@ def _preview(
             _published(result)
             raise
 
-        # 5. Tell the pull request where its preview is.
+        # 5. Pinned while the PR carries the keep label; its name in the VPC (dns_zone_id).
+        _pin_and_name(clients, settings, result, report, pull_labels)
+
+        # 6. Tell the pull request where its preview is.
         state = PreviewState.UPDATED if result.path == "in-place" else PreviewState.READY
         report.tell(
             state,
@@ -439,6 +449,35 @@ def _deploy(
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
     result.status = "ready"
+
+
+def _pin_and_name(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    report: PullRequestReport,
+    labels: tuple[str, ...] | None,
+) -> None:
+    """The ready preview pinned or not as its labels say, and named: neither is what makes it
+    ready, so a failure is logged and the sweeper's next pass heals both."""
+    instance_id = result.instance_id or ""
+    logger = get_run_logger()
+    try:
+        pinned = follow_label(
+            clients, settings, instance_id, None if labels is None else list(labels)
+        )
+    except Exception as exc:
+        logger.warning("the keep label's pin of %s not set: %s", instance_id, exc)
+    else:
+        result.pinned = bool(pinned)
+        report.pinned_by = settings.keep_label if pinned else None
+    try:
+        name = publish_name(clients, settings, result.repo, result.pr_number, instance_id)
+    except Exception as exc:
+        logger.warning("no name in the VPC for %s: %s", instance_id, exc)
+    else:
+        result.dns_name = name or ""
+        report.dns_name = name
 
 
 def _wake_for_push(

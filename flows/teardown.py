@@ -10,14 +10,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.run_end import state_hook
 from tasks.cloud.aws import build_clients
 from tasks.config import PreviewConfig, RunOverrides, run_config
 from tasks.github.client import github_from_config
-from tasks.github.pull_request import PreviewState, flow_run_url
+from tasks.github.pull_request import PreviewState
 from tasks.inputs import check_inputs
 from tasks.run.approvals import forget_approval
 from tasks.run.budget import grace, run_budget
@@ -27,8 +26,9 @@ from tasks.run.outcome import Outcome
 from tasks.run.prefect_context import rename_run
 from tasks.steps.database import drop_database
 from tasks.steps.db_access import close_db_access
+from tasks.steps.dns import remove_name
 from tasks.steps.guards import check_trigger, confirm_closed, confirm_draft, confirm_unlabeled
-from tasks.steps.report import PullRequestReport
+from tasks.steps.report import run_report
 from tasks.steps.teardown import run_teardown_command, teardown
 
 Cause = Literal["closed", "unlabeled", "draft"]
@@ -41,6 +41,7 @@ class TeardownResult:
     terminated: list[str] = field(default_factory=list)
     already_gone: list[str] = field(default_factory=list)
     database: str | None = None  # database: per-preview — the one dropped
+    dns_name: str | None = None  # dns_zone_id — the name removed
 
 
 @flow(
@@ -96,14 +97,7 @@ def _teardown(
 ) -> TeardownResult:
     clients = build_clients(settings)
     github = github_from_config(settings, ssm=clients.ssm)
-    report = PullRequestReport(
-        github,
-        settings,
-        repo,
-        pr_number,
-        sha=None,
-        run_url=flow_run_url(settings.prefect_ui_url, flow_run.get_id()),
-    )
+    report = run_report(github, settings, repo, pr_number)
 
     # Waits only for a run of this same PR, never for another PR's preview.
     lock = pr_lock_name(repo, pr_number)
@@ -155,6 +149,12 @@ def _teardown(
                         " sweeper drops it",
                     )
                 raise
+        # 1c. Its name in the VPC (dns_zone_id); the sweeper removes any this step leaves.
+        name = None
+        try:
+            name = remove_name(clients, settings, repo, pr_number)
+        except Exception as exc:
+            get_run_logger().warning("the name of %s#%d not removed: %s", repo, pr_number, exc)
 
         # 2. Tell the pull request: the comment says torn down, the deployment goes inactive.
         report.tell(
@@ -175,7 +175,7 @@ def _teardown(
         delete_lock(lock)
         forget_approval(repo, pr_number)
     result = TeardownResult(
-        repo, pr_number, removed.instance_ids, removed.already_gone, database=dropped
+        repo, pr_number, removed.instance_ids, removed.already_gone, dropped, name
     )
     create_markdown_artifact(
         markdown=(

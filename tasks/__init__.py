@@ -20,10 +20,12 @@ Flows compose steps.
     teardown       §2.8   one pull request's previews gone
     command               a /preview command: who may give it, its reaction, stop/start/extend,
                           a fork's commit approved
-    sweep          §9     expired previews gone
+    pin                   the keep label: a preview pinned, its expiry kept ahead
+    sweep          §9     expired previews gone; the warning before a preview expires
     bake                  the baked AMI
     db_access      §2.5   the optional database path
     database              a database of each preview's own: made, handed over, dropped, swept
+    dns            §11    a preview's name in the VPC: published, removed, swept
 
 Foundations — plain code the steps share; no ``@step`` in them, and they import no step. They
 stand in layers, each importing only those above it (``tests/test_layout.py``):
@@ -32,7 +34,9 @@ stand in layers, each importing only those above it (``tests/test_layout.py``):
              errors (``PreviewError``), tls, locks, approvals (a fork's approved commit)
     cloud/   AWS: aws (clients, waiters on our timing), instances, tags, run_instances (the
              request, the AMI), ssm (Run Command), ecr, on_instance (marker files, scripts, the
-             app probe's command and answer), db_rules (db-sg rules opened for previews),
+             app probe's command and answer), expiry (``shutdown-at`` and the on-instance
+             timer, moved together), dns (a preview's Route 53 record), db_rules (db-sg rules
+             opened for previews),
              databases (a preview database's name, URL and the database host's scripts),
              tunnel (SSM port forwarding)
     app/     the previewed app on its instance: app_env, user_data (the bootstrap script, a

@@ -98,6 +98,8 @@ USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 PROBE_PATH_PATTERN = re.compile(r"/(?:[A-Za-z0-9._~:@+,=/-]|%[0-9A-Fa-f]{2})*")
 COMMAND_MAX_LENGTH = 1000
 INSTANCE_ID_PATTERN = re.compile(r"i-[0-9a-f]{8,17}")
+# A Route 53 hosted zone id as GetHostedZone takes it (Z0123456789ABCDEFGHIJ), no /hostedzone/.
+HOSTED_ZONE_ID_PATTERN = re.compile(r"[A-Z0-9]{1,32}")
 # A PostgreSQL identifier we create or name: lower case, never quoted into meaning, at most
 # NAMEDATALEN - 1 bytes.
 PG_IDENTIFIER_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -340,6 +342,10 @@ DownloadUrl = Annotated[
 ]
 ContainerPool = Annotated[str, AfterValidator(_container_pool)]
 InstanceId = Annotated[str, Whole(INSTANCE_ID_PATTERN, "an EC2 instance id (i-<hex>)")]
+HostedZoneId = Annotated[
+    str,
+    Whole(HOSTED_ZONE_ID_PATTERN, "a Route 53 hosted zone id (upper-case letters and digits)"),
+]
 PgIdentifier = Annotated[
     str,
     Whole(
@@ -422,6 +428,12 @@ class AwsPlacement(_Group):
         None,
         description="Name of a prefect-aws AwsCredentials block the flows act with (its"
         " endpoint_url honoured); boto3's default chain when unset.",
+    )
+    dns_zone_id: HostedZoneId | None = Field(
+        None,
+        description="A Route 53 private hosted zone (its id, e.g. Z0123456789ABCDEFGHIJ): a"
+        " ready preview gets the A record pr-<n>.<repo name>.<owner>.<zone> → its private IP,"
+        " removed with the preview; no other record is touched. Unset: no names.",
     )
 
 
@@ -689,6 +701,21 @@ class LifetimesAndCapacity(_Group):
         description="The furthest a preview's shutdown-at may be moved from now, by"
         " `/preview extend` in a pull request or `pr-preview extend`.",
     )
+    keep_label: Annotated[str | None, OffWhenEmpty] = Field(
+        "keep",
+        min_length=1,
+        max_length=50,
+        description="The GitHub label that pins a pull request's preview: while it is on, the"
+        " sweeper keeps the preview's expiry (and its shutdown timer) ahead instead of ending"
+        " it; removing it restarts the TTL from then. Empty or null: no label pins.",
+    )
+    expiry_warning_minutes: int = Field(
+        60,
+        ge=0,
+        le=24 * 60,
+        description="How long before a preview expires the sweeper warns its pull request (the"
+        " sticky comment, and one short comment per expiry) how to extend it; 0: no warning.",
+    )
     max_previews: int = Field(
         1,
         ge=1,
@@ -916,6 +943,13 @@ class PreviewConfig(
                 f"env_parameter_path {path} is below {DATABASE_PARAMETER_PATH}: choose a path of"
                 " its own (e.g. /pr-preview/env)"
             )
+        if self.keep_label is not None and self.keep_label.casefold() == (
+            self.preview_label.casefold()
+        ):
+            raise ValueError(
+                f"keep_label and preview_label are both {self.keep_label!r}: one label cannot"
+                " both ask for a preview and pin it; choose another keep_label"
+            )
         if self.database == "per-preview" and self.db_instance_id is None:
             raise ValueError(
                 "database: per-preview needs db_instance_id, the database host's EC2 instance"
@@ -959,6 +993,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "instance_profile": "the IAM role a preview runs with",
         "purpose_tag": "which instances are ours: teardown, the sweeper and eviction end them",
         "aws_credentials_block": "the AWS credentials the flows act with",
+        "dns_zone_id": "the DNS zone whose records pr-preview writes",
         # what runs on the instance
         "image": "where the app's image comes from",
         "ghcr_username": "the registry login that pulls the image",
@@ -988,6 +1023,7 @@ TRUSTED_FIELDS: Mapping[str, str] = types.MappingProxyType(
         "allowed_fork_repos": "which forks' code is run",
         "fork_previews": "which forks' code is run",
         "max_ttl_hours": "how long a pull request's writers may keep a preview alive",
+        "keep_label": "which pull requests' previews never expire",
         "trigger_mode": "which pull requests get a preview",
         "preview_label": "which pull requests get a preview",
         "skip_drafts": "which pull requests get a preview",
@@ -1019,6 +1055,7 @@ TUNING_FIELDS = frozenset(
         "ttl_hours",
         "failure_ttl_hours",
         "max_previews",
+        "expiry_warning_minutes",
         "task_retries",
         "retry_delay_seconds",
         "poll_seconds",

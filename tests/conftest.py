@@ -27,6 +27,7 @@ from local_stack.scripted_instance import ScriptedInstances
 from local_stack.serve import serve_handler
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.config import PreviewConfig, load_config
+from tests.fakes.github import FakeGitHub, served_github
 from tests.support import CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.deployed import DeployedConfig
 from tests.support.installation import Installation, running_installation
@@ -225,6 +226,14 @@ def registry() -> Iterator[FakeRegistry]:
     fake = FakeRegistry(scheme="http")
     with serve_handler(fake.handle) as url:
         fake.host = url.removeprefix("http://")
+        yield fake
+
+
+@pytest.fixture
+def github_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
+    """A fake GitHub on a local port, reached as the flows reach GitHub: ``GITHUB_API_URL`` and
+    the token ``good-token``."""
+    with served_github(monkeypatch) as fake:
         yield fake
 
 

@@ -35,12 +35,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from botocore import handlers
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from deployments import cli
 from flows.bake import pr_preview_bake
+from flows.pin import pr_pin
 from flows.preview import pr_preview
 from flows.sleep import pr_sleep, pr_wake
 from flows.spares import pr_spares
@@ -54,11 +56,13 @@ from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data
 from tasks.cloud.aws import AwsClients, build_clients
 from tasks.cloud.databases import database_name
 from tasks.cloud.db_rules import db_rule_description
+from tasks.cloud.dns import record_name
 from tasks.cloud.ecr import ecr_repository
 from tasks.cloud.run_instances import resolve_ami
 from tasks.cloud.tags import (
     TAG_ACTIVE_AT,
     TAG_NAME,
+    TAG_PINNED,
     TAG_PR,
     TAG_PURPOSE,
     TAG_RAN_SECONDS,
@@ -67,18 +71,22 @@ from tasks.cloud.tags import (
     TAG_SLEPT_AT,
     TAG_SLEPT_SECONDS,
     TAG_SPARE,
+    TAG_WARNED_FOR,
     TAG_WOKE_AT,
     format_time,
 )
 from tasks.config import APP_KEY_PARAMETER_PREFIX, ECR_REGISTRY_PATTERN, ENV_PREFIX, PreviewConfig
+from tasks.github.client import GitHub
 from tasks.steps.bake import BUILDER_NAME, baked_image_tags, render_bake_user_data
 from tasks.steps.check_image import check_image
 from tasks.steps.command import extend_preview, pr_previews, start_preview, stop_preview
 from tasks.steps.database import TAG_USED_AT, create_database
 from tasks.steps.launch import launch_instance
 from tasks.steps.spares import SPARE, spare_tags
+from tasks.steps.sweep import StickyExpiry, sweep
 from tasks.steps.update import deploy_commands
 from tests.fakes.aws_faults import aws_faults
+from tests.fakes.github import FakeGitHub
 from tests.support import CANARY_GHCR_TOKEN, REGION
 from tests.support.iam_policy import Policy, Request, Verdict, evaluate, load_policy
 from tests.support.moto_state import instances, live, state_of, user_data
@@ -97,6 +105,9 @@ DB_HOST_PLACEHOLDER = "arn:aws:ec2:*:*:instance/DB_INSTANCE_ID"
 ECR_REPOSITORY = "ECR_REPOSITORY"  # the placeholder of the configured ECR repositories
 ECR_PLACEHOLDER = f"arn:aws:ecr:*:*:repository/{ECR_REPOSITORY}"
 ECR_IMAGE = "123456789012.dkr.ecr.ap-northeast-1.amazonaws.com/octo-org/app"
+DNS_ZONE_ID = "DNS_ZONE_ID"  # the placeholder of the previews' private hosted zone
+DNS_ZONE_PLACEHOLDER = f"arn:aws:route53:::hostedzone/{DNS_ZONE_ID}"
+DNS_ZONE = "previews.internal."
 PARAMETERS = "arn:aws:ssm:*:*:parameter/pr-preview/*"
 APP_KEY = "arn:aws:ssm:*:*:parameter/pr-preview-app/*"
 INSTANCE_ARN = "arn:aws:ec2:*:*:instance/*"
@@ -174,10 +185,15 @@ def covers(statement: Statement, arn: str) -> bool:
     return any(fnmatch.fnmatchcase(arn, pattern) for pattern in as_list(statement["Resource"]))
 
 
+# botocore's event names carry the service id; IAM's prefix differs for a few services.
+IAM_PREFIXES = {"route-53": "route53"}
+
+
 def iam_action(operation: str) -> str:
-    """``ec2.RunInstances`` (a botocore event's service id and operation) → ``ec2:RunInstances``."""
+    """``ec2.RunInstances`` (a botocore event's service id and operation) → ``ec2:RunInstances``;
+    ``route-53.GetHostedZone`` → ``route53:GetHostedZone``."""
     service, name = operation.split(".", 1)
-    return f"{service}:{name}"
+    return f"{IAM_PREFIXES.get(service, service)}:{name}"
 
 
 # --- what IAM decides, by the evaluator -----------------------------------------------------
@@ -386,6 +402,7 @@ class Recording:
         self.pruned_images: set[str] = set()  # the older baked image the bake may remove
         self.pruned_snapshots: set[str] = set()
         self.builders: list[str] = []
+        self.zone_id = ""  # the previews' private hosted zone
 
     @property
     def actions(self) -> set[str]:
@@ -425,6 +442,59 @@ def seed_expired_preview_and_leftover_rule(aws: AwsClients, config: PreviewConfi
     return expired.instance_id
 
 
+def private_zone(aws: AwsClients) -> str:
+    """With the fixture's session (not recorded): the previews' private hosted zone."""
+    route53 = boto3.client("route53", region_name=REGION)
+    vpc = aws.ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    created = route53.create_hosted_zone(
+        Name=DNS_ZONE,
+        CallerReference="pr-preview",
+        HostedZoneConfig={"PrivateZone": True},
+        VPC={"VPCRegion": REGION, "VPCId": vpc},
+    )
+    zone_id: str = created["HostedZone"]["Id"].rsplit("/", 1)[-1]
+    return zone_id
+
+
+def seed_leftover_name(zone_id: str, pr: int) -> str:
+    """With the fixture's session (not recorded): the name of a preview a crash left."""
+    name = record_name(REPO, pr, DNS_ZONE)
+    boto3.client("route53", region_name=REGION).change_resource_record_sets(
+        HostedZoneId=zone_id,
+        ChangeBatch={
+            "Changes": [
+                {
+                    "Action": "UPSERT",
+                    "ResourceRecordSet": {
+                        "Name": name,
+                        "Type": "A",
+                        "TTL": 60,
+                        "ResourceRecords": [{"Value": "172.31.9.9"}],
+                    },
+                }
+            ]
+        },
+    )
+    return name.rstrip(".")
+
+
+def record_changes(params: dict[str, Any]) -> Request:
+    """What IAM authorizes for one ChangeResourceRecordSets request: the zone, and the names
+    (normalized: lower case, no trailing dot), types and actions of its changes."""
+    changes = params["ChangeBatch"]["Changes"]
+    context = {
+        "route53:ChangeResourceRecordSetsNormalizedRecordNames": [
+            c["ResourceRecordSet"]["Name"].lower().rstrip(".") for c in changes
+        ],
+        "route53:ChangeResourceRecordSetsRecordTypes": [
+            c["ResourceRecordSet"]["Type"] for c in changes
+        ],
+        "route53:ChangeResourceRecordSetsActions": [c["Action"] for c in changes],
+    }
+    zone = f"arn:aws:route53:::hostedzone/{params['HostedZoneId']}"
+    return Request("route53:ChangeResourceRecordSets", zone, context)
+
+
 def seed_orphan_database(aws: AwsClients, config: PreviewConfig) -> None:
     """With the fixture's clients (not recorded): a killed run's database, long unused."""
     made = create_database(aws, config, REPO, 47)
@@ -454,8 +524,14 @@ def record(
     scripted_ssm.healthy()
     scripted_ssm.on(r"DB TCP", Reply(stdout="DB TCP OK 172.31.39.125:5432\n"))
     scripted_ssm.on(r"psycopg2", Reply(stdout="DB CONNECT OK\n"))
-    cli_environment(account, monkeypatch, poll_seconds=0.01, db_sg_open_public_ip=True)
+    # Every preview named in a private hosted zone (dns_zone_id), so Route 53's calls happen.
+    zone_id = private_zone(aws)
+    config.dns_zone_id = zone_id
+    cli_environment(
+        account, monkeypatch, poll_seconds=0.01, db_sg_open_public_ip=True, dns_zone_id=zone_id
+    )
     recording = Recording()
+    recording.zone_id = zone_id
     # An image an earlier bake left, one more than baked_images_kept: the bake prunes it.
     config.baked_images_kept = 1
     with snapshot_tags_in_moto():
@@ -510,8 +586,26 @@ def record(
         assert state_of(aws, preview.instance_id) == "running"
         assert extend_preview(clients, config, preview, 2.0) > datetime.now(UTC)
 
+    def pinned() -> None:
+        # The keep label put on and taken off PR 42 (no token: the events are taken as they are).
+        assert pr_pin(REPO, 42, "labeled", "keep", config=config).instance_ids
+        assert pr_pin(REPO, 42, "unlabeled", "keep", config=config).instance_ids
+
+    def warned() -> None:
+        # PR 42's preview expires within the hour: the sweeper warns its pull request.
+        soon = format_time(datetime.now(UTC) + timedelta(minutes=30))
+        aws.ec2.create_tags(
+            Resources=[preview_of(42)], Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": soon}]
+        )
+        fake = FakeGitHub()
+        fake.add_pull(REPO, {"number": 42, "state": "open", "head": {"sha": SHA2}})
+        github = StickyExpiry(GitHub("good-token", transport=fake.transport), REGION)
+        clients = build_clients(config)  # as the sweeper flow builds them: recorded
+        assert sweep(clients.ec2, config, github=github).warned == [preview_of(42)]
+        assert len(fake.comment_bodies(REPO, 42)) == 2  # the sticky comment and the warning
+
     def closed() -> None:
-        assert pr_teardown(REPO, 42, config=config).terminated
+        assert pr_teardown(REPO, 42, config=config).dns_name
 
     def own_database() -> None:
         # database: per-preview — made, handed to the instance, dropped; on from here on, so
@@ -532,6 +626,7 @@ def record(
             config.migrate_timeout_seconds = timeout
 
     expired: list[str] = []
+    leftover_names: list[str] = []
 
     def swept() -> None:
         # idle_stop_minutes: the sweeper reads each running preview's activity and keeps it.
@@ -543,6 +638,7 @@ def record(
         config.idle_stop_minutes = None
         assert (report.terminated, len(report.revoked_rules)) == (expired, 1)
         assert report.dropped_databases == [database_name(REPO, 47)]
+        assert report.removed_names == leftover_names
 
     def command(*argv: str, code: int = 0) -> Callable[[], None]:
         def run() -> None:
@@ -557,6 +653,8 @@ def record(
         ("scheduled sleep", asleep),
         ("scheduled wake", awake),
         ("commands: stop, start, extend", commanded),
+        ("keep label: pinned, unpinned", pinned),
+        ("expiry warning", warned),
         ("teardown", closed),
         ("warm spare launched", spares_made),
         ("warm spare claimed", spare_claimed),
@@ -581,6 +679,7 @@ def record(
             if name == "ttl sweeper":
                 expired.append(seed_expired_preview_and_leftover_rule(aws, config))
                 seed_orphan_database(aws, config)
+                leftover_names.append(seed_leftover_name(zone_id, 50))
             before = Counter(faults.calls)
             phase()
             recording.phases[name] = faults.calls - before
@@ -608,6 +707,8 @@ SLEEP_TAGS = {
     TAG_SLEPT_SECONDS,
     TAG_ACTIVE_AT,
 }
+# The keep label's pin and the expiry warning's claim, moved on our instances only.
+EXPIRY_TAGS = {TAG_PINNED, TAG_WARNED_FOR}
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -715,6 +816,35 @@ def test_the_policies_allow_exactly_the_calls_the_code_makes(
     for params in requests.of("ec2.RunInstances"):
         role = f"arn:aws:iam::123456789012:role/{params['IamInstanceProfile']['Name']}"
         assert any(covers(s, role) for s in allowing(ORCHESTRATOR, "iam:PassRole")), role
+
+    # Route 53: only the configured zone; each change judged with its names, types, actions.
+    zone = recording.zone_id
+    in_zone = policies(ORCHESTRATOR)
+    for name, policy in in_zone.items():
+        in_zone[name] = json.loads(json.dumps(policy).replace(DNS_ZONE_ID, zone))
+    for operation in ("route-53.GetHostedZone", "route-53.ListResourceRecordSets"):
+        assert requests.of(operation), f"no {operation}; recorded:\n{table}"
+        for params in requests.of(operation):
+            assert params.get("Id", params.get("HostedZoneId")) == zone
+            arn = f"arn:aws:route53:::hostedzone/{zone}"
+            assert evaluate(in_zone, Request(iam_action(operation), arn)).allowed, params
+    changes = requests.of("route-53.ChangeResourceRecordSets")
+    actions = {c["Action"] for params in changes for c in params["ChangeBatch"]["Changes"]}
+    assert actions == {"UPSERT", "DELETE"}, f"recorded:\n{table}"
+    for params in changes:
+        assert evaluate(in_zone, record_changes(params)).allowed, params
+    # ... and what the policy refuses: another record, another type, another zone, CREATE.
+    [upsert, *_] = changes
+    first = upsert["ChangeBatch"]["Changes"][0]
+    for other in (
+        {**first, "ResourceRecordSet": {**first["ResourceRecordSet"], "Name": f"db.{DNS_ZONE}"}},
+        {**first, "ResourceRecordSet": {**first["ResourceRecordSet"], "Type": "TXT"}},
+        {**first, "Action": "CREATE"},
+    ):
+        refused = {**upsert, "ChangeBatch": {"Changes": [first, other]}}
+        assert not evaluate(in_zone, record_changes(refused)).allowed, other
+    elsewhere = record_changes({**upsert, "HostedZoneId": "Z0THERZONE"})
+    assert not evaluate(in_zone, elsewhere).allowed
 
     # Baked images: made only of our builders, tagged as they are made, removed only if ours.
     image_keys = set(baked_image_tags(config, "ami-0", "name", datetime.now(UTC)))
@@ -857,7 +987,7 @@ def test_the_conditions_hold_structurally() -> None:
             assert keys == image_keys, statement  # only on what CreateImage makes
             assert as_list(statement["Resource"]) == [IMAGE_ARN, SNAPSHOT_ARN], statement
             continue
-        assert keys and keys <= launch_keys | SLEEP_TAGS, statement
+        assert keys and keys <= launch_keys | SLEEP_TAGS | EXPIRY_TAGS, statement
         if condition(statement, "StringEquals", "ec2:CreateAction") == ["RunInstances"]:
             assert keys <= launch_keys, statement
             continue
@@ -868,7 +998,7 @@ def test_the_conditions_hold_structurally() -> None:
             assert keys == launch_keys - {TAG_PURPOSE}, statement
             continue
         # Purpose, Repo, PR never move; a sleep and a wake move only their own tags.
-        assert keys == {"Sha", "updated-at", "shutdown-at", *SLEEP_TAGS}
+        assert keys == {"Sha", "updated-at", "shutdown-at", *SLEEP_TAGS, *EXPIRY_TAGS}
 
     for statement in allowing(ORCHESTRATOR, "ec2:RunInstances"):
         launched = [r for r in as_list(statement["Resource"]) if r == "*" or "instance/" in r]
@@ -954,6 +1084,29 @@ def test_the_conditions_hold_structurally() -> None:
         "ssm:GetParametersByPath",
         "kms:Decrypt",
     }
+
+    # Route 53: the one zone dns_zone_id names, read; and in it only A records named pr-*,
+    # created or replaced (UPSERT) and deleted.
+    route53 = {a for a in allowed_actions(ORCHESTRATOR) if a.startswith("route53:")}
+    assert route53 == {
+        "route53:GetHostedZone",
+        "route53:ListResourceRecordSets",
+        "route53:ChangeResourceRecordSets",
+    }
+    for action in route53:
+        [statement] = allowing(ORCHESTRATOR, action)
+        assert as_list(statement["Resource"]) == [DNS_ZONE_PLACEHOLDER], statement
+    [change] = allowing(ORCHESTRATOR, "route53:ChangeResourceRecordSets")
+    assert as_list(change["Action"]) == ["route53:ChangeResourceRecordSets"]
+    names = "route53:ChangeResourceRecordSetsNormalizedRecordNames"
+    assert condition(change, "ForAllValues:StringLike", names) == ["pr-*"]
+    assert condition(change, "Null", names) == ["false"]
+    assert condition(
+        change, "ForAllValues:StringEquals", "route53:ChangeResourceRecordSetsRecordTypes"
+    ) == ["A"]
+    assert condition(
+        change, "ForAllValues:StringEquals", "route53:ChangeResourceRecordSetsActions"
+    ) == ["UPSERT", "DELETE"]
 
 
 # --- tenancy: the GitHub App's key stays out of every instance's reach -----------------------

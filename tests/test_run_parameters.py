@@ -21,6 +21,7 @@ from prefect.states import State
 from prefect.utilities.callables import parameter_schema
 
 from flows.bake import pr_preview_bake
+from flows.pin import pr_pin
 from flows.preview import pr_preview
 from flows.spares import pr_spares
 from flows.sweeper import ttl_sweeper
@@ -37,7 +38,14 @@ from tests.support.moto_state import instances
 
 REPO = "octo-org/app"
 SHA = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
-FLOWS: list[Flow[..., Any]] = [pr_preview, pr_teardown, ttl_sweeper, pr_spares, pr_preview_bake]
+FLOWS: list[Flow[..., Any]] = [
+    pr_preview,
+    pr_teardown,
+    ttl_sweeper,
+    pr_spares,
+    pr_preview_bake,
+    pr_pin,
+]
 
 
 @pytest.fixture
@@ -119,6 +127,9 @@ def test_no_other_flow_takes_a_trusted_field_from_its_run(
             config={"warm_spares": 1, "subnet_id": "subnet-0123456789abcdef0"}, return_state=True
         ),
         "ami_owners": lambda: pr_preview_bake(config={"ami_owners": ["666"]}, return_state=True),
+        "keep_label": lambda: pr_pin(
+            REPO, 42, "labeled", "bug", config={"keep_label": "bug"}, return_state=True
+        ),
     }
 
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

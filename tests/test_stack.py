@@ -24,6 +24,7 @@ from tests.test_iam import ECR_PLACEHOLDER, INSTANCE_ROLE, INSTANCE_SSM_AGENT, O
 DB_SG = "sg-0a1b2c3d4e5f60718"
 DB_HOST = "i-0db0123456789abcd"  # the database host (database: per-preview)
 ECR = "octo-org/app"
+DNS_ZONE = "Z0123456789ABCDEFGHIJ"  # the previews' private hosted zone (dns_zone_id)
 ROLE = "pr-preview-PreviewInstanceRole-ABC123"
 PROFILE = "pr-preview-PreviewInstanceProfile-DEF456"
 
@@ -54,10 +55,11 @@ def resolve(value: Any, refs: dict[str, Any], conditions: dict[str, bool]) -> An
 NO_VALUE = object()
 
 
-def filled(policy: dict[str, Any], *, db: bool, ecr: bool) -> dict[str, Any]:
+def filled(policy: dict[str, Any], *, db: bool, ecr: bool, dns: bool) -> dict[str, Any]:
     """A JSON policy as deployments/iam/README.md says to fill it by hand."""
     text = json.dumps(policy)
     text = text.replace("DB_SECURITY_GROUP_ID", DB_SG).replace("ECR_REPOSITORY", ECR)
+    text = text.replace("DNS_ZONE_ID", DNS_ZONE)
     text = text.replace("DB_INSTANCE_ID", DB_HOST)
     text = text.replace("instance-profile/ec2-pr-preview-ssm", f"instance-profile/{PROFILE}")
     text = text.replace("role/ec2-pr-preview-ssm", f"role/{ROLE}")
@@ -71,21 +73,24 @@ def filled(policy: dict[str, Any], *, db: bool, ecr: bool) -> dict[str, Any]:
             continue
         if not db and (DB_SG in json.dumps(statement) or DB_HOST in json.dumps(statement)):
             continue
+        if not dns and DNS_ZONE in json.dumps(statement):
+            continue
         kept.append(statement)
     return {**result, "Statement": kept}
 
 
-def stack_policies(*, db: bool, ecr: bool) -> dict[str, dict[str, Any]]:
+def stack_policies(*, db: bool, ecr: bool, dns: bool) -> dict[str, dict[str, Any]]:
     """Every role policy of the template, by name, resolved for one choice of parameters."""
     template = loaded()
     refs = {
         "DatabaseSecurityGroupId": DB_SG if db else "",
         "DatabaseHostInstanceId": DB_HOST if db else "",
         "EcrRepository": ECR if ecr else "",
+        "DnsZoneId": DNS_ZONE if dns else "",
         "PreviewInstanceRole": ROLE,
         "PreviewInstanceProfile": PROFILE,
     }
-    conditions = {"HasDatabase": db, "HasDatabaseHost": db, "UseEcr": ecr}
+    conditions = {"HasDatabase": db, "HasDatabaseHost": db, "UseEcr": ecr, "HasDnsZone": dns}
     found = {}
     for resource in template["Resources"].values():
         for policy in resource.get("Properties", {}).get("Policies", []):
@@ -101,19 +106,21 @@ def test_the_template_is_the_one_the_json_policies_make() -> None:
 
 @pytest.mark.parametrize("db", [True, False])
 @pytest.mark.parametrize("ecr", [True, False])
+@pytest.mark.parametrize("dns", [True, False])
 def test_the_stacks_policies_are_the_json_files_with_their_placeholders_filled(
-    db: bool, ecr: bool
+    db: bool, ecr: bool, dns: bool
 ) -> None:
-    found = stack_policies(db=db, ecr=ecr)
+    found = stack_policies(db=db, ecr=ecr, dns=dns)
     expected = {
-        path.stem: filled(stack.load_policy(path), db=db, ecr=ecr)
+        path.stem: filled(stack.load_policy(path), db=db, ecr=ecr, dns=dns)
         for path in (ORCHESTRATOR, INSTANCE_ROLE, INSTANCE_SSM_AGENT)
     }
     assert found == expected
     text = json.dumps(found)
     assert "DB_SECURITY_GROUP_ID" not in text and "ECR_REPOSITORY" not in text
-    assert "DB_INSTANCE_ID" not in text
+    assert "DB_INSTANCE_ID" not in text and "DNS_ZONE_ID" not in text
     assert "ec2-pr-preview-ssm" not in text
+    assert (f"arn:aws:route53:::hostedzone/{DNS_ZONE}" in text) is dns
     assert (ECR_PLACEHOLDER.replace("ECR_REPOSITORY", ECR) in text) is ecr
 
 

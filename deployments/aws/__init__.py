@@ -6,11 +6,12 @@
     python -m deployments.aws --check                               # is the file current?
 
 The stack's IAM policies are the JSON files of ``deployments/iam/`` with their placeholders
-(``DB_SECURITY_GROUP_ID``, ``ECR_REPOSITORY``, the instance role and profile's name) turned into
-``Fn::Sub`` of the stack's parameters and resources; a statement that names a placeholder of an
-optional part (the database's security group, an image in ECR) is left out with ``Fn::If`` when
-that part is not used. A statement added to a JSON file reaches the stack when the file is
-written again, and ``tests/test_stack.py`` fails until it is.
+(``DB_SECURITY_GROUP_ID``, ``ECR_REPOSITORY``, ``DNS_ZONE_ID``, the instance role and profile's
+name) turned into ``Fn::Sub`` of the stack's parameters and resources; a statement that names a
+placeholder of an optional part (the database's security group, an image in ECR, the previews'
+private hosted zone) is left out with ``Fn::If`` when that part is not used. A statement added
+to a JSON file reaches the stack when the file is written again, and ``tests/test_stack.py``
+fails until it is.
 
 The orchestrator is a **role** the stack makes (``OrchestratorRole``), not a managed policy for
 a role of yours: the KMS key's policy must name the one principal that may decrypt the GitHub
@@ -43,6 +44,7 @@ PLACEHOLDERS: dict[str, tuple[str, str | None]] = {
     "DB_SECURITY_GROUP_ID": ("${DatabaseSecurityGroupId}", "HasDatabase"),
     "DB_INSTANCE_ID": ("${DatabaseHostInstanceId}", "HasDatabaseHost"),
     "ECR_REPOSITORY": ("${EcrRepository}", "UseEcr"),
+    "DNS_ZONE_ID": ("${DnsZoneId}", "HasDnsZone"),
     f"instance-profile/{INSTANCE_PROFILE_PLACEHOLDER}": (
         "instance-profile/${PreviewInstanceProfile}",
         None,
@@ -264,6 +266,13 @@ def template() -> dict[str, Any]:
             "AllowedValues": ["true", "false"],
             "Description": "Create EcrRepository in this stack (false: it exists already).",
         },
+        "DnsZoneId": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": "^([A-Z0-9]{1,32})?$",
+            "Description": "A Route 53 private hosted zone (dns_zone_id): the orchestrator may"
+            " read it and write only the previews' A records (pr-*) in it; empty: no names.",
+        },
         "OrchestratorTrustedPrincipal": {
             "Type": "String",
             "Default": "",
@@ -284,6 +293,7 @@ def template() -> dict[str, Any]:
         },
         "HasImage": _not_empty("Image"),
         "HasTrustedPrincipal": _not_empty("OrchestratorTrustedPrincipal"),
+        "HasDnsZone": _not_empty("DnsZoneId"),
     }
     resources: dict[str, Any] = {
         "PreviewSecurityGroup": {
@@ -401,6 +411,11 @@ def template() -> dict[str, Any]:
         "AppSecretsKeyArn": {
             "Description": "the KMS key `pr-preview setup` stores the secrets with",
             "Value": {"Fn::GetAtt": ["AppSecretsKey", "Arn"]},
+        },
+        "DnsZoneId": {
+            "Condition": "HasDnsZone",
+            "Description": "dns_zone_id",
+            "Value": {"Ref": "DnsZoneId"},
         },
         "Image": {
             "Condition": "HasImageOrEcr",

@@ -31,7 +31,9 @@ def _expires(preview: Preview, now: datetime) -> str:
         text = f"expired {_duration(now - shutdown_at)} ago"
     else:
         text = _duration(shutdown_at - now)
-    return f"{text} (keep)" if preview.keep else text
+    if preview.keep:
+        return f"{text} (keep)"
+    return f"{text} (pinned)" if preview.pinned else text
 
 
 def _cost_cells(cost: PreviewCost | None) -> list[str]:
@@ -95,6 +97,25 @@ def _cost_lines(settings: PreviewConfig, costs: list[PreviewCost]) -> list[str]:
     return [f"{total}.", basis]
 
 
+def _names(settings: PreviewConfig, previews: list[Preview]) -> dict[str, str]:
+    """Instance id → its PR's name in the zone, for the previews whose record exists."""
+    from tasks.cloud.dns import fqdn, our_records, record_name, zone_name
+
+    route53 = _clients(settings).route53
+    zone_id = settings.dns_zone_id
+    if route53 is None or zone_id is None:
+        return {}
+    zone = zone_name(route53, zone_id)
+    held = {fqdn(record["Name"]).lower() for record in our_records(route53, zone_id, zone)}
+    names = {}
+    for preview in previews:
+        if preview.repo and preview.pr_number is not None:
+            name = record_name(preview.repo, preview.pr_number, zone)
+            if name in held:
+                names[preview.instance_id] = name.rstrip(".")
+    return names
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tasks.app.cost import format_usd, sleeping_cost
     from tasks.cloud.instances import find_previews
@@ -149,6 +170,11 @@ def cmd_list(args: argparse.Namespace) -> int:
                 name = database_name(preview.repo, preview.pr_number)
             size = sizes.get(name or "")
             row.append(f"{name} ({human_size(size)})" if name and size is not None else "-")
+    if settings.dns_zone_id:  # each preview's name in the VPC, where the zone holds it
+        header.append("NAME")
+        names = _names(settings, previews)
+        for preview, row in zip(previews, rows, strict=True):
+            row.append(names.get(preview.instance_id, "-"))
     print(_table(header, rows))
     print(f"\n{len(previews)} preview{'s' if len(previews) != 1 else ''} {where}.")
     for line in _cost_lines(settings, list(costs.values())):

@@ -25,6 +25,7 @@ OPTIONAL_OUTPUTS = {
     "DatabaseSecurityGroupId": "db_security_group_id",
     "DatabaseHostInstanceId": "db_instance_id",
     "Image": "image",
+    "DnsZoneId": "dns_zone_id",
 }
 KEY_OUTPUT = "AppSecretsKeyArn"
 READY = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE"}

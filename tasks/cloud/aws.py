@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ecr import ECRClient
     from mypy_boto3_iam import IAMClient
+    from mypy_boto3_route53 import Route53Client
     from mypy_boto3_ssm import SSMClient
 
 # Retries belong to the Prefect tasks (one retry layer per call), so botocore makes one attempt.
@@ -42,6 +43,7 @@ class AwsClients:
     ssm: SSMClient
     iam: IAMClient
     ecr: ECRClient | None = None  # only when the configured image is in ECR, in its region
+    route53: Route53Client | None = None  # only with dns_zone_id (previews' names in the VPC)
 
 
 def build_clients(settings: PreviewConfig) -> AwsClients:
@@ -50,8 +52,9 @@ def build_clients(settings: PreviewConfig) -> AwsClients:
     ``AWS_ENDPOINT_URL`` (a moto server, say) is honoured on both paths: boto3 reads it itself,
     and a block's own ``endpoint_url`` is passed explicitly because
     ``get_boto3_session().client()`` would drop it. An ECR client only for an image in ECR,
-    in that registry's region. Fresh clients every time: prefect-aws's
-    ``get_client()`` caches them across calls, and with them any event handlers.
+    in that registry's region; a Route 53 client only with ``dns_zone_id``. Fresh clients
+    every time: prefect-aws's ``get_client()`` caches them across calls, and with them any
+    event handlers.
     """
     session: boto3.session.Session
     params: dict[str, Any] = {}
@@ -85,6 +88,7 @@ def build_clients(settings: PreviewConfig) -> AwsClients:
         ssm=client("ssm"),
         iam=client("iam"),
         ecr=client("ecr", ecr.region) if ecr else None,
+        route53=client("route53") if settings.dns_zone_id else None,
     )
 
 

@@ -20,6 +20,7 @@ from tasks.cloud.tags import (
     LIVE_STATES,
     TAG_ACTIVE_AT,
     TAG_KEEP,
+    TAG_PINNED,
     TAG_PR,
     TAG_PURPOSE,
     TAG_RAN_SECONDS,
@@ -30,6 +31,7 @@ from tasks.cloud.tags import (
     TAG_SLEPT_AT,
     TAG_SLEPT_SECONDS,
     TAG_UPDATED_AT,
+    TAG_WARNED_FOR,
     TAG_WOKE_AT,
     TERMINATE_BATCH,
     parse_time,
@@ -53,6 +55,7 @@ class Preview:
     launch_time: datetime
     tags: dict[str, str] = field(default_factory=dict)
     public_ip: str | None = None
+    private_ip: str | None = None
 
     @property
     def repo(self) -> str | None:
@@ -83,6 +86,16 @@ class Preview:
     @property
     def keep(self) -> bool:
         return self.tags.get(TAG_KEEP, "").lower() == "true"
+
+    @property
+    def pinned(self) -> bool:
+        """The PR carries the keep label: the sweeper renews its expiry instead of ending it."""
+        return self.tags.get(TAG_PINNED, "").lower() == "true"
+
+    @property
+    def warned_for(self) -> datetime | None:
+        """The ``shutdown-at`` the PR was last warned of, or None."""
+        return parse_time(self.tags.get(TAG_WARNED_FOR))
 
     @property
     def sleep_state(self) -> str | None:
@@ -138,6 +151,7 @@ class Preview:
             launch_time=launch,
             tags={tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])},
             public_ip=instance.get("PublicIpAddress"),
+            private_ip=instance.get("PrivateIpAddress"),
         )
 
 

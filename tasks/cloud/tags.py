@@ -12,6 +12,10 @@ TAG_SHUTDOWN_AT = "shutdown-at"
 TAG_UPDATED_AT = "updated-at"
 TAG_NAME = "Name"
 TAG_KEEP = "pr-preview:keep"
+# The keep label is on the PR (``keep_label``): the sweeper keeps its expiry ahead, never ends it.
+TAG_PINNED = "pr-preview:pinned"
+# The shutdown-at the PR was warned of (``expiry_warning_minutes``): one warning per expiry.
+TAG_WARNED_FOR = "pr-preview:warned-for"
 # A warm spare: running and bootstrapped, serving no PR (no Repo/PR/Sha until claimed).
 TAG_SPARE = "pr-preview:spare"
 SPARE = "true"  # its value on an unclaimed spare; "claimed" once a PR took it over

@@ -87,6 +87,8 @@ class CommentState:
     variables: tuple[str, ...] = ()  # the names the app's environment gets, never values
     secrets_path: str | None = None  # env_parameter_path: its parameters' names are not read
     database: str | None = None  # database: per-preview — its name and size
+    dns_name: str | None = None  # dns_zone_id: the preview's name inside the VPC
+    pinned_by: str | None = None  # the keep label that pins it, while it is on
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,15 @@ def render_comment(status: CommentState, secrets: Iterable[str | None] = ()) -> 
         rows.append(("Instance", f"`{status.instance_id}`"))
     if status.region:
         rows.append(("Region", f"`{status.region}`"))
+    gone = state in (PreviewState.TORN_DOWN, PreviewState.EXPIRED, PreviewState.ABSENT)
+    if status.dns_name and not gone:
+        rows.append(("Name", f"`{status.dns_name}` (inside the VPC)"))
     expires = _expires(status.expires_at)
-    if expires and state not in (
-        PreviewState.TORN_DOWN,
-        PreviewState.EXPIRED,
-        PreviewState.ABSENT,
-    ):
+    if status.pinned_by and not gone:
+        rows.append(
+            ("Expires at", f"never while the `{status.pinned_by}` label is on (pinned; {expires})")
+        )
+    elif expires and not gone:
         rows.append(("Expires at", f"{expires} (the instance terminates itself)"))
     if rows:
         lines += ["| | |", "| --- | --- |"]
@@ -271,3 +276,50 @@ def report_deployment(
     except GitHubError as exc:  # after the client's own retries: a view, never fatal
         logger.warning("GitHub deployment status not posted: %s", exc)
     return deployment_id
+
+
+# The sweeper's warning in the sticky comment: found again by its marker, replaced in place.
+EXPIRY_MARKER = "<!-- pr-preview:expiry-warning -->"
+
+
+def expiry_warning(
+    pr_number: int, expires_at: datetime, now: datetime, max_ttl_hours: float | None
+) -> str:
+    """One paragraph: when the preview expires, and the two ways to keep it longer."""
+    minutes = max(0, round((expires_at - now).total_seconds() / 60))
+    bound = f" (at most {max_ttl_hours:g} hours from now)" if max_ttl_hours else ""
+    return (
+        f"⏰ This preview expires at {format_time(expires_at)}, in {minutes} minutes. To keep it"
+        f" longer{bound}, comment `/preview extend 8h` or run"
+        f" `pr-preview extend {int(pr_number)} 8h`."
+    )
+
+
+def with_expiry_warning(body: str, warning: str) -> str:
+    """``body`` with ``warning`` as a quote under its headline, replacing an earlier one."""
+    lines = body.splitlines()
+    if EXPIRY_MARKER in lines:  # the marker and its quote go; the blank lines around are redone
+        start = lines.index(EXPIRY_MARKER)
+        del lines[start : start + 2]
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("### ")), len(lines))
+    head, rest = lines[:at], lines[at:]
+    while rest and not rest[0].strip():
+        rest.pop(0)
+    return "\n".join([*head, "", EXPIRY_MARKER, f"> {warning}", "", *rest]).rstrip() + "\n"
+
+
+def warn_of_expiry(github: GitHub, status: CommentState, warning: str) -> CommentResult:
+    """Put ``warning`` in the sticky comment (its last content kept, ``status`` rendered when
+    there is none) and post it once as a comment of its own, which notifies the PR's people."""
+    existing = find_comment(github, status.repo, status.pr_number)
+    if existing is None:
+        body = with_expiry_warning(render_comment(status), warning)
+        created = github.create_issue_comment(status.repo, status.pr_number, body)
+        result = CommentResult("created", int(created["id"]), body)
+    else:
+        comment_id, old = existing
+        body = with_expiry_warning(old, warning)
+        github.update_issue_comment(status.repo, comment_id, body)
+        result = CommentResult("updated", comment_id, body)
+    github.create_issue_comment(status.repo, status.pr_number, warning)
+    return result

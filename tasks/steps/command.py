@@ -11,32 +11,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tasks.cloud.aws import AwsClients
+from tasks.cloud.expiry import hours_from, move_timer, set_expiry
 from tasks.cloud.instances import Preview, find_previews, start_instance, stop_instance
-from tasks.cloud.on_instance import timer_command, timer_minutes
-from tasks.cloud.ssm import run_command
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time
 from tasks.config import PreviewConfig
 from tasks.github.client import WRITE_PERMISSIONS, GitHub, GitHubError, Reaction
 from tasks.run.approvals import record_approval
-from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
 from tasks.run.step import step
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
-    from mypy_boto3_ssm import SSMClient
 
 logger = logging.getLogger(__name__)
-
-TIMER_TIMEOUT_SECONDS = 60.0
-
-
-class TimerNotMoved(PreviewError):
-    """The on-instance shutdown timer did not take the new expiry: nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -101,24 +92,6 @@ def stop_preview(clients: AwsClients, settings: PreviewConfig, instance_id: str)
     run_logger(logger).info("%s stopped", instance_id)
 
 
-def move_timer(
-    ssm: SSMClient, settings: PreviewConfig, instance_id: str, shutdown_at: datetime
-) -> None:
-    """The on-instance timer to ``shutdown_at`` (it does not survive a stop, and a tag alone
-    would not move it)."""
-    minutes = timer_minutes(max((shutdown_at - datetime.now(UTC)).total_seconds(), 60) / 3600)
-    result = run_command(
-        ssm,
-        instance_id,
-        [timer_command(minutes)],
-        timeout_seconds=TIMER_TIMEOUT_SECONDS,
-        poll_seconds=min(settings.poll_seconds, 1.0),
-        comment="pr-preview move the shutdown timer",
-    )
-    if not result.ok:
-        raise TimerNotMoved(f"the shutdown timer of {instance_id} did not move: {result.output}")
-
-
 @step(needs_lock=True)
 def start_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview) -> None:
     """Start a stopped preview and put its shutdown timer back at its shutdown-at (a preview
@@ -132,18 +105,18 @@ def start_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview
     now = datetime.now(UTC)
     shutdown_at = preview.shutdown_at
     if shutdown_at is None or shutdown_at <= now:
-        shutdown_at = (now + timedelta(hours=settings.failure_ttl_hours)).replace(microsecond=0)
+        shutdown_at = hours_from(now, settings.failure_ttl_hours)
         clients.ec2.create_tags(
             Resources=[preview.instance_id],
             Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
         )
-    move_timer(clients.ssm, settings, preview.instance_id, shutdown_at)
+    move_timer(clients.ssm, preview.instance_id, shutdown_at, settings.poll_seconds)
     run_logger(logger).info("%s started, shutdown-at %s", preview.instance_id, shutdown_at)
 
 
 def extended_until(settings: PreviewConfig, hours: float, now: datetime) -> datetime:
     """``hours`` from ``now``, never past ``max_ttl_hours`` from now."""
-    return (now + timedelta(hours=min(hours, settings.max_ttl_hours))).replace(microsecond=0)
+    return hours_from(now, min(hours, settings.max_ttl_hours))
 
 
 @step(needs_lock=True)
@@ -153,11 +126,6 @@ def extend_preview(
     """Move the preview's expiry to ``hours`` from now (at most ``max_ttl_hours``): the timer
     on a running instance first, then ``shutdown-at``; a stopped one gets its timer on start."""
     shutdown_at = extended_until(settings, hours, datetime.now(UTC))
-    if preview.state == "running":
-        move_timer(clients.ssm, settings, preview.instance_id, shutdown_at)
-    clients.ec2.create_tags(
-        Resources=[preview.instance_id],
-        Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
-    )
+    set_expiry(clients.ec2, clients.ssm, preview, shutdown_at, poll=settings.poll_seconds)
     run_logger(logger).info("%s shutdown-at %s", preview.instance_id, format_time(shutdown_at))
     return shutdown_at

@@ -8,6 +8,7 @@ can decide before anything is launched and the tests can feed real payloads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,12 @@ from tasks.run.step import step
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The verdict (None: go ahead) and a sentence for the log and the PR comment."""
+    """The verdict (None: go ahead) and a sentence for the log and the PR comment; ``labels``:
+    the pull request's labels as the guard read them (None: not known)."""
 
     verdict: Outcome | None
     reason: str
+    labels: tuple[str, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -279,7 +282,7 @@ def guard(
         approved = False
         if fork_previews == "approve" and head_repo and head_repo.lower() != repo.lower():
             approved = approved_sha(repo, pr_number) == head_sha
-        return check_event(
+        verdict = check_event(
             repo,
             head_repo,
             allowed_fork_repos,
@@ -290,11 +293,13 @@ def guard(
             approved,
             head_sha,
         )
+        labels = None if event_labels is None else tuple(event_labels)
+        return dataclasses.replace(verdict, labels=labels)
     pull = github.get_pull(repo, pr_number)
     approval = None
     if fork_previews == "approve" and is_fork(pull):
         approval = approved_sha(repo, pr_number)
-    return check_pull(
+    verdict = check_pull(
         pull,
         repo,
         head_sha,
@@ -304,6 +309,7 @@ def guard(
         fork_previews,
         approval,
     )
+    return dataclasses.replace(verdict, labels=tuple(label_names(pull)))
 
 
 def check_changed_files(

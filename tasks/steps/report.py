@@ -25,6 +25,7 @@ from tasks.github.pull_request import (
     CommentResult,
     CommentState,
     PreviewState,
+    flow_run_url,
     headline,
     marker,
     render_comment,
@@ -187,6 +188,8 @@ class PullRequestReport:
     services: tuple[str, ...] = ()  # shown once known (the compose file is checked first)
     variables: tuple[str, ...] = ()
     database: str | None = None  # `name` (size), once the preview's own database is made
+    dns_name: str | None = None  # dns_zone_id: the preview's name, once published
+    pinned_by: str | None = None  # the keep label, while it pins the preview
 
     def tell(
         self,
@@ -225,6 +228,8 @@ class PullRequestReport:
                 variables=self.variables,
                 secrets_path=self.settings.env_parameter_path,
                 database=self.database,
+                dns_name=self.dns_name,
+                pinned_by=self.pinned_by,
             ),
             secrets=self.secrets,
         )
@@ -287,6 +292,17 @@ class PullRequestReport:
         if lines and lines[0].startswith("### "):
             lines.pop(0)
         return "\n".join(lines).strip() or "—"
+
+
+def run_report(
+    github: GitHub, settings: PreviewConfig, repo: str, pr_number: int
+) -> PullRequestReport:
+    """The report of the flow run under way about a pull request, before it knows the sha its
+    preview runs (a teardown, a command, the keep label): its comment links to the run."""
+    from prefect.runtime import flow_run
+
+    run_url = flow_run_url(settings.prefect_ui_url, flow_run.get_id())
+    return PullRequestReport(github, settings, repo, pr_number, sha=None, run_url=run_url)
 
 
 def artifact_key(pr_number: int) -> str:

@@ -8,15 +8,18 @@ is reported as such and the instance is judged by its age, never by a guessed da
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from prefect.artifacts import create_table_artifact
 
+from tasks.cloud.aws import AwsClients
 from tasks.cloud.db_rules import DbRule, db_rules, leftover_db_rules, revoke_db_rules
+from tasks.cloud.expiry import pinned_hours, renewal, set_expiry
 from tasks.cloud.instances import (
     Preview,
     TerminateFailed,
@@ -25,7 +28,7 @@ from tasks.cloud.instances import (
     find_previews,
     terminate_in_batches,
 )
-from tasks.cloud.tags import TAG_SHUTDOWN_AT, TERMINATE_BATCH, format_time
+from tasks.cloud.tags import TAG_SHUTDOWN_AT, TAG_WARNED_FOR, TERMINATE_BATCH, format_time
 from tasks.config import PreviewConfig
 from tasks.github.client import github_from_config
 from tasks.github.pull_request import report_deployment
@@ -44,6 +47,7 @@ Action = Literal["terminate", "keep"]
 PullKey = tuple[str, int]
 
 ARTIFACT_KEY = "ttl-sweep"
+NOT_WARNED = "-"  # pr-preview:warned-for of a preview warned of no expiry (never a time)
 TERMINATED_EVENT = "pr-preview.terminated"
 
 
@@ -66,13 +70,30 @@ class ExpiringComments(Protocol):
     ) -> object: ...
 
 
+class ExpiryWarnings(Protocol):
+    """Optional on a ``PullRequests``: tell a PR when its preview expires and how to extend it."""
+
+    def warn_expiry(
+        self,
+        repo: str,
+        number: int,
+        *,
+        sha: str | None,
+        instance_id: str,
+        expires_at: datetime,
+        now: datetime,
+    ) -> object: ...
+
+
 class StickyExpiry:
     """A ``tasks.github.client.GitHub`` client seen through the sweeper's protocols: the PR's state,
-    and its sticky comment edited to "expired" (``tasks.github.pull_request``)."""
+    its sticky comment edited to "expired", and the warning before that
+    (``tasks.github.pull_request``)."""
 
-    def __init__(self, github: GitHub, region: str) -> None:
+    def __init__(self, github: GitHub, region: str, max_ttl_hours: float | None = None) -> None:
         self.github = github
         self.region = region
+        self.max_ttl_hours = max_ttl_hours
 
     @property
     def enabled(self) -> bool:
@@ -104,6 +125,35 @@ class StickyExpiry:
         # The PR's environment stops showing an active deployment of a preview that is gone.
         report_deployment(self.github, repo, number, sha or "", "inactive")
         return comment
+
+    def warn_expiry(
+        self,
+        repo: str,
+        number: int,
+        *,
+        sha: str | None,
+        instance_id: str,
+        expires_at: datetime,
+        now: datetime,
+    ) -> object:
+        from tasks.github.pull_request import (
+            CommentState,
+            PreviewState,
+            expiry_warning,
+            warn_of_expiry,
+        )
+
+        status = CommentState(
+            PreviewState.READY,
+            repo,
+            number,
+            sha=sha,
+            instance_id=instance_id,
+            region=self.region,
+            expires_at=expires_at,
+        )
+        warning = expiry_warning(number, expires_at, now, self.max_ttl_hours)
+        return warn_of_expiry(self.github, status, warning)
 
 
 EmitEvent = Callable[..., object]
@@ -143,11 +193,15 @@ def _decide(
 ) -> Decision:
     if preview.keep:
         return Decision(preview, "keep", "tagged pr-preview:keep=true")
+    key = _pull_key(preview)
+    closed = key is not None and pr_states.get(key) == "closed"
+    if preview.pinned and not closed:
+        return Decision(preview, "keep", "pinned by the keep label (pr-preview:pinned=true)")
     shutdown_at = preview.shutdown_at
     if shutdown_at is not None and shutdown_at <= now:
         return Decision(preview, "terminate", f"shutdown-at passed {_hours(now - shutdown_at)} ago")
-    key = _pull_key(preview)
-    if key is not None and pr_states.get(key) == "closed":
+    if closed:
+        assert key is not None
         return Decision(preview, "terminate", f"PR {key[0]}#{key[1]} is closed on GitHub")
     if shutdown_at is None:
         raw = preview.tags.get(TAG_SHUTDOWN_AT)
@@ -173,7 +227,8 @@ def plan_sweep(
 
     Terminate when ``shutdown-at`` has passed, when the PR is closed (``pr_states``), or when
     ``shutdown-at`` is missing or unparsable and the instance is older than ``max_age_hours``
-    (default twice the TTL). Never terminate a preview tagged ``pr-preview:keep=true``.
+    (default twice the TTL). Never terminate a preview tagged ``pr-preview:keep=true``, nor one
+    pinned by the keep label (``pr-preview:pinned=true``) unless its PR is closed.
     """
     max_age = timedelta(hours=2 * ttl_hours if max_age_hours is None else max_age_hours)
     states = pr_states or {}
@@ -208,6 +263,28 @@ def ids_to_terminate(decisions: Iterable[Decision]) -> list[str]:
     return [decision.instance_id for decision in decisions if decision.action == "terminate"]
 
 
+def to_warn(decisions: Iterable[Decision], now: datetime, lead_minutes: float) -> list[Decision]:
+    """The previews whose PR is to hear that they expire within ``lead_minutes``: kept ones of
+    a PR, not tagged keep nor pinned, not yet warned of this ``shutdown-at`` (an extend moves
+    it, so the PR hears again), the newest per PR. None with a lead of 0."""
+    if lead_minutes <= 0:
+        return []
+    horizon = now + timedelta(minutes=lead_minutes)
+    newest: dict[PullKey, Decision] = {}
+    for decision in decisions:
+        preview, key = decision.preview, decision.pull_key
+        shutdown_at = preview.shutdown_at
+        if decision.action != "keep" or key is None or preview.keep or preview.pinned:
+            continue
+        if shutdown_at is None or not now < shutdown_at <= horizon:
+            continue
+        if preview.warned_for == shutdown_at:
+            continue
+        if key not in newest or preview.launch_time >= newest[key].preview.launch_time:
+            newest[key] = decision
+    return list(newest.values())
+
+
 # --- The report
 
 
@@ -225,6 +302,13 @@ class SweepReport:
     # database: per-preview — what the sweeper's database step dropped (or would) and could not
     dropped_databases: list[str] = field(default_factory=list)
     failed_databases: dict[str, str] = field(default_factory=dict)
+    # expiry_warning_minutes: the previews whose PR was warned (would be, in a dry run)
+    warned: list[str] = field(default_factory=list)
+    # the keep label: pinned previews whose expiry moved ahead, and those that could not
+    renewed: list[str] = field(default_factory=list)
+    failed_renewals: dict[str, str] = field(default_factory=dict)
+    # dns_zone_id: the names removed (would be) because their preview is gone
+    removed_names: list[str] = field(default_factory=list)
     # idle_stop_minutes — each running preview's idleness as judged, and those put to sleep
     idle: dict[str, str] = field(default_factory=dict)
     slept_idle: list[str] = field(default_factory=list)
@@ -254,6 +338,9 @@ class SweepReport:
             "pr_lookups": self.pr_lookups,
             "revoked_rules": len(self.revoked_rules),
             "dropped_databases": len(self.dropped_databases),
+            "warned": len(self.warned),
+            "renewed": len(self.renewed),
+            "removed_names": len(self.removed_names),
             "slept_idle": len(self.slept_idle),
         }
 
@@ -263,7 +350,14 @@ class SweepReport:
     def _outcome(self, decision: Decision, terminated: set[str], already_gone: set[str]) -> str:
         iid = decision.instance_id
         if decision.action == "keep":
-            return "kept"
+            notes = []
+            if iid in self.warned:
+                notes.append("PR to warn" if self.dry_run else "PR warned")
+            if iid in self.renewed:
+                notes.append("expiry to renew" if self.dry_run else "expiry renewed")
+            if iid in self.failed_renewals:
+                notes.append(f"renewal failed: {self.failed_renewals[iid]}")
+            return ", ".join(["kept", *notes])
         if self.dry_run:
             return "would terminate (dry run)"
         if iid in self.failed:
@@ -310,6 +404,15 @@ class SweepReport:
                 f" {counts['dropped_databases']}"
                 if self.dropped_databases or self.failed_databases
                 else ""
+            )
+            + "".join(
+                f", {what} {counts[key]}"
+                for key, what in (
+                    ("warned", "expiry warnings" + (" to post" if self.dry_run else " posted")),
+                    ("renewed", "pinned previews " + ("to renew" if self.dry_run else "renewed")),
+                    ("removed_names", "names " + ("to remove" if self.dry_run else "removed")),
+                )
+                if counts[key]
             )
             + (f", asleep for idleness {counts['slept_idle']}" if self.idle else "")
         )
@@ -418,6 +521,102 @@ def announce_terminations(
     return marked
 
 
+@step
+def mark_warned(ec2: EC2Client, settings: PreviewConfig, instance_id: str, value: str) -> None:
+    """``pr-preview:warned-for``: the expiry the PR has heard of (tags are the state: the next
+    sweep, or one after a restart, reads it and posts nothing again)."""
+    ec2.create_tags(Resources=[instance_id], Tags=[{"Key": TAG_WARNED_FOR, "Value": value}])
+
+
+@step(retry=False)
+def warn_pull_request(github: ExpiryWarnings, decision: Decision, now: datetime) -> None:
+    """The sticky comment gains the warning, and the PR one short comment; the client retries
+    by itself."""
+    preview = decision.preview
+    assert decision.pull_key is not None and preview.shutdown_at is not None
+    repo, number = decision.pull_key
+    github.warn_expiry(
+        repo,
+        number,
+        sha=preview.sha,
+        instance_id=preview.instance_id,
+        expires_at=preview.shutdown_at,
+        now=now,
+    )
+
+
+def warn_before_expiry(
+    ec2: EC2Client, settings: PreviewConfig, github: PullRequests | None, report: SweepReport
+) -> list[str]:
+    """Warn each PR whose preview expires within ``expiry_warning_minutes``, once per expiry:
+    the expiry is claimed in its tag first, so a second sweep in the same window posts
+    nothing; a warning GitHub refuses gives the claim back for the next sweep."""
+    warn = getattr(github, "warn_expiry", None) if github and github.enabled else None
+    due = to_warn(report.decisions, report.now, settings.expiry_warning_minutes)
+    if not callable(warn) or not due:
+        return []
+    if report.dry_run:
+        return [decision.instance_id for decision in due]
+    log = run_logger(logger)
+    warned = []
+    for decision in due:
+        preview = decision.preview
+        assert preview.shutdown_at is not None
+        before = preview.tags.get(TAG_WARNED_FOR, NOT_WARNED)
+        try:
+            mark_warned(ec2, settings, preview.instance_id, format_time(preview.shutdown_at))
+        except Exception as exc:  # unclaimed: the next sweep tries again
+            log.error("%s: expiry warning not claimed: %s", preview.instance_id, exc)
+            continue
+        try:
+            warn_pull_request(cast("ExpiryWarnings", github), decision, report.now)
+        except Exception as exc:  # a warning is a courtesy: the next sweep tries again
+            log.warning("%s: expiry warning not posted: %s", preview.name, exc)
+            with contextlib.suppress(Exception):
+                mark_warned(ec2, settings, preview.instance_id, before)
+            continue
+        log.info("%s: warned, it expires at %s", preview.name, format_time(preview.shutdown_at))
+        warned.append(preview.instance_id)
+    return warned
+
+
+@dataclass
+class Renewals:
+    renewed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@step
+def renew_pinned(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    live: list[Preview],
+    now: datetime,
+    dry_run: bool = False,
+) -> Renewals:
+    """Keep each pinned preview's expiry between half a TTL and a TTL ahead: the timer of a
+    running one first, then ``shutdown-at`` (``tasks.cloud.expiry``). One that fails is
+    reported and tried again by the next sweep, well before its timer fires."""
+    hours = pinned_hours(settings.ttl_hours, settings.max_ttl_hours)
+    done = Renewals()
+    for preview in live:
+        if not preview.pinned or preview.keep or _pull_key(preview) is None:
+            continue
+        until = renewal(preview, now, hours)
+        if until is None:
+            continue
+        if not dry_run:
+            try:
+                set_expiry(clients.ec2, clients.ssm, preview, until, poll=settings.poll_seconds)
+            except Exception as exc:
+                run_logger(logger).error("%s: pinned, not renewed: %s", preview.name, exc)
+                done.failed[preview.instance_id] = str(exc)
+                continue
+            run_logger(logger).info("%s: pinned, expires at %s", preview.name, until)
+        done.renewed.append(preview.instance_id)
+    return done
+
+
 @step(retry=False)
 def publish_sweep_report(report: SweepReport, key: str = ARTIFACT_KEY) -> None:
     """The decisions as a table artifact; the log says the same in one line."""
@@ -432,7 +631,9 @@ def github_or_none(settings: PreviewConfig) -> PullRequests | None:
     except Exception as exc:  # no token must not stop the TTL sweep
         run_logger(logger).warning("GitHub not configured (%s): sweeping by tags alone", exc)
         return None
-    return StickyExpiry(github, settings.region) if github.enabled else None
+    if not github.enabled:
+        return None
+    return StickyExpiry(github, settings.region, settings.max_ttl_hours)
 
 
 def sweep(
@@ -496,6 +697,8 @@ def sweep(
     #    the db-sg clean-up, which must not keep the PR from hearing its preview is gone.
     if report.terminated:
         announce_terminations(report, emit, github)
+    # 4b. PRs whose preview expires within expiry_warning_minutes hear it once per expiry.
+    report.warned = warn_before_expiry(ec2, settings, github, report)
     # 5. The temporary /32 rules on db-sg of runbook §2.5 that no live preview uses.
     report.revoked_rules = revoke_leftover_db_rules(ec2, settings, report.live, dry_run)
     for rule in report.revoked_rules:
