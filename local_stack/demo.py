@@ -31,6 +31,9 @@ PR_NUMBER = 42
 FIRST_SHA = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
 SECOND_SHA = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
 WEBHOOK_SECRET = "demo-webhook-secret"
+GITHUB_TOKEN = "good-token"  # one the fake GitHub takes
+REVIEWER = "octo-reviewer"
+EXTEND = "48h"  # past the 24 h the preview has: an extend never shortens
 
 
 def say(text: str = "") -> None:
@@ -91,6 +94,38 @@ def describe_fleet(clients: Any, purpose: str) -> None:
             f"   EC2 {preview.instance_id}  {preview.state:<11} PR #{preview.pr_number}"
             f"  sha {str(preview.sha)[:7]}  shutdown-at {preview.tags.get('shutdown-at')}"
         )
+
+
+def shutdown_at(clients: Any) -> str:
+    """The PR's preview's ``shutdown-at`` tag."""
+    from tasks.cloud.instances import find_previews
+
+    found = find_previews(clients.ec2, "pr-preview-singleton", states=("running",))
+    return next((str(p.tags.get("shutdown-at")) for p in found if p.pr_number == PR_NUMBER), "-")
+
+
+def sticky_versions(github: Any) -> list[str]:
+    """Each body the bot wrote into the PR's sticky comment: created once, then edited."""
+    from tasks.github.pull_request import marker
+
+    return [
+        str(request.body["body"])
+        for request in github.sent(path_contains="/comments")
+        if request.method in ("POST", "PATCH")
+        and isinstance(request.body, dict)
+        and str(request.body.get("body", "")).startswith(marker(REPO, PR_NUMBER))
+    ]
+
+
+def bot_replies(github: Any) -> list[str]:
+    """What the bot answered on the PR besides its sticky comment."""
+    from tasks.github.pull_request import marker
+
+    return [
+        str(c["body"])
+        for c in github.comments.get((REPO.lower(), PR_NUMBER), [])
+        if c["user"]["login"] != REVIEWER and not str(c["body"]).startswith(marker(REPO, PR_NUMBER))
+    ]
 
 
 class Tunnel:
@@ -199,8 +234,14 @@ def run(keep: bool, db: str = "sqlite") -> int:
             create_demo_account,
         )
         from local_stack.db_host import DB_HOST_IP, db_host, launch_db_host
+        from local_stack.github import FakeGitHub
         from local_stack.instance.world import DB_PORT, push_sample_app
-        from local_stack.prefect_server import prefect_stack, pull_request_payload, signed_delivery
+        from local_stack.prefect_server import (
+            issue_comment_payload,
+            prefect_stack,
+            pull_request_payload,
+            signed_delivery,
+        )
         from local_stack.registry import FakeRegistry
         from local_stack.serve import serve_asgi, serve_handler
         from tasks.cloud.aws import build_clients
@@ -224,6 +265,15 @@ def run(keep: bool, db: str = "sqlite") -> int:
 
         # CI "pushed" the image; the registry wants the GHCR token, as GHCR does.
         registry = FakeRegistry(scheme="http", users={DEMO_OWNER: DEMO_GHCR_TOKEN})
+        # GitHub as the flows see it: the PR, its comments, a reviewer with write access.
+        github = FakeGitHub()
+        github_url = stack_exit.enter_context(serve_handler(github.handle))
+        github.base_url = github_url
+        github.add_collaborator(REPO, REVIEWER, "write")
+        os.environ.update(GITHUB_TOKEN=GITHUB_TOKEN, GITHUB_API_URL=github_url)
+        say(
+            f"   GitHub (a fake that answers as GitHub does) on {github_url}; @{REVIEWER} may write"
+        )
         with (
             serve_handler(registry.handle) as registry_url,
             prefect_stack(Path(tmp) / "prefect", db=db) as stack,
@@ -268,8 +318,16 @@ def run(keep: bool, db: str = "sqlite") -> int:
 
                 def deliver(action: str, sha: str) -> None:
                     payload = pull_request_payload(action, REPO, PR_NUMBER, sha)
+                    github.add_pull(REPO, payload["pull_request"])
                     answer = signed_delivery(receiver, WEBHOOK_SECRET, "pull_request", payload)
                     say(f"   GitHub → receiver: pull_request.{action} → HTTP {answer.status_code}")
+
+                def comment(body: str) -> None:
+                    comment_id = github.add_comment(REPO, PR_NUMBER, body, user=REVIEWER)
+                    payload = issue_comment_payload(REPO, PR_NUMBER, comment_id, body, REVIEWER)
+                    answer = signed_delivery(receiver, WEBHOOK_SECRET, "issue_comment", payload)
+                    say(f"   @{REVIEWER} comments {body!r}")
+                    say(f"   GitHub → receiver: issue_comment.created → HTTP {answer.status_code}")
 
                 banner(f"3. PR #{PR_NUMBER} opened at {FIRST_SHA[:7]}")
                 push_sample_app(registry, REPO.lower(), FIRST_SHA, "v1", private=True)
@@ -296,13 +354,21 @@ def run(keep: bool, db: str = "sqlite") -> int:
                 )
                 say(f"   db-server: the preview's own database {own}, tables {tables.strip()}")
 
-                banner(f"5. PR #{PR_NUMBER} closed")
+                banner(f"5. A reviewer needs it longer: /preview extend {EXTEND}")
+                before = shutdown_at(clients)
+                comment(f"/preview extend {EXTEND}")
+                failed += show_runs(stack.wait_for_runs("pr-command/pr-command", 1), seen)
+                say(f"   shutdown-at {before} → {shutdown_at(clients)} (tag and instance timer)")
+                for reply in bot_replies(github):
+                    say(indent(reply))
+
+                banner(f"6. PR #{PR_NUMBER} closed")
                 deliver("closed", SECOND_SHA)
                 failed += show_runs(stack.wait_for_runs("pr-teardown/pr-teardown", 1), seen)
                 describe_fleet(clients, "pr-preview-singleton")
 
-                banner("6. The PR comment at each state (no GitHub token: Prefect artifacts)")
-                for body in stack.artifacts(f"pr-{PR_NUMBER}-comment"):
+                banner("7. The PR's sticky comment at each state, as the bot wrote it")
+                for body in sticky_versions(github):
                     say(indent(body))
                     say()
 

@@ -283,6 +283,30 @@ def signed_delivery(
     return httpx.post(f"{receiver_url}/webhook", content=body, headers=headers, timeout=30)
 
 
+def issue_comment_payload(
+    repo: str, number: int, comment_id: int, body: str, login: str, *, bot: bool = False
+) -> dict[str, Any]:
+    """An ``issue_comment`` ``created`` delivery for a comment on pull request ``number``, with
+    the fields GitHub sends that the mapping reads (its own time: every delivery differs)."""
+    user = {"login": login, "id": 7, "type": "Bot" if bot else "User"}
+    return {
+        "action": "created",
+        "issue": {
+            "number": number,
+            "pull_request": {"url": f"https://api.github.com/repos/{repo}/pulls/{number}"},
+        },
+        "comment": {
+            "id": comment_id,
+            "body": body,
+            "user": user,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "author_association": "OWNER",  # says nothing about what they may do now
+        },
+        "repository": {"full_name": repo},
+        "sender": user,
+    }
+
+
 def pull_request_payload(
     action: str,
     repo: str,

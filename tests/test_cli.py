@@ -868,3 +868,8 @@ def test_extend_moves_the_expiry_and_the_timer_within_the_bound(
     assert f"expires at {format_time(moved)}" in out and instance in out
     # The on-instance timer moves with the tag (a tag alone would not stop the instance).
     assert scripted_ssm.count(r"shutdown -h \+4[78][0-9] ", instance) == 1
+
+    # An extend never shortens: 2h when 8h are left keeps the later expiry.
+    code, out, _ = run(capsys, "extend", "111", "2h", "--repo", "octo-org/extend")
+    assert code == 0, out
+    assert shutdown_at() == moved and f"expires at {format_time(moved)}" in out

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from local_stack.prefect_server import signed_delivery
+from local_stack.prefect_server import issue_comment_payload, signed_delivery
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, parse_time
 from tasks.github.pull_request import marker
 from tasks.run.approvals import approval_name
@@ -33,23 +33,7 @@ def comment(
     """What GitHub does when ``login`` comments ``body`` on the PR: the comment exists, a
     delivery is sent (its own comment id and time: every delivery's body differs)."""
     comment_id = e2e.github.add_comment(REPO, pr, body, user=login)
-    user = {"login": login, "id": 7, "type": "Bot" if bot else "User"}
-    payload: dict[str, Any] = {
-        "action": "created",
-        "issue": {
-            "number": pr,
-            "pull_request": {"url": f"https://api.github.com/repos/{REPO}/pulls/{pr}"},
-        },
-        "comment": {
-            "id": comment_id,
-            "body": body,
-            "user": user,
-            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "author_association": "OWNER",  # says nothing about what they may do now
-        },
-        "repository": {"full_name": REPO},
-        "sender": user,
-    }
+    payload = issue_comment_payload(REPO, pr, comment_id, body, login, bot=bot)
     return signed_delivery(e2e.receiver, SECRET, "issue_comment", payload), comment_id
 
 

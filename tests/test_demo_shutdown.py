@@ -73,7 +73,10 @@ def test_a_signal_stops_the_demo_and_every_process_it_started(signum: int, when:
     assert when in output, output
     if "stays up" in when:
         assert "━━ Done" in output and "✗" not in output, output
-        assert output.count(" Completed ") == 3, output
+        assert output.count(" Completed ") == 4, output  # open, push, /preview extend, close
+        moved = next(line for line in output.splitlines() if "(tag and instance timer)" in line)
+        before, after = moved.split("shutdown-at ")[1].split(" (")[0].split(" → ")
+        assert after > before, moved  # ISO times: the later sorts last
     started = descendants(demo.pid)
     assert len(started) >= 3, "the demo should have started moto, PostgreSQL and a Prefect server"
 

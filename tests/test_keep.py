@@ -176,11 +176,14 @@ def test_the_warning_comes_once_per_expiry_and_again_after_an_extend(
     assert sweep(aws.ec2, config, github=sweeper(fake)).warned == []
     assert warnings(fake, 7) == [warning] and len(fake.sent("POST", "/comments")) == posts
 
-    # Extended by 30 minutes: a new expiry inside the hour, a new warning (one of each).
+    # Extended by 30 minutes with 40 left: an extend never shortens, nothing moves.
     extend_preview(aws, config, preview_of(aws, instance), 0.5)
+    assert preview_of(aws, instance).shutdown_at == expires
+    # By 50 minutes: a new expiry inside the hour, a new warning (one of each).
+    extend_preview(aws, config, preview_of(aws, instance), 50 / 60)
     extended = preview_of(aws, instance).shutdown_at
-    assert extended is not None and extended != expires
-    assert scripted_ssm.count(r"shutdown -h \+30 ", instance) == 1  # the timer moved too
+    assert extended is not None and extended > expires
+    assert scripted_ssm.count(r"shutdown -h \+50 ", instance) == 1  # the timer moved too
     assert sweep(aws.ec2, config, github=sweeper(fake)).warned == [instance]
     assert sweep(aws.ec2, config, github=sweeper(fake)).warned == []
     assert len(warnings(fake, 7)) == 2 and format_time(extended) in warnings(fake, 7)[1]

@@ -114,18 +114,23 @@ def start_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview
     run_logger(logger).info("%s started, shutdown-at %s", preview.instance_id, shutdown_at)
 
 
-def extended_until(settings: PreviewConfig, hours: float, now: datetime) -> datetime:
-    """``hours`` from ``now``, never past ``max_ttl_hours`` from now."""
-    return hours_from(now, min(hours, settings.max_ttl_hours))
+def extended_until(
+    settings: PreviewConfig, hours: float, now: datetime, current: datetime | None = None
+) -> datetime:
+    """``hours`` from ``now``, never past ``max_ttl_hours`` from now — and never before the
+    ``current`` expiry: an extend does not shorten a preview's life."""
+    wanted = hours_from(now, min(hours, settings.max_ttl_hours))
+    return max(wanted, current) if current is not None else wanted
 
 
 @step(needs_lock=True)
 def extend_preview(
     clients: AwsClients, settings: PreviewConfig, preview: Preview, hours: float
 ) -> datetime:
-    """Move the preview's expiry to ``hours`` from now (at most ``max_ttl_hours``): the timer
-    on a running instance first, then ``shutdown-at``; a stopped one gets its timer on start."""
-    shutdown_at = extended_until(settings, hours, datetime.now(UTC))
+    """Move the preview's expiry to ``hours`` from now (at most ``max_ttl_hours``; an expiry
+    already later stays): the timer on a running instance first, then ``shutdown-at``; a
+    stopped one gets its timer on start."""
+    shutdown_at = extended_until(settings, hours, datetime.now(UTC), preview.shutdown_at)
     set_expiry(clients.ec2, clients.ssm, preview, shutdown_at, poll=settings.poll_seconds)
     run_logger(logger).info("%s shutdown-at %s", preview.instance_id, format_time(shutdown_at))
     return shutdown_at
