@@ -34,7 +34,6 @@ import httpx
 import pytest
 
 from deployments.aws import ECS_WORKER_POLICY
-from deployments.aws import render as render_stack
 from local_stack.account import DemoAccount, create_demo_account
 from local_stack.docker_engine import docker_engine
 from local_stack.ecs_tasks import EcsDataPlane, wait_for
@@ -46,6 +45,7 @@ from local_stack.serve import serve_handler
 from tasks.cloud.aws import build_clients
 from tasks.config import VARIABLE_NAME, PreviewConfig
 from tests.support.iam_policy import Request, evaluate
+from tests.support.stacks import create_stack
 
 pytestmark = [pytest.mark.server, pytest.mark.ecs, pytest.mark.xdist_group("ecs")]
 
@@ -164,14 +164,7 @@ def ecs_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EcsWorld]:
             account = create_demo_account(build_clients(PreviewConfig(region=REGION)))
         cfn = session.client("cloudformation", endpoint_url=moto.url)
         parameters = {"VpcId": account.vpc_id, "SubnetId": account.subnet_id, "WorkPool": "ecs"}
-        cfn.create_stack(
-            StackName=STACK,
-            TemplateBody=render_stack(),
-            Capabilities=["CAPABILITY_IAM"],
-            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-        )
-        [created] = cfn.describe_stacks(StackName=STACK)["Stacks"]
-        outputs = {o["OutputKey"]: o["OutputValue"] for o in created["Outputs"]}
+        outputs = create_stack(cfn, STACK, parameters)
         sqs.create_queue(QueueName=outputs["EcsEventsQueueName"])
         with prefect_stack(home / "prefect") as stack:
             stack.set_variable(VARIABLE_NAME, {**account.config_values(), "region": REGION})
@@ -403,9 +396,12 @@ def authorizations(call: Call, account: str) -> list[Request]:
     and what the call implies (passing a role, tagging the task it creates)."""
     params, action = call.params, call.action
     passed = {"iam:PassedToService": "ecs-tasks.amazonaws.com"}
-    if action in ("ecs:RegisterTaskDefinition", "ecs:DescribeTaskDefinition"):
+    if action == "ecs:DescribeTaskDefinition":
+        return [Request(action, "*")]
+    if action == "ecs:RegisterTaskDefinition":  # the family's next revision
+        made = f"arn:aws:ecs:{REGION}:{account}:task-definition/{params['family']}:1"
         roles = [params[key] for key in ("executionRoleArn", "taskRoleArn") if params.get(key)]
-        return [Request(action, "*"), *(Request("iam:PassRole", role, passed) for role in roles)]
+        return [Request(action, made), *(Request("iam:PassRole", role, passed) for role in roles)]
     if action == "ecs:RunTask":
         overrides = params.get("overrides", {})
         roles = [overrides[key] for key in ("executionRoleArn", "taskRoleArn") if key in overrides]

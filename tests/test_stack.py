@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from deployments import aws as stack
+from tests.support.stacks import create_stack
 from tests.test_iam import ECR_PLACEHOLDER, INSTANCE_ROLE, INSTANCE_SSM_AGENT, ORCHESTRATOR
 
 DB_SG = "sg-0a1b2c3d4e5f60718"
@@ -289,16 +290,7 @@ def test_cloudformation_creates_the_ecs_part_with_work_pool_ecs_and_nothing_with
     ][0]["SubnetId"]
 
     def create(name: str, **parameters: str) -> dict[str, str]:
-        values = {"VpcId": vpc["VpcId"], "SubnetId": subnet, **parameters}
-        cfn.create_stack(
-            StackName=name,
-            TemplateBody=stack.render(),
-            Capabilities=["CAPABILITY_IAM"],
-            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in values.items()],
-        )
-        [found] = cfn.describe_stacks(StackName=name)["Stacks"]
-        assert found["StackStatus"] == "CREATE_COMPLETE", found.get("StackStatusReason")
-        return {o["OutputKey"]: o["OutputValue"] for o in found["Outputs"]}
+        return create_stack(cfn, name, {"VpcId": vpc["VpcId"], "SubnetId": subnet, **parameters})
 
     process = create("on-process")
     assert not [key for key in process if key.startswith(("Ecs", "Flow"))]
