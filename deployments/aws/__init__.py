@@ -75,6 +75,9 @@ HEADER = """\
 #     --parameter-overrides VpcId=vpc-... SubnetId=subnet-... DatabaseSecurityGroupId=sg-...
 #   pr-preview setup --stack pr-preview ...
 #
+# WorkPool=ecs adds an ECS work pool's side (README, "Past one machine"); then
+#   python -m deployments.pools ecs --from-stack pr-preview > prefect.ecs.yaml
+#
 # No secret is a parameter: `pr-preview setup` stores them as SecureStrings with AppSecretsKey.
 """
 
