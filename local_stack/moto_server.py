@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -241,10 +242,13 @@ def moto_process(
     runtime: str = "scripted",
     instances_root: Path | None = None,
     command: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[MotoProcess]:
     """A moto server process with scripted instances or, with ``runtime="real"``, instances
     that boot for real in sandboxes under ``instances_root``. ``command`` starts another
-    server that speaks the same protocol (prints ``MOTO_URL``, reads stdin), e.g. a bench's."""
+    server that speaks the same protocol (prints ``MOTO_URL``, reads stdin), e.g. a bench's.
+    ``env``: added to its environment (``MOTO_RECORDER_FILEPATH``: where moto's recorder,
+    started with ``POST /moto-api/recorder/start-recording``, writes each request)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = command or [sys.executable, "-m", "local_stack.moto_server", "--runtime", runtime]
     if instances_root is not None:
@@ -257,6 +261,7 @@ def moto_process(
             stdout=subprocess.PIPE,
             stderr=errors,
             preexec_fn=die_with_parent,
+            env={**os.environ, **env} if env else None,
         )
     try:
         assert process.stdout is not None

@@ -96,6 +96,7 @@ IAM = Path(__file__).resolve().parents[1] / "deployments" / "iam"
 ORCHESTRATOR = IAM / "orchestrator-policy.json"
 INSTANCE_ROLE = IAM / "instance-role-policy.json"
 INSTANCE_SSM_AGENT = IAM / "instance-ssm-agent-policy.json"
+ECS_WORKER = IAM / "ecs-worker-policy.json"  # held to its calls by tests/test_ecs_pool.py
 # AWS's managed policy, as AWS publishes it (tests/data/iam/README.md says where from).
 MANAGED_SSM_CORE = Path(__file__).parent / "data" / "iam" / "AmazonSSMManagedInstanceCore.json"
 ACCOUNT = "123456789012"
@@ -1358,6 +1359,10 @@ ACCEPTED_FINDINGS = {
         "the database host's share of that split: commands to the one instance"
         " db_instance_id names (DB_INSTANCE_ID), with the document allowed in its own statement."
     ),
+    "ecs-worker-policy.json PERMISSIONS_MANAGEMENT_ACTIONS iam:passrole": (
+        "the ECS worker hands each task its two roles; PassRole is limited to the stack's task"
+        " role (the orchestrator role) and execution role, and to ecs-tasks.amazonaws.com."
+    ),
     "instance-role-policy.json CREDENTIALS_EXPOSURE ecr:getauthorizationtoken": (
         "the instance logs in to ECR with it (`aws ecr get-login-password`, piped into `docker"
         " login`); the password it returns pulls only what the role may pull (BatchGetImage and"
@@ -1393,7 +1398,7 @@ def parliament_findings(path: Path) -> list[Any]:
 
 def test_parliament_leaves_only_explained_findings() -> None:
     found = {}
-    for path in (ORCHESTRATOR, INSTANCE_ROLE, INSTANCE_SSM_AGENT):
+    for path in (ORCHESTRATOR, INSTANCE_ROLE, INSTANCE_SSM_AGENT, ECS_WORKER):
         for finding in parliament_findings(path):
             assert finding.issue != "RESOURCE_STAR", finding  # "*" only where AWS has no ARN
             if finding.severity in ABOVE_LOW:

@@ -25,7 +25,6 @@ from prefect.variables import Variable
 
 import flows.preview
 from deployments import cli
-from deployments.aws import render
 from deployments.pools import PREFECT_YAML, process_base_job_template
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
@@ -35,6 +34,7 @@ from tasks.cloud.aws import AwsClients
 from tasks.config import VARIABLE_NAME
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN
 from tests.support.moto_state import instances, live, state_of, tags
+from tests.support.stacks import create_stack
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -73,15 +73,7 @@ def deploy_stack(aws: AwsClients, **parameters: str) -> tuple[str, dict[str, str
         **parameters,
     }
     cfn = boto3.client("cloudformation", region_name=aws.ec2.meta.region_name)
-    cfn.create_stack(
-        StackName=STACK,
-        TemplateBody=render(),
-        Capabilities=["CAPABILITY_IAM"],
-        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in values.items()],
-    )
-    [stack] = cfn.describe_stacks(StackName=STACK)["Stacks"]
-    assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
-    return db_sg, {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+    return db_sg, create_stack(cfn, STACK, values)
 
 
 def users_variable(registry: FakeRegistry) -> dict[str, Any]:

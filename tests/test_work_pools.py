@@ -73,6 +73,7 @@ def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
             "PR_PREVIEW_ECS_VPC_ID": "vpc-0a1b2c3d",
             "PR_PREVIEW_ECS_SUBNET_ID": "subnet-0312f79d1cf5c6bdc",
             "PR_PREVIEW_ECS_SECURITY_GROUP_ID": "sg-0600751c154b62e0c",
+            "PR_PREVIEW_ECS_LOG_GROUP": "/pr-preview/pr-preview/flows",
         },
     )
     job = ECSJobConfiguration(**job_configuration("ecs", values))
@@ -89,6 +90,11 @@ def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
     }
     assert job.vpc_id == "vpc-0a1b2c3d"
     assert job.execution_role_arn == "arn:aws:iam::123456789012:role/ecs-exec"
+    # The stack's log group, which the execution role may write to; none created on the way.
+    assert job.cloudwatch_logs_options == {
+        "awslogs-group": "/pr-preview/pr-preview/flows",
+        "awslogs-create-group": "false",
+    }
 
 
 def test_kubernetes_variant_renders_a_job_under_the_orchestrator_service_account() -> None:
@@ -170,6 +176,54 @@ def test_the_pools_module_prints_a_prefect_yaml_and_checks_both(
     assert main(["ecs"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == render("ecs")
+
+
+def test_the_ecs_variant_takes_its_values_from_the_stack_deployed_with_work_pool_ecs(
+    aws: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.pools.__main__ import main
+    from tests.test_setup import deploy_stack
+
+    region = aws.ec2.meta.region_name
+    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    _, outputs = deploy_stack(aws, WorkPool="ecs")
+    assert main(["ecs", "--from-stack", "pr-preview"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert {d["work_pool"]["name"] for d in printed["deployments"]} == {"pr-preview-ecs"}
+    job_variables = printed["deployments"][0]["work_pool"]["job_variables"]
+    assert with_env(job_variables, {"PR_PREVIEW_FLOW_IMAGE": "flows:1"}) == with_env(
+        variant("ecs")["work_pool"]["job_variables"],
+        {
+            "PR_PREVIEW_FLOW_IMAGE": "flows:1",
+            "PR_PREVIEW_ECS_CLUSTER": outputs["EcsClusterArn"],
+            "PR_PREVIEW_ORCHESTRATOR_ROLE_ARN": outputs["OrchestratorRoleArn"],
+            "PR_PREVIEW_ECS_EXECUTION_ROLE_ARN": outputs["EcsExecutionRoleArn"],
+            "PR_PREVIEW_ECS_LOG_GROUP": outputs["EcsLogGroupName"],
+            "PR_PREVIEW_ECS_VPC_ID": outputs["EcsVpcId"],
+            "PR_PREVIEW_ECS_SUBNET_ID": outputs["SubnetId"],
+            "PR_PREVIEW_ECS_SECURITY_GROUP_ID": outputs["EcsSecurityGroupId"],
+        },
+    )
+    assert job_variables["image"] == "{{ $PR_PREVIEW_FLOW_IMAGE }}"  # the deployer's tag
+    # A stack without the ECS part, or a Kubernetes pool, says what to do instead.
+    assert main(["kubernetes", "--from-stack", "pr-preview"]) == 2
+    assert "only ecs" in capsys.readouterr().err
+    import boto3
+
+    boto3.client("cloudformation", region_name=region).update_stack(
+        StackName="pr-preview",
+        UsePreviousTemplate=True,
+        Capabilities=["CAPABILITY_IAM"],
+        Parameters=[
+            {"ParameterKey": key, "UsePreviousValue": True}
+            for key in ("VpcId", "SubnetId", "DatabaseSecurityGroupId")
+        ],
+    )
+    assert main(["ecs", "--from-stack", "pr-preview"]) == 2
+    err = capsys.readouterr().err
+    assert "has no output EcsClusterArn" in err and "WorkPool=ecs" in err, err
+    assert main(["ecs", "--from-stack", "no-such-stack"]) == 2
+    assert "no stack no-such-stack" in capsys.readouterr().err
 
 
 def test_the_process_pool_starts_the_engine_on_the_workers_interpreter(

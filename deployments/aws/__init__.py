@@ -18,6 +18,12 @@ a role of yours: the KMS key's policy must name the one principal that may decry
 App's key, and a role the stack owns is an ARN it can name before anything runs. Whatever runs
 the flows (a worker's host, an ECS task, an operator) assumes it; ``OrchestratorTrustedPrincipal``
 says who may (default: principals of this account whose own policies allow it).
+
+``WorkPool=ecs`` (default ``process``) adds what prefect-aws's ECS worker needs
+(:func:`ecs_part`): the orchestrator role becomes the flow runs' task role as well (trusting
+``ecs-tasks.amazonaws.com`` of this account), so the flows keep exactly their policy and the
+key policy its one principal; the worker's own permissions are
+``deployments/iam/ecs-worker-policy.json``, a managed policy for whatever runs the worker.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ IAM = HERE.parent / "iam"
 ORCHESTRATOR_POLICY = IAM / "orchestrator-policy.json"
 INSTANCE_ROLE_POLICY = IAM / "instance-role-policy.json"
 INSTANCE_SSM_AGENT_POLICY = IAM / "instance-ssm-agent-policy.json"
+ECS_WORKER_POLICY = IAM / "ecs-worker-policy.json"
 
 # The instance profile's (and its role's) name in the JSON files: the configuration's default.
 INSTANCE_PROFILE_PLACEHOLDER = "ec2-pr-preview-ssm"
@@ -50,6 +57,13 @@ PLACEHOLDERS: dict[str, tuple[str, str | None]] = {
         None,
     ),
     f"role/{INSTANCE_PROFILE_PLACEHOLDER}": ("role/${PreviewInstanceRole}", None),
+    # The ECS worker's policy: the whole policy exists only with WorkPool=ecs. Its task role is
+    # the orchestrator role itself, so the flows' permissions (and the key policy) stay one.
+    "ECS_CLUSTER": ("${EcsCluster}", None),
+    "ECS_TASK_ROLE": ("${OrchestratorRole}", None),
+    "ECS_EXECUTION_ROLE": ("${EcsExecutionRole}", None),
+    "ECS_LOG_GROUP": ("${EcsLogGroup}", None),
+    "ECS_EVENTS_QUEUE": ("${EcsEventsQueueName}", None),
 }
 # A statement of ECR actions only is needed only with an image in ECR (as the READMEs say).
 ECR_CONDITION = "UseEcr"
@@ -63,12 +77,16 @@ HEADER = """\
 #     --parameter-overrides VpcId=vpc-... SubnetId=subnet-... DatabaseSecurityGroupId=sg-...
 #   pr-preview setup --stack pr-preview ...
 #
+# WorkPool=ecs adds an ECS work pool's side (README, "Past one machine"); then
+#   python -m deployments.pools ecs --from-stack pr-preview > prefect.ecs.yaml
+#
 # No secret is a parameter: `pr-preview setup` stores them as SecureStrings with AppSecretsKey.
 """
 
 DESCRIPTION = (
     "pr-preview: the previews' security group and instance role, the orchestrator role, the"
-    " KMS key of their secrets (and optionally an ECR repository). See the project's README."
+    " KMS key of their secrets (optionally an ECR repository, and with WorkPool=ecs an ECS"
+    " work pool's cluster, roles, log group and worker policy). See the project's README."
 )
 
 ADMIN_ACTIONS = [
@@ -211,6 +229,209 @@ def key_policy() -> dict[str, Any]:
     }
 
 
+def orchestrator_trust() -> dict[str, Any]:
+    """Who may act as the orchestrator: the trusted principal (or this account's), and with
+    WorkPool=ecs the flow runs' ECS tasks of this account, whose task role it is."""
+    trust = _role_trust(
+        {
+            "AWS": {
+                "Fn::If": [
+                    "HasTrustedPrincipal",
+                    {"Ref": "OrchestratorTrustedPrincipal"},
+                    {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"},
+                ]
+            }
+        }
+    )
+    alone = trust["Statement"]
+    with_tasks = [*alone, *_ecs_tasks_trust()["Statement"]]
+    return {**trust, "Statement": {"Fn::If": ["UseEcs", with_tasks, alone]}}
+
+
+def _ecs_tasks_trust() -> dict[str, Any]:
+    """ECS tasks of this account only (the confused-deputy condition AWS recommends)."""
+    trust = _role_trust({"Service": "ecs-tasks.amazonaws.com"})
+    trust["Statement"][0]["Condition"] = {
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    }
+    return trust
+
+
+def execution_policy() -> dict[str, Any]:
+    """ECS's own calls for a flow run's task: pull the flow image, write its log stream."""
+    repository = {
+        "Fn::Sub": "arn:${AWS::Partition}:ecr:${AWS::Region}:${AWS::AccountId}"
+        ":repository/${FlowImageRepository}"
+    }
+    streams = {
+        "Fn::Sub": "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}"
+        ":log-group:${EcsLogGroup}:log-stream:*"
+    }
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "LogInToEcr",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            {
+                "Sid": "PullTheFlowImage",
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:BatchCheckLayerAvailability",
+                    "ecr:BatchGetImage",
+                    "ecr:GetDownloadUrlForLayer",
+                ],
+                "Resource": repository,
+            },
+            {
+                "Sid": "WriteTheFlowRunsLogStreams",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": streams,
+            },
+        ],
+    }
+
+
+LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1827, 3653]
+
+
+def ecs_part() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What ``WorkPool=ecs`` adds: parameters, conditions, resources and outputs.
+
+    The cluster, the execution role, the flow image's ECR repository, the log group with its
+    retention, the tasks' security group (no inbound) and the ECS worker's managed policy
+    (``deployments/iam/ecs-worker-policy.json``); the task role is ``OrchestratorRole``.
+    """
+    ecs = "UseEcs"
+    parameters = {
+        "WorkPool": {
+            "Type": "String",
+            "Default": "process",
+            "AllowedValues": ["process", "ecs"],
+            "Description": "Where the flows run: process (a worker's own machine) or ecs (a"
+            " Fargate task per run: adds the cluster, roles, log group and worker policy).",
+        },
+        "FlowImageRepository": {
+            "Type": "String",
+            "Default": "pr-preview-flows",
+            "AllowedPattern": "^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$",
+            "Description": "WorkPool=ecs: the ECR repository the stack makes for the flow"
+            " image (make image), which the execution role may pull from.",
+        },
+        "EcsLogRetentionDays": {
+            "Type": "Number",
+            "Default": 14,
+            "AllowedValues": LOG_RETENTION_DAYS,
+            "Description": "WorkPool=ecs: days the flow runs' container logs are kept.",
+        },
+        "EcsEventsQueueName": {
+            "Type": "String",
+            "Default": "prefect-ecs-tasks-events",
+            "AllowedPattern": "^[A-Za-z0-9_-]{1,80}$",
+            "Description": "WorkPool=ecs: the SQS queue of ECS task state changes the ECS"
+            " worker reads (prefect-aws's default name; made by `prefect-aws ecs-worker"
+            " deploy-events`).",
+        },
+    }
+    conditions = {ecs: {"Fn::Equals": [{"Ref": "WorkPool"}, "ecs"]}}
+    resources: dict[str, Any] = {
+        "EcsCluster": {
+            "Type": "AWS::ECS::Cluster",
+            "Condition": ecs,
+            "Properties": {
+                "ClusterSettings": [{"Name": "containerInsights", "Value": "disabled"}],
+                "Tags": [{"Key": "Name", "Value": {"Fn::Sub": "${AWS::StackName}-flows"}}],
+            },
+        },
+        "EcsLogGroup": {
+            "Type": "AWS::Logs::LogGroup",
+            "Condition": ecs,
+            "DeletionPolicy": "Delete",
+            "UpdateReplacePolicy": "Delete",
+            "Properties": {
+                "LogGroupName": {"Fn::Sub": "/pr-preview/${AWS::StackName}/flows"},
+                "RetentionInDays": {"Ref": "EcsLogRetentionDays"},
+            },
+        },
+        "EcsExecutionRole": {
+            "Type": "AWS::IAM::Role",
+            "Condition": ecs,
+            "Properties": {
+                "Description": "ECS, for pr-preview flow runs: pulls the flow image, writes logs",
+                "AssumeRolePolicyDocument": _ecs_tasks_trust(),
+                "Policies": [{"PolicyName": "ecs-execution", "PolicyDocument": execution_policy()}],
+            },
+        },
+        "EcsTaskSecurityGroup": {
+            "Type": "AWS::EC2::SecurityGroup",
+            "Condition": ecs,
+            "Properties": {
+                "GroupDescription": "pr-preview flow runs: no inbound",
+                "VpcId": {"Ref": "VpcId"},
+                "Tags": [{"Key": "Name", "Value": {"Fn::Sub": "${AWS::StackName}-flows"}}],
+            },
+        },
+        "FlowRepository": {
+            "Type": "AWS::ECR::Repository",
+            "Condition": ecs,
+            "DeletionPolicy": "Delete",
+            "UpdateReplacePolicy": "Retain",
+            "Properties": {
+                "RepositoryName": {"Ref": "FlowImageRepository"},
+                "ImageScanningConfiguration": {"ScanOnPush": True},
+                "EmptyOnDelete": True,
+            },
+        },
+        "EcsWorkerPolicy": {
+            "Type": "AWS::IAM::ManagedPolicy",
+            "Condition": ecs,
+            "Properties": {
+                "Description": "pr-preview's ECS worker (prefect worker start --type ecs):"
+                " attach to whatever runs it",
+                "PolicyDocument": stack_policy(ECS_WORKER_POLICY),
+            },
+        },
+    }
+    outputs = {
+        "EcsClusterArn": {"Description": "cluster", "Value": {"Fn::GetAtt": ["EcsCluster", "Arn"]}},
+        "EcsExecutionRoleArn": {
+            "Description": "execution_role_arn (the task role is OrchestratorRoleArn)",
+            "Value": {"Fn::GetAtt": ["EcsExecutionRole", "Arn"]},
+        },
+        "EcsLogGroupName": {
+            "Description": "cloudwatch_logs_options awslogs-group",
+            "Value": {"Ref": "EcsLogGroup"},
+        },
+        "EcsVpcId": {"Description": "vpc_id", "Value": {"Ref": "VpcId"}},
+        "EcsSecurityGroupId": {
+            "Description": "network_configuration securityGroups (subnets: SubnetId)",
+            "Value": {"Ref": "EcsTaskSecurityGroup"},
+        },
+        "EcsWorkerPolicyArn": {
+            "Description": "the managed policy whatever runs the ECS worker needs",
+            "Value": {"Ref": "EcsWorkerPolicy"},
+        },
+        "EcsEventsQueueName": {
+            "Description": "the queue the worker's observer reads",
+            "Value": {"Ref": "EcsEventsQueueName"},
+        },
+        "FlowImageRepositoryUri": {
+            "Description": "where make image's flow image goes (PR_PREVIEW_FLOW_IMAGE)",
+            "Value": {
+                "Fn::Sub": "${AWS::AccountId}.dkr.ecr.${AWS::Region}.${AWS::URLSuffix}"
+                "/${FlowImageRepository}"
+            },
+        },
+    }
+    for output in outputs.values():
+        output["Condition"] = ecs
+    return parameters, conditions, resources, outputs
+
+
 def _not_empty(parameter: str) -> dict[str, Any]:
     return {"Fn::Not": [{"Fn::Equals": [{"Ref": parameter}, ""]}]}
 
@@ -338,17 +559,7 @@ def template() -> dict[str, Any]:
             "Type": "AWS::IAM::Role",
             "Properties": {
                 "Description": "pr-preview flows and the pr-preview command",
-                "AssumeRolePolicyDocument": _role_trust(
-                    {
-                        "AWS": {
-                            "Fn::If": [
-                                "HasTrustedPrincipal",
-                                {"Ref": "OrchestratorTrustedPrincipal"},
-                                {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"},
-                            ]
-                        }
-                    }
-                ),
+                "AssumeRolePolicyDocument": orchestrator_trust(),
                 "Policies": [
                     {
                         "PolicyName": ORCHESTRATOR_POLICY.stem,
@@ -424,6 +635,9 @@ def template() -> dict[str, Any]:
         },
     }
     conditions["HasImageOrEcr"] = {"Fn::Or": [{"Condition": "UseEcr"}, {"Condition": "HasImage"}]}
+    wholes: tuple[dict[str, Any], ...] = (parameters, conditions, resources, outputs)
+    for whole, part in zip(wholes, ecs_part(), strict=True):
+        whole.update(part)
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": DESCRIPTION,

@@ -8,6 +8,7 @@ own default base job template — what ``prefect work-pool get-default-base-job-
 prints.
 
     python -m deployments.pools ecs > prefect.ecs.yaml     # then prefect deploy --prefect-file
+    python -m deployments.pools ecs --from-stack pr-preview  # the stack's values filled in
     python -m deployments.pools --check                      # both variants against the templates
     python -m deployments.pools --process-template > process-pool.json   # the process pool's
 
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 import sys
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,19 @@ import yaml
 
 KINDS = ("ecs", "kubernetes")
 PREFECT_YAML = Path(__file__).resolve().parents[2] / "prefect.yaml"
+# ``{{ $NAME }}`` of a variant → the output of the CloudFormation stack (deployments/aws,
+# ``WorkPool=ecs``) that holds its value; the flow image's tag stays the deployer's.
+STACK_OUTPUTS = {
+    "ecs": {
+        "PR_PREVIEW_ECS_CLUSTER": "EcsClusterArn",
+        "PR_PREVIEW_ORCHESTRATOR_ROLE_ARN": "OrchestratorRoleArn",
+        "PR_PREVIEW_ECS_EXECUTION_ROLE_ARN": "EcsExecutionRoleArn",
+        "PR_PREVIEW_ECS_LOG_GROUP": "EcsLogGroupName",
+        "PR_PREVIEW_ECS_VPC_ID": "EcsVpcId",
+        "PR_PREVIEW_ECS_SUBNET_ID": "SubnetId",
+        "PR_PREVIEW_ECS_SECURITY_GROUP_ID": "EcsSecurityGroupId",
+    }
+}
 
 
 def variant(kind: str) -> dict[str, Any]:
@@ -42,15 +58,46 @@ def variant(kind: str) -> dict[str, Any]:
     return loaded
 
 
-def render(kind: str, prefect_yaml: Path = PREFECT_YAML) -> dict[str, Any]:
-    """prefect.yaml with every deployment on ``kind``'s work pool and its pull step."""
+def render(
+    kind: str, prefect_yaml: Path = PREFECT_YAML, values: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """prefect.yaml with every deployment on ``kind``'s work pool and its pull step;
+    ``values``: ``{{ $NAME }}`` placeholders filled in (see :func:`values_from_stack`)."""
     overlay = variant(kind)
     project: dict[str, Any] = yaml.safe_load(prefect_yaml.read_text())
     project["pull"] = copy.deepcopy(overlay["pull"])
     project.pop("definitions", None)  # anchors already expanded by the load
+    work_pool = _filled(overlay["work_pool"], values or {})
     for deployment in project["deployments"]:
-        deployment["work_pool"] = copy.deepcopy(overlay["work_pool"])
+        deployment["work_pool"] = copy.deepcopy(work_pool)
     return project
+
+
+def _filled(value: Any, values: Mapping[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _filled(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_filled(item, values) for item in value]
+    if isinstance(value, str) and (found := PLACEHOLDER.fullmatch(value)) and found[1] in values:
+        return values[found[1]]
+    return value
+
+
+PLACEHOLDER = re.compile(r"\{\{ \$([A-Z0-9_]+) \}\}")
+
+
+def values_from_stack(kind: str, stack: str, outputs: Mapping[str, str]) -> dict[str, str]:
+    """The variant's placeholders that ``stack``'s outputs fill; every one must be there."""
+    wanted = STACK_OUTPUTS.get(kind)
+    if wanted is None:
+        raise ValueError(f"the stack holds nothing of a {kind} work pool: only ecs")
+    missing = sorted({output for output in wanted.values() if output not in outputs})
+    if missing:
+        raise ValueError(
+            f"stack {stack} has no output {', '.join(missing)}: deploy it with"
+            " WorkPool=ecs (deployments/aws/pr-preview.yaml)"
+        )
+    return {name: outputs[output] for name, output in wanted.items()}
 
 
 def default_base_job_template(kind: str) -> dict[str, Any]:
