@@ -190,7 +190,7 @@ def _under_lock(
     state = PreviewState.STOPPED if preview.state in ("stopping", "stopped") else PreviewState.READY
     detail = by
     if command.verb is Verb.STOP and state is PreviewState.READY:
-        stop_preview(clients, settings, preview.instance_id)
+        stop_preview(clients, settings, preview)
         state, detail = PreviewState.STOPPED, f"Stopped: {by} `/preview start` starts it again."
     elif command.verb is Verb.START and state is PreviewState.STOPPED:
         start_preview(clients, settings, preview)

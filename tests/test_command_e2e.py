@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from local_stack.prefect_server import issue_comment_payload, signed_delivery
-from tasks.cloud.tags import TAG_SHUTDOWN_AT, parse_time
+from tasks.cloud.tags import TAG_SHUTDOWN_AT, TAG_SLEEP_STATE, TAG_SLEPT_SECONDS, parse_time
 from tasks.github.pull_request import marker
 from tasks.run.approvals import approval_name
 from tests.support.installation import REPO, SECRET, Installation
@@ -96,6 +96,7 @@ def test_writers_command_the_preview_and_nobody_else_does(e2e: Installation) -> 
     assert e2e.github.reactions(REPO, comment_id) == [("eyes", e2e.github.bot_login)]
     [stopped] = ours(e2e)
     assert (stopped["InstanceId"], stopped["State"]["Name"]) == (first, "stopped")
+    assert tags(stopped)[TAG_SLEEP_STATE] == "manual"  # asleep: its stopped hours cost its disk
     assert "Preview stopped" in sticky(e2e) and "`/preview stop` by @wanda" in sticky(e2e)
 
     # … starts it again …
@@ -103,16 +104,17 @@ def test_writers_command_the_preview_and_nobody_else_does(e2e: Installation) -> 
     assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
     [started] = ours(e2e)
     assert (started["InstanceId"], started["State"]["Name"]) == (first, "running")
+    assert TAG_SLEEP_STATE not in tags(started) and TAG_SLEPT_SECONDS in tags(started)
     assert "Preview ready" in sticky(e2e) and "Started" in sticky(e2e)
 
-    # … extends it: shutdown-at moves to 8 h from now …
-    run, _ = command(e2e, "/preview extend 8h", "wanda", 4)
+    # … extends it: shutdown-at moves to 48 h from now (past the 24 h it had) …
+    run, _ = command(e2e, "/preview extend 48h", "wanda", 4)
     assert run["state_type"] == "COMPLETED", e2e.outcomes([run])
     shutdown_at = parse_time(tags(ours(e2e)[0])[TAG_SHUTDOWN_AT])
     assert shutdown_at is not None
-    expected = datetime.now(UTC) + timedelta(hours=8)
+    expected = datetime.now(UTC) + timedelta(hours=48)
     assert abs(shutdown_at - expected) < timedelta(minutes=5)
-    assert "Extended: `/preview extend 8h` by @wanda" in sticky(e2e)
+    assert "Extended: `/preview extend 48h` by @wanda" in sticky(e2e)
 
     # … but not past max_ttl_hours, and an unknown command gets the list of commands.
     run, _ = command(e2e, "/preview extend 999h", "wanda", 5)

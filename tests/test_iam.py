@@ -581,7 +581,7 @@ def record(
         # /preview stop, start and extend: the command flow's own steps on PR 42's preview.
         clients = build_clients(config)  # as the command flow builds them: recorded
         [preview] = pr_previews(clients.ec2, config, REPO, 42)
-        stop_preview(clients, config, preview.instance_id)
+        stop_preview(clients, config, preview)
         assert state_of(aws, preview.instance_id) == "stopped"
         start_preview(clients, config, preview)
         assert state_of(aws, preview.instance_id) == "running"

@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tasks.cloud.aws import AwsClients
-from tasks.cloud.expiry import hours_from, move_timer, set_expiry
-from tasks.cloud.instances import Preview, find_previews, start_instance, stop_instance
+from tasks.cloud.expiry import hours_from, set_expiry
+from tasks.cloud.instances import Preview, find_previews, stop_instance
+from tasks.cloud.power import sleep_tags, wake_instance
 from tasks.cloud.tags import TAG_SHUTDOWN_AT, format_time
 from tasks.config import PreviewConfig
 from tasks.github.client import WRITE_PERMISSIONS, GitHub, GitHubError, Reaction
@@ -81,37 +82,44 @@ def pr_previews(
 
 
 @step(needs_lock=True)
-def stop_preview(clients: AwsClients, settings: PreviewConfig, instance_id: str) -> None:
-    """Stop the instance; its shutdown-at stays, so the sweeper ends it on time."""
+def stop_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview) -> None:
+    """Put the preview to sleep by hand (``sleep-state=manual``: its stopped hours cost only
+    its disk, and no schedule wakes it); its shutdown-at stays, so the sweeper ends it on time."""
+    clients.ec2.create_tags(
+        Resources=[preview.instance_id], Tags=sleep_tags(preview, "manual", datetime.now(UTC))
+    )
     stop_instance(
         clients.ec2,
-        instance_id,
+        preview.instance_id,
         timeout_seconds=settings.terminate_timeout_seconds,
         poll=settings.poll_seconds,
     )
-    run_logger(logger).info("%s stopped", instance_id)
+    run_logger(logger).info("%s stopped", preview.instance_id)
 
 
 @step(needs_lock=True)
 def start_preview(clients: AwsClients, settings: PreviewConfig, preview: Preview) -> None:
-    """Start a stopped preview and put its shutdown timer back at its shutdown-at (a preview
-    whose shutdown-at has passed or cannot be read gets the short TTL)."""
-    start_instance(
-        clients.ec2,
-        preview.instance_id,
-        timeout_seconds=settings.ready_timeout_seconds,
-        poll=settings.poll_seconds,
-    )
+    """Start a stopped preview as any wake does (its sleep accounted for, ``sleep-state``
+    gone, the shutdown timer re-armed from shutdown-at once its agent answers); a preview whose
+    shutdown-at has passed or cannot be read gets the short TTL first."""
     now = datetime.now(UTC)
-    shutdown_at = preview.shutdown_at
-    if shutdown_at is None or shutdown_at <= now:
-        shutdown_at = hours_from(now, settings.failure_ttl_hours)
+    if preview.shutdown_at is None or preview.shutdown_at <= now:
         clients.ec2.create_tags(
             Resources=[preview.instance_id],
-            Tags=[{"Key": TAG_SHUTDOWN_AT, "Value": format_time(shutdown_at)}],
+            Tags=[
+                {
+                    "Key": TAG_SHUTDOWN_AT,
+                    "Value": format_time(hours_from(now, settings.failure_ttl_hours)),
+                }
+            ],
         )
-    move_timer(clients.ssm, preview.instance_id, shutdown_at, settings.poll_seconds)
-    run_logger(logger).info("%s started, shutdown-at %s", preview.instance_id, shutdown_at)
+    woke = wake_instance(clients, settings, preview.instance_id)
+    run_logger(logger).info(
+        "%s started in %.1f s, shutdown timer %d min",
+        preview.instance_id,
+        woke.seconds,
+        woke.timer_minutes,
+    )
 
 
 def extended_until(
