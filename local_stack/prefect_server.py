@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from local_stack.processes import die_with_parent, free_port, stop_process
+from local_stack.processes import die_with_parent, free_port, listens_on, stop_process
 
 if TYPE_CHECKING:
     from local_stack.prefect_postgres import PrefectDatabase
@@ -218,10 +218,36 @@ def prefect_stack(
 def _serve(
     home: Path, extra_env: Mapping[str, str], database: PrefectDatabase | None
 ) -> Iterator[PrefectStack]:
+    home.mkdir(parents=True, exist_ok=True)
+    stack = None
+    try:
+        # A free port can be taken by another process before the server binds it (test workers
+        # start servers side by side): then the server exits saying so, and starts on another.
+        for _ in range(PORT_ATTEMPTS):
+            stack = _start_server(home, extra_env, database)
+            outcome = _wait_healthy(stack)
+            if outcome == "up":
+                break
+            stop_process(stack.processes[0])
+            if outcome != "port taken":
+                raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+        else:
+            raise RuntimeError(f"Prefect server found no free port; see {home / 'server.log'}")
+        yield stack
+    finally:
+        for process in reversed(stack.processes if stack else []):
+            stop_process(process)
+
+
+PORT_ATTEMPTS = 3
+
+
+def _start_server(
+    home: Path, extra_env: Mapping[str, str], database: PrefectDatabase | None
+) -> PrefectStack:
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = quiet_env(home, {**extra_env, "PREFECT_API_URL": api_url})
-    home.mkdir(parents=True, exist_ok=True)
     log = (home / "server.log").open("ab")
     server = subprocess.Popen(
         [
@@ -242,23 +268,36 @@ def _serve(
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent,
     )
-    stack = PrefectStack(home, api_url, env, [server], database)
-    try:
-        # A first start migrates a new database: past a minute on 2 busy cores.
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
-            time.sleep(0.3)
-        yield stack
-    finally:
-        for process in reversed(stack.processes):
-            stop_process(process)
+    log.close()  # the server holds its own descriptor
+    return PrefectStack(home, api_url, env, [server], database)
+
+
+def _wait_healthy(stack: PrefectStack) -> str:
+    """``up``, ``port taken`` (the server exited: its port was another's), or ``failed``."""
+    server = stack.processes[0]
+    log = stack.home / "server.log"
+    port = stack.api_url.rsplit(":", 1)[1].split("/")[0]
+    # A first start migrates a new database: past a minute on 2 busy cores.
+    deadline = time.monotonic() + 150
+    while True:
+        # Asked only once it is our server that listens: until then the port may be another
+        # process's (taken between free_port and the bind), which a health check would disturb.
+        try:
+            if (
+                listens_on(server.pid, int(port))
+                and httpx.get(f"{stack.api_url}/health", timeout=2).status_code == 200
+            ):
+                return "up"
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            # Prefect's own check before it starts, or uvicorn's bind when the port went after.
+            said = log.read_text(errors="replace")
+            taken = (f"Port {port} is already in use", f"bind on address ('127.0.0.1', {port})")
+            return "port taken" if any(words in said for words in taken) else "failed"
+        if time.monotonic() > deadline:
+            return "failed"
+        time.sleep(0.3)
 
 
 def signed_delivery(

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -22,6 +23,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (or a child of it) holds a TCP socket listening on ``port`` of
+    127.0.0.1 — read from /proc, so nothing is sent to whatever else may hold the port."""
+    owned = set()
+    for process in [pid, *_children(pid)]:
+        try:
+            descriptors = list(Path(f"/proc/{process}/fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                link = os.readlink(descriptor)
+            except OSError:  # closed since it was listed (the listing's own, for one)
+                continue
+            if link.startswith("socket:["):
+                owned.add(link[8:-1])
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in table:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.split(":")[1], 16) == port and inode in owned:
+            return True
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in found]
 
 
 def die_with_parent() -> None:

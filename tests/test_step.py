@@ -143,4 +143,7 @@ def test_outcomes_name_the_completed_state() -> None:
         "Not Permitted",
         "Bad Command",
         "Bot",
+        "Awaiting Approval",
+        "Nothing To Approve",
+        "Not The Head",
     ]
