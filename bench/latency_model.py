@@ -1,8 +1,9 @@
 """A latency model of real AWS for moto and the scripted SSM instance, with time scaled down.
 
-Every number is in modelled real seconds and carries its source. Where no published measurement
-was found, the value is marked ESTIMATE with the reasoning, so a reader knows which ones to
-replace first when real measurements exist.
+Every number is in modelled real seconds and carries its source. What the Docker Engine does on
+the instance is MEASURED here (bench/bench_engine.py, on a real local instance, with the date);
+AWS-side rows come from published measurements; where neither exists, the value is marked
+ESTIMATE with the reasoning, so a reader knows which ones to replace first.
 
 The model is applied in three places:
 
@@ -118,25 +119,72 @@ REGISTRY_LOGIN = Measurement(
     2.0,
     "ESTIMATE: two `aws ssm get-parameter` calls (AWS CLI start-up ~1 s each) + `docker login`",
 )
+# MEASURED rows: bench/bench_engine.py, 2026-12-07, on a real local instance (Docker Engine
+# 20.10 per instance, Docker Compose v2.40.3, the sample app examples/hello-api), this 2-core
+# machine shared with other test runs: the median of 3 (6 for compose up), each timed on the
+# instance with bash's $EPOCHREALTIME around the command alone (no SSM round trip in it).
+ENGINE_BENCH = "MEASURED bench/bench_engine.py 2026-12-07"
+LOCAL_PULL_FULL = Measurement(
+    7.82,
+    f"{ENGINE_BENCH}: `docker pull` of the sample app (192 MB, 3 uncompressed layers) after"
+    " `docker rmi` of every image, from the loopback registry — unpacking and registering the"
+    " layers, next to no network",
+)
+LOCAL_PULL_TOP = Measurement(
+    0.43,
+    f"{ENGINE_BENCH}: `docker pull` of v2 with v1 present (index, manifest, config and its"
+    " 0.02 MB app layer) from the loopback registry",
+)
 IMAGE_PULL_FULL = Measurement(
-    14.0,
+    8.0 + LOCAL_PULL_FULL.seconds,
     "200 MB compressed at 200 Mbps = 8 s (dev-toolbox.tech 'Docker Image Download Time"
     " Calculator': Docker Hub-class registry ~200 Mbps typical, region-local 0.5–1 Gbps)"
-    " + ESTIMATE 6 s to decompress and extract the layers",
+    f" + {LOCAL_PULL_FULL.seconds:g} s to unpack, as a local pull of 192 MB took"
+    f" ({ENGINE_BENCH})",
 )
 IMAGE_PULL_CHANGED_LAYERS = Measurement(
-    3.0,
+    1.2 + LOCAL_PULL_TOP.seconds,
     "~30 MB of changed layers after a code change (same calculator: 'After code change: 15-50"
-    " MB (only changed layers)') at 200 Mbps = 1.2 s + ESTIMATE 1 s extract, 1 s manifests",
+    " MB (only changed layers)') at 200 Mbps = 1.2 s"
+    f" + {LOCAL_PULL_TOP.seconds:g} s of manifests and unpacking, as a local pull of one new"
+    f" layer took ({ENGINE_BENCH})",
 )
-COMPOSE_UP = Measurement(2.0, "ESTIMATE: `docker compose up -d` creating/recreating one service")
-APP_START = Measurement(2.0, "ESTIMATE: the app (uvicorn) listening after its container starts")
+COMPOSE_UP = Measurement(
+    1.83,
+    f"{ENGINE_BENCH}: `docker compose up -d` recreating the app service (APP_IMAGE flipped"
+    " between two images present), median of 6",
+)
+APP_START = Measurement(
+    2.17,
+    f"{ENGINE_BENCH}: after `compose up -d`, until curl on the app port gets an HTTP answer"
+    " (uvicorn importing FastAPI, SQLAlchemy and the app), median of 6",
+)
+CONTAINER_START = Measurement(
+    0.59,
+    f"{ENGINE_BENCH}: `docker run --rm --network none --entrypoint true IMAGE` (create,"
+    " start, exit, remove)",
+)
+RUN_START = Measurement(
+    1.11,
+    f"{ENGINE_BENCH}: `docker compose run --rm -T api true` (a one-off container of the app"
+    " service on its network, with its env files)",
+)
+ALEMBIC_CURRENT = Measurement(
+    1.41,
+    f"{ENGINE_BENCH}: `docker compose exec -T api alembic current` in the running app"
+    " container (Python, alembic and the app's env.py, one query)",
+)
+IMAGE_INSPECT = Measurement(
+    0.13,
+    f"{ENGINE_BENCH}: `docker image inspect IMAGE@digest` (is the pinned image here?); the"
+    " alembic-heads label read the same way took 0.07 s",
+)
 
 # --- the steps after ready
 MIGRATION = Measurement(
-    5.0,
-    "ESTIMATE: `docker compose run --rm api alembic upgrade head` — container start ~1 s,"
-    " Python + alembic import and a handful of revisions ~4 s; no published timing found",
+    3.04,
+    f"{ENGINE_BENCH}: `docker compose run --rm -T api alembic upgrade head` of 1 revision"
+    " (2 revisions: 2.72 s, none to run: 2.22 s — the container and Python, not the SQL)",
 )
 PROBE_CURL = Measurement(0.05, "ESTIMATE: one in-instance curl of /healthz on loopback")
 SSM_COMMAND = Measurement(
@@ -220,6 +268,12 @@ MEASUREMENTS: dict[str, Measurement] = {
     "compose up -d": COMPOSE_UP,
     "app start": APP_START,
     "alembic migration": MIGRATION,
+    "container start": CONTAINER_START,
+    "compose run --rm start": RUN_START,
+    "alembic current (exec)": ALEMBIC_CURRENT,
+    "image inspect": IMAGE_INSPECT,
+    "local pull, 192 MB": LOCAL_PULL_FULL,
+    "local pull, one layer": LOCAL_PULL_TOP,
     "probe curl": PROBE_CURL,
     "SSM command round trip": SSM_COMMAND,
     "AWS CLI ec2 waiter delay": CLI_WAITER_DELAY,

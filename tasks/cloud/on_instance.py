@@ -30,6 +30,11 @@ CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
 COMPOSE_FILE = "docker-compose.yml"
 
 
+# The image's alembic heads (space-separated, sorted), as its build labels it: a deploy whose
+# database already stands at them starts no migration container (tasks/steps/update.py).
+ALEMBIC_HEADS_LABEL = "org.pr-preview.alembic-heads"
+
+
 def compose_command(app_dir: str) -> str:
     """``docker compose`` on the preview's project with every path explicit: the file, the
     env file its ``${APP_IMAGE}`` is read from, and the directory its relative paths resolve
