@@ -41,7 +41,7 @@ from botocore import handlers
 
 from local_stack.scripted_instance import (
     BOOTSTRAP_CHECK,
-    DEPLOY,
+    DEPLOY_COMMAND,
     HEALTH,
     MIGRATE,
     MIGRATED_CHECK,
@@ -421,6 +421,21 @@ CHANGES: dict[str, Change] = {
             " groups, profile, RunInstances dry run) are about launching (made)",
         ),
         Change(
+            "D1",
+            "one deploy command",
+            "the in-place path (a push, a claimed spare) sends one SSM command that pulls,"
+            " migrates, swaps, probes and re-arms the timer, one stage line each; the flow shows"
+            " each stage as its own task run from that output (made)",
+        ),
+        Change(
+            "D2",
+            "skip what has not changed",
+            "no pull when the pinned digest is on the instance (`docker image inspect`); no"
+            " migration container when the database stands at the image's alembic heads (its"
+            " label, against `alembic current` in the running app container); the common push"
+            " adds no revision (made)",
+        ),
+        Change(
             "S1",
             "spares hold base layers",
             "a spare's bootstrap pulls the default branch's image (spare_base_tag, default main,"
@@ -489,30 +504,84 @@ def new_launch(boot: BootProfile = STOCK, changes: tuple[str, ...] = ()) -> Comp
     return Composition(f"new PR, {boot.name}", tuple(legs), changes)
 
 
-def spare_claim(*, layers: bool) -> Composition:
+@dataclass(frozen=True)
+class DeployStages:
+    """The one deploy command's stages (change D1), in modelled seconds."""
+
+    pull: float
+    migrate: float
+    swap: float = COMPOSE_UP.seconds
+    probe: float = APP_START.seconds + PROBE_CURL.seconds
+
+    @property
+    def seconds(self) -> float:
+        return self.pull + self.migrate + self.swap + self.probe
+
+
+def deploy_stages(
+    *, layers: bool, present: bool = False, at_head: bool = False, app_running: bool = True
+) -> DeployStages:
+    """``present``: the pinned digest is on the instance (D2: only the inspect); ``at_head``:
+    the database stands at the image's heads (D2: the label and ``alembic current``, no
+    migration container); ``app_running``: an app container answers ``alembic current`` (a
+    spare runs none: compose's exec fails at once, charged as one more inspect)."""
+    pull = IMAGE_INSPECT.seconds
+    if not present:
+        pull += (
+            REGISTRY_LOGIN.seconds
+            + (IMAGE_PULL_CHANGED_LAYERS if layers else IMAGE_PULL_FULL).seconds
+        )
+    check = IMAGE_INSPECT.seconds + (ALEMBIC_CURRENT if app_running else IMAGE_INSPECT).seconds
+    return DeployStages(pull, check if at_head else check + MIGRATION.seconds)
+
+
+def spare_claim(*, layers: bool, changes: tuple[str, ...] = ("D1",)) -> Composition:
     """A new PR claims a running, bootstrapped spare under the fleet lock (DescribeInstances,
-    an SSM check that Docker answers, CreateTags), then deploys as a push does in place."""
+    an SSM check that Docker answers, CreateTags), then deploys as a push does in place: with
+    D1 one command (its database is new: the migration runs)."""
     ssm, api = SSM_COMMAND.seconds, OTHER_API_CALL.seconds
-    legs = (
-        Leg("claim: DescribeInstances + CreateTags", 2 * api),
-        Leg("spare check", ssm),
-        Leg("deploy", ssm + deploy_seconds(layers=layers)),
-        Leg("migrate", ssm + MIGRATION.seconds),
-        Leg("probe", ssm + PROBE_CURL.seconds),
-    )
+    legs = [Leg("claim: DescribeInstances + CreateTags", 2 * api), Leg("spare check", ssm)]
+    if "D1" in changes:
+        stages = deploy_stages(layers=layers, app_running=False)
+        legs += [
+            Leg("deploy command", ssm),
+            Leg("pull", stages.pull),
+            Leg("migrate", stages.migrate),
+            Leg("swap", stages.swap),
+            Leg("probe", stages.probe),
+        ]
+    else:
+        legs += [
+            Leg("deploy", ssm + deploy_seconds(layers=layers)),
+            Leg("migrate", ssm + MIGRATION.seconds),
+            Leg("probe", ssm + PROBE_CURL.seconds),
+        ]
     title = "new PR, warm spare" + (" with base layers" if layers else " without the image")
-    return Composition(title, legs)
+    return Composition(title, tuple(legs), changes)
 
 
 def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
-    """A push to a PR whose preview is healthy: health, deploy, migrate, probe."""
+    """A push to a PR whose preview is healthy: health, deploy, migrate, probe — with D1 one
+    command for all but the health; with D2 the push adds no revision, so no migration
+    container runs."""
     ssm = SSM_COMMAND.seconds
     legs = [] if "F5" in changes else [Leg("health", ssm)]
-    legs += [
-        Leg("deploy", ssm + deploy_seconds()),
-        Leg("migrate", ssm + MIGRATION.seconds),
-        Leg("probe", ssm + PROBE_CURL.seconds),
-    ]
+    if "D1" in changes:
+        stages = deploy_stages(layers=True, at_head="D2" in changes)
+        pull = Leg("pull", stages.pull)
+        legs += [
+            Leg("deploy command", ssm),
+            pull,
+            Leg("migrate" + (": at head" if "D2" in changes else ""), stages.migrate),
+            Leg("swap", stages.swap),
+            Leg("probe", stages.probe),
+        ]
+    else:
+        legs += [
+            Leg("deploy", ssm + deploy_seconds()),
+            Leg("migrate", ssm + MIGRATION.seconds),
+            Leg("probe", ssm + PROBE_CURL.seconds),
+        ]
     return Composition("push in place", tuple(legs), changes)
 
 
@@ -665,6 +734,7 @@ class Timeline:
     app_at: float = float("-inf")
     terminated_at: float | None = None
     layers: bool = True  # the image's base layers are on disk: a deploy pulls the changed ones
+    at_head: bool = True  # the database stands at the app's heads: a push adds no revision
     migrated: bool = False  # the boot migrated the image .env names (until a deploy rewrites it)
 
 
@@ -690,10 +760,11 @@ class World:
         """Modelled seconds → wall seconds."""
         return seconds * self.scale
 
-    def booted(self, instance_id: str, *, layers: bool = True) -> None:
+    def booted(self, instance_id: str, *, layers: bool = True, at_head: bool = True) -> None:
         """An instance that was up long before the run: the PR's current preview, or a warm
-        spare (``layers=False`` when its bootstrap pulled no image)."""
-        self.instances[instance_id] = Timeline(layers=layers)
+        spare (``layers=False`` when its bootstrap pulled no image; ``at_head=False``: its
+        database is new, the deploy migrates)."""
+        self.instances[instance_id] = Timeline(layers=layers, at_head=at_head)
 
     def launched(self, instance_id: str, at: float, image_id: str = "") -> None:
         running = at + self.s(PENDING_TO_RUNNING.seconds)
@@ -834,12 +905,25 @@ class LatencyModel:
             return reply("app port 8000 closed\n", exit_code=1)
 
         def deploy(call: Call) -> Reply:
+            """The one deploy command (D1): its stages' lines, its stages' time."""
             timeline = self.world.timeline(call.instance_id)
-            seconds = deploy_seconds(layers=timeline.layers)
-            timeline.app_at = self.world.at(call.at) + self.scale * (seconds + APP_START.seconds)
-            timeline.layers, timeline.migrated = True, False
+            at_head = timeline.at_head
+            stages = deploy_stages(
+                layers=timeline.layers, at_head=timeline.at_head, app_running=timeline.at_head
+            )
+            timeline.app_at = self.world.at(call.at) + self.scale * stages.seconds
+            timeline.layers, timeline.migrated, timeline.at_head = True, False, True
             self.world.instances[call.instance_id] = timeline
-            return reply("updated\n", seconds)
+            moved = 'stage ttl ok "$started"' in call.command  # given the ready TTL
+            ttl = "ok 0.000 shutdown timer moved" if moved else "skipped 0.000"
+            lines = [
+                f"pr-preview-stage pull ok {stages.pull:.3f}",
+                f"pr-preview-stage migrate {'skipped' if at_head else 'ok'} {stages.migrate:.3f}",
+                f"pr-preview-stage swap ok {stages.swap:.3f}",
+                f"pr-preview-stage probe ok {stages.probe:.3f} /healthz 200 0.004",
+                f"pr-preview-stage ttl {ttl}",
+            ]
+            return reply("\n".join(lines) + "\n", stages.seconds)
 
         def migrated(call: Call) -> Reply:
             timeline = self.world.timeline(call.instance_id)
@@ -855,7 +939,8 @@ class LatencyModel:
         fake.respond(PORT_CHECK, port)
         fake.respond(PROBE, probe)
         fake.respond(HEALTH, health)
-        fake.respond(DEPLOY, deploy)
+
+        fake.respond(DEPLOY_COMMAND, deploy)
         fake.on(
             MIGRATE, reply("INFO  [alembic.runtime.migration] Running upgrade\n", MIGRATION.seconds)
         )

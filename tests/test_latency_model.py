@@ -79,9 +79,22 @@ def test_a_spare_without_the_image_pulls_all_of_it() -> None:
     assert bare.floor - layered.floor == pytest.approx(
         model.IMAGE_PULL_FULL.seconds - model.IMAGE_PULL_CHANGED_LAYERS.seconds
     )
-    assert layered.floor == pytest.approx(12.75)
+    assert layered.floor == pytest.approx(13.31)
     assert model.deploy_seconds(layers=False) == pytest.approx(19.65)
     assert model.deploy_seconds() == pytest.approx(5.46)
+
+
+def test_one_deploy_command_and_skipping_what_has_not_changed() -> None:
+    """D1: one SSM round trip for pull, migrate, swap and probe (the app's start now follows
+    the swap: the migration runs before it); D2: a push that adds no revision runs no
+    migration container (the command checks the label and ``alembic current`` either way)."""
+    made = ("F3", "F5", "F6")
+    one = model.push_in_place((*made, "D1"))
+    skipping = model.push_in_place((*made, "D1", "D2"))
+    assert one.floor - skipping.floor == pytest.approx(model.MIGRATION.seconds)
+    assert skipping.floor == pytest.approx(10.35)
+    assert skipping.floor <= 12, "issue 32: a push live in ≤ 12 s"
+    assert model.spare_claim(layers=True).floor <= 15, "issue 32: a new PR on a spare ≤ 15 s"
 
 
 def test_push_in_place_and_the_health_check_folded_into_the_deploy() -> None:
