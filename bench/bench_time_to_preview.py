@@ -144,6 +144,7 @@ from tasks.steps.update import (  # noqa: E402
     check_health,
     confirm_full_ttl,
     deploy_in_place,
+    start_pull,
 )
 from tasks.steps.wait_ready import READY_MARKER, ReadyResult, parse_ready, wait_until_ready  # noqa: E402
 
@@ -160,7 +161,7 @@ COLD_BEFORE = 79.0  # issue 15: "today a new PR is ~79 modelled seconds" (the ea
 # The changes each path takes (bench/latency_model.py CHANGES): all made in the flow, so every
 # plain and flow path takes them; the floors before F1 F2 F4 are printed for comparison.
 LAUNCH_CHANGES = ("F1", "F2", "F3", "F4")
-PUSH_CHANGES = ("F3", "F5", "F6", "D1", "D2")
+PUSH_CHANGES = ("F3", "F5", "F6", "D1", "D2", "D3")
 SPARE_BASE, SPARE_NO_BASE = "base layers", "no base layers"
 
 
@@ -597,13 +598,15 @@ def deployed_confirmed(setup: Setup, instance_id: str, digest: str, sha: str) ->
 
 def image_and_health(setup: Setup, scenario: Scenario, instance_id: str) -> tuple[bool, str]:
     """Step 1 of the flow with a running preview of an older sha: the image check ∥ its health
-    (F5); preflight only if a launch follows (F6). Returns the health and the checked digest."""
+    (F5), the early pull once the image is found (D3); preflight only if a launch follows (F6).
+    Returns the health and the checked digest."""
     clients, config = setup.clients, setup.config
     secrets = read_secrets(clients.ssm, config)
     with setup.step("image check ∥ health"), ThreadPoolExecutor(max_workers=2) as pool:
         image = pool.submit(check_image.fn, config, REPO, PR, scenario.sha, secrets.ghcr_token)
         health = pool.submit(check_health, clients.ec2, clients.ssm, config, instance_id)
         digest = image.result().digest
+        start_pull.fn(clients, config, instance_id, REPO, scenario.sha, digest)
         return health.result().healthy, digest
 
 

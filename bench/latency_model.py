@@ -34,7 +34,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from botocore import handlers
@@ -42,6 +42,7 @@ from botocore import handlers
 from local_stack.scripted_instance import (
     BOOTSTRAP_CHECK,
     DEPLOY_COMMAND,
+    EARLY_PULL,
     HEALTH,
     MIGRATE,
     MIGRATED_CHECK,
@@ -436,6 +437,13 @@ CHANGES: dict[str, Change] = {
             " adds no revision (made)",
         ),
         Change(
+            "D3",
+            "start early",
+            "as soon as the image check has the digest, the push path sends its preview a"
+            " command that logs in and pulls it in the background (not waited for); the deploy"
+            " command finds it present or joins the pull (made)",
+        ),
+        Change(
             "S1",
             "spares hold base layers",
             "a spare's bootstrap pulls the default branch's image (spare_base_tag, default main,"
@@ -569,6 +577,10 @@ def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
     if "D1" in changes:
         stages = deploy_stages(layers=True, at_head="D2" in changes)
         pull = Leg("pull", stages.pull)
+        if "D3" in changes:  # sent beside the health check, one round trip before the deploy
+            pulling = REGISTRY_LOGIN.seconds + IMAGE_PULL_CHANGED_LAYERS.seconds
+            rest = max(0.0, pulling - (0.0 if "F5" in changes else ssm))
+            pull = Leg("rest of the early pull", IMAGE_INSPECT.seconds + rest)
         legs += [
             Leg("deploy command", ssm),
             pull,
@@ -735,6 +747,7 @@ class Timeline:
     terminated_at: float | None = None
     layers: bool = True  # the image's base layers are on disk: a deploy pulls the changed ones
     at_head: bool = True  # the database stands at the app's heads: a push adds no revision
+    pulled_at: float | None = None  # an early pull (change D3) has the image here from then on
     migrated: bool = False  # the boot migrated the image .env names (until a deploy rewrites it)
 
 
@@ -911,6 +924,10 @@ class LatencyModel:
             stages = deploy_stages(
                 layers=timeline.layers, at_head=timeline.at_head, app_running=timeline.at_head
             )
+            if timeline.pulled_at is not None:  # the early pull: wait for its rest, if any
+                rest = max(0.0, timeline.pulled_at - self.world.at(call.at)) / self.scale
+                stages = replace(stages, pull=IMAGE_INSPECT.seconds + rest)
+                timeline.pulled_at = None
             timeline.app_at = self.world.at(call.at) + self.scale * stages.seconds
             timeline.layers, timeline.migrated, timeline.at_head = True, False, True
             self.world.instances[call.instance_id] = timeline
@@ -940,7 +957,17 @@ class LatencyModel:
         fake.respond(PROBE, probe)
         fake.respond(HEALTH, health)
 
+        def early_pull(call: Call) -> Reply:
+            """D3: the pull runs on the instance after the command answered."""
+            timeline = self.world.timeline(call.instance_id)
+            pull = IMAGE_PULL_CHANGED_LAYERS if timeline.layers else IMAGE_PULL_FULL
+            seconds = SSM_COMMAND.seconds + REGISTRY_LOGIN.seconds + pull.seconds
+            timeline.pulled_at = self.world.at(call.at) + self.scale * seconds
+            self.world.instances[call.instance_id] = timeline
+            return reply("started\n")
+
         fake.respond(DEPLOY_COMMAND, deploy)
+        fake.respond(EARLY_PULL, early_pull)
         fake.on(
             MIGRATE, reply("INFO  [alembic.runtime.migration] Running upgrade\n", MIGRATION.seconds)
         )

@@ -68,6 +68,7 @@ from tasks.steps.update import (
     preview_health,
     shorten_ttl,
     show_stages,
+    start_pull,
     update_in_place,
 )
 from tasks.steps.wait_ready import ReadyResult, wait_ready
@@ -350,6 +351,8 @@ def _deploy(
         if instance_id:
             checking = preview_health.submit(clients, settings, instance_id)
             digest = image.result().digest
+            # The image exists: its instance starts pulling it while the health check runs.
+            start_pull(clients, settings, instance_id, repo, sha, digest)
             health = checking.result()
             checked = None
         else:
@@ -506,7 +509,7 @@ def _deploy_in_place(
             ready_ttl_minutes=ready_ttl,
         )
     except UpdateFailed as exc:
-        show_stages(exc.stages)
+        show_stages(exc.stages, wait=True)
         raise
     show_stages(updated.stages)
     result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at

@@ -122,6 +122,7 @@ DEPLOY_SECTION = "# pr-preview-deploy: "
 # The in-place deploy's one command as a whole: a rule on exactly this pattern answers all of it
 # (the latency model does); otherwise each stage is answered by the rules for its own text.
 DEPLOY_COMMAND = r"# pr-preview-deploy \("
+EARLY_PULL = r"# pr-preview-early-pull"
 STAGE_LINE = "pr-preview-stage"
 MIGRATED_LINE = "MIGRATED ON BOOT"
 

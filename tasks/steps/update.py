@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.futures import wait as wait_for_futures
 
 from tasks.app.app_env import AppFiles, app_env_commands
 from tasks.app.masking import mask_secrets
@@ -37,6 +38,7 @@ from tasks.cloud.on_instance import (
     CURL_MAX_SECONDS,
     DEPLOY_STAGES,
     STAGE_PREFIX,
+    STATE_DIR,
     TCP_CHECK_DIRECTIVE,
     app_state_check,
     compose_command,
@@ -46,7 +48,7 @@ from tasks.cloud.on_instance import (
     timer_minutes,
     write_file,
 )
-from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command, send_shell
 from tasks.cloud.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time, parse_time
 from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
@@ -398,6 +400,35 @@ def deploy_commands(
     return [*head, *pull, *migrate, *swap, *probe, *ttl, "exit 0"]
 
 
+EARLY_PULL_MARKER = "# pr-preview-early-pull"
+EARLY_PULL_LOG = f"{STATE_DIR}/early-pull.log"
+
+
+def early_pull_commands(settings: PreviewConfig, repo: str, image_ref: str) -> list[str]:
+    """Log in and pull ``image_ref`` (the pinned digest) in the background, detached from the
+    command, which returns at once: the deploy command then finds the image present (or joins
+    the pull still running — Docker downloads a layer once). Nothing when it is present."""
+    q = shlex.quote
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            'export HOME="${HOME:-/root}"',
+            registry_login(settings, repo),
+            f"docker pull {q(image_ref)}",
+        ]
+    )
+    return [
+        EARLY_PULL_MARKER,
+        f"if docker image inspect {q(present_ref(image_ref))} >/dev/null 2>&1; then",
+        "  echo present",
+        "  exit 0",
+        "fi",
+        f"mkdir -p {q(STATE_DIR)}",
+        f"setsid nohup bash -c {q(script)} </dev/null >{q(EARLY_PULL_LOG)} 2>&1 &",
+        "echo started",
+    ]
+
+
 def registry_login(settings: PreviewConfig, repo: str) -> str:
     """One line: the login of a push, the token going from Parameter Store straight into
     ``docker login`` — or, for an ECR image, the instance role's ECR password
@@ -659,15 +690,46 @@ def deploy_stage(stage: Stage) -> Stage:
     return stage
 
 
-def show_stages(stages: tuple[Stage, ...]) -> None:
-    """Each reported stage as a task run of the flow run (Failed for the stage that failed);
-    outside a flow run, only the log."""
+def show_stages(stages: tuple[Stage, ...], *, wait: bool = False) -> None:
+    """Each reported stage as a task run of the flow run (Failed for the stage that failed),
+    submitted side by side: the flow goes on while they are recorded (the flow run ends only
+    once they have), unless ``wait``. Outside a flow run, only the log."""
     if FlowRunContext.get() is None:
         for stage in stages:
             logger.info("%s %s in %.2fs %s", stage.name, stage.outcome, stage.seconds, stage.detail)
         return
-    for stage in stages:
-        deploy_stage(stage, return_state=True)
+    futures = [deploy_stage.submit(stage) for stage in stages]
+    if wait:
+        wait_for_futures(futures)
+
+
+@step
+def start_pull(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    instance_id: str,
+    repo: str,
+    sha: str,
+    digest: str,
+) -> str | None:
+    """As soon as the image check found the digest: the PR's running preview starts pulling it
+    while the flow does its other work (the health check, the lock); not waited for. Returns
+    the command id; None when the instance cannot take the command (the deploy pulls then)."""
+    image_ref = settings.pinned_image(repo, sha, digest)
+    try:
+        command_id = send_shell(
+            clients.ssm,
+            instance_id,
+            early_pull_commands(settings, repo, image_ref),
+            timeout_seconds=60,
+            comment=f"pr-preview early pull {sha[:12]}",
+        )
+    except ClientError as exc:
+        if agent_not_registered(exc):
+            return None
+        raise
+    run_logger(logger).info("%s started pulling %s", instance_id, image_ref)
+    return command_id
 
 
 @step
