@@ -34,7 +34,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore import handlers
@@ -527,19 +527,28 @@ class DeployStages:
 
 
 def deploy_stages(
-    *, layers: bool, present: bool = False, at_head: bool = False, app_running: bool = True
+    *,
+    layers: bool,
+    present: bool = False,
+    at_head: bool = False,
+    app_running: bool = True,
+    pull: float | None = None,
 ) -> DeployStages:
     """``present``: the pinned digest is on the instance (D2: only the inspect); ``at_head``:
     the database stands at the image's heads (D2: the label and ``alembic current``, no
     migration container); ``app_running``: an app container answers ``alembic current`` (a
-    spare runs none: compose's exec fails at once, charged as one more inspect)."""
-    pull = IMAGE_INSPECT.seconds
-    if not present:
-        pull += (
-            REGISTRY_LOGIN.seconds
-            + (IMAGE_PULL_CHANGED_LAYERS if layers else IMAGE_PULL_FULL).seconds
-        )
-    check = IMAGE_INSPECT.seconds + (ALEMBIC_CURRENT if app_running else IMAGE_INSPECT).seconds
+    spare runs none: compose's exec fails at once, charged as one more inspect); ``pull``: the
+    pull stage's time when known otherwise (the rest of an early pull, D3)."""
+    if pull is None:
+        pull = IMAGE_INSPECT.seconds
+        if not present:
+            pull += (
+                REGISTRY_LOGIN.seconds
+                + (IMAGE_PULL_CHANGED_LAYERS if layers else IMAGE_PULL_FULL).seconds
+            )
+    # `alembic current` runs beside the pull: only what outlasts the pull is the migrate's.
+    current = (ALEMBIC_CURRENT if app_running else IMAGE_INSPECT).seconds
+    check = IMAGE_INSPECT.seconds + max(0.0, current - pull)
     return DeployStages(pull, check if at_head else check + MIGRATION.seconds)
 
 
@@ -579,8 +588,9 @@ def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
         pull = Leg("pull", stages.pull)
         if "D3" in changes:  # sent beside the health check, one round trip before the deploy
             pulling = REGISTRY_LOGIN.seconds + IMAGE_PULL_CHANGED_LAYERS.seconds
-            rest = max(0.0, pulling - (0.0 if "F5" in changes else ssm))
-            pull = Leg("rest of the early pull", IMAGE_INSPECT.seconds + rest)
+            rest = IMAGE_INSPECT.seconds + max(0.0, pulling - (0.0 if "F5" in changes else ssm))
+            stages = deploy_stages(layers=True, at_head="D2" in changes, pull=rest)
+            pull = Leg("rest of the early pull", rest)
         legs += [
             Leg("deploy command", ssm),
             pull,
@@ -926,7 +936,12 @@ class LatencyModel:
             )
             if timeline.pulled_at is not None:  # the early pull: wait for its rest, if any
                 rest = max(0.0, timeline.pulled_at - self.world.at(call.at)) / self.scale
-                stages = replace(stages, pull=IMAGE_INSPECT.seconds + rest)
+                stages = deploy_stages(
+                    layers=True,
+                    at_head=at_head,
+                    app_running=at_head,
+                    pull=IMAGE_INSPECT.seconds + rest,
+                )
                 timeline.pulled_at = None
             timeline.app_at = self.world.at(call.at) + self.scale * stages.seconds
             timeline.layers, timeline.migrated, timeline.at_head = True, False, True

@@ -245,10 +245,10 @@ def deploy_commands(
       password lasts 12 hours: :func:`registry_login`) and pull.
     - migrate: skipped when the image's alembic heads (its :data:`ALEMBIC_HEADS_LABEL`, read
       from the image's config with no container) equal the revision the database stands at
-      (``alembic current`` in the running app container); else ``migration_command`` in a
-      one-off container, retried with backoff until ``migrate_timeout_seconds`` unless its
-      output says waiting cannot help. Before the swap: a failed migration leaves the old
-      version serving.
+      (``alembic current`` in the running app container, started beside the pull); else
+      ``migration_command`` in a one-off container, retried with backoff until
+      ``migrate_timeout_seconds`` unless its output says waiting cannot help. Before the
+      swap: a failed migration leaves the old version serving.
     - swap: ``docker compose up -d`` (recreates what changed).
     - probe: each of ``probe_paths`` until one answers 2xx/3xx, every ``poll_seconds`` up to
       ``probe_timeout_seconds``; compose's view of the app when none did.
@@ -319,12 +319,19 @@ def deploy_commands(
     ]
     if migration_skippable(settings):
         migrate += [
+            'wait "$current_pid" || true',
             f"heads=$(docker image inspect -f {label} {q(by_digest)} 2>/dev/null) || heads=''",
-            'if [ -n "$heads" ]; then',
-            f"  current=$({compose} exec -T {service} alembic current 2>/dev/null"
-            " | awk '/^[0-9A-Za-z_]+( |$)/ {print $1}' | LC_ALL=C sort | paste -sd ' ' -)"
-            " || current=''",
-            "fi",
+            'if [ -n "$heads" ]; then current=$(cat "$current_file"); fi',
+        ]
+        # The database's revision, read in the running app container while the pull runs
+        # (nothing before the migrate stage changes the database).
+        head += [
+            'current_file=$(mktemp) && trap \'rm -f "$log" "$current_file"\' EXIT',
+            "{",
+            f"  {compose} exec -T {service} alembic current 2>/dev/null"
+            " | awk '/^[0-9A-Za-z_]+( |$)/ {print $1}' | LC_ALL=C sort | paste -sd ' ' -",
+            '} >"$current_file" &',
+            "current_pid=$!",
         ]
     migrate += [
         'if [ -n "$heads" ] && [ "$current" = "$heads" ]; then',
