@@ -79,9 +79,13 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
 
     from local_stack.account import DEMO_DB_PASSWORD, DEMO_GHCR_TOKEN, create_demo_account
     from local_stack.images import ImageBuilder
-    from local_stack.instance.relay import Bridge
-    from local_stack.instance.runtime import InstanceRuntime
-    from local_stack.instance.world import PROJECT_DIR, SAMPLE_APP, db_server, push_sample_app
+    from local_stack.instance.world import (
+        PROJECT_DIR,
+        SAMPLE_APP,
+        db_server,
+        push_sample_app,
+        world_runtime,
+    )
     from local_stack.registry import FakeRegistry
     from local_stack.serve import serve_handler
     from tasks.app.user_data import LaunchSpec
@@ -102,19 +106,7 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
             db_server(root / "db", role="app", password=DEMO_DB_PASSWORD, database="app") as db,
         ):
             registry.host = registry_url.removeprefix("http://")
-            runtime = InstanceRuntime(
-                root / "instances",
-                bridges=[
-                    Bridge(host, port, host, port),
-                    Bridge.parse("=".join(db.bridge)),
-                    Bridge.parse(f"{registry.host}={registry.host}"),
-                ],
-                env={
-                    "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                    "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing",
-                },
-            )
+            runtime = world_runtime(root / "instances", (host, port), db, registry.host)
             with runtime.patched():
                 clients = build_clients(PreviewConfig(region="ap-northeast-1"))
                 account = create_demo_account(clients, database_url=db.database_url)
