@@ -72,9 +72,7 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
 
     from flows.preview import pr_preview
     from local_stack.account import DEMO_DB_PASSWORD, create_demo_account
-    from local_stack.instance.relay import Bridge
-    from local_stack.instance.runtime import InstanceRuntime
-    from local_stack.instance.world import db_server, push_sample_app
+    from local_stack.instance.world import db_server, push_sample_app, world_runtime
     from local_stack.registry import FakeRegistry
     from local_stack.serve import serve_handler
     from tasks.cloud.aws import build_clients
@@ -106,19 +104,12 @@ def one_pass(name: str, scale: float, prs: int, root: Path) -> Pass:
             ) as database,
         ):
             registry.host = registry_url.removeprefix("http://")
-            runtime = InstanceRuntime(
+            runtime = world_runtime(
                 root / name / "instances",
-                bridges=[
-                    Bridge(host, port, host, port),
-                    Bridge.parse("=".join(database.bridge)),
-                    Bridge.parse(f"{registry.host}={registry.host}"),
-                ],
-                env={
-                    "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                    "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing",
-                    **env,
-                },
+                (host, port),
+                database,
+                registry.host,
+                env=env,
                 boot_seconds=boot,
             )
             with runtime.patched():

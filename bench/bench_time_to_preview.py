@@ -140,7 +140,12 @@ from tasks.steps.preflight import PreflightReport, run_preflight  # noqa: E402
 from tasks.steps.probe import probe_app  # noqa: E402
 from tasks.steps.spares import claim_spare, launch_spare  # noqa: E402
 from tasks.steps.terminate import make_room  # noqa: E402
-from tasks.steps.update import check_health, confirm_full_ttl, deploy_in_place  # noqa: E402
+from tasks.steps.update import (  # noqa: E402
+    check_health,
+    confirm_full_ttl,
+    deploy_in_place,
+    start_pull,
+)
 from tasks.steps.wait_ready import READY_MARKER, ReadyResult, parse_ready, wait_until_ready  # noqa: E402
 
 REGION = "ap-northeast-1"
@@ -156,7 +161,7 @@ COLD_BEFORE = 79.0  # issue 15: "today a new PR is ~79 modelled seconds" (the ea
 # The changes each path takes (bench/latency_model.py CHANGES): all made in the flow, so every
 # plain and flow path takes them; the floors before F1 F2 F4 are printed for comparison.
 LAUNCH_CHANGES = ("F1", "F2", "F3", "F4")
-PUSH_CHANGES = ("F3", "F5", "F6")
+PUSH_CHANGES = ("F3", "F5", "F6", "D1", "D2", "D3")
 SPARE_BASE, SPARE_NO_BASE = "base layers", "no base layers"
 
 
@@ -413,7 +418,7 @@ def world_for(
             layers = bool(spare_base_layers(config))
             if layers != (scenario.spare == SPARE_BASE):
                 raise RuntimeError(f"{scenario.title}: the spare's user data pulls {layers=}")
-            world.booted(setup.spare_id, layers=layers)
+            world.booted(setup.spare_id, layers=layers, at_head=False)
         if scenario.boot is model.BAKED_MIGRATING:
             setup.baked_by_image = boot_baked(setup, scenario.boot_for(path))
         world.events.clear()
@@ -570,20 +575,44 @@ def migrated_probed_confirmed(
         )
 
 
+def deployed_confirmed(setup: Setup, instance_id: str, digest: str, sha: str) -> None:
+    """As ``_deploy_in_place`` in the flow: one deploy command (pull, migrate, swap, probe,
+    timer: D1, D2), then the full TTL's tag."""
+    clients, config = setup.clients, setup.config
+    with setup.step("deploy command"):
+        updated = deploy_in_place(
+            clients.ec2,
+            clients.ssm,
+            config,
+            instance_id,
+            repo=REPO,
+            sha=sha,
+            digest=digest,
+            ready_ttl_minutes=timer_minutes(config.ttl_hours),
+        )
+    with setup.step("confirm-TTL"):
+        confirm_full_ttl(
+            clients.ec2, clients.ssm, config, instance_id, timer_moved=updated.timer_moved
+        )
+
+
 def image_and_health(setup: Setup, scenario: Scenario, instance_id: str) -> tuple[bool, str]:
     """Step 1 of the flow with a running preview of an older sha: the image check ∥ its health
-    (F5); preflight only if a launch follows (F6). Returns the health and the checked digest."""
+    (F5), the early pull once the image is found (D3); preflight only if a launch follows (F6).
+    Returns the health and the checked digest."""
     clients, config = setup.clients, setup.config
     secrets = read_secrets(clients.ssm, config)
     with setup.step("image check ∥ health"), ThreadPoolExecutor(max_workers=2) as pool:
         image = pool.submit(check_image.fn, config, REPO, PR, scenario.sha, secrets.ghcr_token)
         health = pool.submit(check_health, clients.ec2, clients.ssm, config, instance_id)
         digest = image.result().digest
+        start_pull.fn(clients, config, instance_id, REPO, scenario.sha, digest)
         return health.result().healthy, digest
 
 
 def plain_path(setup: Setup, scenario: Scenario) -> str:
-    """Our flow's steps (flows/preview.py ``_deploy`` and ``_migrate_and_probe``) as plain calls."""
+    """Our flow's steps (flows/preview.py ``_deploy``, ``_deploy_in_place`` and
+    ``_migrate_and_probe``) as plain calls."""
     clients, config = setup.clients, setup.config
     ec2, ssm = clients.ec2, clients.ssm
     current = [
@@ -597,11 +626,7 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
         instance_id = current[0].instance_id
         healthy, digest = image_and_health(setup, scenario, instance_id)
         if healthy:
-            with setup.step("deploy"):
-                deploy_in_place(
-                    ec2, ssm, config, instance_id, repo=REPO, sha=scenario.sha, digest=digest
-                )
-            migrated_probed_confirmed(setup, instance_id)
+            deployed_confirmed(setup, instance_id, digest, scenario.sha)
             return "in-place"
     report, digest = checked_account(setup, scenario)
     # As the flow's terminate step: TerminateInstances frees the slot; no wait for terminated.
@@ -612,9 +637,7 @@ def plain_path(setup: Setup, scenario: Scenario) -> str:
         with setup.step("claim"):
             spare = claim_spare(ec2, ssm, config, spec, ami_id=report.ami_id or "").instance_id
         if spare:
-            with setup.step("deploy"):
-                deploy_in_place(ec2, ssm, config, spare, repo=REPO, sha=scenario.sha, digest=digest)
-            migrated_probed_confirmed(setup, spare)
+            deployed_confirmed(setup, spare, digest, scenario.sha)
             return "spare"
     launched = launch_instance(ec2, config, spec, ami_id=report.ami_id, subnet_id=report.subnet_id)
     with setup.step("wait-ready"):
@@ -961,7 +984,8 @@ def print_model(scale: float) -> None:
         print(f"  {name:38} {measurement.seconds:6.2f}  {measurement.source}")
     print(
         f"  → running → bootstrap-done {model.bootstrap_seconds():.1f} s, app answers"
-        f" {model.APP_START.seconds:g} s later; in-place deploy {model.deploy_seconds():.1f} s"
+        f" {model.APP_START.seconds:g} s later; in-place deploy command"
+        f" {model.deploy_stages(layers=True, at_head=True).seconds:.1f} s"
     )
     print("Published, not charged by the model")
     for name, measurement in model.REFERENCES.items():

@@ -1,8 +1,9 @@
 """A latency model of real AWS for moto and the scripted SSM instance, with time scaled down.
 
-Every number is in modelled real seconds and carries its source. Where no published measurement
-was found, the value is marked ESTIMATE with the reasoning, so a reader knows which ones to
-replace first when real measurements exist.
+Every number is in modelled real seconds and carries its source. What the Docker Engine does on
+the instance is MEASURED here (bench/bench_engine.py, on a real local instance, with the date);
+AWS-side rows come from published measurements; where neither exists, the value is marked
+ESTIMATE with the reasoning, so a reader knows which ones to replace first.
 
 The model is applied in three places:
 
@@ -40,7 +41,8 @@ from botocore import handlers
 
 from local_stack.scripted_instance import (
     BOOTSTRAP_CHECK,
-    DEPLOY,
+    DEPLOY_COMMAND,
+    EARLY_PULL,
     HEALTH,
     MIGRATE,
     MIGRATED_CHECK,
@@ -118,25 +120,72 @@ REGISTRY_LOGIN = Measurement(
     2.0,
     "ESTIMATE: two `aws ssm get-parameter` calls (AWS CLI start-up ~1 s each) + `docker login`",
 )
+# MEASURED rows: bench/bench_engine.py, 2026-12-07, on a real local instance (Docker Engine
+# 20.10 per instance, Docker Compose v2.40.3, the sample app examples/hello-api), this 2-core
+# machine shared with other test runs: the median of 3 (6 for compose up), each timed on the
+# instance with bash's $EPOCHREALTIME around the command alone (no SSM round trip in it).
+ENGINE_BENCH = "MEASURED bench/bench_engine.py 2026-12-07"
+LOCAL_PULL_FULL = Measurement(
+    7.82,
+    f"{ENGINE_BENCH}: `docker pull` of the sample app (192 MB, 3 uncompressed layers) after"
+    " `docker rmi` of every image, from the loopback registry — unpacking and registering the"
+    " layers, next to no network",
+)
+LOCAL_PULL_TOP = Measurement(
+    0.43,
+    f"{ENGINE_BENCH}: `docker pull` of v2 with v1 present (index, manifest, config and its"
+    " 0.02 MB app layer) from the loopback registry",
+)
 IMAGE_PULL_FULL = Measurement(
-    14.0,
+    8.0 + LOCAL_PULL_FULL.seconds,
     "200 MB compressed at 200 Mbps = 8 s (dev-toolbox.tech 'Docker Image Download Time"
     " Calculator': Docker Hub-class registry ~200 Mbps typical, region-local 0.5–1 Gbps)"
-    " + ESTIMATE 6 s to decompress and extract the layers",
+    f" + {LOCAL_PULL_FULL.seconds:g} s to unpack, as a local pull of 192 MB took"
+    f" ({ENGINE_BENCH})",
 )
 IMAGE_PULL_CHANGED_LAYERS = Measurement(
-    3.0,
+    1.2 + LOCAL_PULL_TOP.seconds,
     "~30 MB of changed layers after a code change (same calculator: 'After code change: 15-50"
-    " MB (only changed layers)') at 200 Mbps = 1.2 s + ESTIMATE 1 s extract, 1 s manifests",
+    " MB (only changed layers)') at 200 Mbps = 1.2 s"
+    f" + {LOCAL_PULL_TOP.seconds:g} s of manifests and unpacking, as a local pull of one new"
+    f" layer took ({ENGINE_BENCH})",
 )
-COMPOSE_UP = Measurement(2.0, "ESTIMATE: `docker compose up -d` creating/recreating one service")
-APP_START = Measurement(2.0, "ESTIMATE: the app (uvicorn) listening after its container starts")
+COMPOSE_UP = Measurement(
+    1.83,
+    f"{ENGINE_BENCH}: `docker compose up -d` recreating the app service (APP_IMAGE flipped"
+    " between two images present), median of 6",
+)
+APP_START = Measurement(
+    2.17,
+    f"{ENGINE_BENCH}: after `compose up -d`, until curl on the app port gets an HTTP answer"
+    " (uvicorn importing FastAPI, SQLAlchemy and the app), median of 6",
+)
+CONTAINER_START = Measurement(
+    0.59,
+    f"{ENGINE_BENCH}: `docker run --rm --network none --entrypoint true IMAGE` (create,"
+    " start, exit, remove)",
+)
+RUN_START = Measurement(
+    1.11,
+    f"{ENGINE_BENCH}: `docker compose run --rm -T api true` (a one-off container of the app"
+    " service on its network, with its env files)",
+)
+ALEMBIC_CURRENT = Measurement(
+    1.41,
+    f"{ENGINE_BENCH}: `docker compose exec -T api alembic current` in the running app"
+    " container (Python, alembic and the app's env.py, one query)",
+)
+IMAGE_INSPECT = Measurement(
+    0.13,
+    f"{ENGINE_BENCH}: `docker image inspect IMAGE@digest` (is the pinned image here?); the"
+    " alembic-heads label read the same way took 0.07 s",
+)
 
 # --- the steps after ready
 MIGRATION = Measurement(
-    5.0,
-    "ESTIMATE: `docker compose run --rm api alembic upgrade head` — container start ~1 s,"
-    " Python + alembic import and a handful of revisions ~4 s; no published timing found",
+    3.04,
+    f"{ENGINE_BENCH}: `docker compose run --rm -T api alembic upgrade head` of 1 revision"
+    " (2 revisions: 2.72 s, none to run: 2.22 s — the container and Python, not the SQL)",
 )
 PROBE_CURL = Measurement(0.05, "ESTIMATE: one in-instance curl of /healthz on loopback")
 SSM_COMMAND = Measurement(
@@ -220,6 +269,12 @@ MEASUREMENTS: dict[str, Measurement] = {
     "compose up -d": COMPOSE_UP,
     "app start": APP_START,
     "alembic migration": MIGRATION,
+    "container start": CONTAINER_START,
+    "compose run --rm start": RUN_START,
+    "alembic current (exec)": ALEMBIC_CURRENT,
+    "image inspect": IMAGE_INSPECT,
+    "local pull, 192 MB": LOCAL_PULL_FULL,
+    "local pull, one layer": LOCAL_PULL_TOP,
     "probe curl": PROBE_CURL,
     "SSM command round trip": SSM_COMMAND,
     "AWS CLI ec2 waiter delay": CLI_WAITER_DELAY,
@@ -367,6 +422,28 @@ CHANGES: dict[str, Change] = {
             " groups, profile, RunInstances dry run) are about launching (made)",
         ),
         Change(
+            "D1",
+            "one deploy command",
+            "the in-place path (a push, a claimed spare) sends one SSM command that pulls,"
+            " migrates, swaps, probes and re-arms the timer, one stage line each; the flow shows"
+            " each stage as its own task run from that output (made)",
+        ),
+        Change(
+            "D2",
+            "skip what has not changed",
+            "no pull when the pinned digest is on the instance (`docker image inspect`); no"
+            " migration container when the database stands at the image's alembic heads (its"
+            " label, against `alembic current` in the running app container); the common push"
+            " adds no revision (made)",
+        ),
+        Change(
+            "D3",
+            "start early",
+            "as soon as the image check has the digest, the push path sends its preview a"
+            " command that logs in and pulls it in the background (not waited for); the deploy"
+            " command finds it present or joins the pull (made)",
+        ),
+        Change(
             "S1",
             "spares hold base layers",
             "a spare's bootstrap pulls the default branch's image (spare_base_tag, default main,"
@@ -435,30 +512,98 @@ def new_launch(boot: BootProfile = STOCK, changes: tuple[str, ...] = ()) -> Comp
     return Composition(f"new PR, {boot.name}", tuple(legs), changes)
 
 
-def spare_claim(*, layers: bool) -> Composition:
+@dataclass(frozen=True)
+class DeployStages:
+    """The one deploy command's stages (change D1), in modelled seconds."""
+
+    pull: float
+    migrate: float
+    swap: float = COMPOSE_UP.seconds
+    probe: float = APP_START.seconds + PROBE_CURL.seconds
+
+    @property
+    def seconds(self) -> float:
+        return self.pull + self.migrate + self.swap + self.probe
+
+
+def deploy_stages(
+    *,
+    layers: bool,
+    present: bool = False,
+    at_head: bool = False,
+    app_running: bool = True,
+    pull: float | None = None,
+) -> DeployStages:
+    """``present``: the pinned digest is on the instance (D2: only the inspect); ``at_head``:
+    the database stands at the image's heads (D2: the label and ``alembic current``, no
+    migration container); ``app_running``: an app container answers ``alembic current`` (a
+    spare runs none: compose's exec fails at once, charged as one more inspect); ``pull``: the
+    pull stage's time when known otherwise (the rest of an early pull, D3)."""
+    if pull is None:
+        pull = IMAGE_INSPECT.seconds
+        if not present:
+            pull += (
+                REGISTRY_LOGIN.seconds
+                + (IMAGE_PULL_CHANGED_LAYERS if layers else IMAGE_PULL_FULL).seconds
+            )
+    # `alembic current` runs beside the pull: only what outlasts the pull is the migrate's.
+    current = (ALEMBIC_CURRENT if app_running else IMAGE_INSPECT).seconds
+    check = IMAGE_INSPECT.seconds + max(0.0, current - pull)
+    return DeployStages(pull, check if at_head else check + MIGRATION.seconds)
+
+
+def spare_claim(*, layers: bool, changes: tuple[str, ...] = ("D1",)) -> Composition:
     """A new PR claims a running, bootstrapped spare under the fleet lock (DescribeInstances,
-    an SSM check that Docker answers, CreateTags), then deploys as a push does in place."""
+    an SSM check that Docker answers, CreateTags), then deploys as a push does in place: with
+    D1 one command (its database is new: the migration runs)."""
     ssm, api = SSM_COMMAND.seconds, OTHER_API_CALL.seconds
-    legs = (
-        Leg("claim: DescribeInstances + CreateTags", 2 * api),
-        Leg("spare check", ssm),
-        Leg("deploy", ssm + deploy_seconds(layers=layers)),
-        Leg("migrate", ssm + MIGRATION.seconds),
-        Leg("probe", ssm + PROBE_CURL.seconds),
-    )
+    legs = [Leg("claim: DescribeInstances + CreateTags", 2 * api), Leg("spare check", ssm)]
+    if "D1" in changes:
+        stages = deploy_stages(layers=layers, app_running=False)
+        legs += [
+            Leg("deploy command", ssm),
+            Leg("pull", stages.pull),
+            Leg("migrate", stages.migrate),
+            Leg("swap", stages.swap),
+            Leg("probe", stages.probe),
+        ]
+    else:
+        legs += [
+            Leg("deploy", ssm + deploy_seconds(layers=layers)),
+            Leg("migrate", ssm + MIGRATION.seconds),
+            Leg("probe", ssm + PROBE_CURL.seconds),
+        ]
     title = "new PR, warm spare" + (" with base layers" if layers else " without the image")
-    return Composition(title, legs)
+    return Composition(title, tuple(legs), changes)
 
 
 def push_in_place(changes: tuple[str, ...] = ()) -> Composition:
-    """A push to a PR whose preview is healthy: health, deploy, migrate, probe."""
+    """A push to a PR whose preview is healthy: health, deploy, migrate, probe — with D1 one
+    command for all but the health; with D2 the push adds no revision, so no migration
+    container runs."""
     ssm = SSM_COMMAND.seconds
     legs = [] if "F5" in changes else [Leg("health", ssm)]
-    legs += [
-        Leg("deploy", ssm + deploy_seconds()),
-        Leg("migrate", ssm + MIGRATION.seconds),
-        Leg("probe", ssm + PROBE_CURL.seconds),
-    ]
+    if "D1" in changes:
+        stages = deploy_stages(layers=True, at_head="D2" in changes)
+        pull = Leg("pull", stages.pull)
+        if "D3" in changes:  # sent beside the health check, one round trip before the deploy
+            pulling = REGISTRY_LOGIN.seconds + IMAGE_PULL_CHANGED_LAYERS.seconds
+            rest = IMAGE_INSPECT.seconds + max(0.0, pulling - (0.0 if "F5" in changes else ssm))
+            stages = deploy_stages(layers=True, at_head="D2" in changes, pull=rest)
+            pull = Leg("rest of the early pull", rest)
+        legs += [
+            Leg("deploy command", ssm),
+            pull,
+            Leg("migrate" + (": at head" if "D2" in changes else ""), stages.migrate),
+            Leg("swap", stages.swap),
+            Leg("probe", stages.probe),
+        ]
+    else:
+        legs += [
+            Leg("deploy", ssm + deploy_seconds()),
+            Leg("migrate", ssm + MIGRATION.seconds),
+            Leg("probe", ssm + PROBE_CURL.seconds),
+        ]
     return Composition("push in place", tuple(legs), changes)
 
 
@@ -611,6 +756,8 @@ class Timeline:
     app_at: float = float("-inf")
     terminated_at: float | None = None
     layers: bool = True  # the image's base layers are on disk: a deploy pulls the changed ones
+    at_head: bool = True  # the database stands at the app's heads: a push adds no revision
+    pulled_at: float | None = None  # an early pull (change D3) has the image here from then on
     migrated: bool = False  # the boot migrated the image .env names (until a deploy rewrites it)
 
 
@@ -636,10 +783,11 @@ class World:
         """Modelled seconds → wall seconds."""
         return seconds * self.scale
 
-    def booted(self, instance_id: str, *, layers: bool = True) -> None:
+    def booted(self, instance_id: str, *, layers: bool = True, at_head: bool = True) -> None:
         """An instance that was up long before the run: the PR's current preview, or a warm
-        spare (``layers=False`` when its bootstrap pulled no image)."""
-        self.instances[instance_id] = Timeline(layers=layers)
+        spare (``layers=False`` when its bootstrap pulled no image; ``at_head=False``: its
+        database is new, the deploy migrates)."""
+        self.instances[instance_id] = Timeline(layers=layers, at_head=at_head)
 
     def launched(self, instance_id: str, at: float, image_id: str = "") -> None:
         running = at + self.s(PENDING_TO_RUNNING.seconds)
@@ -780,12 +928,34 @@ class LatencyModel:
             return reply("app port 8000 closed\n", exit_code=1)
 
         def deploy(call: Call) -> Reply:
+            """The one deploy command (D1): its stages' lines, its stages' time."""
             timeline = self.world.timeline(call.instance_id)
-            seconds = deploy_seconds(layers=timeline.layers)
-            timeline.app_at = self.world.at(call.at) + self.scale * (seconds + APP_START.seconds)
-            timeline.layers, timeline.migrated = True, False
+            at_head = timeline.at_head
+            stages = deploy_stages(
+                layers=timeline.layers, at_head=timeline.at_head, app_running=timeline.at_head
+            )
+            if timeline.pulled_at is not None:  # the early pull: wait for its rest, if any
+                rest = max(0.0, timeline.pulled_at - self.world.at(call.at)) / self.scale
+                stages = deploy_stages(
+                    layers=True,
+                    at_head=at_head,
+                    app_running=at_head,
+                    pull=IMAGE_INSPECT.seconds + rest,
+                )
+                timeline.pulled_at = None
+            timeline.app_at = self.world.at(call.at) + self.scale * stages.seconds
+            timeline.layers, timeline.migrated, timeline.at_head = True, False, True
             self.world.instances[call.instance_id] = timeline
-            return reply("updated\n", seconds)
+            moved = 'stage ttl ok "$started"' in call.command  # given the ready TTL
+            ttl = "ok 0.000 shutdown timer moved" if moved else "skipped 0.000"
+            lines = [
+                f"pr-preview-stage pull ok {stages.pull:.3f}",
+                f"pr-preview-stage migrate {'skipped' if at_head else 'ok'} {stages.migrate:.3f}",
+                f"pr-preview-stage swap ok {stages.swap:.3f}",
+                f"pr-preview-stage probe ok {stages.probe:.3f} /healthz 200 0.004",
+                f"pr-preview-stage ttl {ttl}",
+            ]
+            return reply("\n".join(lines) + "\n", stages.seconds)
 
         def migrated(call: Call) -> Reply:
             timeline = self.world.timeline(call.instance_id)
@@ -801,7 +971,18 @@ class LatencyModel:
         fake.respond(PORT_CHECK, port)
         fake.respond(PROBE, probe)
         fake.respond(HEALTH, health)
-        fake.respond(DEPLOY, deploy)
+
+        def early_pull(call: Call) -> Reply:
+            """D3: the pull runs on the instance after the command answered."""
+            timeline = self.world.timeline(call.instance_id)
+            pull = IMAGE_PULL_CHANGED_LAYERS if timeline.layers else IMAGE_PULL_FULL
+            seconds = SSM_COMMAND.seconds + REGISTRY_LOGIN.seconds + pull.seconds
+            timeline.pulled_at = self.world.at(call.at) + self.scale * seconds
+            self.world.instances[call.instance_id] = timeline
+            return reply("started\n")
+
+        fake.respond(DEPLOY_COMMAND, deploy)
+        fake.respond(EARLY_PULL, early_pull)
         fake.on(
             MIGRATE, reply("INFO  [alembic.runtime.migration] Running upgrade\n", MIGRATION.seconds)
         )

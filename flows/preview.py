@@ -70,6 +70,8 @@ from tasks.steps.update import (
     in_place_candidate,
     preview_health,
     shorten_ttl,
+    show_stages,
+    start_pull,
     update_in_place,
 )
 from tasks.steps.wait_ready import ReadyResult, wait_ready
@@ -359,6 +361,8 @@ def _deploy(
         if instance_id:
             checking = preview_health.submit(clients, settings, instance_id)
             digest = image.result().digest
+            # The image exists: its instance starts pulling it while the health check runs.
+            start_pull(clients, settings, instance_id, repo, sha, digest)
             health = checking.result()
             checked = None
         else:
@@ -379,12 +383,8 @@ def _deploy(
     if instance_id:
         if health.healthy:
             try:
-                updated = update_in_place(
-                    clients, settings, instance_id, repo, sha, digest, _app_env(settings, result)
-                )
-                result.instance_id, result.shutdown_at = instance_id, updated.shutdown_at
-                result.launched_at = updated.launched_at
-                _migrate_and_probe(clients, settings, result, database=database)
+                result.instance_id = instance_id
+                _deploy_in_place(clients, settings, result, digest, database)
                 result.status, result.path = "ready", "in-place"
                 return
             except CANNOT_TAKE_THE_PUSH as exc:
@@ -515,17 +515,51 @@ def _deploy_on_spare(
     try:
         if database is not None:  # the deploy below reads it
             hand_over_database(clients, settings, database, instance_id)
-        app = _app_env(settings, result)
-        updated = update_in_place(
-            clients, settings, instance_id, result.repo, result.sha, digest, app
-        )
-        result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
         open_db_access(clients.ec2, settings, instance_id)
-        _migrate_and_probe(clients, settings, result, database=database)
+        _deploy_in_place(clients, settings, result, digest, database)
     except Exception as exc:
         with grace():
             raise _failed_after_launch(clients, settings, result, exc) from exc
     result.status = "ready"
+
+
+def _deploy_in_place(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    result: PreviewResult,
+    digest: str,
+    database: PreviewDatabase | None,
+) -> None:
+    """One command on ``result.instance_id`` pulls, migrates, swaps, probes and re-arms the
+    timer; each stage it reports shows as its own task run. Then the seed (when this deploy
+    seeds) and the full TTL's tag."""
+    instance_id = result.instance_id or ""
+    seeding = _seeds(settings, database)
+    ready_ttl = None if seeding else timer_minutes(settings.ttl_hours)
+    try:
+        updated = update_in_place(
+            clients,
+            settings,
+            instance_id,
+            result.repo,
+            result.sha,
+            digest,
+            _app_env(settings, result),
+            ready_ttl_minutes=ready_ttl,
+        )
+    except UpdateFailed as exc:
+        show_stages(exc.stages, wait=True)
+        raise
+    show_stages(updated.stages)
+    result.shutdown_at, result.launched_at = updated.shutdown_at, updated.launched_at
+    if seeding:
+        seed(clients, settings, instance_id)
+    path, _, answer = updated.probe.partition(" ")
+    status, _, latency = answer.partition(" ")
+    result.probe = f"{path} → {status} in {float(latency or 0):.2f} s"
+    result.shutdown_at = confirm_ttl(
+        clients, settings, instance_id, timer_moved=updated.timer_moved
+    )
 
 
 def _app_env(settings: PreviewConfig, result: PreviewResult) -> AppFiles:
@@ -604,8 +638,8 @@ def _migrate_and_probe(
     *,
     database: PreviewDatabase | None = None,
 ) -> None:
-    """Migrate, seed, probe, full TTL. ``ready``: a launch's wait-ready, whose command may have
-    found the image migrated on boot and probed it; a deploy in place always migrates."""
+    """Migrate, seed, probe, full TTL after a launch. ``ready``: its wait-ready, whose command
+    may have found the image migrated on boot and probed it."""
     instance_id = result.instance_id or ""
     if ready is None or not ready.migrated:
         migrate(clients, settings, instance_id)

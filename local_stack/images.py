@@ -54,6 +54,7 @@ from local_stack.registry import (
     OCI_MANIFEST,
     FakeRegistry,
 )
+from tasks.cloud.on_instance import ALEMBIC_HEADS_LABEL
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -130,6 +131,20 @@ def sample_app_command(port: int = SAMPLE_APP_PORT) -> list[str]:
     return ["uvicorn", "hello_api.main:app", "--host", "0.0.0.0", "--port", str(port)]
 
 
+def alembic_heads(source: Path) -> str:
+    """The alembic heads of the app in ``source`` (its ``alembic.ini``), space-separated and
+    sorted, as the build workflow labels an image (:data:`ALEMBIC_HEADS_LABEL`); empty without
+    alembic. Reading the revision files needs no database."""
+    ini = source / "alembic.ini"
+    if not ini.is_file():
+        return ""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config(str(ini))
+    return " ".join(sorted(ScriptDirectory.from_config(config).get_heads()))
+
+
 def default_cache() -> Path:
     """Where built layers are kept between runs: per user, like pip's cache."""
     if explicit := os.environ.get("PR_PREVIEW_IMAGE_CACHE"):
@@ -171,6 +186,9 @@ class ImageBuilder:
         """``source`` (a tree like ``examples/hello-api/v1``) in ``/app`` on Python with the
         app's dependencies; ``env`` is what its build baked in (``GIT_SHA=...``)."""
         app = self._app_layer(source)
+        labels = {"org.opencontainers.image.title": "hello-api"}
+        if heads := alembic_heads(source):
+            labels[ALEMBIC_HEADS_LABEL] = heads
         return Image(
             (self.base(), self.python_deps(), app),
             {
@@ -178,7 +196,7 @@ class ImageBuilder:
                 "Env": [f"PATH={IMAGE_PATH}", "PYTHONUNBUFFERED=1", *env],
                 "WorkingDir": "/app",
                 "ExposedPorts": {f"{port}/tcp": {}},
-                "Labels": {"org.opencontainers.image.title": "hello-api"},
+                "Labels": labels,
             },
         )
 

@@ -118,6 +118,12 @@ HEALTH = r"# pr-preview-health"
 READY = r"# pr-preview-ready"
 MIGRATED_CHECK = r"MIGRATED ON BOOT"  # the ready command's "did the boot migrate .env" function
 READY_SECTION = "# pr-preview-ready: "
+DEPLOY_SECTION = "# pr-preview-deploy: "
+# The in-place deploy's one command as a whole: a rule on exactly this pattern answers all of it
+# (the latency model does); otherwise each stage is answered by the rules for its own text.
+DEPLOY_COMMAND = r"# pr-preview-deploy \("
+EARLY_PULL = r"# pr-preview-early-pull"
+STAGE_LINE = "pr-preview-stage"
 MIGRATED_LINE = "MIGRATED ON BOOT"
 
 BOOTSTRAP_DONE = Reply(stdout="bootstrap-done\n")
@@ -218,6 +224,8 @@ class ScriptedInstances:
             now = time.monotonic()
             if READY_SECTION in command:
                 (reply, command), nth = self._ready(instance_id, command, comment, now), 0
+            elif DEPLOY_SECTION in command:
+                (reply, command), nth = self._deploy(instance_id, command, comment, now), 0
             else:
                 reply, nth = self._match(instance_id, command, comment, now)
             self.calls.append(Call(instance_id, command, comment, now, nth, reply))
@@ -282,6 +290,66 @@ class ScriptedInstances:
             missing_reads=max(part.missing_reads for part in parts),
             pending_reads=-1 if -1 in reads else max(reads),
             seconds=max(part.seconds for part in parts),
+        )
+        return reply, "\n".join(ran)
+
+    def _deploy(
+        self, instance_id: str, command: str, comment: str, now: float
+    ) -> tuple[Reply, str]:
+        """The in-place deploy's one command (tasks/steps/update.py ``deploy_commands``): a
+        rule on :data:`DEPLOY_COMMAND` answers it whole; else its stages run in order, each
+        answered by the rules for its own text (the pull by ``DEPLOY``, the migration by
+        ``MIGRATE``, the probe by ``PROBE``), each reported by its stage line, up to the first
+        that fails. Returns the reply and the text of the stages that ran."""
+        for rule in self._rules:
+            if rule.pattern.pattern == DEPLOY_COMMAND and rule.matches(instance_id, command):
+                nth = rule.counts.get(instance_id, 0)
+                rule.counts[instance_id] = nth + 1
+                return rule.respond(Call(instance_id, command, comment, now, nth)), command
+        sections: dict[str, list[str]] = {}
+        name = ""
+        for line in command.splitlines():
+            if line.startswith(DEPLOY_SECTION):
+                name = line.removeprefix(DEPLOY_SECTION)
+                sections[name] = []
+            elif name:
+                sections[name].append(line)
+        out: list[str] = []
+        parts: list[Reply] = []
+        ran: list[str] = []
+        for section, lines in sections.items():
+            text = "\n".join(lines)
+            reply, _ = self._match(instance_id, text, comment, now)
+            parts.append(reply)
+            ran.append(f"{DEPLOY_SECTION}{section}\n{text}")
+            seconds = f"{reply.seconds:.3f}"
+            if reply.exit_code != 0:
+                out += [reply.stdout, reply.stderr, f"{STAGE_LINE} {section} failed {seconds}"]
+                break
+            detail = ""
+            if section == "probe":
+                path = re.search(r"http://127\.0\.0\.1:\d+(\S*?)'?\s", text)
+                detail = f" {path.group(1) if path else '/'} {' '.join(reply.stdout.split()[:2])}"
+            elif section == "ttl" and "shutdown -h" in text:
+                detail = " shutdown timer moved"
+            elif section == "ttl":
+                out.append(f"{STAGE_LINE} ttl skipped {seconds}")
+                continue
+            out += [
+                reply.stdout if section == "migrate" else "",
+                f"{STAGE_LINE} {section} ok {seconds}{detail}",
+            ]
+        failed = any(part.exit_code != 0 for part in parts)
+        reads = [part.pending_reads for part in parts]
+        reply = Reply(
+            stdout="".join(
+                text if text.endswith("\n") or not text else text + "\n" for text in out
+            ),
+            stderr="",
+            exit_code=1 if failed else 0,
+            missing_reads=max((part.missing_reads for part in parts), default=0),
+            pending_reads=-1 if -1 in reads else max(reads, default=0),
+            seconds=sum(part.seconds for part in parts),
         )
         return reply, "\n".join(ran)
 

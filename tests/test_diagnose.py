@@ -316,3 +316,16 @@ def test_db_tcp_check_gives_bash_the_host_and_port_as_arguments(config: PreviewC
     # No data is spliced into a script bash parses again.
     for section in evidence_sections(config):
         assert 'bash -c "' not in "\n".join(section.commands)
+
+
+def test_a_failed_deploy_stage_is_named_in_the_diagnosis() -> None:
+    error = (
+        "deploy of 9f8e7d6c5b4a on i-1: stage migrate failed (retrying cannot fix it), exit 1:"
+        ' sqlalchemy.exc.ProgrammingError: relation "no_such_table" does not exist'
+    )
+    diagnosis = diagnose_evidence({}, error=error)
+
+    assert (diagnosis.stage, diagnosis.key) == ("migrate", "migration-failed")
+    assert diagnosis.summary().startswith("The deploy failed at its migrate stage.")
+    assert "**Failed stage:** `migrate`" in diagnosis.markdown()
+    assert diagnose_evidence({}, error="an SSM command timed out").stage is None

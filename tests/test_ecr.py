@@ -298,6 +298,9 @@ def test_a_preview_in_ecr_boots_pulls_and_is_updated_in_place_on_a_real_instance
     real_instances.apply({"env": {"PR_PREVIEW_REGISTRY_MIRRORS": f"{HOST}=http://{registry.host}"}})
     config.image = IMAGE
     aws.ssm.delete_parameter(Name=config.ghcr_token_parameter)
+    # No database here (this is about the registry): the deploy migrates nothing and probes the
+    # route that answers without one.
+    config.migration_command, config.probe_paths = "true", ["/docs"]
 
     checked = check_image.fn(config, REPO, 42, SHA1, None, ecr=ecr)
     launched = launch_instance(aws.ec2, config, LaunchSpec(REPO, 42, SHA1))

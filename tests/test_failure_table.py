@@ -48,6 +48,7 @@ from tasks.config import PreviewConfig
 from tasks.steps.diagnose import SIGNATURES, diagnose_instance
 from tasks.steps.migrate import MigrationFailed, run_migrations
 from tasks.steps.spares import check_spare, replenish_spares
+from tasks.steps.update import Stage, deploy_in_place, parse_stages
 from tasks.steps.wait_ready import parse_ready, ready_command
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
@@ -157,6 +158,16 @@ def failed_preview(world: World, sha: str = SHA1, pr: int = 7) -> Failure:
     return Failure(keys[0] if keys else "", str(state.message), diagnosis, instance)
 
 
+def deploy_stages(world: World, instance_id: str, sha: str) -> list[Stage]:
+    """The stage lines of the deploy command that took ``sha`` to ``instance_id``."""
+    sent = world.aws.ssm.list_commands(InstanceId=instance_id)["Commands"]
+    [command] = [c for c in sent if c["Comment"] == f"pr-preview deploy {sha[:12]}"]
+    invocation = world.aws.ssm.get_command_invocation(
+        CommandId=command["CommandId"], InstanceId=instance_id
+    )
+    return parse_stages(invocation["StandardOutputContent"])
+
+
 def assert_left_on_short_ttl(failure: Failure, config: PreviewConfig) -> None:
     expires = parse_time(tags(failure.instance)["shutdown-at"])
     launched = failure.instance["LaunchTime"]
@@ -222,11 +233,47 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     with port_forwarding(world.runtime, first.instance_id) as url:
         page = httpx.get(url, timeout=10).text
         assert SHA2 in page and "v2" in page and "visits" in page
-    # v2's migration really ran against the db-server, from the push's own migrate step: the
-    # boot's marker names v1's .env, so the ready check no longer calls the instance migrated.
+    # v2's migration really ran against the db-server, in the push's one deploy command (one
+    # stage line each); the boot's marker names v1's .env, so the ready check no longer calls
+    # the instance migrated.
     assert database_tables(world) == "alembic_version notes visits"
     sent = world.aws.ssm.list_commands(InstanceId=first.instance_id)["Commands"]
-    assert "pr-preview migrate" in [command["Comment"] for command in sent]
+    comments = [command["Comment"] for command in sent]
+    assert not [c for c in comments if c.startswith(("pr-preview migrate", "pr-preview probe"))]
+    # The image check found SHA2's image: the instance began pulling it before the deploy.
+    assert f"pr-preview early pull {SHA2[:12]}" in comments
+    early = sandbox.inside("/var/lib/pr-preview/early-pull.log")
+    wait_for(lambda: "Status: " in early.read_text(), timeout=30)
+    stages = {stage.name: stage for stage in deploy_stages(world, first.instance_id, SHA2)}
+    # Pulled by the deploy, or found present when the early pull had finished first.
+    assert stages["pull"].outcome in ("ok", "skipped")
+    assert [(name, stage.outcome) for name, stage in stages.items()][1:] == [
+        ("migrate", "ok"),
+        ("swap", "ok"),
+        ("probe", "ok"),
+        ("ttl", "ok"),
+    ]
+    assert stages["probe"].detail.split()[1] == "200"  # /healthz, or /docs while it starts
+    # The same image again: its layers are here and the database stands at its alembic head
+    # (the image's label), so neither a pull nor a migration container runs.
+    again = deploy_in_place(
+        world.aws.ec2,
+        world.aws.ssm,
+        world.config,
+        first.instance_id,
+        repo=REPO,
+        sha=SHA2,
+        digest=world.registry.repositories[REPO].tags[SHA2],
+    )
+    outcomes = [(stage.name, stage.outcome) for stage in again.stages]
+    assert outcomes == [
+        ("pull", "skipped"),
+        ("migrate", "skipped"),
+        ("swap", "ok"),
+        ("probe", "ok"),
+        ("ttl", "skipped"),
+    ]
+    assert again.stages[1].detail == "database at head 0002"
     check = run_command(
         world.aws.ssm,
         first.instance_id,

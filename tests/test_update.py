@@ -231,4 +231,4 @@ def test_deploy_quotes_what_it_was_given(config: PreviewConfig) -> None:
     script = "\n".join(deploy_commands(config, "octo-org/app", "ghcr.io/octo-org/app:$(reboot)"))
 
     assert "echo 'APP_IMAGE=ghcr.io/octo-org/app:$(reboot)'; }" in script
-    assert "echo updated to 'ghcr.io/octo-org/app:$(reboot)'" in script
+    assert "docker image inspect 'ghcr.io/octo-org/app:$(reboot)' >/dev/null" in script

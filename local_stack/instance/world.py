@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from local_stack.images import ImageBuilder, push_image
+from local_stack.instance.relay import Bridge
+from local_stack.instance.runtime import InstanceRuntime
 from local_stack.postgres import Postgres, postgres_server
 from local_stack.registry import FakeRegistry
 
@@ -42,6 +44,35 @@ def db_server(home: Path, *, role: str, password: str, database: str) -> Iterato
     with postgres_server(home) as postgres:
         url = postgres.create_database(database, role, password)
         yield DbServer(postgres, url.render(host=DB_SERVER_IP, port=DB_PORT))
+
+
+def world_runtime(
+    root: Path,
+    moto: tuple[str, int],
+    database: DbServer,
+    registry_host: str,
+    *,
+    env: dict[str, str] | None = None,
+    boot_seconds: float = 0.0,
+) -> InstanceRuntime:
+    """Instances (under ``root``) that reach the moto server at ``moto`` (the AWS CLI on them
+    reads its Parameter Store), the db-server and the registry, as the benches run them."""
+    host, port = moto
+    return InstanceRuntime(
+        root,
+        bridges=[
+            Bridge(host, port, host, port),
+            Bridge.parse("=".join(database.bridge)),
+            Bridge.parse(f"{registry_host}={registry_host}"),
+        ],
+        env={
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            **(env or {}),
+        },
+        boot_seconds=boot_seconds,
+    )
 
 
 def push_sample_app(

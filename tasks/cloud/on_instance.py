@@ -4,6 +4,7 @@ launch, wait-ready, probe, update and diagnose so that the user data and every c
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +29,19 @@ CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
 
 
 COMPOSE_FILE = "docker-compose.yml"
+
+
+# The in-place deploy's one command (tasks/steps/update.py): its stages, in order, each
+# reported on a line ``pr-preview-stage <name> <ok|skipped|failed> <seconds> [detail]``; a
+# failure's message says ``stage <name> failed`` (what the diagnosis reads it by).
+STAGE_PREFIX = "pr-preview-stage"
+DEPLOY_STAGES = ("pull", "migrate", "swap", "probe", "ttl")
+FAILED_STAGE = re.compile(rf"\bstage ({'|'.join(DEPLOY_STAGES)}) failed\b")
+
+
+# The image's alembic heads (space-separated, sorted), as its build labels it: a deploy whose
+# database already stands at them starts no migration container (tasks/steps/update.py).
+ALEMBIC_HEADS_LABEL = "org.pr-preview.alembic-heads"
 
 
 def compose_command(app_dir: str) -> str:

@@ -28,6 +28,7 @@ from tasks.cloud.aws import AwsClients
 from tasks.cloud.on_instance import (
     BOOTSTRAP_CHECK,
     CLOUD_INIT_LOG,
+    FAILED_STAGE,
     TCP_CHECK_DIRECTIVE,
     compose_command,
     port_check,
@@ -381,10 +382,13 @@ class Diagnosis:
     also: list[Finding] = field(default_factory=list)
     evidence: dict[str, str] = field(default_factory=dict)
     instance_id: str | None = None
+    stage: str | None = None  # the deploy command's stage that failed, when one did
 
     def summary(self) -> str:
         """One paragraph for a failure message or PR comment."""
         text = f"{self.cause} Fix: {self.fix}"
+        if self.stage:
+            text = f"The deploy failed at its {self.stage} stage. {text}"
         if self.evidence_lines:
             text += f" Evidence: `{self.evidence_lines[0]}`"
         return text
@@ -394,6 +398,7 @@ class Diagnosis:
         lines = [
             f"## Diagnosis{where}",
             "",
+            *([f"**Failed stage:** `{self.stage}`", ""] if self.stage else []),
             f"**Cause:** {self.cause}",
             "",
             f"**Fix:** {self.fix}",
@@ -431,6 +436,7 @@ def diagnose_evidence(
     against :data:`SIGNATURES`."""
     masked = {name: mask_secrets(text, secrets) for name, text in evidence.items()}
     sources = dict(masked)
+    stage = FAILED_STAGE.search(str(error or ""))
     if error is not None:
         sources = {"error": mask_secrets(str(error), secrets), **sources}
     findings: list[Finding] = []
@@ -464,6 +470,7 @@ def diagnose_evidence(
             fix=UNKNOWN_FIX,
             evidence=masked,
             instance_id=instance_id,
+            stage=stage.group(1) if stage else None,
         )
     first, *rest = findings
     return Diagnosis(
@@ -474,6 +481,7 @@ def diagnose_evidence(
         also=rest,
         evidence=masked,
         instance_id=instance_id,
+        stage=stage.group(1) if stage else None,
     )
 
 

@@ -11,7 +11,6 @@ lacks alembic) stops at once.
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from tenacity import (
 )
 
 from tasks.app.masking import mask_secrets
+from tasks.app.migration_output import PERMANENT_FAILURES, last_error
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.on_instance import STATE_DIR, container_script
 from tasks.cloud.ssm import CommandResult, CommandTimeout, run_command
@@ -39,23 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Output that says waiting will not help: stop retrying and let the diagnosis speak.
-PERMANENT_FAILURES = re.compile(
-    r"invalid integer value .* for connection option \"port\""
-    r"|Port could not be cast to integer"
-    r"|password authentication failed"
-    r"|No such service"
-    r"|no configuration file provided"
-    r"|executable file not found"
-    r"|No module named '?alembic"
-    r"|alembic\.util\.exc\.CommandError"
-    r"|Can't locate revision"
-    # SQLAlchemy's own parse of a DATABASE_URL whose password is not URL-encoded
-    r"|invalid literal for int\(\) with base 10"
-    # the database rejected a revision's SQL: the same revision fails the same way again
-    r"|sqlalchemy\.exc\.(?:ProgrammingError|DataError|IntegrityError|NotSupportedError)",
-    re.IGNORECASE,
-)
 OUTPUT_TAIL = 4000
 SEED_LOG_TAIL = 2000
 SEEDED = f"{STATE_DIR}/seeded"
@@ -78,14 +61,6 @@ class MigrateResult:
     attempts: int
     seconds: float
     output: str
-
-
-def last_error(output: str) -> str:
-    """The line a person reads first in a failed migration's output: the exception at the end
-    of a traceback, else the last line; masked, as it goes into messages and comments."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(?:Error|Exception|Exit)\b.*:", line)]
-    return mask_secrets((errors or lines or [""])[-1])[:500]
 
 
 def migrate_commands(settings: PreviewConfig, command: str | None = None) -> list[str]:

@@ -21,22 +21,34 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import wait as wait_for_futures
 
 from tasks.app.app_env import AppFiles, app_env_commands
 from tasks.app.masking import mask_secrets
+from tasks.app.migration_output import last_error, permanent_failures_ere
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.ecr import ecr_login, ecr_repository
 from tasks.cloud.instances import describe_preview, find_previews
 from tasks.cloud.on_instance import (
+    ALEMBIC_HEADS_LABEL,
     BOOTSTRAP_DONE,
+    CURL_MAX_SECONDS,
+    DEPLOY_STAGES,
+    STAGE_PREFIX,
+    STATE_DIR,
     TCP_CHECK_DIRECTIVE,
+    app_state_check,
     compose_command,
+    container_run,
     tcp_check,
     timer_command,
     timer_minutes,
     write_file,
 )
-from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
+from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command, send_shell
 from tasks.cloud.tags import TAG_SHA, TAG_SHUTDOWN_AT, TAG_UPDATED_AT, format_time, parse_time
 from tasks.config import PreviewConfig
 from tasks.inputs import is_sha
@@ -55,10 +67,21 @@ HEALTH_MARKER = "# pr-preview-health"
 
 
 class UpdateFailed(PreviewError):
-    """The in-place update did not complete; relaunch. ``output`` is masked."""
+    """The in-place update did not complete; relaunch. ``output`` is masked; ``stage`` names
+    the deploy command's stage that failed (None: the command did not get that far), and
+    ``stages`` are the ones it reported."""
 
-    def __init__(self, message: str, output: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        output: str = "",
+        *,
+        stage: str | None = None,
+        stages: tuple[Stage, ...] = (),
+    ) -> None:
         self.output = output
+        self.stage = stage
+        self.stages = stages
         super().__init__(message)
 
 
@@ -73,6 +96,17 @@ class UpdateResult:
     seconds: float
     path: str = "in-place"
     launched_at: datetime | None = None  # the instance's EC2 launch: what its cost runs from
+    stages: tuple[Stage, ...] = ()  # what the deploy command reported, stage by stage
+
+    @property
+    def timer_moved(self) -> bool:
+        """The healthy probe moved the shutdown timer to the full TTL: only the tag is left."""
+        return any(stage.name == "ttl" and stage.outcome == "ok" for stage in self.stages)
+
+    @property
+    def probe(self) -> str:
+        """``<path> <status> <seconds>`` of the healthy answer, as the probe stage saw it."""
+        return next((stage.detail for stage in self.stages if stage.name == "probe"), "")
 
 
 @dataclass(frozen=True)
@@ -139,30 +173,266 @@ def health_commands(settings: PreviewConfig) -> list[str]:
     ]
 
 
+DEPLOY_MARKER = "# pr-preview-deploy"
+DEPLOY_SECTION = f"{DEPLOY_MARKER}: "  # heads each stage's part of the one command
+STAGE_OUTPUT_TAIL = 6000  # a failed stage's output: under SSM's 24,000-character stdout cut
+MIGRATE_LOG_TAIL = 1500  # alembic's own lines of a migration that ran
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One line ``pr-preview-stage <name> <ok|skipped|failed> <seconds> [detail]`` of the
+    deploy command."""
+
+    name: str
+    outcome: str
+    seconds: float
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == "failed"
+
+
+def parse_stages(stdout: str) -> list[Stage]:
+    """The deploy command's stage lines, in order; any other line is ignored."""
+    stages = []
+    for line in stdout.splitlines():
+        words = line.split(" ", 4)
+        if len(words) < 4 or words[0] != STAGE_PREFIX or words[1] not in DEPLOY_STAGES:
+            continue
+        if words[2] not in ("ok", "skipped", "failed"):
+            continue
+        try:
+            seconds = float(words[3])
+        except ValueError:
+            continue
+        stages.append(Stage(words[1], words[2], seconds, words[4] if len(words) > 4 else ""))
+    return stages
+
+
+def present_ref(image_ref: str) -> str:
+    """What ``docker image inspect`` finds a pulled ``image:tag@digest`` by: ``image@digest``
+    (the tag is not part of what was pulled)."""
+    named, at, digest = image_ref.partition("@")
+    name, colon, tag = named.rpartition(":")
+    if at and colon and "/" not in tag:
+        return f"{name}@{digest}"
+    return image_ref
+
+
+def migration_skippable(settings: PreviewConfig) -> bool:
+    """Whether the migration may be skipped when the database stands at the image's alembic
+    heads: only for exactly ``alembic upgrade head``, which then has nothing to do."""
+    return shlex.split(settings.migration_command) == ["alembic", "upgrade", "head"]
+
+
 def deploy_commands(
-    settings: PreviewConfig, repo: str, image_ref: str, app: AppFiles | None = None
+    settings: PreviewConfig,
+    repo: str,
+    image_ref: str,
+    app: AppFiles | None = None,
+    *,
+    ready_ttl_minutes: int | None = None,
 ) -> list[str]:
-    """Rewrite APP_IMAGE, log in to the registry again (the token may have rotated, an ECR
-    password lasts 12 hours: :func:`registry_login`), pull, recreate, move the timer.
-    With ``app`` also rewrite the app's settings (and compose file) and re-read its secrets on
-    the instance (tasks/app/app_env.py): a change takes effect on this push."""
-    app_dir = shlex.quote(settings.app_dir)
-    line = shlex.quote(f"APP_IMAGE={image_ref}")
-    ttl_minutes = timer_minutes(settings.failure_ttl_hours)  # provisional until confirm_ttl
-    return [
-        "set -euo pipefail",
+    """The in-place deploy as one command, one stage after another, each printing its
+    ``pr-preview-stage`` line (:func:`parse_stages`); the first stage that fails prints the tail
+    of its output and stops the command (exit 1).
+
+    - pull: rewrite APP_IMAGE (and, with ``app``, the app's settings, compose file and secrets:
+      a change takes effect on this push), arm the short TTL's timer; skipped when the pinned
+      digest is on the instance already, else log in again (the token may have rotated, an ECR
+      password lasts 12 hours: :func:`registry_login`) and pull.
+    - migrate: skipped when the image's alembic heads (its :data:`ALEMBIC_HEADS_LABEL`, read
+      from the image's config with no container) equal the revision the database stands at
+      (``alembic current`` in the running app container, started beside the pull); else
+      ``migration_command`` in a one-off container, retried with backoff until
+      ``migrate_timeout_seconds`` unless its output says waiting cannot help. Before the
+      swap: a failed migration leaves the old version serving.
+    - swap: ``docker compose up -d`` (recreates what changed).
+    - probe: each of ``probe_paths`` until one answers 2xx/3xx, every ``poll_seconds`` up to
+      ``probe_timeout_seconds``; compose's view of the app when none did.
+    - ttl: with ``ready_ttl_minutes``, the healthy answer moves the timer to the full TTL.
+    """
+    q = shlex.quote
+    app_dir = settings.app_dir
+    by_digest = present_ref(image_ref)
+    line = q(f"APP_IMAGE={image_ref}")
+    compose = compose_command(app_dir)
+    service = q(settings.app_service)
+    poll = f"{max(0.05, min(settings.poll_seconds, 1.0)):.2f}"
+    head = [
+        f"{DEPLOY_MARKER} (pull, migrate, swap, probe, ttl)",
+        "set -uo pipefail",
         'export HOME="${HOME:-/root}"',
-        f"cd {app_dir}",
+        f"cd {q(app_dir)} || exit 1",
+        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
+        'now() { echo "${EPOCHREALTIME/./}"; }  # microseconds',
+        "stage() {  # name outcome started [detail]",
+        "  local us=$(( $(now) - $3 ))",
+        f'  printf \'{STAGE_PREFIX} %s %s %d.%03d%s\\n\' "$1" "$2" $((us / 1000000))'
+        ' $(((us / 1000) % 1000)) "${4:+ $4}"',
+        "}",
+        "failed() { tail -c "
+        + str(STAGE_OUTPUT_TAIL)
+        + ' "$log"; echo; stage "$1" failed "$2" "$3";'
+        " exit 1; }",
+    ]
+    prepare = [
+        "set -euo pipefail",
         write_file(
-            f"{settings.app_dir}/.env",
-            f"grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}",
+            f"{app_dir}/.env", f"grep -v '^APP_IMAGE=' .env 2>/dev/null || true; echo {line}"
         ),
         *(app_env_commands(settings, app) if app is not None else []),
-        registry_login(settings, repo),
-        f"{compose_command(settings.app_dir)} pull {shlex.quote(settings.app_service)}",
-        f"{compose_command(settings.app_dir)} up -d",
-        f"{timer_command(ttl_minutes)} || true",
-        f"echo updated to {shlex.quote(image_ref)}",
+        f"{timer_command(timer_minutes(settings.failure_ttl_hours))} || true",
+    ]
+    # Not `if ( ... )`: bash ignores set -e inside a subshell whose status a condition tests.
+    pull = [
+        f"{DEPLOY_SECTION}pull",
+        "started=$(now)",
+        "# shellcheck disable=SC2329 # fail and param are for the secrets read, when there are any",
+        "(",
+        *prepare,
+        ') >"$log" 2>&1',
+        'if [ "$?" -ne 0 ]; then failed pull "$started" "the app files were not written"; fi',
+        f"if docker image inspect {q(by_digest)} >/dev/null 2>&1; then",
+        '  stage pull skipped "$started" "image present"',
+        "else",
+        "  (",
+        "  set -euo pipefail",
+        f"  {registry_login(settings, repo)}",
+        f"  {compose} pull {service}",
+        '  ) >"$log" 2>&1',
+        '  if [ "$?" -ne 0 ]; then failed pull "$started" "the image was not pulled"; fi',
+        '  stage pull ok "$started"',
+        "fi",
+    ]
+    label = q(f'{{{{index .Config.Labels "{ALEMBIC_HEADS_LABEL}"}}}}')
+    timeout = max(1, math.ceil(settings.migrate_timeout_seconds))
+    backoff_max = f"{settings.poll_seconds * 6:.2f}"
+    migration = container_run(app_dir, settings.app_service, settings.migration_command)
+    migrate = [
+        f"{DEPLOY_SECTION}migrate",
+        "started=$(now)",
+        "heads=''",
+        "current=''",
+    ]
+    if migration_skippable(settings):
+        migrate += [
+            'wait "$current_pid" || true',
+            f"heads=$(docker image inspect -f {label} {q(by_digest)} 2>/dev/null) || heads=''",
+            'if [ -n "$heads" ]; then current=$(cat "$current_file"); fi',
+        ]
+        # The database's revision, read in the running app container while the pull runs
+        # (nothing before the migrate stage changes the database).
+        head += [
+            'current_file=$(mktemp) && trap \'rm -f "$log" "$current_file"\' EXIT',
+            "{",
+            f"  {compose} exec -T {service} alembic current 2>/dev/null"
+            " | awk '/^[0-9A-Za-z_]+( |$)/ {print $1}' | LC_ALL=C sort | paste -sd ' ' -",
+            '} >"$current_file" &',
+            "current_pid=$!",
+        ]
+    migrate += [
+        'if [ -n "$heads" ] && [ "$current" = "$heads" ]; then',
+        '  stage migrate skipped "$started" "database at head $heads"',
+        "else",
+        f"  deadline=$(( $(now) + {timeout} * 1000000 ))",
+        f"  delay={poll}",
+        f'  until {migration} >"$log" 2>&1; do',
+        f'    if grep -Eiq {q(permanent_failures_ere())} "$log"; then',
+        '      failed migrate "$started" "retrying cannot fix it"',
+        "    fi",
+        '    if [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then',
+        f'      failed migrate "$started" "did not succeed within {timeout}s"',
+        "    fi",
+        '    sleep "$delay"',
+        f'    delay=$(awk -v d="$delay" \'BEGIN {{ d *= 2; print (d > {backoff_max} ?'
+        f" {backoff_max} : d) }}')",
+        "  done",
+        f'  tail -c {MIGRATE_LOG_TAIL} "$log"; echo',
+        '  stage migrate ok "$started"',
+        "fi",
+    ]
+    swap = [
+        f"{DEPLOY_SECTION}swap",
+        "started=$(now)",
+        f'if {compose} up -d >"$log" 2>&1; then',
+        '  stage swap ok "$started"',
+        "else",
+        '  failed swap "$started" "compose up failed"',
+        "fi",
+    ]
+    probe_timeout = max(1, math.ceil(settings.probe_timeout_seconds))
+    probe = [
+        f"{DEPLOY_SECTION}probe",
+        "started=$(now)",
+        f"deadline=$(( started + {probe_timeout} * 1000000 ))",
+        "healthy=''",
+        "seen=''",
+        'while [ -z "$healthy" ]; do',
+    ]
+    for path in settings.probe_paths:
+        url = q(f"http://127.0.0.1:{settings.app_port}{path}")
+        probe += [
+            f"  answer=$(curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
+            f" -w '%{{http_code}} %{{time_total}}' {url} 2>/dev/null) || true",
+            f'  seen="{path} ${{answer:-000}}"',
+            '  case "$answer" in [23][0-9][0-9]\\ *) healthy=$seen; break ;; esac',
+        ]
+    probe += [
+        '  if [ -n "$healthy" ] || [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then break; fi',
+        f"  sleep {poll}",
+        "done",
+        'if [ -n "$healthy" ]; then',
+        '  stage probe ok "$started" "$healthy"',
+        "else",
+        *("  " + check for check in app_state_check(app_dir, settings.app_service)),
+        f'  stage probe failed "$started" "no path answered within {probe_timeout}s; last: $seen"',
+        "  exit 1",
+        "fi",
+    ]
+    ttl = [f"{DEPLOY_SECTION}ttl", "started=$(now)"]
+    if ready_ttl_minutes is not None:
+        ttl += [
+            f'if {timer_command(ready_ttl_minutes)} >"$log" 2>&1; then',
+            f'  stage ttl ok "$started" "shutdown timer +{int(ready_ttl_minutes)} min"',
+            "else",
+            '  tail -c 500 "$log"; echo',
+            '  stage ttl failed "$started" "the shutdown timer did not move"',
+            "fi",
+        ]
+    else:
+        ttl.append('stage ttl skipped "$started" "left to the flow"')
+    return [*head, *pull, *migrate, *swap, *probe, *ttl, "exit 0"]
+
+
+EARLY_PULL_MARKER = "# pr-preview-early-pull"
+EARLY_PULL_LOG = f"{STATE_DIR}/early-pull.log"
+
+
+def early_pull_commands(settings: PreviewConfig, repo: str, image_ref: str) -> list[str]:
+    """Log in and pull ``image_ref`` (the pinned digest) in the background, detached from the
+    command, which returns at once: the deploy command then finds the image present (or joins
+    the pull still running — Docker downloads a layer once). Nothing when it is present."""
+    q = shlex.quote
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            'export HOME="${HOME:-/root}"',
+            registry_login(settings, repo),
+            f"docker pull {q(image_ref)}",
+        ]
+    )
+    return [
+        EARLY_PULL_MARKER,
+        f"if docker image inspect {q(present_ref(image_ref))} >/dev/null 2>&1; then",
+        "  echo present",
+        "  exit 0",
+        "fi",
+        f"mkdir -p {q(STATE_DIR)}",
+        f"setsid nohup bash -c {q(script)} </dev/null >{q(EARLY_PULL_LOG)} 2>&1 &",
+        "echo started",
     ]
 
 
@@ -210,12 +480,16 @@ def deploy_in_place(
     now: datetime | None = None,
     timeout_seconds: float | None = None,
     app: AppFiles | None = None,
+    ready_ttl_minutes: int | None = None,
 ) -> UpdateResult:
-    """Deploy ``sha`` on the running preview ``instance_id`` and move its tags. ``digest`` is the
+    """Deploy ``sha`` on the running preview ``instance_id`` with one SSM command (pull,
+    migrate, swap, probe, TTL: :func:`deploy_commands`) and move its tags. ``digest`` is the
     manifest the image check saw: the instance pulls that, whatever the tag says by then.
 
-    ``timeout_seconds`` bounds login, pull and recreate (default ``ready_timeout_seconds``).
-    ``UpdateFailed`` when the instance is gone or not running or a step fails: relaunch then.
+    ``timeout_seconds`` bounds the command (default: the ready, migrate and probe timeouts
+    together). ``UpdateFailed`` (naming the stage) when the instance is gone or not running or
+    a stage fails: relaunch then. ``ready_ttl_minutes``: the healthy probe moves the shutdown
+    timer to it (the flow then only tags the full TTL).
     """
     if not is_sha(sha):
         raise ValueError(f"{sha!r} is not a git sha")
@@ -225,24 +499,38 @@ def deploy_in_place(
     if preview is None or preview.state != "running":
         state = preview.state if preview else "gone"
         raise UpdateFailed(f"{instance_id} is {state}: cannot update in place")
-    timeout = settings.ready_timeout_seconds if timeout_seconds is None else timeout_seconds
+    timeout = timeout_seconds
+    if timeout is None:
+        timeout = (
+            settings.ready_timeout_seconds
+            + settings.migrate_timeout_seconds
+            + settings.probe_timeout_seconds
+        )
+    commands = deploy_commands(settings, repo, image_ref, app, ready_ttl_minutes=ready_ttl_minutes)
     try:
         result = run_command(
             ssm,
             instance_id,
-            deploy_commands(settings, repo, image_ref, app),
+            commands,
             timeout_seconds=timeout,
             poll_seconds=min(settings.poll_seconds, 1.0),
-            comment=f"pr-preview update to {sha[:12]}",
+            comment=f"pr-preview deploy {sha[:12]}",
         )
     except CommandTimeout as exc:
         raise UpdateFailed(
             f"update of {instance_id} timed out after {math.ceil(timeout)}s"
         ) from exc
-    if not result.ok:
+    stages = tuple(parse_stages(result.stdout))
+    failed = next((stage for stage in stages if stage.failed), None)
+    if failed is not None or not result.ok:
+        output = mask_secrets(result.output[-OUTPUT_TAIL:])
+        where = f"stage {failed.name} failed ({failed.detail})" if failed else "failed"
         raise UpdateFailed(
-            f"update of {instance_id} to {sha[:12]} failed (exit {result.exit_code})",
-            mask_secrets(result.output[-OUTPUT_TAIL:]),
+            f"deploy of {sha[:12]} on {instance_id}: {where}, exit {result.exit_code}:"
+            f" {last_error(result.output)}",
+            output,
+            stage=failed.name if failed else None,
+            stages=stages,
         )
     shutdown_at, updated_at = move_tags(
         ec2,
@@ -260,6 +548,7 @@ def deploy_in_place(
         updated_at=updated_at,
         seconds=time.monotonic() - started,
         launched_at=preview.launch_time,
+        stages=stages,
     )
 
 
@@ -362,20 +651,92 @@ def update_in_place(
     sha: str,
     digest: str,
     app: AppFiles | None = None,
+    ready_ttl_minutes: int | None = None,
 ) -> UpdateResult:
     """Prefect wrapper; ``UpdateFailed`` is final for this path (the flow relaunches)."""
     result = deploy_in_place(
-        clients.ec2, clients.ssm, settings, instance_id, repo=repo, sha=sha, digest=digest, app=app
+        clients.ec2,
+        clients.ssm,
+        settings,
+        instance_id,
+        repo=repo,
+        sha=sha,
+        digest=digest,
+        app=app,
+        ready_ttl_minutes=ready_ttl_minutes,
     )
     run_logger(logger).info(
-        "%s updated in place %s → %s in %.1fs (shutdown-at %s)",
+        "%s updated in place %s → %s in %.1fs (%s; shutdown-at %s)",
         instance_id,
         (result.previous_sha or "?")[:7],
         sha[:7],
         result.seconds,
+        ", ".join(f"{stage.name} {stage.outcome} {stage.seconds:.2f}s" for stage in result.stages),
         format_time(result.shutdown_at),
     )
     return result
+
+
+class StageFailed(PreviewError):
+    """A stage of the deploy command failed (what the stage's own task run ends with)."""
+
+
+@task(name="deploy-stage", task_run_name="deploy-{stage.name}", cache_policy=NO_CACHE)
+def deploy_stage(stage: Stage) -> Stage:
+    """One stage of the deploy command as its own task run: it reports what the command's
+    output said (the work happened on the instance, in the one command)."""
+    run_logger(logger).info(
+        "%s %s in %.2fs%s",
+        stage.name,
+        stage.outcome,
+        stage.seconds,
+        f": {stage.detail}" if stage.detail else "",
+    )
+    if stage.failed:
+        raise StageFailed(f"stage {stage.name} failed: {stage.detail}")
+    return stage
+
+
+def show_stages(stages: tuple[Stage, ...], *, wait: bool = False) -> None:
+    """Each reported stage as a task run of the flow run (Failed for the stage that failed),
+    submitted side by side: the flow goes on while they are recorded (the flow run ends only
+    once they have), unless ``wait``. Outside a flow run, only the log."""
+    if FlowRunContext.get() is None:
+        for stage in stages:
+            logger.info("%s %s in %.2fs %s", stage.name, stage.outcome, stage.seconds, stage.detail)
+        return
+    futures = [deploy_stage.submit(stage) for stage in stages]
+    if wait:
+        wait_for_futures(futures)
+
+
+@step
+def start_pull(
+    clients: AwsClients,
+    settings: PreviewConfig,
+    instance_id: str,
+    repo: str,
+    sha: str,
+    digest: str,
+) -> str | None:
+    """As soon as the image check found the digest: the PR's running preview starts pulling it
+    while the flow does its other work (the health check, the lock); not waited for. Returns
+    the command id; None when the instance cannot take the command (the deploy pulls then)."""
+    image_ref = settings.pinned_image(repo, sha, digest)
+    try:
+        command_id = send_shell(
+            clients.ssm,
+            instance_id,
+            early_pull_commands(settings, repo, image_ref),
+            timeout_seconds=60,
+            comment=f"pr-preview early pull {sha[:12]}",
+        )
+    except ClientError as exc:
+        if agent_not_registered(exc):
+            return None
+        raise
+    run_logger(logger).info("%s started pulling %s", instance_id, image_ref)
+    return command_id
 
 
 @step
