@@ -151,7 +151,7 @@ def test_a_new_preview_killed_after_each_step(
     assert left in ([], [again.instance_id])  # the dead run's instance was taken over
 
 
-@pytest.mark.parametrize("step", ["preview_health", "update_in_place", "migrate", "probe"])
+@pytest.mark.parametrize("step", ["preview_health", "start_pull", "update_in_place", "show_stages"])
 def test_a_push_killed_during_the_in_place_update(
     aws: AwsClients,
     config: PreviewConfig,

@@ -215,7 +215,7 @@ def world(prefect_server: None) -> Iterator[World]:
                 # Runbook §2.5's optional path, so its db-sg calls are in the matrix too.
                 "db_sg_open_public_ip": True,
                 "max_previews": 2,
-                "task_retries": 3,
+                "task_retries": 2,  # TRANSIENT_TIMES faults, then the call goes through
                 "retry_delay_seconds": 0,
                 "poll_seconds": 0.01,
                 "ready_timeout_seconds": 2,
