@@ -82,7 +82,14 @@ CANNOT_TAKE_THE_PUSH = (UpdateFailed, MigrationFailed, SeedFailed, ProbeFailed, 
 
 
 class PreviewFailed(PreviewError):
-    """The preview did not become ready; the message carries the diagnosis."""
+    """The preview did not become ready; the message carries the diagnosis, ``detail`` what
+    the PR's comment says above it."""
+
+    def __init__(
+        self, message: str = "", *, diagnosis: str | None = None, detail: str | None = None
+    ) -> None:
+        self.detail = detail
+        super().__init__(message, diagnosis=diagnosis)
 
 
 @dataclass
@@ -306,6 +313,7 @@ def _preview(
                     instance_id=result.instance_id,
                     expires_at=result.shutdown_at,
                     diagnosis=diagnosis,
+                    detail=exc.detail if isinstance(exc, PreviewFailed) else None,
                 )
             if result.instance_id:
                 emit_instance_event(
@@ -388,6 +396,9 @@ def _deploy(
                 result.status, result.path = "ready", "in-place"
                 return
             except CANNOT_TAKE_THE_PUSH as exc:
+                if isinstance(exc, UpdateFailed) and exc.kept_serving:
+                    with grace():
+                        raise _kept_serving(clients, settings, result, exc) from exc
                 logger.warning("in-place update of %s failed (%s): relaunching", instance_id, exc)
                 # Its tags may already name the new sha: launch must not take it over.
                 terminate_instance(clients.ec2, settings, instance_id)
@@ -628,6 +639,22 @@ def _failed_after_launch(
         terminate_instance(clients.ec2, settings, instance_id)
         result.shutdown_at = None
     return PreviewFailed(f"{type(error).__name__}: {error} — {summary}", diagnosis=summary or None)
+
+
+def _kept_serving(
+    clients: AwsClients, settings: PreviewConfig, result: PreviewResult, error: UpdateFailed
+) -> PreviewFailed:
+    """A push whose new version never answered beside the running one: that one keeps serving,
+    untouched, and nothing is relaunched. The failure policy holds as for any failed deploy
+    (diagnosis, the short TTL), and the comment says what still serves and until when."""
+    failed = _failed_after_launch(clients, settings, result, error)
+    expires = f" until {format_time(result.shutdown_at)}" if result.shutdown_at else ""
+    failed.detail = (
+        f"The new version did not answer, so it was not switched to: the previous version"
+        f" (`{(error.previous_sha or 'unknown')[:12]}`) keeps serving{expires}, and"
+        f" `pr-preview tunnel {result.pr_number}` reaches it. Push a fix to deploy it in place."
+    )
+    return failed
 
 
 def _migrate_and_probe(

@@ -29,6 +29,7 @@ from local_stack.instance.world import PROJECT_DIR, SAMPLE_APP, push_app_source
 from local_stack.scripted_instance import ScriptedInstances
 from tasks.app.compose_policy import refusals
 from tasks.app.user_data import compose_file
+from tasks.cloud.app_proxy import upstream_ports
 from tasks.cloud.aws import AwsClients
 from tasks.config import ConfigError, PreviewConfig, load_config
 from tasks.steps import compose
@@ -195,7 +196,11 @@ def expected_after_render(checked: CheckedCompose, config: PreviewConfig) -> dic
             del spec[key]
         if not {"no-new-privileges", "no-new-privileges:true"} & set(spec.get("security_opt", [])):
             spec["security_opt"] = [*spec.get("security_opt", []), "no-new-privileges:true"]
-    services[config.app_service]["image"] = APP_IMAGE_STAND_IN
+    app = services[config.app_service]
+    app["image"] = APP_IMAGE_STAND_IN
+    for port in app.get("ports", []):  # behind the proxy: read as the first upstream port
+        if port["published"] == str(config.app_port) and port["protocol"] == "tcp":
+            port["published"] = str(upstream_ports(config.app_port)[0])
     return document
 
 

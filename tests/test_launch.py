@@ -61,7 +61,9 @@ def test_user_data_reads_secrets_at_boot_and_holds_none(
     assert "releases/download/v2.40.3/docker-compose-linux-" in script
     assert f"/repos/octo-org/app/tarball/{SPEC.sha}" in script
     assert "shutdown -h +60 " in script  # the short TTL until the preview is confirmed ready
-    assert '"127.0.0.1:8000:8000"' in script
+    # The app publishes on the upstream port .env names, behind the app port's proxy.
+    assert '"127.0.0.1:${APP_HOST_PORT}:8000"' in script
+    assert "systemctl enable --now pr-preview-proxy.service" in script
     assert "{{" not in script
 
 
@@ -76,7 +78,8 @@ def test_the_instance_pulls_the_digest_the_check_saw(
     script = user_data(aws, result.instance_id)
     # compose pulls ${APP_IMAGE}: the manifest checked, whatever the tag names by boot time
     assert (
-        f'echo APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest} | put "$APP_DIR/.env"' in script
+        f"printf '%s\\n' APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest} APP_HOST_PORT=18000"
+        ' | put "$APP_DIR/.env"' in script
     )
     assert "compose pull api" in script
 

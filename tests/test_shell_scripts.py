@@ -21,7 +21,7 @@ import pytest
 import tasks.app.user_data
 from tasks.app.app_env import AppFiles, app_env_commands, preview_env
 from tasks.app.user_data import LaunchSpec, compose_file, render_spare_user_data, render_user_data
-from tasks.cloud import on_instance
+from tasks.cloud import app_proxy, on_instance
 from tasks.cloud.on_instance import BOOTSTRAP_CHECK, app_state_check, port_check, probe_command
 from tasks.config import PreviewConfig
 from tasks.steps.bake import BAKE_CHECK, bake_image_ref, render_bake_user_data
@@ -42,6 +42,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
 REAL_TOOLS += ("find", "mktemp", "mv", "sort", "tail", "touch", "tr", "uname")
 REAL_TOOLS += ("cmp", "dirname")
+HOST_PORT = "APP_HOST_PORT=18000\n"  # the first upstream port (tasks/cloud/app_proxy.py)
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {
     "shutdown": STUB_LOG,
@@ -144,6 +145,10 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
     # The activity timer's files (tasks/cloud/on_instance.py) go below the sandbox too.
     monkeypatch.setattr(on_instance, "ACTIVITY_SCRIPT", str(tmp_path / "lib" / "sample-activity"))
     monkeypatch.setattr(on_instance, "SYSTEM_UNITS", str(tmp_path / "units"))
+    # And the app port's proxy (tasks/cloud/app_proxy.py).
+    monkeypatch.setattr(app_proxy, "UPSTREAM_FILE", str(tmp_path / "state" / "upstream"))
+    monkeypatch.setattr(app_proxy, "PROXY_SCRIPT", str(tmp_path / "lib" / "app-proxy"))
+    monkeypatch.setattr(app_proxy, "SYSTEM_UNITS", str(tmp_path / "units"))
     return Sandbox(tmp_path)
 
 
@@ -275,7 +280,7 @@ def test_user_data_boots_in_the_sandbox(sandbox: Sandbox, database: str) -> None
     assert ran.returncode == 0, ran.stderr
     assert (sandbox.root / "state" / "bootstrap-done").exists()
     app = sandbox.root / "app"
-    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n{HOST_PORT}"
     compose = (app / "docker-compose.yml").read_text()
     assert compose.startswith("services:\n  api:\n    image: ${APP_IMAGE}\n")
     if database == "external":
@@ -372,7 +377,7 @@ def test_the_boot_pulls_the_checked_digest_and_a_fallback_build_runs_that_build(
     pulled = sandbox.run(script)
 
     assert pulled.returncode == 0, pulled.stderr
-    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest}\n"
+    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}@{digest}\n{HOST_PORT}"
     pull = f"{compose_call(sandbox.root / 'app')} pull api"
     assert pull in sandbox.calls and "docker build" not in sandbox.calls
 
@@ -382,7 +387,7 @@ def test_the_boot_pulls_the_checked_digest_and_a_fallback_build_runs_that_build(
     # instance only, which a digest cannot name.
     assert built.returncode == 0, built.stderr
     assert f"docker build -t ghcr.io/octo-org/app:{SPEC.sha} " in sandbox.calls
-    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+    assert env.read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n{HOST_PORT}"
 
 
 def test_a_failing_command_marks_its_step(sandbox: Sandbox) -> None:
@@ -426,7 +431,7 @@ def test_user_data_quotes_values_even_past_validation(sandbox: Sandbox) -> None:
     assert not list(sandbox.root.rglob("pwned")), ran.stderr
     assert ran.returncode == 0, ran.stderr
     env = (sandbox.root / "app" / ".env").read_text()
-    assert env == f"APP_IMAGE=ghcr.io/octo-org/app{payload}`touch pwned`:{SPEC.sha}\n"
+    assert env == f"APP_IMAGE=ghcr.io/octo-org/app{payload}`touch pwned`:{SPEC.sha}\n{HOST_PORT}"
     assert f"-u octo'{payload}' --password-stdin" in sandbox.calls
 
 
@@ -567,7 +572,7 @@ def test_the_files_root_runs_are_replaced_never_written_through_a_planted_link(
     assert victim.read_text() == "host file\n"
     for name in ("docker-compose.yml", ".env", "app.env", "preview.env", "secrets.env"):
         assert not (app / name).is_symlink() and (app / name).is_file(), name
-    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n"
+    assert (app / ".env").read_text() == f"APP_IMAGE=ghcr.io/octo-org/app:{SPEC.sha}\n{HOST_PORT}"
     assert oct(app.stat().st_mode & 0o777) == "0o700"
     assert not list(app.glob("*.??????"))  # no temporary file left behind
 

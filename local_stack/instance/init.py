@@ -131,6 +131,7 @@ def start_units(config: dict[str, Any]) -> int:
     write_status("done")
     units = [["docker"]] if ENABLED_DOCKER.exists() else []
     units += [[p.name.removesuffix(".enabled")] for p in sorted(UNITS.glob("*.timer.enabled"))]
+    units += [[p.name.removesuffix(".enabled")] for p in sorted(UNITS.glob("*.service.enabled"))]
     status = 0
     with open(OUTPUT_LOG, "ab", buffering=0) as log:
         for unit in units:

@@ -12,8 +12,10 @@ in the tests instead of passing against a shim that nods.
   ``PR_PREVIEW_DNF_OFFLINE=1`` its repository being out of reach.
 - ``systemctl``: the docker unit — ``enable --now``/``start`` runs the real dockerd in the
   instance's namespaces (its own data root, overlay2), ``stop``, ``status``, ``is-active`` —
-  and timer units from /etc/systemd/system (``daemon-reload``, ``enable --now``, ``start``,
-  ``stop``, ``is-active``): a process of the instance runs the service on the timer's schedule.
+  timer units from /etc/systemd/system (``daemon-reload``, ``enable --now``, ``start``,
+  ``stop``, ``is-active``): a process of the instance runs the service on the timer's schedule —
+  and long-running service units there (the same verbs and ``restart``): a process of the
+  instance runs ``ExecStart``, again after it ends with ``Restart=always``.
 - ``shutdown -h +N``: writes ``/run/pr-preview/shutdown-at``; the host terminates the instance
   in moto when it is due (instance-initiated shutdown behaviour: terminate).
 - ``cloud-init status [--long] [--wait]``: from ``/run/cloud-init/status.json``, which the
@@ -51,7 +53,7 @@ MIRROR_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 MIRROR_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?/?")
 UNITS = Path("/var/lib/pr-preview-shim/units")
 SYSTEM_UNITS = Path("/etc/systemd/system")
-TIMERS = Path("/run/pr-preview-shim/timers")  # the started timers' processes, gone at a stop
+TIMERS = Path("/run/pr-preview-shim/timers")  # the started units' processes, gone at a stop
 UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # What AL2023's repositories answer for the packages the user data asks for.
 AL2023_PACKAGES = {"docker": "docker-25.0.8-1.amzn2023.0.1.x86_64"}
@@ -113,6 +115,8 @@ def systemctl(argv: list[str]) -> int:
     if named and all(name.endswith(".timer") for name in named):
         return timer_units(args[0], [name.removesuffix(".timer") for name in named], args)
     units = [a.removesuffix(".service") for a in args if not a.startswith("-")][1:]
+    if units and "docker" not in units and all(is_service_unit(name) for name in units):
+        return service_units(args[0], units, args)
     if not args or units != ["docker"]:
         if units and units != ["docker"]:
             print(f"Unit {units[0]}.service could not be found.", file=sys.stderr)
@@ -186,16 +190,50 @@ def timer_units(verb: str, names: list[str], args: list[str]) -> int:
         return 0
     if verb == "stop":
         for name in names:
-            pid = timer_pid(name)
-            if pid:
-                os.kill(pid, signal.SIGTERM)
-            (TIMERS / f"{name}.pid").unlink(missing_ok=True)
+            stop_loop(name, "timer")
         return 0
     if verb == "is-active":
         active = all(timer_pid(name) for name in names)
         for name in names:
             print("active" if timer_pid(name) else "inactive")
         return 0 if active else 3
+    return refuse("systemctl", args)
+
+
+def is_service_unit(name: str) -> bool:
+    return bool(UNIT_NAME.fullmatch(name)) and (SYSTEM_UNITS / f"{name}.service").is_file()
+
+
+def service_units(verb: str, names: list[str], args: list[str]) -> int:
+    """Long-running service units written to /etc/systemd/system, as systemd runs them:
+    ``enable [--now]``, ``start``, ``restart``, ``stop``, ``is-active``. A started service is a
+    process of the instance that runs its ``ExecStart`` and, with ``Restart=always``, runs it
+    again ``RestartSec`` after it ends; an enabled one starts again when a stopped instance is
+    started (``init.start_units``). ``User``/``DynamicUser`` and the sandboxing keys are not
+    played: the command runs as the instance's root."""
+    UNITS.mkdir(parents=True, exist_ok=True)
+    if verb in ("enable", "start", "restart"):
+        for name in names:
+            if verb == "enable":
+                (UNITS / f"{name}.service.enabled").touch()
+                print(
+                    f"Created symlink /etc/systemd/system/multi-user.target.wants/{name}.service"
+                    f" → /etc/systemd/system/{name}.service.",
+                    file=sys.stderr,
+                )
+            if verb == "restart":
+                stop_loop(name, "service")
+            if verb != "enable" or "--now" in args:
+                start_loop(name, "service")
+        return 0
+    if verb == "stop":
+        for name in names:
+            stop_loop(name, "service")
+        return 0
+    if verb == "is-active":
+        for name in names:
+            print("active" if loop_pid(name, "service") else "inactive")
+        return 0 if all(loop_pid(name, "service") for name in names) else 3
     return refuse("systemctl", args)
 
 
@@ -220,26 +258,69 @@ def time_span(text: str) -> float:
 
 
 def timer_pid(name: str) -> int | None:
+    return loop_pid(name, "timer")
+
+
+def start_timer(name: str) -> None:
+    start_loop(name, "timer")
+
+
+def loop_pid(name: str, kind: str) -> int | None:
+    """The process running the started ``kind`` (timer or service) unit ``name``, if any."""
     try:
-        pid = int((TIMERS / f"{name}.pid").read_text().strip())
+        pid = int((TIMERS / f"{name}.{kind}.pid").read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
     return pid
 
 
-def start_timer(name: str) -> None:
-    if timer_pid(name):
+def start_loop(name: str, kind: str) -> None:
+    if loop_pid(name, kind):
         return
     TIMERS.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", "local_stack.instance.shims", "timer-loop", name],
+        [sys.executable, "-m", "local_stack.instance.shims", f"{kind}-loop", name],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    (TIMERS / f"{name}.pid").write_text(str(process.pid))
+    (TIMERS / f"{name}.{kind}.pid").write_text(str(process.pid))
+
+
+def stop_loop(name: str, kind: str) -> None:
+    """SIGTERM to the unit's process group (the loop and the command it runs), as systemd's
+    stop does, and wait for it to end."""
+    pid = loop_pid(name, kind)
+    (TIMERS / f"{name}.{kind}.pid").unlink(missing_ok=True)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def service_loop(argv: list[str]) -> int:
+    """The started service ``argv[0]``: its ``ExecStart``, run again ``RestartSec`` after it
+    ends when ``Restart=always``; its output in the journal's stead (``/var/log/<name>.log``)."""
+    [name] = argv
+    unit = unit_values(SYSTEM_UNITS / f"{name}.service")
+    command = unit["ExecStart"].split()
+    pause = time_span(unit.get("RestartSec", "0.1"))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the group's SIGTERM ends the child
+    with Path(f"/var/log/{name}.log").open("ab") as log:
+        while True:
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=False)
+            if unit.get("Restart") != "always":
+                return 0
+            time.sleep(pause)
 
 
 def timer_loop(argv: list[str]) -> int:
@@ -586,6 +667,7 @@ TOOLS = {
     "cloud-init": cloud_init,
     "aws": aws,
     "timer-loop": timer_loop,
+    "service-loop": service_loop,
 }
 
 

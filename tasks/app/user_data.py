@@ -20,6 +20,7 @@ from tasks.app.app_env import (
     read_secrets_script,
     write_preview_env,
 )
+from tasks.cloud.app_proxy import HOST_PORT_VARIABLE, proxy_install, upstream_ports
 from tasks.cloud.databases import database_name
 from tasks.cloud.ecr import ecr_login, ecr_repository
 from tasks.cloud.on_instance import (
@@ -86,7 +87,7 @@ if ! compose pull {{app_service}}; then
     <<<"Authorization: Bearer $GHCR_TOKEN" \\
     | tar -xz --strip-components=1 -C "$APP_DIR/build"
   docker build -t {{build_ref}} "$APP_DIR/build"
-  echo {{build_image_line}} | put "$APP_DIR/.env"
+  printf '%s\\n' {{build_image_line}} {{host_port_line}} | put "$APP_DIR/.env"
 fi
 unset GHCR_TOKEN"""
 
@@ -143,7 +144,8 @@ def preview_tags(
 
 
 def compose_file(settings: PreviewConfig) -> str:
-    """The compose file of the instance; the app port is bound to loopback only (runbook §1)."""
+    """The compose file of the instance; the app publishes on loopback only (runbook §1), on the
+    upstream port ``.env`` names, behind the app port's proxy (tasks/cloud/app_proxy.py)."""
     port = settings.app_port
     service = [
         "services:",
@@ -151,7 +153,7 @@ def compose_file(settings: PreviewConfig) -> str:
         "    image: ${APP_IMAGE}",
         # Later files win: our DATABASE_URL and PR_* over the secrets and settings.
         f"    env_file: [{SECRETS_ENV_FILE}, {PREVIEW_ENV_FILE}, app.env]",
-        f'    ports: ["127.0.0.1:{port}:{port}"]',
+        f'    ports: ["127.0.0.1:${{{HOST_PORT_VARIABLE}}}:{port}"]',
         "    restart: unless-stopped",
     ]
     if settings.database == "ephemeral":
@@ -335,6 +337,8 @@ def _render(settings: PreviewConfig, **values: str) -> str:
             f"{settings.compose_release_url}/{settings.compose_version}/docker-compose-linux-"
         ),
         activity_timer=activity_timer(settings.app_port),
+        app_proxy=proxy_install(settings.app_port),
+        host_port_line=q(f"{HOST_PORT_VARIABLE}={upstream_ports(settings.app_port)[0]}"),
         region=q(settings.region),
         container_address_pool=q(settings.container_address_pool),
         docker_daemon_json=q(DOCKER_DAEMON_JSON),

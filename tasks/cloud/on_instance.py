@@ -35,7 +35,9 @@ COMPOSE_FILE = "docker-compose.yml"
 # reported on a line ``pr-preview-stage <name> <ok|skipped|failed> <seconds> [detail]``; a
 # failure's message says ``stage <name> failed`` (what the diagnosis reads it by).
 STAGE_PREFIX = "pr-preview-stage"
-DEPLOY_STAGES = ("pull", "migrate", "swap", "probe", "ttl")
+DEPLOY_STAGES = ("pull", "migrate", "swap", "probe", "switch", "ttl")
+# Ends the detail of a swap or probe that failed while the running version was left serving.
+KEPT_SERVING = "the previous version keeps serving"
 FAILED_STAGE = re.compile(rf"\bstage ({'|'.join(DEPLOY_STAGES)}) failed\b")
 
 

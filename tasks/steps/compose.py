@@ -32,6 +32,7 @@ import yaml
 from tasks.app.app_env import PREVIEW_ENV_FILE, SECRETS_ENV_FILE
 from tasks.app.compose_policy import NO_NEW_PRIVILEGES, place, refusals
 from tasks.app.user_data import EPHEMERAL_DB_IMAGE
+from tasks.cloud.app_proxy import HOST_PORT_VARIABLE, PROXIED_PORT, upstream_ports
 from tasks.config import PreviewConfig
 from tasks.github.client import GitHub
 from tasks.run.errors import PreviewError
@@ -43,6 +44,7 @@ EPHEMERAL_DB_SERVICE = "db"
 COMPOSE_TIMEOUT_SECONDS = 10.0  # one read takes tens of milliseconds
 COMPOSE_FILE = "docker-compose.yml"
 APP_IMAGE = "${APP_IMAGE}"  # Compose fills it in on the instance, from .env
+
 # What ${APP_IMAGE} reads as while the file is checked; the rendered file says ${APP_IMAGE}.
 APP_IMAGE_STAND_IN = "pr-preview-app-image.invalid/app:sha"
 APP_ENV_FILES = (SECRETS_ENV_FILE, PREVIEW_ENV_FILE, "app.env")  # later files win
@@ -223,6 +225,8 @@ def read_compose(settings: PreviewConfig, text: str, where: str) -> CheckedCompo
                 cwd=directory,
                 env={  # nothing of this host: ${VAR:-default} takes its default
                     "APP_IMAGE": APP_IMAGE_STAND_IN,
+                    # What the rendered file's app port reads as (the first upstream port).
+                    HOST_PORT_VARIABLE: str(upstream_ports(settings.app_port)[0]),
                     "COMPOSE_EXPERIMENTAL_GIT_REMOTE": "false",
                     "COMPOSE_EXPERIMENTAL_OCI_REMOTE": "false",
                 },
@@ -312,8 +316,32 @@ def check_compose(settings: PreviewConfig, text: str, where: str) -> CheckedComp
             " itself; rename yours or use database: external"
         )
     problems += refusals(checked.document, project_name(settings.app_dir))
+    problems += _proxy_ports(settings, services)
     _refuse(problems, where)
     return checked
+
+
+def _proxy_ports(settings: PreviewConfig, services: Mapping[str, Any]) -> list[str]:
+    """Host ports that are pr-preview's: the app port (its proxy holds it; the app service's
+    entry for it is moved behind the proxy) and the two upstream ports the app's versions take
+    turns on (tasks/cloud/app_proxy.py)."""
+    upstream = upstream_ports(settings.app_port)
+    problems = []
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            published = str(port.get("published") or "")
+            if published == str(settings.app_port) and name != settings.app_service:
+                problems.append(
+                    f"service {name} publishes {published}, the app port, which pr-preview's"
+                    f" proxy holds in front of {settings.app_service}: publish another port"
+                )
+            elif published in {str(p) for p in upstream} and name != settings.app_service:
+                problems.append(
+                    f"service {name} publishes {published}: pr-preview keeps {upstream[0]} and"
+                    f" {upstream[1]} for the app's versions behind its proxy; publish another"
+                    " port"
+                )
+    return problems
 
 
 def render_compose(settings: PreviewConfig, checked: CheckedCompose) -> str:
@@ -335,6 +363,14 @@ def render_compose(settings: PreviewConfig, checked: CheckedCompose) -> str:
         if env_files:
             service["env_file"] = list(env_files)
     app = services[settings.app_service]
+    if "ports" in app:  # the app port's entry moves behind the proxy (tasks/cloud/app_proxy.py)
+        app["ports"] = [
+            {**port, "published": PROXIED_PORT}
+            if str(port.get("published")) == str(settings.app_port)
+            and port.get("protocol", "tcp") == "tcp"
+            else port
+            for port in app["ports"]
+        ]
     if settings.database == "ephemeral":
         app.setdefault("depends_on", {})[EPHEMERAL_DB_SERVICE] = {
             "condition": "service_started",

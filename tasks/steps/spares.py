@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from tasks.app.user_data import LaunchSpec, preview_tags, render_spare_user_data
+from tasks.cloud.app_proxy import UPSTREAM_FILE
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import terminate_in_batches
 from tasks.cloud.on_instance import BOOTSTRAP_DONE, BOOTSTRAP_FAILED
@@ -83,6 +84,9 @@ def spare_check(docker_wait_seconds: int = 0) -> list[str]:
         "if ! docker version >/dev/null 2>&1; then echo 'docker does not answer'; exit 1; fi",
         "if ! docker compose version >/dev/null 2>&1; then echo 'docker compose missing'; exit 1;"
         " fi",
+        # A spare booted before the app port's proxy cannot take a push with no failed request.
+        f"if [ ! -f {UPSTREAM_FILE} ]; then echo 'no app proxy (booted by an older pr-preview)';"
+        " exit 1; fi",
         "echo spare-ready",
     ]
 

@@ -29,18 +29,26 @@ from prefect.futures import wait as wait_for_futures
 from tasks.app.app_env import AppFiles, app_env_commands
 from tasks.app.masking import mask_secrets
 from tasks.app.migration_output import last_error, permanent_failures_ere
+from tasks.cloud.app_proxy import (
+    HOST_PORT_VARIABLE,
+    UPSTREAM_FILE,
+    side_by_side,
+    upstream_ports,
+    upstream_write,
+)
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.ecr import ecr_login, ecr_repository
 from tasks.cloud.instances import describe_preview, find_previews
 from tasks.cloud.on_instance import (
     ALEMBIC_HEADS_LABEL,
+    APP_STATE_PREFIX,
     BOOTSTRAP_DONE,
     CURL_MAX_SECONDS,
     DEPLOY_STAGES,
+    KEPT_SERVING,
     STAGE_PREFIX,
     STATE_DIR,
     TCP_CHECK_DIRECTIVE,
-    app_state_check,
     compose_command,
     container_run,
     tcp_check,
@@ -67,9 +75,10 @@ HEALTH_MARKER = "# pr-preview-health"
 
 
 class UpdateFailed(PreviewError):
-    """The in-place update did not complete; relaunch. ``output`` is masked; ``stage`` names
-    the deploy command's stage that failed (None: the command did not get that far), and
-    ``stages`` are the ones it reported."""
+    """The in-place update did not complete; relaunch — unless :attr:`kept_serving`. ``output``
+    is masked; ``stage`` names the deploy command's stage that failed (None: the command did
+    not get that far), and ``stages`` are the ones it reported; ``previous_sha`` is the sha the
+    instance ran before."""
 
     def __init__(
         self,
@@ -78,11 +87,19 @@ class UpdateFailed(PreviewError):
         *,
         stage: str | None = None,
         stages: tuple[Stage, ...] = (),
+        previous_sha: str | None = None,
     ) -> None:
         self.output = output
         self.stage = stage
         self.stages = stages
+        self.previous_sha = previous_sha
         super().__init__(message)
+
+    @property
+    def kept_serving(self) -> bool:
+        """The new version failed beside the old one, which still serves, untouched: a relaunch
+        would only trade a working preview for the same failure on a new instance."""
+        return any(stage.failed and stage.detail.endswith(KEPT_SERVING) for stage in self.stages)
 
 
 @dataclass(frozen=True)
@@ -162,13 +179,22 @@ def check_health(
 
 
 def health_commands(settings: PreviewConfig) -> list[str]:
-    """Bootstrapped and the app port open; ``healthy`` on the last line when both hold."""
+    """Bootstrapped, the app port (its proxy) open and the app behind it too; ``healthy`` on the
+    last line when all hold. An instance booted before the proxy is not: relaunched, it gets one
+    (tasks/cloud/app_proxy.py), and every later push deploys with no failed request."""
     port = shlex.quote(str(settings.app_port))
+    upstream = shlex.quote(UPSTREAM_FILE)
     return [
         HEALTH_MARKER,
         f"test -f {BOOTSTRAP_DONE} || {{ echo 'bootstrap not done'; exit 1; }}",
+        f"test -f {upstream} || {{ echo 'no app proxy (booted by an older pr-preview)'; exit 1; }}",
+        f"behind=$(head -c 16 {upstream}) || behind=''",
+        "behind=${behind//[!0-9]/}",
         TCP_CHECK_DIRECTIVE,
         f"{tcp_check('127.0.0.1', port)} 2>/dev/null || {{ echo app port {port} closed; exit 1; }}",
+        TCP_CHECK_DIRECTIVE,
+        tcp_check("127.0.0.1", '"$behind"') + " 2>/dev/null"
+        ' || { echo "nothing behind the app port\'s proxy on 127.0.0.1:$behind"; exit 1; }',
         "echo healthy",
     ]
 
@@ -177,6 +203,7 @@ DEPLOY_MARKER = "# pr-preview-deploy"
 DEPLOY_SECTION = f"{DEPLOY_MARKER}: "  # heads each stage's part of the one command
 STAGE_OUTPUT_TAIL = 6000  # a failed stage's output: under SSM's 24,000-character stdout cut
 MIGRATE_LOG_TAIL = 1500  # alembic's own lines of a migration that ran
+NEW_LOG_TAIL = 2500  # the log of a new version that never answered
 
 
 @dataclass(frozen=True)
@@ -262,11 +289,15 @@ def deploy_commands(
     service = q(settings.app_service)
     poll = f"{max(0.05, min(settings.poll_seconds, 1.0)):.2f}"
     head = [
-        f"{DEPLOY_MARKER} (pull, migrate, swap, probe, ttl)",
+        f"{DEPLOY_MARKER} (pull, migrate, swap, probe, switch, ttl)",
         "set -uo pipefail",
         'export HOME="${HOME:-/root}"',
         f"cd {q(app_dir)} || exit 1",
-        "log=$(mktemp) && trap 'rm -f \"$log\"' EXIT",
+        'log=$(mktemp) && kept=$(mktemp) && trap \'rm -f "$log" "$kept"\' EXIT',
+        # The .env the running version was started from: put back when the new one fails.
+        'cat .env >"$kept" 2>/dev/null || true',
+        'restore_env() { local tmp; tmp=$(mktemp .env.XXXXXX) && cat "$kept" >"$tmp"'
+        ' && mv -fT "$tmp" .env; }',
         'now() { echo "${EPOCHREALTIME/./}"; }  # microseconds',
         "stage() {  # name outcome started [detail]",
         "  local us=$(( $(now) - $3 ))",
@@ -326,7 +357,7 @@ def deploy_commands(
         # The database's revision, read in the running app container while the pull runs
         # (nothing before the migrate stage changes the database).
         head += [
-            'current_file=$(mktemp) && trap \'rm -f "$log" "$current_file"\' EXIT',
+            'current_file=$(mktemp) && trap \'rm -f "$log" "$kept" "$current_file"\' EXIT',
             "{",
             f"  {compose} exec -T {service} alembic current 2>/dev/null"
             " | awk '/^[0-9A-Za-z_]+( |$)/ {print $1}' | LC_ALL=C sort | paste -sd ' ' -",
@@ -354,44 +385,7 @@ def deploy_commands(
         '  stage migrate ok "$started"',
         "fi",
     ]
-    swap = [
-        f"{DEPLOY_SECTION}swap",
-        "started=$(now)",
-        f'if {compose} up -d >"$log" 2>&1; then',
-        '  stage swap ok "$started"',
-        "else",
-        '  failed swap "$started" "compose up failed"',
-        "fi",
-    ]
-    probe_timeout = max(1, math.ceil(settings.probe_timeout_seconds))
-    probe = [
-        f"{DEPLOY_SECTION}probe",
-        "started=$(now)",
-        f"deadline=$(( started + {probe_timeout} * 1000000 ))",
-        "healthy=''",
-        "seen=''",
-        'while [ -z "$healthy" ]; do',
-    ]
-    for path in settings.probe_paths:
-        url = q(f"http://127.0.0.1:{settings.app_port}{path}")
-        probe += [
-            f"  answer=$(curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
-            f" -w '%{{http_code}} %{{time_total}}' {url} 2>/dev/null) || true",
-            f'  seen="{path} ${{answer:-000}}"',
-            '  case "$answer" in [23][0-9][0-9]\\ *) healthy=$seen; break ;; esac',
-        ]
-    probe += [
-        '  if [ -n "$healthy" ] || [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then break; fi',
-        f"  sleep {poll}",
-        "done",
-        'if [ -n "$healthy" ]; then',
-        '  stage probe ok "$started" "$healthy"',
-        "else",
-        *("  " + check for check in app_state_check(app_dir, settings.app_service)),
-        f'  stage probe failed "$started" "no path answered within {probe_timeout}s; last: $seen"',
-        "  exit 1",
-        "fi",
-    ]
+    swap, probe, switch = _swap_stages(settings, app, poll)
     ttl = [f"{DEPLOY_SECTION}ttl", "started=$(now)"]
     if ready_ttl_minutes is not None:
         ttl += [
@@ -404,7 +398,166 @@ def deploy_commands(
         ]
     else:
         ttl.append('stage ttl skipped "$started" "left to the flow"')
-    return [*head, *pull, *migrate, *swap, *probe, *ttl, "exit 0"]
+    return [*head, *pull, *migrate, *swap, *probe, *switch, *ttl, "exit 0"]
+
+
+DRAIN_SECONDS = 5  # how long the old version's open connections may take to end before it stops
+STOP_SECONDS = 10  # then its graceful stop (SIGTERM: the app finishes what it serves), SIGKILL
+
+
+def _swap_stages(
+    settings: PreviewConfig, app: AppFiles | None, poll: str
+) -> tuple[list[str], list[str], list[str]]:
+    """The swap, probe and switch stages of :func:`deploy_commands` (tasks/cloud/app_proxy.py).
+
+    - swap: the new version starts beside the one serving, on the other upstream port
+      (``APP_HOST_PORT`` in ``.env``; ``--no-recreate --scale <app>=2``: the serving container
+      and every other service are left as they are); an app container serving nothing (a
+      crashed version, a leftover of an interrupted deploy) is removed first. Where the app
+      service cannot run twice (:func:`side_by_side`), it is recreated in place, as before.
+    - probe: each of ``probe_paths`` on the new version's own port until one answers 2xx/3xx,
+      every ``poll`` s up to ``probe_timeout_seconds``. When none did: its state and the tail of
+      its log, then it is removed and ``.env`` put back — the previous version, untouched,
+      keeps serving, and the stage's detail says so (:data:`KEPT_SERVING`).
+    - switch: the proxy's upstream file renamed onto the new port (each new connection reads
+      it); the old version's connections get up to :data:`DRAIN_SECONDS` to end, then it stops
+      gracefully and goes; ``compose up -d`` then brings the other services to the new file.
+    """
+    q = shlex.quote
+    compose = compose_command(settings.app_dir)
+    service = q(settings.app_service)
+    first, second = (q(str(port)) for port in upstream_ports(settings.app_port))
+    upstream = q(UPSTREAM_FILE)
+    recreate = side_by_side(settings.app_service, app.compose if app is not None else None)
+    set_port = write_file(
+        ".env",
+        f"grep -v '^{HOST_PORT_VARIABLE}=' .env || true; echo \"{HOST_PORT_VARIABLE}=$next\"",
+    )
+    swap = [
+        f"{DEPLOY_SECTION}swap",
+        "started=$(now)",
+        f"if [ ! -f {upstream} ]; then",
+        '  : >"$log"',
+        '  failed swap "$started" "no app proxy on this instance (booted by an older pr-preview)"',
+        "fi",
+        f"serving=$(head -c 16 {upstream}) || serving=''",
+        "serving=${serving//[!0-9]/}",
+        "old=''",
+        f"for id in $({compose} ps -a -q {service} 2>/dev/null); do",
+        r'  if [ -n "$serving" ] && docker port "$id" 2>/dev/null | grep -q ":$serving\$"; then',
+        '    old="${old:+$old }$id"',
+        "  else",
+        '    docker rm -f "$id" >/dev/null 2>&1 || true',
+        "  fi",
+        "done",
+    ]
+    if recreate is None:
+        swap += [
+            f'if [ "$serving" = {first} ]; then next={second}; else next={first}; fi',
+            "(",
+            "set -euo pipefail",
+            set_port,
+            'count=$(wc -w <<<"$old")',
+            f'{compose} up -d --no-recreate --scale "{settings.app_service}=$((count + 1))"',
+            ') >"$log" 2>&1',
+            "status=$?",
+            "new=''",
+            f"for id in $({compose} ps -a -q {service} 2>/dev/null); do",
+            '  case " $old " in *" $id "*) ;; *) new="${new:+$new }$id" ;; esac',
+            "done",
+            'if [ "$status" -ne 0 ] || [ -z "$new" ]; then',
+            '  if [ -n "$old" ]; then',
+            "    # shellcheck disable=SC2086 # one word per container",
+            "    docker rm -f $new >/dev/null 2>&1 || true",
+            "    restore_env",
+            f'    failed swap "$started" "compose up failed; {KEPT_SERVING}"',
+            "  fi",
+            '  failed swap "$started" "compose up failed"',
+            "fi",
+            'stage swap ok "$started" "started beside the previous version on 127.0.0.1:$next"',
+        ]
+    else:
+        swap += [
+            f"next=${{serving:-{first}}}",
+            "(",
+            "set -euo pipefail",
+            set_port,
+            f"{compose} up -d",
+            ') >"$log" 2>&1',
+            'if [ "$?" -ne 0 ]; then failed swap "$started" "compose up failed"; fi',
+            'old=""',
+            f"new=$({compose} ps -q {service} 2>/dev/null | head -n 1)",
+            f'stage swap ok "$started" "recreated in place: {recreate}, so no two can run at once"',
+        ]
+    probe_timeout = max(1, math.ceil(settings.probe_timeout_seconds))
+    probe = [
+        f"{DEPLOY_SECTION}probe",
+        "started=$(now)",
+        f"deadline=$(( started + {probe_timeout} * 1000000 ))",
+        "healthy=''",
+        "seen=''",
+        'while [ -z "$healthy" ]; do',
+    ]
+    for path in settings.probe_paths:
+        url = f'"http://127.0.0.1:$next"{q(path)}'
+        probe += [
+            f"  answer=$(curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
+            f" -w '%{{http_code}} %{{time_total}}' {url} 2>/dev/null) || true",
+            f'  seen="{path} ${{answer:-000}}"',
+            '  case "$answer" in [23][0-9][0-9]\\ *) healthy=$seen; break ;; esac',
+        ]
+    inspect = "'{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}'"
+    probe += [
+        '  if [ -n "$healthy" ] || [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then break; fi',
+        f"  sleep {poll}",
+        "done",
+        'if [ -n "$healthy" ]; then',
+        '  stage probe ok "$started" "$healthy"',
+        "else",
+        "  # shellcheck disable=SC2086 # one word per container",
+        f'  state=$(docker inspect -f {inspect} $new 2>/dev/null | head -n 1) || state=""',
+        f'  echo "{APP_STATE_PREFIX}${{state:-unknown}}"',
+        "  # shellcheck disable=SC2086",
+        f"  docker logs --tail 30 $new 2>&1 | tail -c {NEW_LOG_TAIL}",
+        f'  why="no path answered within {probe_timeout}s on 127.0.0.1:$next; last: $seen"',
+        '  if [ -n "$old" ]; then',
+        "    # shellcheck disable=SC2086",
+        "    docker rm -f $new >/dev/null 2>&1 || true",
+        "    restore_env",
+        f'    why="$why; {KEPT_SERVING}"',
+        "  fi",
+        '  stage probe failed "$started" "$why"',
+        "  exit 1",
+        "fi",
+    ]
+    point = "; ".join(upstream_write('"$next"'))
+    switch = [
+        f"{DEPLOY_SECTION}switch",
+        "started=$(now)",
+        'if [ "$next" != "$serving" ]; then',
+        f'  if ! ( set -euo pipefail; {point} ) >"$log" 2>&1; then',
+        '    failed switch "$started" "the proxy\'s upstream file was not written"',
+        "  fi",
+        "fi",
+        'if [ -n "$old" ]; then',
+        f"  drain=$(( $(now) + {DRAIN_SECONDS} * 1000000 ))",
+        '  while [ "${EPOCHREALTIME/./}" -lt "$drain" ]; do',
+        '    open=$(ss -Htn state established "( dport = :$serving )" 2>/dev/null) || open=""',
+        '    if [ -z "$open" ]; then break; fi',
+        f"    sleep {poll}",
+        "  done",
+        "  # shellcheck disable=SC2086 # one word per container",
+        f'  if ! {{ docker stop -t {STOP_SECONDS} $old && docker rm $old; }} >"$log" 2>&1; then',
+        '    failed switch "$started" "the previous version did not stop"',
+        "  fi",
+        "fi",
+        f'if ! {compose} up -d >"$log" 2>&1; then',
+        '  failed switch "$started" "compose up failed for the other services"',
+        "fi",
+        f'stage switch ok "$started" "127.0.0.1:{settings.app_port} forwards to 127.0.0.1:$next'
+        '${old:+; the previous version stopped}"',
+    ]
+    return swap, probe, switch
 
 
 EARLY_PULL_MARKER = "# pr-preview-early-pull"
@@ -531,6 +684,7 @@ def deploy_in_place(
             output,
             stage=failed.name if failed else None,
             stages=stages,
+            previous_sha=preview.sha,
         )
     shutdown_at, updated_at = move_tags(
         ec2,

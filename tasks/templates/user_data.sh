@@ -43,6 +43,11 @@ step=activity-timer
 # to the app port) goes to a root-only file the sweeper reads (tasks/cloud/on_instance.py).
 {{activity_timer}}
 
+step=app-proxy
+# 127.0.0.1:<app port> is pr-preview's proxy, forwarding to the port the app's version publishes
+# (tasks/cloud/app_proxy.py): a push starts the new version beside the old and switches it.
+{{app_proxy}}
+
 step=docker
 if ! command -v docker >/dev/null 2>&1; then
   dnf -y install docker
@@ -107,7 +112,7 @@ cd "$APP_DIR"
 step=compose-file
 # shellcheck disable=SC2016 # ${APP_IMAGE} in the compose file is compose's to expand, from .env
 printf '%s\n' {{compose_file}} | put "$APP_DIR/docker-compose.yml"
-echo {{app_image_line}} | put "$APP_DIR/.env"{{spare_stop}}
+printf '%s\n' {{app_image_line}} {{host_port_line}} | put "$APP_DIR/.env"{{spare_stop}}
 
 {{login_and_pull}}
 
