@@ -10,8 +10,10 @@ the real error the instance produced.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +61,10 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = "octo-org/app"
 SHA1 = "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
 SHA2 = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
+SHA3 = "3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c"
 PASSWORD = "pa/ss@w:rd%db"  # URL-special on purpose (runbook §5)
 PROJECT = Path(__file__).resolve().parents[1]
+VERSION = re.compile(r'id="version">([^<]+)<')
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +180,15 @@ def assert_left_on_short_ttl(failure: Failure, config: PreviewConfig) -> None:
 
 
 def app_version(
-    tmp_path: Path, name: str, *, replace: dict[str, tuple[str, str]] | None = None
+    tmp_path: Path,
+    name: str,
+    *,
+    replace: dict[str, tuple[str, str]] | None = None,
+    base: str = "v1",
 ) -> str:
-    """A copy of the sample app's v1 with files edited: a broken build of the app."""
+    """A copy of the sample app's ``base`` version with files edited: a broken build."""
     target = tmp_path / name
-    shutil.copytree(PROJECT / SAMPLE_APP / "v1", target)
+    shutil.copytree(PROJECT / SAMPLE_APP / base, target)
     for relative, (old, new) in (replace or {}).items():
         path = target / relative
         text = path.read_text()
@@ -194,11 +202,49 @@ def push_source(world: World, sha: str, source: str) -> None:
     push_app_source(world.registry, REPO, sha, Path(source), private=True)
 
 
+class Poller:
+    """A reviewer's browser through `pr-preview tunnel`: ``GET /`` every 100 ms on a new
+    connection each time (as ``curl`` in a loop), until stopped; every answer kept in order as
+    ``(status, version)`` — status 0 and the error's name when no HTTP answer came."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.answers = url, list[tuple[int, str]]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                page = httpx.get(self.url, timeout=10)
+                found = VERSION.search(page.text)
+                self.answers.append((page.status_code, found.group(1) if found else page.text))
+            except httpx.HTTPError as exc:
+                self.answers.append((0, type(exc).__name__))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    @property
+    def failed(self) -> list[tuple[int, str]]:
+        return [answer for answer in self.answers if answer[0] != 200]
+
+    @property
+    def versions(self) -> list[str]:
+        """The versions answered, each once, in the order they first answered."""
+        return list(dict.fromkeys(version for status, version in self.answers if status == 200))
+
+
 # --- the healthy path, for real -----------------------------------------------------------
 
 
 def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instance(
-    world: World,
+    world: World, tmp_path: Path
 ) -> None:
     opened = pr_preview(REPO, 42, SHA1, action="opened", config=world.config, return_state=True)
     first = opened.result()
@@ -221,9 +267,14 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
         page = httpx.get(url, timeout=10).text
         assert SHA1 in page and "v1" in page
         assert httpx.get(f"{url}docs", timeout=10).status_code == 200
-    pushed = pr_preview(
-        REPO, 42, SHA2, action="synchronize", config=world.config, return_state=True
-    )
+        # The push, while a reviewer polls through the tunnel: v2 starts beside v1, the
+        # proxy switches once it answers, v1 stops after — not one request fails.
+        with Poller(url) as reviewer:
+            pushed = pr_preview(
+                REPO, 42, SHA2, action="synchronize", config=world.config, return_state=True
+            )
+    assert reviewer.failed == [] and len(reviewer.answers) > 10, reviewer.answers
+    assert reviewer.versions == ["v1", "v2"], reviewer.answers
     second = pushed.result()
     assert (second.status, second.path, second.instance_id) == (
         "ready",
@@ -251,8 +302,13 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
         ("migrate", "ok"),
         ("swap", "ok"),
         ("probe", "ok"),
+        ("switch", "ok"),
         ("ttl", "ok"),
     ]
+    assert stages["swap"].detail == "started beside the previous version on 127.0.0.1:18001"
+    assert stages["switch"].detail == (
+        "127.0.0.1:8000 forwards to 127.0.0.1:18001; the previous version stopped"
+    )
     assert stages["probe"].detail.split()[1] == "200"  # /healthz, or /docs while it starts
     # The same image again: its layers are here and the database stands at its alembic head
     # (the image's label), so neither a pull nor a migration container runs.
@@ -271,9 +327,51 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
         ("migrate", "skipped"),
         ("swap", "ok"),
         ("probe", "ok"),
+        ("switch", "ok"),
         ("ttl", "skipped"),
     ]
     assert again.stages[1].detail == "database at head 0002"
+    assert again.stages[2].detail.endswith("127.0.0.1:18000")  # the slots take turns
+    # A push whose app never answers: it starts beside v2, fails its probe and goes; v2 is
+    # never switched away from, nothing is relaunched, and the comment says what still serves.
+    crashing = app_version(
+        tmp_path,
+        "crashing-app",
+        replace={
+            "hello_api/main.py": ("from fastapi", "import hello_api.missing_module\nfrom fastapi")
+        },
+        base="v2",  # its migrations are v2's: the database stands at its head already
+    )
+    push_source(world, SHA3, crashing)
+    world.config.probe_timeout_seconds = 5
+    with (
+        port_forwarding(world.runtime, first.instance_id) as url,
+        Poller(url) as reviewer,
+    ):
+        broken = pr_preview(
+            REPO, 42, SHA3, action="synchronize", config=world.config, return_state=True
+        )
+    assert broken.is_failed(), broken.message
+    assert reviewer.failed == [] and reviewer.versions == ["v2"], reviewer.answers
+    stages = {stage.name: stage for stage in deploy_stages(world, first.instance_id, SHA3)}
+    assert stages["probe"].outcome == "failed" and "switch" not in stages
+    assert stages["probe"].detail.endswith("the previous version keeps serving")
+    [instance] = live(world.aws)
+    assert instance["InstanceId"] == first.instance_id and tags(instance)["Sha"] == SHA2
+    _, artifacts = record(broken)
+    [comment] = [body for body in artifacts if "Preview failed" in body]
+    assert f"the previous version (`{SHA2[:12]}`) keeps serving until" in comment
+    assert "No module named 'hello_api.missing_module'" in comment
+    with port_forwarding(world.runtime, first.instance_id) as url:
+        assert SHA2 in httpx.get(url, timeout=10).text
+    ps = run_command(
+        world.aws.ssm,
+        first.instance_id,
+        ["docker ps -a --format '{{.Image}}'", f"cat {world.config.app_dir}/.env"],
+        timeout_seconds=30,
+        poll_seconds=0.2,
+    ).stdout
+    assert SHA3 not in ps and SHA2 in ps  # the failed version is gone, .env put back
     check = run_command(
         world.aws.ssm,
         first.instance_id,
