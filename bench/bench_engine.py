@@ -20,6 +20,11 @@ trip is not in the figure), ``--repeat`` times, and prints the median of each wi
                            (all layers) and with v1 present (v2's own layer only)
   pull of a present digest ``docker pull`` of an image already there (asks the registry)
 
+and a push while a reviewer polls ``GET /`` every 100 ms through port forwarding (a new
+connection each time), counting the requests that got no 200: the app recreated by ``docker
+compose up -d`` (the swap before the app port's proxy), then pr-preview's deploy of v2 beside v1
+(tasks/steps/update.py) — the "requests failed during a push" row.
+
 Run: .venv/bin/python bench/bench_engine.py [--repeat 3]
 """
 
@@ -27,14 +32,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.update(
@@ -51,6 +62,10 @@ for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "PREFECT_API_URL"):
 REPO = "octo-org/app"
 V1_SHA, V2_SHA = "1" * 40, "2" * 40
 TIME = 't() { local name=$1 s; shift; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1 || { echo "FAILED $name"; return 1; }; echo "T $name $s $EPOCHREALTIME"; }'  # noqa: E501
+
+
+T = TypeVar("T")
+Poll = tuple[int, int, list[str]]
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,59 @@ def timings(stdout: str) -> dict[str, list[float]]:
     return found
 
 
-def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
+Push = tuple[str, int, int, list[str], dict[str, list[float]]]
+
+
+def polled(runtime_root: Path, instance_id: str, action: Callable[[], T]) -> tuple[Poll, T]:
+    """``action()`` while a reviewer polls ``GET /`` every 100 ms through port forwarding (the
+    local stack's Session Manager), a new connection each time: (polled, failed, versions seen
+    in order) and what ``action`` returned."""
+    import httpx
+
+    from local_stack.instance.sandbox import SHIMS
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    parameters = f'{{"portNumber":["8000"],"localPortNumber":["{port}"]}}'
+    argv = [str(SHIMS / "aws"), "ssm", "start-session", "--target", instance_id]
+    argv += ["--document-name", "AWS-StartPortForwardingSession", "--parameters", parameters]
+    env = {**os.environ, "PR_PREVIEW_RUNTIME_ROOT": str(runtime_root)}
+    session = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+                found = re.search(r'id="version">([^<]+)<', page.text)
+                answers.append((page.status_code, found.group(1) if found else ""))
+            except httpx.HTTPError as exc:
+                answers.append((0, type(exc).__name__))
+            stop.wait(0.1)
+
+    try:
+        assert session.stdout is not None
+        lines = [session.stdout.readline() for _ in range(4)]
+        if not any(f"Port {port} opened" in line for line in lines):
+            raise RuntimeError(f"port forwarding did not start: {lines}")
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            result = action()
+        finally:
+            stop.set()
+            poller.join(15)
+    finally:
+        session.terminate()
+        session.wait(10)
+    failed = sum(status != 200 for status, _ in answers)
+    versions = list(dict.fromkeys(v for status, v in answers if status == 200))
+    return (len(answers), failed, versions), result
+
+
+def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float], list[Push]]:
     from moto import mock_aws
     from moto.server import ThreadedMotoServer
 
@@ -94,6 +161,7 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
     from tasks.cloud.ssm import run_command
     from tasks.config import PreviewConfig, load_config
     from tasks.steps.launch import launch_instance
+    from tasks.steps.update import deploy_in_place
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -138,6 +206,7 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
                         raise RuntimeError(f"exit {result.exit_code}: {result.output[-3000:]}")
                     return result.stdout
 
+                pushes: list[tuple[str, int, int, list[str], dict[str, list[float]]]] = []
                 deadline = time.monotonic() + 300
                 while not runtime.agent_ready(instance_id) or "done" not in run(
                     [f"test -f {BOOTSTRAP_DONE} && echo done || true"]
@@ -205,6 +274,29 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
                         f"t pull-top docker pull {img2}",
                     ]
                 found = timings(engine)
+                # A push while a reviewer polls through port forwarding, as the swap was (the
+                # app recreated: v2 → v1) and as it is (pr-preview's deploy: v1 → v2 beside it).
+                recreate = [set_image(img1), f"t push-recreate {compose} up -d"]
+                recreate.append(f"t push-recreate-start timeout 60 bash -c {q(wait_app)}")
+                for _ in range(repeat):
+                    polls, seconds = polled(runtime.root, instance_id, lambda: run(recreate))
+                    pushes.append(("recreate (before)", *polls, timings(seconds)))
+                    deployed = polled(
+                        runtime.root,
+                        instance_id,
+                        lambda: deploy_in_place(
+                            clients.ec2,
+                            clients.ssm,
+                            config,
+                            instance_id,
+                            repo=REPO,
+                            sha=V2_SHA,
+                            digest=v2,
+                        ),
+                    )
+                    (polled_n, failed_n, versions), result = deployed
+                    stage_seconds = {f"push-{s.name}": [s.seconds] for s in result.stages}
+                    pushes.append(("side by side", polled_n, failed_n, versions, stage_seconds))
                 for name, values in timings(run(pulls)).items():
                     found.setdefault(name, []).extend(values)
     finally:
@@ -234,7 +326,7 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float]]:
         Figure(name, statistics.median(values), len(values), how.get(name, ""))
         for name, values in found.items()
     ]
-    return figures, mb
+    return figures, mb, pushes
 
 
 def main() -> int:
@@ -243,12 +335,23 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     started = time.monotonic()
-    figures, _ = measure(args.repeat, root)
+    figures, _, pushes = measure(args.repeat, root)
     day = datetime.now(UTC).date().isoformat()
     print(f"\nbench/bench_engine.py on a real local instance, {day}, median of --repeat")
     print(f"{'operation':<18}{'seconds':>9}{'runs':>6}  how")
     for figure in figures:
         print(f"{figure.name:<18}{figure.seconds:>9.3f}{figure.runs:>6}  {figure.how}")
+    print("\nA push while a reviewer polls GET / every 100 ms through port forwarding")
+    print(f"{'push':<18}{'polled':>7}{'failed':>7}  versions  seconds")
+    for how, count, failed, versions, seconds in pushes:
+        shown = ", ".join(f"{name} {values[0]:.2f}" for name, values in seconds.items())
+        print(f"{how:<18}{count:>7}{failed:>7}  {' → '.join(versions):<8}  {shown}")
+    failed_sides = [failed for how, _, failed, _, _ in pushes if how == "side by side"]
+    print(
+        f"\nrequests failed during a push: {sum(failed_sides)}"
+        f" (over {len(failed_sides)} pushes; the app recreated instead:"
+        f" {sum(f for how, _, f, _, _ in pushes if how != 'side by side')})"
+    )
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0
 

@@ -179,12 +179,7 @@ def timer_units(verb: str, names: list[str], args: list[str]) -> int:
     if verb in ("enable", "start"):
         for name in names:
             if verb == "enable":
-                (UNITS / f"{name}.timer.enabled").touch()
-                print(
-                    f"Created symlink /etc/systemd/system/timers.target.wants/{name}.timer"
-                    f" → /etc/systemd/system/{name}.timer.",
-                    file=sys.stderr,
-                )
+                enable(name, "timer", "timers.target")
             if verb == "start" or "--now" in args:
                 start_timer(name)
         return 0
@@ -193,11 +188,26 @@ def timer_units(verb: str, names: list[str], args: list[str]) -> int:
             stop_loop(name, "timer")
         return 0
     if verb == "is-active":
-        active = all(timer_pid(name) for name in names)
-        for name in names:
-            print("active" if timer_pid(name) else "inactive")
-        return 0 if active else 3
+        return is_active(names, "timer")
     return refuse("systemctl", args)
+
+
+def enable(name: str, kind: str, target: str) -> None:
+    """``systemctl enable``: the unit starts again at the next start of the instance."""
+    (UNITS / f"{name}.{kind}.enabled").touch()
+    print(
+        f"Created symlink /etc/systemd/system/{target}.wants/{name}.{kind}"
+        f" → /etc/systemd/system/{name}.{kind}.",
+        file=sys.stderr,
+    )
+
+
+def is_active(names: list[str], kind: str) -> int:
+    """``systemctl is-active``: a line per unit, 0 when all run."""
+    active = [loop_pid(name, kind) is not None for name in names]
+    for running in active:
+        print("active" if running else "inactive")
+    return 0 if all(active) else 3
 
 
 def is_service_unit(name: str) -> bool:
@@ -215,12 +225,7 @@ def service_units(verb: str, names: list[str], args: list[str]) -> int:
     if verb in ("enable", "start", "restart"):
         for name in names:
             if verb == "enable":
-                (UNITS / f"{name}.service.enabled").touch()
-                print(
-                    f"Created symlink /etc/systemd/system/multi-user.target.wants/{name}.service"
-                    f" → /etc/systemd/system/{name}.service.",
-                    file=sys.stderr,
-                )
+                enable(name, "service", "multi-user.target")
             if verb == "restart":
                 stop_loop(name, "service")
             if verb != "enable" or "--now" in args:
@@ -231,9 +236,7 @@ def service_units(verb: str, names: list[str], args: list[str]) -> int:
             stop_loop(name, "service")
         return 0
     if verb == "is-active":
-        for name in names:
-            print("active" if loop_pid(name, "service") else "inactive")
-        return 0 if all(loop_pid(name, "service") for name in names) else 3
+        return is_active(names, "service")
     return refuse("systemctl", args)
 
 
@@ -255,10 +258,6 @@ def time_span(text: str) -> float:
     return float(match.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}.get(
         match.group(2) or "s", 1
     )
-
-
-def timer_pid(name: str) -> int | None:
-    return loop_pid(name, "timer")
 
 
 def start_timer(name: str) -> None:

@@ -3,8 +3,9 @@ and the failure policy's short TTL.
 
 An update costs seconds where a relaunch costs an EC2 boot: point ``APP_IMAGE`` in
 ``{app_dir}/.env`` at the new sha's image, by the digest the image check saw
-(``image:sha@digest``), ``docker compose pull`` and ``up -d`` — then the flow
-migrates and probes as after a launch. Once the new containers run, the instance's tags say so:
+(``image:sha@digest``), ``docker compose pull``, migrate, start the new version beside the
+running one and switch the app port's proxy to it once it answers (tasks/cloud/app_proxy.py):
+no request fails during a push. Once the new containers run, the instance's tags say so:
 ``Sha``, ``updated-at`` and a fresh ``shutdown-at`` (the on-instance shutdown timer is moved
 with it). Relaunching is the flow's call when :func:`preview_health` says unhealthy or an
 update step fails.
@@ -276,9 +277,8 @@ def deploy_commands(
       ``migration_command`` in a one-off container, retried with backoff until
       ``migrate_timeout_seconds`` unless its output says waiting cannot help. Before the
       swap: a failed migration leaves the old version serving.
-    - swap: ``docker compose up -d`` (recreates what changed).
-    - probe: each of ``probe_paths`` until one answers 2xx/3xx, every ``poll_seconds`` up to
-      ``probe_timeout_seconds``; compose's view of the app when none did.
+    - swap, probe, switch: the new version beside the old, probed on its own port, then the
+      app port's proxy switched to it and the old one stopped (:func:`_swap_stages`).
     - ttl: with ``ready_ttl_minutes``, the healthy answer moves the timer to the full TTL.
     """
     q = shlex.quote
