@@ -265,7 +265,7 @@ def test_the_instance_pulls_what_the_check_saw_though_the_tag_moves(
         assert checked != repointed == registry.repositories["octo-org/app"].tags[SHA1]
         assert opened.image == f"{image}:{SHA1}@{checked}"
         script = user_data(aws, opened.instance_id or "")
-        assert f"echo APP_IMAGE={image}:{SHA1}@{checked} | put " in script
+        assert f"printf '%s\\n' APP_IMAGE={image}:{SHA1}@{checked} APP_HOST_PORT=" in script
         assert repointed not in script
 
         moving.move(SHA2)

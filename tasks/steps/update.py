@@ -8,7 +8,8 @@ running one and switch the app port's proxy to it once it answers (tasks/cloud/a
 no request fails during a push. Once the new containers run, the instance's tags say so:
 ``Sha``, ``updated-at`` and a fresh ``shutdown-at`` (the on-instance shutdown timer is moved
 with it). Relaunching is the flow's call when :func:`preview_health` says unhealthy or an
-update step fails.
+update step fails — not when the new version failed beside a running one that still serves
+(:attr:`UpdateFailed.kept_serving`).
 """
 
 from __future__ import annotations
