@@ -4,10 +4,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.app.user_data import LaunchSpec, render_spare_user_data, render_user_data
+from tasks.app.user_data import (
+    USER_DATA_LIMIT,
+    LaunchSpec,
+    UserDataTooLarge,
+    render_spare_user_data,
+    render_user_data,
+)
 from tasks.cloud.aws import AwsClients
 from tasks.cloud.tags import parse_time
 from tasks.config import PreviewConfig
+from tasks.steps.compose import MAX_RENDERED_BYTES
 from tasks.steps.launch import client_token, launch_instance
 from tests.support import CANARIES
 from tests.support.moto_state import live, tags, user_data
@@ -136,6 +143,30 @@ def test_same_preview_twice_is_one_instance(aws: AwsClients, config: PreviewConf
     assert (first.reused, second.reused) == (False, True)
     assert second.instance_id == first.instance_id
     assert [i["InstanceId"] for i in live(aws)] == [first.instance_id]
+
+
+def test_the_largest_compose_file_allowed_fits_in_the_user_data(config: PreviewConfig) -> None:
+    """What the compose check lets through still fits EC2's 16 KB with every optional part of
+    the bootstrap in it (a per-preview database, spare base layers, a long repository name)."""
+    config.db_instance_id = "i-0123456789abcdef0"
+    config.database = "per-preview"
+    config.spare_base_tag = "main"
+    filler = "x" * (MAX_RENDERED_BYTES - 60)
+    rendered = '{"services":{"api":{"image":"${APP_IMAGE}","command":["' + filler + '"]}}}'
+    assert len(rendered.encode()) <= MAX_RENDERED_BYTES
+    spec = LaunchSpec("octo-org-with-a-long-name/" + "r" * 60, 7, "a" * 40, compose=rendered)
+    for script in (render_user_data(config, spec), render_spare_user_data(config)):
+        assert len(script.encode()) <= USER_DATA_LIMIT
+
+
+def test_user_data_over_ec2s_limit_is_refused_before_anything_launches(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    config.env = {f"SETTING_{n}": "v" * 500 for n in range(20)}  # 10 KB of the app's settings
+    with pytest.raises(UserDataTooLarge, match=f"over the {USER_DATA_LIMIT} EC2 accepts") as exc:
+        launch_instance(aws.ec2, config, SPEC, attempt_key="run-1")
+    assert "`env`" in str(exc.value)
+    assert live(aws) == []
 
 
 def test_client_token_is_stable_per_run_and_fits_aws() -> None:

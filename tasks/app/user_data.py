@@ -42,6 +42,7 @@ from tasks.cloud.tags import (
 )
 from tasks.config import IMAGE_PATTERN, PreviewConfig
 from tasks.inputs import check_inputs, is_repo
+from tasks.run.errors import PreviewError
 from tasks.run.prefect_context import run_logger
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,14 @@ def spare_base_layers(settings: PreviewConfig) -> str:
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], BASE_LAYERS)
 
 
+USER_DATA_LIMIT = 16_384  # EC2's cap on user data, counted before its base64 encoding
+
+
+class UserDataTooLarge(PreviewError):
+    """The bootstrap script would not fit in EC2's user data: refused before RunInstances,
+    which would refuse it with a message naming no cause."""
+
+
 def render_user_data(settings: PreviewConfig, spec: LaunchSpec) -> str:
     """The bootstrap script of runbook §3 for this preview; it holds names, never secrets.
 
@@ -354,4 +363,12 @@ def _render(settings: PreviewConfig, **values: str) -> str:
     template = template.replace(
         "{{login_and_pull}}", ECR_LOGIN_AND_PULL if ecr else GHCR_LOGIN_AND_PULL
     )
-    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+    script = PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+    size = len(script.encode())
+    if size > USER_DATA_LIMIT:
+        raise UserDataTooLarge(
+            f"the bootstrap script is {size} bytes, over the {USER_DATA_LIMIT} EC2 accepts as"
+            " user data; what makes it grow is yours to shorten: the compose file"
+            " (compose_path) and the app's `env`"
+        )
+    return script
