@@ -50,6 +50,8 @@ class TaskRun:
     container_id: str  # empty when it never started
     exit_code: int | None = None
     failed_to_start: str | None = None  # ECS's stoppedReason when the task never started
+    started_at: datetime | None = None  # the container's start and end, as the engine saw them
+    finished_at: datetime | None = None
 
     @property
     def stopped(self) -> bool:
@@ -128,6 +130,8 @@ class EcsDataPlane:
         )
         if state["Running"]:
             return
+        run.started_at = datetime.fromisoformat(state["StartedAt"])
+        run.finished_at = datetime.fromisoformat(state["FinishedAt"])
         run.exit_code = int(state["ExitCode"])
         self._stop(run, STOPPED_REASON, stop_code="EssentialContainerExited")
 

@@ -81,6 +81,10 @@ def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
     assert request["overrides"]["taskRoleArn"] == ORCHESTRATOR_ROLE
     assert request["launchType"] == "FARGATE" and request["cluster"] == "previews"
     assert job.task_definition["containerDefinitions"][0]["image"].endswith("/flows:1")
+    # The engine itself, not the worker's supervisor (tests/test_ecs_pool.py runs it).
+    assert job.command == "python3 -m prefect.engine"
+    [container] = request["overrides"]["containerOverrides"]
+    assert container["command"] == "python3 -m prefect.engine"
     assert (job.task_definition["cpu"], job.task_definition["memory"]) == (512, 1024)
     # The worker wraps it in awsvpcConfiguration itself (tests/test_ecs_pool.py runs it).
     assert job.network_configuration == {
@@ -108,6 +112,9 @@ def test_kubernetes_variant_renders_a_job_under_the_orchestrator_service_account
     assert manifest["metadata"]["namespace"] == "pr-preview"
     assert pod["serviceAccountName"] == "pr-preview-orchestrator"
     assert container["image"] == "ghcr.io/octo-org/pr-preview-flows:1"
+    # The engine itself, as the Job's args (the worker splits them; the image's entrypoint
+    # runs them), not the worker's default `prefect flow-run execute`.
+    assert shlex.split(container["args"]) == ["python3", "-m", "prefect.engine"]
     assert container["resources"] == {
         "limits": {"cpu": "1", "memory": "1Gi"},
         "requests": {"cpu": "250m", "memory": "512Mi"},
