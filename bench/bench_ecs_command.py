@@ -2,8 +2,9 @@
 
 prefect-aws's ECS worker runs ``prefect flow-run execute`` unless the job's command says
 otherwise: a supervisor interpreter that starts the engine as a second one. The process pool
-names the engine (``python -m prefect.engine``, deployments/pools); this measures the same
-choice in the ECS world of ``tests/test_ecs_pool.py`` (moto, prefect-aws's worker, the flow
+names the engine (``python -m prefect.engine``, deployments/pools); the ECS pool keeps the
+supervisor, which cancels a running run (the worker does not). This measures what that costs in
+the ECS world of ``tests/test_ecs_pool.py`` (moto, prefect-aws's worker, the flow
 image on a real Docker Engine as ECS's data plane). Sweeps (``dry_run``) one at a time,
 alternating the two commands as the run's ``command`` job variable, after one warm-up run of
 each (its task definition registered, the image pulled). Per run: created → container started

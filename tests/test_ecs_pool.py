@@ -92,9 +92,9 @@ def test_a_preview_run_is_a_fargate_task_of_the_flow_image_as_the_pool_configure
     assert container["name"] == "prefect"
     assert container["image"] == ecs_world.image
     command = override.get("command") or container.get("command")
-    # The engine itself, one interpreter per run (deployments/pools/ecs.yaml), not the
-    # worker's default supervisor, `prefect flow-run execute`.
-    assert command == ["python3", "-m", "prefect.engine"], command
+    # The worker's supervisor, which cancels a running run; not the engine alone
+    # (deployments/pools/ecs.yaml).
+    assert command == ["prefect", "flow-run", "execute"], command
     assert (definition["cpu"], definition["memory"]) == ("512", "1024")
     assert definition["requiresCompatibilities"] == ["FARGATE"]
     assert definition["networkMode"] == "awsvpc"
@@ -254,6 +254,38 @@ def test_a_preview_run_that_crashes_or_never_starts_ends_crashed_and_the_pr_is_t
         ]
         assert "💥 Preview run crashed" in comment, comment
         assert "It left no instance running." in comment
+
+
+def test_a_running_preview_run_cancelled_from_the_ui_ends_cancelled_in_its_container(
+    ecs_world: EcsWorld,
+) -> None:
+    """The worker cancels only runs that never started; a running one is cancelled by the
+    supervisor in its container, ``prefect flow-run execute`` (why the pool keeps the worker's
+    command rather than the engine alone, which leaves the run Cancelling)."""
+    pr, sha = 61, "3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d1a2b"  # no image: it waits in the check
+    ecs_world.github.add_pull(REPO, pull_request_payload("opened", REPO, pr, sha)["pull_request"])
+    run_id = ecs_world.start_run(
+        "pr-preview/pr-preview",
+        {"repo": REPO, "pr_number": pr, "head_sha": sha, "action": "opened"},
+    )
+    # Running, its PR told it is launching: it waits for CI's image from here.
+    wait_for(lambda: ecs_world.github.comment_bodies(REPO, pr), 120, interval=0.5)
+    with ecs_world.stack.client() as http:  # what the UI's Cancel does
+        http.post(
+            f"/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "CANCELLING", "name": "Cancelling"}},
+        ).raise_for_status()
+    final = ecs_world.wait_final(run_id, timeout=120)
+    assert (final["state_type"], final["state"]["message"]) == (
+        "CANCELLED",
+        "Flow run was cancelled successfully.",
+    )
+    container = ecs_world.plane.runs[ecs_world.task_of(run_id)["taskArn"]]
+    assert wait_for(lambda: container.exit_code is not None, 60) and container.exit_code == 0
+    assert f"lock pr-preview:octo-org:hello-api:{pr} released" in ecs_world.logs(run_id)
+    ec2 = ecs_world.client("ec2")
+    launched = ec2.describe_instances(Filters=[{"Name": "tag:PR", "Values": [str(pr)]}])
+    assert launched["Reservations"] == []
 
 
 def crash_report_of(ecs_world: EcsWorld, run_id: str) -> str:

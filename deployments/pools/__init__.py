@@ -17,8 +17,8 @@ worker's own with one change: each run's command is ``<python> -m prefect.engine
 the worker starts a workspace supervisor interpreter that starts the engine as a second one;
 naming the engine starts one interpreter per run (measured: ~1.2 s of CPU and ~0.8 s of start
 latency less per run on 2 cores, bench/bench_trigger_latency.py). The ECS and Kubernetes variants
-name it as their ``command`` too (the workers' default is ``prefect flow-run execute``, the same
-supervisor): a container reaches Running in less than half the time (bench/bench_ecs_command.py).
+keep the workers' own command, that supervisor in the container: there it is what cancels a
+running run, which the workers do not (bench/bench_ecs_command.py measures what it costs).
 """
 
 from __future__ import annotations
