@@ -261,7 +261,8 @@ def test_a_running_preview_run_cancelled_from_the_ui_ends_cancelled_in_its_conta
 ) -> None:
     """The worker cancels only runs that never started; a running one is cancelled by the
     supervisor in its container, ``prefect flow-run execute`` (why the pool keeps the worker's
-    command rather than the engine alone, which leaves the run Cancelling)."""
+    command rather than the engine alone, which leaves the run Cancelling), which also runs
+    the flow's on_cancellation hook."""
     pr, sha = 61, "3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d1a2b"  # no image: it waits in the check
     ecs_world.github.add_pull(REPO, pull_request_payload("opened", REPO, pr, sha)["pull_request"])
     run_id = ecs_world.start_run(
@@ -283,6 +284,14 @@ def test_a_running_preview_run_cancelled_from_the_ui_ends_cancelled_in_its_conta
     container = ecs_world.plane.runs[ecs_world.task_of(run_id)["taskArn"]]
     assert wait_for(lambda: container.exit_code is not None, 60) and container.exit_code == 0
     assert f"lock pr-preview:octo-org:hello-api:{pr} released" in ecs_world.logs(run_id)
+    # The supervisor ran the flow's on_cancellation hook (handed the Cancelling state): the PR
+    # hears it.
+    [comment] = [
+        body
+        for body in ecs_world.github.comment_bodies(REPO, pr)
+        if body.startswith(marker(REPO, pr))
+    ]
+    assert "⏹ Preview run cancelled" in comment, comment
     ec2 = ecs_world.client("ec2")
     launched = ec2.describe_instances(Filters=[{"Name": "tag:PR", "Values": [str(pr)]}])
     assert launched["Reservations"] == []
