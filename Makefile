@@ -58,7 +58,8 @@ test: lint
 	$(BIN)/pytest -m "not ecs" $(PYTEST_ARGS)
 
 # prefect-aws's ECS worker against moto, the flow image (make image) run by a real Docker Engine
-# as ECS's data plane (tests/test_ecs_pool.py): about two minutes, so a target of its own.
+# as ECS's data plane, a preview on a real local instance (tests/test_ecs_pool.py): three to four
+# minutes on 2 busy cores, so a target of its own.
 test-ecs: $(STAMP)
 	$(BIN)/pytest -m ecs -n 0 $(PYTEST_ARGS)
 

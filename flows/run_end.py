@@ -33,7 +33,12 @@ from tasks.steps.report import PullRequestReport
 
 logger = logging.getLogger(__name__)
 
-ENDINGS = {"CRASHED": PreviewState.CRASHED, "CANCELLED": PreviewState.CANCELLED}
+# on_cancellation hooks are handed the Cancelling state (the run is not Cancelled yet).
+ENDINGS = {
+    "CRASHED": PreviewState.CRASHED,
+    "CANCELLING": PreviewState.CANCELLED,
+    "CANCELLED": PreviewState.CANCELLED,
+}
 ENDING_WORDS = {PreviewState.CRASHED: "crashed", PreviewState.CANCELLED: "was cancelled"}
 
 
@@ -95,7 +100,8 @@ def report_run_end(
     run_id: object | None,
     message: str | None = None,
 ) -> RunEnd | None:
-    """Tell the PR that its run ``state_type`` (CRASHED or CANCELLED); None if not ours to say."""
+    """Tell the PR that its run ``state_type`` (CRASHED, CANCELLING or CANCELLED); None if not
+    ours to say."""
     log = run_logger(logger)
     ending = ENDINGS.get(state_type.upper())
     found = _pull_request(parameters)

@@ -7,7 +7,9 @@ task's container overrides, as the ECS agent would. When the container exits it 
 and an EventBridge rule do together: the task is stopped in moto (``StopTask``, reason
 "Essential container in task exited") and an "ECS Task State Change" event with the container's
 exit code goes to the SQS queue prefect-aws's ECS observer reads
-(``prefect-ecs-tasks-events``, what its CloudFormation template routes there).
+(``prefect-ecs-tasks-events``, what its CloudFormation template routes there). A task whose
+image cannot be pulled never starts: ECS stops it with ``TaskFailedToStart`` and a
+``CannotPullContainerError``, its container stopped without an exit code, and so does this.
 
 What a real task gets from the platform and not from its definition — the task role's
 credentials (ECS's credential endpoint) and a route to AWS — comes from ``platform_env``,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 QUEUE_NAME = "prefect-ecs-tasks-events"
 STOPPED_REASON = "Essential container in task exited"
+PULL_FAILED = "CannotPullContainerError"
 
 
 @dataclass
@@ -44,8 +47,15 @@ class TaskRun:
     cluster_arn: str
     task_arn: str
     container_name: str
-    container_id: str
+    container_id: str  # empty when it never started
     exit_code: int | None = None
+    failed_to_start: str | None = None  # ECS's stoppedReason when the task never started
+    started_at: datetime | None = None  # the container's start and end, as the engine saw them
+    finished_at: datetime | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.exit_code is not None or self.failed_to_start is not None
 
 
 @dataclass
@@ -68,7 +78,7 @@ class EcsDataPlane:
             for task in self.ecs.describe_tasks(cluster=self.cluster, tasks=new)["tasks"]:
                 self.runs[task["taskArn"]] = self._start(task)
         for run in self.runs.values():
-            if run.exit_code is None:
+            if not run.stopped:
                 self._check(run)
 
     def _start(self, task: Mapping[str, Any]) -> TaskRun:
@@ -88,12 +98,18 @@ class EcsDataPlane:
         env |= {e["name"]: e["value"] for e in override.get("environment", [])}
         env |= self.platform_env
         command = override.get("command") or container.get("command") or []
-        self.docker.docker("pull", "--quiet", container["image"], timeout=300)
+        run = TaskRun(task["clusterArn"], task["taskArn"], container["name"], "")
+        try:
+            self.docker.docker("pull", "--quiet", container["image"], timeout=300)
+        except RuntimeError as exc:
+            run.failed_to_start = f"{PULL_FAILED}: {str(exc).removeprefix('docker pull failed: ')}"
+            self._stop(run, run.failed_to_start, stop_code="TaskFailedToStart")
+            return run
         argv = ["run", "--detach", "--network", "host", "--name", task["taskArn"].split("/")[-1]]
         for name in env:
             argv += ["--env", name]  # the value from the CLI's environment, not its argv
-        container_id = self._run_with_env([*argv, container["image"], *command], env)
-        return TaskRun(task["clusterArn"], task["taskArn"], container["name"], container_id)
+        run.container_id = self._run_with_env([*argv, container["image"], *command], env)
+        return run
 
     def _run_with_env(self, argv: list[str], env: Mapping[str, str]) -> str:
         done = subprocess.run(
@@ -114,13 +130,26 @@ class EcsDataPlane:
         )
         if state["Running"]:
             return
+        run.started_at = datetime.fromisoformat(state["StartedAt"])
+        run.finished_at = datetime.fromisoformat(state["FinishedAt"])
         run.exit_code = int(state["ExitCode"])
-        self.ecs.stop_task(cluster=run.cluster_arn, task=run.task_arn, reason=STOPPED_REASON)
-        self._emit_stopped(run)
+        self._stop(run, STOPPED_REASON, stop_code="EssentialContainerExited")
 
-    def _emit_stopped(self, run: TaskRun) -> None:
-        """The "ECS Task State Change" event EventBridge delivers to the observer's queue."""
+    def _stop(self, run: TaskRun, reason: str, *, stop_code: str) -> None:
+        """Stop the task in moto and send the "ECS Task State Change" event EventBridge
+        delivers to the observer's queue: the container's exit code, or (never started) the
+        reason it did not start and no exit code."""
+        self.ecs.stop_task(cluster=run.cluster_arn, task=run.task_arn, reason=reason[:255])
         [task] = self.ecs.describe_tasks(cluster=run.cluster_arn, tasks=[run.task_arn])["tasks"]
+        container: dict[str, Any] = {
+            "name": run.container_name,
+            "lastStatus": "STOPPED",
+            "taskArn": run.task_arn,
+        }
+        if run.exit_code is not None:
+            container["exitCode"] = run.exit_code
+        else:
+            container["reason"] = reason
         event = {
             "version": "0",
             "id": str(uuid.uuid4()),
@@ -135,16 +164,9 @@ class EcsDataPlane:
                 "taskDefinitionArn": task["taskDefinitionArn"],
                 "lastStatus": "STOPPED",
                 "desiredStatus": "STOPPED",
-                "stopCode": "EssentialContainerExited",
-                "stoppedReason": STOPPED_REASON,
-                "containers": [
-                    {
-                        "name": run.container_name,
-                        "exitCode": run.exit_code,
-                        "lastStatus": "STOPPED",
-                        "taskArn": run.task_arn,
-                    }
-                ],
+                "stopCode": stop_code,
+                "stoppedReason": reason,
+                "containers": [container],
             },
         }
         queue = self.sqs.get_queue_url(QueueName=QUEUE_NAME)["QueueUrl"]

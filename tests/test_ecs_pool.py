@@ -1,25 +1,22 @@
 """Past one machine, for real (issue 34): prefect-aws's ECS worker runs the flows in containers.
 
-The account's side from the CloudFormation stack deployed with ``WorkPool=ecs`` into moto (the
-cluster, the roles, the log group, the tasks' security group), the ECS work pool from
+The world (``tests/support/ecs_world.py``): the CloudFormation stack deployed with
+``WorkPool=ecs`` into a moto server whose instances boot for real, the ECS work pool from
 ``deployments/pools/ecs.yaml``, the deployments from ``python -m deployments.pools ecs
---from-stack``, prefect-aws's own worker (``prefect worker start --type ecs``) against a moto
-server; the flow image built here (``make image``) pushed to the local registry; and
-``local_stack/ecs_tasks.py`` as ECS's data plane, running each task moto accepted on a real
-Docker Engine and reporting its exit as ECS and EventBridge do to the worker's observer. moto's
-recorder keeps every request the worker signed with its own key, which the stack's worker
-policy must allow, one by one, and nothing more.
+--from-stack``, prefect-aws's own worker (``prefect worker start --type ecs``), the flow image
+built here (``make image``) pushed to the local registry, and ``local_stack/ecs_tasks.py`` as
+ECS's data plane, running each task moto accepted on a real Docker Engine and reporting its end
+as ECS and EventBridge do to the worker's observer. A preview run goes all the way there: its
+container launches an instance that boots, pulls the PR's image and migrates the db-server, and
+the PR gets its comment. moto's recorder keeps every request the worker signed with its own
+key, which the stack's worker policy must allow, one by one, and nothing more.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,227 +26,34 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import boto3
-import httpx
 import pytest
 
 from deployments.aws import ECS_WORKER_POLICY
-from local_stack.account import DemoAccount, create_demo_account
-from local_stack.docker_engine import docker_engine
-from local_stack.ecs_tasks import EcsDataPlane, wait_for
-from local_stack.images import FLOW_IMAGE_NAME, ImageBuilder, push_image
-from local_stack.moto_server import moto_process
-from local_stack.prefect_server import TERMINAL_STATES, PrefectStack, prefect_stack
-from local_stack.registry import FakeRegistry
-from local_stack.serve import serve_handler
-from tasks.cloud.aws import build_clients
-from tasks.config import VARIABLE_NAME, PreviewConfig
+from local_stack.ecs_tasks import wait_for
+from local_stack.instance.world import push_sample_app
+from local_stack.prefect_server import pull_request_payload
+from tasks.cloud.ssm import run_command
+from tasks.github.pull_request import marker
+from tests.support.ecs_world import (
+    POOL,
+    REGION,
+    WORKER_KEY,
+    WORKER_NAME,
+    EcsWorld,
+    running_ecs_world,
+)
 from tests.support.iam_policy import Request, evaluate
-from tests.support.stacks import create_stack
+from tests.support.moto_state import tags
 
 pytestmark = [pytest.mark.server, pytest.mark.ecs, pytest.mark.xdist_group("ecs")]
 
-REGION = "ap-northeast-1"
-POOL = "pr-preview-ecs"
-STACK = "pr-preview"
-WORKER_KEY = "ecsworkerkey"  # the worker's access key: its requests in moto's recording
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-}
-
-
-@dataclass
-class EcsWorld:
-    stack: PrefectStack
-    moto_url: str
-    image: str
-    account: DemoAccount
-    outputs: dict[str, str]  # the CloudFormation stack's
-    recording: Path  # moto's recorder: one JSON request a line
-    plane: EcsDataPlane
-
-    @property
-    def cluster(self) -> str:
-        return self.outputs["EcsClusterArn"]
-
-    def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.moto_url, region_name=REGION, **_keys())
-
-    def start_run(self, deployment: str, parameters: dict[str, Any], **job: Any) -> str:
-        """A flow run of ``deployment`` (``flow/deployment``), as a trigger or a person starts
-        one; ``job``: job variables of this run only."""
-        with self.stack.client() as http:
-            found = http.get(f"/deployments/name/{deployment}")
-            found.raise_for_status()
-            created = http.post(
-                f"/deployments/{found.json()['id']}/create_flow_run",
-                json={"parameters": parameters, "job_variables": job},
-            )
-            created.raise_for_status()
-            return str(created.json()["id"])
-
-    def run(self, flow_run_id: str) -> dict[str, Any]:
-        with self.stack.client() as http:
-            answer = http.get(f"/flow_runs/{flow_run_id}")
-            answer.raise_for_status()
-            found: dict[str, Any] = answer.json()
-            return found
-
-    def wait_final(self, flow_run_id: str, timeout: float = 150) -> dict[str, Any]:
-        def final() -> dict[str, Any] | None:
-            run = self.run(flow_run_id)
-            return run if run["state_type"] in TERMINAL_STATES else None
-
-        try:
-            found: dict[str, Any] = wait_for(final, timeout, interval=0.5)
-        except TimeoutError:
-            raise AssertionError(
-                f"run {flow_run_id} not final: {self.run(flow_run_id)['state']};"
-                f" data plane errors {self.plane.errors}; see {self.stack.home}"
-            ) from None
-        return found
-
-    def task_of(self, flow_run_id: str, timeout: float = 60) -> dict[str, Any]:
-        """The ECS task moto holds for this flow run (tagged with its id by the worker)."""
-        ecs = self.client("ecs")
-
-        def find() -> dict[str, Any] | None:
-            arns = ecs.list_tasks(cluster=self.cluster)["taskArns"]
-            if not arns:
-                return None
-            tasks = ecs.describe_tasks(cluster=self.cluster, tasks=arns, include=["TAGS"])["tasks"]
-            for task in tasks:
-                tags = {tag["key"]: tag["value"] for tag in task.get("tags", [])}
-                if tags.get("prefect.io/flow-run-id") == flow_run_id:
-                    found: dict[str, Any] = task
-                    return found
-            return None
-
-        found: dict[str, Any] = wait_for(find, timeout, interval=0.3)
-        return found
-
-
-def _keys() -> dict[str, str]:
-    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+REPO = "octo-org/hello-api"
 
 
 @pytest.fixture(scope="module")
 def ecs_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EcsWorld]:
-    home = tmp_path_factory.mktemp("ecs")
-    registry = FakeRegistry(scheme="http")
-    started = time.monotonic()
-    recording = home / "moto-recording.jsonl"
-    with (
-        moto_process(home / "moto.log", env={"MOTO_RECORDER_FILEPATH": str(recording)}) as moto,
-        serve_handler(registry.handle) as registry_url,
-        docker_engine(home / "docker") as engine,
-    ):
-        registry.host = registry_url.removeprefix("http://")
-        aws_env = {**AWS_ENV, "AWS_ENDPOINT_URL": moto.url}
-        # 1. The flow image, built here, pushed as CI pushes.
-        tag = "e2e"
-        push_image(registry, FLOW_IMAGE_NAME, tag, ImageBuilder().flow_image())
-        image = f"{registry.host}/{FLOW_IMAGE_NAME}:{tag}"
-        # 2. What the README tells an ECS user to create: the stack with WorkPool=ecs (the
-        # cluster, the roles, the log group, the tasks' security group) in the previews' VPC,
-        # and the observer's queue (prefect-aws's `ecs-worker deploy-events`).
-        session = boto3.Session(region_name=REGION, **_keys())
-        ecs = session.client("ecs", endpoint_url=moto.url)
-        sqs = session.client("sqs", endpoint_url=moto.url)
-        with pytest.MonkeyPatch.context() as patch:
-            for name, value in aws_env.items():
-                patch.setenv(name, value)
-            account = create_demo_account(build_clients(PreviewConfig(region=REGION)))
-        cfn = session.client("cloudformation", endpoint_url=moto.url)
-        parameters = {"VpcId": account.vpc_id, "SubnetId": account.subnet_id, "WorkPool": "ecs"}
-        outputs = create_stack(cfn, STACK, parameters)
-        sqs.create_queue(QueueName=outputs["EcsEventsQueueName"])
-        with prefect_stack(home / "prefect") as stack:
-            stack.set_variable(VARIABLE_NAME, {**account.config_values(), "region": REGION})
-            # 3. The pool from the project's variant, the deployments from deployments.pools
-            # with the stack's values.
-            stack.prefect("work-pool", "create", POOL, "--type", "ecs")
-            rendered = subprocess.run(
-                [sys.executable, "-m", "deployments.pools", "ecs", "--from-stack", STACK],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, **aws_env},
-            ).stdout
-            prefect_file = home / "prefect.ecs.yaml"
-            prefect_file.write_text(rendered)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "--no-prompt",
-                    "deploy",
-                    "--prefect-file",
-                    str(prefect_file),
-                    "--name",
-                    "pr-preview",
-                    "--name",
-                    "ttl-sweeper",
-                ],
-                cwd=Path(__file__).resolve().parents[1],
-                env={**stack.env, "PR_PREVIEW_FLOW_IMAGE": image},
-                capture_output=True,
-                check=True,
-                timeout=180,
-            )
-            # 4. prefect-aws's ECS worker, its observer on the queue; from here moto records.
-            httpx.post(f"{moto.url}/moto-api/recorder/start-recording").raise_for_status()
-            worker_log = (home / "worker.log").open("ab")
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "worker",
-                    "start",
-                    "--pool",
-                    POOL,
-                    "--type",
-                    "ecs",
-                ],
-                env={
-                    **stack.env,
-                    **aws_env,
-                    "AWS_ACCESS_KEY_ID": WORKER_KEY,
-                    "PREFECT_WORKER_QUERY_SECONDS": "1",
-                },
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-            )
-            stack.processes.append(worker)
-            # 5. ECS's data plane: the task's container on the Docker Engine. The platform gives
-            # it the task role's credentials and the way to AWS; the task definition does not.
-            plane = EcsDataPlane(
-                ecs,
-                sqs,
-                engine,
-                outputs["EcsClusterArn"],
-                platform_env=aws_env,
-            )
-            stop = threading.Event()
-            thread = plane.run_in_background(stop)
-            print(f"ECS world ready in {time.monotonic() - started:.1f} s")
-            try:
-                yield EcsWorld(
-                    stack,
-                    moto.url,
-                    image,
-                    account,
-                    outputs,
-                    recording,
-                    plane,
-                )
-            finally:
-                stop.set()
-                thread.join(timeout=10)
+    with running_ecs_world(tmp_path_factory.mktemp("ecs")) as world:
+        yield world
 
 
 def test_a_preview_run_is_a_fargate_task_of_the_flow_image_as_the_pool_configures_it(
@@ -288,6 +92,8 @@ def test_a_preview_run_is_a_fargate_task_of_the_flow_image_as_the_pool_configure
     assert container["name"] == "prefect"
     assert container["image"] == ecs_world.image
     command = override.get("command") or container.get("command")
+    # The worker's supervisor, which cancels a running run; not the engine alone
+    # (deployments/pools/ecs.yaml).
     assert command == ["prefect", "flow-run", "execute"], command
     assert (definition["cpu"], definition["memory"]) == ("512", "1024")
     assert definition["requiresCompatibilities"] == ["FARGATE"]
@@ -339,17 +145,165 @@ def test_a_sweep_completes_in_its_container(ecs_world: EcsWorld) -> None:
     )
 
 
-def test_a_container_that_exits_non_zero_leaves_its_run_crashed(ecs_world: EcsWorld) -> None:
+def test_a_preview_run_completes_in_its_container_and_the_pr_gets_its_preview(
+    ecs_world: EcsWorld,
+) -> None:
+    pr, sha = 42, "1a2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d"
+    push_sample_app(ecs_world.registry, REPO, sha, "v1", private=True)
+    ecs_world.github.add_pull(REPO, pull_request_payload("opened", REPO, pr, sha)["pull_request"])
+    started = time.monotonic()
     run_id = ecs_world.start_run(
-        "ttl-sweeper/ttl-sweeper",
-        {"dry_run": True},
+        "pr-preview/pr-preview",
+        {"repo": REPO, "pr_number": pr, "head_sha": sha, "action": "opened"},
+    )
+    final = ecs_world.wait_final(run_id, timeout=420)
+    task = ecs_world.task_of(run_id)
+    assert final["state_type"] == "COMPLETED", (
+        final["state"],
+        ecs_world.plane.logs(task["taskArn"])[-3000:],
+    )
+    # The ECS worker ran it, as the UI shows it: the worker's name and type on the run, the
+    # task as its infrastructure, and the task's container exited 0.
+    assert final["work_pool_name"] == POOL
+    assert final["labels"]["prefect.worker.name"] == WORKER_NAME
+    assert final["labels"]["prefect.worker.type"] == "ecs"
+    assert final["infrastructure_pid"] == f"{ecs_world.cluster}::{task['taskArn']}"
+    container = ecs_world.plane.runs[task["taskArn"]]
+    assert wait_for(lambda: container.exit_code is not None, 30) and container.exit_code == 0
+    # The instance it launched in moto, with the PR's tags, booted for real: the app answers
+    # inside it with the PR's sha (the page the reviewer opens through the tunnel).
+    ec2 = ecs_world.client("ec2")
+    reservations = ec2.describe_instances(
+        Filters=[{"Name": "tag:PR", "Values": [str(pr)]}, {"Name": "tag:Repo", "Values": [REPO]}]
+    )["Reservations"]
+    [instance] = [i for r in reservations for i in r["Instances"]]
+    assert instance["State"]["Name"] == "running"
+    found = tags(instance)
+    assert (found["Purpose"], found["Sha"], found["Name"]) == (
+        "pr-preview-singleton",
+        sha,
+        f"pr-{pr}-preview",
+    )
+    assert "shutdown-at" in found and "updated-at" in found
+    page = run_command(
+        ecs_world.client("ssm"),
+        instance["InstanceId"],
+        ["curl -fsS http://127.0.0.1:8000/"],
+        timeout_seconds=60,
+        poll_seconds=0.2,
+    )
+    assert page.ok and sha in page.output, page.output[-2000:]
+    # The PR's sticky comment, posted from the container to GitHub: ready, with the instance.
+    [comment] = [
+        body
+        for body in ecs_world.github.comment_bodies(REPO, pr)
+        if body.startswith(marker(REPO, pr))
+    ]
+    assert "✅ Preview ready" in comment and instance["InstanceId"] in comment, comment
+    created, running = (datetime.fromisoformat(final[key]) for key in ("created", "start_time"))
+    print(
+        f"preview run in its container: created → Running {(running - created).total_seconds():.1f}"
+        f" s, → Completed (instance booted, app ready) {time.monotonic() - started:.1f} s"
+    )
+
+
+def test_a_preview_run_that_crashes_or_never_starts_ends_crashed_and_the_pr_is_told(
+    ecs_world: EcsWorld,
+) -> None:
+    """A container that exits non-zero, and a task whose image cannot be pulled: the worker's
+    observer reports each run Crashed, and the server-side automation starts pr-crash-report,
+    which tells the PR from a container of its own (no state hook runs on ECS)."""
+    sha = "2b3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d1a"
+    exits, never = 51, 52
+    for pr in (exits, never):
+        ecs_world.github.add_pull(
+            REPO, pull_request_payload("opened", REPO, pr, sha)["pull_request"]
+        )
+    parameters = {"repo": REPO, "head_sha": sha, "action": "opened"}
+    exited = ecs_world.start_run(
+        "pr-preview/pr-preview",
+        {**parameters, "pr_number": exits},
         command="python3 -c 'import sys; sys.exit(3)'",
     )
-    final = ecs_world.wait_final(run_id)
-    task = ecs_world.task_of(run_id)
-    assert ecs_world.plane.runs[task["taskArn"]].exit_code == 3
-    assert final["state_type"] == "CRASHED", final["state"]
-    assert "exit code" in final["state"]["message"], final["state"]["message"]
+    unpulled = ecs_world.start_run(
+        "pr-preview/pr-preview",
+        {**parameters, "pr_number": never},
+        image=ecs_world.image.rsplit(":", 1)[0] + ":no-such-tag",
+    )
+    for run_id, pr in ((exited, exits), (unpulled, never)):
+        final = ecs_world.wait_final(run_id)
+        assert final["state_type"] == "CRASHED", (pr, final["state"])
+        assert "non-zero exit code: ['prefect']" in final["state"]["message"]
+    exited_task = ecs_world.plane.runs[ecs_world.task_of(exited)["taskArn"]]
+    assert exited_task.exit_code == 3 and exited_task.failed_to_start is None
+    unpulled_task = ecs_world.plane.runs[ecs_world.task_of(unpulled)["taskArn"]]
+    assert unpulled_task.exit_code is None and unpulled_task.container_id == ""
+    assert str(unpulled_task.failed_to_start).startswith("CannotPullContainerError: ")
+    # The observer's diagnosis of the task that never started, in the run's logs.
+    assert wait_for(
+        lambda: any("CannotPullContainerError" in line for line in ecs_world.logs(unpulled)), 30
+    )
+    for run_id, pr in ((exited, exits), (unpulled, never)):
+        told = ecs_world.wait_final(crash_report_of(ecs_world, run_id))
+        assert told["state_type"] == "COMPLETED", told["state"]
+        assert told["labels"]["prefect.worker.name"] == WORKER_NAME
+        [comment] = [
+            body
+            for body in ecs_world.github.comment_bodies(REPO, pr)
+            if body.startswith(marker(REPO, pr))
+        ]
+        assert "💥 Preview run crashed" in comment, comment
+        assert "It left no instance running." in comment
+
+
+def test_a_running_preview_run_cancelled_from_the_ui_ends_cancelled_in_its_container(
+    ecs_world: EcsWorld,
+) -> None:
+    """The worker cancels only runs that never started; a running one is cancelled by the
+    supervisor in its container, ``prefect flow-run execute`` (why the pool keeps the worker's
+    command rather than the engine alone, which leaves the run Cancelling), which also runs
+    the flow's on_cancellation hook."""
+    pr, sha = 61, "3c4d5e6f7a8b9c0d1a2b3c4d5e6f7a8b9c0d1a2b"  # no image: it waits in the check
+    ecs_world.github.add_pull(REPO, pull_request_payload("opened", REPO, pr, sha)["pull_request"])
+    run_id = ecs_world.start_run(
+        "pr-preview/pr-preview",
+        {"repo": REPO, "pr_number": pr, "head_sha": sha, "action": "opened"},
+    )
+    # Running, its PR told it is launching: it waits for CI's image from here.
+    wait_for(lambda: ecs_world.github.comment_bodies(REPO, pr), 120, interval=0.5)
+    with ecs_world.stack.client() as http:  # what the UI's Cancel does
+        http.post(
+            f"/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "CANCELLING", "name": "Cancelling"}},
+        ).raise_for_status()
+    final = ecs_world.wait_final(run_id, timeout=120)
+    assert (final["state_type"], final["state"]["message"]) == (
+        "CANCELLED",
+        "Flow run was cancelled successfully.",
+    )
+    container = ecs_world.plane.runs[ecs_world.task_of(run_id)["taskArn"]]
+    assert wait_for(lambda: container.exit_code is not None, 60) and container.exit_code == 0
+    assert f"lock pr-preview:octo-org:hello-api:{pr} released" in ecs_world.logs(run_id)
+    # The supervisor ran the flow's on_cancellation hook (handed the Cancelling state): the PR
+    # hears it.
+    [comment] = [
+        body
+        for body in ecs_world.github.comment_bodies(REPO, pr)
+        if body.startswith(marker(REPO, pr))
+    ]
+    assert "⏹ Preview run cancelled" in comment, comment
+    ec2 = ecs_world.client("ec2")
+    launched = ec2.describe_instances(Filters=[{"Name": "tag:PR", "Values": [str(pr)]}])
+    assert launched["Reservations"] == []
+
+
+def crash_report_of(ecs_world: EcsWorld, run_id: str) -> str:
+    """The pr-crash-report run the automation started for run ``run_id``."""
+    found = wait_for(
+        lambda: ecs_world.runs_of("pr-crash-report/pr-crash-report", flow_run_id=run_id), 60
+    )
+    [report] = found
+    return str(report["id"])
 
 
 # --- what the worker asks of AWS, against the stack's worker policy -------------------------
@@ -433,19 +387,13 @@ def test_the_worker_makes_exactly_the_calls_the_stacks_worker_policy_allows(
 ) -> None:
     # A run whose container dies before it reaches the server: the observer then reads its
     # logs as well. Whatever ran before in this module was recorded too.
+    # pr-crash-report's own runs are not tagged pr-preview: no report of this crash follows.
     run_id = ecs_world.start_run(
-        "ttl-sweeper/ttl-sweeper", {"dry_run": True}, command="python3 -c 'import sys; sys.exit(4)'"
+        "pr-crash-report/pr-crash-report",
+        {"flow_run_id": "00000000-0000-0000-0000-000000000000"},
+        command="python3 -c 'import sys; sys.exit(4)'",
     )
     ecs_world.wait_final(run_id)
-
-    def read_logs() -> list[Call] | None:
-        found = worker_calls(ecs_world.recording)
-        return found if any(c.action == "logs:GetLogEvents" for c in found) else None
-
-    try:
-        calls = wait_for(read_logs, 30)
-    except TimeoutError:
-        calls = worker_calls(ecs_world.recording)
     iam = ecs_world.client("iam")
     policy = iam.get_policy(PolicyArn=ecs_world.outputs["EcsWorkerPolicyArn"])["Policy"]
     document = iam.get_policy_version(
@@ -454,10 +402,6 @@ def test_the_worker_makes_exactly_the_calls_the_stacks_worker_policy_allows(
     assert [s["Sid"] for s in document["Statement"]] == [
         s["Sid"] for s in json.loads(ECS_WORKER_POLICY.read_text())["Statement"]
     ]
-    account = ecs_world.cluster.split(":")[4]
-    requests = [request for call in calls for request in authorizations(call, account)]
-    refused = [r for r in requests if not evaluate({"ecs-worker": document}, r).allowed]
-    assert refused == []
     allowed = {
         action
         for statement in document["Statement"]
@@ -465,6 +409,24 @@ def test_the_worker_makes_exactly_the_calls_the_stacks_worker_policy_allows(
             [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
         )
     }
+    account = ecs_world.cluster.split(":")[4]
+
+    def requests_so_far() -> list[Request]:
+        calls = worker_calls(ecs_world.recording)
+        return [request for call in calls for request in authorizations(call, account)]
+
+    def every_call() -> list[Request] | None:
+        """The worker's requests once the observer has handled the crash (its logs read, the
+        event's message deleted): it does both after the run is already Crashed."""
+        found = requests_so_far()
+        return found if allowed - set(NOT_EXERCISED) <= {r.action for r in found} else None
+
+    try:
+        requests = wait_for(every_call, 30)
+    except TimeoutError:
+        requests = requests_so_far()
+    refused = [r for r in requests if not evaluate({"ecs-worker": document}, r).allowed]
+    assert refused == []
     made = Counter(request.action for request in requests)
     assert set(made) | set(NOT_EXERCISED) == allowed, sorted(made)
     # It passed the stack's two roles, ran on the stack's cluster, read the stack's log group.

@@ -9,9 +9,11 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import yaml
+from prefect.client.schemas.objects import FlowRun
 from prefect.utilities.templating import apply_values
 
 from deployments.pools import (
@@ -81,6 +83,11 @@ def test_ecs_variant_renders_a_task_on_the_orchestrator_role() -> None:
     assert request["overrides"]["taskRoleArn"] == ORCHESTRATOR_ROLE
     assert request["launchType"] == "FARGATE" and request["cluster"] == "previews"
     assert job.task_definition["containerDefinitions"][0]["image"].endswith("/flows:1")
+    # No command of ours: the worker fills in its supervisor, which cancels a running run
+    # (tests/test_ecs_pool.py), not the engine alone.
+    assert job.command is None
+    job.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="a-run"))
+    assert job.command == "prefect flow-run execute"
     assert (job.task_definition["cpu"], job.task_definition["memory"]) == (512, 1024)
     # The worker wraps it in awsvpcConfiguration itself (tests/test_ecs_pool.py runs it).
     assert job.network_configuration == {
@@ -108,6 +115,8 @@ def test_kubernetes_variant_renders_a_job_under_the_orchestrator_service_account
     assert manifest["metadata"]["namespace"] == "pr-preview"
     assert pod["serviceAccountName"] == "pr-preview-orchestrator"
     assert container["image"] == "ghcr.io/octo-org/pr-preview-flows:1"
+    # No command of ours: the worker fills in its supervisor, which cancels a running run.
+    assert "command" not in variant("kubernetes")["work_pool"]["job_variables"]
     assert container["resources"] == {
         "limits": {"cpu": "1", "memory": "1Gi"},
         "requests": {"cpu": "250m", "memory": "512Mi"},

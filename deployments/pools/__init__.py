@@ -16,7 +16,9 @@ The process pool's base job template (:func:`process_base_job_template`) is the 
 worker's own with one change: each run's command is ``<python> -m prefect.engine``. Left blank,
 the worker starts a workspace supervisor interpreter that starts the engine as a second one;
 naming the engine starts one interpreter per run (measured: ~1.2 s of CPU and ~0.8 s of start
-latency less per run on 2 cores, bench/bench_trigger_latency.py).
+latency less per run on 2 cores, bench/bench_trigger_latency.py). The ECS and Kubernetes variants
+keep the workers' own command, that supervisor in the container: there it is what cancels a
+running run, which the workers do not (bench/bench_ecs_command.py measures what it costs).
 """
 
 from __future__ import annotations
