@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +280,10 @@ class ScriptedInstances:
                     out.append(f"PROBE {section.removeprefix('probe ')} {answer}\n")
                     if re.match(r"[23]\d\d ", answer):
                         break
+                    if not re.match(r"(000|404|405)( |$)|$", answer):
+                        # The app said it is not healthy (ProbeAnswer.decisive): no more paths.
+                        out.append(run("app-state").stdout)
+                        break
                 else:
                     if probes:  # none healthy: compose's view of the app, as the command asks
                         out.append(run("app-state").stdout)
@@ -328,8 +333,9 @@ class ScriptedInstances:
                 break
             detail = ""
             if section == "probe":
-                path = re.search(r"http://127\.0\.0\.1:\d+(\S*?)'?\s", text)
-                detail = f" {path.group(1) if path else '/'} {' '.join(reply.stdout.split()[:2])}"
+                paths = re.search(r"for path in (.+); do", text)
+                path = shlex.split(paths.group(1))[0] if paths else "/"
+                detail = f" {path} {' '.join(reply.stdout.split()[:2])}"
             elif section == "ttl" and "shutdown -h" in text:
                 detail = " shutdown timer moved"
             elif section == "ttl":

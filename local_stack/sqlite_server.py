@@ -10,7 +10,8 @@ knows a read precedes a write (``with_for_update``); here every transaction does
 writer waits its turn (busy_timeout, 60 s) instead of failing. SQLite has one writer at a
 time either way. A server on PostgreSQL needs none of this.
 
-Run as ``python -m local_stack.sqlite_server server start …`` (the arguments of ``prefect``).
+Run as ``python -m local_stack.sqlite_server server start …`` (the arguments of ``prefect``), or
+as uvicorn's factory ``local_stack.sqlite_server:create_app``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def begin_every_transaction_immediate() -> None:
             yield transaction
 
     AioSqliteConfiguration.begin_transaction = immediate  # type: ignore[method-assign]
+
+
+def create_app() -> Any:
+    """Prefect's API app with every SQLite transaction begun IMMEDIATE: the uvicorn factory of
+    the tests' session server (``prefect_test_harness`` starts Prefect's own otherwise)."""
+    begin_every_transaction_immediate()
+    from prefect.server.api.server import create_app as prefect_app
+
+    return prefect_app()
 
 
 def main() -> None:

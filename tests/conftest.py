@@ -10,8 +10,10 @@ those.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -161,10 +163,36 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     home: Path = tmp_path_factory.mktemp("prefect-home")
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["TMPDIR"] = str(home)
+    from prefect.server.api import server as prefect_server_module
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    Server = prefect_server_module.SubprocessASGIServer
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Server, "_run_uvicorn_command", _on_our_factory(Server._run_uvicorn_command))
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+
+
+def _on_our_factory(run_uvicorn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The harness's uvicorn command, on ``local_stack.sqlite_server:create_app``: Prefect's
+    app with every SQLite transaction begun IMMEDIATE. Prefect's own answers 503 "database is
+    locked" to a deferred transaction another writer overtook (ten flows at once did: a run
+    failed), where an IMMEDIATE one waits its turn."""
+    prefect_factory = "prefect.server.api.server:create_app"
+    ours = "local_stack.sqlite_server:create_app"
+
+    def run(server: Any) -> Any:
+        real_popen = subprocess.Popen
+
+        def popen(args: list[str], *rest: Any, **kwargs: Any) -> Any:
+            assert prefect_factory in args, f"Prefect's uvicorn command changed: {args}"
+            return real_popen([ours if a == prefect_factory else a for a in args], *rest, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(subprocess, "Popen", popen)
+            return run_uvicorn(server)
+
+    return run
 
 
 @pytest.fixture

@@ -89,6 +89,21 @@ def test_probe_falls_back_from_healthz_to_docs(
     assert result.attempts == 1
 
 
+def test_a_health_check_that_says_unavailable_is_not_overruled_by_docs(
+    aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
+):
+    """/healthz answering 503 (its database away) is the app's word: not ready, however well
+    /docs answers; once /healthz says 200, it is."""
+    scripted_ssm.on(PROBE + "healthz", probe_answer(503), probe_answer(503), probe_answer(200))
+    scripted_ssm.on(PROBE + "docs", probe_answer(200))
+
+    result = probe_app(aws.ssm, config, instance)
+
+    assert (result.path, result.status_code, result.attempts) == ("/healthz", 200, 3)
+    assert [answer.path for answer in result.answers] == ["/healthz"] * 3
+    assert scripted_ssm.count(PROBE + "docs", instance) == 0
+
+
 def test_probe_uses_healthz_when_it_answers(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
 ):

@@ -51,3 +51,15 @@ def test_listens_on_tells_the_owner_of_a_port_from_another_process(taken_port: i
         other.kill()
         other.wait()
     assert not listens_on(os.getpid(), free_port())
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_tests_session_server_begins_every_sqlite_transaction_immediate() -> None:
+    """The flows the tests run in process talk to a server on local_stack.sqlite_server's
+    factory, as the local stack's servers run on its ``main``."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    process = SubprocessASGIServer._instances[None].server_process
+    assert process is not None and process.poll() is None
+    argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"local_stack.sqlite_server:create_app" in argv

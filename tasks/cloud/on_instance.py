@@ -196,6 +196,13 @@ CURL_MAX_SECONDS = 10
 TIMER_MOVED = "pr-preview-timer-moved"
 
 
+# The probe's answers that pass the question to the next of ``probe_paths``: no HTTP answer,
+# or a path the app does not serve. Any other answer decides (``ProbeAnswer.decisive``).
+PATH_SAYS_NOTHING = (0, 404, 405)
+# The same as a shell ``case`` pattern over curl's ``%{http_code} %{time_total}``.
+PATH_SAYS_NOTHING_CASE = "|".join(f"{code:03d}\\ *" for code in PATH_SAYS_NOTHING) + '|""'
+
+
 @dataclass(frozen=True)
 class ProbeAnswer:
     path: str
@@ -207,6 +214,13 @@ class ProbeAnswer:
     @property
     def healthy(self) -> bool:
         return 200 <= self.status_code < 400
+
+    @property
+    def decisive(self) -> bool:
+        """The app answered this path about its health: 2xx/3xx yes, anything else (a 503 of a
+        health check whose database is away) not yet. No answer, or a path the app does not
+        have (404, 405), says nothing: the next path is asked."""
+        return self.status_code not in PATH_SAYS_NOTHING
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def probe_once(
     command_timeout: float,
     ready_ttl_minutes: int | None = None,
 ) -> list[ProbeAnswer]:
-    """Each path in order until one answers healthy."""
+    """Each path in order until one the app answers about its health (healthy or not)."""
     answers: list[ProbeAnswer] = []
     for path in settings.probe_paths:
         try:
@@ -71,7 +71,7 @@ def probe_once(
             continue
         answer = parse_answer(path, result.stdout, result.stderr)
         answers.append(answer)
-        if answer.healthy:
+        if answer.decisive:  # healthy, or the app said it is not (a 503 of /healthz)
             break
     return answers
 

@@ -48,6 +48,7 @@ from tasks.cloud.on_instance import (
     CURL_MAX_SECONDS,
     DEPLOY_STAGES,
     KEPT_SERVING,
+    PATH_SAYS_NOTHING_CASE,
     STAGE_PREFIX,
     STATE_DIR,
     TCP_CHECK_DIRECTIVE,
@@ -499,14 +500,20 @@ def _swap_stages(
         "seen=''",
         'while [ -z "$healthy" ]; do',
     ]
-    for path in settings.probe_paths:
-        url = f'"http://127.0.0.1:$next"{q(path)}'
-        probe += [
-            f"  answer=$(curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
-            f" -w '%{{http_code}} %{{time_total}}' {url} 2>/dev/null) || true",
-            f'  seen="{path} ${{answer:-000}}"',
-            '  case "$answer" in [23][0-9][0-9]\\ *) healthy=$seen; break ;; esac',
-        ]
+    # The paths in order; one the app answers about its health (ProbeAnswer.decisive) ends
+    # the round: a 503 of /healthz is "not yet", whatever /docs would say.
+    probe += [
+        f"  for path in {' '.join(q(path) for path in settings.probe_paths)}; do",
+        f"    answer=$(curl -sS -o /dev/null --max-time {CURL_MAX_SECONDS}"
+        " -w '%{http_code} %{time_total}' \"http://127.0.0.1:$next$path\" 2>/dev/null) || true",
+        '    seen="$path ${answer:-000}"',
+        '    case "$answer" in',
+        "      [23][0-9][0-9]\\ *) healthy=$seen; break ;;",
+        f"      {PATH_SAYS_NOTHING_CASE}) ;;",
+        "      *) break ;;",
+        "    esac",
+        "  done",
+    ]
     inspect = "'{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}'"
     probe += [
         '  if [ -n "$healthy" ] || [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then break; fi',

@@ -41,6 +41,7 @@ from tasks.cloud.on_instance import (
     BOOTSTRAP_CHECK,
     FAILED_PREFIX,
     MIGRATED,
+    PATH_SAYS_NOTHING_CASE,
     ProbeAnswer,
     ProbeResult,
     app_state_check,
@@ -253,7 +254,9 @@ def ready_command(settings: PreviewConfig, ready_ttl_minutes: int | None = None)
         lines += [
             f"answer=$(probe_{index} 2>/dev/null) || true",
             f"printf '{PROBE_PREFIX}%s %s\\n' {shlex.quote(path)}" + " \"${answer//$'\\n'/ }\"",
-            'case "$answer" in [23][0-9][0-9]\\ *) exit 0 ;; *) ;; esac',
+            # A path the app answers about its health decides (ProbeAnswer.decisive).
+            'case "$answer" in [23][0-9][0-9]\\ *) exit 0 ;;'
+            f" {PATH_SAYS_NOTHING_CASE}) ;; *) app_state; exit 0 ;; esac",
         ]
     if paths:  # no path answered healthy: is the app up, or crash-looping behind the proxy?
         lines.append("app_state")
