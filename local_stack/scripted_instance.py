@@ -280,8 +280,8 @@ class ScriptedInstances:
                     out.append(f"PROBE {section.removeprefix('probe ')} {answer}\n")
                     if re.match(r"[23]\d\d ", answer):
                         break
-                    if not re.match(r"(000|404|405)( |$)|$", answer):
-                        # The app said it is not healthy (ProbeAnswer.decisive): no more paths.
+                    if not re.match(r"(404|405)( |$)", answer):
+                        # Not healthy, or no answer (ProbeAnswer.decisive): no more paths.
                         out.append(run("app-state").stdout)
                         break
                 else:

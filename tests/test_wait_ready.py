@@ -146,10 +146,10 @@ def test_an_agent_that_has_not_registered_is_asked_every_second_not_every_poll(
 def test_an_instance_migrated_on_boot_is_probed_by_the_same_command(
     aws: AwsClients, config: PreviewConfig, scripted_ssm: ScriptedInstances, instance: str
 ):
-    """Migrated on boot and listening: the one command also probes (the first path is down,
-    the second answers) and moves the shutdown timer — the flow has nothing left to wait for."""
+    """Migrated on boot and listening: the one command also probes (the app has no /healthz,
+    /docs answers) and moves the shutdown timer — the flow has nothing left to wait for."""
     scripted_ssm.on(MIGRATED_CHECK, MIGRATED_ON_BOOT)
-    scripted_ssm.respond(PROBE + "healthz", probe_responder(0))
+    scripted_ssm.respond(PROBE + "healthz", probe_responder(404))
 
     result = wait_until_ready(aws.ec2, aws.ssm, config, instance, ready_ttl_minutes=1440)
 
@@ -160,7 +160,7 @@ def test_an_instance_migrated_on_boot_is_probed_by_the_same_command(
         200,
         True,
     )
-    assert [answer.status_code for answer in result.probe.answers] == [0, 200]
+    assert [answer.status_code for answer in result.probe.answers] == [404, 200]
     (command,) = scripted_ssm.commands(instance)
     assert "shutdown -h +1440" in command
 

@@ -196,11 +196,11 @@ CURL_MAX_SECONDS = 10
 TIMER_MOVED = "pr-preview-timer-moved"
 
 
-# The probe's answers that pass the question to the next of ``probe_paths``: no HTTP answer,
-# or a path the app does not serve. Any other answer decides (``ProbeAnswer.decisive``).
-PATH_SAYS_NOTHING = (0, 404, 405)
+# The probe's answers that pass the question to the next of ``probe_paths``: a path the app
+# does not serve. Any other answer, or none, ends the round (``ProbeAnswer.decisive``).
+PATH_SAYS_NOTHING = (404, 405)
 # The same as a shell ``case`` pattern over curl's ``%{http_code} %{time_total}``.
-PATH_SAYS_NOTHING_CASE = "|".join(f"{code:03d}\\ *" for code in PATH_SAYS_NOTHING) + '|""'
+PATH_SAYS_NOTHING_CASE = "|".join(f"{code:03d}\\ *" for code in PATH_SAYS_NOTHING)
 
 
 @dataclass(frozen=True)
@@ -217,9 +217,10 @@ class ProbeAnswer:
 
     @property
     def decisive(self) -> bool:
-        """The app answered this path about its health: 2xx/3xx yes, anything else (a 503 of a
-        health check whose database is away) not yet. No answer, or a path the app does not
-        have (404, 405), says nothing: the next path is asked."""
+        """This answer ends the round: 2xx/3xx healthy; any other answer (a 503 of a health
+        check whose database is away) or none (the port closed, or the app too busy to answer
+        in time — every path is on the same port) not yet. Only a path the app does not have
+        (404, 405) passes the question to the next path."""
         return self.status_code not in PATH_SAYS_NOTHING
 
 

@@ -71,7 +71,7 @@ def probe_once(
             continue
         answer = parse_answer(path, result.stdout, result.stderr)
         answers.append(answer)
-        if answer.decisive:  # healthy, or the app said it is not (a 503 of /healthz)
+        if answer.decisive:  # healthy, not yet (a 503 of /healthz), or no answer at all
             break
     return answers
 
