@@ -562,8 +562,9 @@ class AppAndDatabase(_Group):
     probe_paths: list[ProbePath] = Field(
         default_factory=lambda: ["/healthz", "/docs"],
         min_length=1,
-        description="Paths the probe asks the app for from inside the instance, in order; the"
-        " first 2xx/3xx answer makes the preview healthy.",
+        description="Paths the probe asks the app for from inside the instance, in order: a"
+        " 2xx/3xx answer makes the preview healthy, 404/405 (no such path) asks the next, any"
+        " other answer or none means not yet.",
     )
 
 
