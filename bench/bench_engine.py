@@ -161,7 +161,7 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float], li
     from tasks.cloud.ssm import run_command
     from tasks.config import PreviewConfig, load_config
     from tasks.steps.launch import launch_instance
-    from tasks.steps.update import deploy_in_place
+    from tasks.steps.update import SWITCH_LOG, deploy_in_place
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -207,6 +207,12 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float], li
                     return result.stdout
 
                 pushes: list[tuple[str, int, int, list[str], dict[str, list[float]]]] = []
+                switch_log = shlex.quote(f"{config.app_dir}/{SWITCH_LOG}")
+                wait_retired = f"until grep -q {RETIRED} {switch_log}; do sleep 0.1; done"
+                retired = [
+                    f"timeout 60 bash -c {shlex.quote(wait_retired)}",
+                    f"cat {switch_log}",
+                ]
                 deadline = time.monotonic() + 300
                 while not runtime.agent_ready(instance_id) or "done" not in run(
                     [f"test -f {BOOTSTRAP_DONE} && echo done || true"]
@@ -296,6 +302,8 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float], li
                     )
                     (polled_n, failed_n, versions), result = deployed
                     stage_seconds = {f"push-{s.name}": [s.seconds] for s in result.stages}
+                    # The old version is retired after the command (holding the deploy lock).
+                    stage_seconds["push-retire (after)"] = [retire_seconds(run(retired))]
                     pushes.append(("side by side", polled_n, failed_n, versions, stage_seconds))
                 for name, values in timings(run(pulls)).items():
                     found.setdefault(name, []).extend(values)
@@ -327,6 +335,15 @@ def measure(repeat: int, root: Path) -> tuple[list[Figure], dict[str, float], li
         for name, values in found.items()
     ]
     return figures, mb, pushes
+
+
+RETIRED = "' retire ok '"  # the switch log's last line (tasks/steps/update.py)
+
+
+def retire_seconds(log: str) -> float:
+    """The background retirement's seconds, from its stage line in the switch log."""
+    [line] = [line for line in log.splitlines() if " retire ok " in line]
+    return float(line.split()[3])
 
 
 def main() -> int:

@@ -58,7 +58,7 @@ from tasks.steps.guards import check_paths, check_trigger, guard
 from tasks.steps.launch import launch
 from tasks.steps.migrate import MigrationFailed, SeedFailed, migrate, seed
 from tasks.steps.pin import follow_label
-from tasks.steps.preflight import preflight
+from tasks.steps.preflight import PreflightReport, preflight
 from tasks.steps.probe import ProbeFailed, probe
 from tasks.steps.report import PullRequestReport
 from tasks.steps.sleep import sleeping_previews, wake
@@ -357,7 +357,8 @@ def _deploy(
 
     # 1. The build-image check, beside what the path needs: with a running preview of an older
     #    sha, its health (an in-place deploy launches nothing, so preflight waits until a
-    #    launch is needed); else preflight.
+    #    launch is needed); else preflight — waited for before the claim only without warm
+    #    spares: a claimed spare launches nothing either (step 3).
     #    Every pull below names the manifest digest the check saw, not the tag.
     instance_id = in_place_candidate(clients.ec2, settings, repo, pr_number, sha)
     # database: per-preview — its database beside the image check, before anything launches.
@@ -375,7 +376,8 @@ def _deploy(
             checked = None
         else:
             checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
-            checked.result()  # a launch's own checks fail first, as they did before the image's
+            if not settings.warm_spares:
+                checked.result()  # a launch's own checks fail first, as before the image's
             digest = image.result().digest
         database = creating.result() if creating is not None else None
     except Exception:
@@ -407,10 +409,12 @@ def _deploy(
             logger.info("%s is not healthy (%s): relaunching", instance_id, health.reason)
 
     # 3. Terminate this PR's old instance, evict beyond max_previews, then claim a warm spare
-    #    or launch — one fleet change at a time.
+    #    or launch — one fleet change at a time. With warm spares, preflight (still running
+    #    beside the claim) is waited for only when nothing was claimed: its checks are about
+    #    launching, and a claim matches spares against the AMI it resolves itself.
     if checked is None:
         checked = preflight.submit(clients, settings, key=f"pr-{pr_number}-preflight")
-    account = checked.result()
+    account = None if settings.warm_spares else checked.result()
     spec = LaunchSpec(repo, pr_number, sha, requested_at, result.branch, result.compose, digest)
     lease, wait = settings.lock_lease_seconds, settings.lock_wait_seconds
     with hold(FLEET_LOCK, lease_seconds=lease, timeout_seconds=wait):
@@ -418,8 +422,9 @@ def _deploy(
             clients.ec2, settings, repo, pr_number, keep_sha=sha, requested_at=requested_at
         )
         result.replaced = replaced + terminated.instance_ids
-        claimed = claim(clients, settings, spec, account.ami_id) if settings.warm_spares else None
+        claimed = claim(clients, settings, spec, None) if settings.warm_spares else None
         if claimed is None or claimed.instance_id is None:
+            account = account or checked.result()
             launched = launch(
                 clients.ec2,
                 settings,
@@ -430,6 +435,7 @@ def _deploy(
             )
     if claimed is not None and claimed.instance_id is not None:
         _deploy_on_spare(clients, settings, result, claimed.instance_id, digest, database)
+        _launches_would_fail(checked)
         return
     result.instance_id, result.shutdown_at = launched.instance_id, launched.shutdown_at
     result.launched_at = launched.launched_at
@@ -508,6 +514,14 @@ def _wake_for_push(
         return None
     emit_instance_event("woke", instance_id, repo, pr_number, by="push")
     return instance_id
+
+
+def _launches_would_fail(checked: PrefectFuture[PreflightReport]) -> None:
+    """After a claimed spare served the PR: preflight's verdict, which no launch waited for,
+    as a warning — a launch (the next PR with no spare left) would fail on it."""
+    report = checked.result(raise_on_failure=False)
+    if isinstance(report, BaseException):
+        get_run_logger().warning("a spare served this PR, but launches would fail: %s", report)
 
 
 def _deploy_on_spare(

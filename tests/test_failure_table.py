@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
-from uuid import UUID
 
 import httpx
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
-from prefect.states import State
 
 from flows.preview import pr_preview
 from flows.teardown import pr_teardown
@@ -50,10 +46,11 @@ from tasks.config import PreviewConfig
 from tasks.steps.diagnose import SIGNATURES, diagnose_instance
 from tasks.steps.migrate import MigrationFailed, run_migrations
 from tasks.steps.spares import check_spare, replenish_spares
-from tasks.steps.update import Stage, deploy_in_place, parse_stages
+from tasks.steps.update import Stage, deploy_in_place, parse_stages, pull_with_login
 from tasks.steps.wait_ready import parse_ready, ready_command
 from tests.support import CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, tags
+from tests.support.run_record import record
 from tests.test_instance_runtime import instance_processes, port_forwarding, read, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -130,18 +127,6 @@ def world(
     found = World(aws, config, registry, real_instances, database.postgres, encoded, role, raw)
     found.set_database_url(encoded)
     return found
-
-
-def record(state: State[Any]) -> tuple[list[str], list[str]]:
-    """Log messages and artifact bodies of the flow run behind ``state``."""
-    run_id: UUID = state.state_details.flow_run_id  # type: ignore[assignment]
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run_id]}))
-        artifacts = client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
-            artifact_filter=ArtifactFilter(),
-        )
-    return [log.message for log in logs], [str(a.data) for a in artifacts]
 
 
 @dataclass
@@ -307,9 +292,13 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     ]
     assert stages["swap"].detail == "started beside the previous version on 127.0.0.1:18001"
     assert stages["switch"].detail == (
-        "127.0.0.1:8000 forwards to 127.0.0.1:18001; the previous version stopped"
+        "127.0.0.1:8000 forwards to 127.0.0.1:18001;"
+        " the previous version stops once its connections end"
     )
     assert stages["probe"].detail.split()[1] == "200"  # /healthz, or /docs while it starts
+    # v1 is retired after the command ended, holding the deploy lock the next deploy waits for.
+    retired = sandbox.inside(f"{world.config.app_dir}/.switch.log")
+    wait_for(lambda: retired.exists() and " retire ok " in retired.read_text(), timeout=30)
     # The same image again: its layers are here and the database stands at its alembic head
     # (the image's label), so neither a pull nor a migration container runs.
     again = deploy_in_place(
@@ -372,6 +361,7 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
         poll_seconds=0.2,
     ).stdout
     assert SHA3 not in ps and SHA2 in ps  # the failed version is gone, .env put back
+    assert SHA1 not in ps  # v1 retired in the background after the switch
     check = run_command(
         world.aws.ssm,
         first.instance_id,
@@ -525,7 +515,8 @@ def test_a_wrong_ghcr_token(world: World) -> None:
     ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
     instance_id = ready.result().instance_id
     # Revoked: the token no longer logs in, and the registry tokens it minted are void.
-    world.registry.users["octo-org"] = "ghp_rotatedToken00000000000000000000000"
+    rotated = "ghp_rotatedToken00000000000000000000000"
+    world.registry.users["octo-org"] = rotated
     world.registry.tokens.clear()
     compose = shlex.quote(f"{world.config.app_dir}/docker-compose.yml")
     # The next push's image (the running one is pinned by digest and already here, so pulling
@@ -543,6 +534,18 @@ def test_a_wrong_ghcr_token(world: World) -> None:
     diagnosis = diagnose_instance(world.aws.ssm, world.config, instance_id, error=pull.output)
     assert diagnosis.key == "ghcr-unauthorized", diagnosis.markdown()
     assert "read:packages" in diagnosis.cause
+    # Rotated: the new token is in Parameter Store. A push's pull, refused with the login the
+    # instance holds, logs in again with it and pulls.
+    world.set_ghcr_token(rotated)
+    relogin = run_command(
+        world.aws.ssm,
+        instance_id,
+        [pull_with_login(world.config, REPO, f"env {pushed} docker compose -f {compose} pull api")],
+        timeout_seconds=60,
+        poll_seconds=0.2,
+    )
+    assert relogin.ok, relogin.output
+    assert ": unauthorized" in relogin.output and "Login Succeeded" in relogin.output
 
 
 def test_a_migration_that_fails(world: World, tmp_path: Path) -> None:

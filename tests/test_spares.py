@@ -33,6 +33,7 @@ from tasks.steps.sweep import sweep
 from tests.support import CANARIES, CANARY_GHCR_TOKEN
 from tests.support.moto_state import live, ssm_commands, state_of, tags, user_data
 from tests.support.moving_tags import moving_tags
+from tests.support.run_record import record
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -198,6 +199,40 @@ def test_a_new_pr_with_only_broken_spares_launches_and_tells_the_log(
     assert result.status == "ready" and result.path == "launched"
     assert result.instance_id != broken
     assert state_of(aws, broken) in ("shutting-down", "terminated")
+
+
+def test_a_spare_serves_a_new_pr_without_waiting_for_preflight_which_the_log_then_reports(
+    aws: AwsClients, config: PreviewConfig
+) -> None:
+    """Preflight's checks are about launching: a claimed spare does not wait for them. A check
+    that fails (here the instance profile) does not stop the claimed preview, and the log says
+    the next launch would fail."""
+    [spare] = make_spares(aws, config, 1)
+    config.instance_profile = "no-such-profile"
+
+    state = pr_preview(REPO, 12, SHA, action="opened", config=config, return_state=True)
+
+    result = state.result()
+    assert (result.status, result.path, result.instance_id) == ("ready", "spare", spare)
+    assert len(live(aws)) == 1  # nothing launched
+    logs, _ = record(state)
+    [warning] = [line for line in logs if "launches would fail" in line]
+    assert "no-such-profile" in warning
+
+
+def test_with_no_ami_to_match_no_spare_is_claimed_and_preflight_says_why(
+    aws: AwsClients, config: PreviewConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [spare] = make_spares(aws, config, 1)
+    monkeypatch.setenv("MOTO_ENABLE_AMI_VALIDATION", "true")
+    config.ami_id = "ami-0123456789abcdef0"
+
+    state = pr_preview(REPO, 13, SHA, action="opened", config=config, return_state=True)
+
+    assert state.is_failed()
+    assert "ami-0123456789abcdef0 does not exist" in str(state.message)
+    assert TAG_PR not in live_by_id(aws)[spare]  # still a spare
+    assert list(live_by_id(aws)) == [spare]
 
 
 def test_spares_are_never_counted_against_max_previews(

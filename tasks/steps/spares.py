@@ -36,7 +36,7 @@ from tasks.cloud.aws import AwsClients
 from tasks.cloud.instances import terminate_in_batches
 from tasks.cloud.on_instance import BOOTSTRAP_DONE, BOOTSTRAP_FAILED
 from tasks.cloud.power import wake_instance
-from tasks.cloud.run_instances import resolve_ami, run_instances_params
+from tasks.cloud.run_instances import AmiNotFound, resolve_ami, run_instances_params
 from tasks.cloud.ssm import CommandTimeout, agent_not_registered, run_command
 from tasks.cloud.tags import (
     SPARE,
@@ -282,8 +282,13 @@ def claim(
     clients: AwsClients, settings: PreviewConfig, spec: LaunchSpec, ami_id: str | None
 ) -> Claim:
     """Prefect wrapper of :func:`claim_spare`; a claim that finds nothing returns empty.
-    Without ``ami_id``, spares are matched against the AMI a launch would resolve."""
-    image = ami_id or resolve_ami(clients.ec2, settings)["ImageId"]
+    Without ``ami_id``, spares are matched against the AMI a launch would resolve; with none
+    to resolve, nothing matches (preflight then says why no launch can happen either)."""
+    try:
+        image = ami_id or resolve_ami(clients.ec2, settings)["ImageId"]
+    except AmiNotFound as exc:
+        run_logger(logger).warning("no spare claimed: %s", exc)
+        return Claim()
     found = claim_spare(
         clients.ec2,
         clients.ssm,

@@ -271,8 +271,8 @@ def deploy_commands(
 
     - pull: rewrite APP_IMAGE (and, with ``app``, the app's settings, compose file and secrets:
       a change takes effect on this push), arm the short TTL's timer; skipped when the pinned
-      digest is on the instance already, else log in again (the token may have rotated, an ECR
-      password lasts 12 hours: :func:`registry_login`) and pull.
+      digest is on the instance already, else pulled with the login the instance holds, and
+      logged in again only when that is refused (:func:`pull_with_login`).
     - migrate: skipped when the image's alembic heads (its :data:`ALEMBIC_HEADS_LABEL`, read
       from the image's config with no container) equal the revision the database stands at
       (``alembic current`` in the running app container, started beside the pull); else
@@ -310,6 +310,13 @@ def deploy_commands(
         + str(STAGE_OUTPUT_TAIL)
         + ' "$log"; echo; stage "$1" failed "$2" "$3";'
         " exit 1; }",
+        # One deploy at a time, and not while the last switch still retires its old version
+        # (the background job holds this lock until it is done).
+        "started=$(now)",
+        f"if ! {{ exec 9>>{DEPLOY_LOCK} && flock -w {LOCK_WAIT_SECONDS} 9; }}; then",
+        '  : >"$log"',
+        f'  failed pull "$started" "another deploy held this instance for {LOCK_WAIT_SECONDS}s"',
+        "fi",
     ]
     prepare = [
         "set -euo pipefail",
@@ -333,8 +340,7 @@ def deploy_commands(
         "else",
         "  (",
         "  set -euo pipefail",
-        f"  {registry_login(settings, repo)}",
-        f"  {compose} pull {service}",
+        f"  {pull_with_login(settings, repo, f'{compose} pull {service}')}",
         '  ) >"$log" 2>&1',
         '  if [ "$?" -ne 0 ]; then failed pull "$started" "the image was not pulled"; fi',
         '  stage pull ok "$started"',
@@ -405,6 +411,9 @@ def deploy_commands(
 
 DRAIN_SECONDS = 5  # how long the old version's open connections may take to end before it stops
 STOP_SECONDS = 10  # then its graceful stop (SIGTERM: the app finishes what it serves), SIGKILL
+DEPLOY_LOCK = ".deploy.lock"  # in the app dir: held by a deploy, then by its switch's retirement
+LOCK_WAIT_SECONDS = 60  # a retirement takes DRAIN_SECONDS + STOP_SECONDS + compose up at most
+SWITCH_LOG = ".switch.log"  # in the app dir: what the last switch's retirement did
 
 
 def _swap_stages(
@@ -422,8 +431,12 @@ def _swap_stages(
       its log, then it is removed and ``.env`` put back — the previous version, untouched,
       keeps serving, and the stage's detail says so (:data:`KEPT_SERVING`).
     - switch: the proxy's upstream file renamed onto the new port (each new connection reads
-      it); the old version's connections get up to :data:`DRAIN_SECONDS` to end, then it stops
-      gracefully and goes; ``compose up -d`` then brings the other services to the new file.
+      it): the new version serves from here, and the command ends. The old version is retired
+      in the background, holding the deploy lock (:data:`DEPLOY_LOCK`, which the next deploy
+      waits for): its connections get up to :data:`DRAIN_SECONDS` to end, then it stops
+      gracefully and goes, and ``compose up -d`` brings the other services to the new file;
+      what it did is in :data:`SWITCH_LOG`, and an app container it failed to remove is the
+      next deploy's leftover (removed by its swap).
     """
     q = shlex.quote
     compose = compose_command(settings.app_dir)
@@ -547,23 +560,24 @@ def _swap_stages(
         '    failed switch "$started" "the proxy\'s upstream file was not written"',
         "  fi",
         "fi",
-        'if [ -n "$old" ]; then',
-        f"  drain=$(( $(now) + {DRAIN_SECONDS} * 1000000 ))",
-        '  while [ "${EPOCHREALTIME/./}" -lt "$drain" ]; do',
-        '    open=$(ss -Htn state established "( dport = :$serving )" 2>/dev/null) || open=""',
-        '    if [ -z "$open" ]; then break; fi',
-        f"    sleep {poll}",
-        "  done",
-        "  # shellcheck disable=SC2086 # one word per container",
-        f'  if ! {{ docker stop -t {STOP_SECONDS} $old && docker rm $old; }} >"$log" 2>&1; then',
-        '    failed switch "$started" "the previous version did not stop"',
+        "(",
+        "  retiring=$(now)",
+        '  if [ -n "$old" ]; then',
+        f"    drain=$(( $(now) + {DRAIN_SECONDS} * 1000000 ))",
+        '    while [ "${EPOCHREALTIME/./}" -lt "$drain" ]; do',
+        '      open=$(ss -Htn state established "( dport = :$serving )" 2>/dev/null) || open=""',
+        '      if [ -z "$open" ]; then break; fi',
+        f"      sleep {poll}",
+        "    done",
+        "    # shellcheck disable=SC2086 # one word per container",
+        f"    docker stop -t {STOP_SECONDS} $old && docker rm $old"
+        ' || echo "the previous version did not stop"',
         "  fi",
-        "fi",
-        f'if ! {compose} up -d >"$log" 2>&1; then',
-        '  failed switch "$started" "compose up failed for the other services"',
-        "fi",
+        f'  {compose} up -d || echo "compose up failed for the other services"',
+        '  stage retire ok "$retiring"',
+        f") </dev/null >{q(SWITCH_LOG)} 2>&1 &",
         f'stage switch ok "$started" "127.0.0.1:{settings.app_port} forwards to 127.0.0.1:$next'
-        '${old:+; the previous version stopped}"',
+        '${old:+; the previous version stops once its connections end}"',
     ]
     return swap, probe, switch
 
@@ -573,16 +587,16 @@ EARLY_PULL_LOG = f"{STATE_DIR}/early-pull.log"
 
 
 def early_pull_commands(settings: PreviewConfig, repo: str, image_ref: str) -> list[str]:
-    """Log in and pull ``image_ref`` (the pinned digest) in the background, detached from the
-    command, which returns at once: the deploy command then finds the image present (or joins
-    the pull still running — Docker downloads a layer once). Nothing when it is present."""
+    """Pull ``image_ref`` (the pinned digest; :func:`pull_with_login`) in the background,
+    detached from the command, which returns at once: the deploy command then finds the image
+    present (or joins the pull still running — Docker downloads a layer once). Nothing when it
+    is present."""
     q = shlex.quote
     script = "\n".join(
         [
             "set -euo pipefail",
             'export HOME="${HOME:-/root}"',
-            registry_login(settings, repo),
-            f"docker pull {q(image_ref)}",
+            pull_with_login(settings, repo, f"docker pull {q(image_ref)}"),
         ]
     )
     return [
@@ -595,6 +609,14 @@ def early_pull_commands(settings: PreviewConfig, repo: str, image_ref: str) -> l
         f"setsid nohup bash -c {q(script)} </dev/null >{q(EARLY_PULL_LOG)} 2>&1 &",
         "echo started",
     ]
+
+
+def pull_with_login(settings: PreviewConfig, repo: str, pull: str) -> str:
+    """One line: ``pull`` with the login the instance holds (its boot's, or the last push's),
+    and only when that is refused, a new login and the pull again — the token may have rotated,
+    an ECR password lasts 12 hours. A login is two AWS CLI starts and ``docker login``: seconds
+    on every push, for a refusal that is rare."""
+    return f"{pull} || {{ {registry_login(settings, repo)} && {pull}; }}"
 
 
 def registry_login(settings: PreviewConfig, repo: str) -> str:
