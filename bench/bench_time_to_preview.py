@@ -947,7 +947,12 @@ def lever_rows(
         scenario, fig = by_key[key], figures[key]
         rows.append(
             LeverRow(
-                scenario.title, scenario.floor("plain"), fig.ours, TARGET_SPARE, fig.how, spare_cost
+                scenario.title,
+                scenario.floor("plain"),
+                fig.ours,
+                scenario.target,
+                fig.how,
+                spare_cost,
             )
         )
     rows.append(
