@@ -107,18 +107,25 @@ class PrefectStack:
         return completed.stdout
 
     def deploy(self) -> None:
-        """Create the process work pool and every deployment (and trigger) of prefect.yaml."""
+        """Create the process work pool and every deployment (and trigger) of prefect.yaml:
+        the pool through the API (three CLI starts cost seconds of CPU each), the deployments
+        with ``prefect deploy --all``, as an operator runs it."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
         from deployments.pools import process_base_job_template
 
-        pools = self.prefect("work-pool", "ls")
-        if WORK_POOL not in pools:
-            # A few runs at a time: a push storm queues instead of starving a 2-core machine.
-            # Each run one interpreter: the engine itself, not a supervisor that starts it.
-            template = self.home / "process-pool.json"
-            template.write_text(json.dumps(process_base_job_template()))
-            create = ["work-pool", "create", WORK_POOL, "--type", "process"]
-            self.prefect(*create, "--base-job-template", str(template))
-            self.prefect("work-pool", "set-concurrency-limit", WORK_POOL, "4")
+        # A few runs at a time: a push storm queues instead of starving a 2-core machine.
+        # Each run one interpreter: the engine itself, not a supervisor that starts it.
+        pool = WorkPoolCreate(
+            name=WORK_POOL,
+            type="process",
+            base_job_template=process_base_job_template(),
+            concurrency_limit=4,
+        )
+        with SyncPrefectClient(self.api_url) as client, contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(pool)
         self.prefect("--no-prompt", "deploy", "--all")
 
     def start_worker(self, log: Path, limit: int | None = None) -> subprocess.Popen[bytes]:
