@@ -173,11 +173,23 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             yield
 
 
+# Prefect's task-run recorder writes each task-run event in a transaction of its own (batch size
+# 1): three per task run, ~25 ms of the server's CPU per task run, most of what a run costs the
+# server. In batches of up to 100, flushed every second, the same rows cost a third; a task run
+# reaches the API up to a second after its event (a reader polls: test_seen_by_a_person). The
+# interval is whole seconds: Prefect truncates it, and 0 flushes in a busy loop.
+RECORDER_IN_BATCHES = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+
+
 def _on_our_factory(run_uvicorn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The harness's uvicorn command, on ``local_stack.sqlite_server:create_app``: Prefect's
     app with every SQLite transaction begun IMMEDIATE. Prefect's own answers 503 "database is
     locked" to a deferred transaction another writer overtook (ten flows at once did: a run
-    failed), where an IMMEDIATE one waits its turn."""
+    failed), where an IMMEDIATE one waits its turn. Its task-run recorder writes in batches
+    (``RECORDER_IN_BATCHES``)."""
     prefect_factory = "prefect.server.api.server:create_app"
     ours = "local_stack.sqlite_server:create_app"
 
@@ -186,6 +198,7 @@ def _on_our_factory(run_uvicorn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
         def popen(args: list[str], *rest: Any, **kwargs: Any) -> Any:
             assert prefect_factory in args, f"Prefect's uvicorn command changed: {args}"
+            kwargs["env"] = {**kwargs.get("env", os.environ), **RECORDER_IN_BATCHES}
             return real_popen([ours if a == prefect_factory else a for a in args], *rest, **kwargs)
 
         with pytest.MonkeyPatch.context() as patch:

@@ -60,10 +60,15 @@ import pytest
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
+from moto.ssm.models import ssm_backends
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import (
+    PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    temporary_settings,
+)
 from prefect.states import State
 
 from flows.preview import PreviewResult, pr_preview
@@ -88,7 +93,7 @@ from tests.fakes.http_faults import GITHUB_ROUTES, REGISTRY_ROUTES, FaultyRoutes
 from tests.plugins.fault_matrix_report import PROPERTY
 from tests.support import CANARIES, CANARY_DATABASE_URL, CANARY_GHCR_TOKEN, REGION
 from tests.support.deployed import DeployedConfig
-from tests.support.moto_state import instances, live, tags, user_data
+from tests.support.moto_state import LIVE_STATES, instances, live, tags, user_data
 
 pytestmark = [pytest.mark.fault_matrix, pytest.mark.usefixtures("prefect_server")]
 
@@ -156,6 +161,7 @@ class World:
     github_routes: FaultyRoutes
     registry_routes: FaultyRoutes
     github_url: str
+    prefect: SyncPrefectClient  # the checker's reader of each run's logs and artifacts
     github: FakeGitHub = field(default_factory=FakeGitHub)
 
     @property
@@ -165,13 +171,18 @@ class World:
     def reset(self) -> None:
         """Terminate every instance and forget it, forget GitHub, clear every fault and count.
 
-        moto lists terminated instances forever; dropping them keeps every describe (and
-        every SSM command, which moto runs on all instances) as cheap as in a fresh account.
+        moto lists terminated instances forever, keeps their tags and every SSM command sent;
+        dropping them keeps every describe (each instance's tags are a scan of all tags) and
+        every SSM command (run on all instances) as cheap as in a fresh account.
         """
         ids = [i["InstanceId"] for i in live(self.clients)]
         if ids:
             self.clients.ec2.terminate_instances(InstanceIds=ids)
-        ec2_backends[DEFAULT_ACCOUNT_ID][REGION].reservations.clear()
+        ec2 = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+        ec2.reservations.clear()
+        for resource in [r for r in ec2.tags if r.startswith("i-")]:
+            del ec2.tags[resource]
+        ssm_backends[DEFAULT_ACCOUNT_ID][REGION]._commands.clear()
         group = self.config.db_security_group_id or ""
         revoke_db_rules(self.clients.ec2, group, db_rules(self.clients.ec2, group))
         self.github = FakeGitHub(base_url=self.github_url)
@@ -184,7 +195,18 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(prefect_server: None) -> Iterator[World]:
+    """The module's world; its runs go without the flow heartbeat thread (joining it costs up to
+    a second per run, and these runs last seconds) and without asking the server for a CSRF
+    token each time a client starts (it has CSRF protection off, Prefect's default)."""
     with ExitStack() as stack:
+        stack.enter_context(
+            temporary_settings(
+                {
+                    PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                    PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False,
+                }
+            )
+        )
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
             patch.delenv(name, raising=False)
@@ -240,6 +262,7 @@ def world(prefect_server: None) -> Iterator[World]:
                 github_routes,
                 registry_routes,
                 github_url,
+                stack.enter_context(get_client(sync_client=True)),
             )
         )
         yield holder[0]
@@ -469,8 +492,7 @@ def run_case(world: World, flow: Flow, calls: tuple[str, ...] = (), fault: str =
             headers = GITHUB_FAULT_HEADERS if routes is world.github_routes else {}
             routes.fail(call, 503, times=times, headers=headers)
     started = time.monotonic()
-    # No heartbeat thread: joining it costs up to 1 s per run, and these runs last seconds.
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), aws_faults() as faults:
+    with aws_faults() as faults:
         for call in calls:
             if "." in call.split(" ")[0]:
                 aws_fault(call, fault, faults)
@@ -493,7 +515,7 @@ def run_case(world: World, flow: Flow, calls: tuple[str, ...] = (), fault: str =
     result = state.result(raise_on_failure=False)
     if flow.kind == "preview" and not isinstance(result, BaseException):
         case.detail = f" ({result.path or result.status})"
-    check(world, flow, case, result, seeded, before, run_texts(state), checks_before)
+    check(world, flow, case, result, seeded, before, run_texts(world, state), checks_before)
     return case
 
 
@@ -505,15 +527,14 @@ def bot_headline(github: FakeGitHub, pr: int) -> str | None:
     return bodies[-1].splitlines()[1] if bodies else None
 
 
-def run_texts(state: State[Any]) -> list[str]:
+def run_texts(world: World, state: State[Any]) -> list[str]:
     """Log messages and artifact bodies of the flow run behind ``state``."""
     run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run_id]}))
-        artifacts = client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
-            artifact_filter=ArtifactFilter(),
-        )
+    logs = world.prefect.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run_id]}))
+    artifacts = world.prefect.read_artifacts(
+        flow_run_filter=FlowRunFilter(id={"any_": [run_id]}),
+        artifact_filter=ArtifactFilter(),
+    )
     return [log.message for log in logs] + [str(a.data) for a in artifacts]
 
 
@@ -532,10 +553,11 @@ def check(
     config, broken = world.config, case.broken
     now = datetime.now(UTC)
     failed = case.outcome == "failed"
-    alive = live(world.clients)
+    every = instances(world.clients)
+    alive = [i for i in every if i["State"]["Name"] in LIVE_STATES]
     previews = [i for i in alive if tags(i).get("Purpose") == config.purpose_tag]
     ours = [i for i in previews if tags(i).get("PR") == str(PR)]
-    new_ids = [i["InstanceId"] for i in instances(world.clients) if i["InstanceId"] not in before]
+    new_ids = [i["InstanceId"] for i in every if i["InstanceId"] not in before]
 
     untagged = [
         i["InstanceId"]
@@ -585,7 +607,7 @@ def check(
         broken["secrets"] = f"canary {leaked[0][:12]}… leaked"
 
     if not failed:
-        problem = convergence_problem(world, flow, result, ours, seeded, now)
+        problem = convergence_problem(world, flow, result, alive, ours, seeded, now)
         if problem:
             broken["converges"] = problem
 
@@ -669,14 +691,15 @@ def convergence_problem(
     world: World,
     flow: Flow,
     result: Any,
+    alive: list[dict[str, Any]],
     ours: list[dict[str, Any]],
     seeded: dict[str, str],
     now: datetime,
 ) -> str | None:
     config = world.config
     ids = [i["InstanceId"] for i in ours]
+    live_ids = {i["InstanceId"] for i in alive}
     if flow.kind in ("teardown", "sweeper"):
-        live_ids = {i["InstanceId"] for i in live(world.clients)}
         rules = db_rules(world.clients.ec2, config.db_security_group_id or "")
         orphans = [r.description for r in rules if r.instance_id not in live_ids]
         if orphans:
@@ -692,7 +715,6 @@ def convergence_problem(
     if flow.kind == "teardown" and ours:
         return f"completed but {ids} still live"
     if flow.kind == "sweeper":
-        live_ids = {i["InstanceId"] for i in live(world.clients)}
         if seeded["expired"] in live_ids:
             return f"completed but expired {seeded['expired']} still live"
         if seeded["kept"] not in live_ids:

@@ -7,6 +7,8 @@ from typing import Any
 
 from tasks.cloud.aws import AwsClients
 
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+
 
 def instances(aws: AwsClients, *, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Every instance moto holds (all pages), optionally only those in ``states``."""
@@ -22,7 +24,7 @@ def instances(aws: AwsClients, *, states: tuple[str, ...] | None = None) -> list
 
 
 def live(aws: AwsClients) -> list[dict[str, Any]]:
-    return instances(aws, states=("pending", "running", "stopping", "stopped"))
+    return instances(aws, states=LIVE_STATES)
 
 
 def tags(instance: dict[str, Any]) -> dict[str, str]:
