@@ -5,7 +5,9 @@ bash, pulls the sample app from the registry with the GHCR token from Parameter 
 with its env file, migrates a real PostgreSQL with alembic, and the probe reaches the real app.
 Each test breaks one thing as it breaks in the field and checks that the run fails, that the
 instance is left on the short TTL, and that the diagnosis names the right row and fix, quoting
-the real error the instance produced.
+the real error the instance produced. The rows that break a preview while it runs (a password
+typed into app.env unencoded, a GHCR token revoked) break the healthy path's preview before its
+teardown: a preview booted for each would pull the app only to be broken by hand.
 """
 
 from __future__ import annotations
