@@ -207,6 +207,7 @@ def test_a_run_past_its_time_budget_fails_like_any_failed_run(
 ) -> None:
     """The bootstrap never finishes; the run's budget ends before wait-ready gives up."""
     scripted_ssm.on(BOOTSTRAP_CHECK, Reply(stdout="bootstrap-pending\n"))
+    config.poll_seconds = 0.2  # the wait is the budget: five looks a second, not a hundred
     # Long enough to launch on a loaded machine, well short of wait-ready's own 30 s.
     monkeypatch.setattr(PreviewConfig, "preview_timeout_seconds", lambda self: 12.0)
     started = time.monotonic()

@@ -5,7 +5,9 @@ bash, pulls the sample app from the registry with the GHCR token from Parameter 
 with its env file, migrates a real PostgreSQL with alembic, and the probe reaches the real app.
 Each test breaks one thing as it breaks in the field and checks that the run fails, that the
 instance is left on the short TTL, and that the diagnosis names the right row and fix, quoting
-the real error the instance produced.
+the real error the instance produced. The rows that break a preview while it runs (a password
+typed into app.env unencoded, a GHCR token revoked) break the healthy path's preview before its
+teardown: a preview booted for each would pull the app only to be broken by hand.
 """
 
 from __future__ import annotations
@@ -74,15 +76,13 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbServer]:
 
 
 @dataclass
-class World:
+class Published:
+    """The app's v1 and v2 images in a private registry, the config pointed at them and the
+    GHCR token in Parameter Store: what a run sees before it launches anything."""
+
     aws: AwsClients
     config: PreviewConfig
     registry: FakeRegistry
-    runtime: InstanceRuntime
-    postgres: Postgres
-    database_url: str  # as the instance dials it, password URL-encoded
-    role: str
-    raw_url: str  # the same URL with the password as typed (the §7 mistake)
 
     def set_ghcr_token(self, token: str) -> None:
         self.aws.ssm.put_parameter(
@@ -95,16 +95,42 @@ class World:
         )
 
 
+@dataclass
+class World(Published):
+    runtime: InstanceRuntime
+    postgres: Postgres
+    database_url: str  # as the instance dials it, password URL-encoded
+    role: str
+    raw_url: str  # the same URL with the password as typed (the §7 mistake)
+
+
+@pytest.fixture
+def published(aws: AwsClients, config: PreviewConfig, registry: FakeRegistry) -> Published:
+    """The registry and the config of every test here; alone, for the rows that fail before
+    anything is launched (a launch would still show in moto, booted or not)."""
+    registry.users["octo-org"] = CANARY_GHCR_TOKEN
+    push_sample_app(registry, REPO, SHA1, "v1", private=True)
+    push_sample_app(registry, REPO, SHA2, "v2", private=True)
+    config.image = f"{registry.host}/{REPO}"
+    # Each look of wait-ready is a command run on the instance: every half second, not five
+    # times a second, while a boot pulls the app (about a CPU-second less per boot).
+    config.poll_seconds = 0.5
+    # Long enough for a loaded 2-core machine; short, as the broken worlds wait them out.
+    config.ready_timeout_seconds = 90
+    config.migrate_timeout_seconds = 20
+    config.probe_timeout_seconds = 15
+    config.app_down_seconds = 3
+    return Published(aws, config, registry)
+
+
 @pytest.fixture
 def world(
     request: pytest.FixtureRequest,
-    aws: AwsClients,
-    config: PreviewConfig,
-    registry: FakeRegistry,
+    published: Published,
     real_instances: InstanceRuntime,
     database: DbServer,
 ) -> World:
-    """A healthy world: the app's v1 and v2 images, a database of its own for this test, the
+    """A healthy world: the published images, a database of its own for this test, the
     encoded DATABASE_URL in Parameter Store; instances reach the registry and the db-server."""
     role = "app_" + request.node.name.removeprefix("test_")[:40].lower().replace("-", "_")
     role = "".join(c if c.isalnum() or c == "_" else "_" for c in role)
@@ -113,18 +139,17 @@ def world(
     raw = f"postgresql+asyncpg://{role}:{PASSWORD}@{DB_SERVER_IP}:{DB_PORT}/{role}"
     assert quote(PASSWORD, safe="") in encoded
     real_instances.apply({"bridge": "=".join(database.bridge)})
-    real_instances.apply({"bridge": f"{registry.host}={registry.host}"})
-    registry.users["octo-org"] = CANARY_GHCR_TOKEN
-    push_sample_app(registry, REPO, SHA1, "v1", private=True)
-    push_sample_app(registry, REPO, SHA2, "v2", private=True)
-    config.image = f"{registry.host}/{REPO}"
-    config.poll_seconds = 0.2
-    # Long enough for a loaded 2-core machine; short, as the broken worlds wait them out.
-    config.ready_timeout_seconds = 90
-    config.migrate_timeout_seconds = 20
-    config.probe_timeout_seconds = 15
-    config.app_down_seconds = 3
-    found = World(aws, config, registry, real_instances, database.postgres, encoded, role, raw)
+    real_instances.apply({"bridge": f"{published.registry.host}={published.registry.host}"})
+    found = World(
+        published.aws,
+        published.config,
+        published.registry,
+        real_instances,
+        database.postgres,
+        encoded,
+        role,
+        raw,
+    )
     found.set_database_url(encoded)
     return found
 
@@ -371,6 +396,10 @@ def test_a_preview_runs_the_real_app_migrates_in_place_and_dies_with_its_instanc
     )
     answer = parse_ready(check.stdout, world.config.probe_paths)
     assert (answer.bootstrap, answer.port_open, answer.migrated) == ("done", True, False)
+    # Two rows of §7 that break a preview while it runs, on this one rather than on a preview
+    # booted for each: what they break is on the instance, and the teardown follows.
+    unencoded_password_under(world, first.instance_id)
+    revoked_token_under(world, first.instance_id)
     assert instance_processes(first.instance_id)
     pr_teardown(REPO, 42, config=world.config)
     assert not live(world.aws)
@@ -453,27 +482,31 @@ def database_tables(world: World) -> str:
 # --- §7, row by row ------------------------------------------------------------------------
 
 
-def test_an_unencoded_password_in_database_url(world: World) -> None:
+def test_an_unencoded_password_in_database_url(published: Published) -> None:
     """`invalid integer value ... for connection option "port"`: the password's symbols.
 
-    Preflight reads the parameter and refuses before anything is launched; an instance that
+    Preflight reads the parameter and refuses before anything is launched. An instance that
     has such a URL anyway (its app.env edited by hand) fails to migrate with the driver's own
-    error, and the diagnosis names the row."""
-    world.set_database_url(world.raw_url)
-    refused = pr_preview(REPO, 6, SHA1, action="opened", config=world.config, return_state=True)
+    error: :func:`unencoded_password_under` breaks the healthy path's running preview so."""
+    raw = f"postgresql+asyncpg://app:{PASSWORD}@{DB_SERVER_IP}:{DB_PORT}/app"
+    published.set_database_url(raw)
+    refused = pr_preview(REPO, 6, SHA1, action="opened", config=published.config, return_state=True)
     assert refused.is_failed()
     assert "URL-encode the password" in str(refused.message)
-    assert not live(world.aws)
+    assert not live(published.aws)
 
-    world.set_database_url(world.database_url)
-    ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
-    instance_id = ready.result().instance_id
+
+def unencoded_password_under(world: World, instance_id: str) -> None:
+    """The row above on a running preview: its app.env edited by hand to the URL as typed,
+    the migrations fail with the driver's error, and the diagnosis names the row. app.env is
+    put back after."""
+    app_env = shlex.quote(f"{world.config.app_dir}/app.env")
     edit = run_command(
         world.aws.ssm,
         instance_id,
         [
-            f"printf 'DATABASE_URL=%s\\n' {shlex.quote(world.raw_url)}"
-            f" > {shlex.quote(world.config.app_dir)}/app.env"
+            f"cp -p {app_env} {app_env}.kept",
+            f"printf 'DATABASE_URL=%s\\n' {shlex.quote(world.raw_url)} > {app_env}",
         ],
         timeout_seconds=30,
         poll_seconds=0.2,
@@ -486,6 +519,14 @@ def test_an_unencoded_password_in_database_url(world: World) -> None:
     assert diagnosis.key == "database-url-encoding", diagnosis.markdown()
     assert "URL-encode the password" in diagnosis.fix
     assert PASSWORD not in diagnosis.markdown()  # the secret is masked in the evidence
+    back = run_command(
+        world.aws.ssm,
+        instance_id,
+        [f"mv -f {app_env}.kept {app_env}"],
+        timeout_seconds=30,
+        poll_seconds=0.2,
+    )
+    assert back.ok, back
 
 
 def test_a_database_that_refuses_connections(world: World) -> None:
@@ -498,22 +539,27 @@ def test_a_database_that_refuses_connections(world: World) -> None:
     assert_left_on_short_ttl(failure, world.config)
 
 
-def test_a_wrong_ghcr_token(world: World) -> None:
+def test_a_wrong_ghcr_token(published: Published) -> None:
     """GHCR `unauthorized`: the registry's real 401, before launch and on an instance.
 
     check-image uses the same token as the instance, so a wrong one stops the run before
-    anything is launched; an instance whose token is revoked under it (rotated while the
-    preview runs) fails to pull, and the diagnosis names the row."""
+    anything is launched. An instance whose token is revoked under it (rotated while the
+    preview runs) fails to pull: :func:`revoked_token_under` revokes the token of the healthy
+    path's running preview."""
     wrong = "ghp_wrongToken000000000000000000000000"
-    world.set_ghcr_token(wrong)
-    refused = pr_preview(REPO, 6, SHA1, action="opened", config=world.config, return_state=True)
+    published.set_ghcr_token(wrong)
+    refused = pr_preview(REPO, 6, SHA1, action="opened", config=published.config, return_state=True)
     assert refused.is_failed()
     assert "(HTTP 401)" in str(refused.message) and "read:packages" in str(refused.message)
-    assert not live(world.aws)
+    assert not live(published.aws)
 
-    world.set_ghcr_token(CANARY_GHCR_TOKEN)
-    ready = pr_preview(REPO, 7, SHA1, action="opened", config=world.config, return_state=True)
-    instance_id = ready.result().instance_id
+
+def revoked_token_under(world: World, instance_id: str) -> None:
+    """The row above on a running preview: the registry no longer takes its token, the next
+    push's image does not pull, and the diagnosis names the row; with the rotated token in
+    Parameter Store, a push's pull logs in again and pulls."""
+    next_push = "4d" * 20
+    push_sample_app(world.registry, REPO, next_push, "v1", private=True)
     # Revoked: the token no longer logs in, and the registry tokens it minted are void.
     rotated = "ghp_rotatedToken00000000000000000000000"
     world.registry.users["octo-org"] = rotated
@@ -521,7 +567,7 @@ def test_a_wrong_ghcr_token(world: World) -> None:
     compose = shlex.quote(f"{world.config.app_dir}/docker-compose.yml")
     # The next push's image (the running one is pinned by digest and already here, so pulling
     # it again asks the registry nothing).
-    pushed = shlex.quote(f"APP_IMAGE={world.config.image}:{SHA2}")
+    pushed = shlex.quote(f"APP_IMAGE={world.config.image}:{next_push}")
     pull = run_command(
         world.aws.ssm,
         instance_id,
@@ -613,13 +659,15 @@ def test_docker_missing_and_user_data_failing_at_a_named_step(world: World) -> N
     assert_left_on_short_ttl(failure, world.config)
 
 
-def test_an_image_tag_that_was_never_pushed(world: World) -> None:
+def test_an_image_tag_that_was_never_pushed(published: Published) -> None:
     """The build has not pushed `:<sha>`: the registry's real `manifest unknown`, and no
     instance is launched for an image that does not exist."""
     missing = "c" * 40
-    world.config.image_wait_seconds = 0
-    state = pr_preview(REPO, 8, missing, action="opened", config=world.config, return_state=True)
+    published.config.image_wait_seconds = 0
+    state = pr_preview(
+        REPO, 8, missing, action="opened", config=published.config, return_state=True
+    )
     assert state.is_failed()
     assert missing in str(state.message)
     assert "image" in str(state.message).lower()
-    assert not live(world.aws)
+    assert not live(published.aws)

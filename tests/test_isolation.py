@@ -238,8 +238,10 @@ def test_every_accepted_compose_file_runs_on_real_containers_that_cannot_reach_t
                 f"( {shlex.join(probe)} < /var/tmp/escape-probe.py"
                 f" > /var/tmp/probes/{project}.{service} 2>&1 ) &"
             )
-        script.append("wait")
+    # Every probe waits out its IMDS token request (2 s, the reply dropped on its hop): all of
+    # them at once, while the next projects start, not one project's after another's.
     script += [
+        "wait",
         "for found in /var/tmp/probes/*; do",
         '  printf "%s " "${found##*/}"; tail -n 1 "$found"',
         "done",
