@@ -46,6 +46,7 @@ invariant fails the test of its (flow, fault). Run alone with ``pytest -m fault_
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 import uuid
@@ -265,6 +266,13 @@ def world(prefect_server: None) -> Iterator[World]:
                 stack.enter_context(get_client(sync_client=True)),
             )
         )
+        # A full collection walks every object of the process, ~600k here (moto's AMIs,
+        # botocore's models, the Prefect server's modules the harness imports, each failed run's
+        # traceback that pytest's log capture keeps till the test ends): ~0.6 s. The runs set
+        # off eight at Python's default of one per ten middle passes, two at one per hundred.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(thresholds[0], thresholds[1], 100)
+        stack.callback(gc.set_threshold, *thresholds)
         yield holder[0]
 
 
