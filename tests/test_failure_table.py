@@ -112,9 +112,7 @@ def published(aws: AwsClients, config: PreviewConfig, registry: FakeRegistry) ->
     push_sample_app(registry, REPO, SHA1, "v1", private=True)
     push_sample_app(registry, REPO, SHA2, "v2", private=True)
     config.image = f"{registry.host}/{REPO}"
-    # Each look of wait-ready is a command run on the instance: every half second, not five
-    # times a second, while a boot pulls the app (about a CPU-second less per boot).
-    config.poll_seconds = 0.5
+    config.poll_seconds = 0.2
     # Long enough for a loaded 2-core machine; short, as the broken worlds wait them out.
     config.ready_timeout_seconds = 90
     config.migrate_timeout_seconds = 20
