@@ -624,9 +624,6 @@ def test_an_app_that_crashes_on_start(world: World, tmp_path: Path) -> None:
     )
     push_source(world, SHA1, crashing)
     world.config.migration_command = "true"
-    # Docker clears the exit code when it starts the container again: wait-ready tells it only
-    # when a look caught the container down, so this row looks five times a second.
-    world.config.poll_seconds = 0.2
     failure = failed_preview(world)
     assert failure.key == "app-not-listening", failure.diagnosis
     # restart: unless-stopped: Docker restarts it, keeping the last run's exit code.
