@@ -19,6 +19,7 @@ from tests.test_failure_table import (  # noqa: F401 (fixtures)
     SHA1,
     World,
     database,
+    published,
     record,
     world,
 )

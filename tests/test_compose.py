@@ -48,7 +48,12 @@ from tasks.steps.compose import (
 )
 from tests.fakes.github import ALL_PERMISSIONS, FakeGitHub
 from tests.support.moto_state import live, state_of, user_data
-from tests.test_failure_table import World, database, world  # noqa: F401 (fixtures)
+from tests.test_failure_table import (  # noqa: F401 (fixtures)
+    World,
+    database,
+    published,
+    world,
+)
 from tests.test_instance_runtime import instance_processes, pids, read, wait_for
 from tests.test_preview_github import (  # noqa: F401 (fixtures)
     REPO,

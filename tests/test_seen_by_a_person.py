@@ -41,6 +41,7 @@ from tests.test_instance_runtime import port_forwarding
 
 # The failure table's healthy world, and the db-server it stands on, as this module's fixtures.
 database = test_failure_table.database
+published = test_failure_table.published
 world = test_failure_table.world
 
 CHROMIUM = "/usr/bin/chromium"

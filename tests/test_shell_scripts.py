@@ -41,7 +41,7 @@ SHELLCHECK_ARGS = ("-S", "info", "-o", "check-extra-masked-returns", "-f", "gcc"
 # The real tools the scripts may use; everything else in the sandbox is a stub.
 REAL_TOOLS = ("bash", "cat", "chmod", "head", "mkdir", "od", "rm", "sed", "seq", "timeout")
 REAL_TOOLS += ("find", "mktemp", "mv", "sort", "tail", "touch", "tr", "uname")
-REAL_TOOLS += ("cmp", "dirname")
+REAL_TOOLS += ("cmp", "dirname", "flock")
 HOST_PORT = "APP_HOST_PORT=18000\n"  # the first upstream port (tasks/cloud/app_proxy.py)
 STUB_LOG = 'printf "%s\\n" "${0##*/} $*" >> "$SANDBOX/calls"\n'
 STUBS = {

@@ -34,6 +34,7 @@ from tests.test_instance_runtime import free_port, instance_processes, port_forw
 pytestmark = pytest.mark.usefixtures("prefect_server")
 # The failure table's world: the sample app's images, a db-server, real instances.
 database = failure_table.database
+published = failure_table.published
 world = failure_table.world
 
 KEEPSAKE = "/var/lib/pr-preview-test/keepsake"

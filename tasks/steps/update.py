@@ -315,7 +315,7 @@ def deploy_commands(
         "started=$(now)",
         f"if ! {{ exec 9>>{DEPLOY_LOCK} && flock -w {LOCK_WAIT_SECONDS} 9; }}; then",
         '  : >"$log"',
-        f'  failed pull "$started" "another deploy held this instance for {LOCK_WAIT_SECONDS}s"',
+        f'  failed pull "$started" "the deploy lock was not free within {LOCK_WAIT_SECONDS}s"',
         "fi",
     ]
     prepare = [
