@@ -8,6 +8,7 @@ The flows run for real on a Prefect test server, AWS is moto, the instances are 
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -215,8 +216,12 @@ def test_a_spare_serves_a_new_pr_without_waiting_for_preflight_which_the_log_the
     result = state.result()
     assert (result.status, result.path, result.instance_id) == ("ready", "spare", spare)
     assert len(live(aws)) == 1  # nothing launched
-    logs, _ = record(state)
-    [warning] = [line for line in logs if "launches would fail" in line]
+    # The run's last log line reaches the API with the log worker's next batch: look again.
+    deadline = time.monotonic() + 30
+    while not (found := [line for line in record(state)[0] if "launches would fail" in line]):
+        assert time.monotonic() < deadline, "no 'launches would fail' in the run's logs"
+        time.sleep(0.2)
+    [warning] = found
     assert "no-such-profile" in warning
 
 
